@@ -1,0 +1,10 @@
+//! The single home of the pipeline's wire contract: message types, subject names, stream
+//! names and the MessagePack codec every stage (and any non-Rust client) relies on.
+
+pub mod codec;
+pub mod messages;
+pub mod subjects;
+
+pub use codec::{decode, encode, headers_for, CodecError, Envelope, CONTENT_TYPE, SCHEMA_HEADER};
+pub use messages::*;
+pub use subjects::*;

@@ -1,0 +1,212 @@
+//! Message types on the pipeline's subjects. Every type is a MessagePack map with named
+//! fields so that clients in any language can decode it; field names are part of the contract.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::codec::Envelope;
+
+/// Names of the six DeepPCB defect classes; class id `i` is `CLASS_NAMES[i - 1]`
+/// (0 is background and never labels a box).
+pub const CLASS_NAMES: [&str; 6] = ["open", "short", "mousebite", "spur", "copper", "pin-hole"];
+
+/// The image id used across the pipeline: lowercase hex sha256 of the image file's bytes.
+pub fn image_id(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// One labelled defect, in pixels of the image it belongs to (top-left, bottom-right).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BoxLabel {
+    /// Left edge in pixels.
+    pub x1: f32,
+    /// Top edge in pixels.
+    pub y1: f32,
+    /// Right edge in pixels (exclusive of nothing: `x2 > x1`).
+    pub x2: f32,
+    /// Bottom edge in pixels (`y2 > y1`).
+    pub y2: f32,
+    /// Class id, 1-based (0 is background).
+    pub class_id: u16,
+    /// Class name as the label source gave it, or the name of `class_id`.
+    pub class: String,
+}
+
+/// Dataset split of a labelled image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// Used for training.
+    Train,
+    /// Held out for evaluation.
+    Val,
+}
+
+impl Split {
+    /// The wire name (`train` or `val`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Val => "val",
+        }
+    }
+}
+
+/// `pcb.images.raw`: a file as the ingester found it, before any decoding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RawImage {
+    /// sha256 (hex) of `image`; also the `Nats-Msg-Id`.
+    pub image_id: String,
+    /// The image file's bytes, untouched.
+    #[serde(with = "serde_bytes")]
+    pub image: Vec<u8>,
+    /// The defect-free template's bytes, when the source pairs one with the image.
+    #[serde(default, with = "serde_bytes")]
+    pub template: Option<Vec<u8>>,
+    /// Defect boxes when the image is labelled (`Some(vec![])`: labelled, no defect);
+    /// `None`: unlabelled.
+    pub labels: Option<Vec<BoxLabel>>,
+    /// Format the labels came in (`deeppcb`, `voc`, `yolo`, `coco`).
+    pub label_format: Option<String>,
+    /// Board identifier (the file stem unless the source names one).
+    pub board_id: String,
+    /// Production line identifier (first directory under the watched root, or the default).
+    pub line_id: String,
+    /// Path of the file relative to the watched directory.
+    pub source: String,
+    /// Capture time, milliseconds since the Unix epoch (the file's modification time).
+    pub captured_at_ms: i64,
+    /// Split the dataset itself assigns (e.g. DeepPCB's `trainval.txt`/`test.txt`).
+    pub split_hint: Option<Split>,
+}
+
+/// `pcb.images.encoded`: a fully decoded and validated image, base64-encoded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EncodedImage {
+    /// sha256 (hex) of the original image bytes.
+    pub image_id: String,
+    /// Board identifier, from the raw record.
+    pub board_id: String,
+    /// Production line identifier, from the raw record.
+    pub line_id: String,
+    /// Source path relative to the watched directory.
+    pub source: String,
+    /// Capture time, milliseconds since the Unix epoch.
+    pub captured_at_ms: i64,
+    /// When the encoder validated the image, milliseconds since the Unix epoch.
+    pub encoded_at_ms: i64,
+    /// The original image file, standard base64 with padding.
+    pub image_b64: String,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Colour channels of the decoded image (1 grey, 2 grey+alpha, 3 RGB, 4 RGBA).
+    pub channels: u8,
+    /// Container format (`jpeg`, `png`, `bmp`, `tiff`).
+    pub format: String,
+    /// sha256 (hex) of the original bytes; equal to `image_id`, kept under its own name for
+    /// consumers that verify the payload.
+    pub sha256: String,
+    /// Validated defect boxes, as in [`RawImage::labels`].
+    pub labels: Option<Vec<BoxLabel>>,
+    /// Format the labels came in.
+    pub label_format: Option<String>,
+    /// The template file, base64, when present (same size as the image).
+    pub template_b64: Option<String>,
+    /// Split the dataset itself assigns, if any.
+    pub split_hint: Option<Split>,
+}
+
+/// `pcb.shards.<k>`: a labelled image assigned to a split and a shard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardRecord {
+    /// `train` or `val`.
+    pub split: Split,
+    /// Shard index `k` (the record is on `pcb.shards.<k>`).
+    pub shard: u32,
+    /// Number of shards when the record was routed.
+    pub shard_count: u32,
+    /// When the router assigned it, milliseconds since the Unix epoch.
+    pub routed_at_ms: i64,
+    /// The encoded image with its labels.
+    pub record: EncodedImage,
+}
+
+/// `pcb.rejected.<stage>`: a dead letter saying what was refused, where and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The stage that refused the input (`ingester`, `encoder`, `router`, ...).
+    pub stage: String,
+    /// Machine-readable reason (`not-an-image`, `too-large`, `label-parse`, ...).
+    pub reason_code: String,
+    /// Human-readable reason naming the problem.
+    pub reason: String,
+    /// Image id when it is known (sha256 of the image bytes).
+    pub image_id: Option<String>,
+    /// Source file path relative to the watched directory (lossy UTF-8 when the name is not).
+    pub source: String,
+    /// Where the file was moved to, when the stage moved it (the ingester's `rejected/`).
+    pub moved_to: Option<String>,
+    /// Subject of the refused message, when a message was refused.
+    pub subject: Option<String>,
+    /// Stream sequence of the refused message, when a message was refused.
+    pub stream_seq: Option<u64>,
+    /// When it was refused, milliseconds since the Unix epoch.
+    pub at_ms: i64,
+}
+
+impl Envelope for RawImage {
+    const SCHEMA: &'static str = "pcb.images.raw/v1";
+    fn msg_id(&self) -> String {
+        self.image_id.clone()
+    }
+}
+
+impl Envelope for EncodedImage {
+    const SCHEMA: &'static str = "pcb.images.encoded/v1";
+    // Raw and encoded records share a stream, whose dedup is per stream: the suffix keeps
+    // an encoded record from being taken for a duplicate of its raw record.
+    fn msg_id(&self) -> String {
+        format!("{}.encoded", self.image_id)
+    }
+}
+
+impl Envelope for ShardRecord {
+    const SCHEMA: &'static str = "pcb.shards/v1";
+    fn msg_id(&self) -> String {
+        self.record.image_id.clone()
+    }
+}
+
+impl Envelope for DeadLetter {
+    const SCHEMA: &'static str = "pcb.rejected/v1";
+    // One dead letter per stage, input and reason: a redelivered poison message or a
+    // rescanned bad file is not reported twice.
+    fn msg_id(&self) -> String {
+        let what = self
+            .image_id
+            .clone()
+            .unwrap_or_else(|| image_id(self.source.as_bytes()));
+        format!("{}.{}.{}", self.stage, self.reason_code, what)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_id_is_sha256_hex() {
+        assert_eq!(
+            image_id(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn split_wire_names() {
+        assert_eq!(Split::Train.as_str(), "train");
+        assert_eq!(Split::Val.as_str(), "val");
+    }
+}

@@ -1,0 +1,110 @@
+//! Subject and stream names: users' tools and other languages depend on these exact strings.
+
+/// Records published by the ingester: raw image bytes plus labels and metadata.
+pub const SUBJECT_RAW: &str = "pcb.images.raw";
+/// Records published by the encoder: validated, base64-encoded images.
+pub const SUBJECT_ENCODED: &str = "pcb.images.encoded";
+/// Prefix of the training shards; shard `k` lives on `pcb.shards.<k>`.
+pub const SUBJECT_SHARDS_PREFIX: &str = "pcb.shards";
+/// Prefix of dead letters; stage `s` writes to `pcb.rejected.<s>`.
+pub const SUBJECT_REJECTED_PREFIX: &str = "pcb.rejected";
+/// Detections of the online detector (reserved for the detector stage).
+pub const SUBJECT_DETECTIONS: &str = "pcb.detections";
+
+/// Stream holding `pcb.images.raw` and `pcb.images.encoded`.
+pub const STREAM_IMAGES: &str = "PCB_IMAGES";
+/// Stream holding every `pcb.shards.<k>`.
+pub const STREAM_SHARDS: &str = "PCB_SHARDS";
+/// Stream holding `pcb.detections`.
+pub const STREAM_DETECTIONS: &str = "PCB_DETECTIONS";
+/// Stream holding every `pcb.rejected.<stage>`.
+pub const STREAM_REJECTED: &str = "PCB_REJECTED";
+
+/// Default number of training shards.
+pub const DEFAULT_SHARD_COUNT: u32 = 8;
+
+/// Subject of training shard `k`.
+pub fn shard_subject(k: u32) -> String {
+    format!("{SUBJECT_SHARDS_PREFIX}.{k}")
+}
+
+/// Subject of the dead letters of `stage`.
+pub fn rejected_subject(stage: &str) -> String {
+    format!("{SUBJECT_REJECTED_PREFIX}.{stage}")
+}
+
+/// Which stream a logical stream key of the pipeline file maps to, with its subjects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// Raw and encoded images.
+    Images,
+    /// Labelled training shards.
+    Shards,
+    /// Detector output.
+    Detections,
+    /// Dead letters of every stage.
+    Rejected,
+}
+
+impl StreamKind {
+    /// Every stream the pipeline needs.
+    pub const ALL: [StreamKind; 4] = [
+        StreamKind::Images,
+        StreamKind::Shards,
+        StreamKind::Detections,
+        StreamKind::Rejected,
+    ];
+
+    /// The JetStream stream name.
+    pub fn name(self) -> &'static str {
+        match self {
+            StreamKind::Images => STREAM_IMAGES,
+            StreamKind::Shards => STREAM_SHARDS,
+            StreamKind::Detections => STREAM_DETECTIONS,
+            StreamKind::Rejected => STREAM_REJECTED,
+        }
+    }
+
+    /// The key of this stream in the pipeline file's `[streams]` table.
+    pub fn key(self) -> &'static str {
+        match self {
+            StreamKind::Images => "images",
+            StreamKind::Shards => "shards",
+            StreamKind::Detections => "detections",
+            StreamKind::Rejected => "rejected",
+        }
+    }
+
+    /// The subjects the stream captures. Wildcards keep the shard count changeable
+    /// without editing the stream.
+    pub fn subjects(self) -> Vec<String> {
+        match self {
+            StreamKind::Images => vec![SUBJECT_RAW.into(), SUBJECT_ENCODED.into()],
+            StreamKind::Shards => vec![format!("{SUBJECT_SHARDS_PREFIX}.*")],
+            StreamKind::Detections => vec![SUBJECT_DETECTIONS.into()],
+            StreamKind::Rejected => vec![format!("{SUBJECT_REJECTED_PREFIX}.*")],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_the_documented_ones() {
+        assert_eq!(shard_subject(3), "pcb.shards.3");
+        assert_eq!(rejected_subject("encoder"), "pcb.rejected.encoder");
+        assert_eq!(StreamKind::Images.subjects(), ["pcb.images.raw", "pcb.images.encoded"]);
+        assert_eq!(StreamKind::Shards.subjects(), ["pcb.shards.*"]);
+    }
+
+    #[test]
+    fn stream_subjects_do_not_overlap() {
+        let all: Vec<String> = StreamKind::ALL.iter().flat_map(|k| k.subjects()).collect();
+        let mut dedup = all.clone();
+        dedup.sort();
+        dedup.dedup();
+        assert_eq!(all.len(), dedup.len());
+    }
+}

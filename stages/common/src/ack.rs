@@ -1,0 +1,422 @@
+//! The ack policy and the consumer loop: ack on success, nak with delay on a transient
+//! failure, and for a poison message a dead letter with its reason, then term.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull, AckKind};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+use pcb_schemas::{encode, headers_for, rejected_subject, CodecError, DeadLetter, Envelope};
+use tokio::sync::Semaphore;
+
+use crate::{metrics::Metrics, now_ms, shutdown::Shutdown};
+
+/// A refusal: the input can never succeed, so it becomes a dead letter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    /// Machine-readable reason, e.g. `not-an-image`.
+    pub reason_code: String,
+    /// Human-readable reason naming the problem.
+    pub reason: String,
+    /// Image id, when known.
+    pub image_id: Option<String>,
+    /// Source path of the file, when known.
+    pub source: String,
+}
+
+impl Rejection {
+    /// A rejection of `source` for `reason_code` with a readable `reason`.
+    pub fn new(reason_code: &str, reason: impl Into<String>) -> Self {
+        Rejection {
+            reason_code: reason_code.to_string(),
+            reason: reason.into(),
+            image_id: None,
+            source: String::new(),
+        }
+    }
+
+    /// Adds what identifies the input.
+    pub fn about(mut self, image_id: Option<String>, source: impl Into<String>) -> Self {
+        self.image_id = image_id;
+        self.source = source.into();
+        self
+    }
+
+    /// The dead letter `stage` publishes for it.
+    pub fn dead_letter(
+        &self,
+        stage: &str,
+        subject: Option<String>,
+        stream_seq: Option<u64>,
+    ) -> DeadLetter {
+        DeadLetter {
+            stage: stage.to_string(),
+            reason_code: self.reason_code.clone(),
+            reason: self.reason.clone(),
+            image_id: self.image_id.clone(),
+            source: self.source.clone(),
+            moved_to: None,
+            subject,
+            stream_seq,
+            at_ms: now_ms(),
+        }
+    }
+}
+
+/// What a handler decided about one message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Processed: ack.
+    Done,
+    /// Processed, but there was nothing to do (e.g. an unlabelled image at the router): ack.
+    Skipped,
+    /// A transient failure (NATS unavailable, ...): nak with a delay, dead letter after the
+    /// last allowed delivery.
+    Retry(String),
+    /// A poison message: dead letter with the reason, then term.
+    Reject(Rejection),
+}
+
+/// Why publishing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The message could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] CodecError),
+    /// The server did not take or did not acknowledge the message.
+    #[error("publishing to {subject}: {message}")]
+    Send {
+        /// Subject published to.
+        subject: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Publishes `msg` with its headers and waits for JetStream's ack; the ack says whether the
+/// message was a duplicate.
+pub async fn publish<T: Envelope>(
+    js: &jetstream::Context,
+    subject: String,
+    msg: &T,
+) -> Result<jetstream::publish::PublishAck, PublishError> {
+    let payload = encode(msg)?;
+    let mut headers = HeaderMap::new();
+    for (k, v) in headers_for(msg) {
+        headers.insert(k, v.as_str());
+    }
+    let send_err = |e: &dyn std::fmt::Display| PublishError::Send {
+        subject: subject.clone(),
+        message: e.to_string(),
+    };
+    let pending = js
+        .publish_with_headers(subject.clone(), headers, Bytes::from(payload))
+        .await
+        .map_err(|e| send_err(&e))?;
+    pending.await.map_err(|e| send_err(&e))
+}
+
+/// Publishes a dead letter on `pcb.rejected.<stage>`.
+pub async fn publish_dead_letter(
+    js: &jetstream::Context,
+    letter: &DeadLetter,
+) -> Result<jetstream::publish::PublishAck, PublishError> {
+    publish(js, rejected_subject(&letter.stage), letter).await
+}
+
+/// A durable pull consumer and how to process it.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    /// The stage name (dead letters go to `pcb.rejected.<stage>`).
+    pub stage: String,
+    /// Stream to consume.
+    pub stream: String,
+    /// Durable name, shared by every replica of the stage.
+    pub durable: String,
+    /// Subject filter within the stream.
+    pub filter_subject: String,
+    /// Redeliver a message not acked within this time.
+    pub ack_wait: Duration,
+    /// Deliveries before a failing message becomes a dead letter.
+    pub max_deliver: i64,
+    /// Delay before a nak'ed message is redelivered.
+    pub retry_delay: Duration,
+    /// Messages processed at once by this process.
+    pub concurrency: usize,
+}
+
+/// Why a consumer loop stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    /// The stream could not be found or read.
+    #[error("opening stream {stream}: {message}")]
+    Stream {
+        /// Stream name.
+        stream: String,
+        /// What the server said.
+        message: String,
+    },
+    /// The durable consumer could not be created or opened.
+    #[error("creating consumer {durable} on {stream}: {message}")]
+    Consumer {
+        /// Stream name.
+        stream: String,
+        /// Durable name.
+        durable: String,
+        /// What the server said.
+        message: String,
+    },
+    /// The message stream ended or failed for good (consumer deleted, ...).
+    #[error("consumer {durable} stopped: {message}")]
+    Ended {
+        /// Durable name.
+        durable: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Opens (creating when missing) the durable pull consumer of `spec`.
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    spec: &ConsumerSpec,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, ConsumeError> {
+    let stream = js
+        .get_stream(&spec.stream)
+        .await
+        .map_err(|e| ConsumeError::Stream {
+            stream: spec.stream.clone(),
+            message: e.to_string(),
+        })?;
+    stream
+        .get_or_create_consumer(
+            &spec.durable,
+            pull::Config {
+                durable_name: Some(spec.durable.clone()),
+                filter_subject: spec.filter_subject.clone(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: spec.ack_wait,
+                max_deliver: spec.max_deliver,
+                max_ack_pending: (spec.concurrency as i64 * 4).max(256),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| ConsumeError::Consumer {
+            stream: spec.stream.clone(),
+            durable: spec.durable.clone(),
+            message: e.to_string(),
+        })
+}
+
+/// One delivered message as a handler sees it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The subject it was published on.
+    pub subject: String,
+    /// Its payload.
+    pub payload: Bytes,
+    /// Its headers.
+    pub headers: Option<HeaderMap>,
+    /// How many times it has been delivered (1 the first time).
+    pub delivered: i64,
+    /// Its stream sequence.
+    pub stream_seq: u64,
+}
+
+impl Delivery {
+    /// The value of the schema header, when present.
+    pub fn schema(&self) -> Option<&str> {
+        self.headers
+            .as_ref()
+            .and_then(|h| h.get(pcb_schemas::SCHEMA_HEADER))
+            .map(|v| v.as_str())
+    }
+}
+
+/// Runs `handler` over the consumer of `spec` until `shutdown`, settling every message by
+/// the ack policy. In-flight messages finish before it returns. It returns an error, never
+/// silently, when the consumer cannot go on.
+pub async fn run_consumer<H, Fut>(
+    js: jetstream::Context,
+    spec: ConsumerSpec,
+    metrics: Metrics,
+    shutdown: Shutdown,
+    handler: H,
+) -> Result<(), ConsumeError>
+where
+    H: Fn(Delivery) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Outcome> + Send + 'static,
+{
+    let consumer = ensure_consumer(&js, &spec).await?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(spec.concurrency.max(1) * 4)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .map_err(|e| ConsumeError::Consumer {
+            stream: spec.stream.clone(),
+            durable: spec.durable.clone(),
+            message: e.to_string(),
+        })?;
+    tracing::info!(stream = %spec.stream, durable = %spec.durable, filter = %spec.filter_subject, concurrency = spec.concurrency, "consuming");
+    let handler = Arc::new(handler);
+    let spec = Arc::new(spec);
+    let permits = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let result = loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            next = messages.next() => next,
+        };
+        while tasks.try_join_next().is_some() {}
+        let msg = match next {
+            None => {
+                break Err(ConsumeError::Ended {
+                    durable: spec.durable.clone(),
+                    message: "message stream ended".into(),
+                })
+            }
+            Some(Err(e)) => {
+                use jetstream::consumer::pull::MessagesErrorKind as K;
+                match e.kind() {
+                    K::ConsumerDeleted => {
+                        break Err(ConsumeError::Ended {
+                            durable: spec.durable.clone(),
+                            message: e.to_string(),
+                        })
+                    }
+                    _ => {
+                        tracing::warn!(durable = %spec.durable, error = %e, "pull error, continuing");
+                        continue;
+                    }
+                }
+            }
+            Some(Ok(msg)) => msg,
+        };
+        let permit = match permits.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => break Ok(()),
+        };
+        let (handler, spec, js, metrics) =
+            (handler.clone(), spec.clone(), js.clone(), metrics.clone());
+        tasks.spawn(async move {
+            let started = Instant::now();
+            let (delivered, stream_seq) = msg
+                .info()
+                .map(|i| (i.delivered, i.stream_sequence))
+                .unwrap_or((1, 0));
+            let delivery = Delivery {
+                subject: msg.subject.to_string(),
+                payload: msg.payload.clone(),
+                headers: msg.headers.clone(),
+                delivered,
+                stream_seq,
+            };
+            let outcome = handler(delivery).await;
+            settle(&js, &spec, &metrics, &msg, outcome, delivered, stream_seq).await;
+            metrics.observe_processing(started.elapsed());
+            drop(permit);
+        });
+    };
+    // Let the messages already taken finish, so a clean stop leaves nothing half done.
+    while tasks.join_next().await.is_some() {}
+    result
+}
+
+async fn settle(
+    js: &jetstream::Context,
+    spec: &ConsumerSpec,
+    metrics: &Metrics,
+    msg: &jetstream::Message,
+    outcome: Outcome,
+    delivered: i64,
+    stream_seq: u64,
+) {
+    let outcome = match outcome {
+        Outcome::Retry(error) if spec.max_deliver > 0 && delivered >= spec.max_deliver => {
+            Outcome::Reject(Rejection::new(
+                "retries-exhausted",
+                format!("gave up after {delivered} deliveries; last error: {error}"),
+            ))
+        }
+        other => other,
+    };
+    let ack = match &outcome {
+        Outcome::Done | Outcome::Skipped => {
+            metrics.count(outcome_label(&outcome));
+            AckKind::Ack
+        }
+        Outcome::Retry(error) => {
+            tracing::warn!(stage = %spec.stage, seq = stream_seq, delivered, %error, "transient failure, will retry");
+            metrics.count("retry");
+            AckKind::Nak(Some(spec.retry_delay))
+        }
+        Outcome::Reject(r) => {
+            let letter = r.dead_letter(&spec.stage, Some(msg.subject.to_string()), Some(stream_seq));
+            match publish_dead_letter(js, &letter).await {
+                Ok(_) => {
+                    tracing::debug!(stage = %spec.stage, seq = stream_seq, reason = %r.reason, "dead-lettered");
+                    metrics.count("rejected");
+                    metrics.count_rejection(&r.reason_code);
+                    AckKind::Term
+                }
+                Err(e) => {
+                    tracing::warn!(stage = %spec.stage, seq = stream_seq, error = %e, "dead letter not stored, will retry");
+                    metrics.count("retry");
+                    AckKind::Nak(Some(spec.retry_delay))
+                }
+            }
+        }
+    };
+    if let Err(e) = msg.ack_with(ack).await {
+        // The message will be redelivered after ack_wait; dedup makes that harmless.
+        tracing::warn!(stage = %spec.stage, seq = stream_seq, error = %e, "ack not sent");
+    }
+}
+
+fn outcome_label(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::Done => "done",
+        Outcome::Skipped => "skipped",
+        Outcome::Retry(_) => "retry",
+        Outcome::Reject(_) => "rejected",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejection_becomes_a_complete_dead_letter() {
+        let r = Rejection::new("not-an-image", "bytes are not an image")
+            .about(Some("abc".into()), "line1/x.jpg");
+        let d = r.dead_letter("encoder", Some("pcb.images.raw".into()), Some(7));
+        assert_eq!(d.stage, "encoder");
+        assert_eq!(d.reason_code, "not-an-image");
+        assert_eq!(d.reason, "bytes are not an image");
+        assert_eq!(d.image_id.as_deref(), Some("abc"));
+        assert_eq!(d.source, "line1/x.jpg");
+        assert_eq!(d.subject.as_deref(), Some("pcb.images.raw"));
+        assert_eq!(d.stream_seq, Some(7));
+        assert!(d.at_ms > 0);
+    }
+
+    #[test]
+    fn outcome_labels_are_distinct() {
+        let labels = [
+            outcome_label(&Outcome::Done),
+            outcome_label(&Outcome::Skipped),
+            outcome_label(&Outcome::Retry("x".into())),
+            outcome_label(&Outcome::Reject(Rejection::new("a", "b"))),
+        ];
+        let mut d = labels.to_vec();
+        d.dedup();
+        assert_eq!(d.len(), 4);
+    }
+}

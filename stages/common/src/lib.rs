@@ -1,0 +1,26 @@
+//! Shared foundation of every pipeline stage: layered config, NATS connection, idempotent
+//! JetStream provisioning, the ack policy, graceful shutdown, tracing and `/metrics`.
+
+pub mod ack;
+pub mod metrics;
+pub mod nats;
+pub mod settings;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topology;
+
+pub use ack::{publish, run_consumer, ConsumerSpec, Outcome, Rejection};
+pub use metrics::{Metrics, MetricsConfig};
+pub use nats::{connect, NatsConfig};
+pub use settings::{load_config, ConfigError, Problems};
+pub use shutdown::Shutdown;
+pub use telemetry::{init_tracing, LogConfig};
+pub use topology::{apply_topology, StreamSettings, Topology};
+
+/// Milliseconds since the Unix epoch, the time unit of every message.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
