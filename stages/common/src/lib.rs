@@ -6,13 +6,14 @@ pub mod metrics;
 pub mod nats;
 pub mod settings;
 pub mod shutdown;
+pub mod stage;
 pub mod telemetry;
 pub mod topology;
 
 pub use ack::{publish, run_consumer, ConsumerSpec, Outcome, Rejection};
 pub use metrics::{Metrics, MetricsConfig};
 pub use nats::{connect, NatsConfig};
-pub use settings::{load_config, ConfigError, Problems};
+pub use settings::{load_config, validate_common, ConfigError, Problems};
 pub use shutdown::Shutdown;
 pub use telemetry::{init_tracing, LogConfig};
 pub use topology::{apply_topology, StreamSettings, Topology};

@@ -1,1 +1,620 @@
-//! placeholder
+//! The base64 encoder stage: `pcb.images.raw` → full decode under limits, label checks →
+//! `pcb.images.encoded`, or `pcb.rejected.encoder` with the precise reason.
+
+use std::io::Cursor;
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine;
+use pcb_common::ack::{ConsumerSpec, Delivery};
+use pcb_common::{
+    load_config, validate_common, ConfigError, LogConfig, Metrics, MetricsConfig, NatsConfig,
+    Outcome, Problems, Rejection, Shutdown, Topology,
+};
+use pcb_schemas::{
+    decode, image_id, BoxLabel, EncodedImage, RawImage, CLASS_NAMES, STREAM_IMAGES,
+    SUBJECT_ENCODED, SUBJECT_RAW,
+};
+use serde::{Deserialize, Serialize};
+
+/// The stage's name: its durable, its dead-letter subject and its metrics label.
+pub const STAGE: &str = "encoder";
+
+/// The encoder's config file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// NATS connection.
+    pub nats: NatsConfig,
+    /// Streams to provision before consuming.
+    pub streams: Topology,
+    /// `/metrics` endpoint.
+    pub metrics: MetricsConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// The encoder's own settings.
+    pub encoder: EncoderSettings,
+}
+
+/// Settings of the encoder.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncoderSettings {
+    /// Durable consumer name, shared by every replica.
+    pub durable: String,
+    /// Widest image accepted, in pixels.
+    pub max_width: u32,
+    /// Tallest image accepted, in pixels.
+    pub max_height: u32,
+    /// Most memory one decode may allocate, in bytes; refuses decompression bombs cheaply.
+    pub max_alloc_bytes: u64,
+    /// Class names, id = position + 1 (defaults to DeepPCB's six classes).
+    pub classes: Vec<String>,
+    /// Images decoded at once (0: one per CPU core).
+    pub concurrency: usize,
+    /// Redeliver a message not acked within this many seconds.
+    pub ack_wait_secs: u64,
+    /// Deliveries of a failing message before it becomes a dead letter.
+    pub max_deliver: i64,
+    /// Delay before a transient failure is retried, in milliseconds.
+    pub retry_delay_ms: u64,
+}
+
+impl Default for EncoderSettings {
+    fn default() -> Self {
+        EncoderSettings {
+            durable: STAGE.into(),
+            max_width: 8192,
+            max_height: 8192,
+            max_alloc_bytes: 512 << 20,
+            classes: CLASS_NAMES.iter().map(|s| s.to_string()).collect(),
+            concurrency: 0,
+            ack_wait_secs: 60,
+            max_deliver: 5,
+            retry_delay_ms: 2000,
+        }
+    }
+}
+
+/// The validated configuration the stage runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// NATS connection.
+    pub nats: NatsConfig,
+    /// Streams.
+    pub streams: Topology,
+    /// `/metrics`.
+    pub metrics: MetricsConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Decode limits and classes.
+    pub limits: Limits,
+    /// The consumer.
+    pub consumer: ConsumerSpec,
+}
+
+impl Config {
+    /// Loads the file under `PCB_*` variables and validates it.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let file: FileConfig = load_config(path)?;
+        file.validate().map_err(|p| ConfigError::invalid(path, p))
+    }
+}
+
+impl FileConfig {
+    /// Checks every value and reports all problems at once.
+    pub fn validate(self) -> Result<Config, Problems> {
+        let mut p = Problems::default();
+        validate_common(&self.nats, &self.streams, &self.metrics, &self.log, &mut p);
+        let e = &self.encoder;
+        p.check(e.durable.trim().is_empty(), "encoder.durable", "is empty");
+        p.check(e.max_width == 0, "encoder.max_width", "must be at least 1");
+        p.check(e.max_height == 0, "encoder.max_height", "must be at least 1");
+        p.check(
+            e.max_alloc_bytes < 1 << 20,
+            "encoder.max_alloc_bytes",
+            "must be at least 1 MiB",
+        );
+        p.check(e.classes.is_empty(), "encoder.classes", "needs at least one class");
+        p.check(e.ack_wait_secs == 0, "encoder.ack_wait_secs", "must be at least 1");
+        p.check(e.max_deliver < 1, "encoder.max_deliver", "must be at least 1");
+        p.into_result()?;
+        let concurrency = if e.concurrency == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            e.concurrency
+        };
+        Ok(Config {
+            limits: Limits {
+                max_width: e.max_width,
+                max_height: e.max_height,
+                max_alloc_bytes: e.max_alloc_bytes,
+                classes: e.classes.clone(),
+            },
+            consumer: ConsumerSpec {
+                stage: STAGE.into(),
+                stream: STREAM_IMAGES.into(),
+                durable: e.durable.clone(),
+                filter_subject: SUBJECT_RAW.into(),
+                ack_wait: Duration::from_secs(e.ack_wait_secs),
+                max_deliver: e.max_deliver,
+                retry_delay: Duration::from_millis(e.retry_delay_ms),
+                concurrency,
+            },
+            nats: self.nats,
+            streams: self.streams,
+            metrics: self.metrics,
+            log: self.log,
+        })
+    }
+}
+
+/// What the encoder accepts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Widest image, pixels.
+    pub max_width: u32,
+    /// Tallest image, pixels.
+    pub max_height: u32,
+    /// Most memory one decode may allocate, bytes.
+    pub max_alloc_bytes: u64,
+    /// Known class names, id = position + 1.
+    pub classes: Vec<String>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let s = EncoderSettings::default();
+        Limits {
+            max_width: s.max_width,
+            max_height: s.max_height,
+            max_alloc_bytes: s.max_alloc_bytes,
+            classes: s.classes,
+        }
+    }
+}
+
+/// What decoding told about one image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decoded {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Colour channels.
+    pub channels: u8,
+    /// Container format.
+    pub format: image::ImageFormat,
+}
+
+/// Decodes `bytes` completely under `limits`; `what` ("image", "template") goes into
+/// the reasons.
+pub fn decode_image(bytes: &[u8], limits: &Limits, what: &str) -> Result<Decoded, Rejection> {
+    if bytes.is_empty() {
+        return Err(Rejection::new("empty-file", format!("the {what} file is empty (0 bytes)")));
+    }
+    let reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Rejection::new("unreadable", format!("reading the {what}: {e}")))?;
+    let format = reader.format().ok_or_else(|| {
+        Rejection::new(
+            "not-an-image",
+            format!(
+                "the {what} is not an image: its first bytes {} match no known format \
+                 (JPEG, PNG, BMP, TIFF)",
+                hex_prefix(bytes)
+            ),
+        )
+    })?;
+    let (width, height) = reader.into_dimensions().map_err(|e| {
+        Rejection::new("corrupt-image", format!("the {what}'s header is unreadable ({format:?}): {e}"))
+    })?;
+    if width == 0 || height == 0 {
+        return Err(Rejection::new(
+            "corrupt-image",
+            format!("the {what} declares a size of {width}x{height}"),
+        ));
+    }
+    if width > limits.max_width || height > limits.max_height {
+        return Err(Rejection::new(
+            "too-large",
+            format!(
+                "the {what} is {width}x{height} pixels, over the limit of {}x{}",
+                limits.max_width, limits.max_height
+            ),
+        ));
+    }
+    if format == image::ImageFormat::Jpeg && !has_jpeg_end(bytes) {
+        // JPEG decoders pad a truncated scan with grey and report success: a board
+        // half-missing must not pass as a good image.
+        return Err(Rejection::new(
+            "truncated-image",
+            format!("the {what} is a truncated JPEG: no end-of-image marker"),
+        ));
+    }
+    let mut reader = image::ImageReader::new(Cursor::new(bytes));
+    reader.set_format(format);
+    let mut lim = image::Limits::default();
+    lim.max_image_width = Some(limits.max_width);
+    lim.max_image_height = Some(limits.max_height);
+    lim.max_alloc = Some(limits.max_alloc_bytes);
+    reader.limits(lim);
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(l) => Rejection::new(
+            "too-large",
+            format!("decoding the {what} ({width}x{height}) would exceed the limits: {l}"),
+        ),
+        image::ImageError::Unsupported(u) => Rejection::new(
+            "unsupported-format",
+            format!("the {what} uses an unsupported {format:?} feature: {u}"),
+        ),
+        other => Rejection::new(
+            "corrupt-image",
+            format!("the {what} ({format:?}, {width}x{height}) does not decode: {other}"),
+        ),
+    })?;
+    Ok(Decoded {
+        width,
+        height,
+        channels: img.color().channel_count(),
+        format,
+    })
+}
+
+fn has_jpeg_end(bytes: &[u8]) -> bool {
+    // Some cameras pad after the marker; look at the tail only so this stays cheap.
+    let tail = &bytes[bytes.len().saturating_sub(1024)..];
+    tail.windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
+fn hex_prefix(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn format_name(f: image::ImageFormat) -> String {
+    f.extensions_str()
+        .first()
+        .map(|e| match *e {
+            "jpg" => "jpeg".to_string(),
+            "tif" => "tiff".to_string(),
+            other => other.to_string(),
+        })
+        .unwrap_or_else(|| format!("{f:?}").to_lowercase())
+}
+
+/// Checks every box against the image size and the class list; the first bad box is the
+/// reason.
+pub fn check_labels(
+    labels: &[BoxLabel],
+    width: u32,
+    height: u32,
+    classes: &[String],
+) -> Result<(), Rejection> {
+    let (w, h) = (width as f32, height as f32);
+    for (i, b) in labels.iter().enumerate() {
+        let n = i + 1;
+        let coords = format!("({}, {}, {}, {})", b.x1, b.y1, b.x2, b.y2);
+        if ![b.x1, b.y1, b.x2, b.y2].iter().all(|v| v.is_finite()) {
+            return Err(Rejection::new(
+                "label-invalid",
+                format!("box {n} {coords} has a coordinate that is not a number"),
+            ));
+        }
+        if !(b.x1 < b.x2 && b.y1 < b.y2) {
+            return Err(Rejection::new(
+                "label-degenerate",
+                format!("box {n} {coords} is empty or inverted: needs x1 < x2 and y1 < y2"),
+            ));
+        }
+        if b.x1 < 0.0 || b.y1 < 0.0 || b.x2 > w || b.y2 > h {
+            return Err(Rejection::new(
+                "label-outside-image",
+                format!("box {n} {coords} lies outside the {width}x{height} image"),
+            ));
+        }
+        let known = b.class_id >= 1 && (b.class_id as usize) <= classes.len();
+        if !known {
+            let list = classes
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{} {c}", i + 1))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let what = if b.class_id == 0 {
+                format!("class {:?}", b.class)
+            } else {
+                format!("class id {}", b.class_id)
+            };
+            return Err(Rejection::new(
+                "unknown-class",
+                format!("box {n} has unknown {what}; known classes: {list}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Validates a raw record and builds its encoded record (pure: no I/O, unit tested).
+pub fn encode_record(raw: &RawImage, limits: &Limits, now_ms: i64) -> Result<EncodedImage, Rejection> {
+    let about = |r: Rejection| r.about(Some(raw.image_id.clone()), raw.source.clone());
+    let actual = image_id(&raw.image);
+    if actual != raw.image_id {
+        return Err(about(Rejection::new(
+            "image-id-mismatch",
+            format!(
+                "image_id {} is not the sha256 of the image bytes ({actual})",
+                raw.image_id
+            ),
+        )));
+    }
+    let img = decode_image(&raw.image, limits, "image").map_err(about)?;
+    if let Some(tpl) = &raw.template {
+        let t = decode_image(tpl, limits, "template").map_err(about)?;
+        if (t.width, t.height) != (img.width, img.height) {
+            return Err(about(Rejection::new(
+                "template-size-mismatch",
+                format!(
+                    "the template is {}x{} but the image is {}x{}",
+                    t.width, t.height, img.width, img.height
+                ),
+            )));
+        }
+    }
+    let labels = match &raw.labels {
+        Some(l) => {
+            check_labels(l, img.width, img.height, &limits.classes).map_err(about)?;
+            Some(
+                l.iter()
+                    .map(|b| BoxLabel {
+                        class: limits.classes[b.class_id as usize - 1].clone(),
+                        ..b.clone()
+                    })
+                    .collect(),
+            )
+        }
+        None => None,
+    };
+    let b64 = base64::engine::general_purpose::STANDARD;
+    Ok(EncodedImage {
+        image_id: raw.image_id.clone(),
+        board_id: raw.board_id.clone(),
+        line_id: raw.line_id.clone(),
+        source: raw.source.clone(),
+        captured_at_ms: raw.captured_at_ms,
+        encoded_at_ms: now_ms,
+        image_b64: b64.encode(&raw.image),
+        width: img.width,
+        height: img.height,
+        channels: img.channels,
+        format: format_name(img.format),
+        sha256: actual,
+        labels,
+        label_format: raw.label_format.clone(),
+        template_b64: raw.template.as_ref().map(|t| b64.encode(t)),
+        split_hint: raw.split_hint,
+    })
+}
+
+/// Why the stage stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum EncoderError {
+    /// Start-up failed.
+    #[error("starting the encoder: {0}")]
+    Start(#[from] pcb_common::stage::StartError),
+    /// The consumer stopped.
+    #[error("encoder consumer: {0}")]
+    Consume(#[from] pcb_common::ack::ConsumeError),
+}
+
+/// Handles one delivery: decode the record, validate, publish, decide the ack.
+async fn handle(
+    js: async_nats::jetstream::Context,
+    limits: std::sync::Arc<Limits>,
+    d: Delivery,
+) -> Outcome {
+    let raw: RawImage = match decode(&d.payload, d.schema()) {
+        Ok(r) => r,
+        Err(e) => {
+            return Outcome::Reject(Rejection::new(
+                "bad-record",
+                format!("message #{} on {} is not a raw image record: {e}", d.stream_seq, d.subject),
+            ))
+        }
+    };
+    let now = pcb_common::now_ms();
+    let encoded = match tokio::task::spawn_blocking(move || encode_record(&raw, &limits, now)).await {
+        Ok(Ok(e)) => e,
+        Ok(Err(rejection)) => return Outcome::Reject(rejection),
+        Err(e) => return Outcome::Retry(format!("decode task failed: {e}")),
+    };
+    match pcb_common::publish(&js, SUBJECT_ENCODED.into(), &encoded).await {
+        Ok(_) => Outcome::Done,
+        Err(e) => Outcome::Retry(e.to_string()),
+    }
+}
+
+/// Runs the encoder until `shutdown`.
+pub async fn run(
+    config: Config,
+    client: async_nats::Client,
+    shutdown: Shutdown,
+) -> Result<(), EncoderError> {
+    let metrics = Metrics::new(STAGE);
+    let js = pcb_common::stage::prepare(
+        &client,
+        &config.streams,
+        &metrics,
+        &config.metrics,
+        &shutdown,
+    )
+    .await?;
+    let limits = std::sync::Arc::new(config.limits);
+    let js2 = js.clone();
+    pcb_common::run_consumer(js, config.consumer, metrics, shutdown, move |d| {
+        handle(js2.clone(), limits.clone(), d)
+    })
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let img = image::GrayImage::from_pixel(w, h, image::Luma([200]));
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).expect("png");
+        out.into_inner()
+    }
+
+    fn jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img = image::GrayImage::from_fn(w, h, |x, y| image::Luma([((x * 7 + y * 3) % 256) as u8]));
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Jpeg).expect("jpeg");
+        out.into_inner()
+    }
+
+    fn label(x1: f32, y1: f32, x2: f32, y2: f32, class_id: u16) -> BoxLabel {
+        BoxLabel { x1, y1, x2, y2, class_id, class: String::new() }
+    }
+
+    fn raw(image: Vec<u8>) -> RawImage {
+        RawImage {
+            image_id: image_id(&image),
+            image,
+            template: None,
+            labels: Some(vec![label(1.0, 2.0, 10.0, 12.0, 3)]),
+            label_format: Some("deeppcb".into()),
+            board_id: "b1".into(),
+            line_id: "l1".into(),
+            source: "x/b1_test.jpg".into(),
+            captured_at_ms: 1,
+            split_hint: None,
+        }
+    }
+
+    fn reason(r: Result<EncodedImage, Rejection>) -> (String, String) {
+        let r = r.expect_err("should be rejected");
+        (r.reason_code, r.reason)
+    }
+
+    #[test]
+    fn good_record_is_encoded_with_class_names() {
+        let mut r = raw(jpeg(64, 48));
+        r.template = Some(jpeg(64, 48));
+        let e = encode_record(&r, &Limits::default(), 9).expect("encoded");
+        assert_eq!((e.width, e.height, e.channels), (64, 48, 1));
+        assert_eq!(e.format, "jpeg");
+        assert_eq!(e.sha256, r.image_id);
+        let back = base64::engine::general_purpose::STANDARD
+            .decode(&e.image_b64)
+            .expect("base64");
+        assert_eq!(back, r.image);
+        assert!(e.template_b64.is_some());
+        assert_eq!(e.labels.expect("labels")[0].class, "mousebite");
+        assert_eq!(e.encoded_at_ms, 9);
+    }
+
+    #[test]
+    fn each_bad_input_gets_a_precise_reason() {
+        let l = Limits::default();
+        let good = jpeg(64, 48);
+        let cases: Vec<(RawImage, &str, &str)> = vec![
+            (raw(vec![]), "empty-file", "empty"),
+            (raw(b"hello, I am text".to_vec()), "not-an-image", "not an image"),
+            (raw(good[..good.len() / 2].to_vec()), "truncated-image", "truncated"),
+            ({
+                let mut r = raw(png(64, 48));
+                r.labels = Some(vec![label(60.0, 2.0, 70.0, 12.0, 1)]);
+                r
+            }, "label-outside-image", "outside the 64x48 image"),
+            ({
+                let mut r = raw(png(64, 48));
+                r.labels = Some(vec![label(10.0, 2.0, 5.0, 12.0, 1)]);
+                r
+            }, "label-degenerate", "x1 < x2"),
+            ({
+                let mut r = raw(png(64, 48));
+                r.labels = Some(vec![label(1.0, 2.0, 5.0, 12.0, 7)]);
+                r
+            }, "unknown-class", "unknown class id 7"),
+            ({
+                let mut r = raw(png(64, 48));
+                r.labels = Some(vec![BoxLabel { class: "scratch".into(), ..label(1.0, 2.0, 5.0, 12.0, 0) }]);
+                r
+            }, "unknown-class", "\"scratch\""),
+            ({
+                let mut r = raw(png(64, 48));
+                r.template = Some(png(32, 32));
+                r
+            }, "template-size-mismatch", "32x32 but the image is 64x48"),
+            ({
+                let mut r = raw(png(64, 48));
+                r.template = Some(b"junk".to_vec());
+                r
+            }, "not-an-image", "template"),
+            ({
+                let mut r = raw(png(64, 48));
+                r.image_id = "00".into();
+                r
+            }, "image-id-mismatch", "not the sha256"),
+        ];
+        for (r, code, needle) in cases {
+            let (c, text) = reason(encode_record(&r, &l, 0));
+            assert_eq!(c, code, "{text}");
+            assert!(text.contains(needle), "{code}: {text:?} lacks {needle:?}");
+        }
+    }
+
+    #[test]
+    fn oversized_dimensions_are_refused_before_decoding() {
+        let l = Limits { max_width: 32, max_height: 32, ..Limits::default() };
+        let (code, text) = reason(encode_record(&raw(png(64, 48)), &l, 0));
+        assert_eq!(code, "too-large");
+        assert!(text.contains("64x48 pixels, over the limit of 32x32"), "{text}");
+    }
+
+    #[test]
+    fn alloc_limit_refuses_a_bomb() {
+        // 4000x4000 grey = 16 MB decoded from a tiny PNG.
+        let l = Limits { max_alloc_bytes: 1 << 20, ..Limits::default() };
+        let (code, text) = reason(encode_record(&raw(png(4000, 4000)), &l, 0));
+        assert_eq!(code, "too-large", "{text}");
+    }
+
+    #[test]
+    fn unlabelled_images_pass_without_labels() {
+        let mut r = raw(png(8, 8));
+        r.labels = None;
+        let e = encode_record(&r, &Limits::default(), 0).expect("encoded");
+        assert!(e.labels.is_none());
+        assert_eq!(e.format, "png");
+    }
+
+    #[test]
+    fn config_problems_are_reported_together() {
+        let mut f = FileConfig::default();
+        f.encoder.max_width = 0;
+        f.encoder.classes.clear();
+        f.nats.url.clear();
+        let text = f.validate().unwrap_err().to_string();
+        for k in ["encoder.max_width", "encoder.classes", "nats.url"] {
+            assert!(text.contains(k), "{text}");
+        }
+    }
+
+    #[test]
+    fn unknown_key_in_file_names_key_and_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("encoder.toml");
+        std::fs::write(&path, "[encoder]\nmax_widht = 10\n").expect("write");
+        let text = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(text.contains("max_widht") && text.contains("encoder.toml"), "{text}");
+    }
+}
