@@ -1,1 +1,182 @@
-fn main() {}
+//! `pcb`: start, inspect and benchmark the PCB pipeline.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use pcb::launcher::{DemoOptions, UpOptions};
+
+/// The PCB defect-detection pipeline on NATS JetStream.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// Pipeline file.
+    #[arg(long, default_value = "pipelines/local.toml", env = "PCB_PIPELINE")]
+    pipeline: PathBuf,
+    /// Use this NATS server instead of starting a private one.
+    #[arg(long, value_name = "URL")]
+    nats_url: Option<String>,
+    /// Watched folder (default: <data_dir>/inbox).
+    #[arg(long, value_name = "DIR")]
+    watch: Option<PathBuf>,
+    /// Data dir (default: the pipeline file's, .pcb-data).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+impl Common {
+    fn up(&self) -> UpOptions {
+        UpOptions {
+            pipeline: self.pipeline.clone(),
+            nats_url: self.nats_url.clone(),
+            watch: self.watch.clone(),
+            data_dir: self.data_dir.clone(),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the pipeline (private nats-server unless --nats-url) until Ctrl-C.
+    Up(Common),
+    /// `up`, drop the synthetic sample into the watched folder, print what flowed where.
+    Demo {
+        #[command(flatten)]
+        common: Common,
+        /// Synthetic boards to drop.
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+        /// Generator seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+        /// Keep the pipeline running after the summary (Ctrl-C stops it).
+        #[arg(long)]
+        keep_running: bool,
+    },
+    /// Message counts per stream and subject, pending counts per consumer.
+    Status {
+        /// Server to ask (default: the one `pcb up` started, then the pipeline file's).
+        #[arg(long, value_name = "URL")]
+        nats_url: Option<String>,
+        /// Pipeline file.
+        #[arg(long, default_value = "pipelines/local.toml", env = "PCB_PIPELINE")]
+        pipeline: PathBuf,
+        /// Data dir of `pcb up`.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Generate synthetic PCB boards in DeepPCB's layout.
+    Synth {
+        /// Boards to generate.
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed: the same seed gives the same files.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Share of boards listed in test.txt.
+        #[arg(long, default_value_t = 0.2)]
+        val_fraction: f64,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Bare decode vs ingester → encoder → router over JetStream, side by side.
+    Pipeline {
+        /// Boards.
+        #[arg(long, default_value_t = 500)]
+        count: usize,
+        /// Seed.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    pcb_common::init_tracing(&pcb_common::LogConfig { filter: "warn".into(), ..Default::default() });
+    match cli.command {
+        Cmd::Up(c) => pcb::launcher::up(c.up()).await,
+        Cmd::Demo { common, count, seed, timeout_secs, keep_running } => {
+            pcb::launcher::demo(
+                common.up(),
+                DemoOptions { count, seed, timeout: Duration::from_secs(timeout_secs), keep_running },
+            )
+            .await
+        }
+        Cmd::Status { nats_url, pipeline, data_dir } => status(nats_url, pipeline, data_dir).await,
+        Cmd::Synth { count, out, seed, val_fraction } => {
+            let bar = indicatif::ProgressBar::new(count as u64);
+            let started = std::time::Instant::now();
+            let opts = pcb_synth::SynthOptions { count, seed, val_fraction, ..Default::default() };
+            let summary = pcb_synth::generate(&opts, &out, &mut |done, _| bar.set_position(done as u64))?;
+            bar.finish_and_clear();
+            println!(
+                "wrote {} boards ({} defects; {} train, {} val) to {} in {:.1}s",
+                summary.boards,
+                summary.defects,
+                summary.train,
+                summary.val,
+                out.display(),
+                started.elapsed().as_secs_f64()
+            );
+            for (i, n) in summary.per_class.iter().enumerate() {
+                println!("  {:<10} {n}", pcb_schemas::CLASS_NAMES[i]);
+            }
+            Ok(())
+        }
+        Cmd::Bench { what: BenchCmd::Pipeline { count, seed } } => {
+            let rows = pcb::bench::pipeline(count, seed).await?;
+            print!("{}", pcb::bench::render(&rows));
+            Ok(())
+        }
+    }
+}
+
+async fn status(url: Option<String>, pipeline: PathBuf, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let url = match url {
+        Some(u) => u,
+        None => {
+            let file = pcb::pipeline::PipelineFile::load(&pipeline).ok();
+            let dir = data_dir
+                .or_else(|| file.as_ref().map(|f| f.pipeline.data_dir.clone()))
+                .unwrap_or_else(|| PathBuf::from(".pcb-data"));
+            match std::fs::read_to_string(pcb::launcher::url_file(&dir)) {
+                Ok(u) => u.trim().to_string(),
+                Err(_) => file
+                    .map(|f| f.nats.url)
+                    .filter(|u| !u.is_empty())
+                    .context("no server known: pass --nats-url, or run `pcb up` first")?,
+            }
+        }
+    };
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(&url)
+        .await
+        .with_context(|| format!("connecting to {url} (is the pipeline up?)"))?;
+    let js = async_nats::jetstream::new(client);
+    let streams = pcb::status::collect(&js).await?;
+    println!("NATS {url}\n");
+    print!("{}", pcb::status::render(&streams));
+    Ok(())
+}

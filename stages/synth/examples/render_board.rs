@@ -41,7 +41,11 @@ fn main() -> ExitCode {
             d.y2 - d.y1 + 1
         );
     }
-    for (suffix, img) in [("test", &board.test), ("temp", &board.template), ("boxes", &boxes)] {
+    for (suffix, img) in [
+        ("test", &board.test),
+        ("temp", &board.template),
+        ("boxes", &boxes),
+    ] {
         let path = format!("{prefix}_{suffix}.png");
         if let Err(e) = img.save(&path) {
             eprintln!("cannot write {path}: {e}");

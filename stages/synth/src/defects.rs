@@ -4,10 +4,11 @@
 //! area it inspected and its box stay clear of every earlier box. That ordering is what makes
 //! the boxes exact: pixels outside all boxes are never touched, and every box holds changes.
 
+use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::geom::{clip_range, P, Shape};
+use crate::geom::{clip_range, Shape, P};
 use crate::layout::{FeatKind, Layout, NO_OWNER};
 use crate::SynthDefect;
 
@@ -15,8 +16,9 @@ use crate::SynthDefect;
 const BOX_MARGIN: usize = 2;
 /// Minimum free pixels between two boxes, so neighbouring annotations never touch.
 const BOX_GAP: usize = 2;
-/// Bounds on the changed area's side, keeping boxes in DeepPCB's ~10–60 px range.
+/// Smallest side of the changed area, so boxes (with margin) are at least ~9 px like DeepPCB's.
 const MIN_EXTENT: usize = 5;
+/// Largest side of the changed area, so boxes (with margin) stay within DeepPCB's ~60 px.
 const MAX_EXTENT: usize = 56;
 
 /// Inclusive pixel rectangle `(x0, y0, x1, y1)`.
@@ -24,7 +26,10 @@ type Rect = (usize, usize, usize, usize);
 
 /// A candidate defect: pixels to flip and the area whose content justified it.
 struct Candidate {
+    /// Row-major indices of pixels that toggle between copper and background.
     flips: Vec<usize>,
+    /// Pixels the candidate's checks read; they must not overlap earlier defects either, or
+    /// those checks would have looked at already-altered copper.
     inspected: Rect,
 }
 
@@ -34,21 +39,32 @@ pub(crate) const COPPER: u8 = 0;
 pub(crate) const BACKGROUND: u8 = 255;
 
 /// Adds 3–12 random defects to `test` (a copy of the template) and returns their boxes.
-pub(crate) fn add_defects(layout: &Layout, test: &mut [u8], rng: &mut ChaCha8Rng) -> Vec<SynthDefect> {
+pub(crate) fn add_defects(
+    layout: &Layout,
+    test: &mut [u8],
+    rng: &mut ChaCha8Rng,
+) -> Vec<SynthDefect> {
     let target = rng.gen_range(3..=12);
     let mut boxes: Vec<(Rect, u8)> = Vec::new();
-    let mut painter = Painter { layout, boxes: &mut boxes };
+    let mut painter = Painter {
+        layout,
+        boxes: &mut boxes,
+    };
     for _ in 0..target {
-        let first: u8 = rng.gen_range(1..=6);
         // A board may lack room for some kinds (no wide copper, no free gaps), so fall back to
-        // the other kinds rather than give up on the defect.
-        for k in 0..6u8 {
-            let class = (first - 1 + k) % 6 + 1;
-            let tries = if k == 0 { 120 } else { 40 };
+        // the other kinds, in random order so no kind profits from another's failures.
+        let mut classes: [u8; 6] = [1, 2, 3, 4, 5, 6];
+        classes.shuffle(rng);
+        for (k, &class) in classes.iter().enumerate() {
+            let tries = if k == 0 { 150 } else { 40 };
             if let Some(c) = (0..tries).find_map(|_| painter.attempt(class, rng)) {
                 painter.accept(&c, class);
                 for &i in &c.flips {
-                    test[i] = if test[i] == COPPER { BACKGROUND } else { COPPER };
+                    test[i] = if test[i] == COPPER {
+                        BACKGROUND
+                    } else {
+                        COPPER
+                    };
                 }
                 break;
             }
@@ -66,24 +82,31 @@ pub(crate) fn add_defects(layout: &Layout, test: &mut [u8], rng: &mut ChaCha8Rng
         .collect()
 }
 
+/// Proposes defects on one layout and keeps the boxes accepted so far.
 struct Painter<'a> {
+    /// The template the defects are judged against.
     layout: &'a Layout,
+    /// Accepted boxes with their class ids.
     boxes: &'a mut Vec<(Rect, u8)>,
 }
 
 impl Painter<'_> {
+    /// Canvas side in pixels.
     fn size(&self) -> usize {
         self.layout.size
     }
 
+    /// Template feature at a pixel.
     fn owner(&self, x: usize, y: usize) -> u16 {
         self.layout.owner[y * self.size() + x]
     }
 
+    /// Template net at a pixel (0 for background).
     fn net_at(&self, x: usize, y: usize) -> u32 {
         self.layout.net[self.owner(x, y) as usize]
     }
 
+    /// One random try at a defect of `class`; `None` when the spot drawn does not suit it.
     fn attempt(&mut self, class: u8, rng: &mut ChaCha8Rng) -> Option<Candidate> {
         let c = match class {
             1 => self.open(rng),
@@ -122,6 +145,7 @@ impl Painter<'_> {
         ))
     }
 
+    /// Whether the candidate has a well-sized box and keeps clear of every accepted box.
     fn validate(&self, c: &Candidate) -> bool {
         let Some(bx) = self.box_of(c) else {
             return false;
@@ -137,6 +161,7 @@ impl Painter<'_> {
         !hits(&bx) && !hits(&c.inspected)
     }
 
+    /// Records the candidate's box; the caller flips its pixels.
     fn accept(&mut self, c: &Candidate, class: u8) {
         if let Some(bx) = self.box_of(c) {
             self.boxes.push((bx, class));
@@ -210,7 +235,7 @@ impl Painter<'_> {
     fn open(&self, rng: &mut ChaCha8Rng) -> Option<Candidate> {
         let f = self.pick_seg(rng, 6.0)?;
         let gap = rng.gen_range(5.0..16.0);
-        let slant = rng.gen_range(-0.4..0.4);
+        let slant: f64 = rng.gen_range(-0.4..0.4);
         let hw = f.w / 2.0;
         let pad = 4.0 + slant.abs() * (hw + 4.0);
         let t0 = uniform(rng, pad + hw, f.len - gap - pad - hw)?;
@@ -236,11 +261,12 @@ impl Painter<'_> {
         let hw = f.w / 2.0;
         let side = if rng.gen_bool(0.5) { 1.0 } else { -1.0 };
         let rmax = (f.w * 0.4).min(6.5);
+        // Bites under 3 px radius vanish into JPEG noise.
         let n = rng.gen_range(1..=3);
         let mut bites = Vec::with_capacity(n);
         let mut t = 0.0;
         for k in 0..n {
-            let r = uniform(rng, 2.5, rmax)?;
+            let r = uniform(rng, 3.0, rmax)?;
             if k > 0 {
                 t += r * rng.gen_range(1.2..2.4);
             }
@@ -311,11 +337,35 @@ impl Painter<'_> {
     /// A thin, slightly kinked bridge across the gap between two different nets.
     fn short(&self, rng: &mut ChaCha8Rng) -> Option<Candidate> {
         let n = self.size();
-        let (qx, qy) = (rng.gen_range(0..n), rng.gen_range(0..n));
+        // Most starts sit just beside a trace and march along its normal, because random
+        // pixels mostly land in open areas with nothing within reach.
+        let (qx, qy, sx, sy) = if rng.gen_bool(0.7) {
+            let f = self.pick_seg(rng, 0.0)?;
+            let t = rng.gen_range(0.0..f.len);
+            let side = if rng.gen_bool(0.5) { 1.0 } else { -1.0 };
+            let off = f.w / 2.0 + rng.gen_range(1.5..12.0);
+            let q = f.a.add(f.u.mul(t)).add(f.n.mul(side * off));
+            let (x, y) = (q.x.round(), q.y.round());
+            if x < 0.0 || y < 0.0 || x >= n as f64 || y >= n as f64 {
+                return None;
+            }
+            let step = |v: f64| -> isize {
+                if v > 0.3 {
+                    1
+                } else if v < -0.3 {
+                    -1
+                } else {
+                    0
+                }
+            };
+            (x as usize, y as usize, step(f.n.x), step(f.n.y))
+        } else {
+            let (sx, sy) = [(1, 0), (0, 1), (1, 1), (1, -1)][rng.gen_range(0..4)];
+            (rng.gen_range(0..n), rng.gen_range(0..n), sx, sy)
+        };
         if self.owner(qx, qy) != NO_OWNER {
             return None;
         }
-        let (sx, sy): (isize, isize) = [(1, 0), (0, 1), (1, 1), (1, -1)][rng.gen_range(0..4)];
         let march = |dir: isize| -> Option<(usize, usize, usize)> {
             for k in 1..=40isize {
                 let x = qx as isize + dir * sx * k;
@@ -333,12 +383,18 @@ impl Painter<'_> {
         let (ax, ay, ka) = march(-1)?;
         let (bx, by, kb) = march(1)?;
         let (net_a, net_b) = (self.net_at(ax, ay), self.net_at(bx, by));
-        if net_a == net_b || ka + kb < 5 {
+        // Diagonal steps are 1.4 px long; cap both kinds near 40 px so a short stays a short
+        // bridge rather than something that reads as a trace.
+        let steps = ka + kb;
+        let max_steps = if sx != 0 && sy != 0 { 28 } else { 40 };
+        if net_a == net_b || steps < 5 || steps > max_steps {
             return None;
         }
         let (a, b) = (P::new(ax as f64, ay as f64), P::new(bx as f64, by as f64));
         let d = b.sub(a);
-        let mid = a.add(d.mul(0.5)).add(d.perp().mul(rng.gen_range(-0.12..0.12)));
+        let mid = a
+            .add(d.mul(0.5))
+            .add(d.perp().mul(rng.gen_range(-0.12..0.12)));
         let r = rng.gen_range(1.6..3.6);
         let bridge = [
             Shape::Capsule { a, b: mid, r },
@@ -422,9 +478,7 @@ impl Painter<'_> {
         }
         self.scan(
             area,
-            |x, y| {
-                self.owner(x, y) != NO_OWNER || !guard.contains(P::new(x as f64, y as f64))
-            },
+            |x, y| self.owner(x, y) != NO_OWNER || !guard.contains(P::new(x as f64, y as f64)),
             |x, y| hole.contains(P::new(x as f64, y as f64)),
         )
     }
@@ -438,11 +492,17 @@ fn uniform(rng: &mut ChaCha8Rng, lo: f64, hi: f64) -> Option<f64> {
 
 /// A trace segment's local frame: `t` runs along the centre line from `a`, `s` across it.
 struct SegFrame {
+    /// Start of the centre line.
     a: P,
+    /// Unit direction along the trace.
     u: P,
+    /// Unit normal.
     n: P,
+    /// Length of the centre line.
     len: f64,
+    /// Copper width.
     w: f64,
+    /// Feature id of the segment.
     id: u16,
 }
 
@@ -458,7 +518,12 @@ impl SegFrame {
         let corners = [(lo, -half), (lo, half), (hi, -half), (hi, half)]
             .map(|(t, s)| self.a.add(self.u.mul(t)).add(self.n.mul(s)));
         corners.iter().fold(
-            (f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY),
+            (
+                f64::INFINITY,
+                f64::INFINITY,
+                f64::NEG_INFINITY,
+                f64::NEG_INFINITY,
+            ),
             |b, p| (b.0.min(p.x), b.1.min(p.y), b.2.max(p.x), b.3.max(p.y)),
         )
     }

@@ -108,13 +108,7 @@ impl Shape {
     pub(crate) fn dilate(&self, d: f64) -> Shape {
         match *self {
             Shape::Capsule { a, b, r } => Shape::Capsule { a, b, r: r + d },
-            Shape::Oct {
-                x0,
-                y0,
-                x1,
-                y1,
-                ch,
-            } => Shape::Oct {
+            Shape::Oct { x0, y0, x1, y1, ch } => Shape::Oct {
                 x0: x0 - d,
                 y0: y0 - d,
                 x1: x1 + d,
@@ -146,13 +140,7 @@ impl Shape {
     /// the covered part of a row is always a single interval.
     pub(crate) fn span(&self, y: f64) -> Option<(f64, f64)> {
         match *self {
-            Shape::Oct {
-                x0,
-                y0,
-                x1,
-                y1,
-                ch,
-            } => {
+            Shape::Oct { x0, y0, x1, y1, ch } => {
                 if y < y0 || y > y1 {
                     return None;
                 }
@@ -166,7 +154,8 @@ impl Shape {
 
     /// Whether the sample point `p` lies in the shape.
     pub(crate) fn contains(&self, p: P) -> bool {
-        self.span(p.y).is_some_and(|(lo, hi)| lo <= p.x && p.x <= hi)
+        self.span(p.y)
+            .is_some_and(|(lo, hi)| lo <= p.x && p.x <= hi)
     }
 }
 
@@ -257,7 +246,7 @@ pub(crate) fn clip_range(lo: f64, hi: f64, n: usize) -> Option<(usize, usize)> {
     }
     let a = lo.ceil().max(0.0);
     let b = hi.floor().min((n - 1) as f64);
-    (a <= b).then(|| (a as usize, b as usize))
+    (a <= b).then_some((a as usize, b as usize))
 }
 
 #[cfg(test)]

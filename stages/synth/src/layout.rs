@@ -8,7 +8,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::geom::{dir8, for_each_run, P, Shape};
+use crate::geom::{dir8, for_each_run, Shape, P};
 
 /// Owner value of background pixels.
 pub(crate) const NO_OWNER: u16 = 0;
@@ -44,15 +44,22 @@ pub(crate) struct Feature {
 /// Per-board design rules, drawn once so a board looks like one consistent technology.
 #[derive(Clone, Copy, Debug)]
 struct Style {
+    /// Minimum copper-to-copper gap between different nets.
     clear: f64,
+    /// Width of signal traces squeezed between pads.
     w_thin: f64,
+    /// Width of ordinary signal traces.
     w_norm: f64,
+    /// Width of power traces.
     w_wide: f64,
+    /// Smallest pad size.
     pad_min: f64,
+    /// Largest pad size.
     pad_max: f64,
 }
 
 impl Style {
+    /// Draws a style; ranges are DeepPCB-like at its ~48 px/mm.
     fn random(rng: &mut ChaCha8Rng) -> Self {
         let clear = rng.gen_range(8.0..13.0);
         let w_thin = rng.gen_range(7.0..10.0);
@@ -70,6 +77,7 @@ impl Style {
         }
     }
 
+    /// Width for a new trace, mostly ordinary, sometimes thin or wide.
     fn trace_width(&self, rng: &mut ChaCha8Rng) -> f64 {
         match rng.gen_range(0..20) {
             0..=5 => self.w_thin,
@@ -82,8 +90,35 @@ impl Style {
 /// A connection point a trace may start or end on.
 #[derive(Clone, Copy, Debug)]
 struct Anchor {
+    /// Where the trace's centre line ends.
     at: P,
+    /// The pad or pour the point belongs to.
     feature: u16,
+}
+
+/// Area where a new trace may touch copper of one net. Limiting same-net contact to the
+/// anchors keeps traces of one net from crossing each other in mid-air, which real boards
+/// avoid and which would look like a short.
+#[derive(Clone, Copy, Debug)]
+struct Zone {
+    /// The net that may be touched.
+    net: u32,
+    /// Left edge.
+    x0: f64,
+    /// Top edge.
+    y0: f64,
+    /// Right edge.
+    x1: f64,
+    /// Bottom edge.
+    y1: f64,
+}
+
+impl Zone {
+    /// Whether copper of `net` at pixel `(x, y)` may be touched.
+    fn admits(&self, net: u32, x: usize, y: usize) -> bool {
+        let (x, y) = (x as f64, y as f64);
+        net == self.net && self.x0 <= x && x <= self.x1 && self.y0 <= y && y <= self.y1
+    }
 }
 
 /// A finished template layout plus the bookkeeping the defect painter needs.
@@ -96,7 +131,9 @@ pub(crate) struct Layout {
     pub feats: Vec<Feature>,
     /// Net of each feature id, kept fully resolved (no union-find chains).
     pub net: Vec<u32>,
+    /// Drill holes (centre, radius), punched after all copper is placed.
     holes: Vec<(P, f64)>,
+    /// Design rules of this board.
     style: Style,
 }
 
@@ -124,27 +161,27 @@ impl Layout {
         for _ in 0..pours {
             l.place_pour(rng, &mut anchors);
         }
-        let comps = scaled(rng.gen_range(2..=6)).max(1);
+        let comps = scaled(rng.gen_range(3..=8)).max(1);
         for _ in 0..comps {
             l.place_component(rng, &mut anchors);
         }
-        let buses = scaled(rng.gen_range(0..=2));
+        let buses = scaled(rng.gen_range(0..=3));
         for _ in 0..buses {
             l.place_bus(rng);
         }
         let mut order: Vec<usize> = (0..anchors.len()).collect();
         order.shuffle(rng);
         for &i in &order {
-            let n = rng.gen_range(0..=2);
+            let n = rng.gen_range(1..=3);
             for _ in 0..n {
-                if rng.gen_bool(0.55) {
+                if rng.gen_bool(0.6) {
                     l.route_between(rng, &anchors, i);
                 } else {
                     l.route_to_edge(rng, anchors[i]);
                 }
             }
         }
-        let fillers = scaled(rng.gen_range(2..=8));
+        let fillers = scaled(rng.gen_range(4..=14));
         for _ in 0..fillers {
             l.place_edge_trace(rng);
         }
@@ -152,15 +189,33 @@ impl Layout {
         l
     }
 
-    /// Whether `shape`, grown by the clearance, only overlaps copper of the `allowed` nets.
-    fn clear_of(&self, shape: &Shape, allowed: &[u32]) -> bool {
+    /// Whether `shape`, grown by the clearance, touches no copper except that of a `zones` net
+    /// inside that zone.
+    fn clear_of(&self, shape: &Shape, zones: &[Zone]) -> bool {
         let grown = shape.dilate(self.style.clear);
         let (w, owner, net) = (self.size, &self.owner, &self.net);
         for_each_run(&grown, w, w, |y, x0, x1| {
             owner[y * w + x0..=y * w + x1]
                 .iter()
-                .all(|&o| o == NO_OWNER || allowed.contains(&net[o as usize]))
+                .enumerate()
+                .all(|(k, &o)| {
+                    o == NO_OWNER || zones.iter().any(|z| z.admits(net[o as usize], x0 + k, y))
+                })
         })
+    }
+
+    /// The zone around anchor `a` where a trace may meet other copper of the anchor's net:
+    /// the anchor's own copper plus enough room for traces fanning out of it.
+    fn zone(&self, a: Anchor, w: f64) -> Zone {
+        let (x0, y0, x1, y1) = self.feats[a.feature as usize].bounds;
+        let m = w / 2.0 + self.style.clear + 2.0;
+        Zone {
+            net: self.net[a.feature as usize],
+            x0: x0 - m,
+            y0: y0 - m,
+            x1: x1 + m,
+            y1: y1 + m,
+        }
     }
 
     /// Registers a feature on `net` (a fresh net when `None`) and paints its copper.
@@ -203,9 +258,10 @@ impl Layout {
         )
     }
 
+    /// A large chamfered copper area (ground/power pour).
     fn place_pour(&mut self, rng: &mut ChaCha8Rng, anchors: &mut Vec<Anchor>) {
         for _ in 0..12 {
-            let w = rng.gen_range(90.0..320.0);
+            let w: f64 = rng.gen_range(90.0..320.0);
             let h = rng.gen_range(90.0..320.0);
             let c = self.random_point(rng, 60.0);
             let ch = rng.gen_range(0.0..(w.min(h) / 3.0));
@@ -231,7 +287,7 @@ impl Layout {
         let st = self.style;
         for _ in 0..12 {
             let kind = rng.gen_range(0..10);
-            let pad = rng.gen_range(st.pad_min..st.pad_max);
+            let pad: f64 = rng.gen_range(st.pad_min..st.pad_max);
             let n = rng.gen_range(1..=6);
             // Some rows leave room for a trace to pass between neighbouring pads.
             let gap = if rng.gen_bool(0.5) {
@@ -295,8 +351,8 @@ impl Layout {
         }
     }
 
-    /// Commits a polyline trace of width `w` if it keeps clearance to every net but `allowed`.
-    fn try_trace(&mut self, pts: &[P], w: f64, allowed: &[u32], net: Option<u32>) -> bool {
+    /// Commits a polyline trace of width `w` if it keeps clearance to all copper outside `zones`.
+    fn try_trace(&mut self, pts: &[P], w: f64, zones: &[Zone], net: Option<u32>) -> bool {
         let shapes: Vec<Shape> = pts
             .windows(2)
             .map(|s| Shape::Capsule {
@@ -305,7 +361,7 @@ impl Layout {
                 r: w / 2.0,
             })
             .collect();
-        if shapes.is_empty() || !shapes.iter().all(|s| self.clear_of(s, allowed)) {
+        if shapes.is_empty() || !shapes.iter().all(|s| self.clear_of(s, zones)) {
             return false;
         }
         let mut net = net;
@@ -327,27 +383,41 @@ impl Layout {
     fn route_between(&mut self, rng: &mut ChaCha8Rng, anchors: &[Anchor], i: usize) {
         let a = anchors[i];
         let net_a = self.net[a.feature as usize];
+        // Real nets join a handful of pads; letting them grow unbounded would merge the whole
+        // crop into one net and leave no gaps between different nets for shorts.
+        let pads_on = |net: u32| {
+            anchors
+                .iter()
+                .filter(|b| self.net[b.feature as usize] == net)
+                .count()
+        };
+        let room = 3usize.saturating_sub(pads_on(net_a));
         let mut near: Vec<(f64, usize)> = anchors
             .iter()
             .enumerate()
-            .filter(|(_, b)| self.net[b.feature as usize] != net_a)
+            .filter(|(_, b)| {
+                let nb = self.net[b.feature as usize];
+                nb != net_a && pads_on(nb) <= room
+            })
             .map(|(j, b)| (b.at.sub(a.at).len(), j))
             .filter(|(d, _)| *d < 420.0)
             .collect();
         near.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
-        near.truncate(3);
-        let Some(&(_, j)) = near.choose(rng) else {
-            return;
-        };
-        let b = anchors[j];
-        let net_b = self.net[b.feature as usize];
+        near.truncate(4);
+        near.shuffle(rng);
         let w = self.style.trace_width(rng);
-        let mut cands = octilinear_paths(a.at, b.at, rng);
-        cands.shuffle(rng);
-        for pts in cands {
-            if self.try_trace(&pts, w, &[net_a, net_b], Some(net_a)) {
-                self.merge_nets(net_a, net_b);
-                return;
+        // Try a couple of neighbours: the first one is often walled in by other copper.
+        for &(_, j) in near.iter().take(2) {
+            let b = anchors[j];
+            let net_b = self.net[b.feature as usize];
+            let mut cands = octilinear_paths(a.at, b.at, rng);
+            cands.shuffle(rng);
+            for pts in cands {
+                let zones = [self.zone(a, w), self.zone(b, w)];
+                if self.try_trace(&pts, w, &zones, Some(net_a)) {
+                    self.merge_nets(net_a, net_b);
+                    return;
+                }
             }
         }
     }
@@ -372,7 +442,8 @@ impl Layout {
             } else {
                 pts.push(a.at.add(dir8(d0).mul(far)));
             }
-            if self.try_trace(&pts, w, &[net], Some(net)) {
+            let zones = [self.zone(a, w)];
+            if self.try_trace(&pts, w, &zones, Some(net)) {
                 return;
             }
         }
@@ -429,6 +500,7 @@ impl Layout {
         pts
     }
 
+    /// A trace that only passes through the crop, connecting things outside it.
     fn place_edge_trace(&mut self, rng: &mut ChaCha8Rng) {
         for _ in 0..6 {
             let pts = self.crossing_path(rng);

@@ -1,4 +1,4 @@
-//! Synthetic DeepPCB-style data: binarised 640x640 board crops with exact defect boxes and their golden templates, written in DeepPCB's on-disk layout.
+//! Generates synthetic DeepPCB-style PCB crops with exact defect boxes, in DeepPCB's file layout.
 //!
 //! Boards are drawn like DeepPCB's (dark copper on a light substrate): octilinear traces of a
 //! few widths, buses, pours and rows of square/round/oblong pads, most of them drilled. Each
@@ -9,6 +9,8 @@
 //! Everything is a pure function of `(seed, board index)`: the key of a ChaCha8 generator comes
 //! from the seed and its stream from the index, so any single board can be regenerated alone
 //! and a run is byte-identical on every platform.
+
+#![warn(missing_docs)]
 
 mod defects;
 mod geom;
@@ -108,6 +110,7 @@ pub fn render_board(seed: u64, index: u64, size: u32) -> SynthBoard {
     }
 }
 
+/// Wraps a `size` x `size` pixel buffer as an image.
 fn to_image(size: u32, pixels: Vec<u8>) -> GrayImage {
     // The buffer always holds size*size pixels, so from_raw cannot fail; the fallback only
     // keeps this free of panics.
@@ -228,7 +231,7 @@ pub enum SynthError {
 
 /// Most boards one run can name without leaving the synthetic group range.
 fn max_boards() -> usize {
-    (LAST_GROUP - FIRST_GROUP + 1) as usize
+    ((LAST_GROUP - FIRST_GROUP + 1) as usize)
         .saturating_sub(DEEPPCB_GROUPS.len())
         .saturating_mul(BOARDS_PER_GROUP)
 }
@@ -248,16 +251,21 @@ fn group_number(k: usize) -> Option<u32> {
 /// Where one board's files go, relative to the output root.
 #[derive(Clone, Debug)]
 struct BoardPlan {
+    /// DeepPCB group number.
     group: u32,
+    /// Eight-digit DeepPCB image id.
     id: String,
+    /// Whether the board is listed in `test.txt`.
     val: bool,
 }
 
 impl BoardPlan {
+    /// Directory of the image pair.
     fn image_dir(&self) -> String {
         format!("group{0:05}/{0:05}", self.group)
     }
 
+    /// Directory of the annotation file.
     fn note_dir(&self) -> String {
         format!("group{0:05}/{0:05}_not", self.group)
     }
@@ -323,10 +331,16 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SynthError> {
     })
 }
 
+/// Grey JPEG bytes of `img`; `path` only labels errors.
 fn encode_jpeg(img: &GrayImage, path: &Path) -> Result<Vec<u8>, SynthError> {
     let mut buf = Vec::with_capacity(64 * 1024);
     JpegEncoder::new_with_quality(&mut buf, JPEG_QUALITY)
-        .encode(img.as_raw(), img.width(), img.height(), ExtendedColorType::L8)
+        .encode(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            ExtendedColorType::L8,
+        )
         .map_err(|source| SynthError::EncodeJpeg {
             path: path.to_path_buf(),
             source,
@@ -370,6 +384,7 @@ fn write_board(
     Ok(counts)
 }
 
+/// `create_dir_all` with the path kept in the error.
 fn create_dir(path: &Path) -> Result<(), SynthError> {
     std::fs::create_dir_all(path).map_err(|source| SynthError::CreateDir {
         path: path.to_path_buf(),
@@ -540,7 +555,10 @@ mod tests {
             for img in [&b.template, &b.test] {
                 assert!(img.pixels().all(|p| p.0[0] == 0 || p.0[0] == 255));
                 let dark = img.pixels().filter(|p| p.0[0] == 0).count() as f64 / (640.0 * 640.0);
-                assert!((0.03..0.8).contains(&dark), "board {i}: copper fraction {dark}");
+                assert!(
+                    (0.03..0.8).contains(&dark),
+                    "board {i}: copper fraction {dark}"
+                );
             }
         }
     }
@@ -577,8 +595,8 @@ mod tests {
         assert_eq!(group_number(0), Some(90_000));
         assert_eq!(group_number(99), Some(90_099));
         assert_eq!(group_number(100), Some(90_101));
-        assert_eq!(group_number(1_898), Some(91_999));
-        assert_eq!(group_number(1_899), Some(92_001));
+        assert_eq!(group_number(1_998), Some(91_999));
+        assert_eq!(group_number(1_999), Some(92_001));
         let last = (LAST_GROUP - FIRST_GROUP) as usize - DEEPPCB_GROUPS.len();
         assert_eq!(group_number(last), Some(LAST_GROUP));
         assert_eq!(group_number(last + 1), None);
@@ -613,7 +631,10 @@ mod tests {
         let msg = big.validate().expect_err("too many").to_string();
         assert!(msg.contains("exceeds") && msg.contains("5000"), "{msg}");
         assert!(SynthOptions::default().validate().is_ok());
-        assert_eq!(std::fs::read_dir(dir.path()).map(|d| d.count()).ok(), Some(0));
+        assert_eq!(
+            std::fs::read_dir(dir.path()).map(|d| d.count()).ok(),
+            Some(0)
+        );
     }
 
     fn read_list(path: &Path) -> Vec<(String, String)> {
@@ -682,7 +703,11 @@ mod tests {
         assert!(ids.contains(&"90001004".to_string()));
         assert!(out.join("group90001/90001_not/90001004.txt").is_file());
         // No temporary files are left behind.
-        for g in ["group90000/90000", "group90000/90000_not", "group90001/90001"] {
+        for g in [
+            "group90000/90000",
+            "group90000/90000_not",
+            "group90001/90001",
+        ] {
             let leftovers = std::fs::read_dir(out.join(g))
                 .expect("dir")
                 .filter_map(Result::ok)
@@ -705,6 +730,21 @@ mod tests {
             let b = std::fs::read(out2.join(rel)).expect("second");
             assert!(a == b, "{rel} differs between runs");
         }
+    }
+
+    #[test]
+    fn unwritable_output_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").expect("write");
+        let opts = SynthOptions {
+            count: 2,
+            size: 64,
+            ..SynthOptions::default()
+        };
+        let err = generate(&opts, &file, &mut |_, _| {}).expect_err("must fail");
+        assert!(matches!(err, SynthError::CreateDir { .. }), "{err}");
+        assert!(err.to_string().contains("not-a-dir"), "{err}");
     }
 
     #[test]

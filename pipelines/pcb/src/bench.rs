@@ -1,0 +1,163 @@
+//! `pcb bench pipeline`: bare image decoding against ingester → encoder → router over a
+//! real JetStream, on the same boards and machine, in one run.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use pcb_schemas::STREAM_SHARDS;
+
+use crate::server::NatsServer;
+
+/// One row of the table.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// What was measured.
+    pub name: String,
+    /// Boards handled.
+    pub boards: usize,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+impl Row {
+    /// Boards per second.
+    pub fn rate(&self) -> f64 {
+        self.boards as f64 / self.seconds.max(1e-9)
+    }
+}
+
+fn board_files(dir: &Path) -> Vec<(PathBuf, Option<PathBuf>)> {
+    pcb_ingester::pairing::scan(dir, &[])
+        .into_iter()
+        .filter_map(|p| {
+            let unit = pcb_ingester::pairing::pair(&p, dir).ok()?;
+            Some((unit.image, unit.template))
+        })
+        .collect()
+}
+
+/// Decodes every board (image and template) from memory on `threads` threads.
+pub fn bare_decode(boards: &[(Vec<u8>, Option<Vec<u8>>)], threads: usize) -> anyhow::Result<Row> {
+    let started = Instant::now();
+    let chunk = boards.len().div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let handles: Vec<_> = boards
+            .chunks(chunk)
+            .map(|part| {
+                s.spawn(move || -> anyhow::Result<()> {
+                    for (img, tpl) in part {
+                        image::load_from_memory(img)?;
+                        if let Some(t) = tpl {
+                            image::load_from_memory(t)?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("decode thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(Row {
+        name: format!("bare decode, image crate ({threads} threads)"),
+        boards: boards.len(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Runs the benchmark on `count` synthetic boards and prints the table.
+pub async fn pipeline(count: usize, seed: u64) -> anyhow::Result<Vec<Row>> {
+    let tmp = tempfile::tempdir()?;
+    let sample = tmp.path().join("sample");
+    eprintln!("bench: generating {count} synthetic boards");
+    let dir = sample.clone();
+    tokio::task::spawn_blocking(move || {
+        pcb_synth::generate(
+            &pcb_synth::SynthOptions { count, seed, ..Default::default() },
+            &dir,
+            &mut |_, _| {},
+        )
+    })
+    .await??;
+    let files = board_files(&sample);
+    let mut boards = Vec::with_capacity(files.len());
+    for (img, tpl) in &files {
+        boards.push((std::fs::read(img)?, tpl.as_ref().map(std::fs::read).transpose()?));
+    }
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    eprintln!("bench: bare decode");
+    let bare = tokio::task::spawn_blocking(move || bare_decode(&boards, threads)).await??;
+
+    eprintln!("bench: pipeline over JetStream");
+    let nats_dir = tmp.path().join("nats");
+    let mut server = tokio::task::spawn_blocking(move || NatsServer::start(&nats_dir, 0)).await??;
+    let nats = pcb_common::NatsConfig { url: server.url(), ..Default::default() };
+    let client = pcb_common::connect(&nats, "pcb-bench").await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let topology = pcb_common::Topology::default();
+    pcb_common::apply_topology(&js, &topology).await?;
+    let shutdown = pcb_common::Shutdown::new();
+    let no_metrics = pcb_common::MetricsConfig { addr: String::new() };
+    let base = |c: &str| -> anyhow::Result<String> {
+        Ok(format!("[nats]\nurl = {:?}\n[metrics]\naddr = \"\"\n{c}", server.url()))
+    };
+    let enc_cfg: pcb_encoder::FileConfig = toml::from_str(&base("")?)?;
+    let mut enc_cfg = enc_cfg.validate().map_err(|p| anyhow::anyhow!("{p}"))?;
+    enc_cfg.metrics = no_metrics.clone();
+    let rt_cfg: pcb_router::FileConfig = toml::from_str(&base("")?)?;
+    let rt_cfg = rt_cfg.validate().map_err(|p| anyhow::anyhow!("{p}"))?;
+    let enc = tokio::spawn(pcb_encoder::run(enc_cfg, client.clone(), shutdown.clone()));
+    let rt = tokio::spawn(pcb_router::run(rt_cfg, client.clone(), shutdown.clone()));
+    let ing_cfg: pcb_ingester::FileConfig = toml::from_str(&base("")?)?;
+    let mut ing = ing_cfg.validate().map_err(|p| anyhow::anyhow!("{p}"))?.settings;
+    ing.watch_dir = sample.clone();
+    let started = Instant::now();
+    let summary = pcb_ingester::import(js.clone(), ing, client.server_info().max_payload, false, |_, _| {}).await;
+    if summary.published != files.len() {
+        bail!("ingester published {} of {} boards:\n{summary}", summary.published, files.len());
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let mut stream = js.get_stream(STREAM_SHARDS).await.context("shards stream")?;
+        if stream.info().await?.state.messages as usize >= files.len() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("pipeline did not route every board within 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let piped = Row {
+        name: "ingester → encoder → router (JetStream)".into(),
+        boards: files.len(),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    shutdown.trigger();
+    let _ = enc.await;
+    let _ = rt.await;
+    server.stop();
+    Ok(vec![bare, piped])
+}
+
+/// The table, with each row's rate relative to the first.
+pub fn render(rows: &[Row]) -> String {
+    let mut out = format!(
+        "{:<44} {:>7} {:>9} {:>10} {:>8}\n",
+        "path", "boards", "seconds", "boards/s", "ratio"
+    );
+    let base = rows.first().map_or(1.0, Row::rate);
+    for r in rows {
+        out.push_str(&format!(
+            "{:<44} {:>7} {:>9.2} {:>10.1} {:>7.0}%\n",
+            r.name,
+            r.boards,
+            r.seconds,
+            r.rate(),
+            100.0 * r.rate() / base
+        ));
+    }
+    out
+}

@@ -1,0 +1,361 @@
+//! `pcb up` and `pcb demo`: a private nats-server (unless one is given), the streams, one
+//! process per stage replica, restarts of crashed stages, and a clean stop of everything.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::pipeline::{PipelineFile, STAGES};
+use crate::server::NatsServer;
+
+/// What `up` and `demo` start from.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// The pipeline file.
+    pub pipeline: PathBuf,
+    /// An existing server instead of the private one.
+    pub nats_url: Option<String>,
+    /// The watched folder (default `<data_dir>/inbox`).
+    pub watch: Option<PathBuf>,
+    /// Override of the pipeline file's `data_dir`.
+    pub data_dir: Option<PathBuf>,
+}
+
+struct StageProcess {
+    stage: &'static str,
+    replica: usize,
+    config: PathBuf,
+    log: PathBuf,
+    child: Child,
+    restarts: u32,
+    last_start: Instant,
+}
+
+/// A started pipeline.
+pub struct Running {
+    server: Option<NatsServer>,
+    stages: Vec<StageProcess>,
+    bin_dir: PathBuf,
+    /// The NATS URL everything uses.
+    pub nats_url: String,
+    /// The watched folder.
+    pub watch_dir: PathBuf,
+    /// The data dir.
+    pub data_dir: PathBuf,
+    /// The pipeline as started.
+    pub pipeline: PipelineFile,
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
+/// Where the stage binaries are: `$PCB_BIN_DIR`, else beside `pcb` itself.
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    if let Some(d) = std::env::var_os("PCB_BIN_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe().context("locating the pcb binary")?;
+    Ok(exe.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+/// The file where `up` records the URL of its server, for `pcb status`.
+pub fn url_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("run").join("nats.url")
+}
+
+impl Running {
+    /// Starts the server (if needed), applies the streams and starts every stage.
+    pub async fn start(opts: &UpOptions) -> anyhow::Result<Running> {
+        let mut pipeline = PipelineFile::load(&opts.pipeline)?;
+        let data_dir = absolute(opts.data_dir.as_ref().unwrap_or(&pipeline.pipeline.data_dir));
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+        let watch_dir = match &opts.watch {
+            Some(w) => absolute(w),
+            None if pipeline.stages.ingester.settings.watch_dir == Path::new("inbox") => data_dir.join("inbox"),
+            None => absolute(&pipeline.stages.ingester.settings.watch_dir),
+        };
+        pipeline.stages.ingester.settings.watch_dir = watch_dir.clone();
+        pipeline.pipeline.data_dir = data_dir.clone();
+        let bin_dir = bin_dir()?;
+        for stage in STAGES {
+            if !bin_dir.join(stage).is_file() {
+                bail!(
+                    "stage binary {} not found; build every stage first: cargo build --release --workspace",
+                    bin_dir.join(stage).display()
+                );
+            }
+        }
+        let url = opts.nats_url.clone().or_else(|| {
+            (!pipeline.nats.url.is_empty()).then(|| pipeline.nats.url.clone())
+        });
+        let (server, nats_url) = match url {
+            Some(u) => (None, u),
+            None => {
+                let dir = data_dir.join("nats");
+                let s = tokio::task::spawn_blocking(move || NatsServer::start(&dir, 0)).await??;
+                let u = s.url();
+                eprintln!("pcb: private nats-server at {u} (store {})", s.dir().display());
+                (Some(s), u)
+            }
+        };
+        let nats = pcb_common::NatsConfig { url: nats_url.clone(), ..pipeline.nats.clone() };
+        let client = pcb_common::connect(&nats, "pcb")
+            .await
+            .with_context(|| format!("connecting to {nats_url}"))?;
+        let js = async_nats::jetstream::new(client.clone());
+        let applied = pcb_common::apply_topology(&js, &pipeline.streams).await?;
+        for (name, what) in applied {
+            tracing::info!(stream = name, ?what, "stream");
+        }
+        let run_dir = data_dir.join("run");
+        let configs = pipeline.write_stage_configs(&run_dir, &nats_url)?;
+        std::fs::write(url_file(&data_dir), &nats_url)?;
+        let logs = data_dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let mut running = Running {
+            server,
+            stages: Vec::new(),
+            bin_dir,
+            nats_url,
+            watch_dir,
+            data_dir,
+            pipeline,
+        };
+        for (stage, replica, config) in configs {
+            let log = logs.join(format!("{stage}-{replica}.log"));
+            let child = spawn_stage(&running.bin_dir, stage, &config, &log)?;
+            running.stages.push(StageProcess {
+                stage,
+                replica,
+                config,
+                log,
+                child,
+                restarts: 0,
+                last_start: Instant::now(),
+            });
+        }
+        Ok(running)
+    }
+
+    /// Log files of the stages.
+    pub fn logs(&self) -> Vec<(String, PathBuf)> {
+        self.stages
+            .iter()
+            .map(|s| (format!("{}-{}", s.stage, s.replica), s.log.clone()))
+            .collect()
+    }
+
+    /// Restarts any stage that exited, with a growing delay; a stage that keeps failing
+    /// right after start is reported as an error.
+    pub fn check_children(&mut self) -> anyhow::Result<()> {
+        for s in &mut self.stages {
+            if let Ok(Some(status)) = s.child.try_wait() {
+                let quick = s.last_start.elapsed() < Duration::from_secs(5);
+                if quick && s.restarts >= 3 {
+                    bail!(
+                        "{}-{} keeps exiting ({status}); see {}",
+                        s.stage,
+                        s.replica,
+                        s.log.display()
+                    );
+                }
+                eprintln!(
+                    "pcb: {}-{} exited ({status}); restarting (log {})",
+                    s.stage,
+                    s.replica,
+                    s.log.display()
+                );
+                std::thread::sleep(Duration::from_millis(200 * (1 << s.restarts.min(5))));
+                s.child = spawn_stage(&self.bin_dir, s.stage, &s.config, &s.log)?;
+                s.restarts = if quick { s.restarts + 1 } else { 0 };
+                s.last_start = Instant::now();
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the stages (SIGTERM, in reverse order, so each finishes its in-flight work),
+    /// then the private server.
+    pub fn stop(&mut self) {
+        for s in self.stages.iter().rev() {
+            crate::process::send_signal(&s.child, crate::process::libc_sigterm());
+        }
+        for s in self.stages.iter_mut().rev() {
+            crate::process::terminate(&mut s.child, Duration::from_secs(15));
+        }
+        if let Some(server) = &mut self.server {
+            server.stop();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn spawn_stage(bin_dir: &Path, stage: &str, config: &Path, log: &Path) -> anyhow::Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let err = out.try_clone()?;
+    Command::new(bin_dir.join(stage))
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("starting {stage}"))
+}
+
+/// `pcb up`: runs until Ctrl-C.
+pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
+    let mut running = Running::start(&opts).await?;
+    print_banner(&running);
+    println!("Ctrl-C stops every stage cleanly.");
+    let shutdown = pcb_common::Shutdown::on_signals();
+    let result = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if let Err(e) = running.check_children() {
+                    break Err(e);
+                }
+            }
+        }
+    };
+    eprintln!("pcb: stopping stages");
+    tokio::task::spawn_blocking(move || running.stop()).await?;
+    result
+}
+
+fn print_banner(r: &Running) {
+    println!("pipeline up");
+    println!("  NATS:        {}", r.nats_url);
+    println!("  drop images: {}", r.watch_dir.display());
+    println!("  processed:   {}", r.watch_dir.join("processed").display());
+    println!("  rejected:    {}", r.watch_dir.join("rejected").display());
+    for (name, log) in r.logs() {
+        println!("  log {name:<12} {}", log.display());
+    }
+    println!("  status:      pcb status --nats-url {}", r.nats_url);
+}
+
+/// What `pcb demo` does besides `up`.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Boards to generate.
+    pub count: usize,
+    /// Generator seed.
+    pub seed: u64,
+    /// Give up waiting for the pipeline after this long.
+    pub timeout: Duration,
+    /// Keep the pipeline running after the summary.
+    pub keep_running: bool,
+}
+
+/// `pcb demo`: up, drop the synthetic sample into the watched folder, wait until it has
+/// flowed through, print where everything went.
+pub async fn demo(opts: UpOptions, demo: DemoOptions) -> anyhow::Result<()> {
+    let mut running = Running::start(&opts).await?;
+    print_banner(&running);
+    let sample = running.data_dir.join(format!("sample-{}-{}", demo.count, demo.seed));
+    if !sample.join("trainval.txt").exists() {
+        println!("generating {} synthetic boards (seed {}) in {}", demo.count, demo.seed, sample.display());
+        let (count, seed, dir) = (demo.count, demo.seed, sample.clone());
+        tokio::task::spawn_blocking(move || {
+            let opts = pcb_synth::SynthOptions { count, seed, ..Default::default() };
+            pcb_synth::generate(&opts, &dir, &mut |_, _| {})
+        })
+        .await??;
+    }
+    let copied = copy_tree(&sample, &running.watch_dir)?;
+    println!("dropped {copied} files into {}", running.watch_dir.display());
+    let client = async_nats::connect(&running.nats_url).await?;
+    let js = async_nats::jetstream::new(client);
+    let bar = indicatif::ProgressBar::new(demo.count as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} waiting for the pipeline [{bar:40}] {pos}/{len} boards filed")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let deadline = Instant::now() + demo.timeout;
+    let mut quiet = 0;
+    let streams = loop {
+        running.check_children()?;
+        let streams = crate::status::collect(&js).await?;
+        let left = crate::pairing_count(&running.watch_dir);
+        bar.set_position(demo.count.saturating_sub(left) as u64);
+        quiet = if left == 0 && crate::status::drained(&streams) { quiet + 1 } else { 0 };
+        if quiet >= 3 {
+            break streams;
+        }
+        if Instant::now() > deadline {
+            bar.abandon();
+            bail!("the pipeline did not finish within {:?}; {left} boards still in {}", demo.timeout, running.watch_dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    bar.finish_and_clear();
+    println!("\n== demo summary ({} boards dropped) ==", demo.count);
+    let c = |s: &str| crate::status::count(&streams, s);
+    println!("{:<34} {:>8}", "pcb.images.raw", c("pcb.images.raw"));
+    println!("{:<34} {:>8}", "pcb.images.encoded", c("pcb.images.encoded"));
+    println!("{:<34} {:>8}", "pcb.shards.* (all shards)", crate::status::count_prefix(&streams, "pcb.shards."));
+    println!("{:<34} {:>8}", "pcb.rejected.* (dead letters)", crate::status::count_prefix(&streams, "pcb.rejected."));
+    println!("{:<34} {:>8}", "pcb.detections", c("pcb.detections"));
+    println!("\n{}", crate::status::render(&streams));
+    if demo.keep_running {
+        println!("pipeline still running; Ctrl-C stops it");
+        let shutdown = pcb_common::Shutdown::on_signals();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => running.check_children()?,
+            }
+        }
+    }
+    tokio::task::spawn_blocking(move || running.stop()).await?;
+    Ok(())
+}
+
+/// Copies every file of `from` into `to`, each under a temporary name first and renamed
+/// when complete, like a well-behaved line-side uploader.
+pub fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<usize> {
+    let mut n = 0;
+    let mut stack = vec![from.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let entry = entry?;
+            let path = entry.path();
+            let rel = path.strip_prefix(from)?;
+            if entry.file_type()?.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let dest = to.join(rel);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let tmp = dest.with_file_name(format!(
+                ".{}.part",
+                dest.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+            ));
+            std::fs::copy(&path, &tmp)?;
+            std::fs::rename(&tmp, &dest)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}

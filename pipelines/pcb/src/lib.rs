@@ -1,0 +1,20 @@
+//! The `pcb` launcher's library: the pipeline file, the private nats-server, `up`, `demo`,
+//! `status` and `bench`; also used by the cross-stage tests.
+
+pub mod bench;
+pub mod launcher;
+pub mod pipeline;
+pub mod process;
+pub mod server;
+pub mod status;
+
+use std::path::Path;
+
+/// Board images still waiting in a watched folder (outside `processed/` and `rejected/`).
+pub fn pairing_count(watch_dir: &Path) -> usize {
+    pcb_ingester::pairing::scan(
+        watch_dir,
+        &[watch_dir.join("processed"), watch_dir.join("rejected")],
+    )
+    .len()
+}
