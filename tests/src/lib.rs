@@ -1,1 +1,185 @@
-//! placeholder
+//! Test harness for cross-stage tests: a private nats-server per test, the stages run
+//! in-process or as real processes, and readers of what landed in the streams.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use pcb::server::NatsServer;
+use pcb_common::Shutdown;
+
+/// A private server, a temp dir and a client, per test.
+pub struct Env {
+    /// The server (stopped on drop).
+    pub server: NatsServer,
+    /// Scratch space (removed on drop).
+    pub dir: tempfile::TempDir,
+    /// A client.
+    pub client: async_nats::Client,
+    /// Its JetStream context.
+    pub js: jetstream::Context,
+}
+
+impl Env {
+    /// Starts a server and provisions the pipeline's streams.
+    pub async fn start() -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let nats_dir = dir.path().join("nats");
+        let server = tokio::task::spawn_blocking(move || NatsServer::start(&nats_dir, 0))
+            .await
+            .expect("join")
+            .expect("nats-server starts (install it with deploy/setup.sh)");
+        let client = async_nats::connect(server.url()).await.expect("connect");
+        let js = jetstream::new(client.clone());
+        pcb_common::apply_topology(&js, &pcb_common::Topology::default())
+            .await
+            .expect("streams");
+        Env { server, dir, client, js }
+    }
+
+    /// The stage config text shared by every stage of this test.
+    pub fn base_config(&self, extra: &str) -> String {
+        format!("[nats]\nurl = {:?}\n[metrics]\naddr = \"\"\n{extra}", self.server.url())
+    }
+
+    /// Writes a stage config file and returns its path.
+    pub fn config_file(&self, name: &str, extra: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, self.base_config(extra)).expect("write config");
+        p
+    }
+
+    /// The watched folder of this test.
+    pub fn watch_dir(&self) -> PathBuf {
+        self.dir.path().join("inbox")
+    }
+
+    /// Starts encoder and router in-process; returns their shutdown and handles.
+    pub fn start_encoder_router(&self) -> (Shutdown, Vec<tokio::task::JoinHandle<Result<(), String>>>) {
+        let shutdown = Shutdown::new();
+        let enc: pcb_encoder::FileConfig = toml::from_str(&self.base_config("")).expect("toml");
+        let enc = enc.validate().expect("valid");
+        let rt: pcb_router::FileConfig = toml::from_str(&self.base_config("")).expect("toml");
+        let rt = rt.validate().expect("valid");
+        let (c1, c2, s1, s2) = (self.client.clone(), self.client.clone(), shutdown.clone(), shutdown.clone());
+        let handles = vec![
+            tokio::spawn(async move { pcb_encoder::run(enc, c1, s1).await.map_err(|e| e.to_string()) }),
+            tokio::spawn(async move { pcb_router::run(rt, c2, s2).await.map_err(|e| e.to_string()) }),
+        ];
+        (shutdown, handles)
+    }
+
+    /// Starts the watching ingester in-process on [`Env::watch_dir`].
+    pub fn start_ingester(&self, shutdown: &Shutdown) -> tokio::task::JoinHandle<Result<(), String>> {
+        let extra = format!(
+            "[ingester]\nwatch_dir = {:?}\nsettle_ms = 200\nrescan_secs = 2\n",
+            self.watch_dir().display().to_string()
+        );
+        let cfg: pcb_ingester::FileConfig = toml::from_str(&self.base_config(&extra)).expect("toml");
+        let cfg = cfg.validate().expect("valid");
+        let (c, s) = (self.client.clone(), shutdown.clone());
+        tokio::spawn(async move { pcb_ingester::run(cfg, c, s).await.map_err(|e| e.to_string()) })
+    }
+
+    /// Imports `dir` once (files stay in place) with the in-process ingester.
+    pub async fn import(&self, dir: &Path) -> pcb_ingester::Summary {
+        let cfg: pcb_ingester::FileConfig = toml::from_str(&self.base_config("")).expect("toml");
+        let mut s = cfg.validate().expect("valid").settings;
+        s.watch_dir = dir.to_path_buf();
+        pcb_ingester::import(self.js.clone(), s, self.client.server_info().max_payload, false, |_, _| {}).await
+    }
+
+    /// Messages per subject in `stream`.
+    pub async fn subject_counts(&self, stream: &str) -> BTreeMap<String, u64> {
+        let s = self.js.get_stream(stream).await.expect("stream");
+        let mut out = BTreeMap::new();
+        let mut subjects = s.info_with_subjects("pcb.>").await.expect("info");
+        while let Some(item) = subjects.next().await {
+            let (k, v) = item.expect("subject");
+            out.insert(k, v as u64);
+        }
+        out
+    }
+
+    /// Messages on subjects starting with `prefix` in `stream`.
+    pub async fn count(&self, stream: &str, prefix: &str) -> u64 {
+        self.subject_counts(stream)
+            .await
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Every message on `subject` (from the start), as (subject, payload).
+    pub async fn read_all(&self, stream: &str, subject: &str) -> Vec<(String, Vec<u8>)> {
+        let s = self.js.get_stream(stream).await.expect("stream");
+        let consumer = s
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: subject.to_string(),
+                ..Default::default()
+            })
+            .await
+            .expect("ordered consumer");
+        let want = self.count(stream, subject.trim_end_matches(">").trim_end_matches('*')).await as usize;
+        let mut out = Vec::new();
+        if want == 0 {
+            return out;
+        }
+        let mut msgs = consumer.messages().await.expect("messages");
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), msgs.next()).await {
+            let m = m.expect("message");
+            out.push((m.subject.to_string(), m.payload.to_vec()));
+            if out.len() >= want {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// Polls `check` every 100 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    check().await
+}
+
+/// A binary of the workspace, built by `cargo build --workspace` next to the test binary.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build the stage binaries first (cargo build --workspace --bins)",
+        p.display()
+    );
+    p
+}
+
+/// Generates `count` synthetic boards into `dir`.
+pub fn synth(dir: &Path, count: usize, seed: u64) -> pcb_synth::SynthSummary {
+    pcb_synth::generate(
+        &pcb_synth::SynthOptions { count, seed, ..Default::default() },
+        dir,
+        &mut |_, _| {},
+    )
+    .expect("synth")
+}
+
+/// Copies a tree into the watched folder the way an uploader would (temp name, rename).
+pub fn drop_into(from: &Path, to: &Path) -> usize {
+    pcb::launcher::copy_tree(from, to).expect("copy")
+}

@@ -272,7 +272,6 @@ impl<'a> LineCounter<'a> {
     }
 }
 
-
 /// One `<object>` being read, with the line of each part for error messages.
 #[derive(Default)]
 struct VocObject {
@@ -618,7 +617,9 @@ pub fn parse_coco(text: &str, path: &Path, classes: &ClassMap) -> Result<CocoInd
     let file: CocoFile = serde_json::from_str(strip_bom(text)).map_err(|e| {
         let full = e.to_string();
         // serde_json appends " at line L column C"; the line goes in its own field.
-        let what = full.rsplit_once(" at line ").map_or(full.as_str(), |(m, _)| m);
+        let what = full
+            .rsplit_once(" at line ")
+            .map_or(full.as_str(), |(m, _)| m);
         syntax(
             path,
             Some(e.line()),
@@ -632,7 +633,10 @@ pub fn parse_coco(text: &str, path: &Path, classes: &ClassMap) -> Result<CocoInd
             syntax(
                 path,
                 None,
-                format!("category \"{}\" has an id that is neither number nor string", category.name),
+                format!(
+                    "category \"{}\" has an id that is neither number nor string",
+                    category.name
+                ),
             )
         })?;
         categories.insert(key, classes.resolve_name(&category.name));
@@ -645,7 +649,10 @@ pub fn parse_coco(text: &str, path: &Path, classes: &ClassMap) -> Result<CocoInd
             syntax(
                 path,
                 None,
-                format!("image \"{}\" has an id that is neither number nor string", image.file_name),
+                format!(
+                    "image \"{}\" has an id that is neither number nor string",
+                    image.file_name
+                ),
             )
         })?;
         let name = image.file_name.replace('\\', "/");
@@ -747,7 +754,12 @@ mod tests {
         for name in ["pin_hole", "pinhole", "Pin Hole", "PIN-HOLE"] {
             assert_eq!(map.id_of(name), Some(6), "{name}");
         }
-        for name in ["spurious_copper", "spurious copper", "Spurious-Copper", "COPPER"] {
+        for name in [
+            "spurious_copper",
+            "spurious copper",
+            "Spurious-Copper",
+            "COPPER",
+        ] {
             assert_eq!(map.id_of(name), Some(5), "{name}");
         }
         assert_eq!(map.id_of("mouse_bite"), Some(3));
@@ -866,15 +878,24 @@ mod tests {
     #[test]
     fn voc_without_objects_is_labelled_without_defects() {
         let text = "<annotation><filename>x.jpg</filename></annotation>";
-        assert_eq!(parse_voc(text, &p("a.xml"), &ClassMap::default()).unwrap(), vec![]);
+        assert_eq!(
+            parse_voc(text, &p("a.xml"), &ClassMap::default()).unwrap(),
+            vec![]
+        );
     }
 
     #[test]
     fn voc_missing_bndbox_names_the_object_line() {
         let text = "<annotation>\n<object>\n<name>short</name>\n</object>\n</annotation>\n";
         let err = parse_voc(text, &p("b.xml"), &ClassMap::default()).unwrap_err();
-        assert!(matches!(err, LabelError::Syntax { line: Some(2), .. }), "{err:?}");
-        assert_eq!(err.to_string(), "b.xml line 2: <object> \"short\" has no <bndbox>");
+        assert!(
+            matches!(err, LabelError::Syntax { line: Some(2), .. }),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "b.xml line 2: <object> \"short\" has no <bndbox>"
+        );
     }
 
     #[test]
@@ -885,14 +906,20 @@ mod tests {
         assert!(err.to_string().contains("has no <name>"), "{err}");
         let text = "<annotation>\n<object><name>open</name>\n<bndbox><xmin>1</xmin><ymin>2</ymin><xmax>3</xmax></bndbox></object></annotation>";
         let err = parse_voc(text, &p("b.xml"), &map).unwrap_err();
-        assert_eq!(err.to_string(), "b.xml line 2: <bndbox> of \"open\" has no <ymax>");
+        assert_eq!(
+            err.to_string(),
+            "b.xml line 2: <bndbox> of \"open\" has no <ymax>"
+        );
     }
 
     #[test]
     fn voc_non_numeric_coordinate_names_its_line() {
         let text = "<annotation>\n<object>\n<name>open</name>\n<bndbox>\n<xmin>1</xmin>\n<ymin>two</ymin>\n<xmax>3</xmax><ymax>4</ymax></bndbox></object></annotation>";
         let err = parse_voc(text, &p("b.xml"), &ClassMap::default()).unwrap_err();
-        assert_eq!(err.to_string(), "b.xml line 6: <ymin> \"two\" is not a number");
+        assert_eq!(
+            err.to_string(),
+            "b.xml line 6: <ymin> \"two\" is not a number"
+        );
     }
 
     #[test]
@@ -900,8 +927,14 @@ mod tests {
         let map = ClassMap::default();
         let text = "<annotation>\n<object>\n<name>open</nam>\n</object></annotation>";
         let err = parse_voc(text, &p("c.xml"), &map).unwrap_err();
-        assert!(matches!(err, LabelError::Syntax { line: Some(3), .. }), "{err:?}");
-        assert!(err.to_string().starts_with("c.xml line 3: invalid XML"), "{err}");
+        assert!(
+            matches!(err, LabelError::Syntax { line: Some(3), .. }),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().starts_with("c.xml line 3: invalid XML"),
+            "{err}"
+        );
         let err = parse_voc("<root/>", &p("c.xml"), &map).unwrap_err();
         assert!(err.to_string().contains("expected <annotation>"), "{err}");
         let err = parse_voc("", &p("c.xml"), &map).unwrap_err();
@@ -917,7 +950,10 @@ mod tests {
         let map = ClassMap::default();
         let yolo = names(&["open", "short"]);
         let boxes = parse_yolo("0 0.5 0.5 0.25 0.5\n", &p("y.txt"), &yolo, 640, 480, &map);
-        assert_eq!(boxes.unwrap(), vec![bx(240.0, 120.0, 400.0, 360.0, 1, "open")]);
+        assert_eq!(
+            boxes.unwrap(),
+            vec![bx(240.0, 120.0, 400.0, 360.0, 1, "open")]
+        );
         let boxes = parse_yolo("1 0.1 0.2 0.1 0.2\n\n", &p("y.txt"), &yolo, 100, 50, &map);
         assert_eq!(boxes.unwrap(), vec![bx(5.0, 5.0, 15.0, 15.0, 2, "short")]);
     }
@@ -928,10 +964,18 @@ mod tests {
         let yolo = names(&["missing_hole", "mouse_bite", "spurious_copper"]);
         let text = "0 0.5 0.5 0.5 0.5\n1 0.5 0.5 0.5 0.5\n2 0.5 0.5 0.5 0.5\n9 0.5 0.5 0.5 0.5\n";
         let boxes = parse_yolo(text, &p("y.txt"), &yolo, 10, 10, &map).unwrap();
-        let ids: Vec<(u16, &str)> = boxes.iter().map(|b| (b.class_id, b.class.as_str())).collect();
+        let ids: Vec<(u16, &str)> = boxes
+            .iter()
+            .map(|b| (b.class_id, b.class.as_str()))
+            .collect();
         assert_eq!(
             ids,
-            vec![(0, "missing_hole"), (3, "mousebite"), (5, "copper"), (0, "#9")]
+            vec![
+                (0, "missing_hole"),
+                (3, "mousebite"),
+                (5, "copper"),
+                (0, "#9")
+            ]
         );
     }
 
@@ -946,7 +990,10 @@ mod tests {
         );
         let text = "0 0.5 0.5 0.5 0.5\nx 0.5 0.5 0.5 0.5\n";
         let err = parse_yolo(text, &p("y.txt"), &yolo, 10, 10, &map).unwrap_err();
-        assert!(matches!(err, LabelError::Syntax { line: Some(2), .. }), "{err:?}");
+        assert!(
+            matches!(err, LabelError::Syntax { line: Some(2), .. }),
+            "{err:?}"
+        );
         let err = parse_yolo("0 0.5 zz 0.5 0.5\n", &p("y.txt"), &yolo, 10, 10, &map).unwrap_err();
         assert_eq!(err.to_string(), "y.txt line 1: cy \"zz\" is not a number");
     }
@@ -955,12 +1002,18 @@ mod tests {
     fn yolo_without_class_list_or_size_fails_only_with_boxes() {
         let map = ClassMap::default();
         let err = parse_yolo("0 0.5 0.5 0.5 0.5\n", &p("y.txt"), &[], 10, 10, &map).unwrap_err();
-        assert!(matches!(err, LabelError::MissingClassList { .. }), "{err:?}");
+        assert!(
+            matches!(err, LabelError::MissingClassList { .. }),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("classes.txt"), "{err}");
         let yolo = names(&["open"]);
         let err = parse_yolo("0 0.5 0.5 0.5 0.5\n", &p("y.txt"), &yolo, 0, 0, &map).unwrap_err();
         assert!(matches!(err, LabelError::NoImageSize { .. }), "{err:?}");
-        assert_eq!(parse_yolo("\n", &p("y.txt"), &[], 0, 0, &map).unwrap(), vec![]);
+        assert_eq!(
+            parse_yolo("\n", &p("y.txt"), &[], 0, 0, &map).unwrap(),
+            vec![]
+        );
     }
 
     #[test]
@@ -1028,9 +1081,15 @@ mod tests {
     fn coco_bad_json_names_the_line() {
         let text = "{\n\"images\": [\n{\"id\": 1 \"file_name\": \"a.jpg\"}\n]}";
         let err = parse_coco(text, &p("coco.json"), &ClassMap::default()).unwrap_err();
-        assert!(matches!(err, LabelError::Syntax { line: Some(3), .. }), "{err:?}");
+        assert!(
+            matches!(err, LabelError::Syntax { line: Some(3), .. }),
+            "{err:?}"
+        );
         let shown = err.to_string();
-        assert!(shown.starts_with("coco.json line 3: invalid COCO JSON: expected"), "{shown}");
+        assert!(
+            shown.starts_with("coco.json line 3: invalid COCO JSON: expected"),
+            "{shown}"
+        );
         assert!(!shown.contains("at line"), "{shown}");
     }
 
@@ -1055,7 +1114,10 @@ mod tests {
         let bad = dir.path().join("bad.txt");
         std::fs::write(&bad, b"1 2 3 4 1\n\xff\xfe\n").unwrap();
         let err = read_label_file(&bad).unwrap_err();
-        assert!(matches!(err, LabelError::Syntax { line: Some(2), .. }), "{err:?}");
+        assert!(
+            matches!(err, LabelError::Syntax { line: Some(2), .. }),
+            "{err:?}"
+        );
         let good = dir.path().join("good.txt");
         std::fs::write(&good, "\u{feff}1 2 3 4 1\n").unwrap();
         assert_eq!(read_label_file(&good).unwrap(), "1 2 3 4 1\n");

@@ -147,7 +147,9 @@ impl Unit {
     pub fn companions(&self) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = self.template.iter().cloned().collect();
         match &self.labels {
-            LabelSource::DeepPcb(file) | LabelSource::Voc(file) | LabelSource::Yolo { file, .. } => {
+            LabelSource::DeepPcb(file)
+            | LabelSource::Voc(file)
+            | LabelSource::Yolo { file, .. } => {
                 files.push(file.clone());
             }
             LabelSource::None | LabelSource::Coco(_) => {}
@@ -158,18 +160,20 @@ impl Unit {
 
 /// `path` relative to `root`, `/`-separated.
 fn relative(path: &Path, root: &Path) -> Result<String, PairError> {
-    let rest = path.strip_prefix(root).map_err(|_| PairError::OutsideRoot {
-        path: path.to_path_buf(),
-        root: root.to_path_buf(),
-    })?;
+    let rest = path
+        .strip_prefix(root)
+        .map_err(|_| PairError::OutsideRoot {
+            path: path.to_path_buf(),
+            root: root.to_path_buf(),
+        })?;
     let mut parts = Vec::new();
     for component in rest.components() {
         match component {
-            Component::Normal(part) => parts.push(part.to_str().ok_or_else(|| {
-                PairError::NonUtf8Name {
+            Component::Normal(part) => {
+                parts.push(part.to_str().ok_or_else(|| PairError::NonUtf8Name {
                     path: path.to_path_buf(),
-                }
-            })?),
+                })?)
+            }
             Component::CurDir => {}
             // `..` or a second root would make the path escape the root after all.
             _ => {
@@ -306,8 +310,12 @@ pub fn pair(image: &Path, root: &Path) -> Result<Unit, PairError> {
 
 /// The VOC / YOLO / COCO label rules shared by every image.
 fn generic_labels(dir: &Path, root: &Path, stem: &str) -> LabelSource {
-    let voc_dirs = std::iter::once(dir.to_path_buf())
-        .chain(sibling_tree(dir, root, "JPEGImages", "Annotations"));
+    let voc_dirs = std::iter::once(dir.to_path_buf()).chain(sibling_tree(
+        dir,
+        root,
+        "JPEGImages",
+        "Annotations",
+    ));
     if let Some(file) = first_file(voc_dirs.map(|d| d.join(format!("{stem}.xml")))) {
         return LabelSource::Voc(file);
     }
@@ -486,7 +494,7 @@ pub fn scan(root: &Path, exclude: &[PathBuf]) -> Vec<PathBuf> {
             || match (&canonical_root, dir.strip_prefix(root)) {
                 (Some(canonical), Ok(rest)) => {
                     let alias = canonical.join(rest);
-                    excluded.iter().any(|e| *e == alias)
+                    excluded.contains(&alias)
                 }
                 _ => false,
             }
@@ -549,13 +557,22 @@ mod tests {
 
     #[test]
     fn image_and_temp_names() {
-        for name in ["a.jpg", "a.JPEG", "b.png", "c.Bmp", "d.tif", "e.TIFF", "x.y.jpg"] {
+        for name in [
+            "a.jpg", "a.JPEG", "b.png", "c.Bmp", "d.tif", "e.TIFF", "x.y.jpg",
+        ] {
             assert!(is_image_name(name), "{name}");
         }
         for name in ["a.txt", "jpg", ".jpg", "a.jpg.part", "a.gif", "a."] {
             assert!(!is_image_name(name), "{name}");
         }
-        for name in [".a.jpg.x1y2", "a.jpg.tmp", "a.JPG.PART", "a.partial", "a.jpg.crdownload", "a.jpg~"] {
+        for name in [
+            ".a.jpg.x1y2",
+            "a.jpg.tmp",
+            "a.JPG.PART",
+            "a.partial",
+            "a.jpg.crdownload",
+            "a.jpg~",
+        ] {
             assert!(is_temp_name(name), "{name}");
         }
         for name in ["a.jpg", "part.jpg", "tmp.png"] {
@@ -746,7 +763,9 @@ mod tests {
         let err = pair(&image, root).unwrap_err();
         assert!(matches!(err, PairError::NonUtf8Name { ref path } if path == &image));
         assert!(
-            err.to_string().starts_with("file name is not valid UTF-8: ") && err.to_string().contains("bad\u{fffd}.jpg"),
+            err.to_string()
+                .starts_with("file name is not valid UTF-8: ")
+                && err.to_string().contains("bad\u{fffd}.jpg"),
             "{err}"
         );
         // The walk lists it so that the caller can reject it rather than ignore it forever.
@@ -754,7 +773,10 @@ mod tests {
 
         let bad_dir = root.join(std::ffi::OsStr::from_bytes(b"d\xfe"));
         let nested = touch(&bad_dir, "ok.jpg");
-        assert!(matches!(pair(&nested, root), Err(PairError::NonUtf8Name { .. })));
+        assert!(matches!(
+            pair(&nested, root),
+            Err(PairError::NonUtf8Name { .. })
+        ));
     }
 
     #[test]
@@ -803,8 +825,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         touch(root, "DeepPCB/PCBData/group1/1/1000_test.jpg");
-        fs::write(root.join("DeepPCB/PCBData/trainval.txt"), "group1/1/1000.jpg group1/1_not/1000.txt\n").unwrap();
-        fs::write(root.join("DeepPCB/PCBData/val.txt"), "group1/1/1001.jpg group1/1_not/1001.txt\n").unwrap();
+        fs::write(
+            root.join("DeepPCB/PCBData/trainval.txt"),
+            "group1/1/1000.jpg group1/1_not/1000.txt\n",
+        )
+        .unwrap();
+        fs::write(
+            root.join("DeepPCB/PCBData/val.txt"),
+            "group1/1/1001.jpg group1/1_not/1001.txt\n",
+        )
+        .unwrap();
         // Too deep to be a dataset root of this tree.
         touch(root, "a/b/c/trainval.txt");
         assert_eq!(list_roots(root), vec![root.join("DeepPCB/PCBData")]);
