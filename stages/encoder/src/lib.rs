@@ -206,6 +206,14 @@ pub fn decode_image(bytes: &[u8], limits: &Limits, what: &str) -> Result<Decoded
             ),
         )
     })?;
+    if format == image::ImageFormat::Jpeg && !has_jpeg_end(bytes) {
+        // JPEG decoders pad a truncated scan with grey and report success: a board
+        // half-missing must not pass as a good image.
+        return Err(Rejection::new(
+            "truncated-image",
+            format!("the {what} is a truncated JPEG: no end-of-image marker"),
+        ));
+    }
     let (width, height) = reader.into_dimensions().map_err(|e| {
         Rejection::new("corrupt-image", format!("the {what}'s header is unreadable ({format:?}): {e}"))
     })?;
@@ -222,14 +230,6 @@ pub fn decode_image(bytes: &[u8], limits: &Limits, what: &str) -> Result<Decoded
                 "the {what} is {width}x{height} pixels, over the limit of {}x{}",
                 limits.max_width, limits.max_height
             ),
-        ));
-    }
-    if format == image::ImageFormat::Jpeg && !has_jpeg_end(bytes) {
-        // JPEG decoders pad a truncated scan with grey and report success: a board
-        // half-missing must not pass as a good image.
-        return Err(Rejection::new(
-            "truncated-image",
-            format!("the {what} is a truncated JPEG: no end-of-image marker"),
         ));
     }
     let mut reader = image::ImageReader::new(Cursor::new(bytes));
