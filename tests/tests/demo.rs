@@ -1,0 +1,40 @@
+//! `pcb demo` (README's main command, on a small sample) ends with a summary that counts
+//! images per stream; a second run finds only duplicates.
+
+use std::process::Command;
+
+use pcb_tests::bin;
+
+fn demo(data: &std::path::Path) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(bin("pcb"))
+        .current_dir(&root)
+        .args(["demo", "--count", "20", "--timeout-secs", "120", "--data-dir"])
+        .arg(data)
+        .output()
+        .expect("run pcb demo");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "demo failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+fn line_count(text: &str, subject: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(subject))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {subject} line in {text}"))
+}
+
+#[test]
+fn demo_prints_counts_per_stream_and_is_idempotent() {
+    let data = tempfile::tempdir().expect("tempdir");
+    for _ in 0..2 {
+        let text = demo(data.path());
+        assert!(text.contains("== demo summary"), "{text}");
+        assert_eq!(line_count(&text, "pcb.images.raw"), 20);
+        assert_eq!(line_count(&text, "pcb.images.encoded"), 20);
+        assert_eq!(line_count(&text, "pcb.shards.* (all shards)"), 20);
+        assert_eq!(line_count(&text, "pcb.rejected.* (dead letters)"), 0);
+    }
+}
