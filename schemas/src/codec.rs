@@ -118,7 +118,14 @@ mod tests {
         // A generic MessagePack reader (as another language would use) sees field names.
         let value: rmpv_like::Value = rmp_serde::from_slice(&bytes).expect("generic decode");
         let keys = value.keys();
-        for k in ["image_id", "image", "template", "labels", "board_id", "split_hint"] {
+        for k in [
+            "image_id",
+            "image",
+            "template",
+            "labels",
+            "board_id",
+            "split_hint",
+        ] {
             assert!(keys.contains(&k.to_string()), "missing key {k}: {keys:?}");
         }
         assert!(matches!(value, rmpv_like::Value::Map(_)));
@@ -128,7 +135,9 @@ mod tests {
     fn wrong_schema_header_is_refused() {
         let bytes = encode(&raw()).expect("encode");
         let err = decode::<RawImage>(&bytes, Some("pcb.images.encoded/v1")).unwrap_err();
-        assert!(err.to_string().contains("expected schema pcb.images.raw/v1"));
+        assert!(err
+            .to_string()
+            .contains("expected schema pcb.images.raw/v1"));
     }
 
     #[test]

@@ -95,7 +95,10 @@ mod tests {
     fn subjects_are_the_documented_ones() {
         assert_eq!(shard_subject(3), "pcb.shards.3");
         assert_eq!(rejected_subject("encoder"), "pcb.rejected.encoder");
-        assert_eq!(StreamKind::Images.subjects(), ["pcb.images.raw", "pcb.images.encoded"]);
+        assert_eq!(
+            StreamKind::Images.subjects(),
+            ["pcb.images.raw", "pcb.images.encoded"]
+        );
         assert_eq!(StreamKind::Shards.subjects(), ["pcb.shards.*"]);
     }
 

@@ -36,12 +36,20 @@ impl Env {
         pcb_common::apply_topology(&js, &pcb_common::Topology::default())
             .await
             .expect("streams");
-        Env { server, dir, client, js }
+        Env {
+            server,
+            dir,
+            client,
+            js,
+        }
     }
 
     /// The stage config text shared by every stage of this test.
     pub fn base_config(&self, extra: &str) -> String {
-        format!("[nats]\nurl = {:?}\n[metrics]\naddr = \"\"\n{extra}", self.server.url())
+        format!(
+            "[nats]\nurl = {:?}\n[metrics]\naddr = \"\"\n{extra}",
+            self.server.url()
+        )
     }
 
     /// Writes a stage config file and returns its path.
@@ -57,30 +65,51 @@ impl Env {
     }
 
     /// Starts encoder and router in-process; returns their shutdown and handles.
-    pub fn start_encoder_router(&self) -> (Shutdown, Vec<tokio::task::JoinHandle<Result<(), String>>>) {
+    pub fn start_encoder_router(
+        &self,
+    ) -> (Shutdown, Vec<tokio::task::JoinHandle<Result<(), String>>>) {
         let shutdown = Shutdown::new();
         let enc: pcb_encoder::FileConfig = toml::from_str(&self.base_config("")).expect("toml");
         let enc = enc.validate().expect("valid");
         let rt: pcb_router::FileConfig = toml::from_str(&self.base_config("")).expect("toml");
         let rt = rt.validate().expect("valid");
-        let (c1, c2, s1, s2) = (self.client.clone(), self.client.clone(), shutdown.clone(), shutdown.clone());
+        let (c1, c2, s1, s2) = (
+            self.client.clone(),
+            self.client.clone(),
+            shutdown.clone(),
+            shutdown.clone(),
+        );
         let handles = vec![
-            tokio::spawn(async move { pcb_encoder::run(enc, c1, s1).await.map_err(|e| e.to_string()) }),
-            tokio::spawn(async move { pcb_router::run(rt, c2, s2).await.map_err(|e| e.to_string()) }),
+            tokio::spawn(async move {
+                pcb_encoder::run(enc, c1, s1)
+                    .await
+                    .map_err(|e| e.to_string())
+            }),
+            tokio::spawn(
+                async move { pcb_router::run(rt, c2, s2).await.map_err(|e| e.to_string()) },
+            ),
         ];
         (shutdown, handles)
     }
 
     /// Starts the watching ingester in-process on [`Env::watch_dir`].
-    pub fn start_ingester(&self, shutdown: &Shutdown) -> tokio::task::JoinHandle<Result<(), String>> {
+    pub fn start_ingester(
+        &self,
+        shutdown: &Shutdown,
+    ) -> tokio::task::JoinHandle<Result<(), String>> {
         let extra = format!(
             "[ingester]\nwatch_dir = {:?}\nsettle_ms = 200\nrescan_secs = 2\n",
             self.watch_dir().display().to_string()
         );
-        let cfg: pcb_ingester::FileConfig = toml::from_str(&self.base_config(&extra)).expect("toml");
+        let cfg: pcb_ingester::FileConfig =
+            toml::from_str(&self.base_config(&extra)).expect("toml");
         let cfg = cfg.validate().expect("valid");
         let (c, s) = (self.client.clone(), shutdown.clone());
-        tokio::spawn(async move { pcb_ingester::run(cfg, c, s).await.map_err(|e| e.to_string()) })
+        tokio::spawn(async move {
+            pcb_ingester::run(cfg, c, s)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 
     /// Imports `dir` once (files stay in place) with the in-process ingester.
@@ -88,7 +117,14 @@ impl Env {
         let cfg: pcb_ingester::FileConfig = toml::from_str(&self.base_config("")).expect("toml");
         let mut s = cfg.validate().expect("valid").settings;
         s.watch_dir = dir.to_path_buf();
-        pcb_ingester::import(self.js.clone(), s, self.client.server_info().max_payload, false, |_, _| {}).await
+        pcb_ingester::import(
+            self.js.clone(),
+            s,
+            self.client.server_info().max_payload,
+            false,
+            |_, _| {},
+        )
+        .await
     }
 
     /// Messages per subject in `stream`.
@@ -123,7 +159,9 @@ impl Env {
             })
             .await
             .expect("ordered consumer");
-        let want = self.count(stream, subject.trim_end_matches(">").trim_end_matches('*')).await as usize;
+        let want = self
+            .count(stream, subject.trim_end_matches(">").trim_end_matches('*'))
+            .await as usize;
         let mut out = Vec::new();
         if want == 0 {
             return out;
@@ -172,7 +210,11 @@ pub fn bin(name: &str) -> PathBuf {
 /// Generates `count` synthetic boards into `dir`.
 pub fn synth(dir: &Path, count: usize, seed: u64) -> pcb_synth::SynthSummary {
     pcb_synth::generate(
-        &pcb_synth::SynthOptions { count, seed, ..Default::default() },
+        &pcb_synth::SynthOptions {
+            count,
+            seed,
+            ..Default::default()
+        },
         dir,
         &mut |_, _| {},
     )

@@ -27,14 +27,20 @@ fn variant() -> u32 {
 fn jpeg(w: u32, h: u32) -> Vec<u8> {
     let v = variant();
     let g = image::GrayImage::from_fn(w, h, |x, y| {
-        image::Luma([if ((x + v) / 8 + y / 8) % 2 == 0 { 0 } else { 255 }])
+        image::Luma([if ((x + v) / 8 + y / 8) % 2 == 0 {
+            0
+        } else {
+            255
+        }])
     });
     encode(g.into(), image::ImageFormat::Jpeg)
 }
 
 fn png(w: u32, h: u32) -> Vec<u8> {
     let v = variant();
-    let g = image::GrayImage::from_fn(w, h, |x, y| image::Luma([((x * 31 + y * 17 + v) % 251) as u8]));
+    let g = image::GrayImage::from_fn(w, h, |x, y| {
+        image::Luma([((x * 31 + y * 17 + v) % 251) as u8])
+    });
     encode(g.into(), image::ImageFormat::Png)
 }
 
@@ -58,7 +64,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -101,45 +111,104 @@ async fn bad_inputs_are_dead_lettered_and_filed_while_good_ones_pass() {
     };
     let good_jpeg = jpeg(64, 64);
     put(s, "t01_truncated.jpg", &good_jpeg[..good_jpeg.len() / 2]);
-    bad("t01_truncated.jpg", "encoder", "truncated-image", "truncated JPEG");
+    bad(
+        "t01_truncated.jpg",
+        "encoder",
+        "truncated-image",
+        "truncated JPEG",
+    );
     put(s, "t02_empty.jpg", b"");
     bad("t02_empty.jpg", "ingester", "empty-file", "empty");
-    put(s, "t03_text.jpg", b"this is a text file, not a photo of a board\n");
+    put(
+        s,
+        "t03_text.jpg",
+        b"this is a text file, not a photo of a board\n",
+    );
     bad("t03_text.jpg", "ingester", "not-an-image", "not an image");
     put(s, "t04_bomb.png", &bomb_png());
     bad("t04_bomb.png", "encoder", "too-large", "30000x30000");
     put(s, "t05_outside.png", &png(64, 64));
-    put(s, "t05_outside.xml", voc("short", [50, 10, 80, 20]).as_bytes());
-    bad("t05_outside.png", "encoder", "label-outside-image", "outside the 64x64 image");
+    put(
+        s,
+        "t05_outside.xml",
+        voc("short", [50, 10, 80, 20]).as_bytes(),
+    );
+    bad(
+        "t05_outside.png",
+        "encoder",
+        "label-outside-image",
+        "outside the 64x64 image",
+    );
     put(s, "t06_badxml.png", &png(64, 64));
-    put(s, "t06_badxml.xml", b"<annotation><object><name>open</name></annotation>");
-    bad("t06_badxml.png", "ingester", "label-parse", "t06_badxml.xml");
+    put(
+        s,
+        "t06_badxml.xml",
+        b"<annotation><object><name>open</name></annotation>",
+    );
+    bad(
+        "t06_badxml.png",
+        "ingester",
+        "label-parse",
+        "t06_badxml.xml",
+    );
     put(s, "dp/b/07000001_test.jpg", &jpeg(64, 64));
     put(s, "dp/b_not/07000001.txt", b"1 1 10 10 9\n");
-    bad("dp/b/07000001_test.jpg", "encoder", "unknown-class", "unknown class id 9");
+    bad(
+        "dp/b/07000001_test.jpg",
+        "encoder",
+        "unknown-class",
+        "unknown class id 9",
+    );
     put(s, "dp/b/07000002_test.jpg", &jpeg(64, 64));
     put(s, "dp/b/07000002_temp.jpg", &jpeg(32, 32));
     put(s, "dp/b_not/07000002.txt", b"1 1 10 10 1\n");
-    bad("dp/b/07000002_test.jpg", "encoder", "template-size-mismatch", "template is 32x32");
+    bad(
+        "dp/b/07000002_test.jpg",
+        "encoder",
+        "template-size-mismatch",
+        "template is 32x32",
+    );
     put(s, "dp/b/07000003_test.jpg", &jpeg(64, 64));
     put(s, "dp/b/07000003_temp.jpg", b"not a template");
     put(s, "dp/b_not/07000003.txt", b"1 1 10 10 1\n");
-    bad("dp/b/07000003_test.jpg", "ingester", "not-an-image", "template");
+    bad(
+        "dp/b/07000003_test.jpg",
+        "ingester",
+        "not-an-image",
+        "template",
+    );
     put(s, "dp/b/07000004_test.jpg", &jpeg(64, 64));
     put(s, "dp/b_not/07000004.txt", b"one two three\n");
-    bad("dp/b/07000004_test.jpg", "ingester", "label-parse", "line 1");
+    bad(
+        "dp/b/07000004_test.jpg",
+        "ingester",
+        "label-parse",
+        "line 1",
+    );
     put(s, "t10_huge.png", &noise_png(200, 200));
     bad("t10_huge.png", "ingester", "too-large", "max_image_bytes");
-    put(s, "t11_garbage.png", &[0x13, 0x37, 0x00, 0xfe, 0x42, 0x42, 0x42, 0x42, 0x01]);
+    put(
+        s,
+        "t11_garbage.png",
+        &[0x13, 0x37, 0x00, 0xfe, 0x42, 0x42, 0x42, 0x42, 0x01],
+    );
     bad("t11_garbage.png", "ingester", "not-an-image", "13 37 00 fe");
     let p = png(64, 64);
     put(s, "t12_cut.png", &p[..p.len() * 2 / 3]);
     bad("t12_cut.png", "encoder", "corrupt-image", "does not decode");
     put(s, "t13_inverted.png", &png(64, 64));
-    put(s, "t13_inverted.xml", voc("open", [40, 10, 20, 30]).as_bytes());
+    put(
+        s,
+        "t13_inverted.xml",
+        voc("open", [40, 10, 20, 30]).as_bytes(),
+    );
     bad("t13_inverted.png", "encoder", "label-degenerate", "x1 < x2");
     put(s, "t14_scratch.png", &png(64, 64));
-    put(s, "t14_scratch.xml", voc("scratch", [1, 1, 9, 9]).as_bytes());
+    put(
+        s,
+        "t14_scratch.xml",
+        voc("scratch", [1, 1, 9, 9]).as_bytes(),
+    );
     bad("t14_scratch.png", "encoder", "unknown-class", "\"scratch\"");
     put(s, "t15_yolo.png", &png(64, 64));
     put(s, "t15_yolo.txt", b"0 0.5 0.5 0.1 0.1\n");
@@ -148,10 +217,20 @@ async fn bad_inputs_are_dead_lettered_and_filed_while_good_ones_pass() {
     badjpeg.extend((0..400u32).map(|i| (i * 7) as u8));
     badjpeg.extend([0xFF, 0xD9]);
     put(s, "t16_badjpeg.jpg", &badjpeg);
-    bad("t16_badjpeg.jpg", "encoder", "corrupt-image", "header is unreadable");
+    bad(
+        "t16_badjpeg.jpg",
+        "encoder",
+        "corrupt-image",
+        "header is unreadable",
+    );
     let non_utf8 = OsStr::from_bytes(b"t17_\xff\xfe.jpg");
     put(s, non_utf8, &jpeg(64, 64));
-    expect.push((PathBuf::from(non_utf8), "ingester", "bad-file-name", "not valid UTF-8"));
+    expect.push((
+        PathBuf::from(non_utf8),
+        "ingester",
+        "bad-file-name",
+        "not valid UTF-8",
+    ));
     assert!(expect.len() >= 15);
 
     // Good boards in the same batch.
@@ -168,7 +247,11 @@ async fn bad_inputs_are_dead_lettered_and_filed_while_good_ones_pass() {
     let cfg = cfg.validate().expect("valid");
     let (shutdown, mut handles) = env.start_encoder_router();
     let (c, sd) = (env.client.clone(), shutdown.clone());
-    handles.push(tokio::spawn(async move { pcb_ingester::run(cfg, c, sd).await.map_err(|e| e.to_string()) }));
+    handles.push(tokio::spawn(async move {
+        pcb_ingester::run(cfg, c, sd)
+            .await
+            .map_err(|e| e.to_string())
+    }));
     drop_into(s, &env.watch_dir());
 
     let rejected_dir = env.watch_dir().join("rejected");
@@ -176,7 +259,9 @@ async fn bad_inputs_are_dead_lettered_and_filed_while_good_ones_pass() {
         let letters = env.count(STREAM_REJECTED, "pcb.rejected.").await as usize;
         letters >= expect.len()
             && env.count(STREAM_SHARDS, "pcb.shards.").await >= good
-            && expect.iter().all(|(rel, ..)| rejected_dir.join(rel).exists())
+            && expect
+                .iter()
+                .all(|(rel, ..)| rejected_dir.join(rel).exists())
     })
     .await;
     let letters: BTreeMap<String, DeadLetter> = env
@@ -188,32 +273,65 @@ async fn bad_inputs_are_dead_lettered_and_filed_while_good_ones_pass() {
             (d.source.clone(), d)
         })
         .collect();
-    let missing: Vec<_> = expect.iter().filter(|(rel, ..)| !rejected_dir.join(rel).exists()).map(|e| &e.0).collect();
-    assert!(missing.is_empty(), "not moved to rejected/: {missing:?}; letters: {:?}", letters.keys());
+    let missing: Vec<_> = expect
+        .iter()
+        .filter(|(rel, ..)| !rejected_dir.join(rel).exists())
+        .map(|e| &e.0)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not moved to rejected/: {missing:?}; letters: {:?}",
+        letters.keys()
+    );
     for (rel, stage, code, words) in &expect {
         let key = rel.to_string_lossy().into_owned();
-        let d = letters.get(&key).unwrap_or_else(|| panic!("no dead letter for {key}; have {:?}", letters.keys()));
-        assert_eq!((d.stage.as_str(), d.reason_code.as_str()), (*stage, *code), "{key}: {}", d.reason);
-        assert!(d.reason.contains(words), "{key}: reason {:?} lacks {words:?}", d.reason);
-        assert!(rejected_dir.join(rel).exists(), "{key} not moved to rejected/");
+        let d = letters
+            .get(&key)
+            .unwrap_or_else(|| panic!("no dead letter for {key}; have {:?}", letters.keys()));
+        assert_eq!(
+            (d.stage.as_str(), d.reason_code.as_str()),
+            (*stage, *code),
+            "{key}: {}",
+            d.reason
+        );
+        assert!(
+            d.reason.contains(words),
+            "{key}: reason {:?} lacks {words:?}",
+            d.reason
+        );
+        assert!(
+            rejected_dir.join(rel).exists(),
+            "{key} not moved to rejected/"
+        );
         let mut reason_file = rejected_dir.join(rel).into_os_string();
         reason_file.push(".reason.txt");
         let text = std::fs::read_to_string(&reason_file).expect("reason file");
         assert!(text.contains(code), "{text}");
     }
     assert!(all_filed, "not everything was filed away");
-    assert_eq!(letters.len(), expect.len(), "unexpected dead letters: {:?}", letters.keys());
+    assert_eq!(
+        letters.len(),
+        expect.len(),
+        "unexpected dead letters: {:?}",
+        letters.keys()
+    );
     let images = env.subject_counts(STREAM_IMAGES).await;
     let encoder_rejects = expect.iter().filter(|e| e.1 == "encoder").count() as u64;
     assert_eq!(images.get("pcb.images.encoded"), Some(&(good as u64)));
-    assert_eq!(images.get("pcb.images.raw"), Some(&(good as u64 + encoder_rejects)));
+    assert_eq!(
+        images.get("pcb.images.raw"),
+        Some(&(good as u64 + encoder_rejects))
+    );
     assert_eq!(env.count(STREAM_SHARDS, "pcb.shards.").await, good as u64);
     for h in &handles {
         assert!(!h.is_finished(), "a stage exited on bad input");
     }
     shutdown.trigger();
     for h in handles {
-        let r = tokio::time::timeout(Duration::from_secs(30), h).await.expect("stops").expect("join");
+        let r = tokio::time::timeout(Duration::from_secs(30), h)
+            .await
+            .expect("stops")
+            .expect("join");
         assert!(r.is_ok(), "{r:?}");
     }
 }

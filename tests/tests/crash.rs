@@ -26,21 +26,49 @@ fn sigkill(child: &mut Child) {
 /// Kills `stage` once `count(subject)` passed `kill_at`, restarts it, and checks that
 /// `want` distinct images came out on `subject`, each once.
 async fn kill_and_resume(env: &Env, stage: &str, stream: &str, prefix: &str, want: u64) {
-    let config = env.config_file(&format!("{stage}.toml"), &format!("[{stage}]\nack_wait_secs = 3\n"));
+    let config = env.config_file(
+        &format!("{stage}.toml"),
+        &format!("[{stage}]\nack_wait_secs = 3\n"),
+    );
     let log = env.dir.path().join(format!("{stage}.log"));
     let mut child = spawn(stage, &config, &log);
-    let started = wait_until(Duration::from_secs(120), || async { env.count(stream, prefix).await >= 100 }).await;
-    assert!(started, "{stage} made no progress; log: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    let started = wait_until(Duration::from_secs(120), || async {
+        env.count(stream, prefix).await >= 100
+    })
+    .await;
+    assert!(
+        started,
+        "{stage} made no progress; log: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     sigkill(&mut child);
     let at_kill = env.count(stream, prefix).await;
-    assert!(at_kill < want, "{stage} finished before it could be killed ({at_kill})");
-    let mut child = spawn(stage, &config, &env.dir.path().join(format!("{stage}-2.log")));
-    let done = wait_until(Duration::from_secs(180), || async { env.count(stream, prefix).await >= want }).await;
+    assert!(
+        at_kill < want,
+        "{stage} finished before it could be killed ({at_kill})"
+    );
+    let mut child = spawn(
+        stage,
+        &config,
+        &env.dir.path().join(format!("{stage}-2.log")),
+    );
+    let done = wait_until(Duration::from_secs(180), || async {
+        env.count(stream, prefix).await >= want
+    })
+    .await;
     // Give redeliveries of messages in flight at the kill time to show up if they would.
     tokio::time::sleep(Duration::from_secs(4)).await;
     sigkill(&mut child);
-    assert!(done, "{stage} did not finish after restart: {}", env.count(stream, prefix).await);
-    assert_eq!(env.count(stream, prefix).await, want, "{stage} produced duplicates");
+    assert!(
+        done,
+        "{stage} did not finish after restart: {}",
+        env.count(stream, prefix).await
+    );
+    assert_eq!(
+        env.count(stream, prefix).await,
+        want,
+        "{stage} produced duplicates"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -63,7 +91,12 @@ async fn encoder_and_router_resume_after_sigkill() {
     let shards = env.read_all(STREAM_SHARDS, "pcb.shards.>").await;
     let ids2: HashSet<String> = shards
         .iter()
-        .map(|(_, p)| decode::<ShardRecord>(p, None).expect("shard").record.image_id)
+        .map(|(_, p)| {
+            decode::<ShardRecord>(p, None)
+                .expect("shard")
+                .record
+                .image_id
+        })
         .collect();
     assert_eq!(ids2, ids);
 }

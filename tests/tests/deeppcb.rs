@@ -12,7 +12,10 @@ use pcb_tests::{wait_until, Env};
 async fn deeppcb_imports_with_its_own_split() {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/datasets/deeppcb");
     if !data.join("trainval.txt").is_file() {
-        eprintln!("SKIPPED: DeepPCB not found at {} (see README, Data)", data.display());
+        eprintln!(
+            "SKIPPED: DeepPCB not found at {} (see README, Data)",
+            data.display()
+        );
         return;
     }
     let env = Env::start().await;
@@ -24,7 +27,11 @@ async fn deeppcb_imports_with_its_own_split() {
         env.count(STREAM_SHARDS, "pcb.shards.").await >= 1250
     })
     .await;
-    assert!(done, "routed {}", env.count(STREAM_SHARDS, "pcb.shards.").await);
+    assert!(
+        done,
+        "routed {}",
+        env.count(STREAM_SHARDS, "pcb.shards.").await
+    );
     shutdown.trigger();
     for h in handles {
         let _ = h.await;

@@ -9,12 +9,23 @@ fn demo(data: &std::path::Path) -> String {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = Command::new(bin("pcb"))
         .current_dir(&root)
-        .args(["demo", "--count", "20", "--timeout-secs", "120", "--data-dir"])
+        .args([
+            "demo",
+            "--count",
+            "20",
+            "--timeout-secs",
+            "120",
+            "--data-dir",
+        ])
         .arg(data)
         .output()
         .expect("run pcb demo");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "demo failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "demo failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     text
 }
 

@@ -17,7 +17,11 @@ async fn run_once(sample: &std::path::Path, drop_twice: bool) -> BTreeMap<String
             && pcb::pairing_count(&env.watch_dir()) == 0
     })
     .await;
-    assert!(done, "not all 200 boards reached the shards: {:?}", env.subject_counts(STREAM_IMAGES).await);
+    assert!(
+        done,
+        "not all 200 boards reached the shards: {:?}",
+        env.subject_counts(STREAM_IMAGES).await
+    );
     let images = env.subject_counts(STREAM_IMAGES).await;
     assert_eq!(images.get("pcb.images.raw"), Some(&200));
     assert_eq!(images.get("pcb.images.encoded"), Some(&200));
@@ -32,7 +36,11 @@ async fn run_once(sample: &std::path::Path, drop_twice: bool) -> BTreeMap<String
         assert!(filed, "re-dropped files were not filed away");
         tokio::time::sleep(Duration::from_secs(2)).await;
         let images = env.subject_counts(STREAM_IMAGES).await;
-        assert_eq!(images.get("pcb.images.raw"), Some(&200), "re-drop stored new raw records");
+        assert_eq!(
+            images.get("pcb.images.raw"),
+            Some(&200),
+            "re-drop stored new raw records"
+        );
         assert_eq!(images.get("pcb.images.encoded"), Some(&200));
         assert_eq!(env.count(STREAM_SHARDS, "pcb.shards.").await, 200);
     }
@@ -44,7 +52,12 @@ async fn run_once(sample: &std::path::Path, drop_twice: bool) -> BTreeMap<String
         let r: ShardRecord = decode(&payload, None).expect("shard record");
         assert_eq!(subject, format!("pcb.shards.{}", r.shard));
         assert!(r.record.labels.is_some());
-        assert!(placement.insert(r.record.image_id.clone(), (r.split, r.shard)).is_none(), "image twice");
+        assert!(
+            placement
+                .insert(r.record.image_id.clone(), (r.split, r.shard))
+                .is_none(),
+            "image twice"
+        );
     }
     let ids: HashSet<_> = placement.keys().collect();
     assert_eq!(ids.len(), 200);
@@ -54,7 +67,10 @@ async fn run_once(sample: &std::path::Path, drop_twice: bool) -> BTreeMap<String
 
     shutdown.trigger();
     for h in handles {
-        let r = tokio::time::timeout(Duration::from_secs(30), h).await.expect("stage stops").expect("join");
+        let r = tokio::time::timeout(Duration::from_secs(30), h)
+            .await
+            .expect("stage stops")
+            .expect("join");
         assert!(r.is_ok(), "stage failed: {r:?}");
     }
     placement
@@ -66,5 +82,8 @@ async fn boards_flow_once_and_land_in_stable_shards() {
     synth(sample.path(), 200, 42);
     let first = run_once(sample.path(), true).await;
     let second = run_once(sample.path(), false).await;
-    assert_eq!(first, second, "split or shard changed between runs from an empty store");
+    assert_eq!(
+        first, second,
+        "split or shard changed between runs from an empty store"
+    );
 }

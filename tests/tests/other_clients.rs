@@ -23,7 +23,11 @@ async fn status_matches_a_python_reader() {
     std::fs::write(sample.join("group90000/90000/junk_test.jpg"), b"junk").expect("write");
     let (shutdown, handles) = env.start_encoder_router();
     let summary = env.import(&sample).await;
-    assert_eq!((summary.published, summary.rejected_total()), (30, 1), "{summary}");
+    assert_eq!(
+        (summary.published, summary.rejected_total()),
+        (30, 1),
+        "{summary}"
+    );
     let done = wait_until(Duration::from_secs(60), || async {
         env.count(STREAM_SHARDS, "pcb.shards.").await >= 30
     })
@@ -44,7 +48,11 @@ async fn status_matches_a_python_reader() {
         .arg(env.server.url())
         .output()
         .expect("run python");
-    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     // Minimal JSON reading without a JSON dependency: `"subject": count` pairs.
     let counts_part = text.split("\"fields\"").next().unwrap_or_default();
@@ -60,8 +68,16 @@ async fn status_matches_a_python_reader() {
         }
     }
     assert_eq!(theirs, ours, "pcb status and nats-py disagree");
-    for field in ["\"image_b64\"", "\"split\"", "\"reason_code\"", "\"labels\""] {
-        assert!(text.contains(field), "python did not decode {field}: {text}");
+    for field in [
+        "\"image_b64\"",
+        "\"split\"",
+        "\"reason_code\"",
+        "\"labels\"",
+    ] {
+        assert!(
+            text.contains(field),
+            "python did not decode {field}: {text}"
+        );
     }
     let _ = (STREAM_IMAGES,);
 }

@@ -57,7 +57,8 @@ pub fn bare_decode(boards: &[(Vec<u8>, Option<Vec<u8>>)], threads: usize) -> any
             })
             .collect();
         for h in handles {
-            h.join().map_err(|_| anyhow::anyhow!("decode thread panicked"))??;
+            h.join()
+                .map_err(|_| anyhow::anyhow!("decode thread panicked"))??;
         }
         Ok(())
     })?;
@@ -76,7 +77,11 @@ pub async fn pipeline(count: usize, seed: u64) -> anyhow::Result<Vec<Row>> {
     let dir = sample.clone();
     tokio::task::spawn_blocking(move || {
         pcb_synth::generate(
-            &pcb_synth::SynthOptions { count, seed, ..Default::default() },
+            &pcb_synth::SynthOptions {
+                count,
+                seed,
+                ..Default::default()
+            },
             &dir,
             &mut |_, _| {},
         )
@@ -85,7 +90,10 @@ pub async fn pipeline(count: usize, seed: u64) -> anyhow::Result<Vec<Row>> {
     let files = board_files(&sample);
     let mut boards = Vec::with_capacity(files.len());
     for (img, tpl) in &files {
-        boards.push((std::fs::read(img)?, tpl.as_ref().map(std::fs::read).transpose()?));
+        boards.push((
+            std::fs::read(img)?,
+            tpl.as_ref().map(std::fs::read).transpose()?,
+        ));
     }
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     eprintln!("bench: bare decode");
@@ -94,15 +102,23 @@ pub async fn pipeline(count: usize, seed: u64) -> anyhow::Result<Vec<Row>> {
     eprintln!("bench: pipeline over JetStream");
     let nats_dir = tmp.path().join("nats");
     let mut server = tokio::task::spawn_blocking(move || NatsServer::start(&nats_dir, 0)).await??;
-    let nats = pcb_common::NatsConfig { url: server.url(), ..Default::default() };
+    let nats = pcb_common::NatsConfig {
+        url: server.url(),
+        ..Default::default()
+    };
     let client = pcb_common::connect(&nats, "pcb-bench").await?;
     let js = async_nats::jetstream::new(client.clone());
     let topology = pcb_common::Topology::default();
     pcb_common::apply_topology(&js, &topology).await?;
     let shutdown = pcb_common::Shutdown::new();
-    let no_metrics = pcb_common::MetricsConfig { addr: String::new() };
+    let no_metrics = pcb_common::MetricsConfig {
+        addr: String::new(),
+    };
     let base = |c: &str| -> anyhow::Result<String> {
-        Ok(format!("[nats]\nurl = {:?}\n[metrics]\naddr = \"\"\n{c}", server.url()))
+        Ok(format!(
+            "[nats]\nurl = {:?}\n[metrics]\naddr = \"\"\n{c}",
+            server.url()
+        ))
     };
     let enc_cfg: pcb_encoder::FileConfig = toml::from_str(&base("")?)?;
     let mut enc_cfg = enc_cfg.validate().map_err(|p| anyhow::anyhow!("{p}"))?;
@@ -112,16 +128,33 @@ pub async fn pipeline(count: usize, seed: u64) -> anyhow::Result<Vec<Row>> {
     let enc = tokio::spawn(pcb_encoder::run(enc_cfg, client.clone(), shutdown.clone()));
     let rt = tokio::spawn(pcb_router::run(rt_cfg, client.clone(), shutdown.clone()));
     let ing_cfg: pcb_ingester::FileConfig = toml::from_str(&base("")?)?;
-    let mut ing = ing_cfg.validate().map_err(|p| anyhow::anyhow!("{p}"))?.settings;
+    let mut ing = ing_cfg
+        .validate()
+        .map_err(|p| anyhow::anyhow!("{p}"))?
+        .settings;
     ing.watch_dir = sample.clone();
     let started = Instant::now();
-    let summary = pcb_ingester::import(js.clone(), ing, client.server_info().max_payload, false, |_, _| {}).await;
+    let summary = pcb_ingester::import(
+        js.clone(),
+        ing,
+        client.server_info().max_payload,
+        false,
+        |_, _| {},
+    )
+    .await;
     if summary.published != files.len() {
-        bail!("ingester published {} of {} boards:\n{summary}", summary.published, files.len());
+        bail!(
+            "ingester published {} of {} boards:\n{summary}",
+            summary.published,
+            files.len()
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let mut stream = js.get_stream(STREAM_SHARDS).await.context("shards stream")?;
+        let mut stream = js
+            .get_stream(STREAM_SHARDS)
+            .await
+            .context("shards stream")?;
         if stream.info().await?.state.messages as usize >= files.len() {
             break;
         }

@@ -52,7 +52,9 @@ fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
     } else {
-        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
     }
 }
 
@@ -74,12 +76,18 @@ impl Running {
     /// Starts the server (if needed), applies the streams and starts every stage.
     pub async fn start(opts: &UpOptions) -> anyhow::Result<Running> {
         let mut pipeline = PipelineFile::load(&opts.pipeline)?;
-        let data_dir = absolute(opts.data_dir.as_ref().unwrap_or(&pipeline.pipeline.data_dir));
+        let data_dir = absolute(
+            opts.data_dir
+                .as_ref()
+                .unwrap_or(&pipeline.pipeline.data_dir),
+        );
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("creating data dir {}", data_dir.display()))?;
         let watch_dir = match &opts.watch {
             Some(w) => absolute(w),
-            None if pipeline.stages.ingester.settings.watch_dir == Path::new("inbox") => data_dir.join("inbox"),
+            None if pipeline.stages.ingester.settings.watch_dir == Path::new("inbox") => {
+                data_dir.join("inbox")
+            }
             None => absolute(&pipeline.stages.ingester.settings.watch_dir),
         };
         pipeline.stages.ingester.settings.watch_dir = watch_dir.clone();
@@ -93,20 +101,27 @@ impl Running {
                 );
             }
         }
-        let url = opts.nats_url.clone().or_else(|| {
-            (!pipeline.nats.url.is_empty()).then(|| pipeline.nats.url.clone())
-        });
+        let url = opts
+            .nats_url
+            .clone()
+            .or_else(|| (!pipeline.nats.url.is_empty()).then(|| pipeline.nats.url.clone()));
         let (server, nats_url) = match url {
             Some(u) => (None, u),
             None => {
                 let dir = data_dir.join("nats");
                 let s = tokio::task::spawn_blocking(move || NatsServer::start(&dir, 0)).await??;
                 let u = s.url();
-                eprintln!("pcb: private nats-server at {u} (store {})", s.dir().display());
+                eprintln!(
+                    "pcb: private nats-server at {u} (store {})",
+                    s.dir().display()
+                );
                 (Some(s), u)
             }
         };
-        let nats = pcb_common::NatsConfig { url: nats_url.clone(), ..pipeline.nats.clone() };
+        let nats = pcb_common::NatsConfig {
+            url: nats_url.clone(),
+            ..pipeline.nats.clone()
+        };
         let client = pcb_common::connect(&nats, "pcb")
             .await
             .with_context(|| format!("connecting to {nats_url}"))?;
@@ -271,24 +286,40 @@ pub struct DemoOptions {
 pub async fn demo(opts: UpOptions, demo: DemoOptions) -> anyhow::Result<()> {
     let mut running = Running::start(&opts).await?;
     print_banner(&running);
-    let sample = running.data_dir.join(format!("sample-{}-{}", demo.count, demo.seed));
+    let sample = running
+        .data_dir
+        .join(format!("sample-{}-{}", demo.count, demo.seed));
     if !sample.join("trainval.txt").exists() {
-        println!("generating {} synthetic boards (seed {}) in {}", demo.count, demo.seed, sample.display());
+        println!(
+            "generating {} synthetic boards (seed {}) in {}",
+            demo.count,
+            demo.seed,
+            sample.display()
+        );
         let (count, seed, dir) = (demo.count, demo.seed, sample.clone());
         tokio::task::spawn_blocking(move || {
-            let opts = pcb_synth::SynthOptions { count, seed, ..Default::default() };
+            let opts = pcb_synth::SynthOptions {
+                count,
+                seed,
+                ..Default::default()
+            };
             pcb_synth::generate(&opts, &dir, &mut |_, _| {})
         })
         .await??;
     }
     let copied = copy_tree(&sample, &running.watch_dir)?;
-    println!("dropped {copied} files into {}", running.watch_dir.display());
+    println!(
+        "dropped {copied} files into {}",
+        running.watch_dir.display()
+    );
     let client = async_nats::connect(&running.nats_url).await?;
     let js = async_nats::jetstream::new(client);
     let bar = indicatif::ProgressBar::new(demo.count as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} waiting for the pipeline [{bar:40}] {pos}/{len} boards filed")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} waiting for the pipeline [{bar:40}] {pos}/{len} boards filed",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let deadline = Instant::now() + demo.timeout;
     let mut quiet = 0;
@@ -297,13 +328,21 @@ pub async fn demo(opts: UpOptions, demo: DemoOptions) -> anyhow::Result<()> {
         let streams = crate::status::collect(&js).await?;
         let left = crate::pairing_count(&running.watch_dir);
         bar.set_position(demo.count.saturating_sub(left) as u64);
-        quiet = if left == 0 && crate::status::drained(&streams) { quiet + 1 } else { 0 };
+        quiet = if left == 0 && crate::status::drained(&streams) {
+            quiet + 1
+        } else {
+            0
+        };
         if quiet >= 3 {
             break streams;
         }
         if Instant::now() > deadline {
             bar.abandon();
-            bail!("the pipeline did not finish within {:?}; {left} boards still in {}", demo.timeout, running.watch_dir.display());
+            bail!(
+                "the pipeline did not finish within {:?}; {left} boards still in {}",
+                demo.timeout,
+                running.watch_dir.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
@@ -311,9 +350,21 @@ pub async fn demo(opts: UpOptions, demo: DemoOptions) -> anyhow::Result<()> {
     println!("\n== demo summary ({} boards dropped) ==", demo.count);
     let c = |s: &str| crate::status::count(&streams, s);
     println!("{:<34} {:>8}", "pcb.images.raw", c("pcb.images.raw"));
-    println!("{:<34} {:>8}", "pcb.images.encoded", c("pcb.images.encoded"));
-    println!("{:<34} {:>8}", "pcb.shards.* (all shards)", crate::status::count_prefix(&streams, "pcb.shards."));
-    println!("{:<34} {:>8}", "pcb.rejected.* (dead letters)", crate::status::count_prefix(&streams, "pcb.rejected."));
+    println!(
+        "{:<34} {:>8}",
+        "pcb.images.encoded",
+        c("pcb.images.encoded")
+    );
+    println!(
+        "{:<34} {:>8}",
+        "pcb.shards.* (all shards)",
+        crate::status::count_prefix(&streams, "pcb.shards.")
+    );
+    println!(
+        "{:<34} {:>8}",
+        "pcb.rejected.* (dead letters)",
+        crate::status::count_prefix(&streams, "pcb.rejected.")
+    );
     println!("{:<34} {:>8}", "pcb.detections", c("pcb.detections"));
     println!("\n{}", crate::status::render(&streams));
     if demo.keep_running {
@@ -336,7 +387,9 @@ pub fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<usize> {
     let mut n = 0;
     let mut stack = vec![from.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        {
             let entry = entry?;
             let path = entry.path();
             let rel = path.strip_prefix(from)?;
@@ -350,7 +403,9 @@ pub fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<usize> {
             }
             let tmp = dest.with_file_name(format!(
                 ".{}.part",
-                dest.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+                dest.file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default()
             ));
             std::fs::copy(&path, &tmp)?;
             std::fs::rename(&tmp, &dest)?;

@@ -113,22 +113,51 @@ enum BenchCmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    pcb_common::init_tracing(&pcb_common::LogConfig { filter: "warn".into(), ..Default::default() });
+    pcb_common::init_tracing(&pcb_common::LogConfig {
+        filter: "warn".into(),
+        ..Default::default()
+    });
     match cli.command {
         Cmd::Up(c) => pcb::launcher::up(c.up()).await,
-        Cmd::Demo { common, count, seed, timeout_secs, keep_running } => {
+        Cmd::Demo {
+            common,
+            count,
+            seed,
+            timeout_secs,
+            keep_running,
+        } => {
             pcb::launcher::demo(
                 common.up(),
-                DemoOptions { count, seed, timeout: Duration::from_secs(timeout_secs), keep_running },
+                DemoOptions {
+                    count,
+                    seed,
+                    timeout: Duration::from_secs(timeout_secs),
+                    keep_running,
+                },
             )
             .await
         }
-        Cmd::Status { nats_url, pipeline, data_dir } => status(nats_url, pipeline, data_dir).await,
-        Cmd::Synth { count, out, seed, val_fraction } => {
+        Cmd::Status {
+            nats_url,
+            pipeline,
+            data_dir,
+        } => status(nats_url, pipeline, data_dir).await,
+        Cmd::Synth {
+            count,
+            out,
+            seed,
+            val_fraction,
+        } => {
             let bar = indicatif::ProgressBar::new(count as u64);
             let started = std::time::Instant::now();
-            let opts = pcb_synth::SynthOptions { count, seed, val_fraction, ..Default::default() };
-            let summary = pcb_synth::generate(&opts, &out, &mut |done, _| bar.set_position(done as u64))?;
+            let opts = pcb_synth::SynthOptions {
+                count,
+                seed,
+                val_fraction,
+                ..Default::default()
+            };
+            let summary =
+                pcb_synth::generate(&opts, &out, &mut |done, _| bar.set_position(done as u64))?;
             bar.finish_and_clear();
             println!(
                 "wrote {} boards ({} defects; {} train, {} val) to {} in {:.1}s",
@@ -144,7 +173,9 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { what: BenchCmd::Pipeline { count, seed } } => {
+        Cmd::Bench {
+            what: BenchCmd::Pipeline { count, seed },
+        } => {
             let rows = pcb::bench::pipeline(count, seed).await?;
             print!("{}", pcb::bench::render(&rows));
             Ok(())
@@ -152,7 +183,11 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn status(url: Option<String>, pipeline: PathBuf, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+async fn status(
+    url: Option<String>,
+    pipeline: PathBuf,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let url = match url {
         Some(u) => u,
         None => {

@@ -33,7 +33,9 @@ pub struct PipelineMeta {
 
 impl Default for PipelineMeta {
     fn default() -> Self {
-        PipelineMeta { data_dir: PathBuf::from(".pcb-data") }
+        PipelineMeta {
+            data_dir: PathBuf::from(".pcb-data"),
+        }
     }
 }
 
@@ -51,7 +53,11 @@ pub struct StageEntry<S> {
 
 impl<S: Default> Default for StageEntry<S> {
     fn default() -> Self {
-        StageEntry { replicas: 1, metrics_port: 0, settings: S::default() }
+        StageEntry {
+            replicas: 1,
+            metrics_port: 0,
+            settings: S::default(),
+        }
     }
 }
 
@@ -76,7 +82,8 @@ impl PipelineFile {
         let file: PipelineFile = pcb_common::load_config(Some(path))?;
         let mut p = Problems::default();
         file.validate(&mut p);
-        p.into_result().map_err(|p| ConfigError::invalid(Some(path), p))?;
+        p.into_result()
+            .map_err(|p| ConfigError::invalid(Some(path), p))?;
         Ok(file)
     }
 
@@ -113,9 +120,18 @@ impl PipelineFile {
         let text = self.stage_config(stage, 0, &self.nats.url);
         let bad = |e: toml::de::Error| Problems(vec![e.to_string()]);
         match stage {
-            "ingester" => toml::from_str::<pcb_ingester::FileConfig>(&text).map_err(bad)?.validate().map(|_| ()),
-            "encoder" => toml::from_str::<pcb_encoder::FileConfig>(&text).map_err(bad)?.validate().map(|_| ()),
-            _ => toml::from_str::<pcb_router::FileConfig>(&text).map_err(bad)?.validate().map(|_| ()),
+            "ingester" => toml::from_str::<pcb_ingester::FileConfig>(&text)
+                .map_err(bad)?
+                .validate()
+                .map(|_| ()),
+            "encoder" => toml::from_str::<pcb_encoder::FileConfig>(&text)
+                .map_err(bad)?
+                .validate()
+                .map(|_| ()),
+            _ => toml::from_str::<pcb_router::FileConfig>(&text)
+                .map_err(bad)?
+                .validate()
+                .map(|_| ()),
         }
     }
 
@@ -135,13 +151,27 @@ impl PipelineFile {
             "encoder" => self.stages.encoder.metrics_port,
             _ => self.stages.router.metrics_port,
         };
-        let port = if port == 0 { 0 } else { port as usize + replica };
-        let nats = NatsConfig { url: nats_url.to_string(), ..self.nats.clone() };
-        let metrics = MetricsConfig { addr: format!("127.0.0.1:{port}") };
-        let value = |v: Result<toml::Value, toml::ser::Error>| v.unwrap_or(toml::Value::Table(toml::Table::new()));
+        let port = if port == 0 {
+            0
+        } else {
+            port as usize + replica
+        };
+        let nats = NatsConfig {
+            url: nats_url.to_string(),
+            ..self.nats.clone()
+        };
+        let metrics = MetricsConfig {
+            addr: format!("127.0.0.1:{port}"),
+        };
+        let value = |v: Result<toml::Value, toml::ser::Error>| {
+            v.unwrap_or(toml::Value::Table(toml::Table::new()))
+        };
         let mut t = toml::Table::new();
         t.insert("nats".into(), value(toml::Value::try_from(&nats)));
-        t.insert("streams".into(), value(toml::Value::try_from(&self.streams)));
+        t.insert(
+            "streams".into(),
+            value(toml::Value::try_from(&self.streams)),
+        );
         t.insert("metrics".into(), value(toml::Value::try_from(&metrics)));
         t.insert("log".into(), value(toml::Value::try_from(&self.log)));
         let settings = match stage {
@@ -190,13 +220,21 @@ mod tests {
     fn stage_configs_load_in_the_stages() {
         let p = PipelineFile::default();
         let dir = tempfile::tempdir().expect("tempdir");
-        let files = p.write_stage_configs(dir.path(), "nats://127.0.0.1:1").expect("write");
+        let files = p
+            .write_stage_configs(dir.path(), "nats://127.0.0.1:1")
+            .expect("write");
         assert_eq!(files.len(), 3);
         for (stage, _, path) in files {
             match stage {
-                "ingester" => { pcb_ingester::Config::load(Some(&path)).expect("ingester config"); }
-                "encoder" => { pcb_encoder::Config::load(Some(&path)).expect("encoder config"); }
-                _ => { pcb_router::Config::load(Some(&path)).expect("router config"); }
+                "ingester" => {
+                    pcb_ingester::Config::load(Some(&path)).expect("ingester config");
+                }
+                "encoder" => {
+                    pcb_encoder::Config::load(Some(&path)).expect("encoder config");
+                }
+                _ => {
+                    pcb_router::Config::load(Some(&path)).expect("router config");
+                }
             }
         }
     }
@@ -205,9 +243,16 @@ mod tests {
     fn problems_in_stage_sections_are_named() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("p.toml");
-        std::fs::write(&path, "[stages.router.settings]\nshard_count = 0\n[stages.ingester]\nreplicas = 2\n").expect("write");
+        std::fs::write(
+            &path,
+            "[stages.router.settings]\nshard_count = 0\n[stages.ingester]\nreplicas = 2\n",
+        )
+        .expect("write");
         let text = PipelineFile::load(&path).unwrap_err().to_string();
-        assert!(text.contains("stages.router.settings: router.shard_count"), "{text}");
+        assert!(
+            text.contains("stages.router.settings: router.shard_count"),
+            "{text}"
+        );
         assert!(text.contains("stages.ingester.replicas"), "{text}");
         assert!(text.contains("p.toml"), "{text}");
     }

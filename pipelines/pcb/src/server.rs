@@ -80,7 +80,11 @@ impl NatsServer {
     /// Starts a server storing under `dir` (created if missing) on `port` (0: a free one).
     pub fn start(dir: &Path, port: u16) -> Result<NatsServer, ServerError> {
         let bin = find_binary().ok_or(ServerError::NotFound)?;
-        let port = if port == 0 { free_port().map_err(ServerError::Port)? } else { port };
+        let port = if port == 0 {
+            free_port().map_err(ServerError::Port)?
+        } else {
+            port
+        };
         let prep = |path: &Path| {
             let path = path.to_path_buf();
             move |source| ServerError::Prepare { path, source }
@@ -105,8 +109,15 @@ impl NatsServer {
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
-            .map_err(|source| ServerError::Spawn { bin: bin.clone(), source })?;
-        let mut server = NatsServer { child, port, dir: dir.to_path_buf() };
+            .map_err(|source| ServerError::Spawn {
+                bin: bin.clone(),
+                source,
+            })?;
+        let mut server = NatsServer {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        };
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -117,7 +128,11 @@ impl NatsServer {
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        Err(ServerError::NotReady { port, secs: 15, log })
+        Err(ServerError::NotReady {
+            port,
+            secs: 15,
+            log,
+        })
     }
 
     /// Its URL.

@@ -42,7 +42,10 @@ pub struct ConsumerStatus {
 pub async fn collect(js: &jetstream::Context) -> anyhow::Result<Vec<StreamStatus>> {
     let mut out = Vec::new();
     for kind in StreamKind::ALL {
-        let mut st = StreamStatus { name: kind.name().into(), ..Default::default() };
+        let mut st = StreamStatus {
+            name: kind.name().into(),
+            ..Default::default()
+        };
         let Ok(mut stream) = js.get_stream(kind.name()).await else {
             out.push(st);
             continue;
@@ -99,13 +102,19 @@ pub fn drained(streams: &[StreamStatus]) -> bool {
 /// The human-readable report.
 pub fn render(streams: &[StreamStatus]) -> String {
     let mut out = String::new();
-    out.push_str(&format!("{:<22} {:>10} {:>14}\n", "stream / subject", "messages", "bytes"));
+    out.push_str(&format!(
+        "{:<22} {:>10} {:>14}\n",
+        "stream / subject", "messages", "bytes"
+    ));
     for s in streams {
         if !s.exists {
             out.push_str(&format!("{:<22} {:>10}\n", s.name, "(missing)"));
             continue;
         }
-        out.push_str(&format!("{:<22} {:>10} {:>14}\n", s.name, s.messages, s.bytes));
+        out.push_str(&format!(
+            "{:<22} {:>10} {:>14}\n",
+            s.name, s.messages, s.bytes
+        ));
         for (subject, n) in &s.subjects {
             out.push_str(&format!("  {:<20} {:>10}\n", subject, n));
         }

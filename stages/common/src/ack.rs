@@ -357,7 +357,8 @@ async fn settle(
             AckKind::Nak(Some(spec.retry_delay))
         }
         Outcome::Reject(r) => {
-            let letter = r.dead_letter(&spec.stage, Some(msg.subject.to_string()), Some(stream_seq));
+            let letter =
+                r.dead_letter(&spec.stage, Some(msg.subject.to_string()), Some(stream_seq));
             match publish_dead_letter(js, &letter).await {
                 Ok(_) => {
                     tracing::debug!(stage = %spec.stage, seq = stream_seq, reason = %r.reason, "dead-lettered");

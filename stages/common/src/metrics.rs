@@ -34,7 +34,10 @@ impl MetricsConfig {
         p.check(
             !self.addr.is_empty() && self.addr.parse::<SocketAddr>().is_err(),
             &format!("{section}.addr"),
-            format!("{:?} is not a socket address like 127.0.0.1:9101", self.addr),
+            format!(
+                "{:?} is not a socket address like 127.0.0.1:9101",
+                self.addr
+            ),
         );
     }
 }
@@ -53,7 +56,9 @@ pub struct Metrics {
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metrics").field("stage", &self.stage).finish()
+        f.debug_struct("Metrics")
+            .field("stage", &self.stage)
+            .finish()
     }
 }
 
@@ -65,8 +70,10 @@ impl Metrics {
         let rejected = Family::<Labels, Counter>::default();
         let processing = Family::<Labels, Histogram>::new_with_constructor(|| {
             Histogram::new(
-                [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
-                    .into_iter(),
+                [
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]
+                .into_iter(),
             )
         });
         registry.register(
@@ -102,7 +109,9 @@ impl Metrics {
 
     /// Counts one input with `outcome` (`done`, `duplicate`, `rejected`, ...).
     pub fn count(&self, outcome: &str) {
-        self.messages.get_or_create(&self.labels("outcome", outcome)).inc();
+        self.messages
+            .get_or_create(&self.labels("outcome", outcome))
+            .inc();
     }
 
     /// Counts one dead letter with `reason_code`.
@@ -121,7 +130,9 @@ impl Metrics {
 
     /// The current value of the `outcome` counter.
     pub fn get(&self, outcome: &str) -> u64 {
-        self.messages.get_or_create(&self.labels("outcome", outcome)).get()
+        self.messages
+            .get_or_create(&self.labels("outcome", outcome))
+            .get()
     }
 
     /// Prometheus text exposition of every metric.

@@ -59,7 +59,11 @@ impl Default for NatsConfig {
 impl NatsConfig {
     /// Adds this section's problems (prefixed with `section`) to `p`.
     pub fn validate(&self, section: &str, p: &mut Problems) {
-        p.check(self.url.trim().is_empty(), &format!("{section}.url"), "is empty");
+        p.check(
+            self.url.trim().is_empty(),
+            &format!("{section}.url"),
+            "is empty",
+        );
         let methods = [
             self.user.is_some(),
             self.token.is_some(),

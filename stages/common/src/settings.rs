@@ -161,7 +161,10 @@ mod tests {
     fn env_overrides_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = write(&dir, "[nats]\nurl = \"nats://a:1\"\n");
-        let env = vec![("PCB_NATS__CONNECT_TIMEOUT_SECS".to_string(), "7".to_string())];
+        let env = vec![(
+            "PCB_NATS__CONNECT_TIMEOUT_SECS".to_string(),
+            "7".to_string(),
+        )];
         let c: Cfg = load_config_from_env(Some(&p), env).expect("load");
         assert_eq!(c.nats.url, "nats://a:1");
         assert_eq!(c.nats.connect_timeout_secs, 7);
@@ -180,7 +183,10 @@ mod tests {
     #[test]
     fn bad_value_names_key_and_file() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let p = write(&dir, "[nats]\nurl = \"x\"\nconnect_timeout_secs = \"soon\"\n");
+        let p = write(
+            &dir,
+            "[nats]\nurl = \"x\"\nconnect_timeout_secs = \"soon\"\n",
+        );
         let text = load_config_from_env::<Cfg>(Some(&p), vec![])
             .unwrap_err()
             .to_string();

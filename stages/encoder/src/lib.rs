@@ -109,15 +109,31 @@ impl FileConfig {
         let e = &self.encoder;
         p.check(e.durable.trim().is_empty(), "encoder.durable", "is empty");
         p.check(e.max_width == 0, "encoder.max_width", "must be at least 1");
-        p.check(e.max_height == 0, "encoder.max_height", "must be at least 1");
+        p.check(
+            e.max_height == 0,
+            "encoder.max_height",
+            "must be at least 1",
+        );
         p.check(
             e.max_alloc_bytes < 1 << 20,
             "encoder.max_alloc_bytes",
             "must be at least 1 MiB",
         );
-        p.check(e.classes.is_empty(), "encoder.classes", "needs at least one class");
-        p.check(e.ack_wait_secs == 0, "encoder.ack_wait_secs", "must be at least 1");
-        p.check(e.max_deliver < 1, "encoder.max_deliver", "must be at least 1");
+        p.check(
+            e.classes.is_empty(),
+            "encoder.classes",
+            "needs at least one class",
+        );
+        p.check(
+            e.ack_wait_secs == 0,
+            "encoder.ack_wait_secs",
+            "must be at least 1",
+        );
+        p.check(
+            e.max_deliver < 1,
+            "encoder.max_deliver",
+            "must be at least 1",
+        );
         p.into_result()?;
         let concurrency = if e.concurrency == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -191,7 +207,10 @@ pub struct Decoded {
 /// the reasons.
 pub fn decode_image(bytes: &[u8], limits: &Limits, what: &str) -> Result<Decoded, Rejection> {
     if bytes.is_empty() {
-        return Err(Rejection::new("empty-file", format!("the {what} file is empty (0 bytes)")));
+        return Err(Rejection::new(
+            "empty-file",
+            format!("the {what} file is empty (0 bytes)"),
+        ));
     }
     let reader = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -215,7 +234,10 @@ pub fn decode_image(bytes: &[u8], limits: &Limits, what: &str) -> Result<Decoded
         ));
     }
     let (width, height) = reader.into_dimensions().map_err(|e| {
-        Rejection::new("corrupt-image", format!("the {what}'s header is unreadable ({format:?}): {e}"))
+        Rejection::new(
+            "corrupt-image",
+            format!("the {what}'s header is unreadable ({format:?}): {e}"),
+        )
     })?;
     if width == 0 || height == 0 {
         return Err(Rejection::new(
@@ -340,7 +362,11 @@ pub fn check_labels(
 }
 
 /// Validates a raw record and builds its encoded record (pure: no I/O, unit tested).
-pub fn encode_record(raw: &RawImage, limits: &Limits, now_ms: i64) -> Result<EncodedImage, Rejection> {
+pub fn encode_record(
+    raw: &RawImage,
+    limits: &Limits,
+    now_ms: i64,
+) -> Result<EncodedImage, Rejection> {
     let about = |r: Rejection| r.about(Some(raw.image_id.clone()), raw.source.clone());
     let actual = image_id(&raw.image);
     if actual != raw.image_id {
@@ -422,12 +448,16 @@ async fn handle(
         Err(e) => {
             return Outcome::Reject(Rejection::new(
                 "bad-record",
-                format!("message #{} on {} is not a raw image record: {e}", d.stream_seq, d.subject),
+                format!(
+                    "message #{} on {} is not a raw image record: {e}",
+                    d.stream_seq, d.subject
+                ),
             ))
         }
     };
     let now = pcb_common::now_ms();
-    let encoded = match tokio::task::spawn_blocking(move || encode_record(&raw, &limits, now)).await {
+    let encoded = match tokio::task::spawn_blocking(move || encode_record(&raw, &limits, now)).await
+    {
         Ok(Ok(e)) => e,
         Ok(Err(rejection)) => return Outcome::Reject(rejection),
         Err(e) => return Outcome::Retry(format!("decode task failed: {e}")),
@@ -469,19 +499,29 @@ mod tests {
     fn png(w: u32, h: u32) -> Vec<u8> {
         let img = image::GrayImage::from_pixel(w, h, image::Luma([200]));
         let mut out = Cursor::new(Vec::new());
-        img.write_to(&mut out, image::ImageFormat::Png).expect("png");
+        img.write_to(&mut out, image::ImageFormat::Png)
+            .expect("png");
         out.into_inner()
     }
 
     fn jpeg(w: u32, h: u32) -> Vec<u8> {
-        let img = image::GrayImage::from_fn(w, h, |x, y| image::Luma([((x * 7 + y * 3) % 256) as u8]));
+        let img =
+            image::GrayImage::from_fn(w, h, |x, y| image::Luma([((x * 7 + y * 3) % 256) as u8]));
         let mut out = Cursor::new(Vec::new());
-        img.write_to(&mut out, image::ImageFormat::Jpeg).expect("jpeg");
+        img.write_to(&mut out, image::ImageFormat::Jpeg)
+            .expect("jpeg");
         out.into_inner()
     }
 
     fn label(x1: f32, y1: f32, x2: f32, y2: f32, class_id: u16) -> BoxLabel {
-        BoxLabel { x1, y1, x2, y2, class_id, class: String::new() }
+        BoxLabel {
+            x1,
+            y1,
+            x2,
+            y2,
+            class_id,
+            class: String::new(),
+        }
     }
 
     fn raw(image: Vec<u8>) -> RawImage {
@@ -527,43 +567,82 @@ mod tests {
         let good = jpeg(64, 48);
         let cases: Vec<(RawImage, &str, &str)> = vec![
             (raw(vec![]), "empty-file", "empty"),
-            (raw(b"hello, I am text".to_vec()), "not-an-image", "not an image"),
-            (raw(good[..good.len() / 2].to_vec()), "truncated-image", "truncated"),
-            ({
-                let mut r = raw(png(64, 48));
-                r.labels = Some(vec![label(60.0, 2.0, 70.0, 12.0, 1)]);
-                r
-            }, "label-outside-image", "outside the 64x48 image"),
-            ({
-                let mut r = raw(png(64, 48));
-                r.labels = Some(vec![label(10.0, 2.0, 5.0, 12.0, 1)]);
-                r
-            }, "label-degenerate", "x1 < x2"),
-            ({
-                let mut r = raw(png(64, 48));
-                r.labels = Some(vec![label(1.0, 2.0, 5.0, 12.0, 7)]);
-                r
-            }, "unknown-class", "unknown class id 7"),
-            ({
-                let mut r = raw(png(64, 48));
-                r.labels = Some(vec![BoxLabel { class: "scratch".into(), ..label(1.0, 2.0, 5.0, 12.0, 0) }]);
-                r
-            }, "unknown-class", "\"scratch\""),
-            ({
-                let mut r = raw(png(64, 48));
-                r.template = Some(png(32, 32));
-                r
-            }, "template-size-mismatch", "32x32 but the image is 64x48"),
-            ({
-                let mut r = raw(png(64, 48));
-                r.template = Some(b"junk".to_vec());
-                r
-            }, "not-an-image", "template"),
-            ({
-                let mut r = raw(png(64, 48));
-                r.image_id = "00".into();
-                r
-            }, "image-id-mismatch", "not the sha256"),
+            (
+                raw(b"hello, I am text".to_vec()),
+                "not-an-image",
+                "not an image",
+            ),
+            (
+                raw(good[..good.len() / 2].to_vec()),
+                "truncated-image",
+                "truncated",
+            ),
+            (
+                {
+                    let mut r = raw(png(64, 48));
+                    r.labels = Some(vec![label(60.0, 2.0, 70.0, 12.0, 1)]);
+                    r
+                },
+                "label-outside-image",
+                "outside the 64x48 image",
+            ),
+            (
+                {
+                    let mut r = raw(png(64, 48));
+                    r.labels = Some(vec![label(10.0, 2.0, 5.0, 12.0, 1)]);
+                    r
+                },
+                "label-degenerate",
+                "x1 < x2",
+            ),
+            (
+                {
+                    let mut r = raw(png(64, 48));
+                    r.labels = Some(vec![label(1.0, 2.0, 5.0, 12.0, 7)]);
+                    r
+                },
+                "unknown-class",
+                "unknown class id 7",
+            ),
+            (
+                {
+                    let mut r = raw(png(64, 48));
+                    r.labels = Some(vec![BoxLabel {
+                        class: "scratch".into(),
+                        ..label(1.0, 2.0, 5.0, 12.0, 0)
+                    }]);
+                    r
+                },
+                "unknown-class",
+                "\"scratch\"",
+            ),
+            (
+                {
+                    let mut r = raw(png(64, 48));
+                    r.template = Some(png(32, 32));
+                    r
+                },
+                "template-size-mismatch",
+                "32x32 but the image is 64x48",
+            ),
+            (
+                {
+                    let mut r = raw(png(64, 48));
+                    r.template = Some(b"junk".to_vec());
+                    r
+                },
+                "not-an-image",
+                "template",
+            ),
+            (
+                {
+                    let mut r = raw(png(64, 48));
+                    r.image_id = "00".into();
+                    r
+                },
+                "image-id-mismatch",
+                "not the sha256",
+            ),
         ];
         for (r, code, needle) in cases {
             let (c, text) = reason(encode_record(&r, &l, 0));
@@ -574,16 +653,26 @@ mod tests {
 
     #[test]
     fn oversized_dimensions_are_refused_before_decoding() {
-        let l = Limits { max_width: 32, max_height: 32, ..Limits::default() };
+        let l = Limits {
+            max_width: 32,
+            max_height: 32,
+            ..Limits::default()
+        };
         let (code, text) = reason(encode_record(&raw(png(64, 48)), &l, 0));
         assert_eq!(code, "too-large");
-        assert!(text.contains("64x48 pixels, over the limit of 32x32"), "{text}");
+        assert!(
+            text.contains("64x48 pixels, over the limit of 32x32"),
+            "{text}"
+        );
     }
 
     #[test]
     fn alloc_limit_refuses_a_bomb() {
         // 4000x4000 grey = 16 MB decoded from a tiny PNG.
-        let l = Limits { max_alloc_bytes: 1 << 20, ..Limits::default() };
+        let l = Limits {
+            max_alloc_bytes: 1 << 20,
+            ..Limits::default()
+        };
         let (code, text) = reason(encode_record(&raw(png(4000, 4000)), &l, 0));
         assert_eq!(code, "too-large", "{text}");
     }
@@ -615,6 +704,9 @@ mod tests {
         let path = dir.path().join("encoder.toml");
         std::fs::write(&path, "[encoder]\nmax_widht = 10\n").expect("write");
         let text = Config::load(Some(&path)).unwrap_err().to_string();
-        assert!(text.contains("max_widht") && text.contains("encoder.toml"), "{text}");
+        assert!(
+            text.contains("max_widht") && text.contains("encoder.toml"),
+            "{text}"
+        );
     }
 }

@@ -151,16 +151,32 @@ impl FileConfig {
             "ingester.watch_dir",
             "is empty",
         );
-        p.check(s.settle_ms > 600_000, "ingester.settle_ms", "must be at most 600000");
-        p.check(s.rescan_secs == 0, "ingester.rescan_secs", "must be at least 1");
+        p.check(
+            s.settle_ms > 600_000,
+            "ingester.settle_ms",
+            "must be at most 600000",
+        );
+        p.check(
+            s.rescan_secs == 0,
+            "ingester.rescan_secs",
+            "must be at least 1",
+        );
         p.check(
             s.max_image_bytes == 0,
             "ingester.max_image_bytes",
             "must be at least 1",
         );
         p.check(s.line_id.trim().is_empty(), "ingester.line_id", "is empty");
-        p.check(s.classes.is_empty(), "ingester.classes", "needs at least one class");
-        p.check(s.concurrency == 0, "ingester.concurrency", "must be at least 1");
+        p.check(
+            s.classes.is_empty(),
+            "ingester.classes",
+            "needs at least one class",
+        );
+        p.check(
+            s.concurrency == 0,
+            "ingester.concurrency",
+            "must be at least 1",
+        );
         let processed = s
             .processed_dir
             .clone()
@@ -335,7 +351,10 @@ impl Ingester {
             metrics,
             max_payload,
             move_files,
-            lists: Mutex::new((Instant::now() - Duration::from_secs(3600), Arc::new(Vec::new()))),
+            lists: Mutex::new((
+                Instant::now() - Duration::from_secs(3600),
+                Arc::new(Vec::new()),
+            )),
             coco: Mutex::new(HashMap::new()),
         }
     }
@@ -364,7 +383,9 @@ impl Ingester {
             for dir in pairing::list_roots(self.root()) {
                 match SplitLists::load(&dir) {
                     Ok(l) => found.push((dir, l)),
-                    Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "split lists unreadable"),
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "split lists unreadable")
+                    }
                 }
             }
             *guard = (Instant::now(), Arc::new(found));
@@ -384,7 +405,8 @@ impl Ingester {
             }
         }
         let text = labels::read_label_file(path).map_err(label_rejection)?;
-        let idx = Arc::new(labels::parse_coco(&text, path, &self.classes).map_err(label_rejection)?);
+        let idx =
+            Arc::new(labels::parse_coco(&text, path, &self.classes).map_err(label_rejection)?);
         if let Ok(mut cache) = self.coco.lock() {
             cache.insert(path.to_path_buf(), (mtime, idx.clone()));
         }
@@ -393,9 +415,8 @@ impl Ingester {
 
     /// Builds the raw record of `unit`, or the reason it is refused.
     fn build_record(&self, unit: &Unit) -> Result<RawImage, Rejection> {
-        let meta = std::fs::metadata(&unit.image).map_err(|e| {
-            Rejection::new("unreadable", format!("cannot read {}: {e}", unit.rel))
-        })?;
+        let meta = std::fs::metadata(&unit.image)
+            .map_err(|e| Rejection::new("unreadable", format!("cannot read {}: {e}", unit.rel)))?;
         if meta.len() > self.settings.max_image_bytes {
             return Err(Rejection::new(
                 "too-large",
@@ -442,13 +463,10 @@ impl Ingester {
             (true, Some((first, _))) => first.to_string(),
             _ => self.settings.line_id.clone(),
         };
-        let split_hint = self
-            .split_lists()
-            .iter()
-            .find_map(|(dir, lists)| {
-                let rel = unit.image.strip_prefix(dir).ok()?;
-                lists.split_of(&rel.to_string_lossy())
-            });
+        let split_hint = self.split_lists().iter().find_map(|(dir, lists)| {
+            let rel = unit.image.strip_prefix(dir).ok()?;
+            lists.split_of(&rel.to_string_lossy())
+        });
         Ok(RawImage {
             image_id: id,
             image,
@@ -643,7 +661,10 @@ impl Ingester {
                     files = unit.companions();
                 }
                 for c in files {
-                    let rel_c = c.strip_prefix(&self.settings.processed_dir).unwrap_or(&c).to_path_buf();
+                    let rel_c = c
+                        .strip_prefix(&self.settings.processed_dir)
+                        .unwrap_or(&c)
+                        .to_path_buf();
                     let _ = move_file(&c, &self.settings.rejected_dir.join(rel_c));
                 }
                 write_reason(&dest, letter);
@@ -677,7 +698,10 @@ fn label_rejection(e: labels::LabelError) -> Rejection {
 /// Refuses bytes that are not an image by their magic bytes (cheap, before publishing).
 fn check_magic(bytes: &[u8], what: &str) -> Result<(), Rejection> {
     if bytes.is_empty() {
-        return Err(Rejection::new("empty-file", format!("the {what} file is empty (0 bytes)")));
+        return Err(Rejection::new(
+            "empty-file",
+            format!("the {what} file is empty (0 bytes)"),
+        ));
     }
     image::guess_format(bytes).map(|_| ()).map_err(|_| {
         let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
@@ -734,7 +758,14 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), IngesterError> {
     let metrics = Metrics::new(STAGE);
-    let js = pcb_common::stage::prepare(&client, &config.streams, &metrics, &config.metrics, &shutdown).await?;
+    let js = pcb_common::stage::prepare(
+        &client,
+        &config.streams,
+        &metrics,
+        &config.metrics,
+        &shutdown,
+    )
+    .await?;
     let s = config.settings.clone();
     for dir in [&s.watch_dir, &s.processed_dir, &s.rejected_dir] {
         std::fs::create_dir_all(dir).map_err(|source| IngesterError::CreateDir {
@@ -743,7 +774,13 @@ pub async fn run(
         })?;
     }
     let max_payload = client.server_info().max_payload;
-    let ing = Arc::new(Ingester::new(js.clone(), s.clone(), metrics.clone(), max_payload, true));
+    let ing = Arc::new(Ingester::new(
+        js.clone(),
+        s.clone(),
+        metrics.clone(),
+        max_payload,
+        true,
+    ));
 
     let follower = if s.follow_rejections {
         let spec = ConsumerSpec {
@@ -757,7 +794,11 @@ pub async fn run(
             concurrency: 4,
         };
         let ing2 = ing.clone();
-        let (js2, m2, sd2) = (js.clone(), Metrics::new("ingester-follow"), shutdown.clone());
+        let (js2, m2, sd2) = (
+            js.clone(),
+            Metrics::new("ingester-follow"),
+            shutdown.clone(),
+        );
         Some(tokio::spawn(async move {
             pcb_common::run_consumer(js2, spec, m2, sd2, move |d: Delivery| {
                 let ing = ing2.clone();
@@ -780,11 +821,17 @@ pub async fn run(
             let _ = tx.send(());
         }
     })
-    .map_err(|source| IngesterError::Watch { path: s.watch_dir.clone(), source })?;
+    .map_err(|source| IngesterError::Watch {
+        path: s.watch_dir.clone(),
+        source,
+    })?;
     use notify::Watcher;
     watcher
         .watch(&s.watch_dir, notify::RecursiveMode::Recursive)
-        .map_err(|source| IngesterError::Watch { path: s.watch_dir.clone(), source })?;
+        .map_err(|source| IngesterError::Watch {
+            path: s.watch_dir.clone(),
+            source,
+        })?;
     tracing::info!(watch = %s.watch_dir.display(), processed = %s.processed_dir.display(),
         rejected = %s.rejected_dir.display(), "watching for board images");
 
@@ -814,14 +861,24 @@ pub async fn run(
             let found: HashSet<PathBuf> = found.into_iter().collect();
             seen.retain(|p, _| found.contains(p));
             for p in found {
-                seen.entry(p).or_insert(Seen { len: u64::MAX, modified: None, since: Instant::now() });
+                seen.entry(p).or_insert(Seen {
+                    len: u64::MAX,
+                    modified: None,
+                    since: Instant::now(),
+                });
             }
         }
         let mut ready = Vec::new();
         for (path, obs) in seen.iter_mut() {
-            let Some((len, modified)) = observe(path) else { continue };
+            let Some((len, modified)) = observe(path) else {
+                continue;
+            };
             if (len, modified) != (obs.len, obs.modified) {
-                *obs = Seen { len, modified, since: Instant::now() };
+                *obs = Seen {
+                    len,
+                    modified,
+                    since: Instant::now(),
+                };
                 continue;
             }
             if obs.since.elapsed() < s.settle {
@@ -832,7 +889,11 @@ pub async fn run(
                 continue;
             }
             if let Ok(unit) = pairing::pair(path, &s.watch_dir) {
-                if unit.companions().iter().any(|c| recently_modified(c, s.settle)) {
+                if unit
+                    .companions()
+                    .iter()
+                    .any(|c| recently_modified(c, s.settle))
+                {
                     continue;
                 }
             }
@@ -878,7 +939,13 @@ pub async fn import(
 ) -> Summary {
     let metrics = Metrics::new(STAGE);
     let concurrency = settings.concurrency;
-    let ing = Arc::new(Ingester::new(js, settings, metrics, max_payload, move_files));
+    let ing = Arc::new(Ingester::new(
+        js,
+        settings,
+        metrics,
+        max_payload,
+        move_files,
+    ));
     let (root, excluded) = (ing.root().to_path_buf(), ing.excluded());
     let files = tokio::task::spawn_blocking(move || pairing::scan(&root, &excluded))
         .await
@@ -916,7 +983,10 @@ mod tests {
         s.add(&FileOutcome::Rejected("too-large".into()));
         assert_eq!((s.published, s.duplicates, s.rejected_total()), (1, 1, 3));
         let text = s.to_string();
-        assert!(text.contains("not-an-image: 2") && text.contains("too-large: 1"), "{text}");
+        assert!(
+            text.contains("not-an-image: 2") && text.contains("too-large: 1"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -926,7 +996,10 @@ mod tests {
         let r = check_magic(b"hello world", "image").unwrap_err();
         assert_eq!(r.reason_code, "not-an-image");
         assert!(r.reason.contains("68 65 6c 6c 6f"), "{}", r.reason);
-        assert_eq!(check_magic(b"", "template").unwrap_err().reason_code, "empty-file");
+        assert_eq!(
+            check_magic(b"", "template").unwrap_err().reason_code,
+            "empty-file"
+        );
     }
 
     #[test]
@@ -949,6 +1022,9 @@ mod tests {
         f.ingester.rejected_dir = Some("x".into());
         f.ingester.concurrency = 0;
         let text = f.validate().unwrap_err().to_string();
-        assert!(text.contains("ingester.rejected_dir") && text.contains("ingester.concurrency"), "{text}");
+        assert!(
+            text.contains("ingester.rejected_dir") && text.contains("ingester.concurrency"),
+            "{text}"
+        );
     }
 }

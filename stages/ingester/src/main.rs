@@ -65,7 +65,11 @@ async fn main() -> anyhow::Result<()> {
         _ = shutdown.cancelled() => anyhow::bail!("import interrupted; run it again: duplicates are skipped"),
     };
     bar.finish_and_clear();
-    println!("imported {} in {:.1}s", dir.display(), started.elapsed().as_secs_f64());
+    println!(
+        "imported {} in {:.1}s",
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    );
     print!("{summary}");
     client.flush().await.ok();
     Ok(())

@@ -158,9 +158,21 @@ impl FileConfig {
             "router.val_fraction",
             "must be at least 0 and below 1",
         );
-        p.check(r.concurrency == 0, "router.concurrency", "must be at least 1");
-        p.check(r.ack_wait_secs == 0, "router.ack_wait_secs", "must be at least 1");
-        p.check(r.max_deliver < 1, "router.max_deliver", "must be at least 1");
+        p.check(
+            r.concurrency == 0,
+            "router.concurrency",
+            "must be at least 1",
+        );
+        p.check(
+            r.ack_wait_secs == 0,
+            "router.ack_wait_secs",
+            "must be at least 1",
+        );
+        p.check(
+            r.max_deliver < 1,
+            "router.max_deliver",
+            "must be at least 1",
+        );
         p.into_result()?;
         Ok(Config {
             assigner: Assigner {
@@ -216,7 +228,10 @@ async fn handle(js: async_nats::jetstream::Context, a: Assigner, d: Delivery) ->
         Err(e) => {
             return Outcome::Reject(Rejection::new(
                 "bad-record",
-                format!("message #{} on {} is not an encoded image record: {e}", d.stream_seq, d.subject),
+                format!(
+                    "message #{} on {} is not an encoded image record: {e}",
+                    d.stream_seq, d.subject
+                ),
             ))
         }
     };
@@ -259,7 +274,11 @@ mod tests {
     use pcb_schemas::image_id;
 
     fn assigner() -> Assigner {
-        Assigner { shard_count: 8, val_fraction: 0.2, use_dataset_split: true }
+        Assigner {
+            shard_count: 8,
+            val_fraction: 0.2,
+            use_dataset_split: true,
+        }
     }
 
     fn encoded(id: &str, labels: bool, hint: Option<Split>) -> EncodedImage {
@@ -286,7 +305,9 @@ mod tests {
     #[test]
     fn assignment_is_stable_and_spread() {
         let a = assigner();
-        let ids: Vec<String> = (0..4000).map(|i| image_id(format!("board{i}").as_bytes())).collect();
+        let ids: Vec<String> = (0..4000)
+            .map(|i| image_id(format!("board{i}").as_bytes()))
+            .collect();
         let mut per_shard = [0usize; 8];
         let mut val = 0;
         for id in &ids {
@@ -301,9 +322,15 @@ mod tests {
         assert!((700..900).contains(&val), "val share {val} of 4000");
         // A fixed id keeps its place across releases: a changed hash would reshuffle
         // every user's shards.
-        assert_eq!(a.assign(&image_id(b"board0"), None), a.assign(&ids[0], None));
+        assert_eq!(
+            a.assign(&image_id(b"board0"), None),
+            a.assign(&ids[0], None)
+        );
         // sha256("abc"): domain-separated sha256 → shard 2, val (pinned on first release).
-        let golden = a.assign("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", None);
+        let golden = a.assign(
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            None,
+        );
         assert_eq!(golden, (Split::Val, 2));
     }
 
@@ -313,7 +340,11 @@ mod tests {
         let id = image_id(b"x");
         assert_eq!(a.assign(&id, Some(Split::Val)).0, Split::Val);
         assert_eq!(a.assign(&id, Some(Split::Train)).0, Split::Train);
-        let b = Assigner { use_dataset_split: false, val_fraction: 0.0, ..a };
+        let b = Assigner {
+            use_dataset_split: false,
+            val_fraction: 0.0,
+            ..a
+        };
         assert_eq!(b.assign(&id, Some(Split::Val)).0, Split::Train);
     }
 
@@ -332,6 +363,9 @@ mod tests {
         f.router.shard_count = 0;
         f.router.val_fraction = 1.5;
         let text = f.validate().unwrap_err().to_string();
-        assert!(text.contains("router.shard_count") && text.contains("router.val_fraction"), "{text}");
+        assert!(
+            text.contains("router.shard_count") && text.contains("router.val_fraction"),
+            "{text}"
+        );
     }
 }
