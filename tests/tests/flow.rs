@@ -19,8 +19,10 @@ async fn run_once(sample: &std::path::Path, drop_twice: bool) -> BTreeMap<String
     .await;
     assert!(
         done,
-        "not all 200 boards reached the shards: {:?}",
-        env.subject_counts(STREAM_IMAGES).await
+        "not all 200 boards reached the shards: images {:?}, shards {}, left in the watched folder {:?}",
+        env.subject_counts(STREAM_IMAGES).await,
+        env.count(STREAM_SHARDS, "pcb.shards.").await,
+        pcb_ingester::pairing::scan(&env.watch_dir(), &[env.watch_dir().join("processed"), env.watch_dir().join("rejected")]).iter().take(5).collect::<Vec<_>>()
     );
     let images = env.subject_counts(STREAM_IMAGES).await;
     assert_eq!(images.get("pcb.images.raw"), Some(&200));

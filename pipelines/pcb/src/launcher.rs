@@ -382,35 +382,44 @@ pub async fn demo(opts: UpOptions, demo: DemoOptions) -> anyhow::Result<()> {
 }
 
 /// Copies every file of `from` into `to`, each under a temporary name first and renamed
-/// when complete, like a well-behaved line-side uploader.
+/// when complete, like a well-behaved line-side uploader: labels and templates first, the
+/// board images last, so an image never settles before the files that belong to it.
 pub fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<usize> {
-    let mut n = 0;
+    let mut files = Vec::new();
     let mut stack = vec![from.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for entry in
             std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
         {
             let entry = entry?;
-            let path = entry.path();
-            let rel = path.strip_prefix(from)?;
             if entry.file_type()?.is_dir() {
-                stack.push(path);
-                continue;
+                stack.push(entry.path());
+            } else {
+                files.push(entry.path());
             }
-            let dest = to.join(rel);
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            let tmp = dest.with_file_name(format!(
-                ".{}.part",
-                dest.file_name()
-                    .map(|f| f.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            ));
-            std::fs::copy(&path, &tmp)?;
-            std::fs::rename(&tmp, &dest)?;
-            n += 1;
         }
     }
-    Ok(n)
+    let is_board = |p: &PathBuf| {
+        let name = p
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        pcb_ingester::pairing::is_image_name(&name) && !pcb_ingester::pairing::is_template(p)
+    };
+    files.sort_by_key(|p| (is_board(p), p.clone()));
+    for path in &files {
+        let dest = to.join(path.strip_prefix(from)?);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let tmp = dest.with_file_name(format!(
+            ".{}.part",
+            dest.file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+        std::fs::copy(path, &tmp)?;
+        std::fs::rename(&tmp, &dest)?;
+    }
+    Ok(files.len())
 }
