@@ -50,7 +50,8 @@ pub struct EncoderSettings {
     pub max_alloc_bytes: u64,
     /// Class names, id = position + 1 (defaults to DeepPCB's six classes).
     pub classes: Vec<String>,
-    /// Images decoded at once (0: one per CPU core).
+    /// Images in flight at once; decoding itself never uses more threads than tokio's
+    /// blocking pool (0: four per CPU core, so publishes overlap decoding).
     pub concurrency: usize,
     /// Redeliver a message not acked within this many seconds.
     pub ack_wait_secs: u64,
@@ -136,7 +137,7 @@ impl FileConfig {
         );
         p.into_result()?;
         let concurrency = if e.concurrency == 0 {
-            std::thread::available_parallelism().map_or(2, |n| n.get())
+            4 * std::thread::available_parallelism().map_or(2, |n| n.get())
         } else {
             e.concurrency
         };
