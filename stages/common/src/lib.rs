@@ -25,3 +25,14 @@ pub fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+/// The first 8 bytes as spaced hex (`ff d8 ff e0 ...`): how a refusal shows what a file
+/// really starts with.
+pub fn first_bytes_hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -222,7 +222,7 @@ pub fn decode_image(bytes: &[u8], limits: &Limits, what: &str) -> Result<Decoded
             format!(
                 "the {what} is not an image: its first bytes {} match no known format \
                  (JPEG, PNG, BMP, TIFF)",
-                hex_prefix(bytes)
+                pcb_common::first_bytes_hex(bytes)
             ),
         )
     })?;
@@ -288,15 +288,6 @@ fn has_jpeg_end(bytes: &[u8]) -> bool {
     // Some cameras pad after the marker; look at the tail only so this stays cheap.
     let tail = &bytes[bytes.len().saturating_sub(1024)..];
     tail.windows(2).any(|w| w == [0xFF, 0xD9])
-}
-
-fn hex_prefix(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn format_name(f: image::ImageFormat) -> String {

@@ -704,12 +704,11 @@ fn check_magic(bytes: &[u8], what: &str) -> Result<(), Rejection> {
         ));
     }
     image::guess_format(bytes).map(|_| ()).map_err(|_| {
-        let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
         Rejection::new(
             "not-an-image",
             format!(
                 "the {what} is not an image: its first bytes ({}) match no image format",
-                head.join(" ")
+                pcb_common::first_bytes_hex(bytes)
             ),
         )
     })
