@@ -4,6 +4,8 @@ use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use pcb_schemas::{decode, EncodedImage, ShardRecord, STREAM_IMAGES, STREAM_SHARDS};
 use pcb_tests::{bin, synth, wait_until, Env};
 
@@ -23,6 +25,15 @@ fn sigkill(child: &mut Child) {
     child.wait().expect("reap");
 }
 
+/// Freezes the child at once, so it cannot finish between "seen N outputs" and the kill;
+/// a poll of the stream counts was too slow on a fast machine (the router ran all 500).
+fn sigstop(child: &Child) {
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) with a pid we spawned and have not reaped.
+    let rc = unsafe { libc::kill(pid, libc::SIGSTOP) };
+    assert_eq!(rc, 0, "SIGSTOP failed");
+}
+
 /// Kills `stage` once `count(subject)` passed `kill_at`, restarts it, and checks that
 /// `want` distinct images came out on `subject`, each once.
 async fn kill_and_resume(env: &Env, stage: &str, stream: &str, prefix: &str, want: u64) {
@@ -31,16 +42,35 @@ async fn kill_and_resume(env: &Env, stage: &str, stream: &str, prefix: &str, wan
         &format!("[{stage}]\nack_wait_secs = 3\n"),
     );
     let log = env.dir.path().join(format!("{stage}.log"));
+    // Core NATS sees every publish as it happens, so the stage is stopped within
+    // a message or two of the 50th output.
+    let filter = if prefix.ends_with('.') {
+        format!("{prefix}>")
+    } else {
+        prefix.to_string()
+    };
+    let mut live = env.client.subscribe(filter).await.expect("subscribe");
+    env.client.flush().await.expect("flush");
     let mut child = spawn(stage, &config, &log);
-    let started = wait_until(Duration::from_secs(120), || async {
-        env.count(stream, prefix).await >= 100
+    let mut seen = 0;
+    let started = tokio::time::timeout(Duration::from_secs(120), async {
+        while seen < 50 {
+            if live.next().await.is_none() {
+                break;
+            }
+            seen += 1;
+        }
     })
     .await;
+    if seen >= 50 {
+        sigstop(&child);
+    }
     assert!(
-        started,
+        started.is_ok() && seen >= 50,
         "{stage} made no progress; log: {}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
+    drop(live);
     sigkill(&mut child);
     let at_kill = env.count(stream, prefix).await;
     assert!(
