@@ -69,25 +69,41 @@ pub fn bare_decode(boards: &[(Vec<u8>, Option<Vec<u8>>)], threads: usize) -> any
     })
 }
 
-/// Runs the benchmark on `count` synthetic boards and prints the table.
-pub async fn pipeline(count: usize, seed: u64) -> anyhow::Result<Vec<Row>> {
+/// Runs the benchmark on the boards of `dir`, or on `count` synthetic boards when `dir`
+/// is `None`, and returns the table's rows.
+pub async fn pipeline(count: usize, seed: u64, dir: Option<&Path>) -> anyhow::Result<Vec<Row>> {
     let tmp = tempfile::tempdir()?;
-    let sample = tmp.path().join("sample");
-    eprintln!("bench: generating {count} synthetic boards");
-    let dir = sample.clone();
-    tokio::task::spawn_blocking(move || {
-        pcb_synth::generate(
-            &pcb_synth::SynthOptions {
-                count,
-                seed,
-                ..Default::default()
-            },
-            &dir,
-            &mut |_, _| {},
-        )
-    })
-    .await??;
+    let sample = match dir {
+        Some(d) => {
+            if !d.is_dir() {
+                bail!("{} is not a folder", d.display());
+            }
+            d.to_path_buf()
+        }
+        None => {
+            let sample = tmp.path().join("sample");
+            eprintln!("bench: generating {count} synthetic boards");
+            let dir = sample.clone();
+            tokio::task::spawn_blocking(move || {
+                pcb_synth::generate(
+                    &pcb_synth::SynthOptions {
+                        count,
+                        seed,
+                        ..Default::default()
+                    },
+                    &dir,
+                    &mut |_, _| {},
+                )
+            })
+            .await??;
+            sample
+        }
+    };
     let files = board_files(&sample);
+    if files.is_empty() {
+        bail!("no board images found under {}", sample.display());
+    }
+    eprintln!("bench: {} boards from {}", files.len(), sample.display());
     let mut boards = Vec::with_capacity(files.len());
     for (img, tpl) in &files {
         boards.push((
@@ -171,11 +187,71 @@ pub async fn pipeline(count: usize, seed: u64) -> anyhow::Result<Vec<Row>> {
     shutdown.trigger();
     let _ = enc.await;
     let _ = rt.await;
+
+    // What storing the pipeline's own bytes costs the server on these cores, with no
+    // decoding at all: the server shares the machine with the stages, so it bounds the
+    // pipeline together with the decode.
+    let (mut messages, mut bytes) = (0u64, 0u64);
+    for name in [pcb_schemas::STREAM_IMAGES, STREAM_SHARDS] {
+        let state = js.get_stream(name).await?.info().await?.state.clone();
+        messages += state.messages;
+        bytes += state.bytes;
+    }
+    eprintln!("bench: JetStream alone ({messages} messages, {bytes} bytes)");
+    let store = store_alone(&js, messages, bytes, files.len()).await?;
     server.stop();
-    Ok(vec![bare, piped])
+    let ceiling = Row {
+        name: "ceiling: decode and JetStream on one machine".into(),
+        boards: files.len(),
+        seconds: bare.seconds + store.seconds,
+    };
+    Ok(vec![bare, piped, store, ceiling])
 }
 
-/// The table, with each row's rate relative to the first.
+/// Publishes `messages` messages totalling `bytes` to a scratch file stream, 256 acks
+/// in flight, and reports it per board.
+async fn store_alone(
+    js: &async_nats::jetstream::Context,
+    messages: u64,
+    bytes: u64,
+    boards: usize,
+) -> anyhow::Result<Row> {
+    let name = "PCB_BENCH_STORE";
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec!["pcb-bench.store".into()],
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .context("creating the scratch stream")?;
+    let size = (bytes / messages.max(1)) as usize;
+    let payload = bytes::Bytes::from(vec![b'x'; size]);
+    let started = Instant::now();
+    let mut acks = std::collections::VecDeque::new();
+    for _ in 0..messages {
+        if acks.len() >= 256 {
+            if let Some(ack) = acks.pop_front() {
+                let ack: async_nats::jetstream::context::PublishAckFuture = ack;
+                ack.await?;
+            }
+        }
+        acks.push_back(js.publish("pcb-bench.store", payload.clone()).await?);
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    js.delete_stream(name).await.ok();
+    Ok(Row {
+        name: format!("JetStream alone ({messages} msgs of {} KB)", size / 1024),
+        boards,
+        seconds,
+    })
+}
+
+/// The table, with each row's rate relative to the first; when a ceiling row is present,
+/// the pipeline's share of it follows.
 pub fn render(rows: &[Row]) -> String {
     let mut out = format!(
         "{:<44} {:>7} {:>9} {:>10} {:>8}\n",
@@ -190,6 +266,12 @@ pub fn render(rows: &[Row]) -> String {
             r.seconds,
             r.rate(),
             100.0 * r.rate() / base
+        ));
+    }
+    if let (Some(piped), Some(ceiling)) = (rows.get(1), rows.get(3)) {
+        out.push_str(&format!(
+            "pipeline at {:.0}% of the ceiling (1 / (1/decode + 1/JetStream alone))\n",
+            100.0 * piped.rate() / ceiling.rate().max(1e-9)
         ));
     }
     out

@@ -107,6 +107,10 @@ enum BenchCmd {
         /// Seed.
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// Benchmark the boards of this folder (DeepPCB, VOC, YOLO or COCO layout, such
+        /// as ../shared/datasets/deeppcb) instead of generating `--count` synthetic ones.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
     },
 }
 
@@ -174,9 +178,9 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Bench {
-            what: BenchCmd::Pipeline { count, seed },
+            what: BenchCmd::Pipeline { count, seed, dir },
         } => {
-            let rows = pcb::bench::pipeline(count, seed).await?;
+            let rows = pcb::bench::pipeline(count, seed, dir.as_deref()).await?;
             print!("{}", pcb::bench::render(&rows));
             Ok(())
         }
