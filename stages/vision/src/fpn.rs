@@ -1,0 +1,67 @@
+//! The feature pyramid (torchvision's `FeaturePyramidNetwork` with `LastLevelMaxPool`):
+//! 1x1 lateral convolutions, nearest top-down upsampling, 3x3 output convolutions, and an
+//! extra level by max-pooling the coarsest output.
+
+use tch::nn;
+use tch::Tensor;
+
+fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, padding: i64) -> nn::Conv2D {
+    nn::conv2d(
+        p,
+        cin,
+        cout,
+        k,
+        nn::ConvConfig {
+            padding,
+            // torchvision: kaiming_uniform_(a=1), bias 0.
+            ws_init: nn::Init::Kaiming {
+                dist: nn::init::NormalOrUniform::Uniform,
+                fan: nn::init::FanInOut::FanIn,
+                non_linearity: nn::init::NonLinearity::Linear,
+            },
+            bs_init: nn::Init::Const(0.0),
+            ..Default::default()
+        },
+    )
+}
+
+/// The pyramid under `backbone.fpn`.
+#[derive(Debug)]
+pub struct Fpn {
+    /// `inner_blocks.<i>.0`: laterals.
+    pub inner: Vec<nn::Conv2D>,
+    /// `layer_blocks.<i>.0`: outputs.
+    pub layer: Vec<nn::Conv2D>,
+}
+
+impl Fpn {
+    /// A pyramid from `in_channels` (finest first) to `out_channels` per level.
+    pub fn new(p: &nn::Path, in_channels: &[i64], out_channels: i64) -> Fpn {
+        let inner = in_channels
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| conv(p / "inner_blocks" / i / 0, c, out_channels, 1, 0))
+            .collect();
+        let layer = (0..in_channels.len())
+            .map(|i| conv(p / "layer_blocks" / i / 0, out_channels, out_channels, 3, 1))
+            .collect();
+        Fpn { inner, layer }
+    }
+
+    /// Levels '0'..'3' and 'pool', finest first.
+    pub fn forward(&self, xs: &[Tensor]) -> Vec<Tensor> {
+        let n = xs.len();
+        let mut last_inner = xs[n - 1].apply(&self.inner[n - 1]);
+        let mut results = vec![last_inner.apply(&self.layer[n - 1])];
+        for idx in (0..n - 1).rev() {
+            let lateral = xs[idx].apply(&self.inner[idx]);
+            let size = lateral.size();
+            let top_down = last_inner.upsample_nearest2d([size[2], size[3]], None, None);
+            last_inner = lateral + top_down;
+            results.insert(0, last_inner.apply(&self.layer[idx]));
+        }
+        let pool = results[n - 1].max_pool2d([1, 1], [2, 2], [0, 0], [1, 1], false);
+        results.push(pool);
+        results
+    }
+}

@@ -1,0 +1,37 @@
+//! The detector's core on tch: Faster R-CNN with a ResNet FPN backbone, built module for
+//! module as torchvision builds it, with its parameters under torchvision's names.
+
+pub mod boxes;
+pub mod fpn;
+pub mod model;
+pub mod ops;
+pub mod resnet;
+pub mod roi_heads;
+pub mod rpn;
+pub mod testing;
+pub mod transform;
+
+pub use boxes::Sampling;
+pub use model::{Detector, FasterRcnn, Losses, ModelConfig, Output, Target};
+pub use resnet::{Depth, Norm};
+pub use roi_heads::Detections;
+pub use transform::{compose, InputMode, Transform};
+
+/// What can go wrong in the vision core.
+#[derive(Debug, thiserror::Error)]
+pub enum VisionError {
+    /// An input the model cannot take (shape, channels, a missing template).
+    #[error("bad input: {0}")]
+    Input(String),
+    /// A checkpoint that cannot be read or does not fit the model.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint {
+        /// The file.
+        path: String,
+        /// Missing, unexpected or mis-shaped tensors, or the read error.
+        message: String,
+    },
+    /// libtorch refused an operation.
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+}

@@ -1,0 +1,312 @@
+//! Faster R-CNN assembled as torchvision's `FasterRCNN(backbone=resnet_fpn_backbone(...))`:
+//! transform, ResNet body, FPN, RPN and box stage, under torchvision's parameter names.
+
+use std::collections::BTreeMap;
+
+use tch::nn;
+use tch::{Device, Kind, Tensor};
+
+use crate::boxes::Sampling;
+use crate::fpn::Fpn;
+use crate::resnet::{Depth, Norm, ResNet};
+use crate::roi_heads::{BoxSettings, Detections, RoiHeads};
+use crate::rpn::{Rpn, RpnSettings};
+use crate::transform::{InputMode, Transform};
+use crate::VisionError;
+
+/// Everything that fixes the network's shape and behaviour.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Classes including background (DeepPCB: 6 defects + background = 7).
+    pub num_classes: i64,
+    /// ResNet-50 (the reference) or ResNet-18 (lighter, for CPU lines).
+    pub backbone: Depth,
+    /// Frozen batch norm (fine-tuning, torchvision's choice with pretrained weights) or
+    /// trainable batch norm (from scratch).
+    pub norm: Norm,
+    /// The board alone or compared with its template.
+    pub input: InputMode,
+    /// Resizing and normalisation.
+    pub transform: Transform,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            num_classes: 7,
+            backbone: Depth::R50,
+            norm: Norm::Frozen,
+            input: InputMode::ImageTemplateDiff,
+            transform: Transform::default(),
+        }
+    }
+}
+
+/// What a forward pass returns.
+#[derive(Debug)]
+pub struct Output {
+    /// Detections per image, in original image coordinates.
+    pub detections: Vec<Detections>,
+    /// The pyramid levels ('0'..'3', 'pool').
+    pub features: Vec<Tensor>,
+    /// RPN objectness logits per level.
+    pub objectness: Vec<Tensor>,
+    /// RPN proposals per image (resized coordinates).
+    pub proposals: Vec<Tensor>,
+}
+
+/// The four training losses, named as torchvision names them.
+#[derive(Debug)]
+pub struct Losses {
+    /// `loss_classifier`.
+    pub classifier: Tensor,
+    /// `loss_box_reg`.
+    pub box_reg: Tensor,
+    /// `loss_objectness`.
+    pub objectness: Tensor,
+    /// `loss_rpn_box_reg`.
+    pub rpn_box_reg: Tensor,
+}
+
+impl Losses {
+    /// Their sum, what the optimiser minimises.
+    pub fn total(&self) -> Tensor {
+        &self.classifier + &self.box_reg + &self.objectness + &self.rpn_box_reg
+    }
+}
+
+/// A training target: boxes `[G, 4]` (f32, x1 y1 x2 y2 in pixels) and labels `[G]` (i64).
+#[derive(Debug)]
+pub struct Target {
+    /// Boxes.
+    pub boxes: Tensor,
+    /// Classes 1..num_classes-1.
+    pub labels: Tensor,
+}
+
+/// Faster R-CNN with a ResNet FPN backbone.
+#[derive(Debug)]
+pub struct FasterRcnn {
+    /// Its configuration.
+    pub config: ModelConfig,
+    /// `backbone.body`.
+    pub body: ResNet,
+    /// `backbone.fpn`.
+    pub fpn: Fpn,
+    /// `rpn`.
+    pub rpn: Rpn,
+    /// `roi_heads`.
+    pub roi_heads: RoiHeads,
+}
+
+impl FasterRcnn {
+    /// Builds the network under `p` (the VarStore root) with fresh weights.
+    pub fn new(p: &nn::Path, config: ModelConfig, sampling: Sampling) -> FasterRcnn {
+        let backbone = p / "backbone";
+        let body = ResNet::new(&(&backbone / "body"), config.backbone, 3, config.norm);
+        let fpn = Fpn::new(&(&backbone / "fpn"), &config.backbone.stage_channels(), 256);
+        let rpn = Rpn::new(&(p / "rpn"), 256, RpnSettings::default(), sampling);
+        let roi_heads = RoiHeads::new(
+            &(p / "roi_heads"),
+            256,
+            config.num_classes,
+            BoxSettings::default(),
+            sampling,
+        );
+        FasterRcnn {
+            config,
+            body,
+            fpn,
+            rpn,
+            roi_heads,
+        }
+    }
+
+    /// Inference on `images` (each `[3, H, W]`, floats in 0..1, see [`crate::compose`]).
+    pub fn detect(&self, images: &[Tensor]) -> Result<Output, VisionError> {
+        let batch = self.config.transform.apply(images, None)?;
+        let features = self.features(&batch.images, false);
+        let s = batch.images.size();
+        let rpn = self
+            .rpn
+            .forward((s[2], s[3]), &batch.sizes, &features, None, false);
+        let (logits, deltas) = self
+            .roi_heads
+            .predict(&features, &rpn.proposals, &batch.sizes);
+        let dets = self
+            .roi_heads
+            .postprocess(&logits, &deltas, &rpn.proposals, &batch.sizes);
+        let detections = dets
+            .into_iter()
+            .zip(batch.sizes.iter().zip(&batch.original))
+            .map(|(d, (&size, &orig))| Detections {
+                boxes: crate::transform::resize_boxes(&d.boxes, size, orig),
+                labels: d.labels,
+                scores: d.scores,
+            })
+            .collect();
+        Ok(Output {
+            detections,
+            features,
+            objectness: rpn.objectness,
+            proposals: rpn.proposals,
+        })
+    }
+
+    /// The training losses of a batch.
+    pub fn losses(&self, images: &[Tensor], targets: &[Target]) -> Result<Losses, VisionError> {
+        if images.len() != targets.len() {
+            return Err(VisionError::Input(format!(
+                "{} images but {} targets",
+                images.len(),
+                targets.len()
+            )));
+        }
+        let boxes: Vec<Tensor> = targets.iter().map(|t| t.boxes.shallow_clone()).collect();
+        for (i, t) in targets.iter().enumerate() {
+            let (s, l) = (t.boxes.size(), t.labels.size());
+            if s.len() != 2 || s[1] != 4 || l.len() != 1 || l[0] != s[0] {
+                return Err(VisionError::Input(format!(
+                    "target {i}: boxes must be [G, 4] and labels [G], got {s:?} and {l:?}"
+                )));
+            }
+        }
+        let batch = self.config.transform.apply(images, Some(&boxes))?;
+        let gt_boxes = batch.boxes.unwrap_or_default();
+        let gt_labels: Vec<Tensor> = targets.iter().map(|t| t.labels.shallow_clone()).collect();
+        let features = self.features(&batch.images, true);
+        let s = batch.images.size();
+        let rpn = self
+            .rpn
+            .forward((s[2], s[3]), &batch.sizes, &features, Some(&gt_boxes), true);
+        let (objectness, rpn_box_reg) = rpn
+            .losses
+            .ok_or_else(|| VisionError::Input("the RPN returned no losses".into()))?;
+        let (classifier, box_reg) = self.roi_heads.losses(
+            &features,
+            &rpn.proposals,
+            &batch.sizes,
+            &gt_boxes,
+            &gt_labels,
+        );
+        Ok(Losses {
+            classifier,
+            box_reg,
+            objectness,
+            rpn_box_reg,
+        })
+    }
+
+    /// Pyramid features of a padded batch.
+    pub fn features(&self, images: &Tensor, train: bool) -> Vec<Tensor> {
+        let c = self.body.forward_t(images, train);
+        self.fpn.forward(&c)
+    }
+}
+
+/// A model with its variables.
+#[derive(Debug)]
+pub struct Detector {
+    /// Variables, named as torchvision's `state_dict`.
+    pub vs: nn::VarStore,
+    /// The network.
+    pub model: FasterRcnn,
+}
+
+impl Detector {
+    /// A freshly initialised model on `device`.
+    pub fn new(config: ModelConfig, device: Device, sampling: Sampling) -> Detector {
+        let vs = nn::VarStore::new(device);
+        let model = FasterRcnn::new(&vs.root(), config, sampling);
+        Detector { vs, model }
+    }
+
+    /// Variable names and shapes, sorted.
+    pub fn shapes(&self) -> BTreeMap<String, Vec<i64>> {
+        self.vs
+            .variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.size()))
+            .collect()
+    }
+
+    /// Loads a safetensors checkpoint, refusing one whose names or shapes differ from the
+    /// model's (tch alone would ignore extra tensors).
+    pub fn load(&mut self, path: &std::path::Path) -> Result<(), VisionError> {
+        let tensors = Tensor::read_safetensors(path).map_err(|e| VisionError::Checkpoint {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        self.load_tensors(tensors, &path.display().to_string())
+    }
+
+    /// Copies named tensors into the variables, all or nothing.
+    pub fn load_tensors(
+        &mut self,
+        tensors: Vec<(String, Tensor)>,
+        origin: &str,
+    ) -> Result<(), VisionError> {
+        let want = self.shapes();
+        let mut problems = Vec::new();
+        let mut have = BTreeMap::new();
+        for (k, t) in tensors {
+            have.insert(k, t);
+        }
+        let missing: Vec<&String> = want.keys().filter(|k| !have.contains_key(*k)).collect();
+        let extra: Vec<&String> = have
+            .keys()
+            .filter(|k| !want.contains_key(*k) && !k.ends_with("num_batches_tracked"))
+            .collect();
+        if !missing.is_empty() {
+            problems.push(format!("missing {}: {}", missing.len(), list(&missing)));
+        }
+        if !extra.is_empty() {
+            problems.push(format!("unexpected {}: {}", extra.len(), list(&extra)));
+        }
+        for (k, shape) in &want {
+            if let Some(t) = have.get(k) {
+                if &t.size() != shape {
+                    problems.push(format!("{k}: checkpoint {:?}, model {shape:?}", t.size()));
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(VisionError::Checkpoint {
+                path: origin.to_string(),
+                message: problems.join("; "),
+            });
+        }
+        let mut vars = self.vs.variables();
+        tch::no_grad(|| {
+            for (k, v) in vars.iter_mut() {
+                if let Some(t) = have.get(k) {
+                    v.copy_(&t.to_kind(v.kind()).to_device(v.device()));
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Writes the variables to a safetensors file.
+    pub fn save(&self, path: &std::path::Path) -> Result<(), VisionError> {
+        let vars = self.vs.variables();
+        let named: Vec<(String, Tensor)> = vars
+            .into_iter()
+            .map(|(k, v)| (k, v.to_kind(Kind::Float).to_device(Device::Cpu)))
+            .collect();
+        Tensor::write_safetensors(&named, path).map_err(|e| VisionError::Checkpoint {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+}
+
+fn list(names: &[&String]) -> String {
+    let shown: Vec<&str> = names.iter().take(8).map(|s| s.as_str()).collect();
+    if names.len() > 8 {
+        format!("{}, ... ({} more)", shown.join(", "), names.len() - 8)
+    } else {
+        shown.join(", ")
+    }
+}

@@ -1,0 +1,326 @@
+//! Box operations torchvision implements as its own C++ ops (libtorch has none of them):
+//! IoU, NMS, batched NMS and RoI align, with the same semantics as `torchvision.ops`.
+
+use tch::{Kind, Tensor};
+
+/// Area of `[N, 4]` boxes in `(x1, y1, x2, y2)`.
+pub fn box_area(boxes: &Tensor) -> Tensor {
+    (boxes.select(1, 2) - boxes.select(1, 0)) * (boxes.select(1, 3) - boxes.select(1, 1))
+}
+
+/// Pairwise IoU of `[N, 4]` and `[M, 4]` boxes: `[N, M]`, as `torchvision.ops.box_iou`.
+pub fn box_iou(a: &Tensor, b: &Tensor) -> Tensor {
+    let area_a = box_area(a);
+    let area_b = box_area(b);
+    let lt = a
+        .slice(1, 0, 2, 1)
+        .unsqueeze(1)
+        .maximum(&b.slice(1, 0, 2, 1).unsqueeze(0));
+    let rb = a
+        .slice(1, 2, 4, 1)
+        .unsqueeze(1)
+        .minimum(&b.slice(1, 2, 4, 1).unsqueeze(0));
+    let wh = (rb - lt).clamp_min(0.0);
+    let inter = wh.select(2, 0) * wh.select(2, 1);
+    let union = area_a.unsqueeze(1) + area_b.unsqueeze(0) - &inter;
+    inter / union
+}
+
+/// Clamps boxes into an image of `(height, width)`.
+pub fn clip_boxes_to_image(boxes: &Tensor, height: i64, width: i64) -> Tensor {
+    let x = boxes.slice(-1, 0, 4, 2).clamp(0.0, width as f64);
+    let y = boxes.slice(-1, 1, 4, 2).clamp(0.0, height as f64);
+    Tensor::stack(&[x, y], -1).reshape(boxes.size())
+}
+
+/// Indices of boxes whose sides are both at least `min_size`.
+pub fn remove_small_boxes(boxes: &Tensor, min_size: f64) -> Tensor {
+    let ws = boxes.select(1, 2) - boxes.select(1, 0);
+    let hs = boxes.select(1, 3) - boxes.select(1, 1);
+    let keep = ws.ge(min_size).logical_and(&hs.ge(min_size));
+    keep.nonzero().squeeze_dim(1)
+}
+
+/// Greedy NMS on the CPU: indices of the kept boxes by decreasing score, as
+/// `torchvision.ops.nms` (a box is dropped when its IoU with a kept one is above
+/// `iou_threshold`; ties in score keep their input order).
+pub fn nms(boxes: &Tensor, scores: &Tensor, iou_threshold: f64) -> Tensor {
+    let n = boxes.size()[0];
+    if n == 0 {
+        return Tensor::zeros([0], (Kind::Int64, tch::Device::Cpu));
+    }
+    let device = boxes.device();
+    let (_, order) = scores
+        .to_kind(Kind::Float)
+        .to_device(tch::Device::Cpu)
+        .sort_stable(true, 0, true);
+    let order: Vec<i64> = Vec::<i64>::try_from(&order).unwrap_or_default();
+    let flat: Vec<f32> = Vec::<f32>::try_from(
+        &boxes
+            .to_kind(Kind::Float)
+            .to_device(tch::Device::Cpu)
+            .contiguous()
+            .view([-1]),
+    )
+    .unwrap_or_default();
+    let keep = nms_sorted(&flat, &order, iou_threshold as f32);
+    Tensor::from_slice(&keep).to_device(device)
+}
+
+/// The greedy loop over boxes already in score order; `flat` holds `x1 y1 x2 y2` per box.
+fn nms_sorted(flat: &[f32], order: &[i64], threshold: f32) -> Vec<i64> {
+    let n = flat.len() / 4;
+    let area: Vec<f32> = (0..n)
+        .map(|i| (flat[4 * i + 2] - flat[4 * i]) * (flat[4 * i + 3] - flat[4 * i + 1]))
+        .collect();
+    let mut suppressed = vec![false; n];
+    let mut keep = Vec::new();
+    for (pos, &i) in order.iter().enumerate() {
+        let i = i as usize;
+        if suppressed[i] {
+            continue;
+        }
+        keep.push(i as i64);
+        let (ix1, iy1, ix2, iy2) = (
+            flat[4 * i],
+            flat[4 * i + 1],
+            flat[4 * i + 2],
+            flat[4 * i + 3],
+        );
+        for &j in &order[pos + 1..] {
+            let j = j as usize;
+            if suppressed[j] {
+                continue;
+            }
+            let w = (ix2.min(flat[4 * j + 2]) - ix1.max(flat[4 * j])).max(0.0);
+            let h = (iy2.min(flat[4 * j + 3]) - iy1.max(flat[4 * j + 1])).max(0.0);
+            let inter = w * h;
+            let iou = inter / (area[i] + area[j] - inter);
+            if iou > threshold {
+                suppressed[j] = true;
+            }
+        }
+    }
+    keep
+}
+
+/// NMS within each category of `idxs`: boxes of different categories never suppress each
+/// other. Kept indices come back by decreasing score, as `torchvision.ops.batched_nms`,
+/// which (on the CPU) shifts categories apart for up to 1000 boxes and runs one NMS per
+/// category above that; both are mirrored so that rounding matches too.
+pub fn batched_nms(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, iou_threshold: f64) -> Tensor {
+    if boxes.numel() == 0 {
+        return Tensor::zeros([0], (Kind::Int64, boxes.device()));
+    }
+    if boxes.numel() <= 4000 {
+        let max_coordinate = boxes.max();
+        let offsets = idxs.to_kind(boxes.kind()) * (max_coordinate + 1.0);
+        let shifted = boxes + offsets.unsqueeze(1);
+        return nms(&shifted, scores, iou_threshold);
+    }
+    let device = boxes.device();
+    let cpu = |t: &Tensor| t.to_device(tch::Device::Cpu);
+    let ids: Vec<i64> = Vec::<i64>::try_from(&cpu(&idxs.to_kind(Kind::Int64))).unwrap_or_default();
+    let score_v: Vec<f32> =
+        Vec::<f32>::try_from(&cpu(&scores.to_kind(Kind::Float))).unwrap_or_default();
+    let mut categories = ids.clone();
+    categories.sort_unstable();
+    categories.dedup();
+    let mut kept: Vec<i64> = Vec::new();
+    for cat in categories {
+        let members: Vec<i64> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| c == cat)
+            .map(|(i, _)| i as i64)
+            .collect();
+        let sel = Tensor::from_slice(&members).to_device(device);
+        let keep = nms(
+            &boxes.index_select(0, &sel),
+            &scores.index_select(0, &sel),
+            iou_threshold,
+        );
+        for k in Vec::<i64>::try_from(&cpu(&keep)).unwrap_or_default() {
+            kept.push(members[k as usize]);
+        }
+    }
+    // torchvision keeps a mask, so the kept indices go back to index order before sorting.
+    kept.sort_unstable();
+    kept.sort_by(|&a, &b| {
+        score_v[b as usize]
+            .partial_cmp(&score_v[a as usize])
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    Tensor::from_slice(&kept).to_device(device)
+}
+
+/// RoI align (`torchvision.ops.roi_align` with `aligned=False` or `true`) on top of
+/// libtorch's `grid_sampler`, so that its gradient flows to `input`.
+///
+/// `input` is `[N, C, H, W]`; `rois` is `[K, 5]` with the batch index first. Each output bin
+/// averages `sampling_ratio`² bilinear samples; a sample more than one pixel outside the map
+/// counts as zero, one within a pixel of the border takes the border value, exactly as the
+/// torchvision kernel does.
+pub fn roi_align(
+    input: &Tensor,
+    rois: &Tensor,
+    output_size: (i64, i64),
+    spatial_scale: f64,
+    sampling_ratio: i64,
+    aligned: bool,
+) -> Tensor {
+    let (n, c, h, w) = input.size4().unwrap_or((0, 0, 0, 0));
+    let (ph, pw) = output_size;
+    let k = rois.size()[0];
+    let opts = (input.kind(), input.device());
+    if k == 0 {
+        return Tensor::zeros([0, c, ph, pw], opts);
+    }
+    let sr = sampling_ratio.max(1);
+    let offset = if aligned { 0.5 } else { 0.0 };
+    let rois = rois.to_kind(input.kind());
+    let x1 = rois.select(1, 1) * spatial_scale - offset;
+    let y1 = rois.select(1, 2) * spatial_scale - offset;
+    let x2 = rois.select(1, 3) * spatial_scale - offset;
+    let y2 = rois.select(1, 4) * spatial_scale - offset;
+    let (mut rw, mut rh) = (&x2 - &x1, &y2 - &y1);
+    if !aligned {
+        rw = rw.clamp_min(1.0);
+        rh = rh.clamp_min(1.0);
+    }
+    let bin_w = rw / pw as f64;
+    let bin_h = rh / ph as f64;
+    // Sample positions within the RoI: bin p, sample i -> p*bin + (i+0.5)*bin/sr.
+    let steps = |bins: i64| {
+        let p = Tensor::arange(bins, opts).unsqueeze(1);
+        let i = Tensor::arange(sr, opts).unsqueeze(0);
+        (p + (i + 0.5) / sr as f64).view([-1])
+    };
+    let ys = y1.unsqueeze(1) + bin_h.unsqueeze(1) * steps(ph).unsqueeze(0); // [K, ph*sr]
+    let xs = x1.unsqueeze(1) + bin_w.unsqueeze(1) * steps(pw).unsqueeze(0); // [K, pw*sr]
+    let valid_y = ys.ge(-1.0).logical_and(&ys.le(h as f64));
+    let valid_x = xs.ge(-1.0).logical_and(&xs.le(w as f64));
+    let valid = (valid_y.unsqueeze(2).logical_and(&valid_x.unsqueeze(1))).to_kind(input.kind());
+    // align_corners=true maps -1..1 onto pixel centres 0..size-1; border padding clamps
+    // samples into the map like the kernel's clamp to the first/last row and column.
+    let norm = |v: &Tensor, size: i64| {
+        if size > 1 {
+            v * (2.0 / (size - 1) as f64) - 1.0
+        } else {
+            v * 0.0
+        }
+    };
+    let gy = norm(&ys, h)
+        .unsqueeze(2)
+        .expand([k, ph * sr, pw * sr], false);
+    let gx = norm(&xs, w)
+        .unsqueeze(1)
+        .expand([k, ph * sr, pw * sr], false);
+    let grid = Tensor::stack(&[gx, gy], 3); // [K, ph*sr, pw*sr, 2]
+    let batch = rois.select(1, 0).to_kind(Kind::Int64);
+    let mut out = Tensor::zeros([k, c, ph * sr, pw * sr], opts);
+    let batch_ids: Vec<i64> =
+        Vec::<i64>::try_from(&batch.to_device(tch::Device::Cpu)).unwrap_or_default();
+    for b in 0..n {
+        let sel: Vec<i64> = batch_ids
+            .iter()
+            .enumerate()
+            .filter(|(_, &id)| id == b)
+            .map(|(i, _)| i as i64)
+            .collect();
+        if sel.is_empty() {
+            continue;
+        }
+        let idx = Tensor::from_slice(&sel).to_device(input.device());
+        let g = grid.index_select(0, &idx); // [k_b, H', W', 2]
+        let kb = sel.len() as i64;
+        let g = g.reshape([1, kb * ph * sr, pw * sr, 2]);
+        let sampled = input.narrow(0, b, 1).grid_sampler(&g, 0, 1, true); // [1, C, kb*H', W']
+        let sampled = sampled
+            .reshape([c, kb, ph * sr, pw * sr])
+            .permute([1, 0, 2, 3]);
+        out = out.index_copy(0, &idx, &sampled);
+    }
+    let out = out * valid.unsqueeze(1);
+    out.reshape([k, c, ph, sr, pw, sr])
+        .sum_dim_intlist([3, 5].as_slice(), false, input.kind())
+        / (sr * sr) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[f32], rows: i64) -> Tensor {
+        Tensor::from_slice(v).view([rows, -1])
+    }
+
+    #[test]
+    fn iou_of_known_boxes() {
+        let a = t(&[0., 0., 10., 10.], 1);
+        let b = t(&[5., 5., 15., 15., 20., 20., 30., 30.], 2);
+        let iou = Vec::<f32>::try_from(&box_iou(&a, &b).view([-1])).unwrap();
+        assert!((iou[0] - 25.0 / 175.0).abs() < 1e-6);
+        assert_eq!(iou[1], 0.0);
+    }
+
+    #[test]
+    fn nms_keeps_the_best_of_overlapping_boxes() {
+        let boxes = t(
+            &[
+                0., 0., 10., 10., 1., 1., 11., 11., 20., 20., 30., 30., 0., 0., 10., 10.,
+            ],
+            4,
+        );
+        let scores = Tensor::from_slice(&[0.9f32, 0.95, 0.5, 0.3]);
+        let keep = Vec::<i64>::try_from(&nms(&boxes, &scores, 0.5)).unwrap();
+        assert_eq!(keep, vec![1, 2]);
+    }
+
+    #[test]
+    fn batched_nms_keeps_categories_apart() {
+        let boxes = t(&[0., 0., 10., 10., 0., 0., 10., 10.], 2);
+        let scores = Tensor::from_slice(&[0.9f32, 0.8]);
+        let idxs = Tensor::from_slice(&[1i64, 2]);
+        let keep = Vec::<i64>::try_from(&batched_nms(&boxes, &scores, &idxs, 0.5)).unwrap();
+        assert_eq!(keep, vec![0, 1]);
+        let same = Tensor::from_slice(&[1i64, 1]);
+        let keep = Vec::<i64>::try_from(&batched_nms(&boxes, &scores, &same, 0.5)).unwrap();
+        assert_eq!(keep, vec![0]);
+    }
+
+    #[test]
+    fn roi_align_of_a_constant_map_is_that_constant_inside() {
+        let input = Tensor::full([1, 2, 8, 8], 3.0, (Kind::Float, tch::Device::Cpu));
+        let rois = t(&[0., 1., 1., 6., 6.], 1);
+        let out = roi_align(&input, &rois, (2, 2), 1.0, 2, false);
+        assert_eq!(out.size(), vec![1, 2, 2, 2]);
+        let v = Vec::<f32>::try_from(&out.view([-1])).unwrap();
+        assert!(v.iter().all(|x| (x - 3.0).abs() < 1e-6), "{v:?}");
+    }
+
+    #[test]
+    fn roi_align_of_a_ramp_samples_bin_centres() {
+        // value = x, so each bin's mean is the mean x of its samples.
+        let ramp = Tensor::arange(8, (Kind::Float, tch::Device::Cpu))
+            .view([1, 1, 1, 8])
+            .expand([1, 1, 8, 8], false)
+            .contiguous();
+        let rois = t(&[0., 0., 0., 4., 4.], 1);
+        let out = roi_align(&ramp, &rois, (1, 2), 1.0, 2, false);
+        let v = Vec::<f32>::try_from(&out.view([-1])).unwrap();
+        // bin 0 samples x = 0.5, 1.5 -> 1.0; bin 1 samples x = 2.5, 3.5 -> 3.0
+        assert!(
+            (v[0] - 1.0).abs() < 1e-5 && (v[1] - 3.0).abs() < 1e-5,
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn roi_align_far_outside_is_zero() {
+        let input = Tensor::ones([1, 1, 4, 4], (Kind::Float, tch::Device::Cpu));
+        let rois = t(&[0., 10., 10., 14., 14.], 1);
+        let out = roi_align(&input, &rois, (2, 2), 1.0, 2, false);
+        assert_eq!(out.abs().sum(Kind::Float).double_value(&[]), 0.0);
+    }
+}

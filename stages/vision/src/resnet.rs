@@ -1,0 +1,269 @@
+//! ResNet bodies (torchvision's `resnet18`/`resnet50` without avgpool and fc), with frozen or
+//! trainable batch norm, returning the four stage outputs the FPN consumes.
+
+use tch::nn::{self, ModuleT};
+use tch::Tensor;
+
+/// How the backbone normalises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Norm {
+    /// torchvision's `FrozenBatchNorm2d`: fixed statistics and affine (fine-tuning).
+    Frozen,
+    /// `BatchNorm2d` with batch statistics in training (training from scratch).
+    Batch,
+}
+
+/// A normalisation layer under `p` with torchvision's parameter names.
+#[derive(Debug)]
+pub enum NormLayer {
+    /// Fixed scale and shift.
+    Frozen {
+        /// `weight`.
+        weight: Tensor,
+        /// `bias`.
+        bias: Tensor,
+        /// `running_mean`.
+        mean: Tensor,
+        /// `running_var`.
+        var: Tensor,
+    },
+    /// Trainable batch norm.
+    Batch(nn::BatchNorm),
+}
+
+impl NormLayer {
+    /// Creates the layer for `channels` under `p`.
+    pub fn new(p: nn::Path, channels: i64, norm: Norm) -> Self {
+        match norm {
+            Norm::Frozen => NormLayer::Frozen {
+                weight: p.ones_no_train("weight", &[channels]),
+                bias: p.zeros_no_train("bias", &[channels]),
+                mean: p.zeros_no_train("running_mean", &[channels]),
+                var: p.ones_no_train("running_var", &[channels]),
+            },
+            Norm::Batch => NormLayer::Batch(nn::batch_norm2d(p, channels, Default::default())),
+        }
+    }
+
+    /// Per-channel (scale, shift) of a frozen layer, for folding into a convolution.
+    pub fn frozen_affine(&self) -> Option<(Tensor, Tensor)> {
+        match self {
+            NormLayer::Frozen {
+                weight,
+                bias,
+                mean,
+                var,
+            } => {
+                // torchvision's FrozenBatchNorm2d uses eps = 1e-5.
+                let scale = weight * (var + 1e-5).rsqrt();
+                let shift = bias - mean * &scale;
+                Some((scale, shift))
+            }
+            NormLayer::Batch(_) => None,
+        }
+    }
+}
+
+impl ModuleT for NormLayer {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        match self {
+            NormLayer::Frozen { .. } => {
+                let (scale, shift) = self.frozen_affine().unwrap_or_else(|| unreachable!());
+                xs * scale.reshape([1, -1, 1, 1]) + shift.reshape([1, -1, 1, 1])
+            }
+            NormLayer::Batch(bn) => bn.forward_t(xs, train),
+        }
+    }
+}
+
+fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
+    nn::conv2d(
+        p,
+        cin,
+        cout,
+        k,
+        nn::ConvConfig {
+            stride,
+            padding,
+            bias: false,
+            // torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu").
+            ws_init: nn::Init::Kaiming {
+                dist: nn::init::NormalOrUniform::Normal,
+                fan: nn::init::FanInOut::FanOut,
+                non_linearity: nn::init::NonLinearity::ReLU,
+            },
+            ..Default::default()
+        },
+    )
+}
+
+/// A convolution followed by its norm.
+#[derive(Debug)]
+pub struct ConvNorm {
+    /// The convolution (no bias).
+    pub conv: nn::Conv2D,
+    /// Its norm.
+    pub norm: NormLayer,
+}
+
+impl ConvNorm {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.norm.forward_t(&xs.apply(&self.conv), train)
+    }
+}
+
+/// `downsample` of a block: `0` the 1x1 convolution, `1` its norm.
+fn downsample(p: &nn::Path, cin: i64, cout: i64, stride: i64, norm: Norm) -> ConvNorm {
+    let d = p / "downsample";
+    ConvNorm {
+        conv: conv(&d / 0, cin, cout, 1, stride, 0),
+        norm: NormLayer::new(&d / 1, cout, norm),
+    }
+}
+
+/// A residual block, basic (two 3x3) or bottleneck (1x1, 3x3 with the stride, 1x1).
+#[derive(Debug)]
+pub struct Block {
+    /// The main path, in order.
+    pub convs: Vec<ConvNorm>,
+    /// The shortcut projection, when shapes change.
+    pub downsample: Option<ConvNorm>,
+}
+
+impl Block {
+    fn basic(p: nn::Path, cin: i64, planes: i64, stride: i64, norm: Norm) -> Block {
+        let convs = vec![
+            ConvNorm {
+                conv: conv(&p / "conv1", cin, planes, 3, stride, 1),
+                norm: NormLayer::new(&p / "bn1", planes, norm),
+            },
+            ConvNorm {
+                conv: conv(&p / "conv2", planes, planes, 3, 1, 1),
+                norm: NormLayer::new(&p / "bn2", planes, norm),
+            },
+        ];
+        let downsample =
+            (stride != 1 || cin != planes).then(|| downsample(&p, cin, planes, stride, norm));
+        Block { convs, downsample }
+    }
+
+    fn bottleneck(p: nn::Path, cin: i64, planes: i64, stride: i64, norm: Norm) -> Block {
+        let out = planes * 4;
+        let convs = vec![
+            ConvNorm {
+                conv: conv(&p / "conv1", cin, planes, 1, 1, 0),
+                norm: NormLayer::new(&p / "bn1", planes, norm),
+            },
+            ConvNorm {
+                conv: conv(&p / "conv2", planes, planes, 3, stride, 1),
+                norm: NormLayer::new(&p / "bn2", planes, norm),
+            },
+            ConvNorm {
+                conv: conv(&p / "conv3", planes, out, 1, 1, 0),
+                norm: NormLayer::new(&p / "bn3", out, norm),
+            },
+        ];
+        let downsample =
+            (stride != 1 || cin != out).then(|| downsample(&p, cin, out, stride, norm));
+        Block { convs, downsample }
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let mut y = xs.shallow_clone();
+        let last = self.convs.len() - 1;
+        for (i, c) in self.convs.iter().enumerate() {
+            y = c.forward_t(&y, train);
+            if i < last {
+                y = y.relu();
+            }
+        }
+        let identity = match &self.downsample {
+            Some(d) => d.forward_t(xs, train),
+            None => xs.shallow_clone(),
+        };
+        (y + identity).relu()
+    }
+}
+
+/// Which ResNet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Depth {
+    /// ResNet-18: basic blocks 2-2-2-2, stage widths 64..512.
+    R18,
+    /// ResNet-50: bottlenecks 3-4-6-3, stage widths 256..2048.
+    R50,
+}
+
+impl Depth {
+    /// Output channels of layer1..layer4.
+    pub fn stage_channels(self) -> [i64; 4] {
+        match self {
+            Depth::R18 => [64, 128, 256, 512],
+            Depth::R50 => [256, 512, 1024, 2048],
+        }
+    }
+}
+
+/// The ResNet body: `conv1`, `bn1`, max-pool, `layer1`..`layer4`.
+#[derive(Debug)]
+pub struct ResNet {
+    /// The stem.
+    pub stem: ConvNorm,
+    /// layer1..layer4.
+    pub layers: Vec<Vec<Block>>,
+}
+
+impl ResNet {
+    /// Builds the body under `p` (torchvision: `backbone.body`) for `in_channels` inputs.
+    pub fn new(p: &nn::Path, depth: Depth, in_channels: i64, norm: Norm) -> ResNet {
+        let stem = ConvNorm {
+            conv: conv(p / "conv1", in_channels, 64, 7, 2, 3),
+            norm: NormLayer::new(p / "bn1", 64, norm),
+        };
+        let counts: [usize; 4] = match depth {
+            Depth::R18 => [2, 2, 2, 2],
+            Depth::R50 => [3, 4, 6, 3],
+        };
+        let mut cin = 64;
+        let mut layers = Vec::new();
+        for (i, &n) in counts.iter().enumerate() {
+            let planes = 64 << i;
+            let stride = if i == 0 { 1 } else { 2 };
+            let lp = p / format!("layer{}", i + 1);
+            let mut blocks = Vec::new();
+            for b in 0..n {
+                let s = if b == 0 { stride } else { 1 };
+                let block = match depth {
+                    Depth::R18 => Block::basic(&lp / b, cin, planes, s, norm),
+                    Depth::R50 => Block::bottleneck(&lp / b, cin, planes, s, norm),
+                };
+                cin = match depth {
+                    Depth::R18 => planes,
+                    Depth::R50 => planes * 4,
+                };
+                blocks.push(block);
+            }
+            layers.push(blocks);
+        }
+        ResNet { stem, layers }
+    }
+
+    /// The outputs of layer1..layer4.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Vec<Tensor> {
+        let mut x =
+            self.stem
+                .forward_t(xs, train)
+                .relu()
+                .max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        let mut outs = Vec::with_capacity(4);
+        for layer in &self.layers {
+            for block in layer {
+                x = block.forward_t(&x, train);
+            }
+            outs.push(x.shallow_clone());
+        }
+        outs
+    }
+}

@@ -1,0 +1,386 @@
+//! The second stage: multi-scale RoI align, the two-MLP box head, the predictor, training
+//! targets and losses, and post-processing into detections — torchvision's `roi_heads.py`.
+
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+use crate::boxes::{
+    BalancedSampler, BoxCoder, Matcher, Sampling, BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS,
+};
+use crate::ops;
+
+/// RoI align over pyramid levels '0'..'3', each box on the level its size calls for.
+#[derive(Debug, Clone, Copy)]
+pub struct MultiScaleRoIAlign {
+    /// Output bins per side (7).
+    pub output_size: i64,
+    /// Samples per bin side (2).
+    pub sampling_ratio: i64,
+}
+
+impl MultiScaleRoIAlign {
+    /// Pooled features `[sum(R_i), C, 7, 7]` of `boxes` (per image) from `features`
+    /// (levels '0'..'3'), for images measuring `image_sizes` before padding.
+    pub fn forward(
+        &self,
+        features: &[Tensor],
+        boxes: &[Tensor],
+        image_sizes: &[(i64, i64)],
+    ) -> Tensor {
+        let max_h = image_sizes.iter().map(|s| s.0).max().unwrap_or(1);
+        let max_w = image_sizes.iter().map(|s| s.1).max().unwrap_or(1);
+        // torchvision infers each level's scale from its height, as a power of two.
+        let scales: Vec<f64> = features
+            .iter()
+            .map(|f| {
+                let approx = f.size()[2] as f64 / max_h as f64;
+                2f64.powf(approx.log2().round())
+            })
+            .collect();
+        let _ = max_w;
+        let k_min = -scales[0].log2();
+        let k_max = -scales[scales.len() - 1].log2();
+        let device = features[0].device();
+        let kind = features[0].kind();
+        let rois = Tensor::cat(
+            &boxes
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    let idx = Tensor::full([b.size()[0], 1], i as f64, (b.kind(), device));
+                    Tensor::cat(&[idx, b.shallow_clone()], 1)
+                })
+                .collect::<Vec<_>>(),
+            0,
+        );
+        let channels = features[0].size()[1];
+        let n = rois.size()[0];
+        let o = self.output_size;
+        if features.len() == 1 {
+            return ops::roi_align(
+                &features[0],
+                &rois,
+                (o, o),
+                scales[0],
+                self.sampling_ratio,
+                false,
+            );
+        }
+        // LevelMapper: canonical size 224 on level 4, eps 1e-6.
+        let all_boxes = Tensor::cat(boxes, 0);
+        let s = ops::box_area(&all_boxes).sqrt();
+        let levels = ((s / 224.0).log2() + 4.0 + 1e-6)
+            .floor()
+            .clamp(k_min, k_max)
+            - k_min;
+        let levels = levels.to_kind(Kind::Int64);
+        let mut result = Tensor::zeros([n, channels, o, o], (kind, device));
+        for (level, (f, &scale)) in features.iter().zip(&scales).enumerate() {
+            let idx = levels.eq(level as i64).nonzero().squeeze_dim(1);
+            if idx.size()[0] == 0 {
+                continue;
+            }
+            let pooled = ops::roi_align(
+                f,
+                &rois.index_select(0, &idx),
+                (o, o),
+                scale,
+                self.sampling_ratio,
+                false,
+            );
+            result = result.index_put(&[Some(idx)], &pooled, false);
+        }
+        result
+    }
+}
+
+/// `box_head`: `fc6` and `fc7` with ReLU.
+#[derive(Debug)]
+pub struct TwoMlpHead {
+    /// `fc6`.
+    pub fc6: nn::Linear,
+    /// `fc7`.
+    pub fc7: nn::Linear,
+}
+
+impl TwoMlpHead {
+    /// From `in_features` (C*7*7) to `representation` (1024).
+    pub fn new(p: &nn::Path, in_features: i64, representation: i64) -> Self {
+        TwoMlpHead {
+            fc6: nn::linear(p / "fc6", in_features, representation, Default::default()),
+            fc7: nn::linear(
+                p / "fc7",
+                representation,
+                representation,
+                Default::default(),
+            ),
+        }
+    }
+}
+
+impl Module for TwoMlpHead {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.flatten(1, -1)
+            .apply(&self.fc6)
+            .relu()
+            .apply(&self.fc7)
+            .relu()
+    }
+}
+
+/// `box_predictor`: class logits and per-class box deltas.
+#[derive(Debug)]
+pub struct Predictor {
+    /// `cls_score`.
+    pub cls_score: nn::Linear,
+    /// `bbox_pred`.
+    pub bbox_pred: nn::Linear,
+}
+
+impl Predictor {
+    /// For `num_classes` classes including background.
+    pub fn new(p: &nn::Path, in_features: i64, num_classes: i64) -> Self {
+        Predictor {
+            cls_score: nn::linear(
+                p / "cls_score",
+                in_features,
+                num_classes,
+                Default::default(),
+            ),
+            bbox_pred: nn::linear(
+                p / "bbox_pred",
+                in_features,
+                num_classes * 4,
+                Default::default(),
+            ),
+        }
+    }
+}
+
+/// Thresholds and counts of the box stage.
+#[derive(Debug, Clone, Copy)]
+pub struct BoxSettings {
+    /// IoU at or above which a proposal is foreground.
+    pub fg_iou_thresh: f64,
+    /// IoU below which a proposal is background.
+    pub bg_iou_thresh: f64,
+    /// Proposals sampled per image for the loss.
+    pub batch_size_per_image: i64,
+    /// Share of positives among them.
+    pub positive_fraction: f64,
+    /// Minimum class score of a detection.
+    pub score_thresh: f64,
+    /// IoU of the per-class NMS.
+    pub nms_thresh: f64,
+    /// Detections kept per image.
+    pub detections_per_img: i64,
+}
+
+impl Default for BoxSettings {
+    fn default() -> Self {
+        BoxSettings {
+            fg_iou_thresh: 0.5,
+            bg_iou_thresh: 0.5,
+            batch_size_per_image: 512,
+            positive_fraction: 0.25,
+            score_thresh: 0.05,
+            nms_thresh: 0.5,
+            detections_per_img: 100,
+        }
+    }
+}
+
+/// Detections of one image, in the coordinates of the (resized) input.
+#[derive(Debug)]
+pub struct Detections {
+    /// `[D, 4]`.
+    pub boxes: Tensor,
+    /// `[D]`, classes 1..num_classes-1.
+    pub labels: Tensor,
+    /// `[D]`.
+    pub scores: Tensor,
+}
+
+/// The box stage.
+#[derive(Debug)]
+pub struct RoiHeads {
+    /// Pooling.
+    pub pool: MultiScaleRoIAlign,
+    /// `box_head`.
+    pub head: TwoMlpHead,
+    /// `box_predictor`.
+    pub predictor: Predictor,
+    /// Deltas with weights (10, 10, 5, 5).
+    pub coder: BoxCoder,
+    /// Thresholds.
+    pub settings: BoxSettings,
+    /// Sampling of training proposals.
+    pub sampler: BalancedSampler,
+}
+
+impl RoiHeads {
+    /// The stage under `p` (torchvision: `roi_heads`).
+    pub fn new(
+        p: &nn::Path,
+        channels: i64,
+        num_classes: i64,
+        settings: BoxSettings,
+        sampling: Sampling,
+    ) -> Self {
+        RoiHeads {
+            pool: MultiScaleRoIAlign {
+                output_size: 7,
+                sampling_ratio: 2,
+            },
+            head: TwoMlpHead::new(&(p / "box_head"), channels * 49, 1024),
+            predictor: Predictor::new(&(p / "box_predictor"), 1024, num_classes),
+            coder: BoxCoder::new((10.0, 10.0, 5.0, 5.0)),
+            settings,
+            sampler: BalancedSampler {
+                batch_size: settings.batch_size_per_image,
+                positive_fraction: settings.positive_fraction,
+                sampling,
+            },
+        }
+    }
+
+    /// Class logits and box deltas of `proposals`.
+    pub fn predict(
+        &self,
+        features: &[Tensor],
+        proposals: &[Tensor],
+        image_sizes: &[(i64, i64)],
+    ) -> (Tensor, Tensor) {
+        let pooled = self
+            .pool
+            .forward(&features[..features.len().min(4)], proposals, image_sizes);
+        let x = self.head.forward(&pooled);
+        (
+            x.apply(&self.predictor.cls_score),
+            x.apply(&self.predictor.bbox_pred),
+        )
+    }
+
+    /// Training: the sampled proposals with their labels and regression targets, then
+    /// `loss_classifier` and `loss_box_reg`.
+    pub fn losses(
+        &self,
+        features: &[Tensor],
+        proposals: &[Tensor],
+        image_sizes: &[(i64, i64)],
+        gt_boxes: &[Tensor],
+        gt_labels: &[Tensor],
+    ) -> (Tensor, Tensor) {
+        let matcher = Matcher {
+            high: self.settings.fg_iou_thresh,
+            low: self.settings.bg_iou_thresh,
+            allow_low_quality: false,
+        };
+        let mut sampled_props = Vec::new();
+        let mut labels = Vec::new();
+        let mut targets = Vec::new();
+        for ((props, gt), gl) in proposals.iter().zip(gt_boxes).zip(gt_labels) {
+            let props = Tensor::cat(&[props.detach(), gt.to_kind(props.kind())], 0);
+            let (matched_idx, lab) = if gt.size()[0] == 0 {
+                let n = props.size()[0];
+                (
+                    Tensor::zeros([n], (Kind::Int64, props.device())),
+                    Tensor::zeros([n], (Kind::Int64, props.device())),
+                )
+            } else {
+                let q = ops::box_iou(gt, &props);
+                let m = matcher.assign(&q);
+                let clamped = m.clamp_min(0);
+                let lab = gl
+                    .index_select(0, &clamped)
+                    .masked_fill(&m.eq(BELOW_LOW_THRESHOLD), 0)
+                    .masked_fill(&m.eq(BETWEEN_THRESHOLDS), -1);
+                (clamped, lab)
+            };
+            let (pos, neg) = self.sampler.sample(&lab);
+            let keep = pos.logical_or(&neg).nonzero().squeeze_dim(1);
+            let props = props.index_select(0, &keep);
+            let lab = lab.index_select(0, &keep);
+            let matched = matched_idx.index_select(0, &keep);
+            let gt_for = if gt.size()[0] == 0 {
+                Tensor::zeros([props.size()[0], 4], (props.kind(), props.device()))
+            } else {
+                gt.index_select(0, &matched)
+            };
+            targets.push(self.coder.encode(&gt_for, &props));
+            sampled_props.push(props);
+            labels.push(lab);
+        }
+        let (logits, deltas) = self.predict(features, &sampled_props, image_sizes);
+        let labels = Tensor::cat(&labels, 0);
+        let targets = Tensor::cat(&targets, 0);
+        let cls_loss = logits.cross_entropy_for_logits(&labels);
+        let pos = labels.gt(0).nonzero().squeeze_dim(1);
+        let n = deltas.size()[0];
+        let deltas = deltas.reshape([n, -1, 4]);
+        let pos_labels = labels.index_select(0, &pos);
+        let chosen = deltas.index(&[Some(pos.shallow_clone()), Some(pos_labels)]);
+        let box_loss = chosen.smooth_l1_loss(
+            &targets.index_select(0, &pos),
+            tch::Reduction::Sum,
+            1.0 / 9.0,
+        ) / labels.numel().max(1) as f64;
+        (cls_loss, box_loss)
+    }
+
+    /// Detections per image from the predictions over `proposals`.
+    pub fn postprocess(
+        &self,
+        logits: &Tensor,
+        deltas: &Tensor,
+        proposals: &[Tensor],
+        image_sizes: &[(i64, i64)],
+    ) -> Vec<Detections> {
+        let num_classes = logits.size()[1];
+        let counts: Vec<i64> = proposals.iter().map(|p| p.size()[0]).collect();
+        let all = Tensor::cat(proposals, 0);
+        let pred_boxes = self
+            .coder
+            .decode(deltas, &all)
+            .reshape([all.size()[0], -1, 4]);
+        let scores = logits.softmax(-1, logits.kind());
+        let mut out = Vec::new();
+        for ((boxes, scores), &(h, w)) in pred_boxes
+            .split_with_sizes(&counts, 0)
+            .iter()
+            .zip(scores.split_with_sizes(&counts, 0).iter())
+            .zip(image_sizes)
+        {
+            let boxes = ops::clip_boxes_to_image(boxes, h, w);
+            let labels = Tensor::arange(num_classes, (Kind::Int64, boxes.device()))
+                .view([1, -1])
+                .expand_as(scores);
+            let boxes = boxes.slice(1, 1, None, 1).reshape([-1, 4]);
+            let scores = scores.slice(1, 1, None, 1).reshape([-1]);
+            let labels = labels.slice(1, 1, None, 1).reshape([-1]);
+            let keep = scores
+                .gt(self.settings.score_thresh)
+                .nonzero()
+                .squeeze_dim(1);
+            let (boxes, scores, labels) = (
+                boxes.index_select(0, &keep),
+                scores.index_select(0, &keep),
+                labels.index_select(0, &keep),
+            );
+            let keep = ops::remove_small_boxes(&boxes, 1e-2);
+            let (boxes, scores, labels) = (
+                boxes.index_select(0, &keep),
+                scores.index_select(0, &keep),
+                labels.index_select(0, &keep),
+            );
+            let keep = ops::batched_nms(&boxes, &scores, &labels, self.settings.nms_thresh);
+            let keep = keep.narrow(0, 0, self.settings.detections_per_img.min(keep.size()[0]));
+            out.push(Detections {
+                boxes: boxes.index_select(0, &keep),
+                labels: labels.index_select(0, &keep),
+                scores: scores.index_select(0, &keep),
+            });
+        }
+        out
+    }
+}

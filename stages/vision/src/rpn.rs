@@ -1,0 +1,397 @@
+//! The region proposal network: anchors per pyramid level, the shared RPN head, proposal
+//! decoding and filtering, and (in training) its losses — torchvision's `rpn.py`.
+
+use tch::nn;
+use tch::{Kind, Tensor};
+
+use crate::boxes::{BalancedSampler, BoxCoder, Matcher, BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS};
+use crate::ops;
+
+/// Anchors of several sizes and aspect ratios at every position of every level.
+#[derive(Debug, Clone)]
+pub struct AnchorGenerator {
+    /// One anchor size per level (torchvision: 32, 64, 128, 256, 512).
+    pub sizes: Vec<f64>,
+    /// Aspect ratios (height / width) at every level.
+    pub ratios: Vec<f64>,
+}
+
+impl Default for AnchorGenerator {
+    fn default() -> Self {
+        AnchorGenerator {
+            sizes: vec![32.0, 64.0, 128.0, 256.0, 512.0],
+            ratios: vec![0.5, 1.0, 2.0],
+        }
+    }
+}
+
+impl AnchorGenerator {
+    /// Anchors per position.
+    pub fn per_location(&self) -> i64 {
+        self.ratios.len() as i64
+    }
+
+    /// Zero-centred anchors of one size, rounded like torchvision's `generate_anchors`.
+    fn cell_anchors(&self, size: f64) -> Tensor {
+        let ratios = Tensor::from_slice(&self.ratios).to_kind(Kind::Float);
+        let scales = Tensor::from_slice(&[size]).to_kind(Kind::Float);
+        let h_ratios = ratios.sqrt();
+        let w_ratios = h_ratios.reciprocal();
+        let ws = (w_ratios.unsqueeze(1) * scales.unsqueeze(0)).view([-1]);
+        let hs = (h_ratios.unsqueeze(1) * scales.unsqueeze(0)).view([-1]);
+        (Tensor::stack(&[-&ws, -&hs, ws, hs], 1) / 2.0).round()
+    }
+
+    /// All anchors of an image batch padded to `image_size`, one `[sum(HWA), 4]` tensor
+    /// shared by every image.
+    pub fn anchors(&self, image_size: (i64, i64), features: &[Tensor]) -> Tensor {
+        let mut all = Vec::with_capacity(features.len());
+        for (level, f) in features.iter().enumerate() {
+            let s = f.size();
+            let (gh, gw) = (s[2], s[3]);
+            let (stride_h, stride_w) = (image_size.0 / gh, image_size.1 / gw);
+            let opts = (Kind::Int64, f.device());
+            let shifts_x = (Tensor::arange(gw, opts) * stride_w).to_kind(Kind::Float);
+            let shifts_y = (Tensor::arange(gh, opts) * stride_h).to_kind(Kind::Float);
+            let grid = Tensor::meshgrid_indexing(&[shifts_y, shifts_x], "ij");
+            let (sy, sx) = (grid[0].reshape([-1]), grid[1].reshape([-1]));
+            let shifts = Tensor::stack(&[&sx, &sy, &sx, &sy], 1);
+            let base = self
+                .cell_anchors(self.sizes[level.min(self.sizes.len() - 1)])
+                .to_device(f.device());
+            all.push((shifts.view([-1, 1, 4]) + base.view([1, -1, 4])).reshape([-1, 4]));
+        }
+        Tensor::cat(&all, 0)
+    }
+}
+
+/// `rpn.head`: a shared 3x3 convolution, then objectness and box deltas per anchor.
+#[derive(Debug)]
+pub struct RpnHead {
+    /// `conv.0.0`.
+    pub conv: nn::Conv2D,
+    /// `cls_logits`.
+    pub cls_logits: nn::Conv2D,
+    /// `bbox_pred`.
+    pub bbox_pred: nn::Conv2D,
+}
+
+impl RpnHead {
+    /// The head for `channels` inputs and `anchors` anchors per position.
+    pub fn new(p: &nn::Path, channels: i64, anchors: i64) -> RpnHead {
+        let cfg = |padding| nn::ConvConfig {
+            padding,
+            ws_init: nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.01,
+            },
+            bs_init: nn::Init::Const(0.0),
+            ..Default::default()
+        };
+        RpnHead {
+            conv: nn::conv2d(p / "conv" / 0 / 0, channels, channels, 3, cfg(1)),
+            cls_logits: nn::conv2d(p / "cls_logits", channels, anchors, 1, cfg(0)),
+            bbox_pred: nn::conv2d(p / "bbox_pred", channels, anchors * 4, 1, cfg(0)),
+        }
+    }
+
+    /// Objectness `[N, A, H, W]` and deltas `[N, 4A, H, W]` per level.
+    pub fn forward(&self, features: &[Tensor]) -> (Vec<Tensor>, Vec<Tensor>) {
+        features
+            .iter()
+            .map(|f| {
+                let t = f.apply(&self.conv).relu();
+                (t.apply(&self.cls_logits), t.apply(&self.bbox_pred))
+            })
+            .unzip()
+    }
+}
+
+/// `[N, A*C, H, W]` -> `[N, H*W*A, C]`, torchvision's `permute_and_flatten`.
+fn permute_and_flatten(layer: &Tensor, c: i64) -> Tensor {
+    let s = layer.size();
+    let (n, ac, h, w) = (s[0], s[1], s[2], s[3]);
+    let a = ac / c;
+    layer
+        .view([n, a, c, h, w])
+        .permute([0, 3, 4, 1, 2])
+        .reshape([n, -1, c])
+}
+
+/// Proposal counts and thresholds of the RPN.
+#[derive(Debug, Clone, Copy)]
+pub struct RpnSettings {
+    /// Top-scoring anchors per level before NMS (train, test).
+    pub pre_nms_top_n: (i64, i64),
+    /// Proposals kept per image after NMS (train, test).
+    pub post_nms_top_n: (i64, i64),
+    /// IoU of NMS between proposals.
+    pub nms_thresh: f64,
+    /// IoU above which an anchor is positive.
+    pub fg_iou_thresh: f64,
+    /// IoU below which an anchor is negative.
+    pub bg_iou_thresh: f64,
+    /// Anchors sampled per image for the loss.
+    pub batch_size_per_image: i64,
+    /// Share of positives among them.
+    pub positive_fraction: f64,
+    /// Minimum objectness probability.
+    pub score_thresh: f64,
+}
+
+impl Default for RpnSettings {
+    fn default() -> Self {
+        RpnSettings {
+            pre_nms_top_n: (2000, 1000),
+            post_nms_top_n: (2000, 1000),
+            nms_thresh: 0.7,
+            fg_iou_thresh: 0.7,
+            bg_iou_thresh: 0.3,
+            batch_size_per_image: 256,
+            positive_fraction: 0.5,
+            score_thresh: 0.0,
+        }
+    }
+}
+
+/// What the RPN hands on and, in training, its losses.
+#[derive(Debug)]
+pub struct RpnOutput {
+    /// Proposals `[P_i, 4]` per image, best first.
+    pub proposals: Vec<Tensor>,
+    /// Their objectness probabilities.
+    pub scores: Vec<Tensor>,
+    /// Raw objectness logits per level (for parity checks).
+    pub objectness: Vec<Tensor>,
+    /// `loss_objectness` and `loss_rpn_box_reg` when targets were given.
+    pub losses: Option<(Tensor, Tensor)>,
+}
+
+/// The region proposal network.
+#[derive(Debug)]
+pub struct Rpn {
+    /// The anchors.
+    pub anchors: AnchorGenerator,
+    /// `rpn.head`.
+    pub head: RpnHead,
+    /// Counts and thresholds.
+    pub settings: RpnSettings,
+    /// Deltas against anchors, weights 1.
+    pub coder: BoxCoder,
+    /// How loss anchors are sampled.
+    pub sampler: BalancedSampler,
+}
+
+impl Rpn {
+    /// The RPN under `p` (torchvision: `rpn`).
+    pub fn new(
+        p: &nn::Path,
+        channels: i64,
+        settings: RpnSettings,
+        sampler: crate::boxes::Sampling,
+    ) -> Rpn {
+        let anchors = AnchorGenerator::default();
+        let head = RpnHead::new(&(p / "head"), channels, anchors.per_location());
+        Rpn {
+            anchors,
+            head,
+            settings,
+            coder: BoxCoder::new((1.0, 1.0, 1.0, 1.0)),
+            sampler: BalancedSampler {
+                batch_size: settings.batch_size_per_image,
+                positive_fraction: settings.positive_fraction,
+                sampling: sampler,
+            },
+        }
+    }
+
+    /// Proposals for a batch padded to `batch_size`, whose images measure `image_sizes`;
+    /// with `targets` (boxes per image), also the losses.
+    pub fn forward(
+        &self,
+        batch_size: (i64, i64),
+        image_sizes: &[(i64, i64)],
+        features: &[Tensor],
+        targets: Option<&[Tensor]>,
+        train: bool,
+    ) -> RpnOutput {
+        let (objectness, deltas) = self.head.forward(features);
+        let anchors = self.anchors.anchors(batch_size, features);
+        let num_images = image_sizes.len() as i64;
+        let per_level: Vec<i64> = objectness
+            .iter()
+            .map(|o| {
+                let s = o.size();
+                s[1] * s[2] * s[3]
+            })
+            .collect();
+        let obj_flat = Tensor::cat(
+            &objectness
+                .iter()
+                .map(|o| permute_and_flatten(o, 1))
+                .collect::<Vec<_>>(),
+            1,
+        )
+        .flatten(0, -2);
+        let deltas_flat = Tensor::cat(
+            &deltas
+                .iter()
+                .map(|d| permute_and_flatten(d, 4))
+                .collect::<Vec<_>>(),
+            1,
+        )
+        .reshape([-1, 4]);
+        let all_anchors = anchors.repeat([num_images, 1]);
+        let proposals = self
+            .coder
+            .decode(&deltas_flat.detach(), &all_anchors)
+            .view([num_images, -1, 4]);
+        let (boxes, scores) = self.filter(&proposals, &obj_flat, image_sizes, &per_level, train);
+        let losses = targets.map(|t| self.losses(&anchors, t, &obj_flat, &deltas_flat));
+        RpnOutput {
+            proposals: boxes,
+            scores,
+            objectness,
+            losses,
+        }
+    }
+
+    fn filter(
+        &self,
+        proposals: &Tensor,
+        objectness: &Tensor,
+        image_sizes: &[(i64, i64)],
+        per_level: &[i64],
+        train: bool,
+    ) -> (Vec<Tensor>, Vec<Tensor>) {
+        let num_images = image_sizes.len() as i64;
+        let device = proposals.device();
+        let objectness = objectness.detach().reshape([num_images, -1]);
+        let levels = Tensor::cat(
+            &per_level
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| Tensor::full([n], i as i64, (Kind::Int64, device)))
+                .collect::<Vec<_>>(),
+            0,
+        )
+        .reshape([1, -1])
+        .expand_as(&objectness);
+        let pre_nms = if train {
+            self.settings.pre_nms_top_n.0
+        } else {
+            self.settings.pre_nms_top_n.1
+        };
+        let post_nms = if train {
+            self.settings.post_nms_top_n.0
+        } else {
+            self.settings.post_nms_top_n.1
+        };
+        let mut top = Vec::new();
+        let mut offset = 0;
+        for (ob, &n) in objectness
+            .split_with_sizes(per_level, 1)
+            .iter()
+            .zip(per_level)
+        {
+            let k = pre_nms.min(n);
+            let (_, idx) = ob.topk(k, 1, true, true);
+            top.push(idx + offset);
+            offset += n;
+        }
+        let top = Tensor::cat(&top, 1);
+        let rows = Tensor::arange(num_images, (Kind::Int64, device)).unsqueeze(1);
+        let index = [Some(rows.shallow_clone()), Some(top.shallow_clone())];
+        let objectness = objectness.index(&index);
+        let levels = levels.index(&index);
+        let proposals = proposals.index(&index);
+        let prob = objectness.sigmoid();
+        let mut out_boxes = Vec::new();
+        let mut out_scores = Vec::new();
+        for (i, &(h, w)) in image_sizes.iter().enumerate() {
+            let i = i as i64;
+            let boxes = ops::clip_boxes_to_image(&proposals.get(i), h, w);
+            let (mut scores, mut lvl) = (prob.get(i), levels.get(i));
+            let keep = ops::remove_small_boxes(&boxes, 1e-3);
+            let mut boxes = boxes.index_select(0, &keep);
+            scores = scores.index_select(0, &keep);
+            lvl = lvl.index_select(0, &keep);
+            let keep = scores
+                .ge(self.settings.score_thresh)
+                .nonzero()
+                .squeeze_dim(1);
+            boxes = boxes.index_select(0, &keep);
+            scores = scores.index_select(0, &keep);
+            lvl = lvl.index_select(0, &keep);
+            let keep = ops::batched_nms(&boxes, &scores, &lvl, self.settings.nms_thresh);
+            let keep = keep.narrow(0, 0, post_nms.min(keep.size()[0]));
+            out_boxes.push(boxes.index_select(0, &keep));
+            out_scores.push(scores.index_select(0, &keep));
+        }
+        (out_boxes, out_scores)
+    }
+
+    fn losses(
+        &self,
+        anchors: &Tensor,
+        targets: &[Tensor],
+        objectness: &Tensor,
+        deltas: &Tensor,
+    ) -> (Tensor, Tensor) {
+        let matcher = Matcher {
+            high: self.settings.fg_iou_thresh,
+            low: self.settings.bg_iou_thresh,
+            allow_low_quality: true,
+        };
+        let mut labels = Vec::new();
+        let mut reg_targets = Vec::new();
+        for gt in targets {
+            let n = anchors.size()[0];
+            let (matched_boxes, lab) = if gt.size()[0] == 0 {
+                (
+                    Tensor::zeros_like(anchors),
+                    Tensor::zeros([n], (Kind::Float, anchors.device())),
+                )
+            } else {
+                let quality = ops::box_iou(gt, anchors);
+                let matched = matcher.assign(&quality);
+                let boxes = gt.index_select(0, &matched.clamp_min(0));
+                let lab = matched
+                    .ge(0)
+                    .to_kind(Kind::Float)
+                    .masked_fill(&matched.eq(BELOW_LOW_THRESHOLD), 0.0)
+                    .masked_fill(&matched.eq(BETWEEN_THRESHOLDS), -1.0);
+                (boxes, lab)
+            };
+            reg_targets.push(self.coder.encode(&matched_boxes, anchors));
+            labels.push(lab);
+        }
+        let mut pos = Vec::new();
+        let mut neg = Vec::new();
+        for l in &labels {
+            let (p, n) = self.sampler.sample(l);
+            pos.push(p);
+            neg.push(n);
+        }
+        let pos = Tensor::cat(&pos, 0).nonzero().squeeze_dim(1);
+        let neg = Tensor::cat(&neg, 0).nonzero().squeeze_dim(1);
+        let sampled = Tensor::cat(&[&pos, &neg], 0);
+        let objectness = objectness.flatten(0, -1);
+        let labels = Tensor::cat(&labels, 0);
+        let reg_targets = Tensor::cat(&reg_targets, 0);
+        let box_loss = deltas.index_select(0, &pos).smooth_l1_loss(
+            &reg_targets.index_select(0, &pos),
+            tch::Reduction::Sum,
+            1.0 / 9.0,
+        ) / sampled.numel().max(1) as f64;
+        let obj_loss = objectness
+            .index_select(0, &sampled)
+            .binary_cross_entropy_with_logits::<Tensor>(
+                &labels.index_select(0, &sampled),
+                None,
+                None,
+                tch::Reduction::Mean,
+            );
+        (obj_loss, box_loss)
+    }
+}

@@ -1,0 +1,70 @@
+//! Deterministic pseudo-random weights and inputs that Python (numpy) reproduces bit for
+//! bit, so parity with torchvision is tested without shipping a 160 MB checkpoint.
+//!
+//! Value `i` of tensor `name`: `u = splitmix64(fnv1a64(name) + i) >> 40` as a 24-bit
+//! integer, `x = (2u / 2^24 - 1)` in f64, scaled per tensor kind, then cast to f32.
+//! `tests/parity/make_golden.py` implements the same.
+
+use tch::{Kind, Tensor};
+
+fn fnv1a64(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// `n` values uniform in [-1, 1) for `name`.
+pub fn uniform(name: &str, n: usize) -> Vec<f64> {
+    let seed = fnv1a64(name);
+    (0..n as u64)
+        .map(|i| {
+            let u = (splitmix64(seed.wrapping_add(i)) >> 40) as f64;
+            2.0 * u / 16_777_216.0 - 1.0
+        })
+        .collect()
+}
+
+/// The deterministic value of a parameter called `name` with `shape`: convolution and
+/// linear weights with variance 2/fan_in (He), biases ±0.1, norm scales 0.5..1.5, running
+/// means ±0.1, running variances 0.5..1.5.
+pub fn parameter(name: &str, shape: &[i64]) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let x = uniform(name, n as usize);
+    let leaf = name.rsplit('.').next().unwrap_or("");
+    let is_norm = name.contains(".bn") || name.contains("downsample.1.");
+    let vals: Vec<f32> = x
+        .iter()
+        .map(|&v| {
+            let out = match (leaf, is_norm) {
+                ("weight", false) => {
+                    let fan_in: i64 = shape.iter().skip(1).product::<i64>().max(1);
+                    v * (6.0 / fan_in as f64).sqrt()
+                }
+                ("weight", true) | ("running_var", _) => 1.0 + 0.5 * v,
+                ("running_mean", _) | ("bias", _) => 0.1 * v,
+                _ => v,
+            };
+            out as f32
+        })
+        .collect();
+    Tensor::from_slice(&vals).view(shape).to_kind(Kind::Float)
+}
+
+/// A deterministic input image `[3, h, w]` with values in 0..1.
+pub fn image(name: &str, h: i64, w: i64) -> Tensor {
+    let vals: Vec<f32> = uniform(name, (3 * h * w) as usize)
+        .iter()
+        .map(|&v| (0.5 + 0.5 * v) as f32)
+        .collect();
+    Tensor::from_slice(&vals).view([3, h, w])
+}
