@@ -310,3 +310,107 @@ fn list(names: &[&String]) -> String {
         shown.join(", ")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> Detector {
+        let config = ModelConfig {
+            backbone: Depth::R18,
+            transform: Transform {
+                min_size: 64,
+                max_size: 96,
+                ..Transform::default()
+            },
+            ..ModelConfig::default()
+        };
+        Detector::new(config, Device::Cpu, Sampling::First)
+    }
+
+    fn own_tensors(d: &Detector) -> Vec<(String, Tensor)> {
+        d.vs.variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.detach().copy()))
+            .collect()
+    }
+
+    #[test]
+    fn checkpoint_problems_are_named() {
+        let mut d = small();
+        let mut t = own_tensors(&d);
+        t.retain(|(k, _)| k != "roi_heads.box_predictor.cls_score.weight");
+        t.push((
+            "backbone.body.fc.weight".into(),
+            Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+        ));
+        for (k, v) in t.iter_mut() {
+            if k == "rpn.head.cls_logits.bias" {
+                *v = Tensor::zeros([9], (Kind::Float, Device::Cpu));
+            }
+        }
+        let e = d
+            .load_tensors(t, "bad.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad.safetensors"), "{e}");
+        assert!(
+            e.contains("missing 1: roi_heads.box_predictor.cls_score.weight"),
+            "{e}"
+        );
+        assert!(e.contains("unexpected 1: backbone.body.fc.weight"), "{e}");
+        assert!(
+            e.contains("rpn.head.cls_logits.bias: checkpoint [9], model [3]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn save_and_load_round_trip_through_safetensors() {
+        let d = small();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        d.save(&path).unwrap();
+        let mut e = small();
+        e.load(&path).unwrap();
+        let a = d.vs.variables();
+        for (k, v) in e.vs.variables() {
+            assert!(v.equal(&a[&k]), "{k}");
+        }
+        let missing = dir.path().join("none.safetensors");
+        let err = e.load(&missing).unwrap_err().to_string();
+        assert!(err.contains("none.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn wrong_inputs_are_errors_not_panics() {
+        let d = small();
+        let grey = Tensor::ones([1, 40, 40], (Kind::Float, Device::Cpu));
+        let e = d.model.detect(&[grey]).unwrap_err().to_string();
+        assert!(e.contains("must be [3, H, W]"), "{e}");
+        let e = d.model.detect(&[]).unwrap_err().to_string();
+        assert!(e.contains("no images"), "{e}");
+        let img = Tensor::ones([3, 40, 40], (Kind::Float, Device::Cpu));
+        let t = Target {
+            boxes: Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)),
+            labels: Tensor::zeros([2], (Kind::Int64, Device::Cpu)),
+        };
+        let e = d.model.losses(&[img], &[t]).unwrap_err().to_string();
+        assert!(e.contains("boxes must be [G, 4]"), "{e}");
+    }
+
+    #[test]
+    fn an_image_without_defects_trains_as_a_negative() {
+        let d = small();
+        let img = Tensor::rand([3, 48, 64], (Kind::Float, Device::Cpu));
+        let t = Target {
+            boxes: Tensor::zeros([0, 4], (Kind::Float, Device::Cpu)),
+            labels: Tensor::zeros([0], (Kind::Int64, Device::Cpu)),
+        };
+        let l = d.model.losses(&[img], &[t]).unwrap();
+        let total = l.total().double_value(&[]);
+        assert!(total.is_finite() && total > 0.0, "{total}");
+        assert_eq!(l.box_reg.double_value(&[]), 0.0);
+        assert_eq!(l.rpn_box_reg.double_value(&[]), 0.0);
+    }
+}

@@ -35,7 +35,8 @@ pub fn uniform(name: &str, n: usize) -> Vec<f64> {
 }
 
 /// The deterministic value of a parameter called `name` with `shape`: convolution and
-/// linear weights with variance 2/fan_in (He), biases ±0.1, norm scales 0.5..1.5, running
+/// linear weights with variance 1/fan_in (activations stay of order one through ResNet-50,
+/// so detections and losses are meaningful), biases ±0.1, norm scales 0.75..1.25, running
 /// means ±0.1, running variances 0.5..1.5.
 pub fn parameter(name: &str, shape: &[i64]) -> Tensor {
     let n: i64 = shape.iter().product();
@@ -48,9 +49,10 @@ pub fn parameter(name: &str, shape: &[i64]) -> Tensor {
             let out = match (leaf, is_norm) {
                 ("weight", false) => {
                     let fan_in: i64 = shape.iter().skip(1).product::<i64>().max(1);
-                    v * (6.0 / fan_in as f64).sqrt()
+                    v * (3.0 / fan_in as f64).sqrt()
                 }
-                ("weight", true) | ("running_var", _) => 1.0 + 0.5 * v,
+                ("weight", true) => 1.0 + 0.25 * v,
+                ("running_var", _) => 1.0 + 0.5 * v,
                 ("running_mean", _) | ("bias", _) => 0.1 * v,
                 _ => v,
             };

@@ -99,17 +99,12 @@ pub struct Batch {
 }
 
 impl Transform {
-    /// The resized size of an `(h, w)` image, computed as torchvision does: the scale in
-    /// f32 as `reciprocal(size) * target` (Python's `float / tensor`), the size by flooring
-    /// in f64. A plain f32 division can round the other way (2000 px at max 1333 -> 1332).
+    /// The resized size of an `(h, w)` image, computed as torchvision does in eager mode:
+    /// the scale as a Python float (f64), the size truncated.
     pub fn resized_size(&self, h: i64, w: i64) -> (i64, i64) {
-        let (lo, hi) = (h.min(w) as f32, h.max(w) as f32);
-        let scale =
-            ((1.0 / lo) * self.min_size as f32).min((1.0 / hi) * self.max_size as f32) as f64;
-        (
-            (h as f64 * scale).floor() as i64,
-            (w as f64 * scale).floor() as i64,
-        )
+        let (lo, hi) = (h.min(w) as f64, h.max(w) as f64);
+        let scale = (self.min_size as f64 / lo).min(self.max_size as f64 / hi);
+        ((h as f64 * scale) as i64, (w as f64 * scale) as i64)
     }
 
     /// Normalises, resizes and pads `images` (each `[3, H, W]`), resizing `boxes` alike.
