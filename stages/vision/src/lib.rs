@@ -2,6 +2,8 @@
 //! module as torchvision builds it, with its parameters under torchvision's names.
 
 pub mod boxes;
+pub mod data;
+pub mod evaluate;
 pub mod fpn;
 pub mod model;
 pub mod ops;
@@ -9,6 +11,7 @@ pub mod resnet;
 pub mod roi_heads;
 pub mod rpn;
 pub mod testing;
+pub mod train;
 pub mod transform;
 
 pub use boxes::Sampling;
@@ -31,6 +34,9 @@ pub enum VisionError {
         /// Missing, unexpected or mis-shaped tensors, or the read error.
         message: String,
     },
+    /// A dataset file that cannot be read or parsed.
+    #[error("data: {0}")]
+    Data(String),
     /// libtorch refused an operation.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),

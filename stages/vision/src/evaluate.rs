@@ -1,0 +1,74 @@
+//! Runs a detector over listed boards and scores it with `pcb-metrics` under the DeepPCB
+//! protocol.
+
+use std::time::Instant;
+
+use pcb_metrics::{Detection, GtBox, ImageResult, Report};
+use tch::Kind;
+
+use crate::data::BoardFile;
+use crate::model::Detector;
+use crate::transform::compose;
+use crate::VisionError;
+
+/// DeepPCB's class names, class id = index + 1.
+pub const DEEPPCB_CLASSES: [&str; 6] = ["open", "short", "mousebite", "spur", "copper", "pin-hole"];
+
+/// Detects on every board (one at a time, as a line does) and evaluates; `progress` gets
+/// the count done after each board.
+pub fn evaluate(
+    det: &Detector,
+    files: &[BoardFile],
+    classes: &[&str],
+    mut progress: impl FnMut(usize),
+) -> Result<(Report, Vec<ImageResult>), VisionError> {
+    let mut results = Vec::with_capacity(files.len());
+    let mut seconds = 0.0;
+    for (i, f) in files.iter().enumerate() {
+        let board = f.load()?;
+        let input = compose(
+            det.model.config.input,
+            &board.image,
+            board.template.as_ref(),
+        )?
+        .to_device(det.vs.device());
+        let started = Instant::now();
+        let out = tch::no_grad(|| det.model.detect(&[input]))?;
+        seconds += started.elapsed().as_secs_f64();
+        let d = &out.detections[0];
+        let boxes = Vec::<f32>::try_from(&d.boxes.to_kind(Kind::Float).reshape([-1]))?;
+        let labels = Vec::<i64>::try_from(&d.labels)?;
+        let scores = Vec::<f32>::try_from(&d.scores.to_kind(Kind::Float))?;
+        let detections = labels
+            .iter()
+            .enumerate()
+            .map(|(k, &l)| Detection {
+                x1: boxes[4 * k],
+                y1: boxes[4 * k + 1],
+                x2: boxes[4 * k + 2],
+                y2: boxes[4 * k + 3],
+                class_id: l as u16,
+                score: scores[k],
+            })
+            .collect();
+        let ground_truth = f
+            .boxes
+            .iter()
+            .map(|(b, c)| GtBox {
+                x1: b[0],
+                y1: b[1],
+                x2: b[2],
+                y2: b[3],
+                class_id: *c as u16,
+            })
+            .collect();
+        results.push(ImageResult {
+            image: f.name.clone(),
+            ground_truth,
+            detections,
+        });
+        progress(i + 1);
+    }
+    let report = pcb_metrics::evaluate(&results, classes, Some(seconds));
+    Ok((report, results))
+}
