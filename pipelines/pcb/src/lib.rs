@@ -7,6 +7,7 @@ pub mod pipeline;
 pub mod process;
 pub mod server;
 pub mod status;
+pub mod vision_cli;
 
 use std::path::Path;
 

@@ -90,6 +90,10 @@ enum Cmd {
         #[arg(long, default_value_t = 0.2)]
         val_fraction: f64,
     },
+    /// Train the detector on a DeepPCB-layout folder (resumes from --out).
+    Train(Box<pcb::vision_cli::TrainArgs>),
+    /// Evaluate weights under the DeepPCB protocol: table, JSON report, PR curves.
+    Eval(Box<pcb::vision_cli::EvalArgs>),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -177,6 +181,8 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Train(args) => pcb::vision_cli::train(&args),
+        Cmd::Eval(args) => pcb::vision_cli::eval(&args),
         Cmd::Bench {
             what: BenchCmd::Pipeline { count, seed, dir },
         } => {

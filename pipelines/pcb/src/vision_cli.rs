@@ -1,0 +1,269 @@
+//! `pcb train` and `pcb eval`: the vision core on a DeepPCB-layout folder and list file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use pcb_vision::data::read_list;
+use pcb_vision::evaluate::DEEPPCB_CLASSES;
+use pcb_vision::train::{OptimizerKind, TrainConfig};
+use pcb_vision::{Depth, Detector, InputMode, ModelConfig, Norm, Sampling, Transform};
+
+/// The model's shape, shared by train and eval.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Backbone: r50 (the reference) or r18 (lighter, for CPUs).
+    #[arg(long, default_value = "r18", value_parser = ["r18", "r50"])]
+    pub backbone: String,
+    /// Batch norm: frozen (fine-tuning a checkpoint) or batch (from scratch).
+    #[arg(long, default_value = "batch", value_parser = ["frozen", "batch"])]
+    pub norm: String,
+    /// Input: the image alone, or image, template and their difference.
+    #[arg(long, default_value = "image-template-diff", value_parser = ["image", "image-template-diff"])]
+    pub input: String,
+    /// Shorter side after resizing.
+    #[arg(long, default_value_t = 640)]
+    pub min_size: i64,
+    /// Longer side at most.
+    #[arg(long, default_value_t = 640)]
+    pub max_size: i64,
+    /// Torch threads (0: libtorch's default, one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: i32,
+}
+
+impl ModelArgs {
+    /// The model configuration these flags describe.
+    pub fn config(&self) -> ModelConfig {
+        ModelConfig {
+            num_classes: DEEPPCB_CLASSES.len() as i64 + 1,
+            backbone: if self.backbone == "r50" {
+                Depth::R50
+            } else {
+                Depth::R18
+            },
+            norm: if self.norm == "frozen" {
+                Norm::Frozen
+            } else {
+                Norm::Batch
+            },
+            input: if self.input == "image" {
+                InputMode::Image
+            } else {
+                InputMode::ImageTemplateDiff
+            },
+            transform: Transform {
+                min_size: self.min_size,
+                max_size: self.max_size,
+                ..Transform::default()
+            },
+        }
+    }
+}
+
+/// Flags of `pcb train`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct TrainArgs {
+    /// Dataset root (DeepPCB layout).
+    #[arg(long, default_value = "../shared/datasets/deeppcb")]
+    pub data: PathBuf,
+    /// List file of the training boards, relative to --data unless absolute.
+    #[arg(long, default_value = "trainval.txt")]
+    pub list: PathBuf,
+    /// Checkpoint folder: written after every epoch, resumed from when present.
+    #[arg(long, default_value = ".pcb-data/train")]
+    pub out: PathBuf,
+    /// Start from these weights (a torchvision export in safetensors, same names).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Optimiser.
+    #[arg(long, default_value = "adam", value_parser = ["adam", "sgd"])]
+    pub optimizer: String,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Epochs.
+    #[arg(long, default_value_t = 12)]
+    pub epochs: usize,
+    /// Multiply the learning rate by 0.1 every this many epochs.
+    #[arg(long, default_value_t = 3)]
+    pub lr_step_epochs: usize,
+    /// Boards per step.
+    #[arg(long, default_value_t = 2)]
+    pub batch_size: usize,
+    /// Use only the first N boards of the list (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// Flags of `pcb eval`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EvalArgs {
+    /// Dataset root (DeepPCB layout).
+    #[arg(long, default_value = "../shared/datasets/deeppcb")]
+    pub data: PathBuf,
+    /// List file of the evaluated boards, relative to --data unless absolute.
+    #[arg(long, default_value = "val.txt")]
+    pub list: PathBuf,
+    /// Weights (safetensors): a `pcb train` folder's model.safetensors or any export.
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// JSON report.
+    #[arg(long, default_value = "eval.json")]
+    pub report: PathBuf,
+    /// Precision-recall curves.
+    #[arg(long, default_value = "eval-pr.png")]
+    pub plot: PathBuf,
+    /// Use only the first N boards of the list (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: usize,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+fn list_path(data: &Path, list: &Path) -> PathBuf {
+    if list.is_absolute() {
+        list.to_path_buf()
+    } else {
+        data.join(list)
+    }
+}
+
+fn bar(len: u64, template: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+fn threads(n: i32) {
+    if n > 0 {
+        tch::set_num_threads(n);
+    }
+}
+
+/// `pcb train`.
+pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
+    if !args.data.is_dir() {
+        bail!(
+            "dataset folder {} not found (DeepPCB layout expected; see README)",
+            args.data.display()
+        );
+    }
+    threads(args.model.threads);
+    let mut files = read_list(&args.data, &list_path(&args.data, &args.list))?;
+    if args.limit > 0 {
+        files.truncate(args.limit);
+    }
+    let mut det = Detector::new(
+        args.model.config(),
+        tch::Device::cuda_if_available(),
+        Sampling::Random,
+    );
+    if let Some(w) = &args.weights {
+        det.load(w)
+            .with_context(|| format!("initial weights {}", w.display()))?;
+    }
+    let cfg = TrainConfig {
+        optimizer: if args.optimizer == "sgd" {
+            OptimizerKind::Sgd
+        } else {
+            OptimizerKind::Adam
+        },
+        lr: args.lr,
+        epochs: args.epochs,
+        lr_step_epochs: args.lr_step_epochs,
+        batch_size: args.batch_size,
+        seed: args.seed,
+        weight_decay: if args.optimizer == "sgd" { 1e-4 } else { 0.0 },
+        ..TrainConfig::default()
+    };
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(
+        args.out.join("model.json"),
+        serde_json::to_string_pretty(&args.model.config())?,
+    )?;
+    eprintln!(
+        "training {:?} on {} boards for {} epochs into {}",
+        args.model.backbone,
+        files.len(),
+        cfg.epochs,
+        args.out.display()
+    );
+    let pb = bar(
+        files.len() as u64,
+        "epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
+    );
+    let state = pcb_vision::train::train(&mut det, &files, &cfg, &args.out, |p| {
+        pb.set_prefix(format!("{}/{}", p.epoch + 1, cfg.epochs));
+        pb.set_position(p.done as u64);
+        pb.set_message(format!("loss {:.3} {:.2} img/s", p.loss, p.images_per_sec));
+        if p.done >= p.total {
+            pb.println(format!(
+                "epoch {} done: last loss {:.3}, {:.2} img/s",
+                p.epoch + 1,
+                p.loss,
+                p.images_per_sec
+            ));
+            pb.reset();
+        }
+    })?;
+    pb.finish_and_clear();
+    println!(
+        "trained {} epochs ({} steps, {:.0} s); mean loss per epoch: {}",
+        state.epochs_done,
+        state.step,
+        state.seconds,
+        state
+            .epoch_losses
+            .iter()
+            .map(|l| format!("{l:.3}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!("weights: {}", args.out.join("model.safetensors").display());
+    Ok(())
+}
+
+/// `pcb eval`.
+pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
+    if !args.data.is_dir() {
+        bail!(
+            "dataset folder {} not found (DeepPCB layout expected; see README)",
+            args.data.display()
+        );
+    }
+    threads(args.model.threads);
+    let mut files = read_list(&args.data, &list_path(&args.data, &args.list))?;
+    if args.limit > 0 {
+        files.truncate(args.limit);
+    }
+    let mut det = Detector::new(
+        args.model.config(),
+        tch::Device::cuda_if_available(),
+        Sampling::Random,
+    );
+    det.load(&args.weights)
+        .with_context(|| format!("weights {}", args.weights.display()))?;
+    let pb = bar(files.len() as u64, "eval [{bar:30}] {pos}/{len} eta {eta}");
+    let (report, _) = pcb_vision::evaluate::evaluate(&det, &files, &DEEPPCB_CLASSES, |n| {
+        pb.set_position(n as u64)
+    })?;
+    pb.finish_and_clear();
+    std::fs::write(&args.report, report.to_json()?)
+        .with_context(|| format!("writing {}", args.report.display()))?;
+    pcb_metrics::plot_pr_curves(&report, &args.plot)?;
+    print!("{}", report.table());
+    println!(
+        "report: {}  curves: {}",
+        args.report.display(),
+        args.plot.display()
+    );
+    Ok(())
+}
