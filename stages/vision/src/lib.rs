@@ -15,7 +15,7 @@ pub mod train;
 pub mod transform;
 
 pub use boxes::Sampling;
-pub use model::{Detector, FasterRcnn, Losses, ModelConfig, Output, Target};
+pub use model::{Detector, FasterRcnn, InferenceOptions, Losses, ModelConfig, Output, Target};
 pub use resnet::{Depth, Norm};
 pub use roi_heads::Detections;
 pub use transform::{compose, InputMode, Transform};

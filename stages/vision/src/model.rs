@@ -85,9 +85,20 @@ pub struct Target {
     pub labels: Tensor,
 }
 
+/// CPU inference tricks (they change no result beyond float rounding).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InferenceOptions {
+    /// Fold frozen batch norms into the preceding convolutions.
+    pub fold_bn: bool,
+    /// Run convolutions on channels-last (NHWC) tensors.
+    pub channels_last: bool,
+}
+
 /// Faster R-CNN with a ResNet FPN backbone.
 #[derive(Debug)]
 pub struct FasterRcnn {
+    /// Inference tricks in force.
+    pub inference: InferenceOptions,
     /// Its configuration.
     pub config: ModelConfig,
     /// `backbone.body`.
@@ -115,6 +126,7 @@ impl FasterRcnn {
             sampling,
         );
         FasterRcnn {
+            inference: InferenceOptions::default(),
             config,
             body,
             fpn,
@@ -198,9 +210,21 @@ impl FasterRcnn {
         })
     }
 
+    /// Turns the inference tricks on or off; call again after loading new weights, since
+    /// folded weights are copies.
+    pub fn prepare_inference(&mut self, options: InferenceOptions) {
+        self.body.fold(options.fold_bn, options.channels_last);
+        self.inference = options;
+    }
+
     /// Pyramid features of a padded batch.
     pub fn features(&self, images: &Tensor, train: bool) -> Vec<Tensor> {
-        let c = self.body.forward_t(images, train);
+        let c = if !train && self.inference.channels_last {
+            self.body
+                .forward_t(&crate::resnet::to_channels_last(images), train)
+        } else {
+            self.body.forward_t(images, train)
+        };
         self.fpn.forward(&c)
     }
 }
@@ -285,6 +309,8 @@ impl Detector {
                 }
             }
         });
+        let options = self.model.inference;
+        self.model.prepare_inference(options);
         Ok(())
     }
 

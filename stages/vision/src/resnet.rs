@@ -105,21 +105,66 @@ pub struct ConvNorm {
     pub conv: nn::Conv2D,
     /// Its norm.
     pub norm: NormLayer,
+    /// For inference: the frozen norm folded into the convolution (weight, bias).
+    pub folded: Option<(Tensor, Tensor)>,
+    /// The convolution's stride and padding (tch keeps its own private).
+    geometry: (i64, i64),
 }
 
 impl ConvNorm {
+    fn new(conv: nn::Conv2D, norm: NormLayer, stride: i64, padding: i64) -> Self {
+        ConvNorm {
+            conv,
+            norm,
+            folded: None,
+            geometry: (stride, padding),
+        }
+    }
+
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        if let (false, Some((w, b))) = (train, &self.folded) {
+            let (s, p) = self.geometry;
+            return xs.conv2d(w, Some(b), [s, s], [p, p], [1, 1], 1);
+        }
         self.norm.forward_t(&xs.apply(&self.conv), train)
     }
+
+    /// Folds a frozen norm into the convolution's weights (no-op for batch norm), in
+    /// channels-last layout when asked; `None` undoes it.
+    fn fold(&mut self, on: bool, channels_last: bool) {
+        self.folded = match (on, self.norm.frozen_affine()) {
+            (true, Some((scale, shift))) => tch::no_grad(|| {
+                let w = &self.conv.ws * scale.reshape([-1, 1, 1, 1]);
+                let w = if channels_last {
+                    crate::resnet::to_channels_last(&w)
+                } else {
+                    w
+                };
+                Some((w, shift))
+            }),
+            _ => None,
+        };
+    }
+}
+
+/// The same values with NHWC strides (libtorch's channels-last), which oneDNN's CPU
+/// convolutions run faster on and pass on to their outputs.
+pub fn to_channels_last(t: &Tensor) -> Tensor {
+    if t.dim() != 4 {
+        return t.shallow_clone();
+    }
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
 /// `downsample` of a block: `0` the 1x1 convolution, `1` its norm.
 fn downsample(p: &nn::Path, cin: i64, cout: i64, stride: i64, norm: Norm) -> ConvNorm {
     let d = p / "downsample";
-    ConvNorm {
-        conv: conv(&d / 0, cin, cout, 1, stride, 0),
-        norm: NormLayer::new(&d / 1, cout, norm),
-    }
+    ConvNorm::new(
+        conv(&d / 0, cin, cout, 1, stride, 0),
+        NormLayer::new(&d / 1, cout, norm),
+        stride,
+        0,
+    )
 }
 
 /// A residual block, basic (two 3x3) or bottleneck (1x1, 3x3 with the stride, 1x1).
@@ -134,14 +179,18 @@ pub struct Block {
 impl Block {
     fn basic(p: nn::Path, cin: i64, planes: i64, stride: i64, norm: Norm) -> Block {
         let convs = vec![
-            ConvNorm {
-                conv: conv(&p / "conv1", cin, planes, 3, stride, 1),
-                norm: NormLayer::new(&p / "bn1", planes, norm),
-            },
-            ConvNorm {
-                conv: conv(&p / "conv2", planes, planes, 3, 1, 1),
-                norm: NormLayer::new(&p / "bn2", planes, norm),
-            },
+            ConvNorm::new(
+                conv(&p / "conv1", cin, planes, 3, stride, 1),
+                NormLayer::new(&p / "bn1", planes, norm),
+                stride,
+                1,
+            ),
+            ConvNorm::new(
+                conv(&p / "conv2", planes, planes, 3, 1, 1),
+                NormLayer::new(&p / "bn2", planes, norm),
+                1,
+                1,
+            ),
         ];
         let downsample =
             (stride != 1 || cin != planes).then(|| downsample(&p, cin, planes, stride, norm));
@@ -151,18 +200,24 @@ impl Block {
     fn bottleneck(p: nn::Path, cin: i64, planes: i64, stride: i64, norm: Norm) -> Block {
         let out = planes * 4;
         let convs = vec![
-            ConvNorm {
-                conv: conv(&p / "conv1", cin, planes, 1, 1, 0),
-                norm: NormLayer::new(&p / "bn1", planes, norm),
-            },
-            ConvNorm {
-                conv: conv(&p / "conv2", planes, planes, 3, stride, 1),
-                norm: NormLayer::new(&p / "bn2", planes, norm),
-            },
-            ConvNorm {
-                conv: conv(&p / "conv3", planes, out, 1, 1, 0),
-                norm: NormLayer::new(&p / "bn3", out, norm),
-            },
+            ConvNorm::new(
+                conv(&p / "conv1", cin, planes, 1, 1, 0),
+                NormLayer::new(&p / "bn1", planes, norm),
+                1,
+                0,
+            ),
+            ConvNorm::new(
+                conv(&p / "conv2", planes, planes, 3, stride, 1),
+                NormLayer::new(&p / "bn2", planes, norm),
+                stride,
+                1,
+            ),
+            ConvNorm::new(
+                conv(&p / "conv3", planes, out, 1, 1, 0),
+                NormLayer::new(&p / "bn3", out, norm),
+                1,
+                0,
+            ),
         ];
         let downsample =
             (stride != 1 || cin != out).then(|| downsample(&p, cin, out, stride, norm));
@@ -218,10 +273,12 @@ pub struct ResNet {
 impl ResNet {
     /// Builds the body under `p` (torchvision: `backbone.body`) for `in_channels` inputs.
     pub fn new(p: &nn::Path, depth: Depth, in_channels: i64, norm: Norm) -> ResNet {
-        let stem = ConvNorm {
-            conv: conv(p / "conv1", in_channels, 64, 7, 2, 3),
-            norm: NormLayer::new(p / "bn1", 64, norm),
-        };
+        let stem = ConvNorm::new(
+            conv(p / "conv1", in_channels, 64, 7, 2, 3),
+            NormLayer::new(p / "bn1", 64, norm),
+            2,
+            3,
+        );
         let counts: [usize; 4] = match depth {
             Depth::R18 => [2, 2, 2, 2],
             Depth::R50 => [3, 4, 6, 3],
@@ -248,6 +305,20 @@ impl ResNet {
             layers.push(blocks);
         }
         ResNet { stem, layers }
+    }
+
+    /// Folds frozen norms into the convolutions for inference (see [`ConvNorm`]); call
+    /// again after loading new weights.
+    pub fn fold(&mut self, on: bool, channels_last: bool) {
+        self.stem.fold(on, channels_last);
+        for block in self.layers.iter_mut().flatten() {
+            for c in block.convs.iter_mut() {
+                c.fold(on, channels_last);
+            }
+            if let Some(d) = block.downsample.as_mut() {
+                d.fold(on, channels_last);
+            }
+        }
     }
 
     /// The outputs of layer1..layer4.

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use pcb_vision::{
-    testing, Depth, Detector, InputMode, ModelConfig, Norm, Sampling, Target, Transform,
+    testing, Depth, Detector, InferenceOptions, InputMode, ModelConfig, Norm, Sampling, Target,
+    Transform,
 };
 use serde_json::Value;
 use tch::{Kind, Tensor};
@@ -97,9 +98,10 @@ fn check_sample(what: &str, t: &Tensor, g: &Value, rel: f64) -> f64 {
     worst
 }
 
-fn eval_parity(depth: Depth, tag: &str) {
+fn eval_parity(depth: Depth, tag: &str, options: InferenceOptions) {
     let golden = read_json(&format!("golden_{tag}.json"));
-    let det = detector(depth, &golden);
+    let mut det = detector(depth, &golden);
+    det.model.prepare_inference(options);
     let out = tch::no_grad(|| det.model.detect(&images(&golden))).expect("detect");
     let names = ["0", "1", "2", "3", "pool"];
     let mut worst_feature: f64 = 0.0;
@@ -158,7 +160,10 @@ fn eval_parity(depth: Depth, tag: &str) {
             let want_box = floats(&g["boxes"][k]);
             for c in 0..4 {
                 let (a, b) = (boxes[4 * k + c], want_box[c]);
-                let rel = (a - b).abs() / b.abs().max(1.0);
+                // Folded weights round differently, and box deltas amplify that near the
+                // image border (0.006 px seen), so that variant gets a floor of 10 px.
+                let floor = if options.fold_bn { 10.0 } else { 1.0 };
+                let rel = (a - b).abs() / b.abs().max(floor);
                 assert!(
                     rel <= 1e-3,
                     "{tag} image {i} detection {k}: box {c} {a} vs {b}"
@@ -169,7 +174,7 @@ fn eval_parity(depth: Depth, tag: &str) {
         }
     }
     eprintln!(
-        "{tag}: FPN worst {worst_feature:.2e}, objectness worst {worst_obj:.2e}, top-20 detections worst {worst_det:.2e}"
+        "{tag} {options:?}: FPN worst {worst_feature:.2e}, objectness worst {worst_obj:.2e}, top-20 detections worst {worst_det:.2e}"
     );
 }
 
@@ -267,12 +272,21 @@ fn r18_keys_match_torchvision_both_ways() {
 
 #[test]
 fn r50_eval_outputs_match_torchvision() {
-    eval_parity(Depth::R50, "r50");
+    eval_parity(Depth::R50, "r50", InferenceOptions::default());
 }
 
 #[test]
 fn r18_eval_outputs_match_torchvision() {
-    eval_parity(Depth::R18, "r18");
+    eval_parity(Depth::R18, "r18", InferenceOptions::default());
+}
+
+#[test]
+fn r50_with_folded_norms_and_channels_last_still_matches() {
+    let options = InferenceOptions {
+        fold_bn: true,
+        channels_last: true,
+    };
+    eval_parity(Depth::R50, "r50", options);
 }
 
 #[test]
