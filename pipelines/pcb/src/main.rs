@@ -103,6 +103,8 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Our Faster R-CNN beside torchvision and ONNX Runtime: s/image, infer and train.
+    Vision(pcb::bench_vision::VisionBenchArgs),
     /// Bare decode vs ingester → encoder → router over JetStream, side by side.
     Pipeline {
         /// Boards.
@@ -183,6 +185,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Train(args) => pcb::vision_cli::train(&args),
         Cmd::Eval(args) => pcb::vision_cli::eval(&args),
+        Cmd::Bench {
+            what: BenchCmd::Vision(args),
+        } => pcb::bench_vision::run(&args),
         Cmd::Bench {
             what: BenchCmd::Pipeline { count, seed, dir },
         } => {

@@ -200,7 +200,20 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         files.len() as u64,
         "epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
     );
+    // Without a terminal the bar is hidden; a line every 50 boards keeps logs informative.
+    let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let state = pcb_vision::train::train(&mut det, &files, &cfg, &args.out, |p| {
+        if plain && (p.done % 50 < cfg.batch_size || p.done >= p.total) {
+            eprintln!(
+                "epoch {}/{} {}/{} loss {:.3} {:.2} img/s",
+                p.epoch + 1,
+                cfg.epochs,
+                p.done,
+                p.total,
+                p.loss,
+                p.images_per_sec
+            );
+        }
         pb.set_prefix(format!("{}/{}", p.epoch + 1, cfg.epochs));
         pb.set_position(p.done as u64);
         pb.set_message(format!("loss {:.3} {:.2} img/s", p.loss, p.images_per_sec));

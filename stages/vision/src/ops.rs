@@ -217,10 +217,32 @@ pub fn roi_align(
         .unsqueeze(1)
         .expand([k, ph * sr, pw * sr], false);
     let grid = Tensor::stack(&[gx, gy], 3); // [K, ph*sr, pw*sr, 2]
-    let batch = rois.select(1, 0).to_kind(Kind::Int64);
-    let mut out = Tensor::zeros([k, c, ph * sr, pw * sr], opts);
-    let batch_ids: Vec<i64> =
-        Vec::<i64>::try_from(&batch.to_device(tch::Device::Cpu)).unwrap_or_default();
+    let all_valid = valid.min().double_value(&[]) > 0.5;
+    // One grid_sampler call per image over all its RoIs stacked as rows; an average pool of
+    // sr x sr then makes the bins (the kernel's sum / count).
+    let pool = |img: i64, grid: &Tensor, valid: &Tensor, kb: i64| {
+        let g = grid.reshape([1, kb * ph * sr, pw * sr, 2]);
+        let mut sampled = input.narrow(0, img, 1).grid_sampler(&g, 0, 1, true);
+        if !all_valid {
+            sampled = sampled * valid.reshape([1, 1, kb * ph * sr, pw * sr]);
+        }
+        sampled
+            .avg_pool2d([sr, sr], [sr, sr], [0, 0], false, true, None::<i64>)
+            .reshape([c, kb, ph, pw])
+            .permute([1, 0, 2, 3])
+    };
+    if n == 1 {
+        return pool(0, &grid, &valid, k);
+    }
+    let batch_ids: Vec<i64> = Vec::<i64>::try_from(
+        &rois
+            .select(1, 0)
+            .to_kind(Kind::Int64)
+            .to_device(tch::Device::Cpu),
+    )
+    .unwrap_or_default();
+    let mut order: Vec<i64> = Vec::with_capacity(k as usize);
+    let mut parts = Vec::new();
     for b in 0..n {
         let sel: Vec<i64> = batch_ids
             .iter()
@@ -232,19 +254,29 @@ pub fn roi_align(
             continue;
         }
         let idx = Tensor::from_slice(&sel).to_device(input.device());
-        let g = grid.index_select(0, &idx); // [k_b, H', W', 2]
-        let kb = sel.len() as i64;
-        let g = g.reshape([1, kb * ph * sr, pw * sr, 2]);
-        let sampled = input.narrow(0, b, 1).grid_sampler(&g, 0, 1, true); // [1, C, kb*H', W']
-        let sampled = sampled
-            .reshape([c, kb, ph * sr, pw * sr])
-            .permute([1, 0, 2, 3]);
-        out = out.index_copy(0, &idx, &sampled);
+        parts.push(pool(
+            b,
+            &grid.index_select(0, &idx),
+            &valid.index_select(0, &idx),
+            sel.len() as i64,
+        ));
+        order.extend(sel);
     }
-    let out = out * valid.unsqueeze(1);
-    out.reshape([k, c, ph, sr, pw, sr])
-        .sum_dim_intlist([3, 5].as_slice(), false, input.kind())
-        / (sr * sr) as f64
+    if order.len() as i64 != k {
+        // RoIs naming an image outside the batch get zeros, as far-outside samples do.
+        let mut out = Tensor::zeros([k, c, ph, pw], opts);
+        if !parts.is_empty() {
+            let idx = Tensor::from_slice(&order).to_device(input.device());
+            out = out.index_copy(0, &idx, &Tensor::cat(&parts, 0));
+        }
+        return out;
+    }
+    // Back to the RoIs' order: position order[j] holds part row j.
+    let mut inverse = vec![0i64; k as usize];
+    for (j, &o) in order.iter().enumerate() {
+        inverse[o as usize] = j as i64;
+    }
+    Tensor::cat(&parts, 0).index_select(0, &Tensor::from_slice(&inverse).to_device(input.device()))
 }
 
 #[cfg(test)]
