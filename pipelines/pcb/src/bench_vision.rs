@@ -103,7 +103,6 @@ fn ours(depth: Depth, size: i64, iters: usize) -> anyhow::Result<Vec<(String, f6
         })?;
         rows.push((format!("{name} infer"), s));
     }
-    det.model.prepare_inference(InferenceOptions::default());
     // The same target as the Python side: the first parity target scaled to the image.
     let scale = size as f32 / 160.0;
     let target = || Target {
@@ -121,19 +120,33 @@ fn ours(depth: Depth, size: i64, iters: usize) -> anyhow::Result<Vec<(String, f6
         optimizer: OptimizerKind::Sgd,
         ..TrainConfig::default()
     });
-    let s = timed(iters, || {
-        for (_, p) in &params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.zero_();
+    let mut train_rows = Vec::new();
+    for (name, options) in [
+        ("ours train, plain", InferenceOptions::default()),
+        (
+            "ours train, folded BN + channels-last",
+            InferenceOptions {
+                fold_bn: true,
+                channels_last: true,
+            },
+        ),
+    ] {
+        det.model.prepare_inference(options);
+        let s = timed(iters, || {
+            for (_, p) in &params {
+                let mut g = p.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
             }
-        }
-        let l = det.model.losses(std::slice::from_ref(&img), &[target()])?;
-        l.total().backward();
-        opt.apply(&params, 1e-5);
-        Ok(())
-    })?;
-    rows.push(("ours train".into(), s));
+            let l = det.model.losses(std::slice::from_ref(&img), &[target()])?;
+            l.total().backward();
+            opt.apply(&params, 1e-5);
+            Ok(())
+        })?;
+        train_rows.push((name.to_string(), s));
+    }
+    rows.extend(train_rows);
     Ok(rows)
 }
 
@@ -207,9 +220,13 @@ fn table(args: &VisionBenchArgs, reference: &serde_json::Value) -> anyhow::Resul
             Some(s) => line("onnxruntime infer", s, tv_infer),
             None => println!("{tag:<6} onnxruntime infer: {}", row["onnxruntime_error"]),
         }
+        let mut first_train = true;
         for (name, s) in ours(depth, args.size, args.iters)? {
-            if name.ends_with("train") {
-                line("torchvision train", tv_train, tv_train);
+            if name.contains("train") {
+                if first_train {
+                    line("torchvision train", tv_train, tv_train);
+                    first_train = false;
+                }
                 line(&name, s, tv_train);
             } else {
                 line(&name, s, tv_infer);

@@ -30,9 +30,20 @@ pub struct ModelArgs {
     /// Torch threads (0: libtorch's default, one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
+    /// Turn off the CPU speed-ups (frozen norms folded into convolutions, channels-last).
+    #[arg(long)]
+    pub plain: bool,
 }
 
 impl ModelArgs {
+    /// The speed-ups these flags ask for.
+    pub fn speed(&self) -> pcb_vision::InferenceOptions {
+        pcb_vision::InferenceOptions {
+            fold_bn: !self.plain,
+            channels_last: !self.plain,
+        }
+    }
+
     /// The model configuration these flags describe.
     pub fn config(&self) -> ModelConfig {
         ModelConfig {
@@ -264,6 +275,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     );
     det.load(&args.weights)
         .with_context(|| format!("weights {}", args.weights.display()))?;
+    det.model.prepare_inference(args.model.speed());
     let pb = bar(files.len() as u64, "eval [{bar:30}] {pos}/{len} eta {eta}");
     let (report, _) = pcb_vision::evaluate::evaluate(&det, &files, &DEEPPCB_CLASSES, |n| {
         pb.set_position(n as u64)

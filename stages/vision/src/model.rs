@@ -85,7 +85,8 @@ pub struct Target {
     pub labels: Tensor,
 }
 
-/// CPU inference tricks (they change no result beyond float rounding).
+/// CPU speed tricks, for inference and training alike (they change no result beyond
+/// float rounding).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InferenceOptions {
     /// Fold frozen batch norms into the preceding convolutions.
@@ -219,7 +220,7 @@ impl FasterRcnn {
 
     /// Pyramid features of a padded batch.
     pub fn features(&self, images: &Tensor, train: bool) -> Vec<Tensor> {
-        let c = if !train && self.inference.channels_last {
+        let c = if self.inference.channels_last {
             self.body
                 .forward_t(&crate::resnet::to_channels_last(images), train)
         } else {

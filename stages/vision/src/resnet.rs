@@ -122,9 +122,18 @@ impl ConvNorm {
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        if let (false, Some((w, b))) = (train, &self.folded) {
-            let (s, p) = self.geometry;
-            return xs.conv2d(w, Some(b), [s, s], [p, p], [1, 1], 1);
+        let (s, p) = self.geometry;
+        if let Some((w, b)) = &self.folded {
+            if !train {
+                return xs.conv2d(w, Some(b), [s, s], [p, p], [1, 1], 1);
+            }
+            // Training: fold afresh each step (the weight changes), gradients flowing
+            // through the product; one weight-sized multiply instead of a pass over the
+            // activations.
+            if let Some((scale, shift)) = self.norm.frozen_affine() {
+                let w = &self.conv.ws * scale.reshape([-1, 1, 1, 1]);
+                return xs.conv2d(&w, Some(&shift), [s, s], [p, p], [1, 1], 1);
+            }
         }
         self.norm.forward_t(&xs.apply(&self.conv), train)
     }

@@ -178,9 +178,10 @@ fn eval_parity(depth: Depth, tag: &str, options: InferenceOptions) {
     );
 }
 
-fn loss_parity(depth: Depth, tag: &str) {
+fn loss_parity(depth: Depth, tag: &str, options: InferenceOptions) {
     let golden = read_json(&format!("golden_{tag}.json"));
-    let det = detector(depth, &golden);
+    let mut det = detector(depth, &golden);
+    det.model.prepare_inference(options);
     let targets: Vec<Target> = golden["targets"]
         .as_array()
         .expect("targets")
@@ -222,7 +223,7 @@ fn loss_parity(depth: Depth, tag: &str) {
         report.insert(name, (a, b, rel));
         assert!(rel <= 1e-3, "{tag} {name}: ours {a} torchvision {b}");
     }
-    eprintln!("{tag} losses (ours, torchvision, relative): {report:?}");
+    eprintln!("{tag} {options:?} losses (ours, torchvision, relative): {report:?}");
 }
 
 fn keys_match(depth: Depth, tag: &str) {
@@ -291,10 +292,19 @@ fn r50_with_folded_norms_and_channels_last_still_matches() {
 
 #[test]
 fn r50_training_losses_match_torchvision() {
-    loss_parity(Depth::R50, "r50");
+    loss_parity(Depth::R50, "r50", InferenceOptions::default());
+}
+
+#[test]
+fn r50_training_losses_with_folded_norms_and_channels_last_match() {
+    let options = InferenceOptions {
+        fold_bn: true,
+        channels_last: true,
+    };
+    loss_parity(Depth::R50, "r50", options);
 }
 
 #[test]
 fn r18_training_losses_match_torchvision() {
-    loss_parity(Depth::R18, "r18");
+    loss_parity(Depth::R18, "r18", InferenceOptions::default());
 }
