@@ -60,6 +60,8 @@ fn detector(depth: Depth, size: i64) -> anyhow::Result<Detector> {
             max_size: size,
             ..Transform::default()
         },
+        fpn_channels: 256,
+        box_batch_size_per_image: 512,
     };
     let mut det = Detector::new(config, tch::Device::Cpu, Sampling::Random);
     let tensors = det

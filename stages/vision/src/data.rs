@@ -132,6 +132,37 @@ impl BoardFile {
     }
 }
 
+/// The boxes seen through a `size`-square window at `(x0, y0)`: shifted, clipped, and kept
+/// when at least half of a box and 2 px each way remain visible (a defect cut in two
+/// would teach the model to box fragments).
+pub fn crop_boxes(
+    boxes: &Tensor,
+    labels: &Tensor,
+    x0: i64,
+    y0: i64,
+    size: i64,
+) -> (Tensor, Tensor) {
+    if boxes.size()[0] == 0 {
+        return (boxes.shallow_clone(), labels.shallow_clone());
+    }
+    let shift = Tensor::from_slice(&[x0 as f32, y0 as f32, x0 as f32, y0 as f32]).view([1, 4]);
+    let moved = boxes - shift;
+    let clipped = moved.clamp(0.0, size as f64);
+    let area = |b: &Tensor| (b.select(1, 2) - b.select(1, 0)) * (b.select(1, 3) - b.select(1, 1));
+    let w = clipped.select(1, 2) - clipped.select(1, 0);
+    let h = clipped.select(1, 3) - clipped.select(1, 1);
+    let keep = (area(&clipped) * 2.0)
+        .ge_tensor(&area(&moved))
+        .logical_and(&w.ge(2.0))
+        .logical_and(&h.ge(2.0))
+        .nonzero()
+        .squeeze_dim(1);
+    (
+        clipped.index_select(0, &keep),
+        labels.index_select(0, &keep),
+    )
+}
+
 /// A flip and quarter-turn combination (the 8 symmetries of a square).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Symmetry {
@@ -217,6 +248,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("empty box"), "{e}");
+    }
+
+    #[test]
+    fn crops_shift_clip_and_drop_boxes() {
+        let boxes =
+            Tensor::from_slice(&[10f32, 10., 20., 20., 95., 10., 115., 20., 0., 0., 4., 4.])
+                .view([3, 4]);
+        let labels = Tensor::from_slice(&[1i64, 2, 3]);
+        // Window x 5..105, y 5..105: box 0 inside, box 1 half visible (kept, clipped),
+        // box 2 mostly outside (dropped).
+        let (b, l) = crop_boxes(&boxes, &labels, 5, 5, 100);
+        assert_eq!(Vec::<i64>::try_from(&l).unwrap(), vec![1, 2]);
+        assert_eq!(
+            Vec::<f32>::try_from(&b.view([-1])).unwrap(),
+            vec![5., 5., 15., 15., 90., 5., 100., 15.]
+        );
     }
 
     #[test]

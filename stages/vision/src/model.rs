@@ -29,6 +29,21 @@ pub struct ModelConfig {
     pub input: InputMode,
     /// Resizing and normalisation.
     pub transform: Transform,
+    /// Channels of the pyramid, the RPN and the RoI features (torchvision: 256; fewer make
+    /// a much cheaper model for CPUs, with the same parameter names but other shapes).
+    #[serde(default = "default_fpn_channels")]
+    pub fpn_channels: i64,
+    /// Proposals sampled per image for the box-head losses in training (torchvision: 512).
+    #[serde(default = "default_box_batch")]
+    pub box_batch_size_per_image: i64,
+}
+
+fn default_box_batch() -> i64 {
+    512
+}
+
+fn default_fpn_channels() -> i64 {
+    256
 }
 
 impl Default for ModelConfig {
@@ -39,6 +54,8 @@ impl Default for ModelConfig {
             norm: Norm::Frozen,
             input: InputMode::ImageTemplateDiff,
             transform: Transform::default(),
+            fpn_channels: 256,
+            box_batch_size_per_image: 512,
         }
     }
 }
@@ -117,13 +134,17 @@ impl FasterRcnn {
     pub fn new(p: &nn::Path, config: ModelConfig, sampling: Sampling) -> FasterRcnn {
         let backbone = p / "backbone";
         let body = ResNet::new(&(&backbone / "body"), config.backbone, 3, config.norm);
-        let fpn = Fpn::new(&(&backbone / "fpn"), &config.backbone.stage_channels(), 256);
-        let rpn = Rpn::new(&(p / "rpn"), 256, RpnSettings::default(), sampling);
+        let ch = config.fpn_channels;
+        let fpn = Fpn::new(&(&backbone / "fpn"), &config.backbone.stage_channels(), ch);
+        let rpn = Rpn::new(&(p / "rpn"), ch, RpnSettings::default(), sampling);
         let roi_heads = RoiHeads::new(
             &(p / "roi_heads"),
-            256,
+            ch,
             config.num_classes,
-            BoxSettings::default(),
+            BoxSettings {
+                batch_size_per_image: config.box_batch_size_per_image,
+                ..BoxSettings::default()
+            },
             sampling,
         );
         FasterRcnn {

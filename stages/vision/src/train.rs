@@ -47,6 +47,9 @@ pub struct TrainConfig {
     pub augment: bool,
     /// Seed of the shuffling and augmentation.
     pub seed: u64,
+    /// Train on random square crops of this side (0: whole boards).
+    #[serde(default)]
+    pub crop: i64,
 }
 
 impl Default for TrainConfig {
@@ -62,6 +65,7 @@ impl Default for TrainConfig {
             batch_size: 2,
             augment: true,
             seed: 1,
+            crop: 0,
         }
     }
 }
@@ -279,7 +283,20 @@ pub fn train(
             let mut targets = Vec::new();
             for &i in chunk {
                 let board = files[i as usize].load()?;
-                let input = compose(mode, &board.image, board.template.as_ref())?;
+                let mut input = compose(mode, &board.image, board.template.as_ref())?;
+                let (mut boxes, mut labels) =
+                    (board.boxes.shallow_clone(), board.labels.shallow_clone());
+                let (h, w) = (input.size()[1], input.size()[2]);
+                if cfg.crop > 0 && (h > cfg.crop || w > cfg.crop) {
+                    let c = cfg.crop.min(h).min(w);
+                    let pick = |n: i64| {
+                        Tensor::randint(n - c + 1, [1], (Kind::Int64, tch::Device::Cpu))
+                            .int64_value(&[0])
+                    };
+                    let (y0, x0) = (pick(h), pick(w));
+                    input = input.narrow(1, y0, c).narrow(2, x0, c);
+                    (boxes, labels) = crate::data::crop_boxes(&boxes, &labels, x0, y0, c);
+                }
                 let (h, w) = (input.size()[1], input.size()[2]);
                 let sym = if cfg.augment {
                     Symmetry::nth(
@@ -291,8 +308,8 @@ pub fn train(
                 };
                 images.push(sym.image(&input).to_device(det.vs.device()));
                 targets.push(Target {
-                    boxes: sym.boxes(&board.boxes, h, w).to_device(det.vs.device()),
-                    labels: board.labels.to_device(det.vs.device()),
+                    boxes: sym.boxes(&boxes, h, w).to_device(det.vs.device()),
+                    labels: labels.to_device(det.vs.device()),
                 });
             }
             let losses = det.model.losses(&images, &targets)?;

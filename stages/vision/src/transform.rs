@@ -64,7 +64,8 @@ pub fn compose(
 /// Sizes and normalisation of the transform.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Transform {
-    /// Shorter side after resizing (torchvision: 800).
+    /// Shorter side after resizing (torchvision: 800); 0 keeps every image at its own size
+    /// (boards of a known scale, or training crops that must keep the boards' scale).
     pub min_size: i64,
     /// Longer side at most (torchvision: 1333).
     pub max_size: i64,
@@ -102,6 +103,9 @@ impl Transform {
     /// The resized size of an `(h, w)` image, computed as torchvision does in eager mode:
     /// the scale as a Python float (f64), the size truncated.
     pub fn resized_size(&self, h: i64, w: i64) -> (i64, i64) {
+        if self.min_size <= 0 {
+            return (h, w);
+        }
         let (lo, hi) = (h.min(w) as f64, h.max(w) as f64);
         let scale = (self.min_size as f64 / lo).min(self.max_size as f64 / hi);
         ((h as f64 * scale) as i64, (w as f64 * scale) as i64)
@@ -135,10 +139,13 @@ impl Transform {
                 .view([3, 1, 1]);
             let norm = (img - mean) / std;
             let (nh, nw) = self.resized_size(h, w);
-            let resized = norm
-                .unsqueeze(0)
-                .upsample_bilinear2d([nh, nw], false, None, None)
-                .squeeze_dim(0);
+            let resized = if (nh, nw) == (h, w) && self.min_size <= 0 {
+                norm
+            } else {
+                norm.unsqueeze(0)
+                    .upsample_bilinear2d([nh, nw], false, None, None)
+                    .squeeze_dim(0)
+            };
             out.push(resized);
             sizes.push((nh, nw));
             original.push((h, w));
@@ -197,6 +204,11 @@ mod tests {
             ..Transform::default()
         };
         assert_eq!(t.resized_size(640, 640), (640, 640));
+        let t = Transform {
+            min_size: 0,
+            ..Transform::default()
+        };
+        assert_eq!(t.resized_size(320, 640), (320, 640));
     }
 
     #[test]

@@ -33,6 +33,8 @@ fn detector(depth: Depth, golden: &Value) -> Detector {
             max_size: golden["max_size"].as_i64().expect("max_size"),
             ..Transform::default()
         },
+        fpn_channels: 256,
+        box_batch_size_per_image: 512,
     };
     let mut det = Detector::new(config, tch::Device::Cpu, Sampling::First);
     let tensors: Vec<(String, Tensor)> = det

@@ -49,6 +49,8 @@ fn config() -> ModelConfig {
             max_size: 96,
             ..Transform::default()
         },
+        fpn_channels: 64,
+        box_batch_size_per_image: 512,
     }
 }
 
