@@ -134,7 +134,8 @@ pub struct EvalArgs {
     /// List file of the evaluated boards, relative to --data unless absolute.
     #[arg(long, default_value = "val.txt")]
     pub list: PathBuf,
-    /// Weights (safetensors): a `pcb train` folder's model.safetensors or any export.
+    /// Weights (safetensors): a `pcb train` folder's model.safetensors (its model.json then
+    /// gives the model's shape, overriding the flags below) or any export.
     #[arg(long)]
     pub weights: PathBuf,
     /// JSON report.
@@ -282,11 +283,19 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     if args.limit > 0 {
         files.truncate(args.limit);
     }
-    let mut det = Detector::new(
-        args.model.config(),
-        tch::Device::cuda_if_available(),
-        Sampling::Random,
-    );
+    // A `pcb train` folder records the model's shape beside the weights; use it so that
+    // the flags need not be repeated (and cannot disagree).
+    let recorded = args.weights.with_file_name("model.json");
+    let config: ModelConfig = if recorded.exists() {
+        let text = std::fs::read_to_string(&recorded)?;
+        let c = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", recorded.display()))?;
+        eprintln!("model shape from {}", recorded.display());
+        c
+    } else {
+        args.model.config()
+    };
+    let mut det = Detector::new(config, tch::Device::cuda_if_available(), Sampling::Random);
     det.load(&args.weights)
         .with_context(|| format!("weights {}", args.weights.display()))?;
     det.model.prepare_inference(args.model.speed());
