@@ -368,6 +368,6 @@ log "  nats CLI:    $NATS_CLI_STATUS"
 log "  libtorch:    $LIBTORCH_STATUS"
 log "  venv python: $VENV_PY ($VENV_PKGS)"
 if [ "${PCB_SETUP_LIBTORCH:-1}" != 0 ]; then
-    log "  (cargo picks LIBTORCH up from .cargo/config.toml; binaries linked to it"
-    log "   need LD_LIBRARY_PATH=$LIBTORCH_DIR/lib at run time)"
+    log "  (cargo picks LIBTORCH up from .cargo/config.toml; the binaries that link it"
+    log "   carry a RUNPATH to $LIBTORCH_DIR/lib, so no LD_LIBRARY_PATH is needed)"
 fi
