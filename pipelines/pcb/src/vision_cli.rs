@@ -114,6 +114,10 @@ pub struct TrainArgs {
     /// Use only the first N boards of the list (0: all).
     #[arg(long, default_value_t = 0)]
     pub limit: usize,
+    /// Backbone stages trained, from the top (5: all; torchvision fine-tunes 3, keeping
+    /// conv1 and layer1 as the checkpoint has them).
+    #[arg(long, default_value_t = 5)]
+    pub trainable_layers: usize,
     /// Train on random square crops of this side (0: whole boards); with `--min-size 0`
     /// the boards keep their scale, so a model trained on crops detects on whole boards.
     #[arg(long, default_value_t = 0)]
@@ -195,6 +199,8 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         det.load(w)
             .with_context(|| format!("initial weights {}", w.display()))?;
     }
+    det.model.prepare_inference(args.model.speed());
+    det.set_trainable_backbone_layers(args.trainable_layers);
     let cfg = TrainConfig {
         optimizer: if args.optimizer == "sgd" {
             OptimizerKind::Sgd

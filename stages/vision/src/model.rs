@@ -268,6 +268,33 @@ impl Detector {
         Detector { vs, model }
     }
 
+    /// Freezes the backbone body but its last `n` stages (torchvision's
+    /// `trainable_backbone_layers`: 5 trains everything, 3 — its default when fine-tuning —
+    /// keeps `conv1` and `layer1` fixed, 0 freezes the whole body).
+    pub fn set_trainable_backbone_layers(&mut self, n: usize) {
+        let order = ["layer4", "layer3", "layer2", "layer1", "conv1"];
+        let trainable: Vec<&str> = order.iter().take(n.min(5)).copied().collect();
+        for (name, t) in self.vs.variables() {
+            let Some(rest) = name.strip_prefix("backbone.body.") else {
+                continue;
+            };
+            // The stem's norm goes with conv1, as torchvision names it "bn1".
+            let stage = if rest.starts_with("bn1.") {
+                "conv1"
+            } else {
+                rest.split('.').next().unwrap_or("")
+            };
+            let on = trainable.contains(&stage) && !rest.contains("running_");
+            if matches!(self.model.config.norm, Norm::Frozen)
+                && !rest.contains("conv")
+                && !rest.contains("downsample.0")
+            {
+                continue;
+            }
+            let _ = t.set_requires_grad(on);
+        }
+    }
+
     /// Variable names and shapes, sorted.
     pub fn shapes(&self) -> BTreeMap<String, Vec<i64>> {
         self.vs
@@ -381,6 +408,32 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k, v.detach().copy()))
             .collect()
+    }
+
+    #[test]
+    fn trainable_backbone_layers_freeze_the_stem_first() {
+        let mut d = small();
+        let trainable = |d: &Detector| {
+            d.vs.variables()
+                .into_iter()
+                .filter(|(k, t)| k.starts_with("backbone.body.") && t.requires_grad())
+                .map(|(k, _)| k)
+                .collect::<Vec<_>>()
+        };
+        let all = trainable(&d).len();
+        d.set_trainable_backbone_layers(3);
+        let three = trainable(&d);
+        assert!(three
+            .iter()
+            .all(|k| !k.starts_with("backbone.body.conv1")
+                && !k.starts_with("backbone.body.layer1.")));
+        assert!(three.iter().any(|k| k.starts_with("backbone.body.layer2.")));
+        d.set_trainable_backbone_layers(0);
+        assert!(trainable(&d).is_empty());
+        d.set_trainable_backbone_layers(5);
+        assert_eq!(trainable(&d).len(), all);
+        // The heads stay trainable throughout.
+        assert!(d.vs.variables()["rpn.head.conv.0.0.weight"].requires_grad());
     }
 
     #[test]
