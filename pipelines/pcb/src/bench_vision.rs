@@ -64,15 +64,7 @@ fn detector(depth: Depth, size: i64) -> anyhow::Result<Detector> {
         box_batch_size_per_image: 512,
     };
     let mut det = Detector::new(config, tch::Device::Cpu, Sampling::Random);
-    let tensors = det
-        .shapes()
-        .into_iter()
-        .map(|(k, s)| {
-            let t = testing::parameter(&k, &s);
-            (k, t)
-        })
-        .collect();
-    det.load_tensors(tensors, "deterministic")?;
+    testing::fill(&mut det)?;
     Ok(det)
 }
 
@@ -135,12 +127,7 @@ fn ours(depth: Depth, size: i64, iters: usize) -> anyhow::Result<Vec<(String, f6
     ] {
         det.model.prepare_inference(options);
         let s = timed(iters, || {
-            for (_, p) in &params {
-                let mut g = p.grad();
-                if g.defined() {
-                    let _ = g.zero_();
-                }
-            }
+            Optimizer::zero_grad(&params);
             let l = det.model.losses(std::slice::from_ref(&img), &[target()])?;
             l.total().backward();
             opt.apply(&params, 1e-5);

@@ -177,19 +177,29 @@ fn threads(n: i32) {
     }
 }
 
-/// `pcb train`.
-pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
-    if !args.data.is_dir() {
+/// The boards of `list` under `data`, the first `limit` of them when not 0.
+fn boards(
+    data: &Path,
+    list: &Path,
+    limit: usize,
+) -> anyhow::Result<Vec<pcb_vision::data::BoardFile>> {
+    if !data.is_dir() {
         bail!(
             "dataset folder {} not found (DeepPCB layout expected; see README)",
-            args.data.display()
+            data.display()
         );
     }
-    threads(args.model.threads);
-    let mut files = read_list(&args.data, &list_path(&args.data, &args.list))?;
-    if args.limit > 0 {
-        files.truncate(args.limit);
+    let mut files = read_list(data, &list_path(data, list))?;
+    if limit > 0 {
+        files.truncate(limit);
     }
+    Ok(files)
+}
+
+/// `pcb train`.
+pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
+    threads(args.model.threads);
+    let files = boards(&args.data, &args.list, args.limit)?;
     let mut det = Detector::new(
         args.model.config(),
         tch::Device::cuda_if_available(),
@@ -278,17 +288,8 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
 
 /// `pcb eval`.
 pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
-    if !args.data.is_dir() {
-        bail!(
-            "dataset folder {} not found (DeepPCB layout expected; see README)",
-            args.data.display()
-        );
-    }
     threads(args.model.threads);
-    let mut files = read_list(&args.data, &list_path(&args.data, &args.list))?;
-    if args.limit > 0 {
-        files.truncate(args.limit);
-    }
+    let files = boards(&args.data, &args.list, args.limit)?;
     // A `pcb train` folder records the model's shape beside the weights; use it so that
     // the flags need not be repeated (and cannot disagree).
     let recorded = args.weights.with_file_name("model.json");

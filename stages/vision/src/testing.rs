@@ -70,3 +70,17 @@ pub fn image(name: &str, h: i64, w: i64) -> Tensor {
         .collect();
     Tensor::from_slice(&vals).view([3, h, w])
 }
+
+/// Fills every parameter of `det` with [`parameter`]'s deterministic values (what the
+/// parity goldens and the speed benchmark both run on).
+pub fn fill(det: &mut crate::Detector) -> Result<(), crate::VisionError> {
+    let tensors: Vec<(String, Tensor)> = det
+        .shapes()
+        .into_iter()
+        .map(|(k, s)| {
+            let t = parameter(&k, &s);
+            (k, t)
+        })
+        .collect();
+    det.load_tensors(tensors, "deterministic weights")
+}

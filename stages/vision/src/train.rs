@@ -105,6 +105,16 @@ impl Optimizer {
         }
     }
 
+    /// Clears the gradients of `params` before a backward pass.
+    pub fn zero_grad(params: &[(String, Tensor)]) {
+        for (_, p) in params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+    }
+
     /// One update of the trainable `params` from their gradients, as torch.optim does.
     pub fn apply(&mut self, params: &[(String, Tensor)], lr: f64) {
         self.step += 1;
@@ -320,12 +330,7 @@ pub fn train(
                     "loss became {loss} at epoch {epoch} step {b}; lower the learning rate"
                 )));
             }
-            for (_, p) in &params {
-                let mut g = p.grad();
-                if g.defined() {
-                    let _ = g.zero_();
-                }
-            }
+            Optimizer::zero_grad(&params);
             total.backward();
             optimizer.apply(&params, lr);
             sum += loss;

@@ -37,16 +37,7 @@ fn detector(depth: Depth, golden: &Value) -> Detector {
         box_batch_size_per_image: 512,
     };
     let mut det = Detector::new(config, tch::Device::Cpu, Sampling::First);
-    let tensors: Vec<(String, Tensor)> = det
-        .shapes()
-        .into_iter()
-        .map(|(k, s)| {
-            let t = testing::parameter(&k, &s);
-            (k, t)
-        })
-        .collect();
-    det.load_tensors(tensors, "deterministic")
-        .expect("weights fit");
+    testing::fill(&mut det).expect("weights fit");
     det
 }
 
