@@ -104,12 +104,7 @@ fn ours(depth: Depth, size: i64, iters: usize) -> anyhow::Result<Vec<(String, f6
             * scale as f64,
         labels: Tensor::from_slice(&[1i64, 4]),
     };
-    let params: Vec<(String, Tensor)> = det
-        .vs
-        .variables()
-        .into_iter()
-        .filter(|(_, t)| t.requires_grad())
-        .collect();
+    let params = det.trainable();
     let mut opt = Optimizer::new(&TrainConfig {
         optimizer: OptimizerKind::Sgd,
         ..TrainConfig::default()

@@ -295,6 +295,15 @@ impl Detector {
         }
     }
 
+    /// The parameters an optimiser updates, by name.
+    pub fn trainable(&self) -> Vec<(String, Tensor)> {
+        self.vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect()
+    }
+
     /// Variable names and shapes, sorted.
     pub fn shapes(&self) -> BTreeMap<String, Vec<i64>> {
         self.vs

@@ -269,12 +269,7 @@ pub fn train(
             "resuming"
         );
     }
-    let params: Vec<(String, Tensor)> = det
-        .vs
-        .variables()
-        .into_iter()
-        .filter(|(_, t)| t.requires_grad())
-        .collect();
+    let params = det.trainable();
     let mode = det.model.config.input;
     for epoch in state.epochs_done..cfg.epochs {
         let lr = cfg.lr_at(epoch);
