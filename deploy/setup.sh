@@ -7,6 +7,7 @@
 #   2. a project-local LibTorch in <root>/.libtorch, unpacked from PyPI wheels
 #      (torch + the two CUDA runtime libraries libtorch_cpu.so links against);
 #      skip with PCB_SETUP_LIBTORCH=0;
+#   1b. Debian's libgloo-dev (headers for the trainer's c10d/Gloo shim) and g++;
 #   3. a project-local Python venv <root>/.venv with deploy/requirements-test.txt.
 #
 # Safe to re-run: every step checks first and does nothing when already done.
@@ -144,6 +145,24 @@ else
         NATS_CLI_STATUS="not installed (no natscli package in the apt sources)"
         log "nats CLI: $NATS_CLI_STATUS; optional, skipped"
     fi
+fi
+
+# --- 1b. gloo headers: the trainer's C++ shim over libtorch's ProcessGroupGloo ---
+# The torch wheel ships c10d's headers but not gloo's, which ProcessGroupGloo.hpp
+# includes; Debian's libgloo-dev has them (its library is not linked: libtorch_cpu.so
+# carries its own gloo). A C++ compiler builds the shim.
+
+if [ -f /usr/include/gloo/config.h ]; then
+    GLOO_STATUS="found /usr/include/gloo"
+    log "gloo headers: $GLOO_STATUS"
+else
+    log "gloo headers: not found, installing libgloo-dev"
+    apt_install libgloo-dev || die "could not install libgloo-dev (needed to build the trainer)"
+    GLOO_STATUS="installed libgloo-dev"
+fi
+if ! command -v g++ >/dev/null 2>&1; then
+    log "g++ not found, installing it"
+    apt_install g++ || die "could not install g++ (needed to build the trainer's shim)"
 fi
 
 # --- 3 (done before 2: its pip also fetches the LibTorch wheels). Python venv --
@@ -365,6 +384,7 @@ fi
 log "done in $(secs_since "$T0") s"
 log "  nats-server: $NATS_SERVER (v${NATS_SERVER_VERSION:-?})"
 log "  nats CLI:    $NATS_CLI_STATUS"
+log "  gloo:        $GLOO_STATUS"
 log "  libtorch:    $LIBTORCH_STATUS"
 log "  venv python: $VENV_PY ($VENV_PKGS)"
 if [ "${PCB_SETUP_LIBTORCH:-1}" != 0 ]; then

@@ -156,6 +156,106 @@ pub struct DeadLetter {
     pub at_ms: i64,
 }
 
+/// `pcb.train.progress`: one training step of one rank.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainProgress {
+    /// The job's name (its checkpoint folder and store prefix).
+    pub job: String,
+    /// Rank that reports.
+    pub rank: u32,
+    /// Ranks in the job.
+    pub world: u32,
+    /// Epoch, 0-based.
+    pub epoch: u32,
+    /// Epochs of the job.
+    pub epochs: u32,
+    /// Step within the epoch, 1-based.
+    pub step: u32,
+    /// Steps per epoch (agreed by every rank).
+    pub steps_per_epoch: u32,
+    /// Optimiser steps since the job began.
+    pub global_step: u64,
+    /// Job-wide images in this step.
+    pub images: u32,
+    /// This rank's loss for the step (NaN when its batch was empty).
+    pub loss: f64,
+    /// Learning rate of the step.
+    pub lr: f64,
+    /// Job-wide images per second over the epoch so far.
+    pub images_per_sec: f64,
+    /// Estimated seconds until the job ends.
+    pub eta_secs: f64,
+    /// sha256 of the parameters after the step, when the job is asked for it (so replicas
+    /// can be checked for being bitwise identical).
+    pub param_digest: Option<String>,
+    /// Validation mAP (DeepPCB protocol) after the epoch's last step, on rank 0.
+    pub val_map: Option<f64>,
+    /// When it was sent, milliseconds since the Unix epoch.
+    pub at_ms: i64,
+}
+
+/// The dataset snapshot a job trained on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Stream the records came from.
+    pub stream: String,
+    /// First stream sequence included.
+    pub first_seq: u64,
+    /// Last stream sequence included.
+    pub last_seq: u64,
+    /// Training images in the snapshot.
+    pub train_images: u64,
+    /// Validation images in the snapshot.
+    pub val_images: u64,
+    /// Defect boxes per class name in the training images.
+    pub boxes_per_class: std::collections::BTreeMap<String, u64>,
+}
+
+/// `pcb.train.candidates`: a trained model offered to the registry. The weights are a
+/// safetensors file at `artifact` (torchvision key names) with digest `sha256`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainCandidate {
+    /// The job that produced it.
+    pub job: String,
+    /// Model name.
+    pub model: String,
+    /// Path of the weights file.
+    pub artifact: String,
+    /// sha256 (hex) of the weights file.
+    pub sha256: String,
+    /// The model's architecture and input (`pcb_vision::ModelConfig` as JSON).
+    pub model_config: serde_json::Value,
+    /// Hyperparameters of the job.
+    pub hyperparameters: serde_json::Value,
+    /// Validation metrics (`pcb_metrics` report as JSON), when a val split existed.
+    pub metrics: Option<serde_json::Value>,
+    /// The data it was trained on.
+    pub snapshot: Snapshot,
+    /// Mean training loss of each epoch.
+    pub epoch_losses: Vec<f64>,
+    /// Git revision of the code that trained it, when known.
+    pub git_revision: Option<String>,
+    /// When training finished, milliseconds since the Unix epoch.
+    pub created_at_ms: i64,
+}
+
+impl Envelope for TrainProgress {
+    const SCHEMA: &'static str = "pcb.train.progress/v1";
+    fn msg_id(&self) -> String {
+        format!(
+            "{}.{}.{}.{}",
+            self.job, self.rank, self.epoch, self.global_step
+        )
+    }
+}
+
+impl Envelope for TrainCandidate {
+    const SCHEMA: &'static str = "pcb.train.candidates/v1";
+    fn msg_id(&self) -> String {
+        format!("{}.{}", self.job, self.sha256)
+    }
+}
+
 impl Envelope for RawImage {
     const SCHEMA: &'static str = "pcb.images.raw/v1";
     fn msg_id(&self) -> String {

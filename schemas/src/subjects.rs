@@ -33,6 +33,13 @@ pub fn rejected_subject(stage: &str) -> String {
     format!("{SUBJECT_REJECTED_PREFIX}.{stage}")
 }
 
+/// Per-step progress of training jobs (one message per rank and step).
+pub const SUBJECT_TRAIN_PROGRESS: &str = "pcb.train.progress";
+/// A trained model offered to the registry, with its metadata.
+pub const SUBJECT_TRAIN_CANDIDATES: &str = "pcb.train.candidates";
+/// Stream of `pcb.train.>`: progress and candidates.
+pub const STREAM_TRAINING: &str = "PCB_TRAINING";
+
 /// Which stream a logical stream key of the pipeline file maps to, with its subjects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamKind {
@@ -44,15 +51,18 @@ pub enum StreamKind {
     Detections,
     /// Dead letters of every stage.
     Rejected,
+    /// Training progress and candidates.
+    Training,
 }
 
 impl StreamKind {
     /// Every stream the pipeline needs.
-    pub const ALL: [StreamKind; 4] = [
+    pub const ALL: [StreamKind; 5] = [
         StreamKind::Images,
         StreamKind::Shards,
         StreamKind::Detections,
         StreamKind::Rejected,
+        StreamKind::Training,
     ];
 
     /// The JetStream stream name.
@@ -62,6 +72,7 @@ impl StreamKind {
             StreamKind::Shards => STREAM_SHARDS,
             StreamKind::Detections => STREAM_DETECTIONS,
             StreamKind::Rejected => STREAM_REJECTED,
+            StreamKind::Training => STREAM_TRAINING,
         }
     }
 
@@ -72,6 +83,7 @@ impl StreamKind {
             StreamKind::Shards => "shards",
             StreamKind::Detections => "detections",
             StreamKind::Rejected => "rejected",
+            StreamKind::Training => "training",
         }
     }
 
@@ -83,6 +95,7 @@ impl StreamKind {
             StreamKind::Shards => vec![format!("{SUBJECT_SHARDS_PREFIX}.*")],
             StreamKind::Detections => vec![SUBJECT_DETECTIONS.into()],
             StreamKind::Rejected => vec![format!("{SUBJECT_REJECTED_PREFIX}.*")],
+            StreamKind::Training => vec!["pcb.train.>".into()],
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod pipeline;
 pub mod process;
 pub mod server;
 pub mod status;
+pub mod train_job;
 pub mod vision_cli;
 
 use std::path::Path;

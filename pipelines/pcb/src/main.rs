@@ -90,7 +90,8 @@ enum Cmd {
         #[arg(long, default_value_t = 0.2)]
         val_fraction: f64,
     },
-    /// Train the detector on a DeepPCB-layout folder (resumes from --out).
+    /// Train the detector: a job of `--ranks` trainer processes over the shard streams,
+    /// or, with `--data DIR`, in this process on a DeepPCB-layout folder.
     Train(Box<pcb::vision_cli::TrainArgs>),
     /// Evaluate weights under the DeepPCB protocol: table, JSON report, PR curves.
     Eval(Box<pcb::vision_cli::EvalArgs>),
@@ -183,7 +184,10 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Train(args) => pcb::vision_cli::train(&args),
+        Cmd::Train(args) => match &args.data {
+            Some(dir) => pcb::vision_cli::train(&args, dir),
+            None => pcb::train_job::run(args.job_options()).await.map(|_| ()),
+        },
         Cmd::Eval(args) => pcb::vision_cli::eval(&args),
         Cmd::Bench {
             what: BenchCmd::Vision(args),

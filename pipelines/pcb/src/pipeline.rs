@@ -71,6 +71,8 @@ pub struct Stages {
     pub encoder: StageEntry<pcb_encoder::EncoderSettings>,
     /// `pcb.images.encoded` → `pcb.shards.<k>`.
     pub router: StageEntry<pcb_router::RouterSettings>,
+    /// Training jobs (`pcb train`): `replicas` is the number of local ranks.
+    pub trainer: StageEntry<pcb_trainer::TrainerSettings>,
 }
 
 /// The stage binaries, in start order.
@@ -101,7 +103,7 @@ impl PipelineFile {
         // Each stage validates its own section as it would at start-up.
         let mut probe = self.clone();
         probe.nats.url = "nats://127.0.0.1:4222".into();
-        for stage in STAGES {
+        for stage in STAGES.into_iter().chain(["trainer"]) {
             if let Err(problems) = probe.check_stage(stage) {
                 for problem in problems.0 {
                     p.0.push(format!("stages.{stage}.settings: {problem}"));
@@ -111,6 +113,7 @@ impl PipelineFile {
         for (stage, n) in [
             ("encoder", self.stages.encoder.replicas),
             ("router", self.stages.router.replicas),
+            ("trainer", self.stages.trainer.replicas),
         ] {
             p.check(n > 64, &format!("stages.{stage}.replicas"), "at most 64");
         }
@@ -128,6 +131,10 @@ impl PipelineFile {
                 .map_err(bad)?
                 .validate()
                 .map(|_| ()),
+            "trainer" => toml::from_str::<pcb_trainer::FileConfig>(&text)
+                .map_err(bad)?
+                .validate()
+                .map(|_| ()),
             _ => toml::from_str::<pcb_router::FileConfig>(&text)
                 .map_err(bad)?
                 .validate()
@@ -140,6 +147,7 @@ impl PipelineFile {
         match stage {
             "ingester" => self.stages.ingester.replicas,
             "encoder" => self.stages.encoder.replicas,
+            "trainer" => self.stages.trainer.replicas,
             _ => self.stages.router.replicas,
         }
     }
@@ -149,6 +157,7 @@ impl PipelineFile {
         let port = match stage {
             "ingester" => self.stages.ingester.metrics_port,
             "encoder" => self.stages.encoder.metrics_port,
+            "trainer" => self.stages.trainer.metrics_port,
             _ => self.stages.router.metrics_port,
         };
         let port = if port == 0 {
@@ -177,6 +186,12 @@ impl PipelineFile {
         let settings = match stage {
             "ingester" => toml::Value::try_from(&self.stages.ingester.settings),
             "encoder" => toml::Value::try_from(&self.stages.encoder.settings),
+            "trainer" => {
+                // The trainer reads the shards the router writes.
+                let mut t = self.stages.trainer.settings.clone();
+                t.shard_count = self.stages.router.settings.shard_count;
+                toml::Value::try_from(&t)
+            }
             _ => toml::Value::try_from(&self.stages.router.settings),
         };
         t.insert(stage.into(), value(settings));
@@ -224,6 +239,11 @@ mod tests {
             .write_stage_configs(dir.path(), "nats://127.0.0.1:1")
             .expect("write");
         assert_eq!(files.len(), 3);
+        let trainer = dir.path().join("trainer.toml");
+        std::fs::write(&trainer, p.stage_config("trainer", 0, "nats://127.0.0.1:1"))
+            .expect("write");
+        let t = pcb_trainer::Config::load(Some(&trainer)).expect("trainer config");
+        assert_eq!(t.shard_count, p.stages.router.settings.shard_count);
         for (stage, _, path) in files {
             match stage {
                 "ingester" => {

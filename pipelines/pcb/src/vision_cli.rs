@@ -84,13 +84,15 @@ impl ModelArgs {
 /// Flags of `pcb train`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct TrainArgs {
-    /// Dataset root (DeepPCB layout).
-    #[arg(long, default_value = "../shared/datasets/deeppcb")]
-    pub data: PathBuf,
+    /// Train in this process on a dataset folder (DeepPCB layout, such as
+    /// ../shared/datasets/deeppcb) instead of a job over the shard streams.
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
     /// List file of the training boards, relative to --data unless absolute.
     #[arg(long, default_value = "trainval.txt")]
     pub list: PathBuf,
-    /// Checkpoint folder: written after every epoch, resumed from when present.
+    /// Checkpoint folder of a folder run: written after every epoch, resumed from when
+    /// present.
     #[arg(long, default_value = ".pcb-data/train")]
     pub out: PathBuf,
     /// Start from these weights (a torchvision export in safetensors, same names).
@@ -99,18 +101,19 @@ pub struct TrainArgs {
     /// Optimiser.
     #[arg(long, default_value = "adam", value_parser = ["adam", "sgd"])]
     pub optimizer: String,
-    /// Learning rate.
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f64,
-    /// Epochs.
-    #[arg(long, default_value_t = 12)]
-    pub epochs: usize,
+    /// Learning rate [folder default: 1e-3; streams: the pipeline file's].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Epochs [folder default: 12; streams: the pipeline file's].
+    #[arg(long)]
+    pub epochs: Option<usize>,
     /// Multiply the learning rate by 0.1 every this many epochs.
     #[arg(long, default_value_t = 3)]
     pub lr_step_epochs: usize,
-    /// Boards per step.
-    #[arg(long, default_value_t = 2)]
-    pub batch_size: usize,
+    /// Boards per step (per rank over the streams) [folder default: 2; streams: the
+    /// pipeline file's].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     /// Use only the first N boards of the list (0: all).
     #[arg(long, default_value_t = 0)]
     pub limit: usize,
@@ -125,8 +128,44 @@ pub struct TrainArgs {
     /// Seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Streams: local ranks to start (default: the pipeline file's stages.trainer.replicas).
+    #[arg(long)]
+    pub ranks: Option<usize>,
+    /// Streams: NATS server (default: the pipeline file's, then the one `pcb up` started).
+    #[arg(long, value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// Streams: pipeline file holding the job's settings ([stages.trainer.settings]).
+    #[arg(long, default_value = "pipelines/local.toml", env = "PCB_PIPELINE")]
+    pub pipeline: PathBuf,
+    /// Streams: data dir (default: the pipeline file's).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Streams: job name (its checkpoint folder; the same name resumes).
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Streams: restarts of every rank from the last checkpoint after one fails.
+    #[arg(long, default_value_t = 3)]
+    pub max_restarts: u32,
     #[command(flatten)]
     pub model: ModelArgs,
+}
+
+impl TrainArgs {
+    /// The stream job these flags describe.
+    pub fn job_options(&self) -> crate::train_job::JobOptions {
+        crate::train_job::JobOptions {
+            pipeline: self.pipeline.clone(),
+            nats_url: self.nats_url.clone(),
+            data_dir: self.data_dir.clone(),
+            ranks: self.ranks,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            job: self.job.clone(),
+            max_restarts: self.max_restarts,
+            plain: !std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        }
+    }
 }
 
 /// Flags of `pcb eval`.
@@ -197,9 +236,9 @@ fn boards(
 }
 
 /// `pcb train`.
-pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
+pub fn train(args: &TrainArgs, data: &Path) -> anyhow::Result<()> {
     threads(args.model.threads);
-    let files = boards(&args.data, &args.list, args.limit)?;
+    let files = boards(data, &args.list, args.limit)?;
     let mut det = Detector::new(
         args.model.config(),
         tch::Device::cuda_if_available(),
@@ -217,10 +256,10 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         } else {
             OptimizerKind::Adam
         },
-        lr: args.lr,
-        epochs: args.epochs,
+        lr: args.lr.unwrap_or(1e-3),
+        epochs: args.epochs.unwrap_or(12),
         lr_step_epochs: args.lr_step_epochs,
-        batch_size: args.batch_size,
+        batch_size: args.batch_size.unwrap_or(2),
         seed: args.seed,
         weight_decay: if args.optimizer == "sgd" { 1e-4 } else { 0.0 },
         crop: args.crop,

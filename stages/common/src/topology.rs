@@ -45,7 +45,7 @@ impl Default for StreamSettings {
     }
 }
 
-/// The four streams of the pipeline and the shard count.
+/// The five streams of the pipeline and the shard count.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Topology {
@@ -57,6 +57,8 @@ pub struct Topology {
     pub detections: StreamSettings,
     /// `PCB_REJECTED`: `pcb.rejected.<stage>`.
     pub rejected: StreamSettings,
+    /// `PCB_TRAINING`: `pcb.train.progress` and `pcb.train.candidates`.
+    pub training: StreamSettings,
 }
 
 impl Default for Topology {
@@ -68,6 +70,7 @@ impl Default for Topology {
             shards: StreamSettings::with(0, 8, 86_400),
             detections: StreamSettings::with(7, 2, 3_600),
             rejected: StreamSettings::with(30, 1, 86_400),
+            training: StreamSettings::with(30, 1, 3_600),
         }
     }
 }
@@ -80,6 +83,7 @@ impl Topology {
             StreamKind::Shards => &self.shards,
             StreamKind::Detections => &self.detections,
             StreamKind::Rejected => &self.rejected,
+            StreamKind::Training => &self.training,
         }
     }
 

@@ -107,13 +107,38 @@ pub fn read_list(root: &Path, list: &Path) -> Result<Vec<BoardFile>, VisionError
 /// Decodes an image file to a `[1, H, W]` grey tensor in 0..1.
 pub fn load_grey(path: &Path) -> Result<Tensor, VisionError> {
     let img = image::open(path)
-        .map_err(|e| VisionError::Data(format!("decoding {}: {e}", path.display())))?
-        .to_luma8();
+        .map_err(|e| VisionError::Data(format!("decoding {}: {e}", path.display())))?;
+    Ok(grey_tensor(img))
+}
+
+/// Decodes an encoded image (JPEG, PNG, ...) held in memory to a `[1, H, W]` grey tensor.
+pub fn decode_grey(bytes: &[u8], origin: &str) -> Result<Tensor, VisionError> {
+    let img = image::load_from_memory(bytes)
+        .map_err(|e| VisionError::Data(format!("decoding {origin}: {e}")))?;
+    Ok(grey_tensor(img))
+}
+
+impl Board {
+    /// A board from decoded tensors and `x1 y1 x2 y2` boxes with their classes.
+    pub fn new(image: Tensor, template: Option<Tensor>, boxes: &[([f32; 4], i64)]) -> Board {
+        let flat: Vec<f32> = boxes.iter().flat_map(|(b, _)| *b).collect();
+        let labels: Vec<i64> = boxes.iter().map(|(_, c)| *c).collect();
+        Board {
+            image,
+            template,
+            boxes: Tensor::from_slice(&flat).view([-1, 4]),
+            labels: Tensor::from_slice(&labels),
+        }
+    }
+}
+
+fn grey_tensor(img: image::DynamicImage) -> Tensor {
+    let img = img.to_luma8();
     let (w, h) = img.dimensions();
-    Ok(Tensor::from_slice(img.as_raw())
+    Tensor::from_slice(img.as_raw())
         .view([1, h as i64, w as i64])
         .to_kind(Kind::Float)
-        / 255.0)
+        / 255.0
 }
 
 impl BoardFile {
@@ -121,14 +146,7 @@ impl BoardFile {
     pub fn load(&self) -> Result<Board, VisionError> {
         let image = load_grey(&self.image)?;
         let template = self.template.as_deref().map(load_grey).transpose()?;
-        let flat: Vec<f32> = self.boxes.iter().flat_map(|(b, _)| *b).collect();
-        let labels: Vec<i64> = self.boxes.iter().map(|(_, c)| *c).collect();
-        Ok(Board {
-            image,
-            template,
-            boxes: Tensor::from_slice(&flat).view([-1, 4]),
-            labels: Tensor::from_slice(&labels),
-        })
+        Ok(Board::new(image, template, &self.boxes))
     }
 }
 

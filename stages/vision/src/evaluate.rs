@@ -6,7 +6,7 @@ use std::time::Instant;
 use pcb_metrics::{Detection, GtBox, ImageResult, Report};
 use tch::Kind;
 
-use crate::data::BoardFile;
+use crate::data::{Board, BoardFile};
 use crate::model::Detector;
 use crate::transform::compose;
 use crate::VisionError;
@@ -20,12 +20,30 @@ pub fn evaluate(
     det: &Detector,
     files: &[BoardFile],
     classes: &[&str],
+    progress: impl FnMut(usize),
+) -> Result<(Report, Vec<ImageResult>), VisionError> {
+    evaluate_boards(
+        det,
+        files.len(),
+        |i| Ok((files[i].name.clone(), files[i].load()?)),
+        classes,
+        progress,
+    )
+}
+
+/// [`evaluate`] over `count` boards that `board(i)` produces (from files, from a stream),
+/// the ground truth being each board's own boxes.
+pub fn evaluate_boards(
+    det: &Detector,
+    count: usize,
+    mut board: impl FnMut(usize) -> Result<(String, Board), VisionError>,
+    classes: &[&str],
     mut progress: impl FnMut(usize),
 ) -> Result<(Report, Vec<ImageResult>), VisionError> {
-    let mut results = Vec::with_capacity(files.len());
+    let mut results = Vec::with_capacity(count);
     let mut seconds = 0.0;
-    for (i, f) in files.iter().enumerate() {
-        let board = f.load()?;
+    for i in 0..count {
+        let (name, board) = board(i)?;
         let input = compose(
             det.model.config.input,
             &board.image,
@@ -51,19 +69,21 @@ pub fn evaluate(
                 score: scores[k],
             })
             .collect();
-        let ground_truth = f
-            .boxes
+        let gt_boxes = Vec::<f32>::try_from(&board.boxes.to_kind(Kind::Float).reshape([-1]))?;
+        let gt_labels = Vec::<i64>::try_from(&board.labels)?;
+        let ground_truth = gt_labels
             .iter()
-            .map(|(b, c)| GtBox {
-                x1: b[0],
-                y1: b[1],
-                x2: b[2],
-                y2: b[3],
-                class_id: *c as u16,
+            .enumerate()
+            .map(|(k, &c)| GtBox {
+                x1: gt_boxes[4 * k],
+                y1: gt_boxes[4 * k + 1],
+                x2: gt_boxes[4 * k + 2],
+                y2: gt_boxes[4 * k + 3],
+                class_id: c as u16,
             })
             .collect();
         results.push(ImageResult {
-            image: f.name.clone(),
+            image: name,
             ground_truth,
             detections,
         });

@@ -15,8 +15,8 @@ use crate::transform::{InputMode, Transform};
 use crate::VisionError;
 
 /// Everything that fixes the network's shape and behaviour.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     /// Classes including background (DeepPCB: 6 defects + background = 7).
     pub num_classes: i64,

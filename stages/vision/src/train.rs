@@ -24,8 +24,8 @@ pub enum OptimizerKind {
 }
 
 /// How to train.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     /// Optimiser.
     pub optimizer: OptimizerKind,
@@ -234,6 +234,101 @@ fn write_atomic(
         .map_err(|e| VisionError::Data(format!("renaming {}: {e}", tmp.display())))
 }
 
+/// Writes weights, optimiser state and progress into `dir`, each file atomically.
+pub fn save_checkpoint<S: serde::Serialize>(
+    dir: &Path,
+    det: &Detector,
+    optimizer: &Optimizer,
+    state: &S,
+) -> Result<(), VisionError> {
+    let (model_path, optim_path, state_path) = checkpoint_paths(dir);
+    write_atomic(&model_path, |p| det.save(p))?;
+    write_atomic(&optim_path, |p| {
+        Tensor::write_safetensors(&optimizer.tensors(), p).map_err(|e| VisionError::Checkpoint {
+            path: p.display().to_string(),
+            message: e.to_string(),
+        })
+    })?;
+    let json = serde_json::to_string_pretty(state).map_err(|e| VisionError::Data(e.to_string()))?;
+    write_atomic(&state_path, |p| {
+        std::fs::write(p, &json)
+            .map_err(|e| VisionError::Data(format!("writing {}: {e}", p.display())))
+    })
+}
+
+/// Restores weights and optimiser state from `dir` and returns the saved progress; `None`
+/// when `dir` holds no checkpoint.
+pub fn load_checkpoint<S: serde::de::DeserializeOwned + HasStep>(
+    dir: &Path,
+    det: &mut Detector,
+    optimizer: &mut Optimizer,
+) -> Result<Option<S>, VisionError> {
+    let (model_path, optim_path, state_path) = checkpoint_paths(dir);
+    if !state_path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&state_path)
+        .map_err(|e| VisionError::Data(format!("reading {}: {e}", state_path.display())))?;
+    let state: S = serde_json::from_str(&text)
+        .map_err(|e| VisionError::Data(format!("parsing {}: {e}", state_path.display())))?;
+    det.load(&model_path)?;
+    let tensors = Tensor::read_safetensors(&optim_path).map_err(|e| VisionError::Checkpoint {
+        path: optim_path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    optimizer.restore(tensors, state.step());
+    Ok(Some(state))
+}
+
+/// Progress records that know the optimiser step they were saved at.
+pub trait HasStep {
+    /// Optimiser steps taken when saved.
+    fn step(&self) -> i64;
+}
+
+impl HasStep for RunState {
+    fn step(&self) -> i64 {
+        self.step
+    }
+}
+
+/// One training example from a board: composed input, then (per `cfg`) a random crop and
+/// a random flip or quarter turn, with the boxes following; on `device`.
+pub fn training_example(
+    board: &crate::data::Board,
+    mode: crate::transform::InputMode,
+    cfg: &TrainConfig,
+    device: tch::Device,
+) -> Result<(Tensor, Target), VisionError> {
+    let mut input = compose(mode, &board.image, board.template.as_ref())?;
+    let (mut boxes, mut labels) = (board.boxes.shallow_clone(), board.labels.shallow_clone());
+    let (h, w) = (input.size()[1], input.size()[2]);
+    if cfg.crop > 0 && (h > cfg.crop || w > cfg.crop) {
+        let c = cfg.crop.min(h).min(w);
+        let pick = |n: i64| {
+            Tensor::randint(n - c + 1, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0])
+        };
+        let (y0, x0) = (pick(h), pick(w));
+        input = input.narrow(1, y0, c).narrow(2, x0, c);
+        (boxes, labels) = crate::data::crop_boxes(&boxes, &labels, x0, y0, c);
+    }
+    let (h, w) = (input.size()[1], input.size()[2]);
+    let sym = if cfg.augment {
+        Symmetry::nth(
+            (Tensor::randint(8, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0])) as u8,
+        )
+    } else {
+        Symmetry::nth(0)
+    };
+    Ok((
+        sym.image(&input).to_device(device),
+        Target {
+            boxes: sym.boxes(&boxes, h, w).to_device(device),
+            labels: labels.to_device(device),
+        },
+    ))
+}
+
 /// Trains `det` on `files` for `cfg.epochs`, checkpointing into `out` after every epoch
 /// and resuming from the checkpoint found there.
 pub fn train(
@@ -248,21 +343,10 @@ pub fn train(
     }
     std::fs::create_dir_all(out)
         .map_err(|e| VisionError::Data(format!("creating {}: {e}", out.display())))?;
-    let (model_path, optim_path, state_path) = checkpoint_paths(out);
     let mut optimizer = Optimizer::new(cfg);
     let mut state = RunState::default();
-    if state_path.exists() {
-        let text = std::fs::read_to_string(&state_path)
-            .map_err(|e| VisionError::Data(format!("reading {}: {e}", state_path.display())))?;
-        state = serde_json::from_str(&text)
-            .map_err(|e| VisionError::Data(format!("parsing {}: {e}", state_path.display())))?;
-        det.load(&model_path)?;
-        let tensors =
-            Tensor::read_safetensors(&optim_path).map_err(|e| VisionError::Checkpoint {
-                path: optim_path.display().to_string(),
-                message: e.to_string(),
-            })?;
-        optimizer.restore(tensors, state.step);
+    if let Some(saved) = load_checkpoint(out, det, &mut optimizer)? {
+        state = saved;
         tracing::info!(
             epochs_done = state.epochs_done,
             step = state.step,
@@ -288,34 +372,9 @@ pub fn train(
             let mut targets = Vec::new();
             for &i in chunk {
                 let board = files[i as usize].load()?;
-                let mut input = compose(mode, &board.image, board.template.as_ref())?;
-                let (mut boxes, mut labels) =
-                    (board.boxes.shallow_clone(), board.labels.shallow_clone());
-                let (h, w) = (input.size()[1], input.size()[2]);
-                if cfg.crop > 0 && (h > cfg.crop || w > cfg.crop) {
-                    let c = cfg.crop.min(h).min(w);
-                    let pick = |n: i64| {
-                        Tensor::randint(n - c + 1, [1], (Kind::Int64, tch::Device::Cpu))
-                            .int64_value(&[0])
-                    };
-                    let (y0, x0) = (pick(h), pick(w));
-                    input = input.narrow(1, y0, c).narrow(2, x0, c);
-                    (boxes, labels) = crate::data::crop_boxes(&boxes, &labels, x0, y0, c);
-                }
-                let (h, w) = (input.size()[1], input.size()[2]);
-                let sym = if cfg.augment {
-                    Symmetry::nth(
-                        (Tensor::randint(8, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0]))
-                            as u8,
-                    )
-                } else {
-                    Symmetry::nth(0)
-                };
-                images.push(sym.image(&input).to_device(det.vs.device()));
-                targets.push(Target {
-                    boxes: sym.boxes(&boxes, h, w).to_device(det.vs.device()),
-                    labels: labels.to_device(det.vs.device()),
-                });
+                let (image, target) = training_example(&board, mode, cfg, det.vs.device())?;
+                images.push(image);
+                targets.push(target);
             }
             let losses = det.model.losses(&images, &targets)?;
             let total = losses.total();
@@ -343,21 +402,7 @@ pub fn train(
         state.step = optimizer.step;
         state.epoch_losses.push(sum / steps.max(1) as f64);
         state.seconds += started.elapsed().as_secs_f64();
-        write_atomic(&model_path, |p| det.save(p))?;
-        write_atomic(&optim_path, |p| {
-            Tensor::write_safetensors(&optimizer.tensors(), p).map_err(|e| {
-                VisionError::Checkpoint {
-                    path: p.display().to_string(),
-                    message: e.to_string(),
-                }
-            })
-        })?;
-        let json =
-            serde_json::to_string_pretty(&state).map_err(|e| VisionError::Data(e.to_string()))?;
-        write_atomic(&state_path, |p| {
-            std::fs::write(p, &json)
-                .map_err(|e| VisionError::Data(format!("writing {}: {e}", p.display())))
-        })?;
+        save_checkpoint(out, det, &optimizer, &state)?;
         tracing::info!(epoch, loss = sum / steps.max(1) as f64, lr, "epoch done");
     }
     Ok(state)

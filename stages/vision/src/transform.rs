@@ -62,7 +62,8 @@ pub fn compose(
 }
 
 /// Sizes and normalisation of the transform.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Transform {
     /// Shorter side after resizing (torchvision: 800); 0 keeps every image at its own size
     /// (boards of a known scale, or training crops that must keep the boards' scale).

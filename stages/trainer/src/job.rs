@@ -1,0 +1,522 @@
+//! One rank's training loop: identical replicas kept in step by averaging gradients
+//! after every backward pass, a decoder thread feeding batches, rank 0 evaluating and
+//! checkpointing after every epoch.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use pcb_schemas::{Snapshot, TrainProgress};
+use pcb_vision::evaluate::{evaluate_boards, DEEPPCB_CLASSES};
+use pcb_vision::train::{load_checkpoint, save_checkpoint, training_example, HasStep, Optimizer};
+use pcb_vision::{Detector, InferenceOptions, ModelConfig, Sampling, Target};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::{Kind, Tensor};
+
+use crate::data::{Item, RankData};
+use crate::dist::{DistError, GradSync, ProcessGroup};
+
+/// Why a rank stopped before the end of its job.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// A peer rank died or stalled; names it when the store can tell.
+    #[error("lost peer {who} at epoch {epoch} step {step}: {cause}")]
+    PeerLost {
+        /// Which rank(s) and what is known of them.
+        who: String,
+        /// Epoch (0-based) when it happened.
+        epoch: usize,
+        /// Step within the epoch (1-based).
+        step: usize,
+        /// The collective's own error.
+        cause: String,
+    },
+    /// Setting up or using the process group failed outside a training step.
+    #[error(transparent)]
+    Dist(#[from] DistError),
+    /// The model, a checkpoint or a board failed.
+    #[error(transparent)]
+    Vision(#[from] pcb_vision::VisionError),
+    /// The loss stopped being a number.
+    #[error("loss became {loss} at epoch {epoch} step {step}; lower the learning rate")]
+    Diverged {
+        /// The loss.
+        loss: f64,
+        /// Epoch.
+        epoch: usize,
+        /// Step.
+        step: usize,
+    },
+    /// The decoder thread stopped.
+    #[error("the batch decoder stopped: {0}")]
+    Decoder(String),
+    /// A file of the job could not be written.
+    #[error("writing {path}: {message}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error.
+        message: String,
+    },
+    /// The shutdown signal came.
+    #[error("interrupted at epoch {epoch} step {step}; the job resumes from its last checkpoint")]
+    Interrupted {
+        /// Epoch.
+        epoch: usize,
+        /// Step.
+        step: usize,
+    },
+}
+
+/// What a job does, the same on every rank.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// The job's name.
+    pub job: String,
+    /// Its folder: `checkpoint/` and `candidate/` live there (rank 0 writes them).
+    pub dir: PathBuf,
+    /// The network.
+    pub model: ModelConfig,
+    /// Optimiser, schedule, epochs, batch size per rank, crops and augmentation.
+    pub optim: pcb_vision::train::TrainConfig,
+    /// How the box heads sample proposals and anchors.
+    pub sampling: Sampling,
+    /// Gradient bucket size for the all-reduce.
+    pub bucket_bytes: usize,
+    /// Rank 0 evaluates on the val split after every epoch.
+    pub eval: bool,
+    /// Publish a digest of the parameters after every step.
+    pub param_digest: bool,
+    /// Batches decoded ahead of the model.
+    pub prefetch: usize,
+}
+
+/// Progress of a job, saved with its checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobState {
+    /// Epochs completed.
+    pub epochs_done: usize,
+    /// Optimiser steps taken.
+    pub step: i64,
+    /// Job-wide mean loss of each completed epoch.
+    pub epoch_losses: Vec<f64>,
+    /// Validation mAP (DeepPCB protocol) after each epoch, when evaluated.
+    pub val_maps: Vec<f64>,
+    /// Training seconds so far.
+    pub seconds: f64,
+    /// The snapshot the job trains on (fixed at its first start).
+    pub snapshot: Option<Snapshot>,
+    /// The last evaluation's report (`pcb_metrics::Report` as JSON).
+    pub last_report: Option<serde_json::Value>,
+}
+
+impl HasStep for JobState {
+    fn step(&self) -> i64 {
+        self.step
+    }
+}
+
+/// The checkpoint folder of a job.
+pub fn checkpoint_dir(job_dir: &Path) -> PathBuf {
+    job_dir.join("checkpoint")
+}
+
+/// Reads the state saved with a job's checkpoint, if there is one.
+pub fn saved_state(job_dir: &Path) -> Result<Option<JobState>, JobError> {
+    let path = pcb_vision::train::checkpoint_paths(&checkpoint_dir(job_dir)).2;
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| JobError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| JobError::Io {
+            path: path.display().to_string(),
+            message: format!("not a job state: {e}"),
+        })
+}
+
+/// The outcome on rank 0.
+#[derive(Debug)]
+pub struct Finished {
+    /// Final state.
+    pub state: JobState,
+    /// The weights of the trained model, when this rank wrote them.
+    pub artifact: Option<PathBuf>,
+}
+
+const SPEED: InferenceOptions = InferenceOptions {
+    fold_bn: true,
+    channels_last: true,
+};
+
+/// One batch for one step: this rank's share, possibly empty.
+struct Batch {
+    images: Vec<Tensor>,
+    targets: Vec<Target>,
+}
+
+/// sha256 over every trainable parameter's bytes, in name order.
+pub fn param_digest(params: &[(String, Tensor)]) -> String {
+    let mut sorted: Vec<&(String, Tensor)> = params.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut h = Sha256::new();
+    for (name, t) in sorted {
+        h.update(name.as_bytes());
+        let flat = t.detach().to_kind(Kind::Float).contiguous().reshape([-1]);
+        let values = Vec::<f32>::try_from(&flat).unwrap_or_default();
+        for v in values {
+            h.update(v.to_le_bytes());
+        }
+    }
+    hex::encode(h.finalize())
+}
+
+/// Names the ranks that did not report the failure within a short grace: survivors all
+/// see a collective fail and say so in the store; a dead or stalled rank does not.
+fn who_is_lost(group: &ProcessGroup, step_key: &str) -> String {
+    let me = group.rank();
+    if group
+        .store_set(&format!("failed/{step_key}/{me}"), b"1")
+        .is_err()
+    {
+        return if me == 0 {
+            "unknown (the job's store does not answer)".into()
+        } else {
+            "rank 0 (it hosts the job's store, which no longer answers)".into()
+        };
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut silent = Vec::new();
+        for r in (0..group.world()).filter(|r| *r != me) {
+            match group.store_check(&format!("failed/{step_key}/{r}")) {
+                Ok(true) => {}
+                Ok(false) => silent.push(r),
+                Err(_) => {
+                    return "rank 0 (it hosts the job's store, which no longer answers)".into()
+                }
+            }
+        }
+        if silent.is_empty() {
+            return "unknown (every rank saw the failure)".into();
+        }
+        if Instant::now() >= deadline {
+            let names: Vec<String> = silent.iter().map(|r| format!("rank {r}")).collect();
+            return format!("{} (dead or stalled)", names.join(", "));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn lost(group: &ProcessGroup, epoch: usize, step: usize, e: DistError) -> JobError {
+    match e {
+        DistError::Collective { message, .. } => JobError::PeerLost {
+            who: who_is_lost(group, &format!("{epoch}.{step}")),
+            epoch,
+            step,
+            cause: message,
+        },
+        other => JobError::Dist(other),
+    }
+}
+
+/// Copies rank 0's values of every variable (parameters and buffers) to all ranks.
+fn broadcast_all(group: &ProcessGroup, tensors: &[Tensor]) -> Result<(), DistError> {
+    let flat: Vec<Tensor> = tch::no_grad(|| tensors.iter().map(|t| t.detach()).collect());
+    group.broadcast(&flat, 0)
+}
+
+/// Trains this rank's share for the job's remaining epochs. `steps_per_epoch` is agreed
+/// by every rank; `resume` holds rank 0's saved state when the job restarts.
+#[allow(clippy::too_many_arguments)]
+pub fn train_rank(
+    group: &ProcessGroup,
+    spec: &JobSpec,
+    data: &RankData,
+    steps_per_epoch: usize,
+    snapshot: &Snapshot,
+    resume: Option<&JobState>,
+    mut report: impl FnMut(TrainProgress),
+    stop: &AtomicBool,
+) -> Result<Finished, JobError> {
+    let (rank, world) = (group.rank(), group.world());
+    tch::manual_seed(spec.optim.seed as i64);
+    let mut det = Detector::new(spec.model.clone(), tch::Device::Cpu, spec.sampling);
+    let mut optimizer = Optimizer::new(&spec.optim);
+    let mut state = JobState {
+        snapshot: Some(snapshot.clone()),
+        ..JobState::default()
+    };
+    if let Some(saved) = resume {
+        if rank == 0 {
+            let loaded: Option<JobState> =
+                load_checkpoint(&checkpoint_dir(&spec.dir), &mut det, &mut optimizer)?;
+            state = loaded.unwrap_or_else(|| saved.clone());
+        } else {
+            state = saved.clone();
+        }
+        // Every rank needs the optimiser's state: rank 0 says what it holds, the others
+        // make room for it, and a broadcast fills it in.
+        let names: Vec<(String, Vec<i64>)> = if rank == 0 {
+            let list: Vec<(String, Vec<i64>)> = optimizer
+                .tensors()
+                .iter()
+                .map(|(n, t)| (n.clone(), t.size()))
+                .collect();
+            let json = serde_json::to_vec(&list).unwrap_or_default();
+            group.store_set("optimizer-layout", &json)?;
+            list
+        } else {
+            let json = group.store_get("optimizer-layout")?;
+            serde_json::from_slice(&json).map_err(|e| JobError::Io {
+                path: "store:optimizer-layout".into(),
+                message: e.to_string(),
+            })?
+        };
+        let tensors: Vec<(String, Tensor)> = if rank == 0 {
+            optimizer.tensors()
+        } else {
+            names
+                .iter()
+                .map(|(n, shape)| {
+                    (
+                        n.clone(),
+                        Tensor::zeros(shape.as_slice(), (Kind::Float, tch::Device::Cpu)),
+                    )
+                })
+                .collect()
+        };
+        let only: Vec<Tensor> = tensors.iter().map(|(_, t)| t.shallow_clone()).collect();
+        group.broadcast(&only, 0)?;
+        if rank != 0 {
+            optimizer.restore(tensors, state.step);
+        }
+    }
+    let params = det.trainable();
+    let trainable: std::collections::BTreeSet<String> =
+        params.iter().map(|(n, _)| n.clone()).collect();
+    let mut variables: Vec<(String, Tensor)> = det.vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    let all: Vec<Tensor> = variables.iter().map(|(_, t)| t.shallow_clone()).collect();
+    // Buffers (batch-norm running statistics) follow rank 0 before every step, as DDP's
+    // broadcast_buffers does; parameters stay equal by construction.
+    let buffers: Vec<Tensor> = variables
+        .iter()
+        .filter(|(n, _)| !trainable.contains(n))
+        .map(|(_, t)| t.shallow_clone())
+        .collect();
+    broadcast_all(group, &all)?;
+    // Frozen norms folded into the convolutions and channels-last tensors, as `pcb train`
+    // on a folder does; folded copies are refreshed before every evaluation.
+    det.model.prepare_inference(SPEED);
+    let sync = GradSync::new(
+        params.iter().map(|(_, t)| t.shallow_clone()).collect(),
+        spec.bucket_bytes,
+    );
+    tracing::info!(
+        rank,
+        world,
+        train_images = data.train.len(),
+        steps_per_epoch,
+        buckets = sync.bucket_count(),
+        from_epoch = state.epochs_done,
+        "training"
+    );
+    let epochs = spec.optim.epochs;
+    let job_started = Instant::now();
+    let steps_at_start = state.step;
+    let total_steps = (epochs * steps_per_epoch) as i64;
+    for epoch in state.epochs_done..epochs {
+        let lr = spec.optim.lr_at(epoch);
+        let seed = spec
+            .optim
+            .seed
+            .wrapping_mul(1_000_003)
+            .wrapping_add((epoch * world + rank) as u64);
+        tch::manual_seed(seed as i64);
+        let order = Vec::<i64>::try_from(&Tensor::randperm(
+            data.train.len() as i64,
+            (Kind::Int64, tch::Device::Cpu),
+        ))
+        .map_err(pcb_vision::VisionError::Torch)?;
+        let started = Instant::now();
+        let (mut loss_sum, mut loss_steps, mut images_done) = (0.0, 0usize, 0.0);
+        let outcome = std::thread::scope(|scope| -> Result<(), JobError> {
+            let (tx, rx) = mpsc::sync_channel::<Result<Batch, String>>(spec.prefetch.max(1));
+            let batch_size = spec.optim.batch_size.max(1);
+            let order = &order;
+            let optim = &spec.optim;
+            let mode = spec.model.input;
+            scope.spawn(move || {
+                for step in 0..steps_per_epoch {
+                    let from = (step * batch_size).min(order.len());
+                    let to = ((step + 1) * batch_size).min(order.len());
+                    let made = order[from..to]
+                        .iter()
+                        .map(|&i| {
+                            let item: &Item = &data.train[i as usize];
+                            let board = item.board()?;
+                            training_example(&board, mode, optim, tch::Device::Cpu)
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                        .map(|pairs| {
+                            let (images, targets) = pairs.into_iter().unzip();
+                            Batch { images, targets }
+                        })
+                        .map_err(|e| e.to_string());
+                    if tx.send(made).is_err() {
+                        return;
+                    }
+                }
+            });
+            for step in 1..=steps_per_epoch {
+                if stop.load(Ordering::Relaxed) {
+                    return Err(JobError::Interrupted { epoch, step });
+                }
+                let batch = rx
+                    .recv()
+                    .map_err(|_| JobError::Decoder("the decoder thread ended early".into()))?
+                    .map_err(JobError::Decoder)?;
+                broadcast_all(group, &buffers).map_err(|e| lost(group, epoch, step, e))?;
+                Optimizer::zero_grad(&params);
+                let n = batch.images.len();
+                let mut loss = f64::NAN;
+                if n > 0 {
+                    let losses = det.model.losses(&batch.images, &batch.targets)?;
+                    let total = losses.total();
+                    loss = total.double_value(&[]);
+                    if !loss.is_finite() {
+                        return Err(JobError::Diverged { loss, epoch, step });
+                    }
+                    total.backward();
+                }
+                let (images, job_loss) = sync
+                    .average(group, n, if n > 0 { loss } else { 0.0 })
+                    .map_err(|e| lost(group, epoch, step, e))?;
+                if images > 0.0 {
+                    optimizer.apply(&params, lr);
+                    loss_sum += job_loss;
+                    loss_steps += 1;
+                    images_done += images;
+                }
+                let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+                let done_steps = optimizer.step - steps_at_start;
+                let per_step = job_started.elapsed().as_secs_f64() / done_steps.max(1) as f64;
+                report(TrainProgress {
+                    job: spec.job.clone(),
+                    rank: rank as u32,
+                    world: world as u32,
+                    epoch: epoch as u32,
+                    epochs: epochs as u32,
+                    step: step as u32,
+                    steps_per_epoch: steps_per_epoch as u32,
+                    global_step: optimizer.step as u64,
+                    images: images as u32,
+                    loss: job_loss,
+                    lr,
+                    images_per_sec: images_done / elapsed,
+                    eta_secs: per_step * (total_steps - optimizer.step).max(0) as f64,
+                    param_digest: spec.param_digest.then(|| param_digest(&params)),
+                    val_map: None,
+                    at_ms: pcb_common::now_ms(),
+                });
+            }
+            Ok(())
+        });
+        outcome?;
+        state.epochs_done = epoch + 1;
+        state.step = optimizer.step;
+        state.epoch_losses.push(loss_sum / loss_steps.max(1) as f64);
+        state.seconds += started.elapsed().as_secs_f64();
+        let mut val_map = None;
+        if rank == 0 {
+            if spec.eval && !data.val.is_empty() {
+                det.model.prepare_inference(SPEED);
+                let (rep, _) = evaluate_boards(
+                    &det,
+                    data.val.len(),
+                    |i| Ok((data.val[i].image_id.clone(), data.val[i].board()?)),
+                    &DEEPPCB_CLASSES,
+                    |_| {},
+                )?;
+                val_map = rep.map_deeppcb;
+                state.val_maps.push(rep.map_deeppcb.unwrap_or(f64::NAN));
+                state.last_report = serde_json::to_value(&rep).ok();
+            }
+            save_checkpoint(&checkpoint_dir(&spec.dir), &det, &optimizer, &state)?;
+        }
+        tracing::info!(
+            rank,
+            epoch,
+            loss = state.epoch_losses.last().copied().unwrap_or(f64::NAN),
+            val_map = val_map.unwrap_or(f64::NAN),
+            seconds = started.elapsed().as_secs_f64(),
+            "epoch done"
+        );
+        if rank == 0 {
+            report(TrainProgress {
+                job: spec.job.clone(),
+                rank: 0,
+                world: world as u32,
+                epoch: epoch as u32,
+                epochs: epochs as u32,
+                step: steps_per_epoch as u32,
+                steps_per_epoch: steps_per_epoch as u32,
+                global_step: optimizer.step as u64,
+                images: 0,
+                loss: state.epoch_losses.last().copied().unwrap_or(f64::NAN),
+                lr,
+                images_per_sec: images_done / started.elapsed().as_secs_f64().max(1e-9),
+                eta_secs: 0.0,
+                param_digest: None,
+                val_map,
+                at_ms: pcb_common::now_ms(),
+            });
+        }
+        // Others wait here while rank 0 evaluates and writes the checkpoint.
+        group
+            .barrier()
+            .map_err(|e| lost(group, epoch, steps_per_epoch, e))?;
+    }
+    let mut artifact = None;
+    if rank == 0 {
+        let dir = spec.dir.join("candidate");
+        std::fs::create_dir_all(&dir).map_err(|e| JobError::Io {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let path = dir.join("model.safetensors");
+        det.save(&path)?;
+        artifact = Some(path);
+    }
+    Ok(Finished { state, artifact })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_changes_with_any_bit_and_ignores_listing_order() {
+        let a = Tensor::from_slice(&[1f32, 2., 3.]);
+        let b = Tensor::from_slice(&[4f32]);
+        let one = param_digest(&[
+            ("a".into(), a.shallow_clone()),
+            ("b".into(), b.shallow_clone()),
+        ]);
+        let two = param_digest(&[
+            ("b".into(), b.shallow_clone()),
+            ("a".into(), a.shallow_clone()),
+        ]);
+        assert_eq!(one, two);
+        let nudged = Tensor::from_slice(&[1f32, 2., f32::from_bits(3f32.to_bits() + 1)]);
+        let three = param_digest(&[("a".into(), nudged), ("b".into(), b)]);
+        assert_ne!(one, three);
+    }
+}

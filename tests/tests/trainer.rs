@@ -1,0 +1,360 @@
+//! Trainer ranks as real processes over a real nats-server: replicas bitwise identical
+//! after every step, equal to one rank with the same global batch, a killed rank named
+//! and the job resumed, uneven (and empty) shards completing with every image once.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pcb_schemas::{decode, TrainCandidate, TrainProgress, STREAM_SHARDS, STREAM_TRAINING};
+use pcb_tests::{bin, wait_until, Env};
+use tch::Tensor;
+
+/// Boards small enough for a CPU test: 128 px, a ResNet-18 FPN with 16 channels.
+const SIZE: u32 = 128;
+
+/// Routes `count` synthetic boards into the shard streams with `shard_count` shards; returns
+/// the number of labelled training and validation records.
+async fn feed(env: &Env, count: usize, shard_count: u32, val_fraction: f64) -> (u64, u64) {
+    let boards = env.dir.path().join("boards");
+    pcb_synth::generate(
+        &pcb_synth::SynthOptions {
+            count,
+            seed: 11,
+            size: SIZE,
+            val_fraction,
+        },
+        &boards,
+        &mut |_, _| {},
+    )
+    .expect("synth");
+    let shutdown = pcb_common::Shutdown::new();
+    let enc: pcb_encoder::FileConfig = toml::from_str(&env.base_config("")).expect("toml");
+    let enc = enc.validate().expect("valid");
+    let rt: pcb_router::FileConfig =
+        toml::from_str(&env.base_config(&format!("[router]\nshard_count = {shard_count}\n")))
+            .expect("toml");
+    let rt = rt.validate().expect("valid");
+    let (c1, c2, s1, s2) = (
+        env.client.clone(),
+        env.client.clone(),
+        shutdown.clone(),
+        shutdown.clone(),
+    );
+    let h1 = tokio::spawn(async move {
+        pcb_encoder::run(enc, c1, s1)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    let h2 =
+        tokio::spawn(async move { pcb_router::run(rt, c2, s2).await.map_err(|e| e.to_string()) });
+    env.import(&boards).await;
+    let routed = wait_until(Duration::from_secs(120), || async {
+        env.count(STREAM_SHARDS, "pcb.shards.").await >= count as u64
+    })
+    .await;
+    shutdown.trigger();
+    let _ = h1.await;
+    let _ = h2.await;
+    assert!(routed, "the router did not route {count} boards");
+    let mut train = 0;
+    let mut val = 0;
+    for (_, payload) in env.read_all(STREAM_SHARDS, "pcb.shards.>").await {
+        let rec: pcb_schemas::ShardRecord = decode(&payload, None).expect("shard record");
+        match rec.split {
+            pcb_schemas::Split::Train => train += 1,
+            pcb_schemas::Split::Val => val += 1,
+        }
+    }
+    (train, val)
+}
+
+/// The config file of one rank.
+#[allow(clippy::too_many_arguments)]
+fn rank_config(
+    env: &Env,
+    job: &str,
+    rank: usize,
+    world: usize,
+    port: u16,
+    shard_count: u32,
+    batch: usize,
+    extra: &str,
+) -> PathBuf {
+    let out = env.dir.path().join("jobs");
+    let text = format!(
+        "[trainer]\njob = {job:?}\nrank = {rank}\nworld_size = {world}\nmaster_addr = \"127.0.0.1\"\n\
+         master_port = {port}\ntimeout_secs = 20\nout_dir = {out:?}\nshard_count = {shard_count}\n\
+         threads = 1\nparam_digest = true\nsampling = \"first\"\n{extra}\n\
+         [trainer.model]\nbackbone = \"r18\"\nnorm = \"frozen\"\ninput = \"image_template_diff\"\n\
+         fpn_channels = 16\nbox_batch_size_per_image = 32\n\
+         [trainer.model.transform]\nmin_size = 0\n\
+         [trainer.optim]\noptimizer = \"sgd\"\nlr = 0.01\nmomentum = 0.9\nepochs = 3\n\
+         lr_step_epochs = 10\nbatch_size = {batch}\naugment = false\ncrop = 0\n",
+        out = out.display().to_string()
+    );
+    env.config_file(&format!("{job}-{rank}.toml"), &text)
+}
+
+fn spawn_rank(config: &Path, log: &Path) -> Child {
+    let out = std::fs::File::create(log).expect("log");
+    Command::new(bin("trainer"))
+        .arg("--config")
+        .arg(config)
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .env_remove("MASTER_ADDR")
+        .env_remove("MASTER_PORT")
+        .stdout(Stdio::null())
+        .stderr(out)
+        .spawn()
+        .expect("spawn trainer")
+}
+
+/// Starts `world` ranks of `job`; returns them with their logs.
+fn start_job(
+    env: &Env,
+    job: &str,
+    world: usize,
+    shard_count: u32,
+    batch: usize,
+    extra: &str,
+) -> Vec<(Child, PathBuf)> {
+    let port = pcb::server::free_port().expect("port");
+    (0..world)
+        .map(|r| {
+            let config = rank_config(env, job, r, world, port, shard_count, batch, extra);
+            let log = env.dir.path().join(format!("{job}-{r}.log"));
+            (spawn_rank(&config, &log), log)
+        })
+        .collect()
+}
+
+/// Waits for every rank; panics with the logs when one fails or hangs.
+fn wait_all(ranks: &mut [(Child, PathBuf)], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    for (child, log) in ranks.iter_mut() {
+        loop {
+            match child.try_wait().expect("wait") {
+                Some(status) => {
+                    assert!(
+                        status.success(),
+                        "a rank failed ({status}):\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                    break;
+                }
+                None if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    panic!(
+                        "a rank hung:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                None => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+}
+
+async fn progress_of(env: &Env, job: &str) -> Vec<TrainProgress> {
+    env.read_all(STREAM_TRAINING, "pcb.train.progress")
+        .await
+        .into_iter()
+        .map(|(_, p)| decode::<TrainProgress>(&p, None).expect("progress"))
+        .filter(|p| p.job == job)
+        .collect()
+}
+
+async fn candidate_of(env: &Env, job: &str) -> TrainCandidate {
+    env.read_all(STREAM_TRAINING, "pcb.train.candidates")
+        .await
+        .into_iter()
+        .map(|(_, p)| decode::<TrainCandidate>(&p, None).expect("candidate"))
+        .find(|c| c.job == job)
+        .unwrap_or_else(|| panic!("job {job} offered no candidate"))
+}
+
+fn weights(path: &str) -> BTreeMap<String, Tensor> {
+    Tensor::read_safetensors(path)
+        .expect("read weights")
+        .into_iter()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ranks_stay_bitwise_identical_and_match_one_rank_with_the_same_global_batch() {
+    let env = Env::start().await;
+    let (train, val) = feed(&env, 10, 4, 0.2).await;
+    assert!(train >= 6 && val >= 1, "train {train}, val {val}");
+
+    // Two ranks, each taking its whole share per step (batch 8 ≥ share): every step's
+    // global batch is the whole training set, as it is for one rank with batch 8.
+    let mut two = start_job(&env, "two", 2, 4, 8, "");
+    tokio::task::block_in_place(|| wait_all(&mut two, Duration::from_secs(600)));
+    let mut one = start_job(&env, "one", 1, 4, 8, "");
+    tokio::task::block_in_place(|| wait_all(&mut one, Duration::from_secs(600)));
+
+    let progress = progress_of(&env, "two").await;
+    let mut by_step: BTreeMap<u64, BTreeMap<u32, String>> = BTreeMap::new();
+    for p in progress.iter().filter(|p| p.param_digest.is_some()) {
+        by_step
+            .entry(p.global_step)
+            .or_default()
+            .insert(p.rank, p.param_digest.clone().unwrap_or_default());
+    }
+    assert_eq!(
+        by_step.len(),
+        3,
+        "one step per epoch for 3 epochs: {by_step:?}"
+    );
+    for (step, digests) in &by_step {
+        assert_eq!(digests.len(), 2, "step {step}: both ranks report");
+        assert_eq!(
+            digests[&0], digests[&1],
+            "step {step}: the replicas' parameters differ"
+        );
+    }
+    let losses: Vec<f64> = progress
+        .iter()
+        .filter(|p| p.rank == 0 && p.param_digest.is_some())
+        .map(|p| p.loss)
+        .collect();
+    assert!(
+        losses.last() < losses.first(),
+        "the loss did not fall: {losses:?}"
+    );
+    let images: u32 = progress
+        .iter()
+        .filter(|p| p.rank == 0 && p.param_digest.is_some() && p.epoch == 0)
+        .map(|p| p.images)
+        .sum();
+    assert_eq!(
+        u64::from(images),
+        train,
+        "every training image once per epoch"
+    );
+
+    let c2 = candidate_of(&env, "two").await;
+    let c1 = candidate_of(&env, "one").await;
+    assert_eq!(c2.snapshot.train_images, train);
+    assert_eq!(c2.snapshot.val_images, val);
+    assert!(c2.metrics.is_some(), "rank 0 evaluated on the val split");
+    let (w2, w1) = (weights(&c2.artifact), weights(&c1.artifact));
+    assert_eq!(w2.keys().collect::<Vec<_>>(), w1.keys().collect::<Vec<_>>());
+    let mut worst = 0f64;
+    for (name, a) in &w2 {
+        let b = &w1[name];
+        let diff = (a - b).abs().max().double_value(&[]);
+        let scale = b.abs().max().double_value(&[]).max(1e-3);
+        worst = worst.max(diff / scale);
+    }
+    assert!(
+        worst < 1e-4,
+        "2 ranks and 1 rank with the same global batch differ by {worst:e} (relative)"
+    );
+    println!("largest relative difference 2 ranks vs 1 rank: {worst:e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_rank_is_named_and_the_restarted_job_resumes_from_its_checkpoint() {
+    let env = Env::start().await;
+    let (train, _) = feed(&env, 12, 4, 0.0).await;
+    let extra = "eval = false";
+    // Batch 2 per rank: several steps per epoch, so the kill lands mid-epoch.
+    let mut ranks = start_job(&env, "crash", 2, 4, 2, extra);
+    // Kill rank 1 once the second epoch is under way.
+    let mut live = env
+        .client
+        .subscribe("pcb.train.progress")
+        .await
+        .expect("subscribe");
+    let reached = tokio::time::timeout(Duration::from_secs(300), async {
+        use futures::StreamExt;
+        while let Some(m) = live.next().await {
+            if let Ok(p) = decode::<TrainProgress>(&m.payload, None) {
+                if p.job == "crash" && p.epoch >= 1 {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(reached, "the job never reached its second epoch");
+    ranks[1].0.kill().expect("SIGKILL rank 1");
+    let _ = ranks[1].0.wait();
+    let killed_at = Instant::now();
+    let status = tokio::task::block_in_place(|| loop {
+        if let Some(s) = ranks[0].0.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if killed_at.elapsed() > Duration::from_secs(60) {
+            let _ = ranks[0].0.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    let log0 = std::fs::read_to_string(&ranks[0].1).unwrap_or_default();
+    let status = status.unwrap_or_else(|| panic!("rank 0 hung after rank 1 died:\n{log0}"));
+    assert!(!status.success(), "rank 0 should fail when its peer dies");
+    assert!(
+        log0.contains("lost peer rank 1"),
+        "rank 0's error should name rank 1:\n{log0}"
+    );
+    println!(
+        "rank 0 failed {:.1} s after rank 1 was killed",
+        killed_at.elapsed().as_secs_f64()
+    );
+    let before = progress_of(&env, "crash").await.len();
+
+    let mut again = start_job(&env, "crash", 2, 4, 2, extra);
+    tokio::task::block_in_place(|| wait_all(&mut again, Duration::from_secs(600)));
+    let after: Vec<TrainProgress> = progress_of(&env, "crash")
+        .await
+        .into_iter()
+        .skip(before)
+        .collect();
+    let first = after.first().expect("the restarted job reported progress");
+    assert!(
+        first.epoch >= 1,
+        "the restarted job began at epoch {} instead of resuming",
+        first.epoch
+    );
+    let c = candidate_of(&env, "crash").await;
+    assert_eq!(c.epoch_losses.len(), 3, "three epochs in all");
+    assert_eq!(c.snapshot.train_images, train);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uneven_and_empty_shards_complete_with_every_image_once_per_epoch() {
+    let env = Env::start().await;
+    // Two shards over three ranks: rank 2 holds no shard at all, and the other two hold
+    // whatever the hash gave them.
+    let (train, _) = feed(&env, 9, 2, 0.0).await;
+    let mut ranks = start_job(&env, "uneven", 3, 2, 2, "eval = false");
+    tokio::task::block_in_place(|| wait_all(&mut ranks, Duration::from_secs(600)));
+    let progress = progress_of(&env, "uneven").await;
+    for epoch in 0..3 {
+        let images: u32 = progress
+            .iter()
+            .filter(|p| p.rank == 0 && p.epoch == epoch && p.param_digest.is_some())
+            .map(|p| p.images)
+            .sum();
+        assert_eq!(
+            u64::from(images),
+            train,
+            "epoch {epoch}: every image of the snapshot once"
+        );
+    }
+    let ranks_seen: std::collections::BTreeSet<u32> = progress.iter().map(|p| p.rank).collect();
+    assert_eq!(
+        ranks_seen.len(),
+        3,
+        "the empty rank took part in every step"
+    );
+    let c = candidate_of(&env, "uneven").await;
+    assert_eq!(c.snapshot.train_images, train);
+}
