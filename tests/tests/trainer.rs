@@ -90,7 +90,7 @@ fn rank_config(
          [trainer.model]\nbackbone = \"r18\"\nnorm = \"frozen\"\ninput = \"image_template_diff\"\n\
          fpn_channels = 16\nbox_batch_size_per_image = 32\n\
          [trainer.model.transform]\nmin_size = 0\n\
-         [trainer.optim]\noptimizer = \"sgd\"\nlr = 0.01\nmomentum = 0.9\nepochs = 3\n\
+         [trainer.optim]\noptimizer = \"sgd\"\nlr = 0.001\nmomentum = 0.9\nepochs = 3\n\
          lr_step_epochs = 10\nbatch_size = {batch}\naugment = false\ncrop = 0\n",
         out = out.display().to_string()
     );
@@ -131,31 +131,30 @@ fn start_job(
         .collect()
 }
 
-/// Waits for every rank; panics with the logs when one fails or hangs.
+/// Waits for every rank; panics with the failed ranks' logs when one fails or hangs.
 fn wait_all(ranks: &mut [(Child, PathBuf)], timeout: Duration) {
     let deadline = Instant::now() + timeout;
-    for (child, log) in ranks.iter_mut() {
-        loop {
+    let mut failures = Vec::new();
+    for (rank, (child, log)) in ranks.iter_mut().enumerate() {
+        let status = loop {
             match child.try_wait().expect("wait") {
-                Some(status) => {
-                    assert!(
-                        status.success(),
-                        "a rank failed ({status}):\n{}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    );
-                    break;
-                }
+                Some(status) => break Some(status),
                 None if Instant::now() > deadline => {
                     let _ = child.kill();
-                    panic!(
-                        "a rank hung:\n{}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    );
+                    break None;
                 }
                 None => std::thread::sleep(Duration::from_millis(100)),
             }
+        };
+        if status.map(|s| !s.success()).unwrap_or(true) {
+            failures.push(format!(
+                "rank {rank} {}:\n{}",
+                status.map(|s| s.to_string()).unwrap_or_else(|| "hung".into()),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ));
         }
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 async fn progress_of(env: &Env, job: &str) -> Vec<TrainProgress> {

@@ -297,11 +297,16 @@ impl Detector {
 
     /// The parameters an optimiser updates, by name.
     pub fn trainable(&self) -> Vec<(String, Tensor)> {
-        self.vs
+        // Sorted: replicas in other processes must list them in the same order (their
+        // gradients travel in buckets), and a HashMap's order differs per process.
+        let mut out: Vec<(String, Tensor)> = self
+            .vs
             .variables()
             .into_iter()
             .filter(|(_, t)| t.requires_grad())
-            .collect()
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// Variable names and shapes, sorted.

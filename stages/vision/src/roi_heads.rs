@@ -317,7 +317,8 @@ impl RoiHeads {
         let cls_loss = logits.cross_entropy_for_logits(&labels);
         let pos = labels.gt(0).nonzero().squeeze_dim(1);
         let n = deltas.size()[0];
-        let deltas = deltas.reshape([n, -1, 4]);
+        // Explicit class count: with no proposal at all, -1 would be ambiguous.
+        let deltas = deltas.reshape([n, deltas.size()[1] / 4, 4]);
         let pos_labels = labels.index_select(0, &pos);
         let chosen = deltas.index(&[Some(pos.shallow_clone()), Some(pos_labels)]);
         let box_loss = chosen.smooth_l1_loss(
@@ -342,7 +343,7 @@ impl RoiHeads {
         let pred_boxes = self
             .coder
             .decode(deltas, &all)
-            .reshape([all.size()[0], -1, 4]);
+            .reshape([all.size()[0], deltas.size()[1] / 4, 4]);
         let scores = logits.softmax(-1, logits.kind());
         let mut out = Vec::new();
         for ((boxes, scores), &(h, w)) in pred_boxes

@@ -241,6 +241,8 @@ pub fn save_checkpoint<S: serde::Serialize>(
     optimizer: &Optimizer,
     state: &S,
 ) -> Result<(), VisionError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| VisionError::Data(format!("creating {}: {e}", dir.display())))?;
     let (model_path, optim_path, state_path) = checkpoint_paths(dir);
     write_atomic(&model_path, |p| det.save(p))?;
     write_atomic(&optim_path, |p| {
