@@ -151,7 +151,9 @@ fn wait_all(ranks: &mut [(Child, PathBuf)], timeout: Duration) {
         if status.map(|s| !s.success()).unwrap_or(true) {
             failures.push(format!(
                 "rank {rank} {}:\n{}",
-                status.map(|s| s.to_string()).unwrap_or_else(|| "hung".into()),
+                status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "hung".into()),
                 std::fs::read_to_string(&log).unwrap_or_default()
             ));
         }

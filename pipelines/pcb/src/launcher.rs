@@ -225,7 +225,7 @@ fn spawn_stage(bin_dir: &Path, stage: &str, config: &Path, log: &Path) -> anyhow
         .open(log)
         .with_context(|| format!("opening {}", log.display()))?;
     let err = out.try_clone()?;
-    Command::new(bin_dir.join(stage))
+    crate::process::scrub_pcb_env(&mut Command::new(bin_dir.join(stage)))
         .arg("--config")
         .arg(config)
         .stdin(Stdio::null())
@@ -235,12 +235,133 @@ fn spawn_stage(bin_dir: &Path, stage: &str, config: &Path, log: &Path) -> anyhow
         .with_context(|| format!("starting {stage}"))
 }
 
+/// The pipeline file's retraining policy: a `pcb train` job each time
+/// `retrain_every_images` new labelled images reached the shard stream.
+pub struct Retrainer {
+    every: u64,
+    state_file: PathBuf,
+    last_seq: u64,
+    job: Option<(String, Child)>,
+    args: Vec<std::ffi::OsString>,
+    log: PathBuf,
+    last_check: Instant,
+}
+
+impl Retrainer {
+    /// The policy of a started pipeline; `None` when it is off.
+    pub fn new(running: &Running, pipeline_file: &Path) -> Option<Retrainer> {
+        let every = running
+            .pipeline
+            .stages
+            .trainer
+            .settings
+            .retrain_every_images;
+        if every == 0 {
+            return None;
+        }
+        let state_file = running.data_dir.join("run").join("retrain.seq");
+        let last_seq = std::fs::read_to_string(&state_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        Some(Retrainer {
+            every,
+            state_file,
+            last_seq,
+            job: None,
+            args: vec![
+                "train".into(),
+                "--nats-url".into(),
+                running.nats_url.clone().into(),
+                "--pipeline".into(),
+                absolute(pipeline_file).into(),
+                "--data-dir".into(),
+                running.data_dir.clone().into(),
+            ],
+            log: running.data_dir.join("logs").join("retrain.log"),
+            last_check: Instant::now() - Duration::from_secs(60),
+        })
+    }
+
+    /// Starts a job when enough new labelled images arrived and none is running.
+    pub async fn poll(&mut self, js: &async_nats::jetstream::Context) -> anyhow::Result<()> {
+        if let Some((name, child)) = &mut self.job {
+            match child.try_wait()? {
+                None => return Ok(()),
+                Some(status) => {
+                    eprintln!(
+                        "pcb: retraining job {name} ended ({status}); see {}",
+                        self.log.display()
+                    );
+                    self.job = None;
+                }
+            }
+        }
+        if self.last_check.elapsed() < Duration::from_secs(5) {
+            return Ok(());
+        }
+        self.last_check = Instant::now();
+        let mut stream = js.get_stream(pcb_schemas::STREAM_SHARDS).await?;
+        let last = stream.info().await?.state.last_sequence;
+        if last < self.last_seq + self.every {
+            return Ok(());
+        }
+        let name = format!("auto-{last}");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(std::env::current_exe()?)
+            .args(&self.args)
+            .arg("--job")
+            .arg(&name)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting a retraining job")?;
+        eprintln!(
+            "pcb: {} new labelled images since sequence {}: retraining job {name} started (log {})",
+            last - self.last_seq,
+            self.last_seq,
+            self.log.display()
+        );
+        self.last_seq = last;
+        std::fs::write(&self.state_file, last.to_string())?;
+        self.job = Some((name, child));
+        Ok(())
+    }
+
+    /// Stops a running job (it resumes from its checkpoint under the same name).
+    pub fn stop(&mut self) {
+        if let Some((_, child)) = &mut self.job {
+            crate::process::terminate(child, Duration::from_secs(15));
+        }
+    }
+}
+
 /// `pcb up`: runs until Ctrl-C.
 pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let mut running = Running::start(&opts).await?;
     print_banner(&running);
     println!("Ctrl-C stops every stage cleanly.");
     let shutdown = pcb_common::Shutdown::on_signals();
+    let mut retrainer = Retrainer::new(&running, &opts.pipeline);
+    let js = match &retrainer {
+        Some(r) => {
+            println!("  retraining:  a job every {} new labelled images", r.every);
+            let client = pcb_common::connect(
+                &pcb_common::NatsConfig {
+                    url: running.nats_url.clone(),
+                    ..running.pipeline.nats.clone()
+                },
+                "pcb-retrain",
+            )
+            .await?;
+            Some(async_nats::jetstream::new(client))
+        }
+        None => None,
+    };
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
@@ -248,9 +369,17 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
                 if let Err(e) = running.check_children() {
                     break Err(e);
                 }
+                if let (Some(r), Some(js)) = (retrainer.as_mut(), js.as_ref()) {
+                    if let Err(e) = r.poll(js).await {
+                        eprintln!("pcb: retraining policy: {e:#}");
+                    }
+                }
             }
         }
     };
+    if let Some(r) = retrainer.as_mut() {
+        r.stop();
+    }
     eprintln!("pcb: stopping stages");
     tokio::task::spawn_blocking(move || running.stop()).await?;
     result

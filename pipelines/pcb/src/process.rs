@@ -31,3 +31,15 @@ pub fn send_signal(child: &Child, signal: i32) {
 pub const fn libc_sigterm() -> i32 {
     15
 }
+
+/// Drops `PCB_*` variables from a stage's environment: `pcb` already applied them to the
+/// pipeline file it wrote the stage's config from, and a stage would read the pipeline
+/// file's keys (`PCB_STAGES__...`) as unknown keys of its own config.
+pub fn scrub_pcb_env(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PCB_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}

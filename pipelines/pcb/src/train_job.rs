@@ -85,7 +85,14 @@ pub async fn run(opts: JobOptions) -> anyhow::Result<TrainCandidate> {
     }
     t.world_size = ranks;
     if t.out_dir.is_relative() {
-        t.out_dir = std::env::current_dir()?.join(&t.out_dir);
+        t.out_dir = std::env::current_dir()?.join(&data_dir).join(&t.out_dir);
+    }
+    if t.threads == 0 {
+        // Ranks on one machine share its cores; more threads than cores only thrash.
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        t.threads = (cores / ranks).max(1);
     }
     let job = t.job.clone();
     let epochs = t.optim.epochs;
@@ -133,7 +140,7 @@ pub async fn run(opts: JobOptions) -> anyhow::Result<TrainCandidate> {
                 .create(true)
                 .append(true)
                 .open(&log)?;
-            let child = Command::new(&bin)
+            let child = crate::process::scrub_pcb_env(&mut Command::new(&bin))
                 .arg("--config")
                 .arg(&config)
                 .env_remove("RANK")

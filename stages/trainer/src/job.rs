@@ -242,7 +242,7 @@ pub fn train_rank(
     steps_per_epoch: usize,
     snapshot: &Snapshot,
     resume: Option<&JobState>,
-    mut report: impl FnMut(TrainProgress),
+    mut report: impl FnMut(&'static str, TrainProgress),
     stop: &AtomicBool,
 ) -> Result<Finished, JobError> {
     let (rank, world) = (group.rank(), group.world());
@@ -408,24 +408,27 @@ pub fn train_rank(
                 let elapsed = started.elapsed().as_secs_f64().max(1e-9);
                 let done_steps = optimizer.step - steps_at_start;
                 let per_step = job_started.elapsed().as_secs_f64() / done_steps.max(1) as f64;
-                report(TrainProgress {
-                    job: spec.job.clone(),
-                    rank: rank as u32,
-                    world: world as u32,
-                    epoch: epoch as u32,
-                    epochs: epochs as u32,
-                    step: step as u32,
-                    steps_per_epoch: steps_per_epoch as u32,
-                    global_step: optimizer.step as u64,
-                    images: images as u32,
-                    loss: job_loss,
-                    lr,
-                    images_per_sec: images_done / elapsed,
-                    eta_secs: per_step * (total_steps - optimizer.step).max(0) as f64,
-                    param_digest: spec.param_digest.then(|| param_digest(&params)),
-                    val_map: None,
-                    at_ms: pcb_common::now_ms(),
-                });
+                report(
+                    "step",
+                    TrainProgress {
+                        job: spec.job.clone(),
+                        rank: rank as u32,
+                        world: world as u32,
+                        epoch: epoch as u32,
+                        epochs: epochs as u32,
+                        step: step as u32,
+                        steps_per_epoch: steps_per_epoch as u32,
+                        global_step: optimizer.step as u64,
+                        images: images as u32,
+                        loss: job_loss,
+                        lr,
+                        images_per_sec: images_done / elapsed,
+                        eta_secs: per_step * (total_steps - optimizer.step).max(0) as f64,
+                        param_digest: spec.param_digest.then(|| param_digest(&params)),
+                        val_map: None,
+                        at_ms: pcb_common::now_ms(),
+                    },
+                );
             }
             Ok(())
         });
@@ -460,24 +463,27 @@ pub fn train_rank(
             "epoch done"
         );
         if rank == 0 {
-            report(TrainProgress {
-                job: spec.job.clone(),
-                rank: 0,
-                world: world as u32,
-                epoch: epoch as u32,
-                epochs: epochs as u32,
-                step: steps_per_epoch as u32,
-                steps_per_epoch: steps_per_epoch as u32,
-                global_step: optimizer.step as u64,
-                images: 0,
-                loss: state.epoch_losses.last().copied().unwrap_or(f64::NAN),
-                lr,
-                images_per_sec: images_done / started.elapsed().as_secs_f64().max(1e-9),
-                eta_secs: 0.0,
-                param_digest: None,
-                val_map,
-                at_ms: pcb_common::now_ms(),
-            });
+            report(
+                "epoch",
+                TrainProgress {
+                    job: spec.job.clone(),
+                    rank: 0,
+                    world: world as u32,
+                    epoch: epoch as u32,
+                    epochs: epochs as u32,
+                    step: steps_per_epoch as u32,
+                    steps_per_epoch: steps_per_epoch as u32,
+                    global_step: optimizer.step as u64,
+                    images: 0,
+                    loss: state.epoch_losses.last().copied().unwrap_or(f64::NAN),
+                    lr,
+                    images_per_sec: images_done / started.elapsed().as_secs_f64().max(1e-9),
+                    eta_secs: 0.0,
+                    param_digest: None,
+                    val_map,
+                    at_ms: pcb_common::now_ms(),
+                },
+            );
         }
         // Others wait here while rank 0 evaluates and writes the checkpoint.
         group

@@ -15,7 +15,8 @@ use pcb_common::{
     Shutdown, Topology,
 };
 use pcb_schemas::{
-    Snapshot, TrainCandidate, STREAM_SHARDS, SUBJECT_TRAIN_CANDIDATES, SUBJECT_TRAIN_PROGRESS,
+    Snapshot, TrainCandidate, TrainProgress, STREAM_SHARDS, SUBJECT_TRAIN_CANDIDATES,
+    SUBJECT_TRAIN_PROGRESS,
 };
 use pcb_vision::train::TrainConfig;
 use pcb_vision::{Depth, InputMode, ModelConfig, Norm, Sampling, Transform};
@@ -63,7 +64,8 @@ pub struct TrainerSettings {
     /// Bound on the rendezvous and on every collective, in seconds: a peer silent this
     /// long is declared lost. Must cover rank 0's evaluation after each epoch.
     pub timeout_secs: u64,
-    /// Folder of job folders (checkpoints and the trained candidate; rank 0 writes).
+    /// Folder of job folders (checkpoints and the trained candidate; rank 0 writes);
+    /// `pcb train` resolves a relative one under the pipeline's data dir.
     pub out_dir: PathBuf,
     /// Shards the router writes (`router.shard_count`).
     pub shard_count: u32,
@@ -81,6 +83,9 @@ pub struct TrainerSettings {
     pub sampling: String,
     /// Batches decoded ahead of the model.
     pub prefetch_batches: usize,
+    /// Retraining policy for `pcb up`: start a job whenever this many new labelled images
+    /// reached the shard streams since the last job's snapshot (0: only by hand).
+    pub retrain_every_images: u64,
     /// The network (`pcb_vision::ModelConfig`).
     pub model: ModelConfig,
     /// Optimiser, schedule, epochs, batch size per rank, crops, augmentation.
@@ -97,7 +102,7 @@ impl Default for TrainerSettings {
             master_addr: "127.0.0.1".into(),
             master_port: 29500,
             timeout_secs: 600,
-            out_dir: PathBuf::from(".pcb-data/jobs"),
+            out_dir: PathBuf::from("jobs"),
             shard_count: pcb_schemas::DEFAULT_SHARD_COUNT,
             snapshot_seq: 0,
             threads: 0,
@@ -106,6 +111,7 @@ impl Default for TrainerSettings {
             param_digest: false,
             sampling: "random".into(),
             prefetch_batches: 2,
+            retrain_every_images: 0,
             // The CPU recipe of the README: ResNet-18 FPN with 128 channels, trainable
             // batch norm from scratch, image + template + difference at the board's scale.
             model: ModelConfig {
@@ -542,12 +548,15 @@ pub async fn run(
         }));
     }
     // Progress leaves through a channel so that publishing never holds up a step.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(&'static str, TrainProgress)>();
     let publisher = {
         let js = js.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut failures = 0u64;
-            while let Some(p) = rx.recv().await {
+            while let Some((kind, p)) = rx.recv().await {
+                // `/metrics`: steps and epochs done.
+                metrics.count(kind);
                 if pcb_common::publish(&js, SUBJECT_TRAIN_PROGRESS.into(), &p)
                     .await
                     .is_err()
@@ -578,8 +587,8 @@ pub async fn run(
             steps_per_epoch,
             &snap,
             plan.resume.as_ref(),
-            |p| {
-                let _ = tx.send(p);
+            |kind, p| {
+                let _ = tx.send((kind, p));
             },
             &stop,
         )
@@ -661,6 +670,6 @@ mod tests {
         assert_eq!(c.dist.world, 1);
         assert_eq!(c.job.model.fpn_channels, 128);
         assert_eq!(c.job.optim.batch_size, 4);
-        assert_eq!(c.job.dir, PathBuf::from(".pcb-data/jobs/pcb"));
+        assert_eq!(c.job.dir, PathBuf::from("jobs/pcb"));
     }
 }

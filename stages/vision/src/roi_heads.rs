@@ -340,10 +340,10 @@ impl RoiHeads {
         let num_classes = logits.size()[1];
         let counts: Vec<i64> = proposals.iter().map(|p| p.size()[0]).collect();
         let all = Tensor::cat(proposals, 0);
-        let pred_boxes = self
-            .coder
-            .decode(deltas, &all)
-            .reshape([all.size()[0], deltas.size()[1] / 4, 4]);
+        let pred_boxes =
+            self.coder
+                .decode(deltas, &all)
+                .reshape([all.size()[0], deltas.size()[1] / 4, 4]);
         let scores = logits.softmax(-1, logits.kind());
         let mut out = Vec::new();
         for ((boxes, scores), &(h, w)) in pred_boxes
