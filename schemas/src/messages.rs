@@ -239,6 +239,93 @@ pub struct TrainCandidate {
     pub created_at_ms: i64,
 }
 
+/// A model version by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRef {
+    /// Model name.
+    pub name: String,
+    /// Version, from 1, monotonic per name.
+    pub version: u64,
+}
+
+/// One detected defect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Defect {
+    /// Left edge in pixels of the image.
+    pub x1: f32,
+    /// Top edge in pixels.
+    pub y1: f32,
+    /// Right edge in pixels.
+    pub x2: f32,
+    /// Bottom edge in pixels.
+    pub y2: f32,
+    /// Class id, 1-based.
+    pub class_id: u16,
+    /// Class name.
+    pub class: String,
+    /// Confidence in 0..1.
+    pub score: f32,
+}
+
+/// `pcb.detections`: what the online detector found on one image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Detection {
+    /// sha256 (hex) of the image file.
+    pub image_id: String,
+    /// Board identifier.
+    pub board_id: String,
+    /// Production line.
+    pub line_id: String,
+    /// Source path relative to the watched directory.
+    pub source: String,
+    /// Capture time, milliseconds since the Unix epoch.
+    pub captured_at: i64,
+    /// When the detection was made, milliseconds since the Unix epoch.
+    pub detected_at: i64,
+    /// The model version that answered.
+    pub model: ModelRef,
+    /// Defects at or above the detector's report threshold, best first.
+    pub defects: Vec<Defect>,
+    /// `pass`, or `fail` when a defect scores at or above the verdict threshold.
+    pub verdict: String,
+    /// Model time for the image's batch, divided by the batch size, in milliseconds.
+    pub inference_ms: f64,
+}
+
+/// `pcb.models.events`: something happened to a model version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelEvent {
+    /// `registered`, `promoted`, `rolled-back`, `not-promoted`, `loaded`, `load-failed`.
+    pub kind: String,
+    /// The version concerned.
+    pub model: ModelRef,
+    /// Who reports it (`registry`, `cli`, `detector-<host>-<pid>`).
+    pub by: String,
+    /// Why (a refusal's reason, the policy's decision).
+    pub reason: Option<String>,
+    /// When, milliseconds since the Unix epoch.
+    pub at_ms: i64,
+}
+
+impl Envelope for Detection {
+    const SCHEMA: &'static str = "pcb.detections/v1";
+    // One answer per image and model version: a redelivered image answered again by the
+    // same version is stored once; a new version answers anew.
+    fn msg_id(&self) -> String {
+        format!("{}.v{}", self.image_id, self.model.version)
+    }
+}
+
+impl Envelope for ModelEvent {
+    const SCHEMA: &'static str = "pcb.models.events/v1";
+    fn msg_id(&self) -> String {
+        format!(
+            "{}.{}.{}.{}.{}",
+            self.kind, self.model.name, self.model.version, self.by, self.at_ms
+        )
+    }
+}
+
 impl Envelope for TrainProgress {
     const SCHEMA: &'static str = "pcb.train.progress/v1";
     fn msg_id(&self) -> String {

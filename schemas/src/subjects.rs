@@ -37,7 +37,16 @@ pub fn rejected_subject(stage: &str) -> String {
 pub const SUBJECT_TRAIN_PROGRESS: &str = "pcb.train.progress";
 /// A trained model offered to the registry, with its metadata.
 pub const SUBJECT_TRAIN_CANDIDATES: &str = "pcb.train.candidates";
-/// Stream of `pcb.train.>`: progress and candidates.
+/// Registry events: versions registered, promoted, rolled back; detectors loading a
+/// version or refusing it.
+pub const SUBJECT_MODEL_EVENTS: &str = "pcb.models.events";
+/// Key-value bucket of the model registry (JSON values): `model.<name>.latest`,
+/// `model.<name>.v.<version>`, `model.<name>.live`.
+pub const KV_MODELS: &str = "pcb_models";
+/// Object store bucket of the registry's weights: `<name>/v<version>.safetensors`.
+pub const OBJECTS_MODELS: &str = "pcb_model_artifacts";
+
+/// Stream of `pcb.train.>` (progress, candidates) and `pcb.models.>` (registry events).
 pub const STREAM_TRAINING: &str = "PCB_TRAINING";
 
 /// Which stream a logical stream key of the pipeline file maps to, with its subjects.
@@ -51,7 +60,7 @@ pub enum StreamKind {
     Detections,
     /// Dead letters of every stage.
     Rejected,
-    /// Training progress and candidates.
+    /// Training progress, candidates and registry events.
     Training,
 }
 
@@ -95,7 +104,7 @@ impl StreamKind {
             StreamKind::Shards => vec![format!("{SUBJECT_SHARDS_PREFIX}.*")],
             StreamKind::Detections => vec![SUBJECT_DETECTIONS.into()],
             StreamKind::Rejected => vec![format!("{SUBJECT_REJECTED_PREFIX}.*")],
-            StreamKind::Training => vec!["pcb.train.>".into()],
+            StreamKind::Training => vec!["pcb.train.>".into(), "pcb.models.>".into()],
         }
     }
 }

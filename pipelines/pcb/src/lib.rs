@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bench_vision;
 pub mod launcher;
+pub mod models_cli;
 pub mod pipeline;
 pub mod process;
 pub mod server;

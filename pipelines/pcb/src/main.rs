@@ -95,6 +95,25 @@ enum Cmd {
     Train(Box<pcb::vision_cli::TrainArgs>),
     /// Evaluate weights under the DeepPCB protocol: table, JSON report, PR curves.
     Eval(Box<pcb::vision_cli::EvalArgs>),
+    /// The model registry: list, show, promote, rollback, import, export.
+    Models {
+        /// Server (default: the one `pcb up` started, then the pipeline file's).
+        #[arg(long, value_name = "URL", global = true)]
+        nats_url: Option<String>,
+        /// Pipeline file.
+        #[arg(
+            long,
+            default_value = "pipelines/local.toml",
+            env = "PCB_PIPELINE",
+            global = true
+        )]
+        pipeline: PathBuf,
+        /// Data dir of `pcb up`.
+        #[arg(long, value_name = "DIR", global = true)]
+        data_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: pcb::models_cli::ModelsCmd,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -152,7 +171,19 @@ async fn main() -> anyhow::Result<()> {
             nats_url,
             pipeline,
             data_dir,
-        } => status(nats_url, pipeline, data_dir).await,
+        } => {
+            let url = server_url(nats_url, pipeline, data_dir)?;
+            status(&url).await
+        }
+        Cmd::Models {
+            nats_url,
+            pipeline,
+            data_dir,
+            cmd,
+        } => {
+            let url = server_url(nats_url, pipeline, data_dir)?;
+            pcb::models_cli::run(&url, cmd).await
+        }
         Cmd::Synth {
             count,
             out,
@@ -202,12 +233,14 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn status(
+/// The server a command talks to: the flag, else the one `pcb up` recorded, else the
+/// pipeline file's.
+fn server_url(
     url: Option<String>,
     pipeline: PathBuf,
     data_dir: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    let url = match url {
+) -> anyhow::Result<String> {
+    Ok(match url {
         Some(u) => u,
         None => {
             let file = pcb::pipeline::PipelineFile::load(&pipeline).ok();
@@ -222,10 +255,13 @@ async fn status(
                     .context("no server known: pass --nats-url, or run `pcb up` first")?,
             }
         }
-    };
+    })
+}
+
+async fn status(url: &str) -> anyhow::Result<()> {
     let client = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
-        .connect(&url)
+        .connect(url)
         .await
         .with_context(|| format!("connecting to {url} (is the pipeline up?)"))?;
     let js = async_nats::jetstream::new(client);

@@ -61,7 +61,7 @@ impl<S: Default> Default for StageEntry<S> {
     }
 }
 
-/// The stages of this pipeline.
+/// The stages of the pipeline.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Stages {
@@ -71,12 +71,16 @@ pub struct Stages {
     pub encoder: StageEntry<pcb_encoder::EncoderSettings>,
     /// `pcb.images.encoded` → `pcb.shards.<k>`.
     pub router: StageEntry<pcb_router::RouterSettings>,
+    /// `pcb.train.candidates` → the model registry (versions, `live` alias).
+    pub registry: StageEntry<pcb_registry::RegistrySettings>,
+    /// `pcb.images.encoded` → `pcb.detections` with the live model.
+    pub detector: StageEntry<pcb_detector::DetectorSettings>,
     /// Training jobs (`pcb train`): `replicas` is the number of local ranks.
     pub trainer: StageEntry<pcb_trainer::TrainerSettings>,
 }
 
 /// The stage binaries, in start order.
-pub const STAGES: [&str; 3] = ["ingester", "encoder", "router"];
+pub const STAGES: [&str; 5] = ["ingester", "encoder", "router", "registry", "detector"];
 
 impl PipelineFile {
     /// Loads and checks a pipeline file (with `PCB_*` overrides), reporting every problem.
@@ -114,6 +118,7 @@ impl PipelineFile {
             ("encoder", self.stages.encoder.replicas),
             ("router", self.stages.router.replicas),
             ("trainer", self.stages.trainer.replicas),
+            ("detector", self.stages.detector.replicas),
         ] {
             p.check(n > 64, &format!("stages.{stage}.replicas"), "at most 64");
         }
@@ -128,6 +133,14 @@ impl PipelineFile {
                 .validate()
                 .map(|_| ()),
             "encoder" => toml::from_str::<pcb_encoder::FileConfig>(&text)
+                .map_err(bad)?
+                .validate()
+                .map(|_| ()),
+            "registry" => toml::from_str::<pcb_registry::FileConfig>(&text)
+                .map_err(bad)?
+                .validate()
+                .map(|_| ()),
+            "detector" => toml::from_str::<pcb_detector::FileConfig>(&text)
                 .map_err(bad)?
                 .validate()
                 .map(|_| ()),
@@ -148,6 +161,8 @@ impl PipelineFile {
             "ingester" => self.stages.ingester.replicas,
             "encoder" => self.stages.encoder.replicas,
             "trainer" => self.stages.trainer.replicas,
+            "registry" => self.stages.registry.replicas,
+            "detector" => self.stages.detector.replicas,
             _ => self.stages.router.replicas,
         }
     }
@@ -158,6 +173,8 @@ impl PipelineFile {
             "ingester" => self.stages.ingester.metrics_port,
             "encoder" => self.stages.encoder.metrics_port,
             "trainer" => self.stages.trainer.metrics_port,
+            "registry" => self.stages.registry.metrics_port,
+            "detector" => self.stages.detector.metrics_port,
             _ => self.stages.router.metrics_port,
         };
         let port = if port == 0 {
@@ -192,6 +209,8 @@ impl PipelineFile {
                 t.shard_count = self.stages.router.settings.shard_count;
                 toml::Value::try_from(&t)
             }
+            "registry" => toml::Value::try_from(&self.stages.registry.settings),
+            "detector" => toml::Value::try_from(&self.stages.detector.settings),
             _ => toml::Value::try_from(&self.stages.router.settings),
         };
         t.insert(stage.into(), value(settings));
@@ -238,7 +257,7 @@ mod tests {
         let files = p
             .write_stage_configs(dir.path(), "nats://127.0.0.1:1")
             .expect("write");
-        assert_eq!(files.len(), 3);
+        assert_eq!(files.len(), 5);
         let trainer = dir.path().join("trainer.toml");
         std::fs::write(&trainer, p.stage_config("trainer", 0, "nats://127.0.0.1:1"))
             .expect("write");
@@ -251,6 +270,12 @@ mod tests {
                 }
                 "encoder" => {
                     pcb_encoder::Config::load(Some(&path)).expect("encoder config");
+                }
+                "registry" => {
+                    pcb_registry::Config::load(Some(&path)).expect("registry config");
+                }
+                "detector" => {
+                    pcb_detector::Config::load(Some(&path)).expect("detector config");
                 }
                 _ => {
                     pcb_router::Config::load(Some(&path)).expect("router config");

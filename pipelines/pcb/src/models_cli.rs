@@ -1,0 +1,242 @@
+//! `pcb models`: list, show, promote, roll back, import and export registry versions.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use pcb_registry::{parse_ref, publish_event, NewVersion, Registry};
+
+/// `pcb models` subcommands.
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum ModelsCmd {
+    /// Every version with its metrics; `*` marks the live one.
+    List {
+        /// Only this model.
+        name: Option<String>,
+    },
+    /// One version in full (NAME@VERSION, or NAME / NAME@live for the live one).
+    Show {
+        /// The version.
+        reference: String,
+    },
+    /// Make NAME@VERSION the live version (detectors swap to it).
+    Promote {
+        /// The version.
+        reference: String,
+    },
+    /// Return NAME's live alias to the version before it.
+    Rollback {
+        /// The model.
+        name: String,
+    },
+    /// Register a safetensors file (torchvision key names) as a new version.
+    Import {
+        /// The weights.
+        file: PathBuf,
+        /// Model name.
+        #[arg(long, default_value = "pcb-defects")]
+        name: String,
+        /// The network's description (model.json as `pcb train --data` writes it); default:
+        /// model.json beside the file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// An evaluation report (`pcb eval --report`) to store with it.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Make it live at once.
+        #[arg(long)]
+        promote: bool,
+    },
+    /// Write a version's weights (checked against its sha256) and its model.json.
+    Export {
+        /// The version.
+        reference: String,
+        /// Output safetensors file (model.json goes beside it).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Runs a `pcb models` command against the server at `url`.
+pub async fn run(url: &str, cmd: ModelsCmd) -> anyhow::Result<()> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to {url} (is the pipeline up?)"))?;
+    let js = async_nats::jetstream::new(client);
+    let registry = Registry::open(&js).await?;
+    let registry_ref = &registry;
+    let resolve = |reference: String| async move {
+        let registry = registry_ref;
+        let (name, version) = parse_ref(&reference)?;
+        let version = match version {
+            Some(v) => v,
+            None => registry
+                .live(&name)
+                .await?
+                .map(|l| l.version)
+                .with_context(|| format!("{name} has no live version"))?,
+        };
+        anyhow::Ok((name, version))
+    };
+    match cmd {
+        ModelsCmd::List { name } => {
+            let versions = registry.list(name.as_deref()).await?;
+            if versions.is_empty() {
+                println!("no model registered yet");
+                return Ok(());
+            }
+            println!(
+                "{:<2}{:<24}{:>8}  {:<20}{:>10}{:>10}  {:<10}{}",
+                "", "model", "version", "created", "mAP", "mAP@0.5", "origin", "job"
+            );
+            for v in versions {
+                let live = registry.live(&v.name).await?.map(|l| l.version);
+                let pct = |x: Option<f64>| {
+                    x.map(|m| format!("{:.2}%", m * 100.0))
+                        .unwrap_or("-".into())
+                };
+                println!(
+                    "{:<2}{:<24}{:>8}  {:<20}{:>10}{:>10}  {:<10}{}",
+                    if live == Some(v.version) { "*" } else { "" },
+                    v.name,
+                    v.version,
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH
+                            + Duration::from_millis(v.created_at_ms.max(0) as u64)
+                    ),
+                    pct(v.map_deeppcb),
+                    pct(v.map50),
+                    v.origin,
+                    v.job.unwrap_or_default()
+                );
+            }
+        }
+        ModelsCmd::Show { reference } => {
+            let (name, version) = resolve(reference).await?;
+            let v = registry.version(&name, version).await?;
+            let live = registry.live(&name).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            if let Some(l) = live {
+                println!("live: {name}@{} (earlier: {:?})", l.version, l.history);
+            }
+        }
+        ModelsCmd::Promote { reference } => {
+            let (name, version) = resolve(reference).await?;
+            let alias = registry.promote(&name, version, "cli").await?;
+            publish_event(
+                &js,
+                "promoted",
+                &name,
+                version,
+                "cli",
+                Some("by hand".into()),
+            )
+            .await;
+            println!(
+                "{name}@{} is live (earlier: {:?})",
+                alias.version, alias.history
+            );
+        }
+        ModelsCmd::Rollback { name } => {
+            let alias = registry.rollback(&name, "cli").await?;
+            publish_event(&js, "rolled-back", &name, alias.version, "cli", None).await;
+            println!("{name}@{} is live again", alias.version);
+        }
+        ModelsCmd::Import {
+            file,
+            name,
+            config,
+            report,
+            promote,
+        } => {
+            let weights =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let config_path = config.unwrap_or_else(|| file.with_file_name("model.json"));
+            let text = std::fs::read_to_string(&config_path).with_context(|| {
+                format!(
+                    "reading the network's description {} (pass --config)",
+                    config_path.display()
+                )
+            })?;
+            let model_config: pcb_vision::ModelConfig = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a model description", config_path.display()))?;
+            // Refuse weights that do not fit the description now, not in every detector.
+            let tmp = file.clone();
+            let cfg = model_config.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut det =
+                    pcb_vision::Detector::new(cfg, tch::Device::Cpu, pcb_vision::Sampling::Random);
+                det.load(&tmp)
+            })
+            .await??;
+            let metrics = match report {
+                Some(p) => Some(
+                    serde_json::from_str(&std::fs::read_to_string(&p)?)
+                        .with_context(|| format!("{} is not a JSON report", p.display()))?,
+                ),
+                None => None,
+            };
+            let v = registry
+                .register(
+                    &name,
+                    &weights,
+                    NewVersion {
+                        model_config: serde_json::to_value(&model_config)?,
+                        metrics,
+                        hyperparameters: serde_json::json!({"imported_from": file.display().to_string()}),
+                        snapshot: None,
+                        job: None,
+                        origin: "import".into(),
+                        git_revision: None,
+                    },
+                )
+                .await?;
+            publish_event(
+                &js,
+                "registered",
+                &name,
+                v.version,
+                "cli",
+                Some(format!("imported {}", file.display())),
+            )
+            .await;
+            println!("registered {name}@{} (sha256 {})", v.version, v.sha256);
+            if promote {
+                registry.promote(&name, v.version, "cli").await?;
+                publish_event(
+                    &js,
+                    "promoted",
+                    &name,
+                    v.version,
+                    "cli",
+                    Some("import --promote".into()),
+                )
+                .await;
+                println!("{name}@{} is live", v.version);
+            }
+        }
+        ModelsCmd::Export { reference, out } => {
+            let (name, version) = resolve(reference).await?;
+            let v = registry.version(&name, version).await?;
+            let weights = registry.weights(&v).await?;
+            let json = out.with_file_name("model.json");
+            if json.exists() {
+                bail!("{} exists; export into an empty folder", json.display());
+            }
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&out, &weights)?;
+            std::fs::write(&json, serde_json::to_string_pretty(&v.model_config)?)?;
+            println!(
+                "{name}@{version}: {} bytes to {} (sha256 verified), network in {}",
+                weights.len(),
+                out.display(),
+                json.display()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,725 @@
+//! The online detector stage: serves the registry's `live` model on `pcb.images.encoded`
+//! through one durable consumer shared by every replica, batches dynamically, publishes one
+//! `pcb.detections` message per image, and swaps in a newly promoted model between batches.
+
+use std::path::Path;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, AckKind};
+use base64::Engine;
+use futures::StreamExt;
+use pcb_common::{
+    load_config, validate_common, ConfigError, LogConfig, Metrics, MetricsConfig, NatsConfig,
+    Problems, Rejection, Shutdown, Topology,
+};
+use pcb_registry::{key_live, publish_event, LiveAlias, ModelVersion, Registry};
+use pcb_schemas::{
+    decode, Defect, Detection, EncodedImage, ModelRef, CLASS_NAMES, SCHEMA_HEADER, STREAM_IMAGES,
+    SUBJECT_DETECTIONS, SUBJECT_ENCODED,
+};
+use pcb_vision::{compose, Detector, InferenceOptions, ModelConfig, Sampling};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+/// The stage's name: its durable, its dead-letter subject and its metrics label.
+pub const STAGE: &str = "detector";
+
+/// The detector's config file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// NATS connection.
+    pub nats: NatsConfig,
+    /// Streams to provision before consuming.
+    pub streams: Topology,
+    /// `/metrics` endpoint.
+    pub metrics: MetricsConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// The detector's own settings.
+    pub detector: DetectorSettings,
+}
+
+/// Settings of the online detector.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectorSettings {
+    /// The registry model whose `live` version is served.
+    pub model_name: String,
+    /// Durable consumer name, shared by every replica (each image goes to one).
+    pub durable: String,
+    /// Images per forward pass at most.
+    pub max_batch: usize,
+    /// Wait at most this many milliseconds after an image for others to batch with it.
+    pub max_wait_ms: u64,
+    /// Defects scoring at least this are reported.
+    pub report_threshold: f32,
+    /// A board fails when a defect scores at least this.
+    pub fail_threshold: f32,
+    /// libtorch intra-op threads (0: its default).
+    pub threads: usize,
+    /// Redeliver an image not acked within this many seconds.
+    pub ack_wait_secs: u64,
+    /// Deliveries of a failing image before it becomes a dead letter.
+    pub max_deliver: i64,
+    /// Delay before a transient failure is retried, in milliseconds.
+    pub retry_delay_ms: u64,
+}
+
+impl Default for DetectorSettings {
+    fn default() -> Self {
+        DetectorSettings {
+            model_name: "pcb-defects".into(),
+            durable: STAGE.into(),
+            max_batch: 4,
+            max_wait_ms: 20,
+            report_threshold: 0.3,
+            fail_threshold: 0.5,
+            threads: 0,
+            ack_wait_secs: 60,
+            max_deliver: 5,
+            retry_delay_ms: 2000,
+        }
+    }
+}
+
+/// The validated configuration the stage runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// NATS connection.
+    pub nats: NatsConfig,
+    /// Streams.
+    pub streams: Topology,
+    /// `/metrics`.
+    pub metrics: MetricsConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Settings, checked.
+    pub detector: DetectorSettings,
+}
+
+impl Config {
+    /// Loads the file under `PCB_*` variables and validates it.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let file: FileConfig = load_config(path)?;
+        file.validate().map_err(|p| ConfigError::invalid(path, p))
+    }
+}
+
+impl FileConfig {
+    /// Checks every value and reports all problems at once.
+    pub fn validate(self) -> Result<Config, Problems> {
+        let mut p = Problems::default();
+        validate_common(&self.nats, &self.streams, &self.metrics, &self.log, &mut p);
+        let d = &self.detector;
+        if let Err(e) = pcb_registry::check_name(&d.model_name) {
+            p.push("detector.model_name", e);
+        }
+        p.check(d.durable.trim().is_empty(), "detector.durable", "is empty");
+        p.check(
+            d.max_batch == 0 || d.max_batch > 256,
+            "detector.max_batch",
+            "must be between 1 and 256",
+        );
+        p.check(
+            !(0.0..=1.0).contains(&d.report_threshold),
+            "detector.report_threshold",
+            "must be between 0 and 1",
+        );
+        p.check(
+            !(0.0..=1.0).contains(&d.fail_threshold),
+            "detector.fail_threshold",
+            "must be between 0 and 1",
+        );
+        p.check(
+            d.ack_wait_secs == 0,
+            "detector.ack_wait_secs",
+            "must be at least 1",
+        );
+        p.check(
+            d.max_deliver < 1,
+            "detector.max_deliver",
+            "must be at least 1",
+        );
+        p.into_result()?;
+        Ok(Config {
+            detector: self.detector,
+            nats: self.nats,
+            streams: self.streams,
+            metrics: self.metrics,
+            log: self.log,
+        })
+    }
+}
+
+/// Why the stage stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectorError {
+    /// Start-up failed.
+    #[error("starting the detector: {0}")]
+    Start(#[from] pcb_common::stage::StartError),
+    /// The registry could not be opened or watched.
+    #[error("registry: {0}")]
+    Registry(String),
+    /// The consumer could not be created or read.
+    #[error("consuming {STREAM_IMAGES}: {0}")]
+    Consume(String),
+    /// The inference thread stopped.
+    #[error("the inference thread stopped")]
+    Inference,
+}
+
+/// A model ready to serve.
+pub struct Loaded {
+    /// Its registry entry.
+    pub version: ModelVersion,
+    /// The network with its weights.
+    pub detector: Detector,
+}
+
+/// Fetches a version's weights (checked against their sha256) and builds the network.
+pub async fn load_version(registry: &Registry, name: &str, version: u64) -> Result<Loaded, String> {
+    let v = registry
+        .version(name, version)
+        .await
+        .map_err(|e| e.to_string())?;
+    let weights = registry.weights(&v).await.map_err(|e| e.to_string())?;
+    let config: ModelConfig = serde_json::from_value(v.model_config.clone())
+        .map_err(|e| format!("{name}@{version}: model_config: {e}"))?;
+    let origin = format!("{name}@{version}");
+    tokio::task::spawn_blocking(move || {
+        // tch reads safetensors from a file; a private temporary one is removed on drop.
+        let mut file = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
+        std::io::Write::write_all(&mut file, &weights).map_err(|e| e.to_string())?;
+        let tensors = Tensor::read_safetensors(file.path())
+            .map_err(|e| format!("{origin}: not a safetensors file: {e}"))?;
+        let mut detector = Detector::new(config, tch::Device::Cpu, Sampling::Random);
+        detector
+            .load_tensors(tensors, &origin)
+            .map_err(|e| e.to_string())?;
+        detector.model.prepare_inference(InferenceOptions {
+            fold_bn: true,
+            channels_last: true,
+        });
+        Ok(Loaded {
+            version: v,
+            detector,
+        })
+    })
+    .await
+    .map_err(|_| "the loading task ended abnormally".to_string())?
+}
+
+/// What the inference thread is asked.
+enum Job {
+    Swap(Box<Loaded>),
+    Detect {
+        images: Vec<Tensor>,
+        reply: tokio::sync::oneshot::Sender<Result<Answer, String>>,
+    },
+}
+
+/// Detections for a batch and the version that made them.
+struct Answer {
+    model: ModelRef,
+    per_image: Vec<Vec<Defect>>,
+    seconds: f64,
+}
+
+fn defects_of(d: &pcb_vision::Detections, threshold: f32) -> Result<Vec<Defect>, tch::TchError> {
+    let boxes = Vec::<f32>::try_from(&d.boxes.to_kind(Kind::Float).reshape([-1]))?;
+    let labels = Vec::<i64>::try_from(&d.labels)?;
+    let scores = Vec::<f32>::try_from(&d.scores.to_kind(Kind::Float))?;
+    Ok(labels
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| scores[*k] >= threshold)
+        .map(|(k, &l)| Defect {
+            x1: boxes[4 * k],
+            y1: boxes[4 * k + 1],
+            x2: boxes[4 * k + 2],
+            y2: boxes[4 * k + 3],
+            class_id: l as u16,
+            class: CLASS_NAMES
+                .get((l as usize).wrapping_sub(1))
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| format!("class-{l}")),
+            score: scores[k],
+        })
+        .collect())
+}
+
+/// The thread that owns the serving model (tch tensors are not shareable across threads).
+fn inference_thread(jobs: std_mpsc::Receiver<Job>, threshold: f32, threads: usize) {
+    if threads > 0 {
+        tch::set_num_threads(threads as i32);
+    }
+    let mut current: Option<Box<Loaded>> = None;
+    while let Ok(job) = jobs.recv() {
+        match job {
+            Job::Swap(next) => current = Some(next),
+            Job::Detect { images, reply } => {
+                let result = match &current {
+                    None => Err("no model loaded".to_string()),
+                    Some(m) => {
+                        let started = Instant::now();
+                        tch::no_grad(|| m.detector.model.detect(&images))
+                            .map_err(|e| e.to_string())
+                            .and_then(|out| {
+                                out.detections
+                                    .iter()
+                                    .map(|d| defects_of(d, threshold).map_err(|e| e.to_string()))
+                                    .collect::<Result<Vec<_>, _>>()
+                            })
+                            .map(|per_image| Answer {
+                                model: ModelRef {
+                                    name: m.version.name.clone(),
+                                    version: m.version.version,
+                                },
+                                per_image,
+                                seconds: started.elapsed().as_secs_f64(),
+                            })
+                    }
+                };
+                let _ = reply.send(result);
+            }
+        }
+    }
+}
+
+/// An image ready for the model, with the message it came in.
+struct Ready {
+    msg: jetstream::Message,
+    record: EncodedImage,
+    input: Tensor,
+}
+
+/// Decodes one delivery; a poison message gives its rejection.
+fn prepare(
+    payload: &[u8],
+    schema: Option<&str>,
+    input: pcb_vision::InputMode,
+) -> Result<(EncodedImage, Tensor), Rejection> {
+    let record: EncodedImage =
+        decode(payload, schema).map_err(|e| Rejection::new("undecodable", e.to_string()))?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let about = |r: Rejection| r.about(Some(record.image_id.clone()), record.source.clone());
+    let bytes = b64
+        .decode(&record.image_b64)
+        .map_err(|e| about(Rejection::new("bad-base64", format!("image_b64: {e}"))))?;
+    let image = pcb_vision::data::decode_grey(&bytes, &record.source)
+        .map_err(|e| about(Rejection::new("not-an-image", e.to_string())))?;
+    let template = match &record.template_b64 {
+        Some(t) => {
+            let bytes = b64
+                .decode(t)
+                .map_err(|e| about(Rejection::new("bad-base64", format!("template_b64: {e}"))))?;
+            Some(
+                pcb_vision::data::decode_grey(&bytes, &record.source)
+                    .map_err(|e| about(Rejection::new("not-an-image", format!("template: {e}"))))?,
+            )
+        }
+        None => None,
+    };
+    let composed = compose(input, &image, template.as_ref())
+        .map_err(|e| about(Rejection::new("unusable-input", e.to_string())))?;
+    Ok((record, composed))
+}
+
+/// The detection message for one image.
+pub fn detection_of(
+    record: &EncodedImage,
+    model: ModelRef,
+    defects: Vec<Defect>,
+    fail_threshold: f32,
+    inference_ms: f64,
+) -> Detection {
+    let mut defects = defects;
+    defects.sort_by(|a, b| b.score.total_cmp(&a.score));
+    let fail = defects.iter().any(|d| d.score >= fail_threshold);
+    Detection {
+        image_id: record.image_id.clone(),
+        board_id: record.board_id.clone(),
+        line_id: record.line_id.clone(),
+        source: record.source.clone(),
+        captured_at: record.captured_at_ms,
+        detected_at: pcb_common::now_ms(),
+        model,
+        defects,
+        verdict: if fail { "fail" } else { "pass" }.into(),
+        inference_ms,
+    }
+}
+
+fn schema_of(msg: &jetstream::Message) -> Option<String> {
+    msg.headers
+        .as_ref()
+        .and_then(|h| h.get(SCHEMA_HEADER))
+        .map(|v| v.as_str().to_string())
+}
+
+/// Watches the live alias and hands every version that loads to the inference thread;
+/// one that does not load leaves the serving model in place and says why.
+async fn watch_live(
+    registry: Registry,
+    js: jetstream::Context,
+    name: String,
+    by: String,
+    jobs: std_mpsc::Sender<Job>,
+    serving: tokio::sync::watch::Sender<Option<(u64, pcb_vision::InputMode)>>,
+    shutdown: Shutdown,
+) -> Result<(), DetectorError> {
+    let mut watch = registry
+        .kv()
+        .watch_with_history(key_live(&name))
+        .await
+        .map_err(|e| DetectorError::Registry(e.to_string()))?;
+    loop {
+        let entry = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            e = watch.next() => e,
+        };
+        let Some(entry) = entry else {
+            return Err(DetectorError::Registry("the live-alias watch ended".into()));
+        };
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "live-alias watch error");
+                continue;
+            }
+        };
+        let alias: LiveAlias = match serde_json::from_slice(&entry.value) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "live alias is not valid JSON; ignored");
+                continue;
+            }
+        };
+        if serving.borrow().map(|(v, _)| v) == Some(alias.version) {
+            continue;
+        }
+        match load_version(&registry, &name, alias.version).await {
+            Ok(loaded) => {
+                let input = loaded.detector.model.config.input;
+                if jobs.send(Job::Swap(Box::new(loaded))).is_err() {
+                    return Err(DetectorError::Inference);
+                }
+                let _ = serving.send(Some((alias.version, input)));
+                tracing::info!(model = %name, version = alias.version, "serving");
+                publish_event(&js, "loaded", &name, alias.version, &by, None).await;
+            }
+            Err(reason) => {
+                let old = serving.borrow().map(|(v, _)| v);
+                tracing::warn!(model = %name, version = alias.version, serving = ?old, %reason, "refused a live version");
+                publish_event(
+                    &js,
+                    "load-failed",
+                    &name,
+                    alias.version,
+                    &by,
+                    Some(match old {
+                        Some(v) => format!("{reason}; v{v} keeps serving"),
+                        None => format!("{reason}; nothing serving yet"),
+                    }),
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// Runs the stage until `shutdown`.
+pub async fn run(
+    config: Config,
+    client: async_nats::Client,
+    shutdown: Shutdown,
+) -> Result<(), DetectorError> {
+    let metrics = Metrics::new(STAGE);
+    let js = pcb_common::stage::prepare(
+        &client,
+        &config.streams,
+        &metrics,
+        &config.metrics,
+        &shutdown,
+    )
+    .await?;
+    let registry = Registry::open(&js)
+        .await
+        .map_err(|e| DetectorError::Registry(e.to_string()))?;
+    let s = config.detector.clone();
+    let by = format!(
+        "detector-{}-{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()),
+        std::process::id()
+    );
+    let (jobs, jobs_rx) = std_mpsc::channel::<Job>();
+    let (threshold, threads) = (s.report_threshold, s.threads);
+    std::thread::Builder::new()
+        .name("inference".into())
+        .spawn(move || inference_thread(jobs_rx, threshold, threads))
+        .map_err(|_| DetectorError::Inference)?;
+    let (serving_tx, mut serving) = tokio::sync::watch::channel(None);
+    let watcher = tokio::spawn(watch_live(
+        registry.clone(),
+        js.clone(),
+        s.model_name.clone(),
+        by.clone(),
+        jobs.clone(),
+        serving_tx,
+        shutdown.clone(),
+    ));
+    // Nothing is taken from the stream before a model can answer it.
+    tracing::info!(model = %s.model_name, "waiting for a live version");
+    loop {
+        if serving.borrow().is_some() {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            changed = serving.changed() => if changed.is_err() {
+                return match watcher.await {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err(DetectorError::Registry("the live-alias watcher stopped".into())),
+                };
+            },
+        }
+    }
+    let stream = js
+        .get_stream(STREAM_IMAGES)
+        .await
+        .map_err(|e| DetectorError::Consume(e.to_string()))?;
+    let consumer: consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            &s.durable,
+            consumer::pull::Config {
+                durable_name: Some(s.durable.clone()),
+                filter_subject: SUBJECT_ENCODED.into(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(s.ack_wait_secs),
+                max_deliver: s.max_deliver,
+                max_ack_pending: (s.max_batch * 64).max(256) as i64,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| DetectorError::Consume(e.to_string()))?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(s.max_batch.max(1) * 2)
+        .messages()
+        .await
+        .map_err(|e| DetectorError::Consume(e.to_string()))?;
+    let max_wait = Duration::from_millis(s.max_wait_ms);
+    let retry = Duration::from_millis(s.retry_delay_ms);
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = messages.next() => m,
+        };
+        let Some(first) = first else {
+            return Err(DetectorError::Consume("the message stream ended".into()));
+        };
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + max_wait;
+        while batch.len() < s.max_batch {
+            match tokio::time::timeout_at(deadline, messages.next()).await {
+                Ok(Some(m)) => batch.push(m),
+                _ => break,
+            }
+        }
+        let input = serving
+            .borrow()
+            .map(|(_, i)| i)
+            .unwrap_or(pcb_vision::InputMode::Image);
+        let mut ready = Vec::new();
+        for m in batch {
+            let msg = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "message error");
+                    continue;
+                }
+            };
+            let schema = schema_of(&msg);
+            match prepare(&msg.payload, schema.as_deref(), input) {
+                Ok((record, input)) => ready.push(Ready { msg, record, input }),
+                Err(rejection) => {
+                    reject(&js, &metrics, &msg, rejection).await;
+                }
+            }
+        }
+        if ready.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
+        let images: Vec<Tensor> = ready.iter().map(|r| r.input.shallow_clone()).collect();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if jobs.send(Job::Detect { images, reply }).is_err() {
+            return Err(DetectorError::Inference);
+        }
+        let answer = match answer.await {
+            Ok(Ok(a)) => a,
+            Ok(Err(reason)) => {
+                // A model failure on this batch: give the images back for a later try.
+                tracing::warn!(%reason, "inference failed; the batch is retried");
+                for r in &ready {
+                    let _ = r.msg.ack_with(AckKind::Nak(Some(retry))).await;
+                }
+                metrics.count("retry");
+                continue;
+            }
+            Err(_) => return Err(DetectorError::Inference),
+        };
+        let per_image_ms = answer.seconds * 1000.0 / ready.len() as f64;
+        let detections: Vec<Detection> = ready
+            .iter()
+            .zip(answer.per_image)
+            .map(|(r, defects)| {
+                detection_of(
+                    &r.record,
+                    answer.model.clone(),
+                    defects,
+                    s.fail_threshold,
+                    per_image_ms,
+                )
+            })
+            .collect();
+        // Published together, acked once JetStream stored each: an image leaves the
+        // consumer only with its answer stored.
+        let results = futures::future::join_all(
+            detections
+                .iter()
+                .map(|d| pcb_common::publish(&js, SUBJECT_DETECTIONS.into(), d)),
+        )
+        .await;
+        for (r, result) in ready.iter().zip(results) {
+            match result {
+                Ok(_) => {
+                    let _ = r.msg.ack().await;
+                    metrics.count("done");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, image = %r.record.image_id, "publishing a detection failed; retried");
+                    let _ = r.msg.ack_with(AckKind::Nak(Some(retry))).await;
+                    metrics.count("retry");
+                }
+            }
+        }
+        metrics.observe_processing(started.elapsed());
+    }
+    Ok(())
+}
+
+/// Dead letter with the reason, then term: a poison image is not redelivered.
+async fn reject(
+    js: &jetstream::Context,
+    metrics: &Metrics,
+    msg: &jetstream::Message,
+    r: Rejection,
+) {
+    let seq = msg.info().map(|i| i.stream_sequence).ok();
+    let letter = r.dead_letter(STAGE, Some(msg.subject.to_string()), seq);
+    match pcb_common::ack::publish_dead_letter(js, &letter).await {
+        Ok(_) => {
+            let _ = msg.ack_with(AckKind::Term).await;
+            metrics.count_rejection(&letter.reason_code);
+        }
+        Err(e) => {
+            // Without its dead letter the image must not vanish: try again later.
+            tracing::warn!(error = %e, "could not publish a dead letter; the image is retried");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
+                .await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_problems_are_reported_together() {
+        let mut f = FileConfig::default();
+        f.detector.model_name = "bad name".into();
+        f.detector.max_batch = 0;
+        f.detector.fail_threshold = 1.5;
+        let text = f.validate().unwrap_err().to_string();
+        for key in [
+            "detector.model_name",
+            "detector.max_batch",
+            "detector.fail_threshold",
+        ] {
+            assert!(text.contains(key), "{key}: {text}");
+        }
+    }
+
+    #[test]
+    fn verdict_follows_the_strongest_defect() {
+        let record = EncodedImage {
+            image_id: "i".into(),
+            board_id: "b".into(),
+            line_id: "l".into(),
+            source: "s".into(),
+            captured_at_ms: 5,
+            encoded_at_ms: 6,
+            image_b64: String::new(),
+            width: 1,
+            height: 1,
+            channels: 1,
+            format: "png".into(),
+            sha256: "i".into(),
+            labels: None,
+            label_format: None,
+            template_b64: None,
+            split_hint: None,
+        };
+        let defect = |score| Defect {
+            x1: 0.,
+            y1: 0.,
+            x2: 1.,
+            y2: 1.,
+            class_id: 1,
+            class: "open".into(),
+            score,
+        };
+        let m = ModelRef {
+            name: "m".into(),
+            version: 2,
+        };
+        let pass = detection_of(&record, m.clone(), vec![defect(0.4)], 0.5, 1.0);
+        assert_eq!(pass.verdict, "pass");
+        let fail = detection_of(&record, m, vec![defect(0.4), defect(0.9)], 0.5, 1.0);
+        assert_eq!(fail.verdict, "fail");
+        assert_eq!(fail.defects[0].score, 0.9, "best first");
+        assert_eq!(fail.captured_at, 5);
+    }
+
+    #[test]
+    fn an_image_that_does_not_decode_is_a_rejection_with_its_reason() {
+        let record = EncodedImage {
+            image_id: "i".into(),
+            board_id: "b".into(),
+            line_id: "l".into(),
+            source: "x.jpg".into(),
+            captured_at_ms: 0,
+            encoded_at_ms: 0,
+            image_b64: base64::engine::general_purpose::STANDARD.encode(b"not a jpeg"),
+            width: 1,
+            height: 1,
+            channels: 1,
+            format: "jpeg".into(),
+            sha256: "i".into(),
+            labels: None,
+            label_format: None,
+            template_b64: None,
+            split_hint: None,
+        };
+        let payload = pcb_schemas::encode(&record).unwrap();
+        let err = prepare(&payload, None, pcb_vision::InputMode::Image).unwrap_err();
+        assert_eq!(err.reason_code, "not-an-image");
+        assert!(err.reason.contains("x.jpg"), "{}", err.reason);
+    }
+}

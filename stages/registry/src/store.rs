@@ -1,0 +1,524 @@
+//! The model registry on JetStream: metadata in a key-value bucket, weights in an object
+//! store, monotonic versions per model name, and a `live` alias with its history.
+
+use std::collections::BTreeMap;
+
+use async_nats::jetstream::{self, kv, object_store};
+use bytes::Bytes;
+use futures::StreamExt;
+use pcb_schemas::{Snapshot, KV_MODELS, OBJECTS_MODELS};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// A bucket could not be opened or created.
+    #[error("opening the registry's {bucket} bucket: {message}")]
+    Open {
+        /// Bucket.
+        bucket: &'static str,
+        /// What JetStream said.
+        message: String,
+    },
+    /// A key could not be read or written.
+    #[error("registry key {key}: {message}")]
+    Key {
+        /// Key.
+        key: String,
+        /// What JetStream said.
+        message: String,
+    },
+    /// The weights could not be stored or read.
+    #[error("registry object {object}: {message}")]
+    Object {
+        /// Object name.
+        object: String,
+        /// What JetStream said.
+        message: String,
+    },
+    /// No such model or version.
+    #[error("{0} is not in the registry")]
+    NotFound(String),
+    /// A stored artifact is not what its metadata says.
+    #[error("{object}: sha256 {actual} does not match the registered {expected}")]
+    Digest {
+        /// Object name.
+        object: String,
+        /// Registered digest.
+        expected: String,
+        /// Digest of what was read.
+        actual: String,
+    },
+    /// A name or reference that cannot be used.
+    #[error("invalid {what}: {message}")]
+    Invalid {
+        /// What.
+        what: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// Nothing to roll back to.
+    #[error("{0} has no earlier live version to roll back to")]
+    NoHistory(String),
+}
+
+/// A registered model version (the JSON value of `model.<name>.v.<version>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelVersion {
+    /// Model name.
+    pub name: String,
+    /// Version, from 1.
+    pub version: u64,
+    /// Registration time, milliseconds since the Unix epoch.
+    pub created_at_ms: i64,
+    /// Object name of the weights (safetensors, torchvision key names).
+    pub object: String,
+    /// sha256 (hex) of the weights.
+    pub sha256: String,
+    /// Size of the weights in bytes.
+    pub size_bytes: u64,
+    /// The network (`pcb_vision::ModelConfig` as JSON).
+    pub model_config: serde_json::Value,
+    /// mAP under the DeepPCB protocol on the validation split, when evaluated.
+    pub map_deeppcb: Option<f64>,
+    /// mAP@0.5 (VOC), when evaluated.
+    pub map50: Option<f64>,
+    /// AP per class name (DeepPCB protocol), when evaluated.
+    pub ap_per_class: BTreeMap<String, f64>,
+    /// The full evaluation report, when evaluated.
+    pub metrics: Option<serde_json::Value>,
+    /// Hyperparameters of the run that produced it.
+    pub hyperparameters: serde_json::Value,
+    /// The data it was trained on.
+    pub snapshot: Option<Snapshot>,
+    /// The live version when it was registered (the model it was meant to replace).
+    pub parent_version: Option<u64>,
+    /// The training job, when it came from one.
+    pub job: Option<String>,
+    /// `trainer` or `import`.
+    pub origin: String,
+    /// Git revision of the training code, when known.
+    pub git_revision: Option<String>,
+}
+
+/// The `live` alias of a model (the JSON value of `model.<name>.live`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveAlias {
+    /// The serving version.
+    pub version: u64,
+    /// Earlier live versions, most recent last (what rollback returns to).
+    pub history: Vec<u64>,
+    /// When it was set, milliseconds since the Unix epoch.
+    pub since_ms: i64,
+    /// Who set it (`policy`, `cli`, ...).
+    pub by: String,
+}
+
+/// What a caller knows of a new version besides its weights.
+#[derive(Debug, Clone, Default)]
+pub struct NewVersion {
+    /// The network.
+    pub model_config: serde_json::Value,
+    /// The evaluation report (`pcb_metrics::Report` as JSON), when there is one.
+    pub metrics: Option<serde_json::Value>,
+    /// Hyperparameters.
+    pub hyperparameters: serde_json::Value,
+    /// Training data.
+    pub snapshot: Option<Snapshot>,
+    /// Training job.
+    pub job: Option<String>,
+    /// `trainer` or `import`.
+    pub origin: String,
+    /// Git revision.
+    pub git_revision: Option<String>,
+}
+
+/// Checks a model name: it becomes part of keys and object names.
+pub fn check_name(name: &str) -> Result<(), RegistryError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::Invalid {
+            what: "model name",
+            message: format!("{name:?}: use 1 to 64 letters, digits, '-' or '_'"),
+        })
+    }
+}
+
+/// Parses `NAME@VERSION` (`VERSION` a number, or `live`).
+pub fn parse_ref(s: &str) -> Result<(String, Option<u64>), RegistryError> {
+    let (name, version) = match s.split_once('@') {
+        Some((n, v)) => (n, Some(v)),
+        None => (s, None),
+    };
+    check_name(name)?;
+    let version = match version {
+        None | Some("live") => None,
+        Some(v) => Some(
+            v.trim_start_matches('v')
+                .parse()
+                .map_err(|_| RegistryError::Invalid {
+                    what: "version",
+                    message: format!("{v:?} in {s:?} is not a number (NAME@3, NAME@live)"),
+                })?,
+        ),
+    };
+    Ok((name.to_string(), version))
+}
+
+fn key_latest(name: &str) -> String {
+    format!("model.{name}.latest")
+}
+
+fn key_version(name: &str, version: u64) -> String {
+    format!("model.{name}.v.{version}")
+}
+
+/// The key of a model's live alias (what detectors watch).
+pub fn key_live(name: &str) -> String {
+    format!("model.{name}.live")
+}
+
+/// The registry's buckets.
+#[derive(Clone)]
+pub struct Registry {
+    kv: kv::Store,
+    objects: object_store::ObjectStore,
+}
+
+impl Registry {
+    /// Opens the buckets, creating them on first use.
+    pub async fn open(js: &jetstream::Context) -> Result<Registry, RegistryError> {
+        let kv = match js.get_key_value(KV_MODELS).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: KV_MODELS.into(),
+                    description: "PCB model registry: versions and live aliases".into(),
+                    history: 16,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| RegistryError::Open {
+                    bucket: KV_MODELS,
+                    message: e.to_string(),
+                })?,
+        };
+        let objects = match js.get_object_store(OBJECTS_MODELS).await {
+            Ok(o) => o,
+            Err(_) => js
+                .create_object_store(object_store::Config {
+                    bucket: OBJECTS_MODELS.into(),
+                    description: Some("PCB model registry: weights".into()),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| RegistryError::Open {
+                    bucket: OBJECTS_MODELS,
+                    message: e.to_string(),
+                })?,
+        };
+        Ok(Registry { kv, objects })
+    }
+
+    /// The key-value bucket (for watching the live alias).
+    pub fn kv(&self) -> &kv::Store {
+        &self.kv
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, RegistryError> {
+        let err = |m: String| RegistryError::Key {
+            key: key.into(),
+            message: m,
+        };
+        match self.kv.get(key).await.map_err(|e| err(e.to_string()))? {
+            None => Ok(None),
+            Some(b) if b.is_empty() => Ok(None),
+            Some(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| err(format!("not the expected JSON: {e}"))),
+        }
+    }
+
+    async fn put_json<T: Serialize>(&self, key: &str, v: &T) -> Result<(), RegistryError> {
+        let bytes = serde_json::to_vec_pretty(v).map_err(|e| RegistryError::Key {
+            key: key.into(),
+            message: e.to_string(),
+        })?;
+        self.kv
+            .put(key, Bytes::from(bytes))
+            .await
+            .map_err(|e| RegistryError::Key {
+                key: key.into(),
+                message: e.to_string(),
+            })?;
+        Ok(())
+    }
+
+    /// Takes the next version number of `name`, safely against concurrent writers.
+    async fn next_version(&self, name: &str) -> Result<u64, RegistryError> {
+        let key = key_latest(name);
+        let err = |m: String| RegistryError::Key {
+            key: key.clone(),
+            message: m,
+        };
+        for _ in 0..32 {
+            let entry = self.kv.entry(&key).await.map_err(|e| err(e.to_string()))?;
+            let (current, revision) = match &entry {
+                Some(e) if !e.value.is_empty() => (
+                    std::str::from_utf8(&e.value)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<u64>().ok())
+                        .ok_or_else(|| err("not a version number".into()))?,
+                    Some(e.revision),
+                ),
+                Some(e) => (0, Some(e.revision)),
+                None => (0, None),
+            };
+            let next = current + 1;
+            let value = Bytes::from(next.to_string());
+            let won = match revision {
+                Some(r) => self.kv.update(&key, value, r).await.is_ok(),
+                None => self.kv.create(&key, value).await.is_ok(),
+            };
+            if won {
+                return Ok(next);
+            }
+        }
+        Err(err("too many concurrent registrations".into()))
+    }
+
+    /// Stores the weights and their metadata as the next version of `name`.
+    pub async fn register(
+        &self,
+        name: &str,
+        weights: &[u8],
+        meta: NewVersion,
+    ) -> Result<ModelVersion, RegistryError> {
+        check_name(name)?;
+        let parent_version = self.live(name).await?.map(|l| l.version);
+        let version = self.next_version(name).await?;
+        let object = format!("{name}/v{version}.safetensors");
+        let sha256 = hex::encode(Sha256::digest(weights));
+        let mut reader: &[u8] = weights;
+        self.objects
+            .put(object.as_str(), &mut reader)
+            .await
+            .map_err(|e| RegistryError::Object {
+                object: object.clone(),
+                message: e.to_string(),
+            })?;
+        // PR curves hold a point per detection: too big for a key-value entry, and the
+        // viewer needs only the numbers.
+        let mut report = meta.metrics.clone();
+        if let Some(classes) = report
+            .as_mut()
+            .and_then(|r| r.get_mut("classes"))
+            .and_then(|c| c.as_array_mut())
+        {
+            for c in classes {
+                if let Some(obj) = c.as_object_mut() {
+                    obj.remove("pr_curve");
+                }
+            }
+        }
+        let field = |k: &str| {
+            report
+                .as_ref()
+                .and_then(|r| r.get(k))
+                .and_then(|v| v.as_f64())
+        };
+        let mut ap_per_class = BTreeMap::new();
+        if let Some(classes) = report
+            .as_ref()
+            .and_then(|r| r.get("classes"))
+            .and_then(|c| c.as_array())
+        {
+            for c in classes {
+                if let (Some(n), Some(ap)) = (
+                    c.get("name").and_then(|v| v.as_str()),
+                    c.get("ap_deeppcb").and_then(|v| v.as_f64()),
+                ) {
+                    ap_per_class.insert(n.to_string(), ap);
+                }
+            }
+        }
+        let v = ModelVersion {
+            name: name.into(),
+            version,
+            created_at_ms: pcb_common::now_ms(),
+            object,
+            sha256,
+            size_bytes: weights.len() as u64,
+            model_config: meta.model_config,
+            map_deeppcb: field("map_deeppcb"),
+            map50: field("map50"),
+            ap_per_class,
+            metrics: report,
+            hyperparameters: meta.hyperparameters,
+            snapshot: meta.snapshot,
+            parent_version,
+            job: meta.job,
+            origin: meta.origin,
+            git_revision: meta.git_revision,
+        };
+        self.put_json(&key_version(name, version), &v).await?;
+        Ok(v)
+    }
+
+    /// One version.
+    pub async fn version(&self, name: &str, version: u64) -> Result<ModelVersion, RegistryError> {
+        self.get_json(&key_version(name, version))
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(format!("{name}@{version}")))
+    }
+
+    /// The live alias of `name`, if one was set.
+    pub async fn live(&self, name: &str) -> Result<Option<LiveAlias>, RegistryError> {
+        self.get_json(&key_live(name)).await
+    }
+
+    /// Every version of every model (or of `name`), ordered by name and version.
+    pub async fn list(&self, name: Option<&str>) -> Result<Vec<ModelVersion>, RegistryError> {
+        let err = |m: String| RegistryError::Key {
+            key: "model.*".into(),
+            message: m,
+        };
+        let mut keys = self.kv.keys().await.map_err(|e| err(e.to_string()))?;
+        let mut wanted = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(|e| err(e.to_string()))?;
+            let parts: Vec<&str> = k.split('.').collect();
+            if let ["model", n, "v", v] = parts.as_slice() {
+                if name.is_none_or(|want| want == *n) {
+                    if let Ok(v) = v.parse::<u64>() {
+                        wanted.push((n.to_string(), v));
+                    }
+                }
+            }
+        }
+        wanted.sort();
+        let mut out = Vec::new();
+        for (n, v) in wanted {
+            out.push(self.version(&n, v).await?);
+        }
+        Ok(out)
+    }
+
+    /// Makes `version` the live one; the previous live version goes into the history.
+    pub async fn promote(
+        &self,
+        name: &str,
+        version: u64,
+        by: &str,
+    ) -> Result<LiveAlias, RegistryError> {
+        self.version(name, version).await?;
+        let mut history = Vec::new();
+        if let Some(old) = self.live(name).await? {
+            history = old.history;
+            if old.version != version {
+                history.push(old.version);
+            }
+        }
+        let alias = LiveAlias {
+            version,
+            history,
+            since_ms: pcb_common::now_ms(),
+            by: by.into(),
+        };
+        self.put_json(&key_live(name), &alias).await?;
+        Ok(alias)
+    }
+
+    /// Returns the live alias to the version before it.
+    pub async fn rollback(&self, name: &str, by: &str) -> Result<LiveAlias, RegistryError> {
+        let Some(mut live) = self.live(name).await? else {
+            return Err(RegistryError::NoHistory(name.into()));
+        };
+        let Some(previous) = live.history.pop() else {
+            return Err(RegistryError::NoHistory(name.into()));
+        };
+        let alias = LiveAlias {
+            version: previous,
+            history: live.history,
+            since_ms: pcb_common::now_ms(),
+            by: by.into(),
+        };
+        self.put_json(&key_live(name), &alias).await?;
+        Ok(alias)
+    }
+
+    /// The weights of a version, checked against their registered sha256.
+    pub async fn weights(&self, v: &ModelVersion) -> Result<Vec<u8>, RegistryError> {
+        let err = |m: String| RegistryError::Object {
+            object: v.object.clone(),
+            message: m,
+        };
+        let mut object = self
+            .objects
+            .get(v.object.as_str())
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let mut bytes = Vec::with_capacity(v.size_bytes as usize);
+        object
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let actual = hex::encode(Sha256::digest(&bytes));
+        if actual != v.sha256 {
+            return Err(RegistryError::Digest {
+                object: v.object.clone(),
+                expected: v.sha256.clone(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Overwrites a version's stored weights (tests use it to corrupt an artifact).
+    pub async fn overwrite_weights(
+        &self,
+        v: &ModelVersion,
+        bytes: &[u8],
+    ) -> Result<(), RegistryError> {
+        let mut reader: &[u8] = bytes;
+        self.objects
+            .put(v.object.as_str(), &mut reader)
+            .await
+            .map_err(|e| RegistryError::Object {
+                object: v.object.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_parse_and_bad_ones_say_why() {
+        assert_eq!(parse_ref("pcb@3").unwrap(), ("pcb".into(), Some(3)));
+        assert_eq!(parse_ref("pcb@v3").unwrap(), ("pcb".into(), Some(3)));
+        assert_eq!(parse_ref("pcb@live").unwrap(), ("pcb".into(), None));
+        assert_eq!(parse_ref("pcb").unwrap(), ("pcb".into(), None));
+        assert!(parse_ref("pcb@x")
+            .unwrap_err()
+            .to_string()
+            .contains("not a number"));
+        assert!(parse_ref("a.b@1").is_err(), "dots would break the keys");
+        assert!(check_name("").is_err());
+        assert!(check_name(&"x".repeat(65)).is_err());
+    }
+}
