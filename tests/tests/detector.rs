@@ -1,0 +1,380 @@
+//! The registry and the online detector as real processes over a real nats-server: one
+//! detection per image, readable from Python; a promotion under load with two replicas,
+//! a corrupt version refused; a replica killed and restarted; an undecodable image rejected.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use pcb_registry::{NewVersion, Registry};
+use pcb_schemas::{
+    decode, Detection, EncodedImage, ModelEvent, STREAM_DETECTIONS, STREAM_IMAGES, STREAM_REJECTED,
+    STREAM_TRAINING, SUBJECT_ENCODED,
+};
+use pcb_tests::{bin, wait_until, Env};
+use pcb_vision::{Depth, Detector, InputMode, ModelConfig, Norm, Sampling, Transform};
+
+const MODEL: &str = "pcb-test";
+
+/// A small network with deterministic random weights, registered as the next version.
+async fn register(registry: &Registry, dir: &Path, seed: i64) -> u64 {
+    let config = ModelConfig {
+        num_classes: 7,
+        backbone: Depth::R18,
+        norm: Norm::Frozen,
+        input: InputMode::ImageTemplateDiff,
+        transform: Transform {
+            min_size: 0,
+            ..Transform::default()
+        },
+        fpn_channels: 16,
+        box_batch_size_per_image: 32,
+    };
+    let path = dir.join(format!("weights-{seed}.safetensors"));
+    let c = config.clone();
+    let p = path.clone();
+    tokio::task::spawn_blocking(move || {
+        tch::manual_seed(seed);
+        let det = Detector::new(c, tch::Device::Cpu, Sampling::Random);
+        det.save(&p).expect("save weights");
+    })
+    .await
+    .expect("join");
+    let weights = std::fs::read(&path).expect("read weights");
+    registry
+        .register(
+            MODEL,
+            &weights,
+            NewVersion {
+                model_config: serde_json::to_value(&config).expect("json"),
+                origin: "import".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("register")
+        .version
+}
+
+fn spawn_detector(env: &Env, name: &str) -> (Child, PathBuf) {
+    let config = env.config_file(
+        &format!("{name}.toml"),
+        &format!(
+            "[detector]\nmodel_name = {MODEL:?}\nmax_batch = 8\nmax_wait_ms = 20\nthreads = 1\n\
+             ack_wait_secs = 10\nreport_threshold = 0.0\n"
+        ),
+    );
+    let log = env.dir.path().join(format!("{name}.log"));
+    let out = std::fs::File::create(&log).expect("log");
+    let child = Command::new(bin("detector"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(out)
+        .spawn()
+        .expect("spawn detector");
+    (child, log)
+}
+
+/// Drops `count` synthetic boards of 64 px through the ingester and encoder.
+async fn feed(env: &Env, count: usize, seed: u64) {
+    let boards = env.dir.path().join(format!("boards-{seed}"));
+    pcb_synth::generate(
+        &pcb_synth::SynthOptions {
+            count,
+            seed,
+            size: 64,
+            val_fraction: 0.2,
+        },
+        &boards,
+        &mut |_, _| {},
+    )
+    .expect("synth");
+    env.import(&boards).await;
+}
+
+/// Runs the encoder in-process until dropped.
+fn start_encoder(env: &Env) -> (pcb_common::Shutdown, tokio::task::JoinHandle<()>) {
+    let shutdown = pcb_common::Shutdown::new();
+    let enc: pcb_encoder::FileConfig = toml::from_str(&env.base_config("")).expect("toml");
+    let enc = enc.validate().expect("valid");
+    let (c, s) = (env.client.clone(), shutdown.clone());
+    let h = tokio::spawn(async move {
+        let _ = pcb_encoder::run(enc, c, s).await;
+    });
+    (shutdown, h)
+}
+
+async fn detections(env: &Env) -> Vec<Detection> {
+    env.read_all(STREAM_DETECTIONS, "pcb.detections")
+        .await
+        .into_iter()
+        .map(|(_, p)| decode::<Detection>(&p, None).expect("detection"))
+        .collect()
+}
+
+async fn events(env: &Env) -> Vec<ModelEvent> {
+    env.read_all(STREAM_TRAINING, "pcb.models.events")
+        .await
+        .into_iter()
+        .map(|(_, p)| decode::<ModelEvent>(&p, None).expect("event"))
+        .collect()
+}
+
+fn log_of(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_hundred_boards_give_three_hundred_detections_that_python_reads() {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run deploy/setup.sh",
+        python.display()
+    );
+    let env = Env::start().await;
+    let registry = Registry::open(&env.js).await.expect("registry");
+    let v = register(&registry, env.dir.path(), 1).await;
+    registry.promote(MODEL, v, "test").await.expect("promote");
+    let (mut det, log) = spawn_detector(&env, "det");
+    let (stop, enc) = start_encoder(&env);
+    feed(&env, 300, 3).await;
+    let done = wait_until(Duration::from_secs(300), || async {
+        env.count(STREAM_DETECTIONS, "pcb.detections").await >= 300
+    })
+    .await;
+    assert!(done, "not 300 detections; detector log:\n{}", log_of(&log));
+    let all = detections(&env).await;
+    let ids: BTreeSet<&str> = all.iter().map(|d| d.image_id.as_str()).collect();
+    assert_eq!(
+        (all.len(), ids.len()),
+        (300, 300),
+        "one detection per image"
+    );
+    assert!(all
+        .iter()
+        .all(|d| d.model.name == MODEL && d.model.version == v));
+    assert!(all
+        .iter()
+        .all(|d| d.verdict == "pass" || d.verdict == "fail"));
+
+    let out = Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("py/line_side.py"))
+        .arg(env.server.url())
+        .args(["--count", "300"])
+        .output()
+        .expect("run python");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = text.lines().last().unwrap_or_default();
+    assert!(last.starts_with("received 300 "), "{last}");
+    let fails = all.iter().filter(|d| d.verdict == "fail").count();
+    assert_eq!(
+        last,
+        format!("received 300 pass {} fail {fails}", 300 - fails),
+        "Python sees the verdicts Rust sees"
+    );
+    stop.trigger();
+    let _ = enc.await;
+    let _ = det.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_promotion_under_load_answers_every_image_once_and_a_corrupt_version_is_refused() {
+    let env = Env::start().await;
+    let registry = Registry::open(&env.js).await.expect("registry");
+    let v1 = register(&registry, env.dir.path(), 1).await;
+    let v2 = register(&registry, env.dir.path(), 2).await;
+    registry
+        .promote(MODEL, v1, "test")
+        .await
+        .expect("promote v1");
+    let (mut a, log_a) = spawn_detector(&env, "det-a");
+    let (mut b, log_b) = spawn_detector(&env, "det-b");
+    let (stop, enc) = start_encoder(&env);
+    feed(&env, 1000, 4).await;
+    let started = wait_until(Duration::from_secs(300), || async {
+        env.count(STREAM_DETECTIONS, "pcb.detections").await >= 200
+    })
+    .await;
+    assert!(
+        started,
+        "no progress:\n{}\n{}",
+        log_of(&log_a),
+        log_of(&log_b)
+    );
+    registry
+        .promote(MODEL, v2, "test")
+        .await
+        .expect("promote v2");
+    let done = wait_until(Duration::from_secs(600), || async {
+        env.count(STREAM_DETECTIONS, "pcb.detections").await >= 1000
+    })
+    .await;
+    assert!(
+        done,
+        "not 1000 detections:\n{}\n{}",
+        log_of(&log_a),
+        log_of(&log_b)
+    );
+    let all = detections(&env).await;
+    let mut per_image: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for d in &all {
+        per_image
+            .entry(&d.image_id)
+            .or_default()
+            .push(d.model.version);
+    }
+    assert_eq!(per_image.len(), 1000, "every image answered");
+    let twice: Vec<_> = per_image.iter().filter(|(_, v)| v.len() > 1).collect();
+    assert!(twice.is_empty(), "answered more than once: {twice:?}");
+    let by_v1 = all.iter().filter(|d| d.model.version == v1).count();
+    let by_v2 = all.iter().filter(|d| d.model.version == v2).count();
+    assert!(
+        by_v1 >= 200 && by_v2 > 0,
+        "the switch shows: v1 {by_v1}, v2 {by_v2}"
+    );
+    println!("1000 images: {by_v1} answered by v{v1}, {by_v2} by v{v2}");
+
+    // A corrupt artifact: promoted, refused by both replicas, v2 keeps serving.
+    let v3 = register(&registry, env.dir.path(), 3).await;
+    let meta = registry.version(MODEL, v3).await.expect("v3");
+    registry
+        .overwrite_weights(&meta, b"definitely not safetensors")
+        .await
+        .expect("corrupt");
+    registry
+        .promote(MODEL, v3, "test")
+        .await
+        .expect("promote v3");
+    let refused = wait_until(Duration::from_secs(60), || async {
+        events(&env)
+            .await
+            .iter()
+            .filter(|e| e.kind == "load-failed" && e.model.version == v3)
+            .count()
+            >= 2
+    })
+    .await;
+    assert!(
+        refused,
+        "both replicas should refuse v3:\n{}",
+        log_of(&log_a)
+    );
+    let why = events(&env)
+        .await
+        .into_iter()
+        .find(|e| e.kind == "load-failed")
+        .and_then(|e| e.reason)
+        .unwrap_or_default();
+    assert!(
+        why.contains("sha256") && why.contains(&format!("v{v2} keeps serving")),
+        "{why}"
+    );
+    feed(&env, 20, 5).await;
+    let more = wait_until(Duration::from_secs(120), || async {
+        env.count(STREAM_DETECTIONS, "pcb.detections").await >= 1020
+    })
+    .await;
+    assert!(more, "the old version stopped serving");
+    let later: Vec<Detection> = detections(&env).await.into_iter().skip(1000).collect();
+    assert!(
+        later.iter().all(|d| d.model.version == v2),
+        "v2 answered after the refusal"
+    );
+    stop.trigger();
+    let _ = enc.await;
+    let _ = a.kill();
+    let _ = b.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_killed_under_load_loses_no_image_and_repeats_none() {
+    let env = Env::start().await;
+    let registry = Registry::open(&env.js).await.expect("registry");
+    let v = register(&registry, env.dir.path(), 1).await;
+    registry.promote(MODEL, v, "test").await.expect("promote");
+    let (mut a, log_a) = spawn_detector(&env, "det-a");
+    let (mut b, _) = spawn_detector(&env, "det-b");
+    let (stop, enc) = start_encoder(&env);
+    feed(&env, 400, 6).await;
+    let going = wait_until(Duration::from_secs(300), || async {
+        env.count(STREAM_DETECTIONS, "pcb.detections").await >= 100
+    })
+    .await;
+    assert!(going, "no progress:\n{}", log_of(&log_a));
+    a.kill().expect("SIGKILL");
+    let _ = a.wait();
+    let (mut a2, _) = spawn_detector(&env, "det-a2");
+    let done = wait_until(Duration::from_secs(300), || async {
+        env.count(STREAM_DETECTIONS, "pcb.detections").await >= 400
+    })
+    .await;
+    assert!(done, "images lost after the kill");
+    // Redeliveries of what the killed replica held reach the stream only once.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let all = detections(&env).await;
+    let ids: BTreeSet<&str> = all.iter().map(|d| d.image_id.as_str()).collect();
+    assert_eq!(ids.len(), 400, "every image answered");
+    assert_eq!(
+        all.len(),
+        400,
+        "no image answered twice by the same version"
+    );
+    stop.trigger();
+    let _ = enc.await;
+    let _ = b.kill();
+    let _ = a2.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_image_that_does_not_decode_is_rejected_and_the_detector_carries_on() {
+    let env = Env::start().await;
+    let registry = Registry::open(&env.js).await.expect("registry");
+    let v = register(&registry, env.dir.path(), 1).await;
+    registry.promote(MODEL, v, "test").await.expect("promote");
+    let (mut det, log) = spawn_detector(&env, "det");
+    let bad = EncodedImage {
+        image_id: "f".repeat(64),
+        board_id: "broken".into(),
+        line_id: "line-1".into(),
+        source: "broken.jpg".into(),
+        captured_at_ms: 0,
+        encoded_at_ms: 0,
+        image_b64: "bm90IGFuIGltYWdl".into(),
+        width: 64,
+        height: 64,
+        channels: 1,
+        format: "jpeg".into(),
+        sha256: "f".repeat(64),
+        labels: None,
+        label_format: None,
+        template_b64: None,
+        split_hint: None,
+    };
+    pcb_common::publish(&env.js, SUBJECT_ENCODED.into(), &bad)
+        .await
+        .expect("publish");
+    let (stop, enc) = start_encoder(&env);
+    feed(&env, 10, 7).await;
+    let done = wait_until(Duration::from_secs(120), || async {
+        env.count(STREAM_DETECTIONS, "pcb.detections").await >= 10
+            && env.count(STREAM_REJECTED, "pcb.rejected.detector").await >= 1
+    })
+    .await;
+    assert!(done, "detector log:\n{}", log_of(&log));
+    let letters = env.read_all(STREAM_REJECTED, "pcb.rejected.detector").await;
+    let letter: pcb_schemas::DeadLetter = decode(&letters[0].1, None).expect("dead letter");
+    assert_eq!(letter.reason_code, "not-an-image");
+    assert!(letter.reason.contains("broken.jpg"), "{}", letter.reason);
+    assert_eq!(env.count(STREAM_IMAGES, SUBJECT_ENCODED).await, 11);
+    stop.trigger();
+    let _ = enc.await;
+    let _ = det.kill();
+}
