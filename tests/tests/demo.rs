@@ -1,5 +1,5 @@
 //! `pcb demo` (README's main command, on a small sample) ends with a summary that counts
-//! images per stream; a second run finds only duplicates.
+//! images per stream and a detection per image; a second run finds only duplicates.
 
 use std::process::Command;
 
@@ -14,7 +14,7 @@ fn demo(data: &std::path::Path) -> String {
             "--count",
             "20",
             "--timeout-secs",
-            "120",
+            "900",
             "--data-dir",
         ])
         .arg(data)
@@ -47,5 +47,8 @@ fn demo_prints_counts_per_stream_and_is_idempotent() {
         assert_eq!(line_count(&text, "pcb.images.encoded"), 20);
         assert_eq!(line_count(&text, "pcb.shards.* (all shards)"), 20);
         assert_eq!(line_count(&text, "pcb.rejected.* (dead letters)"), 0);
+        // The loop closes: a small model trained on the shards, registered, promoted, and
+        // every image answered on pcb.detections (the second run finds it live).
+        assert_eq!(line_count(&text, "pcb.detections"), 20);
     }
 }

@@ -408,6 +408,9 @@ pub struct DemoOptions {
     pub timeout: Duration,
     /// Keep the pipeline running after the summary.
     pub keep_running: bool,
+    /// Epochs of the small model trained on the sample (0: no training, no detections
+    /// unless a model is already live).
+    pub train_epochs: usize,
 }
 
 /// `pcb demo`: up, drop the synthetic sample into the watched folder, wait until it has
@@ -494,8 +497,10 @@ pub async fn demo(opts: UpOptions, demo: DemoOptions) -> anyhow::Result<()> {
         "pcb.rejected.* (dead letters)",
         crate::status::count_prefix(&streams, "pcb.rejected.")
     );
-    println!("{:<34} {:>8}", "pcb.detections", c("pcb.detections"));
     println!("\n{}", crate::status::render(&streams));
+    let encoded = c("pcb.images.encoded");
+    let detected = detect_step(&mut running, &opts, &demo, &js, encoded, deadline).await?;
+    println!("{:<34} {:>8}", "pcb.detections", detected);
     if demo.keep_running {
         println!("pipeline still running; Ctrl-C stops it");
         let shutdown = pcb_common::Shutdown::on_signals();
@@ -508,6 +513,103 @@ pub async fn demo(opts: UpOptions, demo: DemoOptions) -> anyhow::Result<()> {
     }
     tokio::task::spawn_blocking(move || running.stop()).await?;
     Ok(())
+}
+
+/// The demo's second half: train a small model on the shards (unless one is live), let
+/// the registry promote it, and wait until the detector answered every encoded image;
+/// prints a table of detections and returns how many there are.
+async fn detect_step(
+    running: &mut Running,
+    opts: &UpOptions,
+    demo: &DemoOptions,
+    js: &async_nats::jetstream::Context,
+    encoded: u64,
+    deadline: Instant,
+) -> anyhow::Result<u64> {
+    let registry = pcb_registry::Registry::open(js).await?;
+    let name = running.pipeline.stages.detector.settings.model_name.clone();
+    let live = registry.live(&name).await?;
+    match (&live, demo.train_epochs) {
+        (Some(l), _) => println!("\n{name}@{} is live: no training needed", l.version),
+        (None, 0) => {
+            println!("\nno live model and --train-epochs 0: no detections");
+            return Ok(0);
+        }
+        (None, epochs) => {
+            println!("\ntraining a small model on the shards ({epochs} epoch(s), 1 rank)");
+            crate::train_job::run(crate::train_job::JobOptions {
+                pipeline: opts.pipeline.clone(),
+                nats_url: Some(running.nats_url.clone()),
+                data_dir: Some(running.data_dir.clone()),
+                ranks: Some(1),
+                epochs: Some(epochs),
+                batch_size: None,
+                lr: None,
+                job: Some("demo".into()),
+                max_restarts: 0,
+                plain: true,
+            })
+            .await?;
+        }
+    }
+    println!("waiting for the registry to promote it and the detector to answer {encoded} images");
+    loop {
+        running.check_children()?;
+        let mut s = js.get_stream(pcb_schemas::STREAM_DETECTIONS).await?;
+        let n = s.info().await?.state.messages;
+        if n >= encoded {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{n} of {encoded} images detected within the timeout; see the detector's log");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let stream = js.get_stream(pcb_schemas::STREAM_DETECTIONS).await?;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: pcb_schemas::SUBJECT_DETECTIONS.into(),
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut rows = Vec::new();
+    let (mut pass, mut fail, mut total) = (0, 0, 0u64);
+    while total < encoded {
+        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut messages)).await else {
+            break;
+        };
+        let m = m?;
+        let d: pcb_schemas::Detection = pcb_schemas::decode(&m.payload, None)?;
+        total += 1;
+        if d.verdict == "fail" {
+            fail += 1;
+        } else {
+            pass += 1;
+        }
+        if rows.len() < 12 {
+            rows.push(d);
+        }
+    }
+    println!("\n{:<14} {:<8} {:>7}  {:<22} {:<16} {:>8}", "board", "verdict", "defects", "top defect", "model", "ms");
+    for d in &rows {
+        let top = d
+            .defects
+            .first()
+            .map(|x| format!("{} {:.2}", x.class, x.score))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<14} {:<8} {:>7}  {:<22} {:<16} {:>8.1}",
+            d.board_id,
+            d.verdict,
+            d.defects.len(),
+            top,
+            format!("{}@{}", d.model.name, d.model.version),
+            d.inference_ms
+        );
+    }
+    println!("({total} detections: {pass} pass, {fail} fail; first {} shown)", rows.len());
+    Ok(total)
 }
 
 /// Copies every file of `from` into `to`, each under a temporary name first and renamed

@@ -62,6 +62,9 @@ enum Cmd {
         /// Keep the pipeline running after the summary (Ctrl-C stops it).
         #[arg(long)]
         keep_running: bool,
+        /// Epochs of the small model trained on the sample before detecting (0: none).
+        #[arg(long, default_value_t = 1)]
+        train_epochs: usize,
     },
     /// Message counts per stream and subject, pending counts per consumer.
     Status {
@@ -155,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
             seed,
             timeout_secs,
             keep_running,
+            train_epochs,
         } => {
             pcb::launcher::demo(
                 common.up(),
@@ -163,6 +167,7 @@ async fn main() -> anyhow::Result<()> {
                     seed,
                     timeout: Duration::from_secs(timeout_secs),
                     keep_running,
+                    train_epochs,
                 },
             )
             .await
