@@ -576,7 +576,12 @@ async fn detect_step(
     let mut rows = Vec::new();
     let (mut pass, mut fail, mut total) = (0, 0, 0u64);
     while total < encoded {
-        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut messages)).await else {
+        let Ok(Some(m)) = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::StreamExt::next(&mut messages),
+        )
+        .await
+        else {
             break;
         };
         let m = m?;
@@ -591,7 +596,10 @@ async fn detect_step(
             rows.push(d);
         }
     }
-    println!("\n{:<14} {:<8} {:>7}  {:<22} {:<16} {:>8}", "board", "verdict", "defects", "top defect", "model", "ms");
+    println!(
+        "\n{:<14} {:<8} {:>7}  {:<22} {:<16} {:>8}",
+        "board", "verdict", "defects", "top defect", "model", "ms"
+    );
     for d in &rows {
         let top = d
             .defects
@@ -608,7 +616,10 @@ async fn detect_step(
             d.inference_ms
         );
     }
-    println!("({total} detections: {pass} pass, {fail} fail; first {} shown)", rows.len());
+    println!(
+        "({total} detections: {pass} pass, {fail} fail; first {} shown)",
+        rows.len()
+    );
     Ok(total)
 }
 

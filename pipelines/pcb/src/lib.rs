@@ -2,6 +2,7 @@
 //! `status` and `bench`; also used by the cross-stage tests.
 
 pub mod bench;
+pub mod bench_detector;
 pub mod bench_vision;
 pub mod launcher;
 pub mod models_cli;

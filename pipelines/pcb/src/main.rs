@@ -128,6 +128,9 @@ enum Cmd {
 enum BenchCmd {
     /// Our Faster R-CNN beside torchvision and ONNX Runtime: s/image, infer and train.
     Vision(pcb::bench_vision::VisionBenchArgs),
+    /// The bare model beside the online detector through JetStream, and latency from a
+    /// file landing to its detection.
+    Detector(pcb::bench_detector::DetectorBenchArgs),
     /// Bare decode vs ingester → encoder → router over JetStream, side by side.
     Pipeline {
         /// Boards.
@@ -228,6 +231,9 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             what: BenchCmd::Vision(args),
         } => pcb::bench_vision::run(&args),
+        Cmd::Bench {
+            what: BenchCmd::Detector(args),
+        } => pcb::bench_detector::run(&args).await,
         Cmd::Bench {
             what: BenchCmd::Pipeline { count, seed, dir },
         } => {

@@ -1,0 +1,332 @@
+//! `pcb bench detector`: the bare model's images/s beside the online detector's through
+//! JetStream, and latency from a file landing in the watched folder to its detection
+//! message, on the same machine, threads and weights, in one run.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use pcb_registry::{NewVersion, Registry};
+use pcb_schemas::{EncodedImage, STREAM_DETECTIONS, SUBJECT_ENCODED};
+use pcb_vision::{compose, Detector, InferenceOptions, Sampling};
+
+use crate::launcher::{Running, UpOptions};
+
+/// Flags of `pcb bench detector`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DetectorBenchArgs {
+    /// Boards for the throughput phases.
+    #[arg(long, default_value_t = 64)]
+    pub count: usize,
+    /// Boards dropped one by one for the latency phase.
+    #[arg(long, default_value_t = 40)]
+    pub latency_count: usize,
+    /// Board side in pixels.
+    #[arg(long, default_value_t = 640)]
+    pub size: u32,
+    /// Images per forward pass (the detector's max_batch).
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Pipeline file (its detector, trainer model and streams settings are used).
+    #[arg(long, default_value = "pipelines/local.toml")]
+    pub pipeline: std::path::PathBuf,
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn count(js: &async_nats::jetstream::Context) -> anyhow::Result<u64> {
+    Ok(js
+        .get_stream(STREAM_DETECTIONS)
+        .await?
+        .info()
+        .await?
+        .state
+        .messages)
+}
+
+async fn wait_for(
+    js: &async_nats::jetstream::Context,
+    running: &mut Running,
+    n: u64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while count(js).await? < n {
+        running.check_children()?;
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {n} detections within {timeout:?}",
+                count(js).await?
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// Runs the benchmark and prints its table.
+pub async fn run(args: &DetectorBenchArgs) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let sample = tmp.path().join("sample");
+    let total = args.count + args.latency_count;
+    eprintln!(
+        "bench: generating {total} synthetic boards of {} px",
+        args.size
+    );
+    {
+        let (dir, size) = (sample.clone(), args.size);
+        tokio::task::spawn_blocking(move || {
+            pcb_synth::generate(
+                &pcb_synth::SynthOptions {
+                    count: total,
+                    seed: 21,
+                    size,
+                    val_fraction: 0.0,
+                },
+                &dir,
+                &mut |_, _| {},
+            )
+        })
+        .await??;
+    }
+    let mut boards = Vec::new();
+    for unit in pcb_ingester::pairing::scan(&sample, &[]) {
+        let Ok(u) = pcb_ingester::pairing::pair(&unit, &sample) else {
+            continue;
+        };
+        let image = std::fs::read(&u.image)?;
+        let template = u.template.as_ref().map(std::fs::read).transpose()?;
+        boards.push((u.image.clone(), image, template));
+    }
+    boards.sort_by(|a, b| a.0.cmp(&b.0));
+    if boards.len() < total {
+        bail!("generated {} boards, wanted {total}", boards.len());
+    }
+
+    // The model every row uses: the pipeline's training recipe, deterministic weights.
+    let mut pipeline = crate::pipeline::PipelineFile::load(&args.pipeline)?;
+    let config = pipeline.stages.trainer.settings.model.clone();
+    let weights = tmp.path().join("weights.safetensors");
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let (bare_rate, batch_secs) = {
+        let (config, weights, batch) = (config.clone(), weights.clone(), args.batch);
+        let inputs: Vec<(Vec<u8>, Option<Vec<u8>>)> = boards[..args.count]
+            .iter()
+            .map(|(_, i, t)| (i.clone(), t.clone()))
+            .collect();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(f64, f64)> {
+            tch::manual_seed(5);
+            let mut det = Detector::new(config.clone(), tch::Device::Cpu, Sampling::Random);
+            det.save(&weights)?;
+            det.model.prepare_inference(InferenceOptions {
+                fold_bn: true,
+                channels_last: true,
+            });
+            let tensors = inputs
+                .iter()
+                .map(|(i, t)| {
+                    let img = pcb_vision::data::decode_grey(i, "bench")?;
+                    let tpl = t
+                        .as_ref()
+                        .map(|t| pcb_vision::data::decode_grey(t, "bench"))
+                        .transpose()?;
+                    compose(config.input, &img, tpl.as_ref())
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            // Warm-up, then the timed pass over every board in batches.
+            tch::no_grad(|| det.model.detect(&tensors[..batch.min(tensors.len())]))?;
+            let started = Instant::now();
+            let mut batches = 0;
+            for chunk in tensors.chunks(batch) {
+                tch::no_grad(|| det.model.detect(chunk))?;
+                batches += 1;
+            }
+            let secs = started.elapsed().as_secs_f64();
+            Ok((tensors.len() as f64 / secs, secs / batches as f64))
+        })
+        .await??
+    };
+    eprintln!(
+        "bench: bare model {bare_rate:.2} images/s, {batch_secs:.3} s per batch of {}",
+        args.batch
+    );
+
+    // The pipeline with the detector serving those weights.
+    let data = tmp.path().join("data");
+    pipeline.stages.ingester.settings.settle_ms = 50;
+    pipeline.stages.ingester.settings.rescan_secs = 1;
+    pipeline.stages.detector.settings.max_batch = args.batch;
+    pipeline.stages.detector.settings.threads = threads;
+    pipeline.stages.registry.settings.promote = pcb_registry::Promotion::Never;
+    let file = tmp.path().join("pipeline.toml");
+    std::fs::write(&file, toml::to_string_pretty(&pipeline)?)?;
+    let mut running = Running::start(&UpOptions {
+        pipeline: file,
+        nats_url: None,
+        watch: None,
+        data_dir: Some(data),
+    })
+    .await?;
+    let client = async_nats::connect(&running.nats_url).await?;
+    let js = async_nats::jetstream::new(client);
+    let registry = Registry::open(&js).await?;
+    let name = pipeline.stages.detector.settings.model_name.clone();
+    let v = registry
+        .register(
+            &name,
+            &std::fs::read(&weights)?,
+            NewVersion {
+                model_config: serde_json::to_value(&config)?,
+                origin: "import".into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    registry.promote(&name, v.version, "bench").await?;
+    // Served once the detector's consumer exists.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = js.get_stream(pcb_schemas::STREAM_IMAGES).await?;
+        if s.consumer_info(&pipeline.stages.detector.settings.durable)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the detector did not start serving");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Throughput through JetStream: the boards as encoded records, in one burst.
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let records: Vec<EncodedImage> = boards[..args.count]
+        .iter()
+        .enumerate()
+        .map(|(i, (path, image, template))| EncodedImage {
+            image_id: format!("{:064x}", i + 1),
+            board_id: format!("bench-{i}"),
+            line_id: "bench".into(),
+            source: path.display().to_string(),
+            captured_at_ms: pcb_common::now_ms(),
+            encoded_at_ms: pcb_common::now_ms(),
+            image_b64: b64.encode(image),
+            width: args.size,
+            height: args.size,
+            channels: 1,
+            format: "jpeg".into(),
+            sha256: format!("{:064x}", i + 1),
+            labels: None,
+            label_format: None,
+            template_b64: template.as_ref().map(|t| b64.encode(t)),
+            split_hint: None,
+        })
+        .collect();
+    let started = Instant::now();
+    for r in &records {
+        pcb_common::publish(&js, SUBJECT_ENCODED.into(), r)
+            .await
+            .context("publishing an encoded record")?;
+    }
+    wait_for(
+        &js,
+        &mut running,
+        args.count as u64,
+        Duration::from_secs(3600),
+    )
+    .await?;
+    let through = args.count as f64 / started.elapsed().as_secs_f64();
+
+    // Latency: boards landing one by one in the watched folder, spaced so that each finds
+    // the detector idle (the latency of one board, not of a queue).
+    let spacing = Duration::from_secs_f64(batch_secs * 1.5 + 0.1);
+    let before = count(&js).await?;
+    let mut landed = Vec::new();
+    for (k, (path, _, _)) in boards[args.count..].iter().enumerate() {
+        let rel = path.strip_prefix(&sample)?;
+        let dest = running.watch_dir.join(rel);
+        if let Some(d) = dest.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        // Template and labels first, as an uploader does; then the board by rename.
+        let tpl = path.to_string_lossy().replace("_test.", "_temp.");
+        if Path::new(&tpl).exists() {
+            std::fs::copy(&tpl, dest.to_string_lossy().replace("_test.", "_temp."))?;
+        }
+        let part = dest.with_extension("part");
+        std::fs::copy(path, &part)?;
+        std::fs::rename(&part, &dest)?;
+        landed.push(pcb_common::now_ms());
+        wait_for(
+            &js,
+            &mut running,
+            before + k as u64 + 1,
+            Duration::from_secs(120),
+        )
+        .await?;
+        tokio::time::sleep(spacing).await;
+    }
+    let stream = js.get_stream(STREAM_DETECTIONS).await?;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: before + 1,
+            },
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut latencies = Vec::new();
+    for landed_ms in &landed {
+        let Some(m) = futures::StreamExt::next(&mut messages).await else {
+            break;
+        };
+        let d: pcb_schemas::Detection = pcb_schemas::decode(&m?.payload, None)?;
+        latencies.push((d.detected_at - landed_ms) as f64 / 1000.0);
+    }
+    tokio::task::spawn_blocking(move || running.stop()).await?;
+    latencies.sort_by(f64::total_cmp);
+    let (p50, p99) = (pct(&latencies, 0.5), pct(&latencies, 0.99));
+    println!(
+        "\nmodel: {:?} FPN-{} at {} px, batch {}, {threads} threads, {} boards",
+        config.backbone, config.fpn_channels, args.size, args.batch, args.count
+    );
+    println!("{:<46} {:>12}", "row", "value");
+    println!("{:<46} {:>12.2}", "bare model, images/s", bare_rate);
+    println!(
+        "{:<46} {:>12.2}",
+        "detector through JetStream, images/s", through
+    );
+    println!(
+        "{:<46} {:>11.0}%",
+        "detector / bare (goal ≥ 90%)",
+        100.0 * through / bare_rate
+    );
+    println!("{:<46} {:>12.3}", "model time for one batch, s", batch_secs);
+    println!(
+        "{:<46} {:>12.3}",
+        "latency file landed → detection p50, s", p50
+    );
+    println!(
+        "{:<46} {:>12.3}",
+        "latency file landed → detection p99, s", p99
+    );
+    println!(
+        "{:<46} {:>12.2}",
+        "p99 / one batch (goal ≤ 1.2)",
+        p99 / batch_secs
+    );
+    println!(
+        "(latency over {} boards dropped one at a time; the ingester's settle_ms set to 50)",
+        latencies.len()
+    );
+    Ok(())
+}
