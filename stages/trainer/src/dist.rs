@@ -395,7 +395,13 @@ impl GradSync {
             .map(|range| {
                 let parts: Vec<Tensor> = self.params[range.clone()]
                     .iter()
-                    .map(|p| p.grad().to_kind(Kind::Float).reshape([-1]) * weight)
+                    .map(|p| {
+                        p.grad()
+                            .to_kind(Kind::Float)
+                            .to_device(tch::Device::Cpu)
+                            .reshape([-1])
+                            * weight
+                    })
                     .collect();
                 Tensor::cat(&parts, 0)
             })
@@ -421,7 +427,7 @@ impl GradSync {
                 for p in &self.params[range.clone()] {
                     let n = p.numel() as i64;
                     let mean = flat.narrow(0, offset, n).view_as(p) / total;
-                    p.grad().copy_(&mean);
+                    p.grad().copy_(&mean.to_device(p.device()));
                     offset += n;
                 }
             }

@@ -91,6 +91,8 @@ pub struct JobSpec {
     pub param_digest: bool,
     /// Batches decoded ahead of the model.
     pub prefetch: usize,
+    /// `auto` (a GPU when CUDA is present), `cpu` or `cuda`.
+    pub device: String,
 }
 
 /// Progress of a job, saved with its checkpoint.
@@ -228,8 +230,33 @@ fn lost(group: &ProcessGroup, epoch: usize, step: usize, e: DistError) -> JobErr
 
 /// Copies rank 0's values of every variable (parameters and buffers) to all ranks.
 fn broadcast_all(group: &ProcessGroup, tensors: &[Tensor]) -> Result<(), DistError> {
-    let flat: Vec<Tensor> = tch::no_grad(|| tensors.iter().map(|t| t.detach()).collect());
-    group.broadcast(&flat, 0)
+    // Gloo takes host tensors: GPU ones travel through host copies.
+    let on_host: Vec<Tensor> = tch::no_grad(|| {
+        tensors
+            .iter()
+            .map(|t| t.detach().to_device(tch::Device::Cpu).contiguous())
+            .collect()
+    });
+    group.broadcast(&on_host, 0)?;
+    tch::no_grad(|| {
+        for (t, h) in tensors.iter().zip(&on_host) {
+            if t.device() != tch::Device::Cpu || !t.is_contiguous() {
+                t.detach().copy_(h);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The device of a rank: `cuda` when asked for (or `auto` and CUDA is present), one GPU
+/// per local rank round robin; else the CPU.
+pub fn device_for(choice: &str, rank: usize) -> tch::Device {
+    let gpus = tch::Cuda::device_count().max(0) as usize;
+    match choice {
+        "cpu" => tch::Device::Cpu,
+        _ if gpus > 0 => tch::Device::Cuda(rank % gpus),
+        _ => tch::Device::Cpu,
+    }
 }
 
 /// Trains this rank's share for the job's remaining epochs. `steps_per_epoch` is agreed
@@ -247,7 +274,8 @@ pub fn train_rank(
 ) -> Result<Finished, JobError> {
     let (rank, world) = (group.rank(), group.world());
     tch::manual_seed(spec.optim.seed as i64);
-    let mut det = Detector::new(spec.model.clone(), tch::Device::Cpu, spec.sampling);
+    let device = device_for(&spec.device, rank);
+    let mut det = Detector::new(spec.model.clone(), device, spec.sampling);
     let mut optimizer = Optimizer::new(&spec.optim);
     let mut state = JobState {
         snapshot: Some(snapshot.clone()),
@@ -287,13 +315,13 @@ pub fn train_rank(
                 .map(|(n, shape)| {
                     (
                         n.clone(),
-                        Tensor::zeros(shape.as_slice(), (Kind::Float, tch::Device::Cpu)),
+                        Tensor::zeros(shape.as_slice(), (Kind::Float, device)),
                     )
                 })
                 .collect()
         };
         let only: Vec<Tensor> = tensors.iter().map(|(_, t)| t.shallow_clone()).collect();
-        group.broadcast(&only, 0)?;
+        broadcast_all(group, &only)?;
         if rank != 0 {
             optimizer.restore(tensors, state.step);
         }
@@ -362,7 +390,7 @@ pub fn train_rank(
                         .map(|&i| {
                             let item: &Item = &data.train[i as usize];
                             let board = item.board()?;
-                            training_example(&board, mode, optim, tch::Device::Cpu)
+                            training_example(&board, mode, optim, device)
                         })
                         .collect::<Result<Vec<_>, _>>()
                         .map(|pairs| {

@@ -83,6 +83,9 @@ pub struct TrainerSettings {
     pub sampling: String,
     /// Batches decoded ahead of the model.
     pub prefetch_batches: usize,
+    /// `auto` (GPU `rank mod count` when CUDA is present, else the CPU), `cpu` or `cuda`.
+    /// Gradients are all-reduced by Gloo through host memory (NCCL is not wired in yet).
+    pub device: String,
     /// Retraining policy for `pcb up`: start a job whenever this many new labelled images
     /// reached the shard streams since the last job's snapshot (0: only by hand).
     pub retrain_every_images: u64,
@@ -111,6 +114,7 @@ impl Default for TrainerSettings {
             param_digest: false,
             sampling: "random".into(),
             prefetch_batches: 2,
+            device: "auto".into(),
             retrain_every_images: 0,
             // The CPU recipe of the README: ResNet-18 FPN with 128 channels, trainable
             // batch norm from scratch, image + template + difference at the board's scale.
@@ -264,6 +268,16 @@ impl FileConfig {
             "trainer.prefetch_batches",
             "must be at least 1",
         );
+        p.check(
+            !matches!(t.device.as_str(), "auto" | "cpu" | "cuda"),
+            "trainer.device",
+            format!("{:?} is not auto, cpu or cuda", t.device),
+        );
+        p.check(
+            t.device == "cuda" && tch::Cuda::device_count() == 0,
+            "trainer.device",
+            "cuda asked for, but libtorch sees no CUDA device",
+        );
         let sampling = match t.sampling.as_str() {
             "random" => Sampling::Random,
             "first" => Sampling::First,
@@ -334,6 +348,7 @@ impl FileConfig {
                 eval: t.eval,
                 param_digest: t.param_digest,
                 prefetch: t.prefetch_batches,
+                device: t.device.clone(),
             },
             model_name: t.model_name,
             shard_count: t.shard_count,

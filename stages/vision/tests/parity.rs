@@ -153,9 +153,11 @@ fn eval_parity(depth: Depth, tag: &str, options: InferenceOptions) {
             let want_box = floats(&g["boxes"][k]);
             for c in 0..4 {
                 let (a, b) = (boxes[4 * k + c], want_box[c]);
-                // Folded weights round differently, and box deltas amplify that near the
-                // image border (0.006 px seen), so that variant gets a floor of 10 px.
-                let floor = if options.fold_bn { 10.0 } else { 1.0 };
+                // Box deltas amplify rounding near the image border: folded weights round
+                // differently (0.006 px seen), and so does another CPU's SIMD path than the
+                // one the goldens were made on (0.003 px at x = 2.86 px on an AVX2-only
+                // EPYC). A coordinate is compared relative to at least 10 px.
+                let floor = 10.0;
                 let rel = (a - b).abs() / b.abs().max(floor);
                 assert!(
                     rel <= 1e-3,
