@@ -20,7 +20,7 @@ use pcb_schemas::{
 };
 use pcb_vision::{compose, Detector, InferenceOptions, ModelConfig, Sampling};
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// The stage's name: its durable, its dead-letter subject and its metrics label.
 pub const STAGE: &str = "detector";
@@ -228,24 +228,20 @@ struct Answer {
 }
 
 fn defects_of(d: &pcb_vision::Detections, threshold: f32) -> Result<Vec<Defect>, tch::TchError> {
-    let boxes = Vec::<f32>::try_from(&d.boxes.to_kind(Kind::Float).reshape([-1]))?;
-    let labels = Vec::<i64>::try_from(&d.labels)?;
-    let scores = Vec::<f32>::try_from(&d.scores.to_kind(Kind::Float))?;
-    Ok(labels
-        .iter()
-        .enumerate()
-        .filter(|(k, _)| scores[*k] >= threshold)
-        .map(|(k, &l)| Defect {
-            x1: boxes[4 * k],
-            y1: boxes[4 * k + 1],
-            x2: boxes[4 * k + 2],
-            y2: boxes[4 * k + 3],
+    Ok(d.rows()?
+        .into_iter()
+        .filter(|(_, _, score)| *score >= threshold)
+        .map(|([x1, y1, x2, y2], l, score)| Defect {
+            x1,
+            y1,
+            x2,
+            y2,
             class_id: l as u16,
             class: CLASS_NAMES
                 .get((l as usize).wrapping_sub(1))
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| format!("class-{l}")),
-            score: scores[k],
+            score,
         })
         .collect())
 }

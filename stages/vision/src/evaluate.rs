@@ -4,7 +4,6 @@
 use std::time::Instant;
 
 use pcb_metrics::{Detection, GtBox, ImageResult, Report};
-use tch::Kind;
 
 use crate::data::{Board, BoardFile};
 use crate::model::Detector;
@@ -53,32 +52,25 @@ pub fn evaluate_boards(
         let started = Instant::now();
         let out = tch::no_grad(|| det.model.detect(&[input]))?;
         seconds += started.elapsed().as_secs_f64();
-        let d = &out.detections[0];
-        let boxes = Vec::<f32>::try_from(&d.boxes.to_kind(Kind::Float).reshape([-1]))?;
-        let labels = Vec::<i64>::try_from(&d.labels)?;
-        let scores = Vec::<f32>::try_from(&d.scores.to_kind(Kind::Float))?;
-        let detections = labels
-            .iter()
-            .enumerate()
-            .map(|(k, &l)| Detection {
-                x1: boxes[4 * k],
-                y1: boxes[4 * k + 1],
-                x2: boxes[4 * k + 2],
-                y2: boxes[4 * k + 3],
-                class_id: l as u16,
-                score: scores[k],
+        let detections = out.detections[0]
+            .rows()?
+            .into_iter()
+            .map(|([x1, y1, x2, y2], c, score)| Detection {
+                x1,
+                y1,
+                x2,
+                y2,
+                class_id: c as u16,
+                score,
             })
             .collect();
-        let gt_boxes = Vec::<f32>::try_from(&board.boxes.to_kind(Kind::Float).reshape([-1]))?;
-        let gt_labels = Vec::<i64>::try_from(&board.labels)?;
-        let ground_truth = gt_labels
-            .iter()
-            .enumerate()
-            .map(|(k, &c)| GtBox {
-                x1: gt_boxes[4 * k],
-                y1: gt_boxes[4 * k + 1],
-                x2: gt_boxes[4 * k + 2],
-                y2: gt_boxes[4 * k + 3],
+        let ground_truth = crate::roi_heads::box_rows(&board.boxes, &board.labels, None)?
+            .into_iter()
+            .map(|([x1, y1, x2, y2], c, _)| GtBox {
+                x1,
+                y1,
+                x2,
+                y2,
                 class_id: c as u16,
             })
             .collect();

@@ -201,6 +201,41 @@ pub struct Detections {
     pub scores: Tensor,
 }
 
+/// One detection or ground-truth box read out of tensors: `x1 y1 x2 y2`, class, score.
+pub type BoxRow = ([f32; 4], i64, f32);
+
+/// Reads `[N, 4]` boxes, `[N]` labels and (optionally) `[N]` scores into rows; a missing
+/// score reads as 1.
+pub fn box_rows(
+    boxes: &Tensor,
+    labels: &Tensor,
+    scores: Option<&Tensor>,
+) -> Result<Vec<BoxRow>, tch::TchError> {
+    let b = Vec::<f32>::try_from(&boxes.to_kind(Kind::Float).reshape([-1]))?;
+    let l = Vec::<i64>::try_from(labels)?;
+    let s = match scores {
+        Some(t) => Vec::<f32>::try_from(&t.to_kind(Kind::Float))?,
+        None => vec![1.0; l.len()],
+    };
+    Ok(l.iter()
+        .enumerate()
+        .map(|(k, &c)| {
+            (
+                [b[4 * k], b[4 * k + 1], b[4 * k + 2], b[4 * k + 3]],
+                c,
+                s[k],
+            )
+        })
+        .collect())
+}
+
+impl Detections {
+    /// The detections as rows, best first as the model ranks them.
+    pub fn rows(&self) -> Result<Vec<BoxRow>, tch::TchError> {
+        box_rows(&self.boxes, &self.labels, Some(&self.scores))
+    }
+}
+
 /// The box stage.
 #[derive(Debug)]
 pub struct RoiHeads {
