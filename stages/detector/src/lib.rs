@@ -6,9 +6,10 @@ use std::path::Path;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer, AckKind};
+use async_nats::jetstream::{self, AckKind};
 use base64::Engine;
 use futures::StreamExt;
+use pcb_common::ack::ConsumerSpec;
 use pcb_common::{
     load_config, validate_common, ConfigError, LogConfig, Metrics, MetricsConfig, NatsConfig,
     Problems, Rejection, Shutdown, Topology,
@@ -97,6 +98,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Settings, checked.
     pub detector: DetectorSettings,
+    /// The shared durable consumer, as every stage describes its own.
+    pub consumer: ConsumerSpec,
 }
 
 impl Config {
@@ -143,7 +146,19 @@ impl FileConfig {
             "must be at least 1",
         );
         p.into_result()?;
+        let d = &self.detector;
+        let consumer = ConsumerSpec {
+            stage: STAGE.into(),
+            stream: STREAM_IMAGES.into(),
+            durable: d.durable.clone(),
+            filter_subject: SUBJECT_ENCODED.into(),
+            ack_wait: Duration::from_secs(d.ack_wait_secs),
+            max_deliver: d.max_deliver,
+            retry_delay: Duration::from_millis(d.retry_delay_ms),
+            concurrency: d.max_batch,
+        };
         Ok(Config {
+            consumer,
             detector: self.detector,
             nats: self.nats,
             streams: self.streams,
@@ -482,23 +497,7 @@ pub async fn run(
             },
         }
     }
-    let stream = js
-        .get_stream(STREAM_IMAGES)
-        .await
-        .map_err(|e| DetectorError::Consume(e.to_string()))?;
-    let consumer: consumer::PullConsumer = stream
-        .get_or_create_consumer(
-            &s.durable,
-            consumer::pull::Config {
-                durable_name: Some(s.durable.clone()),
-                filter_subject: SUBJECT_ENCODED.into(),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(s.ack_wait_secs),
-                max_deliver: s.max_deliver,
-                max_ack_pending: (s.max_batch * 64).max(256) as i64,
-                ..Default::default()
-            },
-        )
+    let consumer = pcb_common::ack::ensure_consumer(&js, &config.consumer)
         .await
         .map_err(|e| DetectorError::Consume(e.to_string()))?;
     let mut messages = consumer
@@ -508,7 +507,7 @@ pub async fn run(
         .await
         .map_err(|e| DetectorError::Consume(e.to_string()))?;
     let max_wait = Duration::from_millis(s.max_wait_ms);
-    let retry = Duration::from_millis(s.retry_delay_ms);
+    let retry = config.consumer.retry_delay;
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => break,
