@@ -274,11 +274,19 @@ async fn two_ranks_stay_bitwise_identical_and_match_one_rank_with_the_same_globa
         let scale = b.abs().max().double_value(&[]).max(1e-3);
         worst = worst.max(diff / scale);
     }
+    println!("largest relative difference 2 ranks vs 1 rank: {worst:e}");
+    // On a GPU, convolutions run in TF32 and cuDNN picks its algorithms by batch size, so
+    // half batches round differently from a whole one; on the CPU the sums agree to float
+    // precision.
+    let tolerance = if pcb_vision::cuda::device_count() > 0 {
+        1e-2
+    } else {
+        1e-4
+    };
     assert!(
-        worst < 1e-4,
+        worst < tolerance,
         "2 ranks and 1 rank with the same global batch differ by {worst:e} (relative)"
     );
-    println!("largest relative difference 2 ranks vs 1 rank: {worst:e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,7 +37,9 @@ pub const fn libc_sigterm() -> i32 {
 /// file's keys (`PCB_STAGES__...`) as unknown keys of its own config.
 pub fn scrub_pcb_env(cmd: &mut std::process::Command) -> &mut std::process::Command {
     for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("PCB_") {
+        // PCB_NCCL_SHIM names a library, not a setting: the trainer ranks need it.
+        let key_text = key.to_string_lossy();
+        if key_text.starts_with("PCB_") && key_text != "PCB_NCCL_SHIM" {
             cmd.env_remove(key);
         }
     }

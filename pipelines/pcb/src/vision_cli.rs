@@ -241,7 +241,7 @@ pub fn train(args: &TrainArgs, data: &Path) -> anyhow::Result<()> {
     let files = boards(data, &args.list, args.limit)?;
     let mut det = Detector::new(
         args.model.config(),
-        tch::Device::cuda_if_available(),
+        pcb_vision::cuda::device_for("auto", 0).unwrap_or(tch::Device::Cpu),
         Sampling::Random,
     );
     if let Some(w) = &args.weights {
@@ -341,7 +341,11 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     } else {
         args.model.config()
     };
-    let mut det = Detector::new(config, tch::Device::cuda_if_available(), Sampling::Random);
+    let mut det = Detector::new(
+        config,
+        pcb_vision::cuda::device_for("auto", 0).unwrap_or(tch::Device::Cpu),
+        Sampling::Random,
+    );
     det.load(&args.weights)
         .with_context(|| format!("weights {}", args.weights.display()))?;
     det.model.prepare_inference(args.model.speed());

@@ -1,7 +1,10 @@
-// C ABI over libtorch's own c10d: a TCPStore for the rendezvous and a ProcessGroupGloo
-// for the collectives. Every entry point catches every C++ exception and hands its text
-// back through `err` (malloc'd; the caller frees it with pcb_dist_free_string), because
-// an exception crossing into Rust would abort the process.
+// C ABI over libtorch's own c10d: a TCPStore for the rendezvous and a process group for
+// the collectives. Compiled twice from this one source: with Gloo into the trainer itself
+// (entry points pcb_dist_*), and with PCB_BACKEND_NCCL into libpcb_nccl.so (pcb_nccl_*),
+// which links libtorch_cuda.so and is opened at run time only on GPUs, so the trainer
+// binary still starts where there is no CUDA. Every entry point catches every C++
+// exception and hands its text back through `err` (malloc'd; the caller frees it with
+// pcb_dist_free_string), because an exception crossing into Rust would abort the process.
 
 #include <chrono>
 #include <cstdlib>
@@ -11,15 +14,24 @@
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+
+#if defined(PCB_BACKEND_NCCL)
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#define PCB_FN(name) pcb_nccl_##name
+#else
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#define PCB_FN(name) pcb_dist_##name
+#endif
 
 namespace {
 
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  c10::intrusive_ptr<c10d::Backend> pg;
   std::chrono::milliseconds timeout;
 };
 
@@ -56,14 +68,39 @@ void wait_all(std::vector<c10::intrusive_ptr<c10d::Work>>& works,
   for (auto& w : works) w->wait(timeout);
 }
 
+#if defined(PCB_BACKEND_NCCL)
+c10::intrusive_ptr<c10d::Backend> make_backend(const c10::intrusive_ptr<c10d::Store>& store,
+                                               const std::string&, int rank, int world,
+                                               int device,
+                                               std::chrono::milliseconds timeout) {
+  c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
+  // Without blocking wait, Work::wait only orders the CUDA streams and a dead peer is
+  // noticed by the watchdog aborting the process; with it, wait throws after the
+  // timeout, which the trainer turns into an error naming the lost peer.
+  setenv("TORCH_NCCL_BLOCKING_WAIT", "1", 0);
+  auto options = c10d::ProcessGroupNCCL::Options::create();
+  options->timeout = timeout;
+  return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, options);
+}
+#else
+c10::intrusive_ptr<c10d::Backend> make_backend(const c10::intrusive_ptr<c10d::Store>& store,
+                                               const std::string& host, int rank, int world,
+                                               int, std::chrono::milliseconds timeout) {
+  auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+  options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
+  return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
+}
+#endif
+
 }  // namespace
 
 extern "C" {
 
-// Joins (rank 0: hosts) the store at host:port and builds the Gloo group over it.
-// `timeout_ms` bounds the rendezvous and every later collective.
-void* pcb_dist_init(const char* host, int port, int rank, int world,
-                    long long timeout_ms, const char* prefix, char** err) {
+// Joins (rank 0: hosts) the store at host:port and builds the process group over it.
+// `timeout_ms` bounds the rendezvous and every later collective; `device` is the CUDA
+// device of this rank (NCCL only).
+void* PCB_FN(init)(const char* host, int port, int rank, int world, int device,
+                   long long timeout_ms, const char* prefix, char** err) {
   Group* group = nullptr;
   int rc = guarded(err, [&] {
     auto timeout = std::chrono::milliseconds(timeout_ms);
@@ -76,24 +113,28 @@ void* pcb_dist_init(const char* host, int port, int rank, int world,
     auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
     c10::intrusive_ptr<c10d::Store> store =
         c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
-    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
-    options->devices.push_back(
-        c10d::ProcessGroupGloo::createDeviceForHostname(std::string(host)));
-    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
+    auto pg = make_backend(store, std::string(host), rank, world, device, timeout);
     group = new Group{store, pg, timeout};
   });
   return rc == 0 ? group : nullptr;
 }
 
-void pcb_dist_free(void* handle) {
-  delete static_cast<Group*>(handle);
+void PCB_FN(free)(void* handle) {
+  auto* g = static_cast<Group*>(handle);
+  // NCCL wants its communicators shut down before the group goes (else it warns and
+  // aborts them); Gloo's shutdown does nothing.
+  try {
+    g->pg->shutdown();
+  } catch (...) {
+  }
+  delete g;
 }
 
-void pcb_dist_free_string(char* s) { std::free(s); }
+void PCB_FN(free_string)(char* s) { std::free(s); }
 
 // Sums each tensor across ranks, in place. The tensors are reduced as separate
 // collectives issued together, so buckets travel while later ones are queued.
-int pcb_dist_allreduce_sum(void* handle, at::Tensor** tensors, int n, char** err) {
+int PCB_FN(allreduce_sum)(void* handle, at::Tensor** tensors, int n, char** err) {
   return guarded(err, [&] {
     auto* g = static_cast<Group*>(handle);
     std::vector<c10::intrusive_ptr<c10d::Work>> works;
@@ -106,7 +147,7 @@ int pcb_dist_allreduce_sum(void* handle, at::Tensor** tensors, int n, char** err
 }
 
 // Overwrites each tensor with rank `root`'s copy.
-int pcb_dist_broadcast(void* handle, at::Tensor** tensors, int n, int root, char** err) {
+int PCB_FN(broadcast)(void* handle, at::Tensor** tensors, int n, int root, char** err) {
   return guarded(err, [&] {
     auto* g = static_cast<Group*>(handle);
     std::vector<c10::intrusive_ptr<c10d::Work>> works;
@@ -120,7 +161,7 @@ int pcb_dist_broadcast(void* handle, at::Tensor** tensors, int n, int root, char
   });
 }
 
-int pcb_dist_barrier(void* handle, char** err) {
+int PCB_FN(barrier)(void* handle, char** err) {
   return guarded(err, [&] {
     auto* g = static_cast<Group*>(handle);
     auto work = g->pg->barrier();
@@ -128,7 +169,7 @@ int pcb_dist_barrier(void* handle, char** err) {
   });
 }
 
-int pcb_dist_store_set(void* handle, const char* key, const unsigned char* value,
+int PCB_FN(store_set)(void* handle, const char* key, const unsigned char* value,
                        size_t len, char** err) {
   return guarded(err, [&] {
     auto* g = static_cast<Group*>(handle);
@@ -138,7 +179,7 @@ int pcb_dist_store_set(void* handle, const char* key, const unsigned char* value
 }
 
 // Blocks until the key exists (up to the group's timeout); the value is malloc'd.
-int pcb_dist_store_get(void* handle, const char* key, unsigned char** value,
+int PCB_FN(store_get)(void* handle, const char* key, unsigned char** value,
                        size_t* len, char** err) {
   return guarded(err, [&] {
     auto* g = static_cast<Group*>(handle);
@@ -151,7 +192,7 @@ int pcb_dist_store_get(void* handle, const char* key, unsigned char** value,
 }
 
 // Whether the key exists, without waiting.
-int pcb_dist_store_check(void* handle, const char* key, int* exists, char** err) {
+int PCB_FN(store_check)(void* handle, const char* key, int* exists, char** err) {
   return guarded(err, [&] {
     auto* g = static_cast<Group*>(handle);
     *exists = g->store->check({std::string(key)}) ? 1 : 0;

@@ -7,17 +7,80 @@ use std::time::Duration;
 
 use tch::{Kind, Tensor};
 
+type InitFn = unsafe extern "C" fn(
+    host: *const c_char,
+    port: c_int,
+    rank: c_int,
+    world: c_int,
+    device: c_int,
+    timeout_ms: c_longlong,
+    prefix: *const c_char,
+    err: *mut *mut c_char,
+) -> *mut c_void;
+type FreeFn = unsafe extern "C" fn(handle: *mut c_void);
+type AllReduceFn = unsafe extern "C" fn(
+    handle: *mut c_void,
+    tensors: *const *mut c_void,
+    n: c_int,
+    err: *mut *mut c_char,
+) -> c_int;
+type BroadcastFn = unsafe extern "C" fn(
+    handle: *mut c_void,
+    tensors: *const *mut c_void,
+    n: c_int,
+    root: c_int,
+    err: *mut *mut c_char,
+) -> c_int;
+type BarrierFn = unsafe extern "C" fn(handle: *mut c_void, err: *mut *mut c_char) -> c_int;
+type StoreSetFn = unsafe extern "C" fn(
+    handle: *mut c_void,
+    key: *const c_char,
+    value: *const c_uchar,
+    len: usize,
+    err: *mut *mut c_char,
+) -> c_int;
+type StoreCheckFn = unsafe extern "C" fn(
+    handle: *mut c_void,
+    key: *const c_char,
+    exists: *mut c_int,
+    err: *mut *mut c_char,
+) -> c_int;
+type StoreGetFn = unsafe extern "C" fn(
+    handle: *mut c_void,
+    key: *const c_char,
+    value: *mut *mut c_uchar,
+    len: *mut usize,
+    err: *mut *mut c_char,
+) -> c_int;
+
+/// The C ABI of one build of `csrc/dist_shim.cpp` (Gloo: linked in; NCCL: opened at run
+/// time from `libpcb_nccl.so`).
+#[derive(Clone, Copy)]
+struct Shim {
+    init: InitFn,
+    free: FreeFn,
+    allreduce_sum: AllReduceFn,
+    broadcast: BroadcastFn,
+    barrier: BarrierFn,
+    store_set: StoreSetFn,
+    store_check: StoreCheckFn,
+    store_get: StoreGetFn,
+}
+
 extern "C" {
     fn pcb_dist_init(
         host: *const c_char,
         port: c_int,
         rank: c_int,
         world: c_int,
+        device: c_int,
         timeout_ms: c_longlong,
         prefix: *const c_char,
         err: *mut *mut c_char,
     ) -> *mut c_void;
     fn pcb_dist_free(handle: *mut c_void);
+    // Both builds allocate error strings and store values with malloc, so this one frees
+    // either's.
     fn pcb_dist_free_string(s: *mut c_char);
     fn pcb_dist_allreduce_sum(
         handle: *mut c_void,
@@ -55,6 +118,131 @@ extern "C" {
     ) -> c_int;
 }
 
+const GLOO: Shim = Shim {
+    init: pcb_dist_init,
+    free: pcb_dist_free,
+    allreduce_sum: pcb_dist_allreduce_sum,
+    broadcast: pcb_dist_broadcast,
+    barrier: pcb_dist_barrier,
+    store_set: pcb_dist_store_set,
+    store_check: pcb_dist_store_check,
+    store_get: pcb_dist_store_get,
+};
+
+/// The library name searched through `LD_LIBRARY_PATH` and the trainer's RUNPATH (the
+/// project's `.libtorch/lib`, where `deploy/build-nccl-shim.sh` puts it).
+pub const NCCL_SHIM: &str = "libpcb_nccl.so";
+
+static NCCL: std::sync::OnceLock<Result<Shim, String>> = std::sync::OnceLock::new();
+
+/// Opens the NCCL build of the shim once: `PCB_NCCL_SHIM` (a path) or [`NCCL_SHIM`].
+fn nccl_shim() -> Result<Shim, DistError> {
+    NCCL.get_or_init(|| {
+        pcb_vision::cuda::load().map_err(|e| e.to_string())?;
+        let name = std::env::var("PCB_NCCL_SHIM").unwrap_or_else(|_| NCCL_SHIM.into());
+        let lib = pcb_vision::cuda::open_global(&name).map_err(|e| {
+            format!("{e} (build it with deploy/build-nccl-shim.sh, or set PCB_NCCL_SHIM)")
+        })?;
+        let sym = |symbol: &str| -> Result<*mut c_void, String> {
+            let c = CString::new(symbol).map_err(|e| e.to_string())?;
+            // SAFETY: a live handle from dlopen and a C string.
+            let p = unsafe { libc::dlsym(lib, c.as_ptr()) };
+            if p.is_null() {
+                Err(format!(
+                    "{name} has no symbol {symbol}: rebuild it from this source"
+                ))
+            } else {
+                Ok(p)
+            }
+        };
+        // SAFETY: each symbol is the NCCL build of the function with the same signature
+        // in `Shim` (one source, two prefixes).
+        unsafe {
+            Ok(Shim {
+                init: std::mem::transmute::<*mut c_void, InitFn>(sym("pcb_nccl_init")?),
+                free: std::mem::transmute::<*mut c_void, FreeFn>(sym("pcb_nccl_free")?),
+                allreduce_sum: std::mem::transmute::<*mut c_void, AllReduceFn>(sym(
+                    "pcb_nccl_allreduce_sum",
+                )?),
+                broadcast: std::mem::transmute::<*mut c_void, BroadcastFn>(sym(
+                    "pcb_nccl_broadcast",
+                )?),
+                barrier: std::mem::transmute::<*mut c_void, BarrierFn>(sym("pcb_nccl_barrier")?),
+                store_set: std::mem::transmute::<*mut c_void, StoreSetFn>(sym(
+                    "pcb_nccl_store_set",
+                )?),
+                store_check: std::mem::transmute::<*mut c_void, StoreCheckFn>(sym(
+                    "pcb_nccl_store_check",
+                )?),
+                store_get: std::mem::transmute::<*mut c_void, StoreGetFn>(sym(
+                    "pcb_nccl_store_get",
+                )?),
+            })
+        }
+    })
+    .clone()
+    .map_err(DistError::Nccl)
+}
+
+/// Which collectives engine a rank uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// c10d's Gloo, over TCP, on host tensors (a GPU rank stages through host memory).
+    Gloo,
+    /// c10d's NCCL on this CUDA device, tensors staying on the GPU.
+    Nccl {
+        /// The rank's CUDA device index.
+        device: usize,
+    },
+}
+
+impl Backend {
+    /// Where the collectives' tensors live.
+    pub fn device(self) -> tch::Device {
+        match self {
+            Backend::Gloo => tch::Device::Cpu,
+            Backend::Nccl { device } => tch::Device::Cuda(device),
+        }
+    }
+
+    /// Picks the engine for a rank on `device` given the configured choice (`auto`,
+    /// `gloo` or `nccl`): `auto` takes NCCL on a GPU when its shim loads and no other
+    /// rank shares the GPU (NCCL refuses two ranks on one device), and says why not
+    /// otherwise, falling back to Gloo; `nccl` when it cannot run is an error.
+    pub fn resolve(
+        choice: &str,
+        device: tch::Device,
+        shares_gpu: bool,
+    ) -> Result<Backend, DistError> {
+        match (choice, device) {
+            ("gloo", _) | ("auto", tch::Device::Cpu) => Ok(Backend::Gloo),
+            ("nccl", tch::Device::Cpu) => Err(DistError::Argument(
+                "backend nccl needs the rank on a CUDA device".into(),
+            )),
+            ("nccl", tch::Device::Cuda(_)) if shares_gpu => Err(DistError::Argument(
+                "backend nccl cannot put two ranks on one GPU: run at most one rank per GPU, \
+                 or use backend gloo"
+                    .into(),
+            )),
+            ("auto", tch::Device::Cuda(_)) if shares_gpu => {
+                tracing::info!("ranks share a GPU, which NCCL refuses: all-reducing with Gloo");
+                Ok(Backend::Gloo)
+            }
+            ("nccl" | "auto", tch::Device::Cuda(d)) => match nccl_shim() {
+                Ok(_) => Ok(Backend::Nccl { device: d }),
+                Err(e) if choice == "auto" => {
+                    tracing::warn!(error = %e, "NCCL unavailable; all-reducing with Gloo through host memory");
+                    Ok(Backend::Gloo)
+                }
+                Err(e) => Err(e),
+            },
+            (other, _) => Err(DistError::Argument(format!(
+                "backend {other:?} is not auto, gloo or nccl"
+            ))),
+        }
+    }
+}
+
 /// Why a collective or the rendezvous failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DistError {
@@ -88,6 +276,9 @@ pub enum DistError {
         /// What c10d said.
         message: String,
     },
+    /// The NCCL shim or libtorch's CUDA half could not be opened.
+    #[error("NCCL backend unavailable: {0}")]
+    Nccl(String),
     /// Arguments that cannot cross into C++ (a NUL in a string, a world of zero).
     #[error("invalid argument: {0}")]
     Argument(String),
@@ -108,11 +299,15 @@ pub struct DistConfig {
     pub timeout: Duration,
     /// Key prefix in the store, so jobs sharing a store do not mix.
     pub job: String,
+    /// The collectives engine (resolved: see [`Backend::resolve`]).
+    pub backend: Backend,
 }
 
-/// One rank's membership of a Gloo process group.
+/// One rank's membership of a process group.
 pub struct ProcessGroup {
     handle: NonNull<c_void>,
+    shim: Shim,
+    backend: Backend,
     rank: usize,
     world: usize,
 }
@@ -150,14 +345,19 @@ impl ProcessGroup {
         }
         let host = cstring(&cfg.master_addr)?;
         let prefix = cstring(&cfg.job)?;
+        let (shim, device) = match cfg.backend {
+            Backend::Gloo => (GLOO, 0),
+            Backend::Nccl { device } => (nccl_shim()?, device),
+        };
         let mut err = std::ptr::null_mut();
         // SAFETY: valid C strings; the shim catches every exception.
         let handle = unsafe {
-            pcb_dist_init(
+            (shim.init)(
                 host.as_ptr(),
                 c_int::from(cfg.master_port),
                 cfg.rank as c_int,
                 cfg.world as c_int,
+                device as c_int,
                 cfg.timeout.as_millis() as c_longlong,
                 prefix.as_ptr(),
                 &mut err,
@@ -166,6 +366,8 @@ impl ProcessGroup {
         match NonNull::new(handle) {
             Some(handle) => Ok(ProcessGroup {
                 handle,
+                shim,
+                backend: cfg.backend,
                 rank: cfg.rank,
                 world: cfg.world,
             }),
@@ -188,6 +390,16 @@ impl ProcessGroup {
         self.world
     }
 
+    /// The engine this group runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Where tensors handed to the collectives must live.
+    pub fn device(&self) -> tch::Device {
+        self.backend.device()
+    }
+
     fn check(&self, op: &'static str, rc: c_int, err: *mut c_char) -> Result<(), DistError> {
         if rc == 0 {
             Ok(())
@@ -200,14 +412,15 @@ impl ProcessGroup {
         }
     }
 
-    fn pointers(tensors: &[Tensor]) -> Result<Vec<*mut c_void>, DistError> {
+    fn pointers(&self, tensors: &[Tensor]) -> Result<Vec<*mut c_void>, DistError> {
+        let device = self.device();
         tensors
             .iter()
             .map(|t| {
-                if t.device() != tch::Device::Cpu || !t.is_contiguous() {
-                    Err(DistError::Argument(
-                        "collectives take contiguous CPU tensors".into(),
-                    ))
+                if t.device() != device || !t.is_contiguous() {
+                    Err(DistError::Argument(format!(
+                        "collectives of this group take contiguous tensors on {device:?}"
+                    )))
                 } else {
                     Ok(t.as_ptr() as *mut c_void)
                 }
@@ -217,11 +430,11 @@ impl ProcessGroup {
 
     /// Sums every tensor across ranks, in place; the collectives are issued together.
     pub fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<(), DistError> {
-        let ptrs = Self::pointers(tensors)?;
+        let ptrs = self.pointers(tensors)?;
         let mut err = std::ptr::null_mut();
         // SAFETY: the pointers are live tensors borrowed for the call.
         let rc = unsafe {
-            pcb_dist_allreduce_sum(
+            (self.shim.allreduce_sum)(
                 self.handle.as_ptr(),
                 ptrs.as_ptr(),
                 ptrs.len() as c_int,
@@ -233,11 +446,11 @@ impl ProcessGroup {
 
     /// Overwrites every tensor with rank `root`'s values, in place.
     pub fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<(), DistError> {
-        let ptrs = Self::pointers(tensors)?;
+        let ptrs = self.pointers(tensors)?;
         let mut err = std::ptr::null_mut();
         // SAFETY: as above.
         let rc = unsafe {
-            pcb_dist_broadcast(
+            (self.shim.broadcast)(
                 self.handle.as_ptr(),
                 ptrs.as_ptr(),
                 ptrs.len() as c_int,
@@ -252,7 +465,7 @@ impl ProcessGroup {
     pub fn barrier(&self) -> Result<(), DistError> {
         let mut err = std::ptr::null_mut();
         // SAFETY: a live handle.
-        let rc = unsafe { pcb_dist_barrier(self.handle.as_ptr(), &mut err) };
+        let rc = unsafe { (self.shim.barrier)(self.handle.as_ptr(), &mut err) };
         self.check("barrier", rc, err)
     }
 
@@ -262,7 +475,7 @@ impl ProcessGroup {
         let mut err = std::ptr::null_mut();
         // SAFETY: a live handle, a C string and a borrowed slice.
         let rc = unsafe {
-            pcb_dist_store_set(
+            (self.shim.store_set)(
                 self.handle.as_ptr(),
                 k.as_ptr(),
                 value.as_ptr(),
@@ -287,7 +500,7 @@ impl ProcessGroup {
         let mut exists: c_int = 0;
         // SAFETY: a live handle, a C string and an out-pointer to a local.
         let rc = unsafe {
-            pcb_dist_store_check(self.handle.as_ptr(), k.as_ptr(), &mut exists, &mut err)
+            (self.shim.store_check)(self.handle.as_ptr(), k.as_ptr(), &mut exists, &mut err)
         };
         if rc == 0 {
             Ok(exists != 0)
@@ -307,7 +520,7 @@ impl ProcessGroup {
         let mut len = 0usize;
         // SAFETY: out-pointers to locals; the value is malloc'd by the shim and freed here.
         let rc = unsafe {
-            pcb_dist_store_get(
+            (self.shim.store_get)(
                 self.handle.as_ptr(),
                 k.as_ptr(),
                 &mut value,
@@ -331,7 +544,7 @@ impl ProcessGroup {
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
         // SAFETY: the handle came from pcb_dist_init and is freed once.
-        unsafe { pcb_dist_free(self.handle.as_ptr()) }
+        unsafe { (self.shim.free)(self.handle.as_ptr()) }
     }
 }
 
@@ -398,7 +611,7 @@ impl GradSync {
                     .map(|p| {
                         p.grad()
                             .to_kind(Kind::Float)
-                            .to_device(tch::Device::Cpu)
+                            .to_device(group.device())
                             .reshape([-1])
                             * weight
                     })
@@ -409,7 +622,7 @@ impl GradSync {
         // The image count and the loss ride in the last bucket instead of collectives of
         // their own.
         let loss = if images == 0 { 0.0 } else { loss * weight };
-        let count = Tensor::from_slice(&[loss as f32, weight as f32]);
+        let count = Tensor::from_slice(&[loss as f32, weight as f32]).to_device(group.device());
         if let Some(last) = flats.last_mut() {
             *last = Tensor::cat(&[last.shallow_clone(), count], 0);
         }
@@ -465,6 +678,7 @@ mod tests {
                         world,
                         timeout: Duration::from_secs(30),
                         job: "test/".into(),
+                        backend: Backend::Gloo,
                     })
                     .expect("join");
                     f(g)
@@ -565,6 +779,7 @@ mod tests {
             world: 2,
             timeout: Duration::from_secs(5),
             job: "lost/".into(),
+            backend: Backend::Gloo,
         };
         let peer = std::thread::spawn(move || {
             let g = ProcessGroup::join(&cfg(1)).expect("join");
@@ -586,6 +801,92 @@ mod tests {
     }
 
     #[test]
+    fn backends_resolve_by_device_and_choice() {
+        let cpu = tch::Device::Cpu;
+        assert_eq!(
+            Backend::resolve("auto", cpu, false).ok(),
+            Some(Backend::Gloo)
+        );
+        assert_eq!(
+            Backend::resolve("gloo", tch::Device::Cuda(0), false).ok(),
+            Some(Backend::Gloo)
+        );
+        assert_eq!(
+            Backend::resolve("auto", tch::Device::Cuda(0), true).ok(),
+            Some(Backend::Gloo),
+            "two ranks on one GPU fall back to Gloo"
+        );
+        let err = Backend::resolve("nccl", cpu, false).expect_err("no GPU");
+        assert!(err.to_string().contains("CUDA device"), "{err}");
+        let err = Backend::resolve("nccl", tch::Device::Cuda(0), true).expect_err("shared GPU");
+        assert!(err.to_string().contains("one GPU"), "{err}");
+        let err = Backend::resolve("mpi", cpu, false).expect_err("unknown");
+        assert!(err.to_string().contains("auto, gloo or nccl"), "{err}");
+        if pcb_vision::cuda::load().is_err() {
+            // Here NCCL cannot load: `nccl` says why, `auto` falls back.
+            let err = Backend::resolve("nccl", tch::Device::Cuda(0), false).expect_err("no CUDA");
+            assert!(
+                err.to_string().contains("NCCL backend unavailable"),
+                "{err}"
+            );
+            assert_eq!(
+                Backend::resolve("auto", tch::Device::Cuda(0), false).ok(),
+                Some(Backend::Gloo)
+            );
+        }
+    }
+
+    /// NCCL on this machine's first GPU, one rank: the collectives, the store and the
+    /// image-weighted gradient average, with every tensor staying on the GPU. Needs a GPU,
+    /// libtorch_cuda.so on LD_LIBRARY_PATH and the shim (deploy/build-nccl-shim.sh).
+    #[test]
+    #[ignore = "needs a CUDA GPU and libpcb_nccl.so: cargo test -p pcb-trainer -- --ignored nccl"]
+    fn nccl_collectives_and_gradient_average_on_a_gpu() {
+        let backend = Backend::resolve("nccl", tch::Device::Cuda(0), false).expect("NCCL loads");
+        let g = ProcessGroup::join(&DistConfig {
+            master_addr: "127.0.0.1".into(),
+            master_port: free_port(),
+            rank: 0,
+            world: 1,
+            timeout: Duration::from_secs(60),
+            job: "nccl/".into(),
+            backend,
+        })
+        .expect("join");
+        assert_eq!(g.device(), tch::Device::Cuda(0));
+        let gpu = (Kind::Float, tch::Device::Cuda(0));
+        let t = Tensor::from_slice(&[1f32, 2.0]).to_device(tch::Device::Cuda(0));
+        g.all_reduce_sum(&[t.shallow_clone()]).expect("all-reduce");
+        g.broadcast(&[t.shallow_clone()], 0).expect("broadcast");
+        g.barrier().expect("barrier");
+        assert_eq!(
+            Vec::<f32>::try_from(&t.to_device(tch::Device::Cpu)).expect("vec"),
+            [1.0, 2.0]
+        );
+        let host = Tensor::from_slice(&[1f32]);
+        assert!(
+            g.all_reduce_sum(&[host]).is_err(),
+            "host tensors are refused"
+        );
+        g.store_set("k", b"v").expect("set");
+        assert_eq!(g.store_get("k").expect("get"), b"v");
+        let params: Vec<Tensor> = (0..3)
+            .map(|_| Tensor::zeros([1000], gpu).set_requires_grad(true))
+            .collect();
+        let loss: Tensor = params.iter().map(|p| (p * 3.0).sum(Kind::Float)).sum();
+        loss.backward();
+        let sync = GradSync::new(params.iter().map(|p| p.shallow_clone()).collect(), 4000);
+        let (total, mean) = sync.average(&g, 5, 0.25).expect("average");
+        assert_eq!(total, 5.0);
+        assert!((mean - 0.25).abs() < 1e-6, "{mean}");
+        for p in &params {
+            assert_eq!(p.grad().device(), tch::Device::Cuda(0));
+            let v = Vec::<f32>::try_from(&p.grad().to_device(tch::Device::Cpu)).expect("vec");
+            assert!(v.iter().all(|x| (*x - 3.0).abs() < 1e-6));
+        }
+    }
+
+    #[test]
     fn bad_arguments_are_errors() {
         let err = ProcessGroup::join(&DistConfig {
             master_addr: "127.0.0.1".into(),
@@ -594,6 +895,7 @@ mod tests {
             world: 2,
             timeout: Duration::from_secs(1),
             job: "x/".into(),
+            backend: Backend::Gloo,
         })
         .err()
         .expect("rank outside the world");

@@ -230,33 +230,24 @@ fn lost(group: &ProcessGroup, epoch: usize, step: usize, e: DistError) -> JobErr
 
 /// Copies rank 0's values of every variable (parameters and buffers) to all ranks.
 fn broadcast_all(group: &ProcessGroup, tensors: &[Tensor]) -> Result<(), DistError> {
-    // Gloo takes host tensors: GPU ones travel through host copies.
+    // Gloo takes host tensors (GPU ones travel through host copies); NCCL takes the
+    // rank's GPU ones in place.
+    let here = group.device();
     let on_host: Vec<Tensor> = tch::no_grad(|| {
         tensors
             .iter()
-            .map(|t| t.detach().to_device(tch::Device::Cpu).contiguous())
+            .map(|t| t.detach().to_device(here).contiguous())
             .collect()
     });
     group.broadcast(&on_host, 0)?;
     tch::no_grad(|| {
         for (t, h) in tensors.iter().zip(&on_host) {
-            if t.device() != tch::Device::Cpu || !t.is_contiguous() {
+            if t.device() != here || !t.is_contiguous() {
                 t.detach().copy_(h);
             }
         }
     });
     Ok(())
-}
-
-/// The device of a rank: `cuda` when asked for (or `auto` and CUDA is present), one GPU
-/// per local rank round robin; else the CPU.
-pub fn device_for(choice: &str, rank: usize) -> tch::Device {
-    let gpus = tch::Cuda::device_count().max(0) as usize;
-    match choice {
-        "cpu" => tch::Device::Cpu,
-        _ if gpus > 0 => tch::Device::Cuda(rank % gpus),
-        _ => tch::Device::Cpu,
-    }
 }
 
 /// Trains this rank's share for the job's remaining epochs. `steps_per_epoch` is agreed
@@ -274,7 +265,8 @@ pub fn train_rank(
 ) -> Result<Finished, JobError> {
     let (rank, world) = (group.rank(), group.world());
     tch::manual_seed(spec.optim.seed as i64);
-    let device = device_for(&spec.device, rank);
+    let device = pcb_vision::cuda::device_for(&spec.device, rank)
+        .map_err(|e| JobError::Dist(DistError::Argument(e.to_string())))?;
     let mut det = Detector::new(spec.model.clone(), device, spec.sampling);
     let mut optimizer = Optimizer::new(&spec.optim);
     let mut state = JobState {

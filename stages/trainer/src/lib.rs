@@ -23,7 +23,7 @@ use pcb_vision::{Depth, InputMode, ModelConfig, Norm, Sampling, Transform};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use dist::{DistConfig, DistError, GradSync, ProcessGroup};
+pub use dist::{Backend, DistConfig, DistError, GradSync, ProcessGroup};
 pub use job::{JobError, JobSpec, JobState};
 
 /// The stage's name: its dead-letter subject and its metrics label.
@@ -84,8 +84,13 @@ pub struct TrainerSettings {
     /// Batches decoded ahead of the model.
     pub prefetch_batches: usize,
     /// `auto` (GPU `rank mod count` when CUDA is present, else the CPU), `cpu` or `cuda`.
-    /// Gradients are all-reduced by Gloo through host memory (NCCL is not wired in yet).
+    /// CUDA is opened at run time (`libtorch_cuda.so` through `LD_LIBRARY_PATH` or the
+    /// project's libtorch), so the same binary runs on machines without it.
     pub device: String,
+    /// Collectives engine: `auto` (NCCL when the rank is on a GPU and the NCCL shim built by
+    /// `deploy/build-nccl-shim.sh` loads, else Gloo), `gloo` (GPU ranks stage through host
+    /// memory) or `nccl` (an error when unavailable).
+    pub backend: String,
     /// Retraining policy for `pcb up`: start a job whenever this many new labelled images
     /// reached the shard streams since the last job's snapshot (0: only by hand).
     pub retrain_every_images: u64,
@@ -115,6 +120,7 @@ impl Default for TrainerSettings {
             sampling: "random".into(),
             prefetch_batches: 2,
             device: "auto".into(),
+            backend: "auto".into(),
             retrain_every_images: 0,
             // The CPU recipe of the README: ResNet-18 FPN with 128 channels, trainable
             // batch norm from scratch, image + template + difference at the board's scale.
@@ -155,6 +161,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Rendezvous and collectives.
     pub dist: DistConfig,
+    /// The configured collectives engine (`auto`, `gloo`, `nccl`), resolved by `run`.
+    pub backend: String,
     /// What to train.
     pub job: JobSpec,
     /// Registry name of the result.
@@ -273,10 +281,20 @@ impl FileConfig {
             "trainer.device",
             format!("{:?} is not auto, cpu or cuda", t.device),
         );
+        if t.device == "cuda" {
+            if let Err(e) = pcb_vision::cuda::device_for("cuda", 0) {
+                p.push("trainer.device", format!("cuda asked for, but {e}"));
+            }
+        }
         p.check(
-            t.device == "cuda" && tch::Cuda::device_count() == 0,
-            "trainer.device",
-            "cuda asked for, but libtorch sees no CUDA device",
+            !matches!(t.backend.as_str(), "auto" | "gloo" | "nccl"),
+            "trainer.backend",
+            format!("{:?} is not auto, gloo or nccl", t.backend),
+        );
+        p.check(
+            t.backend == "nccl" && t.device == "cpu",
+            "trainer.backend",
+            "nccl needs device = \"cuda\" or \"auto\" on a machine with GPUs",
         );
         let sampling = match t.sampling.as_str() {
             "random" => Sampling::Random,
@@ -337,7 +355,10 @@ impl FileConfig {
                 world: t.world_size,
                 timeout: Duration::from_secs(t.timeout_secs),
                 job: format!("pcb-train/{}/", t.job),
+                // Resolved in `run`, once CUDA is opened, from `backend`.
+                backend: Backend::Gloo,
             },
+            backend: t.backend.clone(),
             job: JobSpec {
                 job: t.job.clone(),
                 dir: t.out_dir.join(&t.job),
@@ -427,6 +448,27 @@ fn git_revision() -> Option<String> {
     option_env!("PCB_GIT_REVISION").map(str::to_string)
 }
 
+/// Whether another rank of this host sits on the same GPU: ranks per host come from
+/// torchrun's `LOCAL_WORLD_SIZE`, else all of them when the master is on loopback (as
+/// `pcb train` starts them), else one.
+fn shares_gpu(dist: &DistConfig, device: tch::Device) -> bool {
+    if device == tch::Device::Cpu {
+        return false;
+    }
+    let local = std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or_else(|| {
+            let loopback = matches!(dist.master_addr.as_str(), "127.0.0.1" | "localhost" | "::1");
+            if loopback {
+                dist.world
+            } else {
+                1
+            }
+        });
+    local > pcb_vision::cuda::device_count()
+}
+
 /// Runs this rank of the job to its end. Rank 0 then offers the model on
 /// `pcb.train.candidates` and returns the candidate.
 pub async fn run(
@@ -434,6 +476,9 @@ pub async fn run(
     client: async_nats::Client,
     shutdown: Shutdown,
 ) -> Result<Option<TrainCandidate>, TrainerError> {
+    // First of all libtorch work: CUDA must be loaded before libtorch first asks for it.
+    let device = pcb_vision::cuda::device_for(&config.job.device, config.dist.rank)
+        .map_err(|e| TrainerError::Dist(DistError::Argument(e.to_string())))?;
     let metrics = pcb_common::Metrics::new(STAGE);
     let js = pcb_common::stage::prepare(
         &client,
@@ -447,8 +492,9 @@ pub async fn run(
         tch::set_num_threads(config.threads as i32);
     }
     let (rank, world) = (config.dist.rank, config.dist.world);
-    tracing::info!(rank, world, master = %format!("{}:{}", config.dist.master_addr, config.dist.master_port), "joining the job");
-    let dist = config.dist.clone();
+    let mut dist = config.dist.clone();
+    dist.backend = Backend::resolve(&config.backend, device, shares_gpu(&dist, device))?;
+    tracing::info!(rank, world, ?device, backend = ?dist.backend, master = %format!("{}:{}", config.dist.master_addr, config.dist.master_port), "joining the job");
     let group = Arc::new(
         tokio::task::spawn_blocking(move || ProcessGroup::join(&dist))
             .await

@@ -2,6 +2,7 @@
 //! module as torchvision builds it, with its parameters under torchvision's names.
 
 pub mod boxes;
+pub mod cuda;
 pub mod data;
 pub mod evaluate;
 pub mod fpn;

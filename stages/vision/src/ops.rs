@@ -224,7 +224,7 @@ pub fn roi_align(
         let g = grid.reshape([1, kb * ph * sr, pw * sr, 2]);
         let mut sampled = input.narrow(0, img, 1).grid_sampler(&g, 0, 1, true);
         if !all_valid {
-            sampled = sampled * valid.reshape([1, 1, kb * ph * sr, pw * sr]);
+            sampled *= valid.reshape([1, 1, kb * ph * sr, pw * sr]);
         }
         sampled
             .avg_pool2d([sr, sr], [sr, sr], [0, 0], false, true, None::<i64>)

@@ -278,6 +278,12 @@ pub fn load_checkpoint<S: serde::de::DeserializeOwned + HasStep>(
         path: optim_path.display().to_string(),
         message: e.to_string(),
     })?;
+    // The file loads onto the CPU; the moments must sit with the parameters (a GPU).
+    let device = det.vs.device();
+    let tensors = tensors
+        .into_iter()
+        .map(|(k, v)| (k, v.to_device(device)))
+        .collect();
     optimizer.restore(tensors, state.step());
     Ok(Some(state))
 }
