@@ -225,3 +225,72 @@ pub fn synth(dir: &Path, count: usize, seed: u64) -> pcb_synth::SynthSummary {
 pub fn drop_into(from: &Path, to: &Path) -> usize {
     pcb::launcher::copy_tree(from, to).expect("copy")
 }
+
+/// A small network (ResNet-18 FPN-16, image + template + difference) with deterministic
+/// random weights, registered as the next version of `model`.
+pub async fn register_random_model(
+    registry: &pcb_registry::Registry,
+    model: &str,
+    dir: &Path,
+    seed: i64,
+) -> u64 {
+    use pcb_vision::{Depth, Detector, InputMode, ModelConfig, Norm, Sampling, Transform};
+    let config = ModelConfig {
+        num_classes: 7,
+        backbone: Depth::R18,
+        norm: Norm::Frozen,
+        input: InputMode::ImageTemplateDiff,
+        transform: Transform {
+            min_size: 0,
+            ..Transform::default()
+        },
+        fpn_channels: 16,
+        box_batch_size_per_image: 32,
+    };
+    let path = dir.join(format!("weights-{seed}.safetensors"));
+    let c = config.clone();
+    let p = path.clone();
+    tokio::task::spawn_blocking(move || {
+        tch::manual_seed(seed);
+        let det = Detector::new(c, tch::Device::Cpu, Sampling::Random);
+        det.save(&p).expect("save weights");
+    })
+    .await
+    .expect("join");
+    let weights = std::fs::read(&path).expect("read weights");
+    registry
+        .register(
+            model,
+            &weights,
+            pcb_registry::NewVersion {
+                model_config: serde_json::to_value(&config).expect("json"),
+                origin: "import".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("register")
+        .version
+}
+
+/// Starts a `detector` process serving `model` (every defect reported, one thread);
+/// returns it with its log file.
+pub fn spawn_detector(env: &Env, name: &str, model: &str) -> (std::process::Child, PathBuf) {
+    let config = env.config_file(
+        &format!("{name}.toml"),
+        &format!(
+            "[detector]\nmodel_name = {model:?}\nmax_batch = 8\nmax_wait_ms = 20\nthreads = 1\n\
+             ack_wait_secs = 10\nreport_threshold = 0.0\n"
+        ),
+    );
+    let log = env.dir.path().join(format!("{name}.log"));
+    let out = std::fs::File::create(&log).expect("log");
+    let child = std::process::Command::new(bin("detector"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(out)
+        .spawn()
+        .expect("spawn detector");
+    (child, log)
+}

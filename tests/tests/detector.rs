@@ -4,77 +4,24 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
-use pcb_registry::{NewVersion, Registry};
+use pcb_registry::Registry;
 use pcb_schemas::{
     decode, Detection, EncodedImage, ModelEvent, STREAM_DETECTIONS, STREAM_IMAGES, STREAM_REJECTED,
     STREAM_TRAINING, SUBJECT_ENCODED,
 };
-use pcb_tests::{bin, wait_until, Env};
-use pcb_vision::{Depth, Detector, InputMode, ModelConfig, Norm, Sampling, Transform};
+use pcb_tests::{wait_until, Env};
 
 const MODEL: &str = "pcb-test";
 
-/// A small network with deterministic random weights, registered as the next version.
 async fn register(registry: &Registry, dir: &Path, seed: i64) -> u64 {
-    let config = ModelConfig {
-        num_classes: 7,
-        backbone: Depth::R18,
-        norm: Norm::Frozen,
-        input: InputMode::ImageTemplateDiff,
-        transform: Transform {
-            min_size: 0,
-            ..Transform::default()
-        },
-        fpn_channels: 16,
-        box_batch_size_per_image: 32,
-    };
-    let path = dir.join(format!("weights-{seed}.safetensors"));
-    let c = config.clone();
-    let p = path.clone();
-    tokio::task::spawn_blocking(move || {
-        tch::manual_seed(seed);
-        let det = Detector::new(c, tch::Device::Cpu, Sampling::Random);
-        det.save(&p).expect("save weights");
-    })
-    .await
-    .expect("join");
-    let weights = std::fs::read(&path).expect("read weights");
-    registry
-        .register(
-            MODEL,
-            &weights,
-            NewVersion {
-                model_config: serde_json::to_value(&config).expect("json"),
-                origin: "import".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("register")
-        .version
+    pcb_tests::register_random_model(registry, MODEL, dir, seed).await
 }
 
 fn spawn_detector(env: &Env, name: &str) -> (Child, PathBuf) {
-    let config = env.config_file(
-        &format!("{name}.toml"),
-        &format!(
-            "[detector]\nmodel_name = {MODEL:?}\nmax_batch = 8\nmax_wait_ms = 20\nthreads = 1\n\
-             ack_wait_secs = 10\nreport_threshold = 0.0\n"
-        ),
-    );
-    let log = env.dir.path().join(format!("{name}.log"));
-    let out = std::fs::File::create(&log).expect("log");
-    let child = Command::new(bin("detector"))
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(out)
-        .spawn()
-        .expect("spawn detector");
-    (child, log)
+    pcb_tests::spawn_detector(env, name, MODEL)
 }
 
 /// Drops `count` synthetic boards of 64 px through the ingester and encoder.

@@ -390,3 +390,99 @@ async fn uneven_and_empty_shards_complete_with_every_image_once_per_epoch() {
     let c = candidate_of(&env, "uneven").await;
     assert_eq!(c.snapshot.train_images, train);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn images_keep_flowing_to_detections_while_a_job_trains() {
+    use pcb_schemas::{Detection, EncodedImage, STREAM_DETECTIONS, STREAM_IMAGES};
+    use std::collections::BTreeSet;
+    let env = Env::start().await;
+    let (train, _) = feed(&env, 10, 2, 0.2).await;
+    assert!(train >= 6, "train {train}");
+    let registry = pcb_registry::Registry::open(&env.js)
+        .await
+        .expect("registry");
+    let v = pcb_tests::register_random_model(&registry, "flow", env.dir.path(), 1).await;
+    registry.promote("flow", v, "test").await.expect("promote");
+    let (mut det, det_log) = pcb_tests::spawn_detector(&env, "det", "flow");
+    // A job far longer than the test: it must still be training when the last new image
+    // has been answered.
+    let mut ranks = start_job(&env, "flow", 2, 2, 2, 1000, "eval = false");
+    let mut progress = env
+        .client
+        .subscribe("pcb.train.progress")
+        .await
+        .expect("subscribe");
+    let started = tokio::time::timeout(Duration::from_secs(300), async {
+        use futures::StreamExt;
+        progress.next().await.is_some()
+    })
+    .await
+    .unwrap_or(false);
+    assert!(started, "the job reported no step");
+
+    // 40 new boards through ingester → encoder → router, and the detector, meanwhile.
+    let (stop, stages) = env.start_encoder_router();
+    let boards = env.dir.path().join("more");
+    pcb_synth::generate(
+        &pcb_synth::SynthOptions {
+            count: 40,
+            seed: 99,
+            size: SIZE,
+            val_fraction: 0.2,
+        },
+        &boards,
+        &mut |_, _| {},
+    )
+    .expect("synth");
+    let summary = env.import(&boards).await;
+    assert_eq!(summary.published, 40, "{summary:?}");
+    let total = 10 + 40;
+    let flowed = wait_until(Duration::from_secs(300), || async {
+        env.count(STREAM_SHARDS, "pcb.shards.").await >= total
+            && env.count(STREAM_DETECTIONS, "pcb.detections").await >= total
+    })
+    .await;
+    let detector_log = std::fs::read_to_string(&det_log).unwrap_or_default();
+    assert!(
+        flowed,
+        "not every image reached the shards and the detector:\n{detector_log}"
+    );
+    for (rank, (child, log)) in ranks.iter_mut().enumerate() {
+        let running = child.try_wait().expect("try_wait").is_none();
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(
+            running,
+            "rank {rank} stopped before the images flowed:\n{text}"
+        );
+    }
+    // Nothing lost, nothing twice: every encoded image has one shard record and one
+    // detection.
+    let encoded: BTreeSet<String> = env
+        .read_all(STREAM_IMAGES, "pcb.images.encoded")
+        .await
+        .into_iter()
+        .map(|(_, p)| decode::<EncodedImage>(&p, None).expect("encoded").image_id)
+        .collect();
+    let detections: Vec<String> = env
+        .read_all(STREAM_DETECTIONS, "pcb.detections")
+        .await
+        .into_iter()
+        .map(|(_, p)| decode::<Detection>(&p, None).expect("detection").image_id)
+        .collect();
+    let detected: BTreeSet<String> = detections.iter().cloned().collect();
+    assert_eq!(encoded.len() as u64, total);
+    assert_eq!(env.count(STREAM_SHARDS, "pcb.shards.").await, total);
+    assert_eq!(detections.len(), detected.len(), "an image answered twice");
+    assert_eq!(detected, encoded, "every encoded image answered");
+    let steps = progress_of(&env, "flow").await.len();
+    println!("{total} images routed and answered while the job took {steps} steps");
+    for (child, _) in ranks.iter_mut() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    stop.trigger();
+    for h in stages {
+        let _ = h.await;
+    }
+    let _ = det.kill();
+}

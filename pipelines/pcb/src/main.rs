@@ -131,6 +131,9 @@ enum BenchCmd {
     /// The bare model beside the online detector through JetStream, and latency from a
     /// file landing to its detection.
     Detector(pcb::bench_detector::DetectorBenchArgs),
+    /// Data-parallel training: 1 rank x 1 thread, 1 x N, N ranks x 1, the all-reduce per
+    /// step and the scaling efficiency, beside torchvision with torch.distributed (Gloo).
+    Trainer(pcb::bench_trainer::TrainerBenchArgs),
     /// Bare decode vs ingester → encoder → router over JetStream, side by side.
     Pipeline {
         /// Boards.
@@ -234,6 +237,9 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             what: BenchCmd::Detector(args),
         } => pcb::bench_detector::run(&args).await,
+        Cmd::Bench {
+            what: BenchCmd::Trainer(args),
+        } => pcb::bench_trainer::run(&args),
         Cmd::Bench {
             what: BenchCmd::Pipeline { count, seed, dir },
         } => {
