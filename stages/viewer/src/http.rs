@@ -1,0 +1,652 @@
+//! The viewer's routes: the pages (one embedded front end), the JSON API over the index,
+//! the streams and the registry, the live event stream, and uploads into the pipeline.
+//! Every id, name and number from a URL is checked before use; nothing is read from disk.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State as AxState};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use pcb_schemas::{
+    decode, Detection, EncodedImage, RawImage, STREAM_DETECTIONS, STREAM_IMAGES, SUBJECT_RAW,
+};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::index::Filter;
+use crate::State;
+
+type Shared = Arc<State>;
+
+const INDEX_HTML: &str = include_str!("../assets/index.html");
+const APP_JS: &str = include_str!("../assets/app.js");
+const STYLE_CSS: &str = include_str!("../assets/style.css");
+
+/// An error answer: a status and a message, as JSON `{"error": ...}`.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn bad(msg: impl Into<String>) -> ApiError {
+        ApiError(StatusCode::BAD_REQUEST, msg.into())
+    }
+    fn not_found(msg: impl Into<String>) -> ApiError {
+        ApiError(StatusCode::NOT_FOUND, msg.into())
+    }
+    fn unavailable(msg: impl Into<String>) -> ApiError {
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, msg.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The routes over `state`.
+pub fn router(state: Shared) -> Router {
+    let upload_limit = state.config.max_upload_bytes;
+    Router::new()
+        .route("/", get(page))
+        .route("/boards", get(page))
+        .route("/boards/:id", get(board_page))
+        .route("/models", get(page))
+        .route("/upload", get(page))
+        .route("/assets/:file", get(asset))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/status", get(status))
+        .route("/api/overview", get(overview))
+        .route("/api/detections", get(detections))
+        .route("/api/lines", get(lines))
+        .route("/api/boards/:id", get(board))
+        .route("/api/images/:id/:which", get(image))
+        .route("/api/models", get(models))
+        .route("/api/models/:name/promote", post(promote))
+        .route("/api/models/:name/rollback", post(rollback))
+        .route("/api/training", get(training))
+        .route("/api/events", get(events))
+        .route(
+            "/api/upload",
+            post(upload).layer(DefaultBodyLimit::max(upload_limit)),
+        )
+        .fallback(fallback)
+        .with_state(state)
+}
+
+async fn page() -> Html<&'static str> {
+    Html(INDEX_HTML)
+}
+
+async fn board_page(Path(id): Path<String>) -> Response {
+    match check_image_id(&id) {
+        Ok(()) => Html(INDEX_HTML).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn asset(Path(file): Path<String>) -> Response {
+    let (body, kind) = match file.as_str() {
+        "app.js" => (APP_JS, "text/javascript; charset=utf-8"),
+        "style.css" => (STYLE_CSS, "text/css; charset=utf-8"),
+        _ => return ApiError::not_found(format!("no asset {file:?}")).into_response(),
+    };
+    ([(header::CONTENT_TYPE, kind)], body).into_response()
+}
+
+async fn fallback(uri: Uri) -> ApiError {
+    let path = uri.path();
+    if path.split('/').any(|part| part == ".." || part == ".")
+        || path.contains("%2e%2e")
+        || path.contains("%2E%2E")
+    {
+        ApiError::bad(format!("{path:?}: relative path segments are refused"))
+    } else {
+        ApiError::not_found(format!("no page or API at {path:?}"))
+    }
+}
+
+/// Image ids are sha256 hex digests: anything else cannot name an image.
+fn check_image_id(id: &str) -> ApiResult<()> {
+    if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(ApiError::bad(format!(
+            "{:?} is not an image id (64 hexadecimal digits)",
+            truncate(id, 80)
+        )))
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+/// Names of lines, classes and models: short and plain, so they can go anywhere.
+fn check_label(what: &str, s: &str, max: usize) -> ApiResult<()> {
+    if s.is_empty()
+        || s.chars().count() > max
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ' '))
+    {
+        return Err(ApiError::bad(format!(
+            "{what} {:?} must be 1 to {max} letters, digits, '-', '_', '.' or spaces",
+            truncate(s, 80)
+        )));
+    }
+    Ok(())
+}
+
+async fn status(AxState(s): AxState<Shared>) -> Json<serde_json::Value> {
+    let indexed = s.index.read().map(|ix| ix.len()).unwrap_or_default();
+    let images = s.images.read().map(|m| m.len()).unwrap_or_default();
+    Json(json!({ "indexed": indexed, "images": images }))
+}
+
+#[derive(Deserialize)]
+struct WindowQuery {
+    window: Option<String>,
+}
+
+async fn overview(
+    AxState(s): AxState<Shared>,
+    Query(q): Query<WindowQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let window = match q.window.as_deref() {
+        None | Some("") => 86_400,
+        Some(w) => w
+            .parse::<i64>()
+            .ok()
+            .filter(|w| (0..=366 * 86_400).contains(w))
+            .ok_or_else(|| {
+                ApiError::bad(format!(
+                    "window {:?} must be seconds between 0 (all time) and one year",
+                    truncate(w, 40)
+                ))
+            })?,
+    };
+    let ix = s
+        .index
+        .read()
+        .map_err(|_| ApiError::unavailable("index poisoned"))?;
+    let o = ix.overview(window, pcb_common::now_ms());
+    Ok(Json(serde_json::to_value(o).unwrap_or_default()))
+}
+
+#[derive(Deserialize, Default)]
+struct ListQuery {
+    line: Option<String>,
+    board: Option<String>,
+    verdict: Option<String>,
+    class: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    page: Option<String>,
+    page_size: Option<String>,
+}
+
+fn nonempty(v: &Option<String>) -> Option<&str> {
+    v.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+fn number(what: &str, v: Option<&str>, lo: i64, hi: i64) -> ApiResult<Option<i64>> {
+    match v {
+        None => Ok(None),
+        Some(t) => t
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (lo..=hi).contains(n))
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::bad(format!(
+                    "{what} {:?} must be a whole number from {lo} to {hi}",
+                    truncate(t, 40)
+                ))
+            }),
+    }
+}
+
+async fn detections(
+    AxState(s): AxState<Shared>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let max = s.config.max_page_size as i64;
+    let page = number("page", nonempty(&q.page), 1, 10_000_000)?.unwrap_or(1) as usize;
+    let page_size = number("page_size", nonempty(&q.page_size), 1, max)?.unwrap_or(50) as usize;
+    let mut f = Filter::default();
+    if let Some(l) = nonempty(&q.line) {
+        check_label("line", l, 64)?;
+        f.line = Some(l.to_string());
+    }
+    if let Some(b) = nonempty(&q.board) {
+        if b.chars().count() > 128 {
+            return Err(ApiError::bad("board filter longer than 128 characters"));
+        }
+        f.board = Some(b.to_string());
+    }
+    if let Some(v) = nonempty(&q.verdict) {
+        if v != "pass" && v != "fail" {
+            return Err(ApiError::bad(format!(
+                "verdict {:?} is neither pass nor fail",
+                truncate(v, 40)
+            )));
+        }
+        f.verdict = Some(v.to_string());
+    }
+    if let Some(c) = nonempty(&q.class) {
+        check_label("class", c, 64)?;
+        f.class = Some(c.to_string());
+    }
+    f.from = number("from", nonempty(&q.from), 0, i64::MAX)?;
+    f.to = number("to", nonempty(&q.to), 0, i64::MAX)?;
+    let ix = s
+        .index
+        .read()
+        .map_err(|_| ApiError::unavailable("index poisoned"))?;
+    Ok(Json(
+        serde_json::to_value(ix.page(&f, page, page_size)).unwrap_or_default(),
+    ))
+}
+
+async fn lines(AxState(s): AxState<Shared>) -> Json<serde_json::Value> {
+    let lines = s.index.read().map(|ix| ix.lines()).unwrap_or_default();
+    Json(json!({ "lines": lines, "classes": pcb_schemas::CLASS_NAMES }))
+}
+
+/// The encoded record of an image, from its stream sequence.
+async fn encoded(s: &State, id: &str) -> ApiResult<Option<EncodedImage>> {
+    let seq = s.images.read().ok().and_then(|m| m.get(id).copied());
+    let Some(seq) = seq else {
+        return Ok(None);
+    };
+    let stream =
+        s.js.get_stream(STREAM_IMAGES)
+            .await
+            .map_err(|e| ApiError::unavailable(format!("stream {STREAM_IMAGES}: {e}")))?;
+    match stream.get_raw_message(seq).await {
+        Ok(m) => decode::<EncodedImage>(&m.payload, None)
+            .map(Some)
+            .map_err(|e| ApiError::unavailable(format!("image record {seq}: {e}"))),
+        // Aged out of the stream (retention): the board's answer still shows.
+        Err(_) => Ok(None),
+    }
+}
+
+async fn board(
+    AxState(s): AxState<Shared>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    check_image_id(&id)?;
+    let found = s.index.read().ok().and_then(|ix| ix.board(&id));
+    let Some((summary, seq)) = found else {
+        return Err(ApiError::not_found(format!("no detection for image {id}")));
+    };
+    let stream =
+        s.js.get_stream(STREAM_DETECTIONS)
+            .await
+            .map_err(|e| ApiError::unavailable(format!("stream {STREAM_DETECTIONS}: {e}")))?;
+    let msg = stream.get_raw_message(seq).await.map_err(|e| {
+        ApiError::not_found(format!("the detection of {id} is no longer stored: {e}"))
+    })?;
+    let d: Detection = decode(&msg.payload, None)
+        .map_err(|e| ApiError::unavailable(format!("detection record {seq}: {e}")))?;
+    let record = encoded(&s, &id).await?;
+    let defects: Vec<serde_json::Value> = d
+        .defects
+        .iter()
+        .map(|x| json!({"x1": x.x1, "y1": x.y1, "x2": x.x2, "y2": x.y2, "class": x.class, "score": x.score}))
+        .collect();
+    let (width, height, labels, has_template) = match &record {
+        Some(r) => (
+            Some(r.width),
+            Some(r.height),
+            r.labels.as_ref().map(|ls| {
+                ls.iter()
+                    .map(|l| json!({"x1": l.x1, "y1": l.y1, "x2": l.x2, "y2": l.y2, "class": l.class}))
+                    .collect::<Vec<_>>()
+            }),
+            r.template_b64.is_some(),
+        ),
+        None => (None, None, None, false),
+    };
+    Ok(Json(json!({
+        "summary": summary,
+        "defects": defects,
+        "labels": labels,
+        "width": width,
+        "height": height,
+        "has_template": has_template,
+        "image_url": record.as_ref().map(|_| format!("/api/images/{id}/image")),
+        "template_url": has_template.then(|| format!("/api/images/{id}/template")),
+    })))
+}
+
+async fn image(
+    AxState(s): AxState<Shared>,
+    Path((id, which)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    check_image_id(&id)?;
+    if which != "image" && which != "template" {
+        return Err(ApiError::not_found(format!(
+            "{:?}: only image and template",
+            truncate(&which, 40)
+        )));
+    }
+    let Some(r) = encoded(&s, &id).await? else {
+        return Err(ApiError::not_found(format!(
+            "image {id} is not (or no longer) in {STREAM_IMAGES}"
+        )));
+    };
+    let b64 = if which == "image" {
+        Some(&r.image_b64)
+    } else {
+        r.template_b64.as_ref()
+    };
+    let Some(b64) = b64 else {
+        return Err(ApiError::not_found(format!("image {id} has no template")));
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| ApiError::unavailable(format!("image {id}: bad base64 ({e})")))?;
+    let (bytes, kind) = browser_image(bytes, &r.format)?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CACHE_CONTROL, "private, max-age=3600"),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+/// Browsers show JPEG, PNG and BMP as they are; TIFF is converted to PNG.
+fn browser_image(bytes: Vec<u8>, format: &str) -> ApiResult<(Vec<u8>, &'static str)> {
+    match format {
+        "jpeg" => Ok((bytes, "image/jpeg")),
+        "png" => Ok((bytes, "image/png")),
+        "bmp" => Ok((bytes, "image/bmp")),
+        _ => {
+            let img = image::load_from_memory(&bytes)
+                .map_err(|e| ApiError::unavailable(format!("decoding a {format} image: {e}")))?;
+            let mut out = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut out, image::ImageFormat::Png)
+                .map_err(|e| ApiError::unavailable(format!("encoding PNG: {e}")))?;
+            Ok((out.into_inner(), "image/png"))
+        }
+    }
+}
+
+async fn models(AxState(s): AxState<Shared>) -> ApiResult<Json<serde_json::Value>> {
+    let all = s
+        .registry
+        .list(None)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("registry: {e}")))?;
+    let mut by_name: std::collections::BTreeMap<String, Vec<serde_json::Value>> =
+        Default::default();
+    for v in all.iter().rev() {
+        by_name.entry(v.name.clone()).or_default().push(json!({
+            "version": v.version,
+            "created_at": v.created_at_ms,
+            "map": v.map_deeppcb,
+            "map50": v.map50,
+            "per_class_ap": v.ap_per_class,
+            "job": v.job,
+            "parent": v.parent_version,
+            "origin": v.origin,
+        }));
+    }
+    let mut out = Vec::new();
+    for (name, versions) in by_name {
+        let live = s
+            .registry
+            .live(&name)
+            .await
+            .map_err(|e| ApiError::unavailable(format!("registry: {e}")))?;
+        out.push(json!({"name": name, "live": live.map(|l| l.version), "versions": versions}));
+    }
+    Ok(Json(
+        json!({"token_required": s.config.token.is_some(), "models": out}),
+    ))
+}
+
+#[derive(Deserialize, Default)]
+struct ChangeBody {
+    version: Option<u64>,
+    token: Option<String>,
+}
+
+fn authorise(s: &State, headers: &HeaderMap, body: &ChangeBody) -> ApiResult<()> {
+    let Some(want) = &s.config.token else {
+        return Ok(());
+    };
+    let given = body.token.clone().or_else(|| {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string)
+    });
+    // Compared in full whatever the first difference, so timing says nothing of the token.
+    let ok = given.is_some_and(|g| {
+        g.len() == want.len()
+            && g.bytes()
+                .zip(want.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "this viewer needs its token to change the live model".into(),
+        ))
+    }
+}
+
+fn parse_body(bytes: &Bytes) -> ApiResult<ChangeBody> {
+    if bytes.is_empty() {
+        return Ok(ChangeBody::default());
+    }
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad(format!("body is not the expected JSON: {e}")))
+}
+
+async fn promote(
+    AxState(s): AxState<Shared>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    let body = parse_body(&body)?;
+    pcb_registry::check_name(&name).map_err(|e| ApiError::bad(e.to_string()))?;
+    authorise(&s, &headers, &body)?;
+    let Some(version) = body.version else {
+        return Err(ApiError::bad("promote needs {\"version\": N}"));
+    };
+    let alias = s
+        .registry
+        .promote(&name, version, "viewer")
+        .await
+        .map_err(|e| match e {
+            pcb_registry::RegistryError::NotFound(m) => ApiError::not_found(m),
+            other => ApiError::unavailable(other.to_string()),
+        })?;
+    pcb_registry::publish_event(&s.js, "promoted", &name, alias.version, "viewer", None).await;
+    tracing::info!(name, version, "promoted from the viewer");
+    Ok(Json(json!({"name": name, "live": alias.version})))
+}
+
+async fn rollback(
+    AxState(s): AxState<Shared>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    let body = parse_body(&body)?;
+    pcb_registry::check_name(&name).map_err(|e| ApiError::bad(e.to_string()))?;
+    authorise(&s, &headers, &body)?;
+    let alias = s
+        .registry
+        .rollback(&name, "viewer")
+        .await
+        .map_err(|e| match e {
+            pcb_registry::RegistryError::NoHistory(m) => ApiError(
+                StatusCode::CONFLICT,
+                format!("{m}: nothing to roll back to"),
+            ),
+            pcb_registry::RegistryError::NotFound(m) => ApiError::not_found(m),
+            other => ApiError::unavailable(other.to_string()),
+        })?;
+    pcb_registry::publish_event(&s.js, "rolled-back", &name, alias.version, "viewer", None).await;
+    tracing::info!(name, version = alias.version, "rolled back from the viewer");
+    Ok(Json(json!({"name": name, "live": alias.version})))
+}
+
+async fn training(AxState(s): AxState<Shared>) -> Json<serde_json::Value> {
+    let mut jobs: Vec<crate::Job> = s
+        .jobs
+        .read()
+        .map(|j| j.values().cloned().collect())
+        .unwrap_or_default();
+    jobs.sort_by(|a, b| b.updated_at.cmp(&a.updated_at));
+    Json(json!({ "jobs": jobs }))
+}
+
+async fn events(
+    AxState(s): AxState<Shared>,
+) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
+    let rx = s.events.subscribe();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(e) => return Some((Ok(SseEvent::default().event(e.kind).data(e.data)), rx)),
+                // A slow page misses some events; it refetches on the next one.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+#[derive(Deserialize, Default)]
+struct UploadQuery {
+    name: Option<String>,
+    line: Option<String>,
+}
+
+async fn upload(
+    AxState(s): AxState<Shared>,
+    Query(q): Query<UploadQuery>,
+    body: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    if body.is_empty() {
+        return Err(ApiError::bad(
+            "the upload is empty: send the image file as the body",
+        ));
+    }
+    let name = nonempty(&q.name).unwrap_or("upload.png");
+    if name.chars().count() > 128
+        || name.contains('/')
+        || name.contains('\\')
+        || name.starts_with('.')
+        || name.chars().any(char::is_control)
+    {
+        return Err(ApiError::bad(format!(
+            "file name {:?} must be a plain name of at most 128 characters",
+            truncate(name, 80)
+        )));
+    }
+    let line = nonempty(&q.line).unwrap_or("upload");
+    check_label("line", line, 64)?;
+    let format = image::guess_format(&body).map_err(|_| {
+        ApiError::bad(format!(
+            "{name:?} is not an image this pipeline reads (JPEG, PNG, BMP or TIFF)"
+        ))
+    })?;
+    if !matches!(
+        format,
+        image::ImageFormat::Jpeg
+            | image::ImageFormat::Png
+            | image::ImageFormat::Bmp
+            | image::ImageFormat::Tiff
+    ) {
+        return Err(ApiError::bad(format!(
+            "{name:?} is {format:?}; the pipeline reads JPEG, PNG, BMP or TIFF"
+        )));
+    }
+    let stem = std::path::Path::new(name)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "upload".into());
+    let raw = RawImage {
+        image_id: pcb_schemas::image_id(&body),
+        image: body.to_vec(),
+        template: None,
+        labels: None,
+        label_format: None,
+        board_id: stem.clone(),
+        line_id: line.to_string(),
+        source: format!("upload/{name}"),
+        captured_at_ms: pcb_common::now_ms(),
+        split_hint: None,
+    };
+    let ack = pcb_common::publish(&s.js, SUBJECT_RAW.into(), &raw)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("publishing the upload: {e}")))?;
+    s.metrics.count("uploaded");
+    Ok(Json(json!({
+        "image_id": raw.image_id,
+        "board_id": stem,
+        "status": if ack.duplicate { "duplicate" } else { "queued" },
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_labels_and_numbers_are_checked() {
+        assert!(check_image_id(&"a".repeat(64)).is_ok());
+        assert!(check_image_id("../../etc/passwd").is_err());
+        assert!(check_image_id(&"g".repeat(64)).is_err());
+        assert!(check_label("line", "line-1", 64).is_ok());
+        assert!(check_label("line", "a/b", 64).is_err());
+        assert!(check_label("line", &"x".repeat(65), 64).is_err());
+        assert_eq!(number("page", Some("3"), 1, 10).ok(), Some(Some(3)));
+        let e = number("page_size", Some("100000"), 1, 500).expect_err("absurd");
+        assert_eq!(e.0, StatusCode::BAD_REQUEST);
+        assert!(e.1.contains("from 1 to 500"), "{}", e.1);
+        assert!(number("page", Some("-1"), 1, 10).is_err());
+        assert!(number("page", Some("x"), 1, 10).is_err());
+    }
+
+    #[test]
+    fn tiff_is_converted_for_browsers() {
+        let img = image::RgbImage::from_pixel(4, 3, image::Rgb([10, 20, 30]));
+        let mut tiff = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut tiff, image::ImageFormat::Tiff)
+            .expect("tiff");
+        let (png, kind) = browser_image(tiff.into_inner(), "tiff").expect("converted");
+        assert_eq!(kind, "image/png");
+        assert_eq!(
+            image::guess_format(&png).expect("format"),
+            image::ImageFormat::Png
+        );
+        let (same, kind) = browser_image(vec![1, 2, 3], "jpeg").expect("as is");
+        assert_eq!((same, kind), (vec![1, 2, 3], "image/jpeg"));
+    }
+}

@@ -1,0 +1,597 @@
+//! The viewer's in-memory index of detections: one compact entry per board (its latest
+//! answer), aggregates per line and 5-minute bucket kept up to date as detections arrive,
+//! so pages read sums of buckets instead of rescanning the stream.
+
+use std::collections::{BTreeMap, HashMap};
+
+use pcb_schemas::Detection;
+use serde::Serialize;
+
+/// Width of an aggregate bucket.
+pub const BUCKET_MS: i64 = 300_000;
+/// Bins of the confidence histogram over 0..1.
+pub const CONFIDENCE_BINS: usize = 20;
+/// Columns a heat-map row aims for.
+const HEATMAP_COLUMNS: i64 = 48;
+
+/// What a list shows of one detection.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Summary {
+    /// sha256 of the image file.
+    pub image_id: String,
+    /// Board identifier.
+    pub board_id: String,
+    /// Production line.
+    pub line_id: String,
+    /// Source path.
+    pub source: String,
+    /// Capture time, ms since the epoch.
+    pub captured_at: i64,
+    /// Detection time, ms since the epoch.
+    pub detected_at: i64,
+    /// `name@version`.
+    pub model: String,
+    /// `pass` or `fail`.
+    pub verdict: String,
+    /// Number of reported defects.
+    pub defects: usize,
+    /// Class of the best-scoring defect.
+    pub top_class: Option<String>,
+    /// Its score.
+    pub top_score: Option<f32>,
+    /// Model milliseconds for the image.
+    pub inference_ms: f64,
+}
+
+/// One board's entry: its summary and what its aggregates counted, so a newer answer for
+/// the same image can take the older one's place in the sums.
+#[derive(Debug, Clone)]
+struct Entry {
+    summary: Summary,
+    /// Sequence of the detection message in its stream (for the defects' boxes).
+    seq: u64,
+    classes: Vec<(String, u32)>,
+    confidence: [u32; CONFIDENCE_BINS],
+}
+
+/// Sums over some boards.
+#[derive(Debug, Clone, Default)]
+struct Cell {
+    boards: u64,
+    failed: u64,
+    defects: u64,
+    classes: HashMap<String, u64>,
+    confidence: [u64; CONFIDENCE_BINS],
+}
+
+impl Cell {
+    fn apply(&mut self, e: &Entry, sign: i64) {
+        let add = |v: &mut u64, n: u64| {
+            *v = if sign > 0 {
+                v.saturating_add(n)
+            } else {
+                v.saturating_sub(n)
+            }
+        };
+        add(&mut self.boards, 1);
+        add(&mut self.failed, u64::from(e.summary.verdict == "fail"));
+        add(&mut self.defects, e.summary.defects as u64);
+        for (c, n) in &e.classes {
+            add(self.classes.entry(c.clone()).or_default(), u64::from(*n));
+        }
+        for (i, n) in e.confidence.iter().enumerate() {
+            add(&mut self.confidence[i], u64::from(*n));
+        }
+    }
+
+    fn merge(&mut self, o: &Cell) {
+        self.boards += o.boards;
+        self.failed += o.failed;
+        self.defects += o.defects;
+        for (c, n) in &o.classes {
+            *self.classes.entry(c.clone()).or_default() += n;
+        }
+        for (i, n) in o.confidence.iter().enumerate() {
+            self.confidence[i] += n;
+        }
+    }
+}
+
+/// Filters of the board list; empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Exact line.
+    pub line: Option<String>,
+    /// Substring of the board id.
+    pub board: Option<String>,
+    /// `pass` or `fail`.
+    pub verdict: Option<String>,
+    /// A class among the board's defects.
+    pub class: Option<String>,
+    /// Detected at or after, ms.
+    pub from: Option<i64>,
+    /// Detected before, ms.
+    pub to: Option<i64>,
+}
+
+/// A page of the board list.
+#[derive(Debug, Clone, Serialize)]
+pub struct Page {
+    /// Boards matching the filter.
+    pub total: usize,
+    /// 1-based page.
+    pub page: usize,
+    /// Boards per page.
+    pub page_size: usize,
+    /// Pages in all.
+    pub pages: usize,
+    /// This page, newest first.
+    pub items: Vec<Summary>,
+}
+
+/// One line's row of the heat-map.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeatRow {
+    /// The line.
+    pub line: String,
+    /// One cell per column.
+    pub cells: Vec<HeatCell>,
+}
+
+/// A heat-map cell.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeatCell {
+    /// Boards inspected.
+    pub boards: u64,
+    /// Of which failed.
+    pub failed: u64,
+}
+
+/// The heat-map of failures per line over time.
+#[derive(Debug, Clone, Serialize)]
+pub struct Heatmap {
+    /// Column width.
+    pub bucket_ms: i64,
+    /// Column starts, ms.
+    pub starts: Vec<i64>,
+    /// Rows.
+    pub lines: Vec<HeatRow>,
+}
+
+/// A class and its defect count.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassCount {
+    /// Class name.
+    pub class: String,
+    /// Defects.
+    pub count: u64,
+}
+
+/// A histogram bin.
+#[derive(Debug, Clone, Serialize)]
+pub struct Bin {
+    /// Lower edge.
+    pub lo: f64,
+    /// Upper edge.
+    pub hi: f64,
+    /// Defects scored in it.
+    pub count: u64,
+}
+
+/// The overview of a time window.
+#[derive(Debug, Clone, Serialize)]
+pub struct Overview {
+    /// The window, seconds (0: all time).
+    pub window_secs: i64,
+    /// Start, ms.
+    pub from_ms: i64,
+    /// End, ms.
+    pub to_ms: i64,
+    /// Boards inspected.
+    pub inspected: u64,
+    /// Passed.
+    pub passed: u64,
+    /// Failed.
+    pub failed: u64,
+    /// passed / inspected.
+    pub r#yield: Option<f64>,
+    /// Defects reported.
+    pub defects: u64,
+    /// Defects per inspected board.
+    pub defect_rate: Option<f64>,
+    /// Classes by defect count, descending.
+    pub pareto: Vec<ClassCount>,
+    /// Failures per line over time.
+    pub heatmap: Heatmap,
+    /// Defect scores.
+    pub confidence: Vec<Bin>,
+    /// Latest boards, newest first.
+    pub recent: Vec<Summary>,
+}
+
+/// The index.
+#[derive(Debug, Default)]
+pub struct Index {
+    entries: Vec<Option<Entry>>,
+    by_image: HashMap<String, usize>,
+    buckets: BTreeMap<i64, HashMap<String, Cell>>,
+    lines: BTreeMap<String, u64>,
+    live: usize,
+}
+
+fn bucket_of(ms: i64) -> i64 {
+    ms.div_euclid(BUCKET_MS) * BUCKET_MS
+}
+
+impl Index {
+    /// Boards indexed.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    /// Whether nothing is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// Lines seen, sorted.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.keys().cloned().collect()
+    }
+
+    /// Takes a detection (message `seq` of its stream); a board's newer answer replaces its
+    /// older one, an older one is ignored. Returns the board's summary when it changed.
+    pub fn add(&mut self, d: &Detection, seq: u64) -> Option<Summary> {
+        let entry = entry_of(d, seq);
+        if let Some(&i) = self.by_image.get(&d.image_id) {
+            let newer = match &self.entries[i] {
+                Some(old) => {
+                    (old.summary.detected_at, old.seq) <= (entry.summary.detected_at, entry.seq)
+                }
+                None => true,
+            };
+            if !newer {
+                return None;
+            }
+            if let Some(old) = self.entries[i].take() {
+                self.apply(&old, -1);
+                self.live -= 1;
+            }
+        }
+        self.apply(&entry, 1);
+        let summary = entry.summary.clone();
+        self.by_image
+            .insert(summary.image_id.clone(), self.entries.len());
+        self.entries.push(Some(entry));
+        self.live += 1;
+        Some(summary)
+    }
+
+    fn apply(&mut self, e: &Entry, sign: i64) {
+        let cells = self
+            .buckets
+            .entry(bucket_of(e.summary.detected_at))
+            .or_default();
+        cells
+            .entry(e.summary.line_id.clone())
+            .or_default()
+            .apply(e, sign);
+        let n = self.lines.entry(e.summary.line_id.clone()).or_default();
+        *n = if sign > 0 {
+            *n + 1
+        } else {
+            n.saturating_sub(1)
+        };
+    }
+
+    /// The board's summary and the sequence of its detection message.
+    pub fn board(&self, image_id: &str) -> Option<(Summary, u64)> {
+        let i = *self.by_image.get(image_id)?;
+        self.entries[i].as_ref().map(|e| (e.summary.clone(), e.seq))
+    }
+
+    /// One page of the boards matching `f`, newest first.
+    pub fn page(&self, f: &Filter, page: usize, page_size: usize) -> Page {
+        let page = page.max(1);
+        let skip = (page - 1).saturating_mul(page_size);
+        let mut total = 0usize;
+        let mut items = Vec::new();
+        for e in self.entries.iter().rev().flatten() {
+            if !matches(e, f) {
+                continue;
+            }
+            if total >= skip && items.len() < page_size {
+                items.push(e.summary.clone());
+            }
+            total += 1;
+        }
+        Page {
+            total,
+            page,
+            page_size,
+            pages: total.div_ceil(page_size.max(1)).max(1),
+            items,
+        }
+    }
+
+    /// The overview of the last `window_secs` before `now_ms` (0: everything).
+    pub fn overview(&self, window_secs: i64, now_ms: i64) -> Overview {
+        let first = self
+            .buckets
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(bucket_of(now_ms));
+        let from = if window_secs > 0 {
+            now_ms - window_secs * 1000
+        } else {
+            first
+        };
+        let mut total = Cell::default();
+        for (_, cells) in self.buckets.range(bucket_of(from)..) {
+            for c in cells.values() {
+                total.merge(c);
+            }
+        }
+        let mut pareto: Vec<ClassCount> = total
+            .classes
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(c, n)| ClassCount {
+                class: c.clone(),
+                count: *n,
+            })
+            .collect();
+        pareto.sort_by(|a, b| b.count.cmp(&a.count).then(a.class.cmp(&b.class)));
+        let confidence = total
+            .confidence
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Bin {
+                lo: i as f64 / CONFIDENCE_BINS as f64,
+                hi: (i + 1) as f64 / CONFIDENCE_BINS as f64,
+                count: *n,
+            })
+            .collect();
+        let recent = self
+            .entries
+            .iter()
+            .rev()
+            .flatten()
+            .take(20)
+            .map(|e| e.summary.clone())
+            .collect();
+        let passed = total.boards - total.failed.min(total.boards);
+        Overview {
+            window_secs,
+            from_ms: from,
+            to_ms: now_ms,
+            inspected: total.boards,
+            passed,
+            failed: total.failed,
+            r#yield: (total.boards > 0).then(|| passed as f64 / total.boards as f64),
+            defects: total.defects,
+            defect_rate: (total.boards > 0).then(|| total.defects as f64 / total.boards as f64),
+            pareto,
+            heatmap: self.heatmap(from, now_ms),
+            confidence,
+            recent,
+        }
+    }
+
+    fn heatmap(&self, from: i64, to: i64) -> Heatmap {
+        let span = (to - from).max(BUCKET_MS);
+        let width =
+            ((span / HEATMAP_COLUMNS).max(BUCKET_MS) + BUCKET_MS - 1) / BUCKET_MS * BUCKET_MS;
+        let start = bucket_of(from);
+        let columns = ((to - start) / width + 1).max(1) as usize;
+        let starts: Vec<i64> = (0..columns).map(|i| start + i as i64 * width).collect();
+        let mut rows: BTreeMap<String, Vec<HeatCell>> = BTreeMap::new();
+        for (bucket, cells) in self.buckets.range(start..) {
+            let col = ((bucket - start) / width) as usize;
+            if col >= columns {
+                continue;
+            }
+            for (line, c) in cells {
+                if c.boards == 0 {
+                    continue;
+                }
+                let row = rows.entry(line.clone()).or_insert_with(|| {
+                    (0..columns)
+                        .map(|_| HeatCell {
+                            boards: 0,
+                            failed: 0,
+                        })
+                        .collect()
+                });
+                row[col].boards += c.boards;
+                row[col].failed += c.failed;
+            }
+        }
+        Heatmap {
+            bucket_ms: width,
+            starts,
+            lines: rows
+                .into_iter()
+                .map(|(line, cells)| HeatRow { line, cells })
+                .collect(),
+        }
+    }
+}
+
+fn matches(e: &Entry, f: &Filter) -> bool {
+    let s = &e.summary;
+    f.line.as_ref().is_none_or(|l| &s.line_id == l)
+        && f.board
+            .as_ref()
+            .is_none_or(|b| s.board_id.contains(b.as_str()))
+        && f.verdict.as_ref().is_none_or(|v| &s.verdict == v)
+        && f.class
+            .as_ref()
+            .is_none_or(|c| e.classes.iter().any(|(k, _)| k == c))
+        && f.from.is_none_or(|t| s.detected_at >= t)
+        && f.to.is_none_or(|t| s.detected_at < t)
+}
+
+fn entry_of(d: &Detection, seq: u64) -> Entry {
+    let mut classes: Vec<(String, u32)> = Vec::new();
+    let mut confidence = [0u32; CONFIDENCE_BINS];
+    for defect in &d.defects {
+        match classes.iter_mut().find(|(c, _)| *c == defect.class) {
+            Some((_, n)) => *n += 1,
+            None => classes.push((defect.class.clone(), 1)),
+        }
+        let bin = ((defect.score.clamp(0.0, 1.0) * CONFIDENCE_BINS as f32) as usize)
+            .min(CONFIDENCE_BINS - 1);
+        confidence[bin] += 1;
+    }
+    let top = d.defects.iter().max_by(|a, b| a.score.total_cmp(&b.score));
+    Entry {
+        summary: Summary {
+            image_id: d.image_id.clone(),
+            board_id: d.board_id.clone(),
+            line_id: d.line_id.clone(),
+            source: d.source.clone(),
+            captured_at: d.captured_at,
+            detected_at: d.detected_at,
+            model: format!("{}@{}", d.model.name, d.model.version),
+            verdict: d.verdict.clone(),
+            defects: d.defects.len(),
+            top_class: top.map(|t| t.class.clone()),
+            top_score: top.map(|t| t.score),
+            inference_ms: d.inference_ms,
+        },
+        seq,
+        classes,
+        confidence,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcb_schemas::{Defect, ModelRef};
+
+    fn det(id: &str, line: &str, at: i64, version: u64, scores: &[(f32, &str)]) -> Detection {
+        let defects: Vec<Defect> = scores
+            .iter()
+            .map(|(s, c)| Defect {
+                x1: 1.0,
+                y1: 2.0,
+                x2: 3.0,
+                y2: 4.0,
+                class_id: 1,
+                class: c.to_string(),
+                score: *s,
+            })
+            .collect();
+        Detection {
+            image_id: id.into(),
+            board_id: format!("board-{id}"),
+            line_id: line.into(),
+            source: format!("{line}/{id}.jpg"),
+            captured_at: at - 1000,
+            detected_at: at,
+            model: ModelRef {
+                name: "m".into(),
+                version,
+            },
+            verdict: if defects.iter().any(|d| d.score >= 0.5) {
+                "fail".into()
+            } else {
+                "pass".into()
+            },
+            defects,
+            inference_ms: 10.0,
+        }
+    }
+
+    #[test]
+    fn overview_counts_yield_pareto_and_confidence() {
+        let mut ix = Index::default();
+        let t = 1_700_000_000_000;
+        ix.add(&det("a", "l1", t, 1, &[(0.9, "short"), (0.2, "open")]), 1);
+        ix.add(&det("b", "l1", t + 1000, 1, &[(0.3, "short")]), 2);
+        ix.add(&det("c", "l2", t + 2000, 1, &[]), 3);
+        let o = ix.overview(3600, t + 10_000);
+        assert_eq!((o.inspected, o.passed, o.failed, o.defects), (3, 2, 1, 3));
+        assert!((o.r#yield.expect("yield") - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(o.pareto[0].class, "short");
+        assert_eq!(o.pareto[0].count, 2);
+        assert_eq!(o.confidence.iter().map(|b| b.count).sum::<u64>(), 3);
+        assert_eq!(o.confidence[18].count, 1, "0.9 falls in [0.90, 0.95)");
+        assert_eq!(o.recent[0].image_id, "c", "newest first");
+        let rows: Vec<&str> = o.heatmap.lines.iter().map(|r| r.line.as_str()).collect();
+        assert_eq!(rows, ["l1", "l2"]);
+        let l1: u64 = o.heatmap.lines[0].cells.iter().map(|c| c.failed).sum();
+        assert_eq!(l1, 1);
+    }
+
+    #[test]
+    fn a_newer_answer_replaces_the_older_in_every_sum() {
+        let mut ix = Index::default();
+        let t = 1_700_000_000_000;
+        ix.add(&det("a", "l1", t, 1, &[(0.9, "short")]), 1);
+        assert!(ix.add(&det("a", "l1", t + 5, 2, &[]), 2).is_some());
+        assert!(
+            ix.add(&det("a", "l1", t + 1, 1, &[(0.9, "spur")]), 3)
+                .is_none(),
+            "an older answer arriving late is ignored"
+        );
+        let o = ix.overview(0, t + 10);
+        assert_eq!((ix.len(), o.inspected, o.failed, o.defects), (1, 1, 0, 0));
+        assert!(o.pareto.is_empty());
+        assert_eq!(
+            ix.board("a").map(|(s, seq)| (s.model, seq)),
+            Some(("m@2".into(), 2))
+        );
+    }
+
+    #[test]
+    fn pages_filter_and_count() {
+        let mut ix = Index::default();
+        let t = 1_700_000_000_000;
+        for i in 0..25 {
+            let line = if i % 2 == 0 { "even" } else { "odd" };
+            let scores: &[(f32, &str)] = if i % 5 == 0 { &[(0.8, "spur")] } else { &[] };
+            ix.add(
+                &det(&format!("{i:03}"), line, t + i, 1, scores),
+                i as u64 + 1,
+            );
+        }
+        let all = ix.page(&Filter::default(), 1, 10);
+        assert_eq!((all.total, all.pages, all.items.len()), (25, 3, 10));
+        assert_eq!(all.items[0].image_id, "024");
+        let last = ix.page(&Filter::default(), 3, 10);
+        assert_eq!(last.items.len(), 5);
+        let odd_fail = ix.page(
+            &Filter {
+                line: Some("odd".into()),
+                verdict: Some("fail".into()),
+                ..Filter::default()
+            },
+            1,
+            10,
+        );
+        assert_eq!(odd_fail.total, 2, "5 and 15");
+        let spur = ix.page(
+            &Filter {
+                class: Some("spur".into()),
+                from: Some(t + 10),
+                ..Filter::default()
+            },
+            1,
+            10,
+        );
+        assert_eq!(spur.total, 3, "10, 15, 20");
+        let board = ix.page(
+            &Filter {
+                board: Some("board-01".into()),
+                ..Filter::default()
+            },
+            1,
+            50,
+        );
+        assert_eq!(board.total, 10, "010..019");
+    }
+}

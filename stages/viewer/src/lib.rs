@@ -1,0 +1,358 @@
+//! The inspection viewer stage: an HTTP server (axum) for operators and quality engineers,
+//! fed live from the detections, images, training and registry streams.
+
+pub mod feeds;
+pub mod http;
+pub mod index;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use async_nats::jetstream;
+use pcb_common::{
+    load_config, validate_common, ConfigError, LogConfig, MetricsConfig, NatsConfig, Problems,
+    Shutdown, Topology,
+};
+use serde::{Deserialize, Serialize};
+
+/// The stage's name: its metrics label.
+pub const STAGE: &str = "viewer";
+
+/// The viewer's config file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// NATS connection.
+    pub nats: NatsConfig,
+    /// Streams to provision before reading.
+    pub streams: Topology,
+    /// `/metrics` endpoint.
+    pub metrics: MetricsConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// The viewer's own settings.
+    pub viewer: ViewerSettings,
+}
+
+/// Settings of the viewer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ViewerSettings {
+    /// Address the web server binds to (`127.0.0.1:8080`; port 0 picks a free one).
+    pub addr: String,
+    /// Token that promote and rollback must carry; required when `addr` is not a loopback
+    /// address, so the registry cannot be changed from the network without it.
+    pub token: String,
+    /// Largest page of the board list a request may ask for.
+    pub max_page_size: usize,
+    /// Largest uploaded image, in bytes.
+    pub max_upload_bytes: usize,
+    /// Loss points kept per training job for the loss curve (older ones are thinned).
+    pub loss_points: usize,
+}
+
+impl Default for ViewerSettings {
+    fn default() -> Self {
+        ViewerSettings {
+            addr: "127.0.0.1:8080".into(),
+            token: String::new(),
+            max_page_size: 500,
+            max_upload_bytes: 32 << 20,
+            loss_points: 2000,
+        }
+    }
+}
+
+/// The validated configuration the stage runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// NATS connection.
+    pub nats: NatsConfig,
+    /// Streams.
+    pub streams: Topology,
+    /// `/metrics`.
+    pub metrics: MetricsConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Where to listen.
+    pub addr: SocketAddr,
+    /// Required for promote and rollback, when set.
+    pub token: Option<String>,
+    /// Page size limit.
+    pub max_page_size: usize,
+    /// Upload size limit.
+    pub max_upload_bytes: usize,
+    /// Loss points per job.
+    pub loss_points: usize,
+}
+
+impl Config {
+    /// Loads the file under `PCB_*` variables and validates it.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let file: FileConfig = load_config(path)?;
+        file.validate().map_err(|p| ConfigError::invalid(path, p))
+    }
+}
+
+impl FileConfig {
+    /// Checks every value and reports all problems at once.
+    pub fn validate(self) -> Result<Config, Problems> {
+        let mut p = Problems::default();
+        validate_common(&self.nats, &self.streams, &self.metrics, &self.log, &mut p);
+        let v = &self.viewer;
+        let addr = match v.addr.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                p.push(
+                    "viewer.addr",
+                    format!(
+                        "{:?} is not an address such as 127.0.0.1:8080 ({e})",
+                        v.addr
+                    ),
+                );
+                None
+            }
+        };
+        if let Some(a) = addr {
+            p.check(
+                !a.ip().is_loopback() && v.token.trim().is_empty(),
+                "viewer.token",
+                format!(
+                    "must be set when the viewer listens on {a}, beyond loopback: promote and \
+                     rollback would be open to the network"
+                ),
+            );
+        }
+        p.check(
+            v.max_page_size == 0 || v.max_page_size > 10_000,
+            "viewer.max_page_size",
+            "must be between 1 and 10000",
+        );
+        p.check(
+            v.max_upload_bytes < 1024,
+            "viewer.max_upload_bytes",
+            "must be at least 1024",
+        );
+        p.check(
+            v.loss_points < 10,
+            "viewer.loss_points",
+            "must be at least 10",
+        );
+        p.into_result()?;
+        let v = self.viewer;
+        Ok(Config {
+            addr: addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            token: (!v.token.trim().is_empty()).then(|| v.token.trim().to_string()),
+            max_page_size: v.max_page_size,
+            max_upload_bytes: v.max_upload_bytes,
+            loss_points: v.loss_points,
+            nats: self.nats,
+            streams: self.streams,
+            metrics: self.metrics,
+            log: self.log,
+        })
+    }
+}
+
+/// Why the viewer stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ViewerError {
+    /// Streams could not be provisioned or `/metrics` not served.
+    #[error(transparent)]
+    Start(#[from] pcb_common::stage::StartError),
+    /// The registry's bucket and object store could not be opened.
+    #[error("opening the model registry: {0}")]
+    Registry(#[from] pcb_registry::RegistryError),
+    /// The web server could not bind or failed.
+    #[error("web server on {addr}: {message}")]
+    Serve {
+        /// The address.
+        addr: String,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// A message for the pages' event stream.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// `detection`, `model` or `progress`.
+    pub kind: &'static str,
+    /// JSON.
+    pub data: String,
+}
+
+/// The latest state of one training job.
+#[derive(Debug, Clone, Serialize)]
+pub struct Job {
+    /// Job name.
+    pub job: String,
+    /// Epoch, 1-based.
+    pub epoch: u32,
+    /// Epochs.
+    pub epochs: u32,
+    /// Step in the epoch.
+    pub step: u32,
+    /// Steps per epoch.
+    pub steps: u32,
+    /// Loss of the last step.
+    pub loss: f64,
+    /// Images per second.
+    pub images_per_sec: f64,
+    /// Last validation mAP.
+    pub val_map: Option<f64>,
+    /// When last heard of, ms.
+    pub updated_at: i64,
+    /// Last step of the last epoch reached.
+    pub done: bool,
+    /// `[global_step, loss]`, thinned to the configured number of points.
+    pub losses: Vec<(u64, f64)>,
+}
+
+/// What the handlers share.
+pub struct State {
+    /// The detections index.
+    pub index: RwLock<index::Index>,
+    /// Stream sequence of each image's encoded record.
+    pub images: RwLock<std::collections::HashMap<String, u64>>,
+    /// Training jobs by name.
+    pub jobs: RwLock<BTreeMap<String, Job>>,
+    /// Live events for the pages.
+    pub events: tokio::sync::broadcast::Sender<Event>,
+    /// JetStream.
+    pub js: jetstream::Context,
+    /// The registry.
+    pub registry: pcb_registry::Registry,
+    /// Settings.
+    pub config: Config,
+    /// Prometheus counters.
+    pub metrics: pcb_common::Metrics,
+}
+
+/// Serves until `shutdown`; `bound` receives the address actually bound (port 0 picks one).
+pub async fn run_with(
+    config: Config,
+    client: async_nats::Client,
+    shutdown: Shutdown,
+    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> Result<(), ViewerError> {
+    let metrics = pcb_common::Metrics::new(STAGE);
+    let js = pcb_common::stage::prepare(
+        &client,
+        &config.streams,
+        &metrics,
+        &config.metrics,
+        &shutdown,
+    )
+    .await?;
+    let registry = pcb_registry::Registry::open(&js).await?;
+    let (events, _) = tokio::sync::broadcast::channel(1024);
+    let state = Arc::new(State {
+        index: RwLock::new(index::Index::default()),
+        images: RwLock::new(Default::default()),
+        jobs: RwLock::new(BTreeMap::new()),
+        events,
+        js,
+        registry,
+        config: config.clone(),
+        metrics,
+    });
+    let feeds = feeds::spawn_all(state.clone(), shutdown.clone());
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .map_err(|e| ViewerError::Serve {
+            addr: config.addr.to_string(),
+            message: e.to_string(),
+        })?;
+    let local = listener.local_addr().map_err(|e| ViewerError::Serve {
+        addr: config.addr.to_string(),
+        message: e.to_string(),
+    })?;
+    tracing::info!(url = %format!("http://{local}/"), "viewer listening");
+    if let Some(tx) = bound {
+        let _ = tx.send(local);
+    }
+    let app = http::router(state);
+    let stop = shutdown.clone();
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+    for f in feeds {
+        f.abort();
+    }
+    served.map_err(|e| ViewerError::Serve {
+        addr: local.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Serves until `shutdown`.
+pub async fn run(
+    config: Config,
+    client: async_nats::Client,
+    shutdown: Shutdown,
+) -> Result<(), ViewerError> {
+    run_with(config, client, shutdown, None).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(text: &str) -> Result<Config, Problems> {
+        let f: FileConfig = toml_of(text);
+        f.validate()
+    }
+
+    fn toml_of(text: &str) -> FileConfig {
+        pcb_common::settings::load_config_from_env(
+            Some(&write(text)),
+            Vec::<(String, String)>::new(),
+        )
+        .expect("parses")
+    }
+
+    fn write(text: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "pcb-viewer-test-{}-{}",
+            std::process::id(),
+            text.len()
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let p = dir.join("viewer.toml");
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    #[test]
+    fn defaults_bind_loopback_without_a_token() {
+        let c = validate("").expect("valid");
+        assert_eq!(c.addr.to_string(), "127.0.0.1:8080");
+        assert!(c.token.is_none());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err =
+            validate("[viewer]\naddr = \"0.0.0.0:80\"\nmax_page_size = 0\nmax_upload_bytes = 1\n")
+                .expect_err("invalid");
+        let text = err.to_string();
+        for key in [
+            "viewer.token",
+            "viewer.max_page_size",
+            "viewer.max_upload_bytes",
+        ] {
+            assert!(text.contains(key), "{key} missing from: {text}");
+        }
+        let err = validate("[viewer]\naddr = \"nowhere\"\n").expect_err("invalid");
+        assert!(err.to_string().contains("viewer.addr"), "{err}");
+    }
+
+    #[test]
+    fn beyond_loopback_with_a_token_is_fine() {
+        let c = validate("[viewer]\naddr = \"0.0.0.0:8080\"\ntoken = \"s3cret\"\n").expect("valid");
+        assert_eq!(c.token.as_deref(), Some("s3cret"));
+    }
+}
