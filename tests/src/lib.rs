@@ -276,11 +276,21 @@ pub async fn register_random_model(
 /// Starts a `detector` process serving `model` (every defect reported, one thread);
 /// returns it with its log file.
 pub fn spawn_detector(env: &Env, name: &str, model: &str) -> (std::process::Child, PathBuf) {
+    spawn_detector_with(env, name, model, "")
+}
+
+/// [`spawn_detector`] with more `[detector]` settings (TOML lines).
+pub fn spawn_detector_with(
+    env: &Env,
+    name: &str,
+    model: &str,
+    extra: &str,
+) -> (std::process::Child, PathBuf) {
     let config = env.config_file(
         &format!("{name}.toml"),
         &format!(
             "[detector]\nmodel_name = {model:?}\nmax_batch = 8\nmax_wait_ms = 20\nthreads = 1\n\
-             ack_wait_secs = 10\nreport_threshold = 0.0\n"
+             ack_wait_secs = 10\nreport_threshold = 0.0\n{extra}"
         ),
     );
     let log = env.dir.path().join(format!("{name}.log"));

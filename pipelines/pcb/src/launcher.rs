@@ -21,6 +21,8 @@ pub struct UpOptions {
     pub watch: Option<PathBuf>,
     /// Override of the pipeline file's `data_dir`.
     pub data_dir: Option<PathBuf>,
+    /// Override of the viewer's address (`stages.viewer.settings.addr`).
+    pub viewer_addr: Option<String>,
 }
 
 struct StageProcess {
@@ -92,6 +94,12 @@ impl Running {
         };
         pipeline.stages.ingester.settings.watch_dir = watch_dir.clone();
         pipeline.pipeline.data_dir = data_dir.clone();
+        if let Some(addr) = &opts.viewer_addr {
+            pipeline.stages.viewer.settings.addr = addr.clone();
+        }
+        let viewer_url = viewer_url_file(&data_dir);
+        let _ = std::fs::remove_file(&viewer_url);
+        pipeline.stages.viewer.settings.url_file = viewer_url.display().to_string();
         let bin_dir = bin_dir()?;
         for stage in STAGES {
             if !bin_dir.join(stage).is_file() {
@@ -158,6 +166,24 @@ impl Running {
             });
         }
         Ok(running)
+    }
+
+    /// The viewer's URL, once it listens (waits up to `wait`); None when it is off or
+    /// did not come up.
+    pub fn viewer_url(&self, wait: Duration) -> Option<String> {
+        if self.pipeline.stages.viewer.replicas == 0 {
+            return None;
+        }
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Ok(url) = std::fs::read_to_string(viewer_url_file(&self.data_dir)) {
+                return Some(url.trim().to_string());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Log files of the stages.
@@ -395,6 +421,18 @@ fn print_banner(r: &Running) {
         println!("  log {name:<12} {}", log.display());
     }
     println!("  status:      pcb status --nats-url {}", r.nats_url);
+    match r.viewer_url(Duration::from_secs(15)) {
+        Some(url) => println!("  viewer:      {url}"),
+        None if r.pipeline.stages.viewer.replicas > 0 => {
+            println!("  viewer:      not listening yet; see its log")
+        }
+        None => {}
+    }
+}
+
+/// Where the viewer writes its URL under the data dir.
+fn viewer_url_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("viewer.url")
 }
 
 /// What `pcb demo` does besides `up`.
@@ -501,6 +539,13 @@ pub async fn demo(opts: UpOptions, demo: DemoOptions) -> anyhow::Result<()> {
     let encoded = c("pcb.images.encoded");
     let detected = detect_step(&mut running, &opts, &demo, &js, encoded, deadline).await?;
     println!("{:<34} {:>8}", "pcb.detections", detected);
+    if let Some(url) = running.viewer_url(Duration::from_secs(5)) {
+        if demo.keep_running {
+            println!("viewer: {url} (boards, overview, models)");
+        } else {
+            println!("viewer: {url} while the demo runs; pcb demo --keep-running keeps it up");
+        }
+    }
     if demo.keep_running {
         println!("pipeline still running; Ctrl-C stops it");
         let shutdown = pcb_common::Shutdown::on_signals();

@@ -29,6 +29,10 @@ struct Common {
     /// Data dir (default: the pipeline file's, .pcb-data).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Address of the web viewer (default: the pipeline file's, 127.0.0.1:8080; port 0
+    /// picks a free one). Beyond loopback the viewer needs a token in the pipeline file.
+    #[arg(long, value_name = "ADDR")]
+    viewer_addr: Option<String>,
 }
 
 impl Common {
@@ -38,6 +42,7 @@ impl Common {
             nats_url: self.nats_url.clone(),
             watch: self.watch.clone(),
             data_dir: self.data_dir.clone(),
+            viewer_addr: self.viewer_addr.clone(),
         }
     }
 }

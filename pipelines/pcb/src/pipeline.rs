@@ -77,10 +77,14 @@ pub struct Stages {
     pub detector: StageEntry<pcb_detector::DetectorSettings>,
     /// Training jobs (`pcb train`): `replicas` is the number of local ranks.
     pub trainer: StageEntry<pcb_trainer::TrainerSettings>,
+    /// The web viewer over the detections, images, training and registry streams.
+    pub viewer: StageEntry<pcb_viewer::ViewerSettings>,
 }
 
 /// The stage binaries, in start order.
-pub const STAGES: [&str; 5] = ["ingester", "encoder", "router", "registry", "detector"];
+pub const STAGES: [&str; 6] = [
+    "ingester", "encoder", "router", "registry", "detector", "viewer",
+];
 
 impl PipelineFile {
     /// Loads and checks a pipeline file (with `PCB_*` overrides), reporting every problem.
@@ -103,6 +107,11 @@ impl PipelineFile {
             self.stages.ingester.replicas > 1,
             "stages.ingester.replicas",
             "one ingester per watched directory (run another pipeline for another folder)",
+        );
+        p.check(
+            self.stages.viewer.replicas > 1,
+            "stages.viewer.replicas",
+            "one viewer per address (0 turns it off)",
         );
         // Each stage validates its own section as it would at start-up.
         let mut probe = self.clone();
@@ -144,6 +153,10 @@ impl PipelineFile {
                 .map_err(bad)?
                 .validate()
                 .map(|_| ()),
+            "viewer" => toml::from_str::<pcb_viewer::FileConfig>(&text)
+                .map_err(bad)?
+                .validate()
+                .map(|_| ()),
             "trainer" => toml::from_str::<pcb_trainer::FileConfig>(&text)
                 .map_err(bad)?
                 .validate()
@@ -163,6 +176,7 @@ impl PipelineFile {
             "trainer" => self.stages.trainer.replicas,
             "registry" => self.stages.registry.replicas,
             "detector" => self.stages.detector.replicas,
+            "viewer" => self.stages.viewer.replicas,
             _ => self.stages.router.replicas,
         }
     }
@@ -175,6 +189,7 @@ impl PipelineFile {
             "trainer" => self.stages.trainer.metrics_port,
             "registry" => self.stages.registry.metrics_port,
             "detector" => self.stages.detector.metrics_port,
+            "viewer" => self.stages.viewer.metrics_port,
             _ => self.stages.router.metrics_port,
         };
         let port = if port == 0 {
@@ -211,6 +226,7 @@ impl PipelineFile {
             }
             "registry" => toml::Value::try_from(&self.stages.registry.settings),
             "detector" => toml::Value::try_from(&self.stages.detector.settings),
+            "viewer" => toml::Value::try_from(&self.stages.viewer.settings),
             _ => toml::Value::try_from(&self.stages.router.settings),
         };
         t.insert(stage.into(), value(settings));

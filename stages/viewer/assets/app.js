@@ -640,13 +640,22 @@ async function modelsPage() {
 
 // ---------- Upload ----------
 
+async function base64Of(file) {
+  const bytes = new Uint8Array(await file.arrayBuffer());
+  let text = '';
+  // In slices: String.fromCharCode takes a bounded number of arguments.
+  for (let i = 0; i < bytes.length; i += 0x8000) text += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(text);
+}
+
 async function uploadPage() {
   app.innerHTML = `
     <div class="page-head"><h1>Upload</h1></div>
     <section class="card upload">
-      <p class="muted">Send one board image through the pipeline; the result appears here as soon as the detector has run.</p>
+      <p class="muted">Send one board image through the pipeline; the result appears here as soon as the detector has run. A model that compares boards with their defect-free template (the default) needs the template too.</p>
       <div class="upload-row">
         <label>Image <input type="file" id="upload-file" accept="image/*"></label>
+        <label>Template (defect-free, optional) <input type="file" id="upload-template" accept="image/*"></label>
         <label>Line <input id="upload-line" value="upload"></label>
         <button type="button" id="upload-go" class="primary">Upload</button>
       </div>
@@ -689,9 +698,17 @@ async function uploadPage() {
     $('#upload-result').innerHTML = '';
     $('#upload-status').textContent = 'uploading…';
     try {
-      const r = await api(`/api/upload?name=${encodeURIComponent(file.name)}&line=${encodeURIComponent(line)}`, {
-        method: 'POST', headers: { 'Content-Type': file.type || 'application/octet-stream' }, body: file,
-      });
+      const template = $('#upload-template').files[0];
+      const target = `/api/upload?name=${encodeURIComponent(file.name)}&line=${encodeURIComponent(line)}`;
+      // With a template both files travel as base64 in one JSON body; alone, the image is the body.
+      const r = template
+        ? await api(target, {
+            method: 'POST', headers: { 'Content-Type': 'application/json' },
+            body: JSON.stringify({ image_b64: await base64Of(file), template_b64: await base64Of(template) }),
+          })
+        : await api(target, {
+            method: 'POST', headers: { 'Content-Type': file.type || 'application/octet-stream' }, body: file,
+          });
       clearError();
       waiting = r.image_id;
       $('#upload-status').innerHTML = `<span class="badge queued">${esc(r.status || 'queued')}</span> image <code>${esc(r.image_id)}</code> · board ${esc(r.board_id)} <span class="wait muted">— waiting for the detector…</span>`;

@@ -107,6 +107,7 @@ async fn follow(
                 continue;
             }
         };
+        tracing::debug!(stream, subject, ?next, "following");
         while let Some(m) = messages.next().await {
             match m {
                 Ok(m) => {
@@ -165,8 +166,9 @@ fn on_image(state: &State, m: async_nats::jetstream::Message) {
     let id = m
         .headers
         .as_ref()
-        .and_then(|h| h.get("Nats-Msg-Id"))
+        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
         .map(|v| v.as_str().trim_end_matches(".encoded").to_string());
+    tracing::trace!(seq, ?id, "image record");
     if let (Some(id), Ok(mut images)) = (id, state.images.write()) {
         images.insert(id, seq);
     }

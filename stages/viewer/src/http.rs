@@ -547,14 +547,44 @@ struct UploadQuery {
     line: Option<String>,
 }
 
+/// An upload as JSON: the image and, for models that compare against it, its defect-free
+/// template, both base64.
+#[derive(Deserialize)]
+struct UploadJson {
+    image_b64: String,
+    template_b64: Option<String>,
+}
+
+fn check_image(what: &str, name: &str, bytes: &[u8]) -> ApiResult<()> {
+    let format = image::guess_format(bytes).map_err(|_| {
+        ApiError::bad(format!(
+            "{what} of {name:?} is not an image this pipeline reads (JPEG, PNG, BMP or TIFF)"
+        ))
+    })?;
+    if matches!(
+        format,
+        image::ImageFormat::Jpeg
+            | image::ImageFormat::Png
+            | image::ImageFormat::Bmp
+            | image::ImageFormat::Tiff
+    ) {
+        Ok(())
+    } else {
+        Err(ApiError::bad(format!(
+            "{what} of {name:?} is {format:?}; the pipeline reads JPEG, PNG, BMP or TIFF"
+        )))
+    }
+}
+
 async fn upload(
     AxState(s): AxState<Shared>,
     Query(q): Query<UploadQuery>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
     if body.is_empty() {
         return Err(ApiError::bad(
-            "the upload is empty: send the image file as the body",
+            "the upload is empty: send the image file as the body, or JSON {image_b64, template_b64}",
         ));
     }
     let name = nonempty(&q.name).unwrap_or("upload.png");
@@ -571,30 +601,39 @@ async fn upload(
     }
     let line = nonempty(&q.line).unwrap_or("upload");
     check_label("line", line, 64)?;
-    let format = image::guess_format(&body).map_err(|_| {
-        ApiError::bad(format!(
-            "{name:?} is not an image this pipeline reads (JPEG, PNG, BMP or TIFF)"
-        ))
-    })?;
-    if !matches!(
-        format,
-        image::ImageFormat::Jpeg
-            | image::ImageFormat::Png
-            | image::ImageFormat::Bmp
-            | image::ImageFormat::Tiff
-    ) {
-        return Err(ApiError::bad(format!(
-            "{name:?} is {format:?}; the pipeline reads JPEG, PNG, BMP or TIFF"
-        )));
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let (image, template) = if json {
+        let u: UploadJson = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad(format!("upload JSON: {e}")))?;
+        let b64 = |what: &str, t: &str| {
+            base64::engine::general_purpose::STANDARD
+                .decode(t.trim())
+                .map_err(|e| ApiError::bad(format!("{what}_b64 is not base64: {e}")))
+        };
+        let image = b64("image", &u.image_b64)?;
+        let template = match u.template_b64.as_deref().filter(|t| !t.trim().is_empty()) {
+            Some(t) => Some(b64("template", t)?),
+            None => None,
+        };
+        (image, template)
+    } else {
+        (body.to_vec(), None)
+    };
+    check_image("the image", name, &image)?;
+    if let Some(t) = &template {
+        check_image("the template", name, t)?;
     }
     let stem = std::path::Path::new(name)
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "upload".into());
     let raw = RawImage {
-        image_id: pcb_schemas::image_id(&body),
-        image: body.to_vec(),
-        template: None,
+        image_id: pcb_schemas::image_id(&image),
+        image,
+        template,
         labels: None,
         label_format: None,
         board_id: stem.clone(),

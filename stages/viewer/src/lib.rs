@@ -51,6 +51,9 @@ pub struct ViewerSettings {
     pub max_upload_bytes: usize,
     /// Loss points kept per training job for the loss curve (older ones are thinned).
     pub loss_points: usize,
+    /// File the viewer writes its URL to once it listens (empty: none); `pcb up` reads it
+    /// to print where the viewer is, port 0 included.
+    pub url_file: String,
 }
 
 impl Default for ViewerSettings {
@@ -61,6 +64,7 @@ impl Default for ViewerSettings {
             max_page_size: 500,
             max_upload_bytes: 32 << 20,
             loss_points: 2000,
+            url_file: String::new(),
         }
     }
 }
@@ -86,6 +90,8 @@ pub struct Config {
     pub max_upload_bytes: usize,
     /// Loss points per job.
     pub loss_points: usize,
+    /// Where to write the URL once listening.
+    pub url_file: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -148,6 +154,7 @@ impl FileConfig {
             max_page_size: v.max_page_size,
             max_upload_bytes: v.max_upload_bytes,
             loss_points: v.loss_points,
+            url_file: (!v.url_file.is_empty()).then(|| std::path::PathBuf::from(&v.url_file)),
             nats: self.nats,
             streams: self.streams,
             metrics: self.metrics,
@@ -270,7 +277,13 @@ pub async fn run_with(
         addr: config.addr.to_string(),
         message: e.to_string(),
     })?;
-    tracing::info!(url = %format!("http://{local}/"), "viewer listening");
+    let url = format!("http://{local}/");
+    tracing::info!(url = %url, "viewer listening");
+    if let Some(path) = &config.url_file {
+        if let Err(e) = std::fs::write(path, &url) {
+            tracing::warn!(path = %path.display(), error = %e, "could not write the viewer's URL");
+        }
+    }
     if let Some(tx) = bound {
         let _ = tx.send(local);
     }

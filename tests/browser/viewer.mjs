@@ -1,0 +1,146 @@
+// Drives the viewer in headless Chromium (Debian's /usr/bin/chromium) for the Rust tests and
+// `pcb bench viewer`, and prints what it saw as one JSON object; the caller compares that
+// with the truth from the streams, so this script asserts nothing itself beyond page loads.
+//
+// Usage: node viewer.mjs <mode> <viewer-url> [options as JSON]
+//   check   {board, slider, promote: {name, version}, shots}: overview yield, a board's boxes
+//           and slider, the boards list, a promotion from the Models page; screenshots
+//   timing  {boards: [image ids], repeat}: time from navigation to data-ready per page
+import { chromium } from "playwright-core";
+import fs from "node:fs";
+import path from "node:path";
+
+const [mode, base, optsText] = process.argv.slice(2);
+const opts = optsText ? JSON.parse(optsText) : {};
+const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
+
+function url(p) {
+  return new URL(p, base).toString();
+}
+
+// Navigates and waits for the page's first complete render; returns milliseconds.
+async function open(page, p) {
+  const t0 = Date.now();
+  await page.goto(url(p), { waitUntil: "domcontentloaded" });
+  await page.waitForSelector('body[data-ready="1"]', { timeout: 30000 });
+  const ms = Date.now() - t0;
+  const error = await page.locator("#error").textContent().catch(() => "");
+  return { ms, error: (error || "").trim() };
+}
+
+async function shot(page, name) {
+  if (!opts.shots) return null;
+  fs.mkdirSync(opts.shots, { recursive: true });
+  const file = path.join(opts.shots, name);
+  await page.screenshot({ path: file, fullPage: true });
+  return file;
+}
+
+async function visibleBoxes(page) {
+  return page.$$eval("rect.det", (rs) =>
+    rs.filter((r) => getComputedStyle(r).display !== "none").length,
+  );
+}
+
+async function check(page) {
+  const out = { shots: [] };
+  const overview = await open(page, "/?window=0");
+  // The window selector defaults to a day: all time, to count every board of the test.
+  await page.selectOption("#window", "0");
+  await page.waitForFunction(() => {
+    const y = document.querySelector("#yield");
+    return y && y.dataset.value !== undefined && y.dataset.value !== "";
+  }, null, { timeout: 30000 });
+  await page.waitForTimeout(500);
+  out.overview = {
+    load_ms: overview.ms,
+    error: overview.error,
+    yield: Number(await page.getAttribute("#yield", "data-value")),
+    yield_text: (await page.textContent("#yield")).trim(),
+    inspected: Number((await page.textContent("#inspected")).replace(/[^0-9]/g, "")),
+  };
+  out.shots.push(await shot(page, "overview.png"));
+
+  const board = await open(page, `/boards/${opts.board}`);
+  const scores = await page.$$eval("rect.det", (rs) => rs.map((r) => Number(r.dataset.score)));
+  out.board = { load_ms: board.ms, error: board.error, boxes: scores.length, scores };
+  out.board.gt_boxes = await page.locator("rect.gt").count();
+  out.board.visible_before = await visibleBoxes(page);
+  out.shots.push(await shot(page, "board.png"));
+  // As a user's drag ends: the value set, then the input event the page listens to.
+  await page.$eval("#min-score", (el, v) => {
+    el.value = v;
+    el.dispatchEvent(new Event("input", { bubbles: true }));
+    el.dispatchEvent(new Event("change", { bubbles: true }));
+  }, Number(opts.slider).toFixed(2));
+  await page.waitForTimeout(200);
+  out.board.slider = Number(await page.inputValue("#min-score"));
+  out.board.visible_after = await visibleBoxes(page);
+  out.board.visible_count_text = (await page.textContent("#visible-count")).trim();
+  out.shots.push(await shot(page, "board-slider.png"));
+
+  const list = await open(page, "/boards");
+  out.boards = { load_ms: list.ms, error: list.error, rows: await page.locator("tr.board-row").count() };
+  out.shots.push(await shot(page, "boards.png"));
+
+  if (opts.promote) {
+    const models = await open(page, "/models");
+    out.models = { load_ms: models.ms, error: models.error };
+    out.models.live_before = (await page.textContent("#live-version")).trim();
+    page.once("dialog", (d) => {
+      out.models.confirm = d.message();
+      d.accept();
+    });
+    await page.click(`tr[data-version="${opts.promote.version}"] button.promote`);
+    await page.waitForFunction(
+      (v) => (document.querySelector("#live-version")?.textContent || "").trim() === String(v),
+      opts.promote.version,
+      { timeout: 30000 },
+    );
+    out.models.live_after = (await page.textContent("#live-version")).trim();
+    out.shots.push(await shot(page, "models.png"));
+  }
+  return out;
+}
+
+async function timing(page) {
+  const repeat = opts.repeat || 3;
+  const pages = [
+    ["overview (all time)", "/?window=0"],
+    ["boards, page 1", "/boards"],
+    ["boards, page 1000", "/boards?page=1000"],
+    ["boards, line + fail", "/boards?line=line-1&verdict=fail"],
+    ["models", "/models"],
+  ];
+  for (const id of opts.boards || []) pages.push([`board ${id.slice(0, 8)}`, `/boards/${id}`]);
+  const rows = [];
+  for (const [name, p] of pages) {
+    const times = [];
+    let error = "";
+    for (let i = 0; i < repeat; i++) {
+      const r = await open(page, p);
+      times.push(r.ms);
+      error = error || r.error;
+    }
+    times.sort((a, b) => a - b);
+    rows.push({ page: name, path: p, median_ms: times[Math.floor(times.length / 2)], max_ms: times[times.length - 1], error });
+  }
+  return { rows };
+}
+
+const browser = await chromium.launch({ executablePath, args: ["--no-sandbox"] });
+let code = 0;
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e)));
+  const out = mode === "timing" ? await timing(page) : await check(page);
+  out.page_errors = errors;
+  console.log(JSON.stringify(out));
+} catch (e) {
+  console.error(`viewer.mjs: ${e.stack || e}`);
+  code = 1;
+} finally {
+  await browser.close();
+}
+process.exit(code);

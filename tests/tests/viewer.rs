@@ -1,0 +1,340 @@
+//! The viewer against a real pipeline (nats-server, encoder, router, detector processes)
+//! fed with synthetic boards, driven in Debian's headless Chromium by
+//! `tests/browser/viewer.mjs`: a board's boxes, the confidence slider, the overview's yield
+//! and a promotion from the Models page, checked against the streams and the registry;
+//! bad paths, ids and page sizes answered with 4xx and a message; an upload detected.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use pcb_registry::Registry;
+use pcb_schemas::{decode, Detection, EncodedImage, STREAM_DETECTIONS, STREAM_IMAGES};
+use pcb_tests::{wait_until, Env};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MODEL: &str = "pcb-view";
+const BOARDS: usize = 12;
+
+/// One HTTP/1.1 exchange on a fresh connection, the path sent exactly as given (no
+/// normalisation, so `../` reaches the server); returns the status and the body.
+async fn http_with(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    extra_headers: &str,
+    body: &[u8],
+) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra_headers}Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    s.write_all(body).await.expect("write body");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    http_with(addr, method, path, "", body).await
+}
+
+async fn http_json(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
+    http_with(
+        addr,
+        "POST",
+        path,
+        "Content-Type: application/json\r\n",
+        body.as_bytes(),
+    )
+    .await
+}
+
+fn artifacts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts/viewer")
+}
+
+/// Runs the browser driver; panics with its output when it fails.
+fn browser(mode: &str, url: &str, opts: &serde_json::Value) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/viewer.mjs");
+    let modules =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/node_modules/playwright-core");
+    assert!(
+        modules.is_dir() && Path::new("/usr/bin/chromium").is_file(),
+        "headless Chromium and playwright-core are missing: run deploy/setup.sh"
+    );
+    let out = Command::new("node")
+        .arg(&script)
+        .arg(mode)
+        .arg(url)
+        .arg(opts.to_string())
+        .output()
+        .expect("node runs (deploy/setup.sh installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "viewer.mjs failed:\n{}\n{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).expect("viewer.mjs prints JSON")
+}
+
+async fn detections(env: &Env) -> Vec<Detection> {
+    env.read_all(STREAM_DETECTIONS, "pcb.detections")
+        .await
+        .into_iter()
+        .map(|(_, p)| decode::<Detection>(&p, None).expect("detection"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
+    let env = Env::start().await;
+    let registry = Registry::open(&env.js).await.expect("registry");
+    let v1 = pcb_tests::register_random_model(&registry, MODEL, env.dir.path(), 1).await;
+    let v2 = pcb_tests::register_random_model(&registry, MODEL, env.dir.path(), 2).await;
+    registry.promote(MODEL, v1, "test").await.expect("promote");
+    // Random weights score around 1/7: a low verdict threshold gives both verdicts.
+    let (mut det, det_log) =
+        pcb_tests::spawn_detector_with(&env, "det", MODEL, "fail_threshold = 0.95\n");
+    let (stop, stages) = env.start_encoder_router();
+
+    let cfg: pcb_viewer::FileConfig =
+        toml::from_str(&env.base_config("[viewer]\naddr = \"127.0.0.1:0\"\n")).expect("toml");
+    let cfg = cfg.validate().expect("valid");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let viewer_stop = pcb_common::Shutdown::new();
+    let (c, s) = (env.client.clone(), viewer_stop.clone());
+    let viewer = tokio::spawn(async move { pcb_viewer::run_with(cfg, c, s, Some(tx)).await });
+    let addr = rx.await.expect("the viewer listens");
+    let url = format!("http://{addr}/");
+
+    let boards = env.dir.path().join("boards");
+    pcb_synth::generate(
+        &pcb_synth::SynthOptions {
+            count: BOARDS,
+            seed: 5,
+            size: 256,
+            val_fraction: 0.0,
+        },
+        &boards,
+        &mut |_, _| {},
+    )
+    .expect("synth");
+    env.import(&boards).await;
+    let done = wait_until(Duration::from_secs(300), || async {
+        env.count(STREAM_DETECTIONS, "pcb.detections").await >= BOARDS as u64
+            && http(addr, "GET", "/api/status", b"")
+                .await
+                .1
+                .contains(&format!("\"indexed\":{BOARDS}"))
+    })
+    .await;
+    assert!(
+        done,
+        "{BOARDS} boards were not detected and indexed:\n{}",
+        std::fs::read_to_string(&det_log).unwrap_or_default()
+    );
+
+    // The truth, from the streams.
+    let all = detections(&env).await;
+    let passed = all.iter().filter(|d| d.verdict == "pass").count();
+    let want_yield = passed as f64 / all.len() as f64;
+    for d in &all {
+        let top = d.defects.iter().map(|x| x.score).fold(0f32, f32::max);
+        println!("{} {} top score {top:.3}", d.board_id, d.verdict);
+    }
+    let board = all
+        .iter()
+        .max_by_key(|d| d.defects.len())
+        .expect("a detection");
+    assert!(
+        board.defects.len() >= 2,
+        "the busiest board has {} defects",
+        board.defects.len()
+    );
+    let labels = env
+        .read_all(STREAM_IMAGES, "pcb.images.encoded")
+        .await
+        .into_iter()
+        .map(|(_, p)| decode::<EncodedImage>(&p, None).expect("encoded"))
+        .find(|e| e.image_id == board.image_id)
+        .and_then(|e| e.labels)
+        .map_or(0, |l| l.len());
+    let mut scores: Vec<f32> = board.defects.iter().map(|d| d.score).collect();
+    scores.sort_by(f32::total_cmp);
+    // A slider stop (steps of 0.01) near the median that no score sits on.
+    let mut notch = (f64::from(scores[scores.len() / 2]) * 100.0).round() as i64;
+    while scores
+        .iter()
+        .any(|s| (f64::from(*s) - notch as f64 / 100.0).abs() < 0.002)
+    {
+        notch += 1;
+    }
+    let slider = notch as f64 / 100.0;
+    let want_visible = scores.iter().filter(|s| f64::from(**s) >= slider).count();
+
+    let out = browser(
+        "check",
+        &url,
+        &serde_json::json!({
+            "board": board.image_id,
+            "slider": slider,
+            "promote": {"name": MODEL, "version": v2},
+            "shots": artifacts().display().to_string(),
+        }),
+    );
+    println!("{out}");
+    assert_eq!(
+        out["page_errors"],
+        serde_json::json!([]),
+        "script errors in the page"
+    );
+    let seen_yield = out["overview"]["yield"].as_f64().expect("yield");
+    assert!(
+        (seen_yield - want_yield).abs() < 1e-9,
+        "overview yield {seen_yield} vs {passed}/{} pass verdicts",
+        all.len()
+    );
+    assert_eq!(out["overview"]["inspected"], BOARDS);
+    assert_eq!(
+        out["board"]["boxes"],
+        board.defects.len(),
+        "one box per defect"
+    );
+    assert_eq!(out["board"]["visible_before"], board.defects.len());
+    assert_eq!(out["board"]["gt_boxes"], labels, "ground-truth boxes");
+    assert_eq!(
+        out["board"]["visible_after"], want_visible,
+        "boxes at or above {slider} after moving the slider"
+    );
+    assert!(
+        want_visible < board.defects.len(),
+        "the slider hid some boxes"
+    );
+    assert_eq!(out["models"]["live_before"], v1.to_string());
+    assert_eq!(out["models"]["live_after"], v2.to_string());
+    assert_eq!(
+        registry.live(MODEL).await.expect("live").map(|l| l.version),
+        Some(v2),
+        "the registry's live version changed"
+    );
+    for shot in [
+        "overview.png",
+        "board.png",
+        "board-slider.png",
+        "boards.png",
+        "models.png",
+    ] {
+        assert!(artifacts().join(shot).is_file(), "screenshot {shot}");
+    }
+
+    // Bad requests get 4xx with a message.
+    for (path, want) in [
+        ("/assets/../../etc/passwd", 400),
+        ("/api/images/../../../etc/passwd/image", 400),
+        (&format!("/api/boards/{}", "0".repeat(64)) as &str, 404),
+        ("/api/boards/not-an-id", 400),
+        ("/boards/..%2F..%2Fetc%2Fpasswd", 400),
+        ("/api/detections?page_size=1000000", 400),
+        ("/api/detections?page=-3", 400),
+        ("/api/overview?window=forever", 400),
+        ("/api/no-such-thing", 404),
+    ] {
+        let (status, body) = http(addr, "GET", path, b"").await;
+        assert_eq!(status, want, "{path}: {body}");
+        assert!(body.contains("\"error\""), "{path}: no message in {body:?}");
+    }
+    let (status, body) = http(
+        addr,
+        "POST",
+        &format!("/api/models/{MODEL}/promote"),
+        b"{\"version\": 99}",
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+
+    // An upload goes through the pipeline and its detection appears.
+    let known: BTreeSet<String> = all.iter().map(|d| d.image_id.clone()).collect();
+    // A board of its own, with its template, as the page sends it (JSON, base64).
+    let extra = env.dir.path().join("upload");
+    pcb_synth::generate(
+        &pcb_synth::SynthOptions {
+            count: 1,
+            seed: 77,
+            size: 256,
+            val_fraction: 0.0,
+        },
+        &extra,
+        &mut |_, _| {},
+    )
+    .expect("synth");
+    let find = |suffix: &str| {
+        fn walk(d: &Path, suffix: &str) -> Option<PathBuf> {
+            for e in std::fs::read_dir(d).ok()?.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    if let Some(f) = walk(&p, suffix) {
+                        return Some(f);
+                    }
+                } else if p.to_string_lossy().ends_with(suffix) {
+                    return Some(p);
+                }
+            }
+            None
+        }
+        std::fs::read(walk(&extra, suffix).expect("synth file")).expect("read")
+    };
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let body = serde_json::json!({
+        "image_b64": b64(&find("_test.jpg")),
+        "template_b64": b64(&find("_temp.jpg")),
+    })
+    .to_string();
+    let (status, reply) =
+        http_json(addr, "/api/upload?name=probe_test.jpg&line=upload", &body).await;
+    assert_eq!(status, 200, "{reply}");
+    let reply: serde_json::Value = serde_json::from_str(&reply).expect("json");
+    let id = reply["image_id"].as_str().expect("image_id").to_string();
+    assert!(!known.contains(&id));
+    let answered = wait_until(Duration::from_secs(120), || async {
+        http(addr, "GET", &format!("/api/boards/{id}"), b"").await.0 == 200
+    })
+    .await;
+    assert!(
+        answered,
+        "the uploaded image was not detected:\n{}",
+        std::fs::read_to_string(&det_log).unwrap_or_default()
+    );
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/api/upload?name=notes.txt",
+        b"hello, not an image",
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+
+    viewer_stop.trigger();
+    let _ = viewer.await;
+    stop.trigger();
+    for h in stages {
+        let _ = h.await;
+    }
+    let _ = det.kill();
+}
