@@ -8,13 +8,15 @@
 #      (torch + the two CUDA runtime libraries libtorch_cpu.so links against);
 #      skip with PCB_SETUP_LIBTORCH=0;
 #   1b. Debian's libgloo-dev (headers for the trainer's c10d/Gloo shim) and g++;
-#   3. a project-local Python venv <root>/.venv with deploy/requirements-test.txt.
+#   3. a project-local Python venv <root>/.venv with deploy/requirements-test.txt;
+#   3b. Debian's chromium, and playwright-core from npm in tests/browser (browser tests).
 #
 # Safe to re-run: every step checks first and does nothing when already done.
 # Runs from any cwd; uses sudo for apt only when not root.
 #
 # Environment knobs:
 #   PCB_SETUP_LIBTORCH=0      skip the LibTorch step
+#   PCB_SETUP_BROWSER=0       skip Chromium and playwright-core
 #   PCB_SETUP_KEEP_WHEELS=0   delete the downloaded wheels after unpacking
 #                             (default: keep them in <root>/.cache/wheels so a
 #                             re-unpack needs no download)
@@ -379,6 +381,32 @@ EOF
     LIBTORCH_STATUS="$LIBTORCH_DIR ($TORCH_VERSION)"
 fi
 
+# --- 3b. headless Chromium for the viewer's browser tests ----------------------------
+# tests/tests/viewer.rs drives the viewer in Debian's chromium through playwright-core
+# (npm, pinned in tests/browser/package-lock.json); skip with PCB_SETUP_BROWSER=0.
+
+BROWSER_STATUS="skipped (PCB_SETUP_BROWSER=0)"
+if [ "${PCB_SETUP_BROWSER:-1}" != 0 ]; then
+    if [ -x /usr/bin/chromium ]; then
+        log "chromium: found /usr/bin/chromium"
+    else
+        log "chromium: not found, installing Debian's chromium"
+        apt_install chromium || die "could not install chromium (needed by the viewer's browser tests; PCB_SETUP_BROWSER=0 skips)"
+    fi
+    if ! command -v npm >/dev/null 2>&1; then
+        log "npm not found, installing nodejs and npm"
+        apt_install nodejs npm || die "could not install nodejs/npm (needed by the viewer's browser tests)"
+    fi
+    if [ -f "$ROOT/tests/browser/node_modules/playwright-core/package.json" ]; then
+        log "playwright-core: found in tests/browser/node_modules"
+    else
+        log "playwright-core: npm ci in tests/browser"
+        (cd "$ROOT/tests/browser" && npm ci --no-audit --no-fund --loglevel=error) ||
+            die "npm ci in tests/browser failed"
+    fi
+    BROWSER_STATUS="$(/usr/bin/chromium --version 2>/dev/null | head -n1), playwright-core $(node -p 'require("'"$ROOT"'/tests/browser/node_modules/playwright-core/package.json").version' 2>/dev/null)"
+fi
+
 # --- 4. summary ------------------------------------------------------------------
 
 log "done in $(secs_since "$T0") s"
@@ -387,6 +415,7 @@ log "  nats CLI:    $NATS_CLI_STATUS"
 log "  gloo:        $GLOO_STATUS"
 log "  libtorch:    $LIBTORCH_STATUS"
 log "  venv python: $VENV_PY ($VENV_PKGS)"
+log "  browser:     $BROWSER_STATUS"
 if [ "${PCB_SETUP_LIBTORCH:-1}" != 0 ]; then
     log "  (cargo picks LIBTORCH up from .cargo/config.toml; the binaries that link it"
     log "   carry a RUNPATH to $LIBTORCH_DIR/lib, so no LD_LIBRARY_PATH is needed)"
