@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bench_detector;
 pub mod bench_trainer;
+pub mod bench_viewer;
 pub mod bench_vision;
 pub mod launcher;
 pub mod models_cli;

@@ -139,6 +139,8 @@ enum BenchCmd {
     /// Data-parallel training: 1 rank x 1 thread, 1 x N, N ranks x 1, the all-reduce per
     /// step and the scaling efficiency, beside torchvision with torch.distributed (Gloo).
     Trainer(pcb::bench_trainer::TrainerBenchArgs),
+    /// The viewer's page and API load times with a large detections stream (100,000).
+    Viewer(pcb::bench_viewer::ViewerBenchArgs),
     /// Bare decode vs ingester → encoder → router over JetStream, side by side.
     Pipeline {
         /// Boards.
@@ -245,6 +247,9 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             what: BenchCmd::Trainer(args),
         } => pcb::bench_trainer::run(&args),
+        Cmd::Bench {
+            what: BenchCmd::Viewer(args),
+        } => pcb::bench_viewer::run(&args).await,
         Cmd::Bench {
             what: BenchCmd::Pipeline { count, seed, dir },
         } => {

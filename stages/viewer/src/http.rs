@@ -520,7 +520,7 @@ async fn training(AxState(s): AxState<Shared>) -> Json<serde_json::Value> {
         .read()
         .map(|j| j.values().cloned().collect())
         .unwrap_or_default();
-    jobs.sort_by(|a, b| b.updated_at.cmp(&a.updated_at));
+    jobs.sort_by_key(|j| std::cmp::Reverse(j.updated_at));
     Json(json!({ "jobs": jobs }))
 }
 
