@@ -127,6 +127,15 @@ impl Env {
         .await
     }
 
+    /// Every detection on `pcb.detections`, in stream order.
+    pub async fn detections(&self) -> Vec<pcb_schemas::Detection> {
+        self.read_all(pcb_schemas::STREAM_DETECTIONS, "pcb.detections")
+            .await
+            .into_iter()
+            .map(|(_, p)| pcb_schemas::decode(&p, None).expect("detection"))
+            .collect()
+    }
+
     /// Messages per subject in `stream`.
     pub async fn subject_counts(&self, stream: &str) -> BTreeMap<String, u64> {
         let s = self.js.get_stream(stream).await.expect("stream");

@@ -15,6 +15,9 @@ fn demo(data: &std::path::Path) -> String {
             "20",
             "--timeout-secs",
             "900",
+            // A free port: 8080 (the default) may be taken on a test machine.
+            "--viewer-addr",
+            "127.0.0.1:0",
             "--data-dir",
         ])
         .arg(data)
@@ -50,5 +53,10 @@ fn demo_prints_counts_per_stream_and_is_idempotent() {
         // The loop closes: a small model trained on the shards, registered, promoted, and
         // every image answered on pcb.detections (the second run finds it live).
         assert_eq!(line_count(&text, "pcb.detections"), 20);
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start().starts_with("viewer:") && l.contains("http://127.0.0.1:")),
+            "the demo prints the viewer's URL: {text}"
+        );
     }
 }

@@ -53,14 +53,6 @@ fn start_encoder(env: &Env) -> (pcb_common::Shutdown, tokio::task::JoinHandle<()
     (shutdown, h)
 }
 
-async fn detections(env: &Env) -> Vec<Detection> {
-    env.read_all(STREAM_DETECTIONS, "pcb.detections")
-        .await
-        .into_iter()
-        .map(|(_, p)| decode::<Detection>(&p, None).expect("detection"))
-        .collect()
-}
-
 async fn events(env: &Env) -> Vec<ModelEvent> {
     env.read_all(STREAM_TRAINING, "pcb.models.events")
         .await
@@ -93,7 +85,7 @@ async fn three_hundred_boards_give_three_hundred_detections_that_python_reads() 
     })
     .await;
     assert!(done, "not 300 detections; detector log:\n{}", log_of(&log));
-    let all = detections(&env).await;
+    let all = env.detections().await;
     let ids: BTreeSet<&str> = all.iter().map(|d| d.image_id.as_str()).collect();
     assert_eq!(
         (all.len(), ids.len()),
@@ -170,7 +162,7 @@ async fn a_promotion_under_load_answers_every_image_once_and_a_corrupt_version_i
         log_of(&log_a),
         log_of(&log_b)
     );
-    let all = detections(&env).await;
+    let all = env.detections().await;
     let mut per_image: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
     for d in &all {
         per_image
@@ -230,7 +222,7 @@ async fn a_promotion_under_load_answers_every_image_once_and_a_corrupt_version_i
     })
     .await;
     assert!(more, "the old version stopped serving");
-    let later: Vec<Detection> = detections(&env).await.into_iter().skip(1000).collect();
+    let later: Vec<Detection> = env.detections().await.into_iter().skip(1000).collect();
     assert!(
         later.iter().all(|d| d.model.version == v2),
         "v2 answered after the refusal"
@@ -266,7 +258,7 @@ async fn a_replica_killed_under_load_loses_no_image_and_repeats_none() {
     assert!(done, "images lost after the kill");
     // Redeliveries of what the killed replica held reach the stream only once.
     tokio::time::sleep(Duration::from_secs(12)).await;
-    let all = detections(&env).await;
+    let all = env.detections().await;
     let ids: BTreeSet<&str> = all.iter().map(|d| d.image_id.as_str()).collect();
     assert_eq!(ids.len(), 400, "every image answered");
     assert_eq!(

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use pcb_registry::Registry;
-use pcb_schemas::{decode, Detection, EncodedImage, STREAM_DETECTIONS, STREAM_IMAGES};
+use pcb_schemas::{decode, EncodedImage, STREAM_DETECTIONS, STREAM_IMAGES};
 use pcb_tests::{wait_until, Env};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -93,14 +93,6 @@ fn browser(mode: &str, url: &str, opts: &serde_json::Value) -> serde_json::Value
     serde_json::from_str(stdout.trim()).expect("viewer.mjs prints JSON")
 }
 
-async fn detections(env: &Env) -> Vec<Detection> {
-    env.read_all(STREAM_DETECTIONS, "pcb.detections")
-        .await
-        .into_iter()
-        .map(|(_, p)| decode::<Detection>(&p, None).expect("detection"))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
     let env = Env::start().await;
@@ -151,7 +143,7 @@ async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
     );
 
     // The truth, from the streams.
-    let all = detections(&env).await;
+    let all = env.detections().await;
     let passed = all.iter().filter(|d| d.verdict == "pass").count();
     let want_yield = passed as f64 / all.len() as f64;
     for d in &all {

@@ -463,29 +463,20 @@ fn parse_body(bytes: &Bytes) -> ApiResult<ChangeBody> {
         .map_err(|e| ApiError::bad(format!("body is not the expected JSON: {e}")))
 }
 
+/// Which change of the live alias a request asks for.
+#[derive(Clone, Copy)]
+enum Change {
+    Promote,
+    Rollback,
+}
+
 async fn promote(
     AxState(s): AxState<Shared>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let body = parse_body(&body)?;
-    pcb_registry::check_name(&name).map_err(|e| ApiError::bad(e.to_string()))?;
-    authorise(&s, &headers, &body)?;
-    let Some(version) = body.version else {
-        return Err(ApiError::bad("promote needs {\"version\": N}"));
-    };
-    let alias = s
-        .registry
-        .promote(&name, version, "viewer")
-        .await
-        .map_err(|e| match e {
-            pcb_registry::RegistryError::NotFound(m) => ApiError::not_found(m),
-            other => ApiError::unavailable(other.to_string()),
-        })?;
-    pcb_registry::publish_event(&s.js, "promoted", &name, alias.version, "viewer", None).await;
-    tracing::info!(name, version, "promoted from the viewer");
-    Ok(Json(json!({"name": name, "live": alias.version})))
+    change_live(&s, &name, &headers, &body, Change::Promote).await
 }
 
 async fn rollback(
@@ -494,23 +485,48 @@ async fn rollback(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let body = parse_body(&body)?;
-    pcb_registry::check_name(&name).map_err(|e| ApiError::bad(e.to_string()))?;
-    authorise(&s, &headers, &body)?;
-    let alias = s
-        .registry
-        .rollback(&name, "viewer")
-        .await
-        .map_err(|e| match e {
-            pcb_registry::RegistryError::NoHistory(m) => ApiError(
-                StatusCode::CONFLICT,
-                format!("{m}: nothing to roll back to"),
-            ),
-            pcb_registry::RegistryError::NotFound(m) => ApiError::not_found(m),
-            other => ApiError::unavailable(other.to_string()),
-        })?;
-    pcb_registry::publish_event(&s.js, "rolled-back", &name, alias.version, "viewer", None).await;
-    tracing::info!(name, version = alias.version, "rolled back from the viewer");
+    change_live(&s, &name, &headers, &body, Change::Rollback).await
+}
+
+/// Checks the name, the token and the body, changes the live alias, and tells the
+/// pipeline (`pcb.models.events`) as `pcb models` does.
+async fn change_live(
+    s: &State,
+    name: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+    change: Change,
+) -> ApiResult<Json<serde_json::Value>> {
+    let body = parse_body(body)?;
+    pcb_registry::check_name(name).map_err(|e| ApiError::bad(e.to_string()))?;
+    authorise(s, headers, &body)?;
+    let (result, kind) = match change {
+        Change::Promote => {
+            let Some(version) = body.version else {
+                return Err(ApiError::bad("promote needs {\"version\": N}"));
+            };
+            (
+                s.registry.promote(name, version, "viewer").await,
+                "promoted",
+            )
+        }
+        Change::Rollback => (s.registry.rollback(name, "viewer").await, "rolled-back"),
+    };
+    let alias = result.map_err(|e| match e {
+        pcb_registry::RegistryError::NoHistory(m) => ApiError(
+            StatusCode::CONFLICT,
+            format!("{m}: nothing to roll back to"),
+        ),
+        pcb_registry::RegistryError::NotFound(m) => ApiError::not_found(m),
+        other => ApiError::unavailable(other.to_string()),
+    })?;
+    pcb_registry::publish_event(&s.js, kind, name, alias.version, "viewer", None).await;
+    tracing::info!(
+        name,
+        version = alias.version,
+        kind,
+        "live model changed from the viewer"
+    );
     Ok(Json(json!({"name": name, "live": alias.version})))
 }
 
