@@ -2,7 +2,8 @@
 //! fed with synthetic boards, driven in Debian's headless Chromium by
 //! `tests/browser/viewer.mjs`: a board's boxes, the confidence slider, the overview's yield
 //! and a promotion from the Models page, checked against the streams and the registry;
-//! bad paths, ids and page sizes answered with 4xx and a message; an upload detected.
+//! bad paths, ids and page sizes answered with 4xx and a message; an upload detected; a
+//! viewer with a token refusing changes without it.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -322,8 +323,45 @@ async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
     .await;
     assert_eq!(status, 400, "{body}");
 
+    // A viewer with a token (as one beyond loopback must have) refuses changes without it.
+    let cfg: pcb_viewer::FileConfig =
+        toml::from_str(&env.base_config("[viewer]\naddr = \"127.0.0.1:0\"\ntoken = \"s3cret\"\n"))
+            .expect("toml");
+    let cfg = cfg.validate().expect("valid");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (c, s) = (env.client.clone(), viewer_stop.clone());
+    let guarded = tokio::spawn(async move { pcb_viewer::run_with(cfg, c, s, Some(tx)).await });
+    let addr2 = rx.await.expect("the second viewer listens");
+    let promote = format!("/api/models/{MODEL}/promote");
+    let v1_body = format!("{{\"version\": {v1}}}");
+    let (status, body) = http_json(addr2, &promote, &v1_body).await;
+    assert_eq!(status, 401, "{body}");
+    let wrong = format!("{{\"version\": {v1}, \"token\": \"guess\"}}");
+    assert_eq!(http_json(addr2, &promote, &wrong).await.0, 401);
+    let right = format!("{{\"version\": {v1}, \"token\": \"s3cret\"}}");
+    let (status, body) = http_json(addr2, &promote, &right).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        registry.live(MODEL).await.expect("live").map(|l| l.version),
+        Some(v1)
+    );
+    let (status, body) = http_with(
+        addr2,
+        "POST",
+        &format!("/api/models/{MODEL}/rollback"),
+        "Authorization: Bearer s3cret\r\n",
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(&format!("\"live\":{v2}")),
+        "rolled back to v2: {body}"
+    );
+
     viewer_stop.trigger();
     let _ = viewer.await;
+    let _ = guarded.await;
     stop.trigger();
     for h in stages {
         let _ = h.await;

@@ -273,7 +273,11 @@ mod tests {
         let files = p
             .write_stage_configs(dir.path(), "nats://127.0.0.1:1")
             .expect("write");
-        assert_eq!(files.len(), 5);
+        assert_eq!(
+            files.len(),
+            STAGES.len(),
+            "one file per stage (one replica each)"
+        );
         let trainer = dir.path().join("trainer.toml");
         std::fs::write(&trainer, p.stage_config("trainer", 0, "nats://127.0.0.1:1"))
             .expect("write");
@@ -292,6 +296,10 @@ mod tests {
                 }
                 "detector" => {
                     pcb_detector::Config::load(Some(&path)).expect("detector config");
+                }
+                "viewer" => {
+                    let v = pcb_viewer::Config::load(Some(&path)).expect("viewer config");
+                    assert!(v.addr.ip().is_loopback(), "the viewer binds to loopback");
                 }
                 _ => {
                     pcb_router::Config::load(Some(&path)).expect("router config");
