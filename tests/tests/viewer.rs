@@ -314,6 +314,64 @@ async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
         "the uploaded image was not detected:\n{}",
         std::fs::read_to_string(&det_log).unwrap_or_default()
     );
+    // Without its template the template-comparing model cannot take the board: the event
+    // stream says which stage refused it and why.
+    let mut events = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    events
+        .write_all(format!("GET /api/events HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .expect("subscribe");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let alone = image::load_from_memory(&find("_test.jpg"))
+        .expect("jpeg")
+        .fliph();
+    let mut png = std::io::Cursor::new(Vec::new());
+    alone
+        .write_to(&mut png, image::ImageFormat::Png)
+        .expect("png");
+    let (status, reply) = http(
+        addr,
+        "POST",
+        "/api/upload?name=lonely.png&line=upload",
+        &png.into_inner(),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let lonely: serde_json::Value = serde_json::from_str(&reply).expect("json");
+    let lonely = lonely["image_id"].as_str().expect("image_id").to_string();
+    let mut seen = String::new();
+    let refused = tokio::time::timeout(Duration::from_secs(120), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = events.read(&mut buf).await.expect("read events");
+            if n == 0 {
+                return false;
+            }
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if let Some(at) = seen.find(&format!("\"image_id\":\"{lonely}\"")) {
+                let start = seen[..at].rfind("event:").unwrap_or(0);
+                if seen[start..].starts_with("event: rejected")
+                    || seen[start..].starts_with("event:rejected")
+                {
+                    return true;
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    assert!(
+        refused,
+        "no rejected event for the upload without a template:\n{seen}"
+    );
+    println!(
+        "refusal seen by the page: {}",
+        seen.lines()
+            .filter(|l| l.contains(&lonely))
+            .last()
+            .unwrap_or_default()
+    );
+
     let (status, body) = http(
         addr,
         "POST",

@@ -76,7 +76,7 @@ function on(type, fn) {
   const dot = $('#live');
   source.onopen = () => { dot.classList.add('on'); dot.title = 'live updates: connected'; };
   source.onerror = () => { dot.classList.remove('on'); dot.title = 'live updates: reconnecting'; };
-  for (const t of ['detection', 'model', 'progress']) {
+  for (const t of ['detection', 'model', 'progress', 'rejected']) {
     source.addEventListener(t, (ev) => {
       let data;
       try { data = JSON.parse(ev.data); } catch { return; }
@@ -680,6 +680,22 @@ async function uploadPage() {
     if (seen.size > 500) seen.delete(seen.keys().next().value);
     done(s);
   });
+  // A refused upload never gets a detection: say which stage refused it and why.
+  const refused = new Map();
+  function fail(r) {
+    if (!waiting || r.image_id !== waiting) return;
+    waiting = null;
+    clearInterval(poll);
+    const wait = $('#upload-status .wait');
+    if (wait) wait.textContent = '— refused';
+    $('#upload-result').innerHTML = `<span class="badge fail">refused</span> by the ${esc(r.stage)}: ${esc(r.reason)}`;
+  }
+  on('rejected', (r) => {
+    if (!r.image_id) return;
+    refused.set(r.image_id, r);
+    if (refused.size > 500) refused.delete(refused.keys().next().value);
+    fail(r);
+  });
 
   $('#upload-file').addEventListener('change', () => {
     const f = $('#upload-file').files[0], img = $('#upload-preview');
@@ -713,6 +729,7 @@ async function uploadPage() {
       waiting = r.image_id;
       $('#upload-status').innerHTML = `<span class="badge queued">${esc(r.status || 'queued')}</span> image <code>${esc(r.image_id)}</code> · board ${esc(r.board_id)} <span class="wait muted">— waiting for the detector…</span>`;
       if (seen.has(r.image_id)) done(seen.get(r.image_id));
+      else if (refused.has(r.image_id)) fail(refused.get(r.image_id));
       // Safety net for a dropped event stream: the board page's endpoint answers once the detection is stored.
       else poll = setInterval(() => { api('/api/boards/' + encodeURIComponent(r.image_id)).then((b) => done(b.summary)).catch(() => {}); }, 5000);
     } catch (e) {

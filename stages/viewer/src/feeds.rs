@@ -1,5 +1,5 @@
 //! The viewer's readers of the streams: detections into the index, encoded images' stream
-//! sequences (headers only), training progress and registry events; each follows its
+//! sequences (headers only), training progress, registry events and dead letters; each follows its
 //! subject from the first message and resumes after its last one when the server drops it.
 
 use std::sync::Arc;
@@ -9,8 +9,8 @@ use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
 use futures::StreamExt;
 use pcb_common::Shutdown;
 use pcb_schemas::{
-    decode, Detection, ModelEvent, TrainProgress, STREAM_DETECTIONS, STREAM_IMAGES,
-    STREAM_TRAINING, SUBJECT_DETECTIONS, SUBJECT_ENCODED, SUBJECT_MODEL_EVENTS,
+    decode, DeadLetter, Detection, ModelEvent, TrainProgress, STREAM_DETECTIONS, STREAM_IMAGES,
+    STREAM_REJECTED, STREAM_TRAINING, SUBJECT_DETECTIONS, SUBJECT_ENCODED, SUBJECT_MODEL_EVENTS,
     SUBJECT_TRAIN_PROGRESS,
 };
 
@@ -54,6 +54,7 @@ pub fn spawn_all(state: Arc<State>, shutdown: Shutdown) -> Vec<tokio::task::Join
             true,
             on_model_event,
         ),
+        follow(STREAM_REJECTED, "pcb.rejected.>", false, true, on_rejected),
     ]
 }
 
@@ -235,6 +236,24 @@ fn on_model_event(state: &State, m: async_nats::jetstream::Message) {
             state,
             "model",
             serde_json::json!({"name": e.model.name, "version": e.model.version, "kind": e.kind}),
+        );
+    }
+}
+
+/// Refusals from here on, so a page waiting for an upload's detection can say why none
+/// will come.
+fn on_rejected(state: &State, m: async_nats::jetstream::Message) {
+    if let Ok(d) = decode::<DeadLetter>(&m.payload, schema(&m)) {
+        emit(
+            state,
+            "rejected",
+            serde_json::json!({
+                "image_id": d.image_id,
+                "stage": d.stage,
+                "reason_code": d.reason_code,
+                "reason": d.reason,
+                "source": d.source,
+            }),
         );
     }
 }

@@ -554,6 +554,10 @@ async fn events(
             }
         }
     });
+    // Open pages hold their stream for ever: it ends with the viewer, or a graceful stop
+    // would wait on them.
+    let stop = s.shutdown.clone();
+    let stream = futures::StreamExt::take_until(stream, async move { stop.cancelled().await });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 

@@ -236,6 +236,8 @@ pub struct State {
     pub config: Config,
     /// Prometheus counters.
     pub metrics: pcb_common::Metrics,
+    /// Ends the event streams, so a graceful stop does not wait on open pages.
+    pub shutdown: Shutdown,
 }
 
 /// Serves until `shutdown`; `bound` receives the address actually bound (port 0 picks one).
@@ -265,6 +267,7 @@ pub async fn run_with(
         registry,
         config: config.clone(),
         metrics,
+        shutdown: shutdown.clone(),
     });
     let feeds = feeds::spawn_all(state.clone(), shutdown.clone());
     let listener = tokio::net::TcpListener::bind(config.addr)
