@@ -367,8 +367,7 @@ async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
     println!(
         "refusal seen by the page: {}",
         seen.lines()
-            .filter(|l| l.contains(&lonely))
-            .last()
+            .rfind(|l| l.contains(&lonely))
             .unwrap_or_default()
     );
 
