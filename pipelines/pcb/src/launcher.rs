@@ -33,6 +33,8 @@ struct StageProcess {
     child: Child,
     restarts: u32,
     last_start: Instant,
+    /// No longer restarted (a viewer that cannot start); the pipeline runs on without it.
+    given_up: bool,
 }
 
 /// A started pipeline.
@@ -163,6 +165,7 @@ impl Running {
                 child,
                 restarts: 0,
                 last_start: Instant::now(),
+                given_up: false,
             });
         }
         Ok(running)
@@ -198,8 +201,32 @@ impl Running {
     /// right after start is reported as an error.
     pub fn check_children(&mut self) -> anyhow::Result<()> {
         for s in &mut self.stages {
+            if s.given_up {
+                continue;
+            }
             if let Ok(Some(status)) = s.child.try_wait() {
                 let quick = s.last_start.elapsed() < Duration::from_secs(5);
+                if quick && s.restarts >= 3 && s.stage == "viewer" {
+                    // The data flows without it (its port taken, say): say so, carry on.
+                    let tail = std::fs::read_to_string(&s.log)
+                        .ok()
+                        .and_then(|t| {
+                            let mut lines = t.lines().rev();
+                            lines
+                                .clone()
+                                .find(|l| l.starts_with("Error:"))
+                                .or_else(|| lines.find(|l| !l.trim().is_empty()))
+                                .map(str::to_string)
+                        })
+                        .unwrap_or_default();
+                    eprintln!(
+                        "pcb: the viewer keeps exiting ({status}): {tail}\npcb: the pipeline runs on without it; \
+                         choose another address with --viewer-addr (log {})",
+                        s.log.display()
+                    );
+                    s.given_up = true;
+                    continue;
+                }
                 if quick && s.restarts >= 3 {
                     bail!(
                         "{}-{} keeps exiting ({status}); see {}",
