@@ -32,7 +32,8 @@ pub struct ViewerBenchArgs {
     pub no_browser: bool,
 }
 
-async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, usize)> {
+/// One GET on a fresh connection: the status and the body.
+async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
@@ -46,7 +47,9 @@ async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, usize)> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or(0, |(_, b)| b.len());
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or_else(String::new, |(_, b)| b.to_string());
     Ok((status, body))
 }
 
@@ -250,15 +253,7 @@ pub async fn run(args: &ViewerBenchArgs) -> anyhow::Result<()> {
     let addr = rx.await.context("the viewer did not start")?;
     let want = format!("\"indexed\":{}", args.detections);
     loop {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(
-            format!("GET /api/status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).await?;
-        if raw.contains(&want) {
+        if get(addr, "/api/status").await?.1.contains(&want) {
             break;
         }
         if started.elapsed() > Duration::from_secs(600) {
@@ -311,7 +306,8 @@ pub async fn run(args: &ViewerBenchArgs) -> anyhow::Result<()> {
         let mut last = (0, 0);
         for _ in 0..args.repeat.max(1) {
             let t = Instant::now();
-            last = get(addr, path).await?;
+            let (status, body) = get(addr, path).await?;
+            last = (status, body.len());
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
         times.sort_by(f64::total_cmp);
