@@ -125,10 +125,9 @@ pub async fn run(args: &DetectorBenchArgs) -> anyhow::Result<()> {
             tch::manual_seed(5);
             let mut det = Detector::new(config.clone(), tch::Device::Cpu, Sampling::Random);
             det.save(&weights)?;
-            det.model.prepare_inference(InferenceOptions {
-                fold_bn: true,
-                channels_last: true,
-            });
+            // As the detector stage serves it by default.
+            det.model
+                .prepare_inference(InferenceOptions::fast(pcb_vision::Bf16::Auto));
             let tensors = inputs
                 .iter()
                 .map(|(i, t)| {

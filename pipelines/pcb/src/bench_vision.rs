@@ -79,7 +79,7 @@ fn ours(depth: Depth, size: i64, iters: usize) -> anyhow::Result<Vec<(String, f6
             "ours, folded BN",
             InferenceOptions {
                 fold_bn: true,
-                channels_last: false,
+                ..InferenceOptions::default()
             },
         ),
         (
@@ -87,6 +87,15 @@ fn ours(depth: Depth, size: i64, iters: usize) -> anyhow::Result<Vec<(String, f6
             InferenceOptions {
                 fold_bn: true,
                 channels_last: true,
+                bf16: false,
+            },
+        ),
+        (
+            "ours, folded BN + channels-last + bf16",
+            InferenceOptions {
+                fold_bn: true,
+                channels_last: true,
+                bf16: true,
             },
         ),
     ] {
@@ -117,6 +126,7 @@ fn ours(depth: Depth, size: i64, iters: usize) -> anyhow::Result<Vec<(String, f6
             InferenceOptions {
                 fold_bn: true,
                 channels_last: true,
+                bf16: false,
             },
         ),
     ] {
@@ -175,12 +185,17 @@ fn reference(args: &VisionBenchArgs, script: &Path) -> anyhow::Result<serde_json
 
 fn table(args: &VisionBenchArgs, reference: &serde_json::Value) -> anyhow::Result<()> {
     println!(
-        "threads: {} (ours), {} (torch); {}x{} input, 7 classes, frozen BN, deterministic weights; mean of {} after a warm-up",
+        "threads: {} (ours), {} (torch); {}x{} input, 7 classes, frozen BN, deterministic weights; mean of {} after a warm-up; native bf16: {}",
         tch::get_num_threads(),
         reference["threads"],
         args.size,
         args.size,
-        args.iters
+        args.iters,
+        if pcb_vision::lowp::cpu_has_bf16() {
+            "yes"
+        } else {
+            "no (the bf16 row is emulated)"
+        }
     );
     println!(
         "{:<6} {:<40} {:>10} {:>14}",

@@ -37,18 +37,21 @@ pub struct ModelArgs {
     /// Proposals per board for the box-head losses when training (torchvision: 512).
     #[arg(long, default_value_t = 512)]
     pub box_batch_size: i64,
-    /// Turn off the CPU speed-ups (frozen norms folded into convolutions, channels-last).
+    /// Turn off the CPU speed-ups (norms folded into convolutions, channels-last, bf16).
     #[arg(long)]
     pub plain: bool,
+    /// Inference in bf16: auto (where the CPU computes bf16 natively), on or off.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    pub bf16: String,
 }
 
 impl ModelArgs {
     /// The speed-ups these flags ask for.
     pub fn speed(&self) -> pcb_vision::InferenceOptions {
-        pcb_vision::InferenceOptions {
-            fold_bn: !self.plain,
-            channels_last: !self.plain,
+        if self.plain {
+            return pcb_vision::InferenceOptions::default();
         }
+        pcb_vision::InferenceOptions::fast(self.bf16.parse().unwrap_or_default())
     }
 
     /// The model configuration these flags describe.
@@ -348,7 +351,13 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     );
     det.load(&args.weights)
         .with_context(|| format!("weights {}", args.weights.display()))?;
-    det.model.prepare_inference(args.model.speed());
+    let mut speed = args.model.speed();
+    // `auto` means a CPU with native bf16; a GPU keeps f32 unless asked.
+    if det.vs.device() != tch::Device::Cpu && args.model.bf16 == "auto" {
+        speed.bf16 = false;
+    }
+    eprintln!("inference in {}", if speed.bf16 { "bf16" } else { "f32" });
+    det.model.prepare_inference(speed);
     let pb = bar(files.len() as u64, "eval [{bar:30}] {pos}/{len} eta {eta}");
     let (report, _) = pcb_vision::evaluate::evaluate(&det, &files, &DEEPPCB_CLASSES, |n| {
         pb.set_position(n as u64)

@@ -19,7 +19,7 @@ use pcb_schemas::{
     decode, Defect, Detection, EncodedImage, ModelRef, CLASS_NAMES, SCHEMA_HEADER, STREAM_IMAGES,
     SUBJECT_DETECTIONS, SUBJECT_ENCODED,
 };
-use pcb_vision::{compose, Detector, InferenceOptions, ModelConfig, Sampling};
+use pcb_vision::{compose, Bf16, Detector, InferenceOptions, ModelConfig, Sampling};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -66,6 +66,9 @@ pub struct DetectorSettings {
     pub max_deliver: i64,
     /// Delay before a transient failure is retried, in milliseconds.
     pub retry_delay_ms: u64,
+    /// Inference in bf16: `auto` (where the CPU computes bf16 natively, such as AVX-512
+    /// BF16), `on` or `off`.
+    pub bf16: Bf16,
 }
 
 impl Default for DetectorSettings {
@@ -81,6 +84,7 @@ impl Default for DetectorSettings {
             ack_wait_secs: 60,
             max_deliver: 5,
             retry_delay_ms: 2000,
+            bf16: Bf16::Auto,
         }
     }
 }
@@ -194,7 +198,12 @@ pub struct Loaded {
 }
 
 /// Fetches a version's weights (checked against their sha256) and builds the network.
-pub async fn load_version(registry: &Registry, name: &str, version: u64) -> Result<Loaded, String> {
+pub async fn load_version(
+    registry: &Registry,
+    name: &str,
+    version: u64,
+    bf16: Bf16,
+) -> Result<Loaded, String> {
     let v = registry
         .version(name, version)
         .await
@@ -213,10 +222,9 @@ pub async fn load_version(registry: &Registry, name: &str, version: u64) -> Resu
         detector
             .load_tensors(tensors, &origin)
             .map_err(|e| e.to_string())?;
-        detector.model.prepare_inference(InferenceOptions {
-            fold_bn: true,
-            channels_last: true,
-        });
+        detector
+            .model
+            .prepare_inference(InferenceOptions::fast(bf16));
         Ok(Loaded {
             version: v,
             detector,
@@ -379,6 +387,7 @@ async fn watch_live(
     by: String,
     jobs: std_mpsc::Sender<Job>,
     serving: tokio::sync::watch::Sender<Option<(u64, pcb_vision::InputMode)>>,
+    bf16: Bf16,
     shutdown: Shutdown,
 ) -> Result<(), DetectorError> {
     let mut watch = registry
@@ -411,7 +420,7 @@ async fn watch_live(
         if serving.borrow().map(|(v, _)| v) == Some(alias.version) {
             continue;
         }
-        match load_version(&registry, &name, alias.version).await {
+        match load_version(&registry, &name, alias.version, bf16).await {
             Ok(loaded) => {
                 let input = loaded.detector.model.config.input;
                 if jobs.send(Job::Swap(Box::new(loaded))).is_err() {
@@ -479,8 +488,10 @@ pub async fn run(
         by.clone(),
         jobs.clone(),
         serving_tx,
+        s.bf16,
         shutdown.clone(),
     ));
+    tracing::info!(bf16 = s.bf16.enabled(), setting = ?s.bf16, "inference precision");
     // Nothing is taken from the stream before a model can answer it.
     tracing::info!(model = %s.model_name, "waiting for a live version");
     loop {

@@ -152,9 +152,12 @@ pub struct Finished {
     pub artifact: Option<PathBuf>,
 }
 
+// Validation stays in f32 so that the mAP a candidate carries does not depend on the CPU
+// it was measured on.
 const SPEED: InferenceOptions = InferenceOptions {
     fold_bn: true,
     channels_last: true,
+    bf16: false,
 };
 
 /// One batch for one step: this rank's share, possibly empty.

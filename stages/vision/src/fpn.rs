@@ -3,7 +3,9 @@
 //! extra level by max-pooling the coarsest output.
 
 use tch::nn;
-use tch::Tensor;
+use tch::{Kind, Tensor};
+
+use crate::lowp::Half;
 
 fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, padding: i64) -> nn::Conv2D {
     nn::conv2d(
@@ -32,6 +34,8 @@ pub struct Fpn {
     pub inner: Vec<nn::Conv2D>,
     /// `layer_blocks.<i>.0`: outputs.
     pub layer: Vec<nn::Conv2D>,
+    /// bf16 copies of `inner` then `layer`, used on bf16 inputs (empty when off).
+    half: Vec<Half>,
 }
 
 impl Fpn {
@@ -45,20 +49,51 @@ impl Fpn {
         let layer = (0..in_channels.len())
             .map(|i| conv(p / "layer_blocks" / i / 0, out_channels, out_channels, 3, 1))
             .collect();
-        Fpn { inner, layer }
+        Fpn {
+            inner,
+            layer,
+            half: Vec::new(),
+        }
+    }
+
+    /// Makes (or drops) the bf16 copies that bf16 inputs run through.
+    pub fn set_bf16(&mut self, on: bool) {
+        self.half = if on {
+            self.inner
+                .iter()
+                .chain(&self.layer)
+                .map(Half::conv)
+                .collect()
+        } else {
+            Vec::new()
+        };
+    }
+
+    fn lateral(&self, i: usize, x: &Tensor) -> Tensor {
+        match self.half.get(i) {
+            Some(h) if x.kind() == Kind::BFloat16 => h.conv2d(x, 0),
+            _ => x.apply(&self.inner[i]),
+        }
+    }
+
+    fn output(&self, i: usize, x: &Tensor) -> Tensor {
+        match self.half.get(self.inner.len() + i) {
+            Some(h) if x.kind() == Kind::BFloat16 => h.conv2d(x, 1),
+            _ => x.apply(&self.layer[i]),
+        }
     }
 
     /// Levels '0'..'3' and 'pool', finest first.
     pub fn forward(&self, xs: &[Tensor]) -> Vec<Tensor> {
         let n = xs.len();
-        let mut last_inner = xs[n - 1].apply(&self.inner[n - 1]);
-        let mut results = vec![last_inner.apply(&self.layer[n - 1])];
+        let mut last_inner = self.lateral(n - 1, &xs[n - 1]);
+        let mut results = vec![self.output(n - 1, &last_inner)];
         for idx in (0..n - 1).rev() {
-            let lateral = xs[idx].apply(&self.inner[idx]);
+            let lateral = self.lateral(idx, &xs[idx]);
             let size = lateral.size();
             let top_down = last_inner.upsample_nearest2d([size[2], size[3]], None, None);
             last_inner = lateral + top_down;
-            results.insert(0, last_inner.apply(&self.layer[idx]));
+            results.insert(0, self.output(idx, &last_inner));
         }
         let pool = results[n - 1].max_pool2d([1, 1], [2, 2], [0, 0], [1, 1], false);
         results.push(pool);

@@ -6,6 +6,7 @@ pub mod cuda;
 pub mod data;
 pub mod evaluate;
 pub mod fpn;
+pub mod lowp;
 pub mod model;
 pub mod ops;
 pub mod resnet;
@@ -16,6 +17,7 @@ pub mod train;
 pub mod transform;
 
 pub use boxes::Sampling;
+pub use lowp::Bf16;
 pub use model::{Detector, FasterRcnn, InferenceOptions, Losses, ModelConfig, Output, Target};
 pub use resnet::{Depth, Norm};
 pub use roi_heads::Detections;

@@ -110,6 +110,22 @@ pub struct InferenceOptions {
     pub fold_bn: bool,
     /// Run convolutions on channels-last (NHWC) tensors.
     pub channels_last: bool,
+    /// Inference only: backbone, FPN, RPN head and box head in bf16 (folded norms implied),
+    /// for CPUs with native bf16; boxes, scores and NMS stay f32. Changes results by
+    /// bf16 rounding, so it is measured on `pcb eval` rather than parity-tested.
+    pub bf16: bool,
+}
+
+impl InferenceOptions {
+    /// Folded norms and channels-last, plus bf16 where `bf16` asks and the CPU has it
+    /// natively (`auto` leaves it off elsewhere, where bf16 is emulated and slow).
+    pub fn fast(bf16: crate::lowp::Bf16) -> InferenceOptions {
+        InferenceOptions {
+            fold_bn: true,
+            channels_last: true,
+            bf16: bf16.enabled(),
+        }
+    }
 }
 
 /// Faster R-CNN with a ResNet FPN backbone.
@@ -165,6 +181,12 @@ impl FasterRcnn {
         let rpn = self
             .rpn
             .forward((s[2], s[3]), &batch.sizes, &features, None, false);
+        // RoI sampling and everything after it run in f32.
+        let features: Vec<Tensor> = if features[0].kind() == Kind::Float {
+            features
+        } else {
+            features.iter().map(|f| f.to_kind(Kind::Float)).collect()
+        };
         let (logits, deltas) = self
             .roi_heads
             .predict(&features, &rpn.proposals, &batch.sizes);
@@ -235,19 +257,28 @@ impl FasterRcnn {
     /// Turns the inference tricks on or off; call again after loading new weights, since
     /// folded weights are copies.
     pub fn prepare_inference(&mut self, options: InferenceOptions) {
-        self.body.fold(options.fold_bn, options.channels_last);
+        let bf16 = options.bf16;
+        self.body
+            .fold(options.fold_bn || bf16, options.channels_last, bf16);
+        self.fpn.set_bf16(bf16);
+        self.rpn.head.set_bf16(bf16);
+        self.roi_heads.head.set_bf16(bf16);
         self.inference = options;
     }
 
-    /// Pyramid features of a padded batch.
+    /// Pyramid features of a padded batch (bf16 in inference with `bf16` on).
     pub fn features(&self, images: &Tensor, train: bool) -> Vec<Tensor> {
-        let c = if self.inference.channels_last {
-            self.body
-                .forward_t(&crate::resnet::to_channels_last(images), train)
+        let x = if self.inference.channels_last {
+            crate::resnet::to_channels_last(images)
         } else {
-            self.body.forward_t(images, train)
+            images.shallow_clone()
         };
-        self.fpn.forward(&c)
+        let x = if self.inference.bf16 && !train {
+            x.to_kind(Kind::BFloat16)
+        } else {
+            x
+        };
+        self.fpn.forward(&self.body.forward_t(&x, train))
     }
 }
 
@@ -495,6 +526,77 @@ mod tests {
         let missing = dir.path().join("none.safetensors");
         let err = e.load(&missing).unwrap_err().to_string();
         assert!(err.contains("none.safetensors"), "{err}");
+    }
+
+    fn max_rel(a: &[Tensor], b: &[Tensor]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| {
+                let (x, y) = (x.to_kind(Kind::Float), y.to_kind(Kind::Float));
+                let scale = y.abs().max().double_value(&[]).max(1e-12);
+                (x - y).abs().max().double_value(&[]) / scale
+            })
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn folded_batch_norm_and_bf16_inference_follow_the_plain_model() {
+        let config = ModelConfig {
+            norm: Norm::Batch,
+            ..small().model.config
+        };
+        tch::manual_seed(7);
+        let mut d = Detector::new(config, Device::Cpu, Sampling::First);
+        // Two training passes move the running statistics off their initial 0 and 1, so
+        // the fold has something to get wrong.
+        let img = Tensor::rand([3, 64, 80], (Kind::Float, Device::Cpu));
+        let t = || Target {
+            boxes: Tensor::from_slice(&[8f32, 8., 30., 24.]).view([1, 4]),
+            labels: Tensor::from_slice(&[1i64]),
+        };
+        for _ in 0..2 {
+            let _ = d.model.losses(&[img.copy()], &[t()]).unwrap();
+        }
+        let batch = d.model.config.transform.apply(&[img.copy()], None).unwrap();
+        let features = |d: &Detector| tch::no_grad(|| d.model.features(&batch.images, false));
+        let plain = features(&d);
+        d.model.prepare_inference(InferenceOptions {
+            fold_bn: true,
+            channels_last: true,
+            bf16: false,
+        });
+        assert!(d.model.body.stem.folded.is_some());
+        let folded = features(&d);
+        let err = max_rel(&folded, &plain);
+        assert!(err < 1e-5, "folded batch norm: {err}");
+        d.model.prepare_inference(InferenceOptions {
+            fold_bn: true,
+            channels_last: true,
+            bf16: true,
+        });
+        let half = features(&d);
+        assert_eq!(half[0].kind(), Kind::BFloat16);
+        let err = max_rel(&half, &plain);
+        // bf16 keeps 8 significant bits; through 20-odd layers the error stays a few %.
+        assert!(err < 5e-2, "bf16 features: {err}");
+        let out = tch::no_grad(|| d.model.detect(&[img.copy()])).unwrap();
+        assert_eq!(out.features[0].kind(), Kind::Float);
+        assert_eq!(out.objectness[0].kind(), Kind::Float);
+        assert_eq!(out.detections[0].scores.kind(), Kind::Float);
+        // Training is unaffected by the inference copies: same losses with and without.
+        d.model.prepare_inference(InferenceOptions::default());
+        tch::manual_seed(9);
+        let a = d.model.losses(&[img.copy()], &[t()]).unwrap().total();
+        d.model.prepare_inference(InferenceOptions {
+            fold_bn: true,
+            channels_last: false,
+            bf16: true,
+        });
+        tch::manual_seed(9);
+        let b = d.model.losses(&[img.copy()], &[t()]).unwrap().total();
+        assert_eq!(b.kind(), Kind::Float);
+        let (a, b) = (a.double_value(&[]), b.double_value(&[]));
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "{a} vs {b}");
     }
 
     #[test]

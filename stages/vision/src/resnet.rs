@@ -63,6 +63,25 @@ impl NormLayer {
             NormLayer::Batch(_) => None,
         }
     }
+
+    /// Per-channel (scale, shift) that this layer applies in evaluation: a frozen layer's
+    /// own, or a batch norm's from its running statistics (valid until the next training
+    /// step changes them).
+    pub fn eval_affine(&self) -> Option<(Tensor, Tensor)> {
+        match self {
+            NormLayer::Frozen { .. } => self.frozen_affine(),
+            NormLayer::Batch(bn) => tch::no_grad(|| {
+                let ones = bn.running_var.ones_like();
+                let zeros = bn.running_mean.zeros_like();
+                let weight = bn.ws.as_ref().unwrap_or(&ones);
+                let bias = bn.bs.as_ref().unwrap_or(&zeros);
+                // tch's BatchNormConfig default, which every layer here is built with.
+                let scale = weight * (&bn.running_var + 1e-5).rsqrt();
+                let shift = bias - &bn.running_mean * &scale;
+                Some((scale, shift))
+            }),
+        }
+    }
 }
 
 impl ModuleT for NormLayer {
@@ -105,7 +124,8 @@ pub struct ConvNorm {
     pub conv: nn::Conv2D,
     /// Its norm.
     pub norm: NormLayer,
-    /// For inference: the frozen norm folded into the convolution (weight, bias).
+    /// For inference: the norm folded into the convolution (weight, bias), in bf16 when
+    /// asked.
     pub folded: Option<(Tensor, Tensor)>,
     /// The convolution's stride and padding (tch keeps its own private).
     geometry: (i64, i64),
@@ -138,18 +158,26 @@ impl ConvNorm {
         self.norm.forward_t(&xs.apply(&self.conv), train)
     }
 
-    /// Folds a frozen norm into the convolution's weights (no-op for batch norm), in
-    /// channels-last layout when asked; `None` undoes it.
-    fn fold(&mut self, on: bool, channels_last: bool) {
-        self.folded = match (on, self.norm.frozen_affine()) {
+    /// Folds the norm into the convolution's weights for inference (a trainable batch norm
+    /// with its running statistics), in channels-last layout and bf16 when asked; `on ==
+    /// false` undoes it. Training steps keep using the layers themselves.
+    fn fold(&mut self, on: bool, channels_last: bool, bf16: bool) {
+        self.folded = match (on, self.norm.eval_affine()) {
             (true, Some((scale, shift))) => tch::no_grad(|| {
-                let w = &self.conv.ws * scale.reshape([-1, 1, 1, 1]);
+                let w = self.conv.ws.detach() * scale.reshape([-1, 1, 1, 1]);
                 let w = if channels_last {
                     crate::resnet::to_channels_last(&w)
                 } else {
                     w
                 };
-                Some((w, shift))
+                if bf16 {
+                    Some((
+                        w.to_kind(tch::Kind::BFloat16),
+                        shift.to_kind(tch::Kind::BFloat16),
+                    ))
+                } else {
+                    Some((w, shift.detach()))
+                }
             }),
             _ => None,
         };
@@ -316,16 +344,17 @@ impl ResNet {
         ResNet { stem, layers }
     }
 
-    /// Folds frozen norms into the convolutions for inference (see [`ConvNorm`]); call
-    /// again after loading new weights.
-    pub fn fold(&mut self, on: bool, channels_last: bool) {
-        self.stem.fold(on, channels_last);
+    /// Folds the norms into the convolutions for inference (see [`ConvNorm`]), as bf16
+    /// copies when `bf16` (the body's input must then be bf16); call again after loading
+    /// new weights or training.
+    pub fn fold(&mut self, on: bool, channels_last: bool, bf16: bool) {
+        self.stem.fold(on, channels_last, bf16);
         for block in self.layers.iter_mut().flatten() {
             for c in block.convs.iter_mut() {
-                c.fold(on, channels_last);
+                c.fold(on, channels_last, bf16);
             }
             if let Some(d) = block.downsample.as_mut() {
-                d.fold(on, channels_last);
+                d.fold(on, channels_last, bf16);
             }
         }
     }

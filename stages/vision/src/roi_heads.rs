@@ -101,6 +101,8 @@ pub struct TwoMlpHead {
     pub fc6: nn::Linear,
     /// `fc7`.
     pub fc7: nn::Linear,
+    /// bf16 copies of `fc6` and `fc7` for inference (empty when off).
+    half: Vec<crate::lowp::Half>,
 }
 
 impl TwoMlpHead {
@@ -114,6 +116,33 @@ impl TwoMlpHead {
                 representation,
                 Default::default(),
             ),
+            half: Vec::new(),
+        }
+    }
+
+    /// Makes (or drops) the bf16 copies that inference runs through.
+    pub fn set_bf16(&mut self, on: bool) {
+        self.half = if on {
+            vec![
+                crate::lowp::Half::linear(&self.fc6),
+                crate::lowp::Half::linear(&self.fc7),
+            ]
+        } else {
+            Vec::new()
+        };
+    }
+
+    /// Inference: through the bf16 copies when there are some (the result in f32).
+    pub fn infer(&self, xs: &Tensor) -> Tensor {
+        match self.half.as_slice() {
+            [fc6, fc7] => fc7
+                .linear_forward(
+                    &fc6.linear_forward(&xs.flatten(1, -1).to_kind(Kind::BFloat16))
+                        .relu(),
+                )
+                .relu()
+                .to_kind(Kind::Float),
+            _ => self.forward(xs),
         }
     }
 }
@@ -279,17 +308,32 @@ impl RoiHeads {
         }
     }
 
-    /// Class logits and box deltas of `proposals`.
+    /// Class logits and box deltas of `proposals` (inference: through the bf16 copies when
+    /// there are some).
     pub fn predict(
         &self,
         features: &[Tensor],
         proposals: &[Tensor],
         image_sizes: &[(i64, i64)],
     ) -> (Tensor, Tensor) {
+        self.head_outputs(features, proposals, image_sizes, false)
+    }
+
+    fn head_outputs(
+        &self,
+        features: &[Tensor],
+        proposals: &[Tensor],
+        image_sizes: &[(i64, i64)],
+        train: bool,
+    ) -> (Tensor, Tensor) {
         let pooled = self
             .pool
             .forward(&features[..features.len().min(4)], proposals, image_sizes);
-        let x = self.head.forward(&pooled);
+        let x = if train {
+            self.head.forward(&pooled)
+        } else {
+            self.head.infer(&pooled)
+        };
         (
             x.apply(&self.predictor.cls_score),
             x.apply(&self.predictor.bbox_pred),
@@ -346,7 +390,7 @@ impl RoiHeads {
             sampled_props.push(props);
             labels.push(lab);
         }
-        let (logits, deltas) = self.predict(features, &sampled_props, image_sizes);
+        let (logits, deltas) = self.head_outputs(features, &sampled_props, image_sizes, true);
         let labels = Tensor::cat(&labels, 0);
         let targets = Tensor::cat(&targets, 0);
         let cls_loss = logits.cross_entropy_for_logits(&labels);

@@ -74,6 +74,9 @@ pub struct RpnHead {
     pub cls_logits: nn::Conv2D,
     /// `bbox_pred`.
     pub bbox_pred: nn::Conv2D,
+    /// bf16 copies of `conv`, `cls_logits`, `bbox_pred`, used on bf16 features (empty when
+    /// off).
+    half: Vec<crate::lowp::Half>,
 }
 
 impl RpnHead {
@@ -92,16 +95,41 @@ impl RpnHead {
             conv: nn::conv2d(p / "conv" / 0 / 0, channels, channels, 3, cfg(1)),
             cls_logits: nn::conv2d(p / "cls_logits", channels, anchors, 1, cfg(0)),
             bbox_pred: nn::conv2d(p / "bbox_pred", channels, anchors * 4, 1, cfg(0)),
+            half: Vec::new(),
         }
     }
 
-    /// Objectness `[N, A, H, W]` and deltas `[N, 4A, H, W]` per level.
+    /// Makes (or drops) the bf16 copies that bf16 features run through.
+    pub fn set_bf16(&mut self, on: bool) {
+        use crate::lowp::Half;
+        self.half = if on {
+            vec![
+                Half::conv(&self.conv),
+                Half::conv(&self.cls_logits),
+                Half::conv(&self.bbox_pred),
+            ]
+        } else {
+            Vec::new()
+        };
+    }
+
+    /// Objectness `[N, A, H, W]` and deltas `[N, 4A, H, W]` per level, in f32 whatever
+    /// the features' kind.
     pub fn forward(&self, features: &[Tensor]) -> (Vec<Tensor>, Vec<Tensor>) {
         features
             .iter()
-            .map(|f| {
-                let t = f.apply(&self.conv).relu();
-                (t.apply(&self.cls_logits), t.apply(&self.bbox_pred))
+            .map(|f| match self.half.as_slice() {
+                [conv, cls, bbox] if f.kind() == Kind::BFloat16 => {
+                    let t = conv.conv2d(f, 1).relu();
+                    (
+                        cls.conv2d(&t, 0).to_kind(Kind::Float),
+                        bbox.conv2d(&t, 0).to_kind(Kind::Float),
+                    )
+                }
+                _ => {
+                    let t = f.apply(&self.conv).relu();
+                    (t.apply(&self.cls_logits), t.apply(&self.bbox_pred))
+                }
             })
             .unzip()
     }

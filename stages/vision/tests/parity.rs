@@ -281,6 +281,7 @@ fn r50_with_folded_norms_and_channels_last_still_matches() {
     let options = InferenceOptions {
         fold_bn: true,
         channels_last: true,
+        bf16: false,
     };
     eval_parity(Depth::R50, "r50", options);
 }
@@ -295,6 +296,7 @@ fn r50_training_losses_with_folded_norms_and_channels_last_match() {
     let options = InferenceOptions {
         fold_bn: true,
         channels_last: true,
+        bf16: false,
     };
     loss_parity(Depth::R50, "r50", options);
 }
