@@ -88,6 +88,7 @@ fn ours(depth: Depth, size: i64, iters: usize) -> anyhow::Result<Vec<(String, f6
                 fold_bn: true,
                 channels_last: true,
                 bf16: false,
+                bf16_train: false,
             },
         ),
         (
@@ -96,6 +97,7 @@ fn ours(depth: Depth, size: i64, iters: usize) -> anyhow::Result<Vec<(String, f6
                 fold_bn: true,
                 channels_last: true,
                 bf16: true,
+                bf16_train: false,
             },
         ),
     ] {
@@ -127,6 +129,16 @@ fn ours(depth: Depth, size: i64, iters: usize) -> anyhow::Result<Vec<(String, f6
                 fold_bn: true,
                 channels_last: true,
                 bf16: false,
+                bf16_train: false,
+            },
+        ),
+        (
+            "ours train, + bf16 mixed precision",
+            InferenceOptions {
+                fold_bn: true,
+                channels_last: true,
+                bf16: false,
+                bf16_train: true,
             },
         ),
     ] {

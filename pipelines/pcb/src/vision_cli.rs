@@ -43,6 +43,10 @@ pub struct ModelArgs {
     /// Inference in bf16: auto (where the CPU computes bf16 natively), on or off.
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
     pub bf16: String,
+    /// Train with bf16 mixed precision (convolutions and box-head products in bf16 on f32
+    /// weights); for CPUs with native bf16.
+    #[arg(long)]
+    pub bf16_train: bool,
 }
 
 impl ModelArgs {
@@ -51,7 +55,10 @@ impl ModelArgs {
         if self.plain {
             return pcb_vision::InferenceOptions::default();
         }
-        pcb_vision::InferenceOptions::fast(self.bf16.parse().unwrap_or_default())
+        pcb_vision::InferenceOptions {
+            bf16_train: self.bf16_train,
+            ..pcb_vision::InferenceOptions::fast(self.bf16.parse().unwrap_or_default())
+        }
     }
 
     /// The model configuration these flags describe.

@@ -158,6 +158,7 @@ const SPEED: InferenceOptions = InferenceOptions {
     fold_bn: true,
     channels_last: true,
     bf16: false,
+    bf16_train: false,
 };
 
 /// One batch for one step: this rank's share, possibly empty.

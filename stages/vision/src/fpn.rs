@@ -34,7 +34,8 @@ pub struct Fpn {
     pub inner: Vec<nn::Conv2D>,
     /// `layer_blocks.<i>.0`: outputs.
     pub layer: Vec<nn::Conv2D>,
-    /// bf16 copies of `inner` then `layer`, used on bf16 inputs (empty when off).
+    /// bf16 copies of `inner` then `layer` for inference on bf16 inputs (empty when off;
+    /// training on bf16 inputs casts the weights on the fly).
     half: Vec<Half>,
 }
 
@@ -72,6 +73,10 @@ impl Fpn {
     fn lateral(&self, i: usize, x: &Tensor) -> Tensor {
         match self.half.get(i) {
             Some(h) if x.kind() == Kind::BFloat16 => h.conv2d(x, 0),
+            _ if x.kind() == Kind::BFloat16 => {
+                let c = &self.inner[i];
+                crate::lowp::conv2d_cast(x, &c.ws, c.bs.as_ref(), 1, 0)
+            }
             _ => x.apply(&self.inner[i]),
         }
     }
@@ -79,6 +84,10 @@ impl Fpn {
     fn output(&self, i: usize, x: &Tensor) -> Tensor {
         match self.half.get(self.inner.len() + i) {
             Some(h) if x.kind() == Kind::BFloat16 => h.conv2d(x, 1),
+            _ if x.kind() == Kind::BFloat16 => {
+                let c = &self.layer[i];
+                crate::lowp::conv2d_cast(x, &c.ws, c.bs.as_ref(), 1, 1)
+            }
             _ => x.apply(&self.layer[i]),
         }
     }

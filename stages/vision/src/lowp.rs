@@ -50,6 +50,32 @@ impl Half {
     }
 }
 
+/// Training in bf16: a convolution with the f32 weights cast on the fly, so gradients reach
+/// them (the master weights and the optimiser stay in f32, as with PyTorch's autocast).
+pub fn conv2d_cast(
+    xs: &Tensor,
+    ws: &Tensor,
+    bs: Option<&Tensor>,
+    stride: i64,
+    padding: i64,
+) -> Tensor {
+    let b = bs.map(|b| b.to_kind(Kind::BFloat16));
+    xs.conv2d(
+        &ws.to_kind(Kind::BFloat16),
+        b.as_ref(),
+        [stride, stride],
+        [padding, padding],
+        [1, 1],
+        1,
+    )
+}
+
+/// Training in bf16: a linear layer with its f32 weights cast on the fly.
+pub fn linear_cast(xs: &Tensor, l: &nn::Linear) -> Tensor {
+    let b = l.bs.as_ref().map(|b| b.to_kind(Kind::BFloat16));
+    xs.linear(&l.ws.to_kind(Kind::BFloat16), b.as_ref())
+}
+
 /// Whether inference runs in bf16.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

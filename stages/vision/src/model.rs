@@ -114,6 +114,10 @@ pub struct InferenceOptions {
     /// for CPUs with native bf16; boxes, scores and NMS stay f32. Changes results by
     /// bf16 rounding, so it is measured on `pcb eval` rather than parity-tested.
     pub bf16: bool,
+    /// Training only: mixed precision as PyTorch's CPU autocast does it (convolutions and
+    /// the box head's products in bf16 on f32 master weights; losses, RoI sampling and the
+    /// optimiser in f32).
+    pub bf16_train: bool,
 }
 
 impl InferenceOptions {
@@ -124,6 +128,7 @@ impl InferenceOptions {
             fold_bn: true,
             channels_last: true,
             bf16: bf16.enabled(),
+            bf16_train: false,
         }
     }
 }
@@ -236,6 +241,11 @@ impl FasterRcnn {
         let rpn = self
             .rpn
             .forward((s[2], s[3]), &batch.sizes, &features, Some(&gt_boxes), true);
+        let features: Vec<Tensor> = if features[0].kind() == Kind::Float {
+            features
+        } else {
+            features.iter().map(|f| f.to_kind(Kind::Float)).collect()
+        };
         let (objectness, rpn_box_reg) = rpn
             .losses
             .ok_or_else(|| VisionError::Input("the RPN returned no losses".into()))?;
@@ -263,6 +273,7 @@ impl FasterRcnn {
         self.fpn.set_bf16(bf16);
         self.rpn.head.set_bf16(bf16);
         self.roi_heads.head.set_bf16(bf16);
+        self.roi_heads.head.train_bf16 = options.bf16_train;
         self.inference = options;
     }
 
@@ -273,7 +284,7 @@ impl FasterRcnn {
         } else {
             images.shallow_clone()
         };
-        let x = if self.inference.bf16 && !train {
+        let x = if (self.inference.bf16 && !train) || (self.inference.bf16_train && train) {
             x.to_kind(Kind::BFloat16)
         } else {
             x
@@ -564,6 +575,7 @@ mod tests {
             fold_bn: true,
             channels_last: true,
             bf16: false,
+            bf16_train: false,
         });
         assert!(d.model.body.stem.folded.is_some());
         let folded = features(&d);
@@ -573,6 +585,7 @@ mod tests {
             fold_bn: true,
             channels_last: true,
             bf16: true,
+            bf16_train: false,
         });
         let half = features(&d);
         assert_eq!(half[0].kind(), Kind::BFloat16);
@@ -591,12 +604,63 @@ mod tests {
             fold_bn: true,
             channels_last: false,
             bf16: true,
+            bf16_train: false,
         });
         tch::manual_seed(9);
         let b = d.model.losses(&[img.copy()], &[t()]).unwrap().total();
         assert_eq!(b.kind(), Kind::Float);
         let (a, b) = (a.double_value(&[]), b.double_value(&[]));
         assert!((a - b).abs() <= 1e-5 * a.abs(), "{a} vs {b}");
+    }
+
+    #[test]
+    fn bf16_mixed_precision_training_tracks_f32_and_keeps_f32_gradients() {
+        for norm in [Norm::Batch, Norm::Frozen] {
+            let config = ModelConfig {
+                norm,
+                ..small().model.config
+            };
+            tch::manual_seed(11);
+            let mut d = Detector::new(config, Device::Cpu, Sampling::First);
+            let img = Tensor::rand([3, 64, 80], (Kind::Float, Device::Cpu));
+            let t = || Target {
+                boxes: Tensor::from_slice(&[8f32, 8., 30., 24., 40., 30., 70., 60.]).view([2, 4]),
+                labels: Tensor::from_slice(&[1i64, 3]),
+            };
+            let params = d.trainable();
+            let mut step = |bf16_train: bool| {
+                d.model.prepare_inference(InferenceOptions {
+                    fold_bn: true,
+                    channels_last: true,
+                    bf16: false,
+                    bf16_train,
+                });
+                crate::train::Optimizer::zero_grad(&params);
+                tch::manual_seed(5);
+                let l = d.model.losses(&[img.copy()], &[t()]).unwrap();
+                let total = l.total();
+                total.backward();
+                let grads: Vec<Tensor> = params.iter().map(|(_, p)| p.grad().copy()).collect();
+                (total.double_value(&[]), grads)
+            };
+            let (want, g32) = step(false);
+            let (got, g16) = step(true);
+            assert!(
+                (got - want).abs() < 3e-2 * want.abs(),
+                "{norm:?}: loss {got} vs {want}"
+            );
+            for ((name, _), (a, b)) in params.iter().zip(g16.iter().zip(&g32)) {
+                assert_eq!(a.kind(), Kind::Float, "{name}");
+                assert_eq!(a.size(), b.size(), "{name}");
+            }
+            // Every trainable layer still learns: its gradient is there and finite.
+            let flat16 = Tensor::cat(&g16.iter().map(|g| g.flatten(0, -1)).collect::<Vec<_>>(), 0);
+            let flat32 = Tensor::cat(&g32.iter().map(|g| g.flatten(0, -1)).collect::<Vec<_>>(), 0);
+            assert!(bool::try_from(flat16.isfinite().all()).unwrap());
+            let cos = (&flat16 * &flat32).sum(Kind::Float).double_value(&[])
+                / (flat16.norm().double_value(&[]) * flat32.norm().double_value(&[]));
+            assert!(cos > 0.95, "{norm:?}: gradient cosine {cos}");
+        }
     }
 
     #[test]

@@ -143,6 +143,20 @@ impl ConvNorm {
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let (s, p) = self.geometry;
+        if train && xs.kind() == tch::Kind::BFloat16 {
+            // Mixed-precision training: bf16 convolutions on the f32 weights; a batch norm
+            // takes the bf16 activations with its f32 statistics (libtorch's mixed kernel).
+            return match self.norm.frozen_affine() {
+                Some((scale, shift)) => {
+                    let w = &self.conv.ws * scale.reshape([-1, 1, 1, 1]);
+                    crate::lowp::conv2d_cast(xs, &w, Some(&shift), s, p)
+                }
+                None => self.norm.forward_t(
+                    &crate::lowp::conv2d_cast(xs, &self.conv.ws, None, s, p),
+                    true,
+                ),
+            };
+        }
         if let Some((w, b)) = &self.folded {
             if !train {
                 return xs.conv2d(w, Some(b), [s, s], [p, p], [1, 1], 1);

@@ -103,6 +103,8 @@ pub struct TwoMlpHead {
     pub fc7: nn::Linear,
     /// bf16 copies of `fc6` and `fc7` for inference (empty when off).
     half: Vec<crate::lowp::Half>,
+    /// Training runs `fc6` and `fc7` in bf16 (weights cast on the fly).
+    pub train_bf16: bool,
 }
 
 impl TwoMlpHead {
@@ -117,7 +119,20 @@ impl TwoMlpHead {
                 Default::default(),
             ),
             half: Vec::new(),
+            train_bf16: false,
         }
+    }
+
+    /// Training: through bf16 products when `train_bf16` (the result in f32).
+    pub fn train_forward(&self, xs: &Tensor) -> Tensor {
+        if !self.train_bf16 {
+            return self.forward(xs);
+        }
+        let x = xs.flatten(1, -1).to_kind(Kind::BFloat16);
+        let x = crate::lowp::linear_cast(&x, &self.fc6).relu();
+        crate::lowp::linear_cast(&x, &self.fc7)
+            .relu()
+            .to_kind(Kind::Float)
     }
 
     /// Makes (or drops) the bf16 copies that inference runs through.
@@ -330,7 +345,7 @@ impl RoiHeads {
             .pool
             .forward(&features[..features.len().min(4)], proposals, image_sizes);
         let x = if train {
-            self.head.forward(&pooled)
+            self.head.train_forward(&pooled)
         } else {
             self.head.infer(&pooled)
         };

@@ -126,6 +126,16 @@ impl RpnHead {
                         bbox.conv2d(&t, 0).to_kind(Kind::Float),
                     )
                 }
+                _ if f.kind() == Kind::BFloat16 => {
+                    use crate::lowp::conv2d_cast;
+                    let c =
+                        |x: &Tensor, l: &nn::Conv2D, p| conv2d_cast(x, &l.ws, l.bs.as_ref(), 1, p);
+                    let t = c(f, &self.conv, 1).relu();
+                    (
+                        c(&t, &self.cls_logits, 0).to_kind(Kind::Float),
+                        c(&t, &self.bbox_pred, 0).to_kind(Kind::Float),
+                    )
+                }
                 _ => {
                     let t = f.apply(&self.conv).relu();
                     (t.apply(&self.cls_logits), t.apply(&self.bbox_pred))

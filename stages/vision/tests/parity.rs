@@ -282,6 +282,7 @@ fn r50_with_folded_norms_and_channels_last_still_matches() {
         fold_bn: true,
         channels_last: true,
         bf16: false,
+        bf16_train: false,
     };
     eval_parity(Depth::R50, "r50", options);
 }
@@ -297,6 +298,7 @@ fn r50_training_losses_with_folded_norms_and_channels_last_match() {
         fold_bn: true,
         channels_last: true,
         bf16: false,
+        bf16_train: false,
     };
     loss_parity(Depth::R50, "r50", options);
 }
