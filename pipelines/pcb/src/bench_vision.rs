@@ -210,7 +210,7 @@ fn table(args: &VisionBenchArgs, reference: &serde_json::Value) -> anyhow::Resul
         }
     );
     println!(
-        "{:<6} {:<40} {:>10} {:>14}",
+        "{:<6} {:<44} {:>10} {:>14}",
         "model", "path", "s/image", "vs torchvision"
     );
     for tag in args.models.split(',') {
@@ -224,7 +224,7 @@ fn table(args: &VisionBenchArgs, reference: &serde_json::Value) -> anyhow::Resul
         let tv_infer = row["torchvision_infer_s"].as_f64().unwrap_or(f64::NAN);
         let tv_train = row["torchvision_train_s"].as_f64().unwrap_or(f64::NAN);
         let line = |name: &str, s: f64, base: f64| {
-            println!("{tag:<6} {name:<40} {s:>10.3} {:>13.2}x", base / s);
+            println!("{tag:<6} {name:<44} {s:>10.3} {:>13.2}x", base / s);
         };
         line("torchvision infer", tv_infer, tv_infer);
         match row["onnxruntime_infer_s"].as_f64() {
