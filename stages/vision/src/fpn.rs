@@ -70,9 +70,9 @@ impl Fpn {
         };
     }
 
-    fn lateral(&self, i: usize, x: &Tensor) -> Tensor {
+    fn lateral(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
         match self.half.get(i) {
-            Some(h) if x.kind() == Kind::BFloat16 => h.conv2d(x, 0),
+            Some(h) if x.kind() == Kind::BFloat16 && !train => h.conv2d(x, 0),
             _ if x.kind() == Kind::BFloat16 => {
                 let c = &self.inner[i];
                 crate::lowp::conv2d_cast(x, &c.ws, c.bs.as_ref(), 1, 0)
@@ -81,9 +81,9 @@ impl Fpn {
         }
     }
 
-    fn output(&self, i: usize, x: &Tensor) -> Tensor {
+    fn output(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
         match self.half.get(self.inner.len() + i) {
-            Some(h) if x.kind() == Kind::BFloat16 => h.conv2d(x, 1),
+            Some(h) if x.kind() == Kind::BFloat16 && !train => h.conv2d(x, 1),
             _ if x.kind() == Kind::BFloat16 => {
                 let c = &self.layer[i];
                 crate::lowp::conv2d_cast(x, &c.ws, c.bs.as_ref(), 1, 1)
@@ -92,17 +92,23 @@ impl Fpn {
         }
     }
 
-    /// Levels '0'..'3' and 'pool', finest first.
+    /// Levels '0'..'3' and 'pool', finest first (inference).
     pub fn forward(&self, xs: &[Tensor]) -> Vec<Tensor> {
+        self.forward_t(xs, false)
+    }
+
+    /// As [`Fpn::forward`]; in training bf16 inputs go through the weights cast on the fly,
+    /// never the inference copies (which would neither learn nor follow updates).
+    pub fn forward_t(&self, xs: &[Tensor], train: bool) -> Vec<Tensor> {
         let n = xs.len();
-        let mut last_inner = self.lateral(n - 1, &xs[n - 1]);
-        let mut results = vec![self.output(n - 1, &last_inner)];
+        let mut last_inner = self.lateral(n - 1, &xs[n - 1], train);
+        let mut results = vec![self.output(n - 1, &last_inner, train)];
         for idx in (0..n - 1).rev() {
-            let lateral = self.lateral(idx, &xs[idx]);
+            let lateral = self.lateral(idx, &xs[idx], train);
             let size = lateral.size();
             let top_down = last_inner.upsample_nearest2d([size[2], size[3]], None, None);
             last_inner = lateral + top_down;
-            results.insert(0, self.output(idx, &last_inner));
+            results.insert(0, self.output(idx, &last_inner, train));
         }
         let pool = results[n - 1].max_pool2d([1, 1], [2, 2], [0, 0], [1, 1], false);
         results.push(pool);

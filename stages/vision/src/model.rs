@@ -289,7 +289,7 @@ impl FasterRcnn {
         } else {
             x
         };
-        self.fpn.forward(&self.body.forward_t(&x, train))
+        self.fpn.forward_t(&self.body.forward_t(&x, train), train)
     }
 }
 
@@ -628,11 +628,13 @@ mod tests {
                 labels: Tensor::from_slice(&[1i64, 3]),
             };
             let params = d.trainable();
+            // As `pcb train` sets it up on a bf16 CPU: inference copies exist beside the
+            // training path, and must not stand in for the weights being trained.
             let mut step = |bf16_train: bool| {
                 d.model.prepare_inference(InferenceOptions {
                     fold_bn: true,
                     channels_last: true,
-                    bf16: false,
+                    bf16: bf16_train,
                     bf16_train,
                 });
                 crate::train::Optimizer::zero_grad(&params);
@@ -652,6 +654,14 @@ mod tests {
             for ((name, _), (a, b)) in params.iter().zip(g16.iter().zip(&g32)) {
                 assert_eq!(a.kind(), Kind::Float, "{name}");
                 assert_eq!(a.size(), b.size(), "{name}");
+                // Each layer's own gradient points roughly the f32 way (bf16 noise grows
+                // towards the stem; a layer that ran on a detached copy would have none).
+                let cos = (a * b).sum(Kind::Float).double_value(&[])
+                    / (a.norm().double_value(&[]) * b.norm().double_value(&[])).max(1e-30);
+                assert!(
+                    b.norm().double_value(&[]) == 0.0 || cos > 0.5,
+                    "{norm:?} {name}: gradient cosine {cos}"
+                );
             }
             // Every trainable layer still learns: its gradient is there and finite.
             let flat16 = Tensor::cat(&g16.iter().map(|g| g.flatten(0, -1)).collect::<Vec<_>>(), 0);

@@ -116,10 +116,16 @@ impl RpnHead {
     /// Objectness `[N, A, H, W]` and deltas `[N, 4A, H, W]` per level, in f32 whatever
     /// the features' kind.
     pub fn forward(&self, features: &[Tensor]) -> (Vec<Tensor>, Vec<Tensor>) {
+        self.forward_t(features, false)
+    }
+
+    /// As [`RpnHead::forward`]; in training bf16 features go through the weights cast on
+    /// the fly, never the inference copies (which would neither learn nor follow updates).
+    pub fn forward_t(&self, features: &[Tensor], train: bool) -> (Vec<Tensor>, Vec<Tensor>) {
         features
             .iter()
             .map(|f| match self.half.as_slice() {
-                [conv, cls, bbox] if f.kind() == Kind::BFloat16 => {
+                [conv, cls, bbox] if f.kind() == Kind::BFloat16 && !train => {
                     let t = conv.conv2d(f, 1).relu();
                     (
                         cls.conv2d(&t, 0).to_kind(Kind::Float),
@@ -253,7 +259,7 @@ impl Rpn {
         targets: Option<&[Tensor]>,
         train: bool,
     ) -> RpnOutput {
-        let (objectness, deltas) = self.head.forward(features);
+        let (objectness, deltas) = self.head.forward_t(features, train);
         let anchors = self.anchors.anchors(batch_size, features);
         let num_images = image_sizes.len() as i64;
         let per_level: Vec<i64> = objectness
