@@ -102,11 +102,12 @@ pub struct Target {
     pub labels: Tensor,
 }
 
-/// CPU speed tricks, for inference and training alike (they change no result beyond
-/// float rounding).
+/// CPU speed tricks, for inference and training alike (they change results only by
+/// rounding: f32's, or bf16's where asked).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InferenceOptions {
-    /// Fold frozen batch norms into the preceding convolutions.
+    /// Fold batch norms into the preceding convolutions: frozen ones always, trainable
+    /// ones (with their running statistics) at inference only.
     pub fold_bn: bool,
     /// Run convolutions on channels-last (NHWC) tensors.
     pub channels_last: bool,
