@@ -70,26 +70,28 @@ impl Fpn {
         };
     }
 
-    fn lateral(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
-        match self.half.get(i) {
-            Some(h) if x.kind() == Kind::BFloat16 && !train => h.conv2d(x, 0),
-            _ if x.kind() == Kind::BFloat16 => {
-                let c = &self.inner[i];
-                crate::lowp::conv2d_cast(x, &c.ws, c.bs.as_ref(), 1, 0)
-            }
-            _ => x.apply(&self.inner[i]),
+    /// `c` on `x`; bf16 inputs go through `lowp` (the inference copy `half`, or in
+    /// training the weights cast on the fly).
+    fn conv(c: &nn::Conv2D, half: Option<&Half>, x: &Tensor, train: bool, padding: i64) -> Tensor {
+        if x.kind() == Kind::BFloat16 {
+            crate::lowp::conv2d_bf16(x, c, half, train, padding)
+        } else {
+            x.apply(c)
         }
     }
 
+    fn lateral(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
+        Self::conv(&self.inner[i], self.half.get(i), x, train, 0)
+    }
+
     fn output(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
-        match self.half.get(self.inner.len() + i) {
-            Some(h) if x.kind() == Kind::BFloat16 && !train => h.conv2d(x, 1),
-            _ if x.kind() == Kind::BFloat16 => {
-                let c = &self.layer[i];
-                crate::lowp::conv2d_cast(x, &c.ws, c.bs.as_ref(), 1, 1)
-            }
-            _ => x.apply(&self.layer[i]),
-        }
+        Self::conv(
+            &self.layer[i],
+            self.half.get(self.inner.len() + i),
+            x,
+            train,
+            1,
+        )
     }
 
     /// Levels '0'..'3' and 'pool', finest first (inference).

@@ -70,6 +70,29 @@ pub fn conv2d_cast(
     )
 }
 
+/// A stride-1 convolution on bf16 `xs`: through the inference copy `half` outside
+/// training, else with the f32 weights cast on the fly (so that they learn).
+pub fn conv2d_bf16(
+    xs: &Tensor,
+    c: &nn::Conv2D,
+    half: Option<&Half>,
+    train: bool,
+    padding: i64,
+) -> Tensor {
+    match half {
+        Some(h) if !train => h.conv2d(xs, padding),
+        _ => conv2d_cast(xs, &c.ws, c.bs.as_ref(), 1, padding),
+    }
+}
+
+/// A linear layer on bf16 `xs`, as [`conv2d_bf16`] chooses.
+pub fn linear_bf16(xs: &Tensor, l: &nn::Linear, half: Option<&Half>, train: bool) -> Tensor {
+    match half {
+        Some(h) if !train => h.linear_forward(xs),
+        _ => linear_cast(xs, l),
+    }
+}
+
 /// Training in bf16: a linear layer with its f32 weights cast on the fly.
 pub fn linear_cast(xs: &Tensor, l: &nn::Linear) -> Tensor {
     let b = l.bs.as_ref().map(|b| b.to_kind(Kind::BFloat16));

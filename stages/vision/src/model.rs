@@ -187,12 +187,7 @@ impl FasterRcnn {
         let rpn = self
             .rpn
             .forward((s[2], s[3]), &batch.sizes, &features, None, false);
-        // RoI sampling and everything after it run in f32.
-        let features: Vec<Tensor> = if features[0].kind() == Kind::Float {
-            features
-        } else {
-            features.iter().map(|f| f.to_kind(Kind::Float)).collect()
-        };
+        let features = in_f32(features);
         let (logits, deltas) = self
             .roi_heads
             .predict(&features, &rpn.proposals, &batch.sizes);
@@ -242,11 +237,7 @@ impl FasterRcnn {
         let rpn = self
             .rpn
             .forward((s[2], s[3]), &batch.sizes, &features, Some(&gt_boxes), true);
-        let features: Vec<Tensor> = if features[0].kind() == Kind::Float {
-            features
-        } else {
-            features.iter().map(|f| f.to_kind(Kind::Float)).collect()
-        };
+        let features = in_f32(features);
         let (objectness, rpn_box_reg) = rpn
             .losses
             .ok_or_else(|| VisionError::Input("the RPN returned no losses".into()))?;
@@ -292,6 +283,14 @@ impl FasterRcnn {
         };
         self.fpn.forward_t(&self.body.forward_t(&x, train), train)
     }
+}
+
+/// Pyramid levels in f32 (bf16 ones cast), for RoI sampling and everything after it.
+fn in_f32(features: Vec<Tensor>) -> Vec<Tensor> {
+    if features.iter().all(|f| f.kind() == Kind::Float) {
+        return features;
+    }
+    features.iter().map(|f| f.to_kind(Kind::Float)).collect()
 }
 
 /// A model with its variables.

@@ -123,18 +123,6 @@ impl TwoMlpHead {
         }
     }
 
-    /// Training: through bf16 products when `train_bf16` (the result in f32).
-    pub fn train_forward(&self, xs: &Tensor) -> Tensor {
-        if !self.train_bf16 {
-            return self.forward(xs);
-        }
-        let x = xs.flatten(1, -1).to_kind(Kind::BFloat16);
-        let x = crate::lowp::linear_cast(&x, &self.fc6).relu();
-        crate::lowp::linear_cast(&x, &self.fc7)
-            .relu()
-            .to_kind(Kind::Float)
-    }
-
     /// Makes (or drops) the bf16 copies that inference runs through.
     pub fn set_bf16(&mut self, on: bool) {
         self.half = if on {
@@ -147,18 +135,23 @@ impl TwoMlpHead {
         };
     }
 
-    /// Inference: through the bf16 copies when there are some (the result in f32).
-    pub fn infer(&self, xs: &Tensor) -> Tensor {
-        match self.half.as_slice() {
-            [fc6, fc7] => fc7
-                .linear_forward(
-                    &fc6.linear_forward(&xs.flatten(1, -1).to_kind(Kind::BFloat16))
-                        .relu(),
-                )
-                .relu()
-                .to_kind(Kind::Float),
-            _ => self.forward(xs),
+    /// `fc6` and `fc7` in bf16 (the result in f32) when inference has bf16 copies or
+    /// training has `train_bf16`; in f32 otherwise.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let bf16 = if train {
+            self.train_bf16
+        } else {
+            !self.half.is_empty()
+        };
+        if !bf16 {
+            return self.forward(xs);
         }
+        use crate::lowp::linear_bf16;
+        let x = xs.flatten(1, -1).to_kind(Kind::BFloat16);
+        let x = linear_bf16(&x, &self.fc6, self.half.first(), train).relu();
+        linear_bf16(&x, &self.fc7, self.half.get(1), train)
+            .relu()
+            .to_kind(Kind::Float)
     }
 }
 
@@ -344,11 +337,7 @@ impl RoiHeads {
         let pooled = self
             .pool
             .forward(&features[..features.len().min(4)], proposals, image_sizes);
-        let x = if train {
-            self.head.train_forward(&pooled)
-        } else {
-            self.head.infer(&pooled)
-        };
+        let x = self.head.forward_t(&pooled, train);
         (
             x.apply(&self.predictor.cls_score),
             x.apply(&self.predictor.bbox_pred),

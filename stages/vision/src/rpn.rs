@@ -124,25 +124,16 @@ impl RpnHead {
     pub fn forward_t(&self, features: &[Tensor], train: bool) -> (Vec<Tensor>, Vec<Tensor>) {
         features
             .iter()
-            .map(|f| match self.half.as_slice() {
-                [conv, cls, bbox] if f.kind() == Kind::BFloat16 && !train => {
-                    let t = conv.conv2d(f, 1).relu();
+            .map(|f| {
+                if f.kind() == Kind::BFloat16 {
+                    use crate::lowp::conv2d_bf16;
+                    let h = |i: usize| self.half.get(i);
+                    let t = conv2d_bf16(f, &self.conv, h(0), train, 1).relu();
                     (
-                        cls.conv2d(&t, 0).to_kind(Kind::Float),
-                        bbox.conv2d(&t, 0).to_kind(Kind::Float),
+                        conv2d_bf16(&t, &self.cls_logits, h(1), train, 0).to_kind(Kind::Float),
+                        conv2d_bf16(&t, &self.bbox_pred, h(2), train, 0).to_kind(Kind::Float),
                     )
-                }
-                _ if f.kind() == Kind::BFloat16 => {
-                    use crate::lowp::conv2d_cast;
-                    let c =
-                        |x: &Tensor, l: &nn::Conv2D, p| conv2d_cast(x, &l.ws, l.bs.as_ref(), 1, p);
-                    let t = c(f, &self.conv, 1).relu();
-                    (
-                        c(&t, &self.cls_logits, 0).to_kind(Kind::Float),
-                        c(&t, &self.bbox_pred, 0).to_kind(Kind::Float),
-                    )
-                }
-                _ => {
+                } else {
                     let t = f.apply(&self.conv).relu();
                     (t.apply(&self.cls_logits), t.apply(&self.bbox_pred))
                 }
