@@ -154,13 +154,20 @@ pub fn batched_nms(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, iou_threshold
     Tensor::from_slice(&kept).to_device(device)
 }
 
-/// RoI align (`torchvision.ops.roi_align` with `aligned=False` or `true`) on top of
-/// libtorch's `grid_sampler`, so that its gradient flows to `input`.
+/// RoI align (`torchvision.ops.roi_align` with `aligned` false or true), differentiable in
+/// `input`, on any device.
 ///
 /// `input` is `[N, C, H, W]`; `rois` is `[K, 5]` with the batch index first. Each output bin
 /// averages `sampling_ratio`² bilinear samples; a sample more than one pixel outside the map
 /// counts as zero, one within a pixel of the border takes the border value, exactly as the
-/// torchvision kernel does.
+/// torchvision kernel does. A RoI naming an image outside the batch pools zeros.
+///
+/// Each bin is a weighted sum of 4·`sampling_ratio`² pixels (the bilinear taps of its
+/// samples), so the whole operation is one `embedding_bag` over the map's pixels as rows of
+/// `C` channels. libtorch runs that with all threads in both directions; its `grid_sampler`,
+/// the obvious building block, parallelises over images only (one thread for a batch of one)
+/// and always computes a gradient for the grid too — 10x slower here (README, "bench
+/// vision").
 pub fn roi_align(
     input: &Tensor,
     rois: &Tensor,
@@ -172,111 +179,100 @@ pub fn roi_align(
     let (n, c, h, w) = input.size4().unwrap_or((0, 0, 0, 0));
     let (ph, pw) = output_size;
     let k = rois.size()[0];
-    let opts = (input.kind(), input.device());
-    if k == 0 {
-        return Tensor::zeros([0, c, ph, pw], opts);
+    let device = input.device();
+    if k == 0 || n == 0 || h == 0 || w == 0 {
+        return Tensor::zeros([k, c, ph, pw], (input.kind(), device));
     }
+    // bf16 and f16 maps pool in f32 (the bag's weights need the table's type), then go back.
+    let table_kind = match input.kind() {
+        Kind::Double => Kind::Double,
+        _ => Kind::Float,
+    };
     let sr = sampling_ratio.max(1);
+    let (index, weight) = bilinear_taps(rois, (n, h, w), output_size, spatial_scale, sr, aligned);
+    // One row per pixel: a free view of a channels-last map.
+    let table = input
+        .to_kind(table_kind)
+        .permute([0, 2, 3, 1])
+        .reshape([n * h * w, c]);
+    let taps = 4 * sr * sr;
+    let offsets = Tensor::arange_start_step(0, k * ph * pw * taps, taps, (Kind::Int64, device));
+    let (pooled, _, _, _) = Tensor::embedding_bag(
+        &table,
+        &index,
+        &offsets,
+        false,
+        0, // sum
+        false,
+        Some(weight.to_kind(table_kind)),
+        false,
+    );
+    pooled
+        .view([k, ph, pw, c])
+        .permute([0, 3, 1, 2])
+        .to_kind(input.kind())
+        .contiguous()
+}
+
+/// The bilinear taps of RoI align's samples: for every bin (RoI-major, then bin row and
+/// column) 4·`sr`² (pixel row index into the `[N·H·W]` table, weight) pairs, the weights
+/// already divided by the `sr`² samples they average. Positions follow torchvision's kernel
+/// operation for operation, so the results agree to rounding.
+fn bilinear_taps(
+    rois: &Tensor,
+    (n, h, w): (i64, i64, i64),
+    (ph, pw): (i64, i64),
+    spatial_scale: f64,
+    sr: i64,
+    aligned: bool,
+) -> (Tensor, Tensor) {
+    let k = rois.size()[0];
+    let device = rois.device();
+    let f = (Kind::Float, device);
+    let rois = rois.to_kind(Kind::Float);
     let offset = if aligned { 0.5 } else { 0.0 };
-    let rois = rois.to_kind(input.kind());
-    let x1 = rois.select(1, 1) * spatial_scale - offset;
-    let y1 = rois.select(1, 2) * spatial_scale - offset;
-    let x2 = rois.select(1, 3) * spatial_scale - offset;
-    let y2 = rois.select(1, 4) * spatial_scale - offset;
-    let (mut rw, mut rh) = (&x2 - &x1, &y2 - &y1);
+    let start_x = rois.select(1, 1) * spatial_scale - offset;
+    let start_y = rois.select(1, 2) * spatial_scale - offset;
+    let mut roi_w = rois.select(1, 3) * spatial_scale - offset - &start_x;
+    let mut roi_h = rois.select(1, 4) * spatial_scale - offset - &start_y;
     if !aligned {
-        rw = rw.clamp_min(1.0);
-        rh = rh.clamp_min(1.0);
+        roi_w = roi_w.clamp_min(1.0);
+        roi_h = roi_h.clamp_min(1.0);
     }
-    let bin_w = rw / pw as f64;
-    let bin_h = rh / ph as f64;
-    // Sample positions within the RoI: bin p, sample i -> p*bin + (i+0.5)*bin/sr.
-    let steps = |bins: i64| {
-        let p = Tensor::arange(bins, opts).unsqueeze(1);
-        let i = Tensor::arange(sr, opts).unsqueeze(0);
-        (p + (i + 0.5) / sr as f64).view([-1])
+    // One axis: sample positions [K, bins, sr] -> (low, high) pixel and weight, [K, bins, sr, 2].
+    let axis = |start: &Tensor, extent: &Tensor, bins: i64, size: i64| {
+        let bin = (extent / bins as f64).view([k, 1, 1]);
+        let p = Tensor::arange(bins, f).view([1, bins, 1]);
+        let i = (Tensor::arange(sr, f) + 0.5).view([1, 1, sr]);
+        let pos = start.view([k, 1, 1]) + p * &bin + i * &bin / sr as f64;
+        let inside = pos.ge(-1.0).logical_and(&pos.le(size as f64));
+        let pos = pos.clamp_min(0.0);
+        let low = pos.floor();
+        let edge = low.ge((size - 1) as f64);
+        let low = low.clamp_max((size - 1) as f64);
+        let pos = pos.where_self(&edge.logical_not(), &low);
+        let high = (&low + 1.0).where_self(&edge.logical_not(), &low);
+        let frac = &pos - &low;
+        let weights = Tensor::stack(&[frac.ones_like() - &frac, frac], 3)
+            * inside.to_kind(Kind::Float).unsqueeze(3);
+        let pixels = Tensor::stack(&[low, high], 3).to_kind(Kind::Int64);
+        (pixels, weights)
     };
-    let ys = y1.unsqueeze(1) + bin_h.unsqueeze(1) * steps(ph).unsqueeze(0); // [K, ph*sr]
-    let xs = x1.unsqueeze(1) + bin_w.unsqueeze(1) * steps(pw).unsqueeze(0); // [K, pw*sr]
-    let valid_y = ys.ge(-1.0).logical_and(&ys.le(h as f64));
-    let valid_x = xs.ge(-1.0).logical_and(&xs.le(w as f64));
-    let valid = (valid_y.unsqueeze(2).logical_and(&valid_x.unsqueeze(1))).to_kind(input.kind());
-    // align_corners=true maps -1..1 onto pixel centres 0..size-1; border padding clamps
-    // samples into the map like the kernel's clamp to the first/last row and column.
-    let norm = |v: &Tensor, size: i64| {
-        if size > 1 {
-            v * (2.0 / (size - 1) as f64) - 1.0
-        } else {
-            v * 0.0
-        }
-    };
-    let gy = norm(&ys, h)
-        .unsqueeze(2)
-        .expand([k, ph * sr, pw * sr], false);
-    let gx = norm(&xs, w)
-        .unsqueeze(1)
-        .expand([k, ph * sr, pw * sr], false);
-    let grid = Tensor::stack(&[gx, gy], 3); // [K, ph*sr, pw*sr, 2]
-    let all_valid = valid.min().double_value(&[]) > 0.5;
-    // One grid_sampler call per image over all its RoIs stacked as rows; an average pool of
-    // sr x sr then makes the bins (the kernel's sum / count).
-    let pool = |img: i64, grid: &Tensor, valid: &Tensor, kb: i64| {
-        let g = grid.reshape([1, kb * ph * sr, pw * sr, 2]);
-        let mut sampled = input.narrow(0, img, 1).grid_sampler(&g, 0, 1, true);
-        if !all_valid {
-            sampled *= valid.reshape([1, 1, kb * ph * sr, pw * sr]);
-        }
-        sampled
-            .avg_pool2d([sr, sr], [sr, sr], [0, 0], false, true, None::<i64>)
-            .reshape([c, kb, ph, pw])
-            .permute([1, 0, 2, 3])
-    };
-    if n == 1 {
-        return pool(0, &grid, &valid, k);
-    }
-    let batch_ids: Vec<i64> = Vec::<i64>::try_from(
-        &rois
-            .select(1, 0)
-            .to_kind(Kind::Int64)
-            .to_device(tch::Device::Cpu),
-    )
-    .unwrap_or_default();
-    let mut order: Vec<i64> = Vec::with_capacity(k as usize);
-    let mut parts = Vec::new();
-    for b in 0..n {
-        let sel: Vec<i64> = batch_ids
-            .iter()
-            .enumerate()
-            .filter(|(_, &id)| id == b)
-            .map(|(i, _)| i as i64)
-            .collect();
-        if sel.is_empty() {
-            continue;
-        }
-        let idx = Tensor::from_slice(&sel).to_device(input.device());
-        parts.push(pool(
-            b,
-            &grid.index_select(0, &idx),
-            &valid.index_select(0, &idx),
-            sel.len() as i64,
-        ));
-        order.extend(sel);
-    }
-    if order.len() as i64 != k {
-        // RoIs naming an image outside the batch get zeros, as far-outside samples do.
-        let mut out = Tensor::zeros([k, c, ph, pw], opts);
-        if !parts.is_empty() {
-            let idx = Tensor::from_slice(&order).to_device(input.device());
-            out = out.index_copy(0, &idx, &Tensor::cat(&parts, 0));
-        }
-        return out;
-    }
-    // Back to the RoIs' order: position order[j] holds part row j.
-    let mut inverse = vec![0i64; k as usize];
-    for (j, &o) in order.iter().enumerate() {
-        inverse[o as usize] = j as i64;
-    }
-    Tensor::cat(&parts, 0).index_select(0, &Tensor::from_slice(&inverse).to_device(input.device()))
+    let (ys, wy) = axis(&start_y, &roi_h, ph, h);
+    let (xs, wx) = axis(&start_x, &roi_w, pw, w);
+    let image = rois.select(1, 0).to_kind(Kind::Int64);
+    let in_batch = image.ge(0).logical_and(&image.lt(n));
+    let image = image.clamp(0, n - 1).view(&[k, 1, 1, 1, 1, 1, 1][..]);
+    // [K, ph, pw, sr_y, sr_x, corner_y, corner_x]
+    let ys = ys.view(&[k, ph, 1, sr, 1, 2, 1][..]);
+    let xs = xs.view(&[k, 1, pw, 1, sr, 1, 2][..]);
+    let index = (image * (h * w) + ys * w + xs).reshape([-1]);
+    let weight = (wy.view(&[k, ph, 1, sr, 1, 2, 1][..]) * wx.view(&[k, 1, pw, 1, sr, 1, 2][..])
+        / (sr * sr) as f64)
+        * in_batch
+            .to_kind(Kind::Float)
+            .view(&[k, 1, 1, 1, 1, 1, 1][..]);
+    (index, weight.reshape([-1]))
 }
 
 #[cfg(test)]

@@ -93,3 +93,33 @@ fn roi_align_passes_gradients_to_its_input() {
     // Samples lie inside the box, so pixels far outside it get no gradient.
     assert_eq!(g.get(0).get(0).get(7).get(7).double_value(&[]), 0.0);
 }
+
+#[test]
+fn roi_align_gradient_is_the_adjoint_of_its_forward() {
+    // RoI align is linear in its input, so for any output weights g the gradient of
+    // sum(g * out) must satisfy <out, g> = <input, grad>: the backward pass is the exact
+    // transpose of the forward one, which the golden cases check against torchvision.
+    tch::manual_seed(7);
+    let opts = (tch::Kind::Double, tch::Device::Cpu);
+    let input = Tensor::randn([2, 3, 9, 11], opts).set_requires_grad(true);
+    let rois = Tensor::from_slice(&[
+        0f64, 1., 1., 6., 5., // inside
+        1., -3., -2., 4., 3., // past the top-left border
+        0., 7.5, 4.5, 12., 10., // past the bottom-right border
+        1., 2.2, 3.7, 2.4, 3.9, // smaller than a pixel
+    ])
+    .view([4, 5]);
+    for aligned in [false, true] {
+        let out = ops::roi_align(&input, &rois, (3, 2), 0.8, 2, aligned);
+        let g = Tensor::randn(out.size(), opts);
+        let forward = (&out * &g).sum(tch::Kind::Double);
+        let grad = Tensor::run_backward(&[&forward], &[&input], false, false);
+        let left = forward.double_value(&[]);
+        let right = (&input * &grad[0]).sum(tch::Kind::Double).double_value(&[]);
+        assert!(left.abs() > 1e-3, "aligned {aligned}: empty output");
+        assert!(
+            (left - right).abs() <= 1e-9 * left.abs().max(1.0),
+            "aligned {aligned}: <out, g> {left} vs <input, grad> {right}"
+        );
+    }
+}
