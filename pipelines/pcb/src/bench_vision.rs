@@ -224,17 +224,23 @@ fn table(args: &VisionBenchArgs, reference: &serde_json::Value) -> anyhow::Resul
         let tv_infer = row["torchvision_infer_s"].as_f64().unwrap_or(f64::NAN);
         let tv_train = row["torchvision_train_s"].as_f64().unwrap_or(f64::NAN);
         let line = |name: &str, s: f64, base: f64| {
-            println!("{tag:<6} {name:<44} {s:>10.3} {:>13.2}x", base / s);
+            if base.is_finite() {
+                println!("{tag:<6} {name:<44} {s:>10.3} {:>13.2}x", base / s);
+            } else {
+                println!("{tag:<6} {name:<44} {s:>10.3} {:>14}", "-");
+            }
         };
-        line("torchvision infer", tv_infer, tv_infer);
-        match row["onnxruntime_infer_s"].as_f64() {
-            Some(s) => line("onnxruntime infer", s, tv_infer),
-            None => println!("{tag:<6} onnxruntime infer: {}", row["onnxruntime_error"]),
+        if !args.ours_only {
+            line("torchvision infer", tv_infer, tv_infer);
+            match row["onnxruntime_infer_s"].as_f64() {
+                Some(s) => line("onnxruntime infer", s, tv_infer),
+                None => println!("{tag:<6} onnxruntime infer: {}", row["onnxruntime_error"]),
+            }
         }
         let mut first_train = true;
         for (name, s) in ours(depth, args.size, args.iters)? {
             if name.contains("train") {
-                if first_train {
+                if first_train && !args.ours_only {
                     line("torchvision train", tv_train, tv_train);
                     first_train = false;
                 }

@@ -190,11 +190,14 @@ pub fn roi_align(
     };
     let sr = sampling_ratio.max(1);
     let (index, weight) = bilinear_taps(rois, (n, h, w), output_size, spatial_scale, sr, aligned);
-    // One row per pixel: a free view of a channels-last map.
+    // One row per pixel: a free view of a channels-last map, a copy of any other. The bag
+    // kernel's fast (vectorised, threaded) path needs unit-stride rows; a plain NCHW map's
+    // permuted reshape is a strided view that falls to a serial loop 40x slower.
     let table = input
         .to_kind(table_kind)
         .permute([0, 2, 3, 1])
-        .reshape([n * h * w, c]);
+        .reshape([n * h * w, c])
+        .contiguous();
     let taps = 4 * sr * sr;
     let offsets = Tensor::arange_start_step(0, k * ph * pw * taps, taps, (Kind::Int64, device));
     let (pooled, _, _, _) = Tensor::embedding_bag(
