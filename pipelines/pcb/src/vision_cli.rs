@@ -135,7 +135,7 @@ pub struct TrainArgs {
     /// the boards keep their scale, so a model trained on crops detects on whole boards.
     #[arg(long, default_value_t = 0)]
     pub crop: i64,
-    /// Seed.
+    /// Seed of the initial weights, the board order of each epoch and the RoI sampling.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Streams: local ranks to start (default: the pipeline file's stages.trainer.replicas).
@@ -249,6 +249,8 @@ fn boards(
 pub fn train(args: &TrainArgs, data: &Path) -> anyhow::Result<()> {
     threads(args.model.threads);
     let files = boards(data, &args.list, args.limit)?;
+    // The same seed gives the same initial weights, as the trainer ranks do.
+    tch::manual_seed(args.seed as i64);
     let mut det = Detector::new(
         args.model.config(),
         pcb_vision::cuda::device_for("auto", 0).unwrap_or(tch::Device::Cpu),
