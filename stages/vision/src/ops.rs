@@ -251,10 +251,10 @@ fn bilinear_taps(
         let inside = pos.ge(-1.0).logical_and(&pos.le(size as f64));
         let pos = pos.clamp_min(0.0);
         let low = pos.floor();
-        let edge = low.ge((size - 1) as f64);
+        let interior = low.lt((size - 1) as f64);
         let low = low.clamp_max((size - 1) as f64);
-        let pos = pos.where_self(&edge.logical_not(), &low);
-        let high = (&low + 1.0).where_self(&edge.logical_not(), &low);
+        let pos = pos.where_self(&interior, &low);
+        let high = (&low + 1.0).where_self(&interior, &low);
         let frac = &pos - &low;
         let weights = Tensor::stack(&[frac.ones_like() - &frac, frac], 3)
             * inside.to_kind(Kind::Float).unsqueeze(3);
