@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -63,6 +64,16 @@ std::vector<at::Tensor> tensors_of(at::Tensor** ptrs, int n) {
   return out;
 }
 
+// libtorch's flight recorder is one per process, and its record() registers a group in a
+// std::map before taking its own lock, so two groups issuing collectives at once (ranks as
+// threads of one process, as in the unit tests) corrupt that map and crash. Issuing
+// under one process-wide lock closes that race. Only issuing: a collective's wait, and
+// a group's construction, block on the peers.
+std::mutex& issue_mutex() {
+  static std::mutex m;
+  return m;
+}
+
 void wait_all(std::vector<c10::intrusive_ptr<c10d::Work>>& works,
               std::chrono::milliseconds timeout) {
   for (auto& w : works) w->wait(timeout);
@@ -113,6 +124,8 @@ void* PCB_FN(init)(const char* host, int port, int rank, int world, int device,
     auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
     c10::intrusive_ptr<c10d::Store> store =
         c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
+    // Not under issue_mutex: construction waits for the peers to connect, and a peer
+    // that is a thread of this process would need that lock to get there.
     auto pg = make_backend(store, std::string(host), rank, world, device, timeout);
     group = new Group{store, pg, timeout};
   });
@@ -138,9 +151,12 @@ int PCB_FN(allreduce_sum)(void* handle, at::Tensor** tensors, int n, char** err)
   return guarded(err, [&] {
     auto* g = static_cast<Group*>(handle);
     std::vector<c10::intrusive_ptr<c10d::Work>> works;
-    for (auto& t : tensors_of(tensors, n)) {
-      std::vector<at::Tensor> one{t};
-      works.push_back(g->pg->allreduce(one));
+    {
+      std::lock_guard<std::mutex> issuing(issue_mutex());
+      for (auto& t : tensors_of(tensors, n)) {
+        std::vector<at::Tensor> one{t};
+        works.push_back(g->pg->allreduce(one));
+      }
     }
     wait_all(works, g->timeout);
   });
@@ -153,9 +169,12 @@ int PCB_FN(broadcast)(void* handle, at::Tensor** tensors, int n, int root, char*
     std::vector<c10::intrusive_ptr<c10d::Work>> works;
     c10d::BroadcastOptions opts;
     opts.rootRank = root;
-    for (auto& t : tensors_of(tensors, n)) {
-      std::vector<at::Tensor> one{t};
-      works.push_back(g->pg->broadcast(one, opts));
+    {
+      std::lock_guard<std::mutex> issuing(issue_mutex());
+      for (auto& t : tensors_of(tensors, n)) {
+        std::vector<at::Tensor> one{t};
+        works.push_back(g->pg->broadcast(one, opts));
+      }
     }
     wait_all(works, g->timeout);
   });
@@ -164,7 +183,11 @@ int PCB_FN(broadcast)(void* handle, at::Tensor** tensors, int n, int root, char*
 int PCB_FN(barrier)(void* handle, char** err) {
   return guarded(err, [&] {
     auto* g = static_cast<Group*>(handle);
-    auto work = g->pg->barrier();
+    c10::intrusive_ptr<c10d::Work> work;
+    {
+      std::lock_guard<std::mutex> issuing(issue_mutex());
+      work = g->pg->barrier();
+    }
     work->wait(g->timeout);
   });
 }
