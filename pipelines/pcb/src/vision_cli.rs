@@ -47,9 +47,30 @@ pub struct ModelArgs {
     /// weights); for CPUs with native bf16.
     #[arg(long)]
     pub bf16_train: bool,
+    /// Device: auto (a GPU when CUDA loads and sees one, else the CPU), cpu, or cuda (an
+    /// error when no GPU is usable).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    pub device: String,
 }
 
 impl ModelArgs {
+    /// The device `--device` asks for, said on stderr (with why, when `auto` falls back to
+    /// the CPU). Call it before any other libtorch work: libtorch decides once, at its
+    /// first operation that asks (seeding does), whether CUDA exists, and keeps "no" for
+    /// the life of the process when libtorch_cuda was not loaded by then.
+    pub fn device(&self) -> anyhow::Result<tch::Device> {
+        let device = pcb_vision::cuda::device_for(&self.device, 0)
+            .with_context(|| format!("--device {}", self.device))?;
+        match (device, self.device.as_str()) {
+            (tch::Device::Cpu, "auto") => match pcb_vision::cuda::load() {
+                Err(e) => eprintln!("device: cpu (no GPU: {e})"),
+                Ok(()) => eprintln!("device: cpu (CUDA loaded, but it sees no GPU)"),
+            },
+            (d, _) => eprintln!("device: {d:?}"),
+        }
+        Ok(device)
+    }
+
     /// The speed-ups these flags ask for.
     pub fn speed(&self) -> pcb_vision::InferenceOptions {
         if self.plain {
@@ -247,15 +268,13 @@ fn boards(
 
 /// `pcb train`.
 pub fn train(args: &TrainArgs, data: &Path) -> anyhow::Result<()> {
+    // First of all libtorch work (the seed included): it fixes whether CUDA exists.
+    let device = args.model.device()?;
     threads(args.model.threads);
     let files = boards(data, &args.list, args.limit)?;
     // The same seed gives the same initial weights, as the trainer ranks do.
     tch::manual_seed(args.seed as i64);
-    let mut det = Detector::new(
-        args.model.config(),
-        pcb_vision::cuda::device_for("auto", 0).unwrap_or(tch::Device::Cpu),
-        Sampling::Random,
-    );
+    let mut det = Detector::new(args.model.config(), device, Sampling::Random);
     if let Some(w) = &args.weights {
         det.load(w)
             .with_context(|| format!("initial weights {}", w.display()))?;
@@ -339,6 +358,7 @@ pub fn train(args: &TrainArgs, data: &Path) -> anyhow::Result<()> {
 
 /// `pcb eval`.
 pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
+    let device = args.model.device()?;
     threads(args.model.threads);
     let files = boards(&args.data, &args.list, args.limit)?;
     // A `pcb train` folder records the model's shape beside the weights; use it so that
@@ -353,11 +373,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     } else {
         args.model.config()
     };
-    let mut det = Detector::new(
-        config,
-        pcb_vision::cuda::device_for("auto", 0).unwrap_or(tch::Device::Cpu),
-        Sampling::Random,
-    );
+    let mut det = Detector::new(config, device, Sampling::Random);
     det.load(&args.weights)
         .with_context(|| format!("weights {}", args.weights.display()))?;
     let mut speed = args.model.speed();

@@ -4,11 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
-use crate::data::{BoardFile, Symmetry};
+use crate::data::{Board, BoardFile, Symmetry};
 use crate::model::{Detector, Target};
 use crate::transform::compose;
 use crate::VisionError;
@@ -300,6 +301,63 @@ impl HasStep for RunState {
     }
 }
 
+/// Decodes the boards of an epoch ahead of the step on worker threads and hands them over
+/// in the epoch's order, so JPEG decoding overlaps the model's work (on a GPU the step
+/// outruns one thread's decoding). Worker `w` decodes positions `w, w + n, ...` into a
+/// bounded lane of its own, so at most `n × depth` boards wait in memory, and reading the
+/// lanes in turn restores the order without a reorder buffer.
+struct Prefetch {
+    lanes: Vec<Receiver<Result<Board, VisionError>>>,
+    next: usize,
+}
+
+impl Prefetch {
+    fn start<'scope, 'env>(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        files: &'env [BoardFile],
+        order: &'env [i64],
+        workers: usize,
+        depth: usize,
+    ) -> Prefetch {
+        let workers = workers.clamp(1, order.len().max(1));
+        let lanes = (0..workers)
+            .map(|w| {
+                let (tx, rx) = sync_channel(depth.max(1));
+                scope.spawn(move || {
+                    for &i in order.iter().skip(w).step_by(workers) {
+                        let board = files
+                            .get(i as usize)
+                            .ok_or_else(|| VisionError::Data(format!("no board at {i}")))
+                            .and_then(BoardFile::load);
+                        // A closed lane means the epoch ended early (an error): stop.
+                        if tx.send(board).is_err() {
+                            break;
+                        }
+                    }
+                });
+                rx
+            })
+            .collect();
+        Prefetch { lanes, next: 0 }
+    }
+
+    fn next_board(&mut self) -> Result<Board, VisionError> {
+        let lane = &self.lanes[self.next % self.lanes.len()];
+        self.next += 1;
+        lane.recv()
+            .map_err(|_| VisionError::Data("the board decoder stopped".into()))?
+    }
+}
+
+/// Decoding threads for training: a quarter of the cores, 1 to 4 (decoding a board takes
+/// a few milliseconds, a step on a CPU hundreds).
+fn decode_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get() / 4)
+        .unwrap_or(1)
+        .clamp(1, 4)
+}
+
 /// One training example from a board: composed input, then (per `cfg`) a random crop and
 /// a random flip or quarter turn, with the boxes following; on `device`.
 pub fn training_example(
@@ -375,37 +433,47 @@ pub fn train(
         let started = Instant::now();
         let mut sum = 0.0;
         let mut steps = 0usize;
-        for (b, chunk) in order.chunks(cfg.batch_size.max(1)).enumerate() {
-            let mut images = Vec::new();
-            let mut targets = Vec::new();
-            for &i in chunk {
-                let board = files[i as usize].load()?;
-                let (image, target) = training_example(&board, mode, cfg, det.vs.device())?;
-                images.push(image);
-                targets.push(target);
+        std::thread::scope(|scope| -> Result<(), VisionError> {
+            let mut boards = Prefetch::start(
+                scope,
+                files,
+                &order,
+                decode_workers(),
+                2 * cfg.batch_size.max(1),
+            );
+            for (b, chunk) in order.chunks(cfg.batch_size.max(1)).enumerate() {
+                let mut images = Vec::new();
+                let mut targets = Vec::new();
+                for _ in chunk {
+                    let board = boards.next_board()?;
+                    let (image, target) = training_example(&board, mode, cfg, det.vs.device())?;
+                    images.push(image);
+                    targets.push(target);
+                }
+                let losses = det.model.losses(&images, &targets)?;
+                let total = losses.total();
+                let loss = total.double_value(&[]);
+                if !loss.is_finite() {
+                    return Err(VisionError::Data(format!(
+                        "loss became {loss} at epoch {epoch} step {b}; lower the learning rate"
+                    )));
+                }
+                Optimizer::zero_grad(&params);
+                total.backward();
+                optimizer.apply(&params, lr);
+                sum += loss;
+                steps += 1;
+                let done = ((b + 1) * cfg.batch_size).min(files.len());
+                progress(&Progress {
+                    epoch,
+                    done,
+                    total: files.len(),
+                    loss,
+                    images_per_sec: done as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                });
             }
-            let losses = det.model.losses(&images, &targets)?;
-            let total = losses.total();
-            let loss = total.double_value(&[]);
-            if !loss.is_finite() {
-                return Err(VisionError::Data(format!(
-                    "loss became {loss} at epoch {epoch} step {b}; lower the learning rate"
-                )));
-            }
-            Optimizer::zero_grad(&params);
-            total.backward();
-            optimizer.apply(&params, lr);
-            sum += loss;
-            steps += 1;
-            let done = ((b + 1) * cfg.batch_size).min(files.len());
-            progress(&Progress {
-                epoch,
-                done,
-                total: files.len(),
-                loss,
-                images_per_sec: done as f64 / started.elapsed().as_secs_f64().max(1e-9),
-            });
-        }
+            Ok(())
+        })?;
         state.epochs_done = epoch + 1;
         state.step = optimizer.step;
         state.epoch_losses.push(sum / steps.max(1) as f64);
@@ -419,6 +487,46 @@ pub fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefetch_hands_boards_over_in_the_epochs_order_and_passes_errors_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Board i is i + 1 pixels wide, so its width tells which board arrived.
+        let files: Vec<BoardFile> = (0..7u32)
+            .map(|i| {
+                let image = dir.path().join(format!("{i}.png"));
+                if i != 5 {
+                    image::GrayImage::new(i + 1, 3).save(&image).expect("png");
+                }
+                BoardFile {
+                    name: format!("{i}"),
+                    image,
+                    template: None,
+                    boxes: vec![],
+                }
+            })
+            .collect();
+        let order = [3i64, 0, 6, 4, 1, 2, 5];
+        for workers in [1, 3, 9] {
+            let widths = std::thread::scope(|scope| {
+                let mut boards = Prefetch::start(scope, &files, &order, workers, 1);
+                let mut widths = Vec::new();
+                for _ in 0..6 {
+                    widths.push(boards.next_board().expect("board").image.size()[2]);
+                }
+                let err = boards.next_board().expect_err("board 5 has no file");
+                assert!(err.to_string().contains("5.png"), "{err}");
+                widths
+            });
+            assert_eq!(widths, [4, 1, 7, 5, 2, 3], "{workers} workers");
+        }
+        // An epoch that ends early leaves its workers blocked on full lanes: the scope
+        // must still end.
+        std::thread::scope(|scope| {
+            let mut boards = Prefetch::start(scope, &files, &order, 2, 1);
+            boards.next_board().expect("board");
+        });
+    }
 
     #[test]
     fn step_schedule() {
