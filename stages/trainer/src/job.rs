@@ -4,12 +4,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use pcb_schemas::{Snapshot, TrainProgress};
 use pcb_vision::evaluate::{evaluate_boards, DEEPPCB_CLASSES};
-use pcb_vision::train::{load_checkpoint, save_checkpoint, training_example, HasStep, Optimizer};
+use pcb_vision::train::{
+    load_checkpoint, save_checkpoint, training_example, HasStep, Optimizer, Prefetch,
+};
 use pcb_vision::{Detector, InferenceOptions, ModelConfig, Sampling, Target};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -372,41 +373,39 @@ pub fn train_rank(
         let started = Instant::now();
         let (mut loss_sum, mut loss_steps, mut images_done) = (0.0, 0usize, 0.0);
         let outcome = std::thread::scope(|scope| -> Result<(), JobError> {
-            let (tx, rx) = mpsc::sync_channel::<Result<Batch, String>>(spec.prefetch.max(1));
             let batch_size = spec.optim.batch_size.max(1);
-            let order = &order;
-            let optim = &spec.optim;
+            let (order, optim) = (&order, &spec.optim);
             let mode = spec.model.input;
-            scope.spawn(move || {
-                for step in 0..steps_per_epoch {
-                    let from = (step * batch_size).min(order.len());
-                    let to = ((step + 1) * batch_size).min(order.len());
-                    let made = order[from..to]
-                        .iter()
-                        .map(|&i| {
-                            let item: &Item = &data.train[i as usize];
-                            let board = item.board()?;
-                            training_example(&board, mode, optim, device)
-                        })
-                        .collect::<Result<Vec<_>, _>>()
-                        .map(|pairs| {
-                            let (images, targets) = pairs.into_iter().unzip();
-                            Batch { images, targets }
-                        })
-                        .map_err(|e| e.to_string());
-                    if tx.send(made).is_err() {
-                        return;
-                    }
-                }
-            });
+            // One decoding thread, `prefetch` batches ahead.
+            let mut examples = Prefetch::start(
+                scope,
+                order.len().min(steps_per_epoch * batch_size),
+                1,
+                spec.prefetch.max(1) * batch_size,
+                move |j| {
+                    let item: &Item = &data.train[order[j] as usize];
+                    let board = item.board()?;
+                    training_example(&board, mode, optim, device)
+                },
+            );
             for step in 1..=steps_per_epoch {
                 if stop.load(Ordering::Relaxed) {
                     return Err(JobError::Interrupted { epoch, step });
                 }
-                let batch = rx
-                    .recv()
-                    .map_err(|_| JobError::Decoder("the decoder thread ended early".into()))?
-                    .map_err(JobError::Decoder)?;
+                let from = ((step - 1) * batch_size).min(order.len());
+                let to = (step * batch_size).min(order.len());
+                let batch = (from..to)
+                    .map(|_| {
+                        examples
+                            .next_item()
+                            .ok_or_else(|| {
+                                JobError::Decoder("the decoder thread ended early".into())
+                            })?
+                            .map_err(|e| JobError::Decoder(e.to_string()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let (images, targets): (Vec<Tensor>, Vec<Target>) = batch.into_iter().unzip();
+                let batch = Batch { images, targets };
                 broadcast_all(group, &buffers).map_err(|e| lost(group, epoch, step, e))?;
                 Optimizer::zero_grad(&params);
                 let n = batch.images.len();

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
-use crate::data::{Board, BoardFile, Symmetry};
+use crate::data::{BoardFile, Symmetry};
 use crate::model::{Detector, Target};
 use crate::transform::compose;
 use crate::VisionError;
@@ -301,36 +301,40 @@ impl HasStep for RunState {
     }
 }
 
-/// Decodes the boards of an epoch ahead of the step on worker threads and hands them over
-/// in the epoch's order, so JPEG decoding overlaps the model's work (on a GPU the step
-/// outruns one thread's decoding). Worker `w` decodes positions `w, w + n, ...` into a
-/// bounded lane of its own, so at most `n × depth` boards wait in memory, and reading the
-/// lanes in turn restores the order without a reorder buffer.
-struct Prefetch {
-    lanes: Vec<Receiver<Result<Board, VisionError>>>,
+/// Work done ahead of its reader on worker threads and handed over in order: the boards of
+/// an epoch decoded while the model trains on earlier ones (on a GPU the step outruns one
+/// thread's decoding). Item `j` is `make(j)`; worker `w` makes items `w, w + n, ...` into a
+/// bounded lane of its own, so at most `n × depth` items wait in memory, and reading the
+/// lanes in turn restores the order without a reorder buffer. Used by `train` here and by
+/// the trainer ranks.
+pub struct Prefetch<T> {
+    lanes: Vec<Receiver<T>>,
     next: usize,
 }
 
-impl Prefetch {
-    fn start<'scope, 'env>(
+impl<T: Send> Prefetch<T> {
+    /// Starts `workers` threads (at least 1) in `scope` making items `0..count`.
+    pub fn start<'scope, 'env, F>(
         scope: &'scope std::thread::Scope<'scope, 'env>,
-        files: &'env [BoardFile],
-        order: &'env [i64],
+        count: usize,
         workers: usize,
         depth: usize,
-    ) -> Prefetch {
-        let workers = workers.clamp(1, order.len().max(1));
+        make: F,
+    ) -> Prefetch<T>
+    where
+        T: 'scope,
+        F: Fn(usize) -> T + Send + Sync + 'scope,
+    {
+        let workers = workers.clamp(1, count.max(1));
+        let make = std::sync::Arc::new(make);
         let lanes = (0..workers)
             .map(|w| {
                 let (tx, rx) = sync_channel(depth.max(1));
+                let make = make.clone();
                 scope.spawn(move || {
-                    for &i in order.iter().skip(w).step_by(workers) {
-                        let board = files
-                            .get(i as usize)
-                            .ok_or_else(|| VisionError::Data(format!("no board at {i}")))
-                            .and_then(BoardFile::load);
-                        // A closed lane means the epoch ended early (an error): stop.
-                        if tx.send(board).is_err() {
+                    for j in (w..count).step_by(workers) {
+                        // A closed lane means the reader stopped early (an error): stop.
+                        if tx.send(make(j)).is_err() {
                             break;
                         }
                     }
@@ -341,11 +345,11 @@ impl Prefetch {
         Prefetch { lanes, next: 0 }
     }
 
-    fn next_board(&mut self) -> Result<Board, VisionError> {
+    /// The next item in order; `None` after the last one (or if a worker died).
+    pub fn next_item(&mut self) -> Option<T> {
         let lane = &self.lanes[self.next % self.lanes.len()];
         self.next += 1;
-        lane.recv()
-            .map_err(|_| VisionError::Data("the board decoder stopped".into()))?
+        lane.recv().ok()
     }
 }
 
@@ -434,18 +438,21 @@ pub fn train(
         let mut sum = 0.0;
         let mut steps = 0usize;
         std::thread::scope(|scope| -> Result<(), VisionError> {
+            let order = &order;
             let mut boards = Prefetch::start(
                 scope,
-                files,
-                &order,
+                order.len(),
                 decode_workers(),
                 2 * cfg.batch_size.max(1),
+                move |j| files[order[j] as usize].load(),
             );
             for (b, chunk) in order.chunks(cfg.batch_size.max(1)).enumerate() {
                 let mut images = Vec::new();
                 let mut targets = Vec::new();
                 for _ in chunk {
-                    let board = boards.next_board()?;
+                    let board = boards
+                        .next_item()
+                        .ok_or_else(|| VisionError::Data("the board decoder stopped".into()))??;
                     let (image, target) = training_example(&board, mode, cfg, det.vs.device())?;
                     images.push(image);
                     targets.push(target);
@@ -489,7 +496,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prefetch_hands_boards_over_in_the_epochs_order_and_passes_errors_on() {
+    fn prefetch_hands_items_over_in_order_and_passes_errors_on() {
         let dir = tempfile::tempdir().expect("tempdir");
         // Board i is i + 1 pixels wide, so its width tells which board arrived.
         let files: Vec<BoardFile> = (0..7u32)
@@ -506,25 +513,33 @@ mod tests {
                 }
             })
             .collect();
-        let order = [3i64, 0, 6, 4, 1, 2, 5];
+        let order = [3usize, 0, 6, 4, 1, 2, 5];
         for workers in [1, 3, 9] {
             let widths = std::thread::scope(|scope| {
-                let mut boards = Prefetch::start(scope, &files, &order, workers, 1);
+                let (files, order) = (&files, &order);
+                let mut boards = Prefetch::start(scope, order.len(), workers, 1, move |j| {
+                    files[order[j]].load()
+                });
                 let mut widths = Vec::new();
                 for _ in 0..6 {
-                    widths.push(boards.next_board().expect("board").image.size()[2]);
+                    let board = boards.next_item().expect("an item").expect("a board");
+                    widths.push(board.image.size()[2]);
                 }
-                let err = boards.next_board().expect_err("board 5 has no file");
+                let err = boards
+                    .next_item()
+                    .expect("an item")
+                    .expect_err("board 5 has no file");
                 assert!(err.to_string().contains("5.png"), "{err}");
+                assert!(boards.next_item().is_none(), "7 items, no more");
                 widths
             });
             assert_eq!(widths, [4, 1, 7, 5, 2, 3], "{workers} workers");
         }
-        // An epoch that ends early leaves its workers blocked on full lanes: the scope
+        // A reader that stops early leaves its workers blocked on full lanes: the scope
         // must still end.
         std::thread::scope(|scope| {
-            let mut boards = Prefetch::start(scope, &files, &order, 2, 1);
-            boards.next_board().expect("board");
+            let mut items = Prefetch::start(scope, 100, 2, 1, |j| j);
+            assert_eq!(items.next_item(), Some(0));
         });
     }
 
