@@ -159,6 +159,17 @@ pub struct TrainArgs {
     /// Seed of the initial weights, the board order of each epoch and the RoI sampling.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Clip the gradients' global L2 norm to this before every step (0: no clipping).
+    #[arg(long, default_value_t = pcb_vision::train::DEFAULT_CLIP_GRAD_NORM)]
+    pub clip_grad_norm: f64,
+    /// Optimiser steps over which the learning rate ramps up linearly from 0.1% (0: none).
+    #[arg(long, default_value_t = 250)]
+    pub warmup_steps: usize,
+    /// Loss-spike guard: a running mean of 50 step losses (or an epoch's mean) above this
+    /// many times the last good epoch's mean sends the run back to that epoch's checkpoint
+    /// with half the learning rate (0: no guard).
+    #[arg(long, default_value_t = 1.5)]
+    pub spike_factor: f64,
     /// Streams: local ranks to start (default: the pipeline file's stages.trainer.replicas).
     #[arg(long)]
     pub ranks: Option<usize>,
@@ -294,8 +305,25 @@ pub fn train(args: &TrainArgs, data: &Path) -> anyhow::Result<()> {
         seed: args.seed,
         weight_decay: if args.optimizer == "sgd" { 1e-4 } else { 0.0 },
         crop: args.crop,
+        clip_grad_norm: args.clip_grad_norm,
+        warmup_steps: args.warmup_steps,
+        spike: pcb_vision::stability::SpikeGuardConfig {
+            factor: args.spike_factor,
+            ..Default::default()
+        },
         ..TrainConfig::default()
     };
+    let problems = cfg.stability_problems();
+    if !problems.is_empty() {
+        bail!(
+            "{}",
+            problems
+                .iter()
+                .map(|(field, why)| format!("{field}: {why}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(
         args.out.join("model.json"),
@@ -315,14 +343,19 @@ pub fn train(args: &TrainArgs, data: &Path) -> anyhow::Result<()> {
     // Without a terminal the bar is hidden; a line every 50 boards keeps logs informative.
     let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let state = pcb_vision::train::train(&mut det, &files, &cfg, &args.out, |p| {
+        if let Some(r) = &p.recovery {
+            pb.println(format!("recovered: {r}"));
+        }
         if plain && (p.done % 50 < cfg.batch_size || p.done >= p.total) {
             eprintln!(
-                "epoch {}/{} {}/{} loss {:.3} {:.2} img/s",
+                "epoch {}/{} {}/{} loss {:.3} lr {:.2e} grad norm {:.2} {:.2} img/s",
                 p.epoch + 1,
                 cfg.epochs,
                 p.done,
                 p.total,
                 p.loss,
+                p.lr,
+                p.grad_norm,
                 p.images_per_sec
             );
         }
@@ -331,9 +364,11 @@ pub fn train(args: &TrainArgs, data: &Path) -> anyhow::Result<()> {
         pb.set_message(format!("loss {:.3} {:.2} img/s", p.loss, p.images_per_sec));
         if p.done >= p.total {
             pb.println(format!(
-                "epoch {} done: last loss {:.3}, {:.2} img/s",
+                "epoch {} done: mean loss {:.3}, lr {:.2e}, {}, {:.2} img/s",
                 p.epoch + 1,
-                p.loss,
+                p.mean_loss,
+                p.lr,
+                p.grads,
                 p.images_per_sec
             ));
             pb.reset();
@@ -351,6 +386,18 @@ pub fn train(args: &TrainArgs, data: &Path) -> anyhow::Result<()> {
             .map(|l| format!("{l:.3}"))
             .collect::<Vec<_>>()
             .join(" ")
+    );
+    if let Some(last) = state.grad_stats.last() {
+        println!("last epoch: {last}");
+    }
+    println!(
+        "loss-spike recoveries: {}{}",
+        state.recoveries.len(),
+        state
+            .recoveries
+            .iter()
+            .map(|r| format!("\n  {r}"))
+            .collect::<String>()
     );
     println!("weights: {}", args.out.join("model.safetensors").display());
     Ok(())

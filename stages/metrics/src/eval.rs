@@ -48,9 +48,16 @@
 //!
 //! **IoU** is continuous (no `+1` pixel convention): area = (x2 − x1) · (y2 − y1), with a
 //! negative width or height taken as 0, so a malformed box overlaps nothing.
+//!
+//! **DeepPCB's own script**: beside these, the report carries the score DeepPCB's
+//! `evaluation/script.py` would give (one pooled AP, gt-driven matching, P/R/F of a
+//! submission; see [`crate::official`]) for two submissions: every detection
+//! ([`Report::official_all`]) and the detections kept at the best-F threshold above
+//! ([`Report::official_at_best`], `None` when there is no such threshold).
 
 use std::cmp::Ordering;
 
+use crate::official::deeppcb_official;
 use crate::report::{ClassReport, OperatingPoint, PrCurve, Report};
 use crate::{Detection, ImageResult};
 
@@ -85,7 +92,7 @@ pub fn iou(a: [f32; 4], b: [f32; 4]) -> f64 {
 
 /// Descending score, NaN after every number; `Equal` on ties keeps the stable sort's
 /// image-then-detection order.
-fn by_score_desc(a: f32, b: f32) -> Ordering {
+pub(crate) fn by_score_desc(a: f32, b: f32) -> Ordering {
     match (a.is_nan(), b.is_nan()) {
         (true, true) => Ordering::Equal,
         (true, false) => Ordering::Greater,
@@ -195,7 +202,7 @@ fn average_precision(curve: &PrCurve) -> f64 {
 }
 
 /// P, R, F from counts, with the zero-denominator conventions of the module docs.
-fn prf(tp: usize, kept: usize, ground_truth: usize) -> (f64, f64, f64) {
+pub(crate) fn prf(tp: usize, kept: usize, ground_truth: usize) -> (f64, f64, f64) {
     let p = if kept == 0 {
         0.0
     } else {
@@ -338,6 +345,13 @@ pub fn evaluate(images: &[ImageResult], classes: &[&str], seconds: Option<f64>) 
         .filter(|d| !is_listed(d.class_id))
         .count();
 
+    // The script's scale, for comparison with the paper: everything submitted, and the
+    // submission a user would make at our best-F threshold.
+    let official_all = deeppcb_official(images, classes, None);
+    let official_at_best = best
+        .threshold
+        .map(|t| deeppcb_official(images, classes, Some(t)));
+
     Report {
         map_deeppcb: mean_defined(class_reports.iter().map(|c| c.ap_deeppcb)),
         map50: mean_defined(class_reports.iter().map(|c| c.ap50)),
@@ -349,6 +363,8 @@ pub fn evaluate(images: &[ImageResult], classes: &[&str], seconds: Option<f64>) 
             .map(|s| images.len() as f64 / s),
         unlisted_ground_truth,
         unlisted_detections,
+        official_all,
+        official_at_best,
     }
 }
 

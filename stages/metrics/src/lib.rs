@@ -4,17 +4,20 @@
 //!
 //! Feed [`evaluate`] one [`ImageResult`] per test image; class ids are 1-based indexes into
 //! the class-name list (`classes[i]` is class id `i + 1`, as in DeepPCB where 0 is the
-//! background). See [`eval`] for the exact protocol.
+//! background). See [`eval`] for the exact protocol, and [`official`] for the score of
+//! DeepPCB's own evaluation script, reported beside it.
 
 #![warn(missing_docs)]
 
 pub mod error;
 pub mod eval;
+pub mod official;
 pub mod plot;
 pub mod report;
 
 pub use error::MetricsError;
 pub use eval::{evaluate, iou, DEEPPCB_IOU, VOC_IOU};
+pub use official::{deeppcb_official, OfficialScore};
 pub use plot::{plot_pr_curves, PLOT_HEIGHT, PLOT_WIDTH};
 pub use report::{ClassReport, OperatingPoint, PrCurve, Report};
 

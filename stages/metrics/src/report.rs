@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::MetricsError;
+use crate::{MetricsError, OfficialScore};
 
 /// Raw precision/recall points of one class under the DeepPCB matching, one per ranked
 /// detection (before interpolation). Empty for a class without ground truth.
@@ -83,6 +83,14 @@ pub struct Report {
     pub unlisted_ground_truth: usize,
     /// Detections whose class id is not in the class list, left out of every number.
     pub unlisted_detections: usize,
+    /// DeepPCB's own evaluation script's score (pooled AP, P/R/F; see [`crate::official`])
+    /// with every detection submitted. Defaulted when reading a report that predates it.
+    #[serde(default)]
+    pub official_all: OfficialScore,
+    /// The same with only the detections at or above [`Report::best`]'s threshold
+    /// submitted; `None` when there is no such threshold (or in a report that predates it).
+    #[serde(default)]
+    pub official_at_best: Option<OfficialScore>,
 }
 
 /// A fraction as a percentage with two decimals, `-` when undefined.
@@ -99,7 +107,8 @@ impl Report {
 
     /// A fixed-width table for a terminal: one row per class (gt, detections, AP%, AP50%,
     /// and P%, R%, F% at the best threshold), a mAP row, the best threshold with its pooled
-    /// P/R/F, and the image count with images/s when known.
+    /// P/R/F, the DeepPCB script's pooled AP (all detections) with its P/R/F at the best
+    /// threshold, and the image count with images/s when known.
     pub fn table(&self) -> String {
         let name_width = self
             .classes
@@ -159,6 +168,25 @@ impl Report {
                 let _ = writeln!(out, "best threshold: none (no scored detection)");
             }
         }
+        // The script's AP is over everything submitted; its P/R/F belong to one submission,
+        // that of the best threshold when there is one.
+        let official = &self.official_all;
+        let (cut, at) = match &self.official_at_best {
+            Some(
+                o @ OfficialScore {
+                    threshold: Some(t), ..
+                },
+            ) => (format!("at score >= {t:.4}"), o),
+            _ => ("all detections".to_string(), official),
+        };
+        let _ = writeln!(
+            out,
+            "DeepPCB script (pooled): AP {}%  {cut}: P {}% R {}% F {}%",
+            pct(Some(official.ap)),
+            pct(Some(at.precision)),
+            pct(Some(at.recall)),
+            pct(Some(at.f_score)),
+        );
         let _ = write!(out, "images: {}", self.images);
         if let Some(rate) = self.images_per_sec {
             let _ = write!(out, ", {rate:.1} images/s");
@@ -241,6 +269,14 @@ mod tests {
             table.contains("best threshold 0.7000: P 66.67%  R 100.00%  F 80.00%"),
             "{table}"
         );
+        // The script's pool: g1 takes 0.9, g2 takes 0.7 (0.8 overlaps nothing):
+        // AP = (1/1 + 2/3) / 2 = 83.33%; at 0.7 all three are submitted: P 2/3, R 1, F 0.8.
+        assert!(
+            table.contains(
+                "DeepPCB script (pooled): AP 83.33%  at score >= 0.7000: P 66.67% R 100.00% F 80.00%"
+            ),
+            "{table}"
+        );
         assert!(table.contains("images: 1, 2.0 images/s"), "{table}");
         let mousebite = table
             .lines()
@@ -264,5 +300,45 @@ mod tests {
         assert_eq!(back.classes.len(), 2);
         assert_eq!(back.best, report.best);
         assert!((back.map_deeppcb.unwrap_or_default() - (0.5 + 1.0 / 3.0)).abs() < 1e-9);
+        assert_eq!(back.official_all, report.official_all);
+        assert_eq!(back.official_at_best, report.official_at_best);
+        assert!(json.contains("\"official_all\""), "{json}");
+    }
+
+    #[test]
+    fn json_without_official_fields_still_parses() {
+        // A report written before the script's score existed.
+        let mut value = serde_json::to_value(sample()).expect("serialises");
+        if let Some(map) = value.as_object_mut() {
+            map.remove("official_all");
+            map.remove("official_at_best");
+        }
+        let back: Report = serde_json::from_value(value).expect("parses");
+        assert_eq!(back.official_all, crate::OfficialScore::default());
+        assert_eq!(back.official_at_best, None);
+    }
+
+    #[test]
+    fn table_without_threshold_shows_the_script_on_all_detections() {
+        let images = vec![ImageResult {
+            image: "a".to_string(),
+            ground_truth: vec![GtBox {
+                x1: 0.,
+                y1: 0.,
+                x2: 10.,
+                y2: 10.,
+                class_id: 1,
+            }],
+            detections: vec![],
+        }];
+        let report = evaluate(&images, &["open"], None);
+        assert_eq!(report.official_at_best, None);
+        let table = report.table();
+        assert!(
+            table.contains(
+                "DeepPCB script (pooled): AP 0.00%  all detections: P 0.00% R 0.00% F 0.00%"
+            ),
+            "{table}"
+        );
     }
 }

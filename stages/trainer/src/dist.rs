@@ -650,10 +650,10 @@ impl GradSync {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn free_port() -> u16 {
+    pub(crate) fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
@@ -661,7 +661,7 @@ mod tests {
     }
 
     /// Runs `f(group)` on `world` ranks as threads of this process.
-    fn with_ranks<T: Send + 'static>(
+    pub(crate) fn with_ranks<T: Send + 'static>(
         world: usize,
         f: impl Fn(ProcessGroup) -> T + Send + Sync + 'static,
     ) -> Vec<T> {

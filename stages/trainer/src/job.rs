@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use pcb_schemas::{Snapshot, TrainProgress};
 use pcb_vision::evaluate::{evaluate_boards, DEEPPCB_CLASSES};
+use pcb_vision::stability::{clip_grad_norm, GradStats, Recovery, SpikeGuard, Verdict};
 use pcb_vision::train::{
-    load_checkpoint, save_checkpoint, training_example, HasStep, Optimizer, Prefetch,
+    load_checkpoint, lr_scale, save_checkpoint, training_example, HasStep, Optimizer, Prefetch,
 };
 use pcb_vision::{Detector, InferenceOptions, ModelConfig, Sampling, Target};
 use serde::{Deserialize, Serialize};
@@ -40,8 +41,11 @@ pub enum JobError {
     /// The model, a checkpoint or a board failed.
     #[error(transparent)]
     Vision(#[from] pcb_vision::VisionError),
-    /// The loss stopped being a number.
-    #[error("loss became {loss} at epoch {epoch} step {step}; lower the learning rate")]
+    /// The loss stopped being a number, or kept spiking after the guard's recoveries.
+    #[error(
+        "loss {loss} at epoch {epoch} step {step} (a spike before the first checkpoint or \
+         after the last allowed recovery); lower the learning rate or raise the warm-up"
+    )]
     Diverged {
         /// The loss.
         loss: f64,
@@ -113,6 +117,12 @@ pub struct JobState {
     pub snapshot: Option<Snapshot>,
     /// The last evaluation's report (`pcb_metrics::Report` as JSON).
     pub last_report: Option<serde_json::Value>,
+    /// The spike guard's recoveries, in order (the last one's scale holds from then on).
+    #[serde(default)]
+    pub recoveries: Vec<Recovery>,
+    /// Gradient norms (job-wide, after the all-reduce) of each completed epoch.
+    #[serde(default)]
+    pub grad_stats: Vec<GradStats>,
 }
 
 impl HasStep for JobState {
@@ -255,6 +265,59 @@ fn broadcast_all(group: &ProcessGroup, tensors: &[Tensor]) -> Result<(), DistErr
     Ok(())
 }
 
+/// Gives every rank rank 0's optimiser state: rank 0 says what it holds, the others make
+/// room for it, and a broadcast fills it in. `round` keeps the store keys of a resume (0)
+/// and of each later recovery apart.
+fn share_optimizer(
+    group: &ProcessGroup,
+    cfg: &pcb_vision::train::TrainConfig,
+    optimizer: &mut Optimizer,
+    device: tch::Device,
+    step: i64,
+    round: usize,
+) -> Result<(), JobError> {
+    let key = format!("optimizer-layout-{round}");
+    let rank = group.rank();
+    let names: Vec<(String, Vec<i64>)> = if rank == 0 {
+        let list: Vec<(String, Vec<i64>)> = optimizer
+            .tensors()
+            .iter()
+            .map(|(n, t)| (n.clone(), t.size()))
+            .collect();
+        let json = serde_json::to_vec(&list).unwrap_or_default();
+        group.store_set(&key, &json)?;
+        list
+    } else {
+        let json = group.store_get(&key)?;
+        serde_json::from_slice(&json).map_err(|e| JobError::Io {
+            path: format!("store:{key}"),
+            message: e.to_string(),
+        })?
+    };
+    let tensors: Vec<(String, Tensor)> = if rank == 0 {
+        optimizer.tensors()
+    } else {
+        names
+            .iter()
+            .map(|(n, shape)| {
+                (
+                    n.clone(),
+                    Tensor::zeros(shape.as_slice(), (Kind::Float, device)),
+                )
+            })
+            .collect()
+    };
+    let only: Vec<Tensor> = tensors.iter().map(|(_, t)| t.shallow_clone()).collect();
+    broadcast_all(group, &only)?;
+    if rank != 0 {
+        *optimizer = Optimizer::new(cfg);
+        optimizer.restore(tensors, step);
+    } else {
+        optimizer.step = step;
+    }
+    Ok(())
+}
+
 /// Trains this rank's share for the job's remaining epochs. `steps_per_epoch` is agreed
 /// by every rank; `resume` holds rank 0's saved state when the job restarts.
 #[allow(clippy::too_many_arguments)]
@@ -286,42 +349,7 @@ pub fn train_rank(
         } else {
             state = saved.clone();
         }
-        // Every rank needs the optimiser's state: rank 0 says what it holds, the others
-        // make room for it, and a broadcast fills it in.
-        let names: Vec<(String, Vec<i64>)> = if rank == 0 {
-            let list: Vec<(String, Vec<i64>)> = optimizer
-                .tensors()
-                .iter()
-                .map(|(n, t)| (n.clone(), t.size()))
-                .collect();
-            let json = serde_json::to_vec(&list).unwrap_or_default();
-            group.store_set("optimizer-layout", &json)?;
-            list
-        } else {
-            let json = group.store_get("optimizer-layout")?;
-            serde_json::from_slice(&json).map_err(|e| JobError::Io {
-                path: "store:optimizer-layout".into(),
-                message: e.to_string(),
-            })?
-        };
-        let tensors: Vec<(String, Tensor)> = if rank == 0 {
-            optimizer.tensors()
-        } else {
-            names
-                .iter()
-                .map(|(n, shape)| {
-                    (
-                        n.clone(),
-                        Tensor::zeros(shape.as_slice(), (Kind::Float, device)),
-                    )
-                })
-                .collect()
-        };
-        let only: Vec<Tensor> = tensors.iter().map(|(_, t)| t.shallow_clone()).collect();
-        broadcast_all(group, &only)?;
-        if rank != 0 {
-            optimizer.restore(tensors, state.step);
-        }
+        share_optimizer(group, &spec.optim, &mut optimizer, device, state.step, 0)?;
     }
     let params = det.trainable();
     let trainable: std::collections::BTreeSet<String> =
@@ -357,8 +385,20 @@ pub fn train_rank(
     let job_started = Instant::now();
     let steps_at_start = state.step;
     let total_steps = (epochs * steps_per_epoch) as i64;
-    for epoch in state.epochs_done..epochs {
-        let lr = spec.optim.lr_at(epoch);
+    let mut guard = SpikeGuard::new(spec.optim.spike.clone(), state.epoch_losses.last().copied());
+    // What every rank goes back to on a loss spike: the state saved with the last
+    // checkpoint (rank 0 reloads its weights and optimiser from disk and shares them).
+    let mut good = (state.epochs_done > 0).then(|| state.clone());
+    while state.epochs_done < epochs {
+        let epoch = state.epochs_done;
+        let mut lr = spec.optim.lr_for(
+            epoch,
+            optimizer.step,
+            lr_scale(&state.recoveries),
+            steps_per_epoch,
+        );
+        guard.restart(state.epoch_losses.last().copied());
+        let mut grads = GradStats::default();
         let seed = spec
             .optim
             .seed
@@ -372,7 +412,7 @@ pub fn train_rank(
         .map_err(pcb_vision::VisionError::Torch)?;
         let started = Instant::now();
         let (mut loss_sum, mut loss_steps, mut images_done) = (0.0, 0usize, 0.0);
-        let outcome = std::thread::scope(|scope| -> Result<(), JobError> {
+        let outcome = std::thread::scope(|scope| -> Result<Option<(usize, f64, f64)>, JobError> {
             let batch_size = spec.optim.batch_size.max(1);
             let (order, optim) = (&order, &spec.optim);
             let mode = spec.model.input;
@@ -414,15 +454,32 @@ pub fn train_rank(
                     let losses = det.model.losses(&batch.images, &batch.targets)?;
                     let total = losses.total();
                     loss = total.double_value(&[]);
-                    if !loss.is_finite() {
-                        return Err(JobError::Diverged { loss, epoch, step });
+                    // A non-finite loss is not stepped on; it travels in the average so
+                    // that every rank sees it and the guard decides the same everywhere.
+                    if loss.is_finite() {
+                        total.backward();
                     }
-                    total.backward();
                 }
                 let (images, job_loss) = sync
                     .average(group, n, if n > 0 { loss } else { 0.0 })
                     .map_err(|e| lost(group, epoch, step, e))?;
                 if images > 0.0 {
+                    // Every rank holds the same averaged gradients and job loss, so the
+                    // clipping and the guard agree without another collective.
+                    if let Verdict::Spike { loss, reference } = guard.step(job_loss) {
+                        return Ok(Some((step, loss, reference)));
+                    }
+                    let norm = clip_grad_norm(&params, spec.optim.clip_grad_norm);
+                    if !norm.is_finite() {
+                        return Ok(Some((step, norm, f64::NAN)));
+                    }
+                    grads.add(norm, spec.optim.clip_grad_norm);
+                    lr = spec.optim.lr_for(
+                        epoch,
+                        optimizer.step,
+                        lr_scale(&state.recoveries),
+                        steps_per_epoch,
+                    );
                     optimizer.apply(&params, lr);
                     loss_sum += job_loss;
                     loss_steps += 1;
@@ -453,12 +510,59 @@ pub fn train_rank(
                     },
                 );
             }
-            Ok(())
+            Ok(None)
         });
-        outcome?;
+        let mut spike = outcome?;
+        let mean = loss_sum / loss_steps.max(1) as f64;
+        if spike.is_none() {
+            if let Verdict::Spike { loss, reference } = guard.epoch_end(mean) {
+                spike = Some((steps_per_epoch, loss, reference));
+            }
+        }
+        if let Some((step, loss, reference)) = spike {
+            let restored = match &good {
+                Some(g) if state.recoveries.len() < spec.optim.spike.max_recoveries => g,
+                _ => return Err(JobError::Diverged { loss, epoch, step }),
+            };
+            let recovery = Recovery {
+                epoch,
+                step,
+                loss: loss.is_finite().then_some(loss),
+                reference,
+                lr_scale: lr_scale(&state.recoveries) * spec.optim.spike.lr_factor,
+            };
+            tracing::warn!(rank, %recovery, "loss spike");
+            let mut back = restored.clone();
+            back.recoveries = state.recoveries.clone();
+            back.recoveries.push(recovery);
+            back.seconds = state.seconds + started.elapsed().as_secs_f64();
+            let dir = checkpoint_dir(&spec.dir);
+            optimizer = Optimizer::new(&spec.optim);
+            if rank == 0 {
+                let _: Option<JobState> = load_checkpoint(&dir, &mut det, &mut optimizer)?;
+            }
+            share_optimizer(
+                group,
+                &spec.optim,
+                &mut optimizer,
+                device,
+                back.step,
+                back.recoveries.len(),
+            )?;
+            broadcast_all(group, &all).map_err(|e| lost(group, epoch, step, e))?;
+            det.model.prepare_inference(SPEED);
+            if rank == 0 {
+                // The lower learning rate must survive a restart of the job.
+                save_checkpoint(&dir, &det, &optimizer, &back)?;
+            }
+            state = back;
+            group.barrier().map_err(|e| lost(group, epoch, step, e))?;
+            continue;
+        }
         state.epochs_done = epoch + 1;
         state.step = optimizer.step;
-        state.epoch_losses.push(loss_sum / loss_steps.max(1) as f64);
+        state.epoch_losses.push(mean);
+        state.grad_stats.push(grads);
         state.seconds += started.elapsed().as_secs_f64();
         let mut val_map = None;
         if rank == 0 {
@@ -477,6 +581,7 @@ pub fn train_rank(
             }
             save_checkpoint(&checkpoint_dir(&spec.dir), &det, &optimizer, &state)?;
         }
+        good = Some(state.clone());
         tracing::info!(
             rank,
             epoch,
@@ -547,5 +652,144 @@ mod tests {
         let nudged = Tensor::from_slice(&[1f32, 2., f32::from_bits(3f32.to_bits() + 1)]);
         let three = param_digest(&[("a".into(), nudged), ("b".into(), b)]);
         assert_ne!(one, three);
+    }
+
+    /// Four 96-px boards with one bright square defect each, as shard items.
+    fn items() -> Vec<Item> {
+        (0..4u32)
+            .map(|i| {
+                let template = image::GrayImage::from_pixel(96, 96, image::Luma([40]));
+                let mut board = template.clone();
+                let (x, y) = (10 + (i * 17) % 50, 20 + (i * 11) % 40);
+                for dy in 0..24 {
+                    for dx in 0..24 {
+                        board.put_pixel(x + dx, y + dy, image::Luma([230]));
+                    }
+                }
+                let png = |img: &image::GrayImage| {
+                    let mut out = std::io::Cursor::new(Vec::new());
+                    img.write_to(&mut out, image::ImageFormat::Png)
+                        .expect("png");
+                    out.into_inner()
+                };
+                Item {
+                    image_id: format!("board{i}"),
+                    seq: u64::from(i) + 1,
+                    image: png(&board),
+                    template: Some(png(&template)),
+                    boxes: vec![(
+                        [x as f32, y as f32, (x + 24) as f32, (y + 24) as f32],
+                        1 + i64::from(i % 6),
+                    )],
+                }
+            })
+            .collect()
+    }
+
+    fn spec(dir: &Path, optim: pcb_vision::train::TrainConfig) -> JobSpec {
+        JobSpec {
+            job: "spike".into(),
+            dir: dir.to_path_buf(),
+            model: ModelConfig {
+                num_classes: 7,
+                backbone: pcb_vision::Depth::R18,
+                norm: pcb_vision::Norm::Batch,
+                input: pcb_vision::InputMode::ImageTemplateDiff,
+                transform: pcb_vision::Transform {
+                    min_size: 96,
+                    max_size: 96,
+                    ..pcb_vision::Transform::default()
+                },
+                fpn_channels: 32,
+                box_batch_size_per_image: 64,
+            },
+            optim,
+            sampling: Sampling::Random,
+            bucket_bytes: 1 << 20,
+            eval: false,
+            param_digest: true,
+            prefetch: 1,
+            device: "cpu".into(),
+        }
+    }
+
+    #[test]
+    fn ranks_recover_from_a_loss_spike_together_and_keep_the_lower_rate() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let snapshot = Snapshot {
+            stream: "PCB_SHARDS".into(),
+            first_seq: 1,
+            last_seq: 4,
+            train_images: 4,
+            val_images: 0,
+            boxes_per_class: Default::default(),
+        };
+        let quiet = pcb_vision::train::TrainConfig {
+            lr: 1e-5,
+            epochs: 1,
+            batch_size: 1,
+            warmup_steps: 0,
+            lr_step_epochs: 100,
+            clip_grad_norm: 0.0,
+            spike: pcb_vision::stability::SpikeGuardConfig {
+                factor: 3.0,
+                window_steps: 1,
+                // After one recovery the learning rate is back to a quiet 1e-5.
+                lr_factor: 1e-9,
+                max_recoveries: 3,
+            },
+            ..Default::default()
+        };
+        // Epoch 1 at a quiet rate; then epoch 2 at a rate that blows the loss up at once.
+        let wild = pcb_vision::train::TrainConfig {
+            lr: 1e4,
+            epochs: 2,
+            ..quiet.clone()
+        };
+        for (round, optim) in [quiet, wild].into_iter().enumerate() {
+            let (dir, snapshot) = (dir.clone(), snapshot.clone());
+            let outcomes = crate::dist::tests::with_ranks(2, move |g| {
+                let all = items();
+                let data = RankData {
+                    train: all.into_iter().skip(g.rank()).step_by(2).collect(),
+                    val: Vec::new(),
+                    rejected: Vec::new(),
+                };
+                let resume = saved_state(&dir).expect("state");
+                let mut digests = Vec::new();
+                let stop = AtomicBool::new(false);
+                let done = train_rank(
+                    &g,
+                    &spec(&dir, optim.clone()),
+                    &data,
+                    2,
+                    &snapshot,
+                    resume.as_ref(),
+                    |_, p| digests.extend(p.param_digest),
+                    &stop,
+                )
+                .map(|f| f.state);
+                (done, digests)
+            });
+            let mut last_digests = Vec::new();
+            for (done, digests) in outcomes {
+                let state = done.unwrap_or_else(|e| panic!("round {round}: {e}"));
+                assert_eq!(state.epochs_done, round + 1);
+                if round == 1 {
+                    assert_eq!(state.recoveries.len(), 1, "{:?}", state.recoveries);
+                    let r = &state.recoveries[0];
+                    assert_eq!((r.epoch, r.lr_scale), (1, 1e-9));
+                    assert_eq!(state.epoch_losses.len(), 2);
+                    assert!(state.epoch_losses[1] < 3.0 * state.epoch_losses[0]);
+                }
+                last_digests.push(digests.last().cloned().expect("a digest"));
+            }
+            assert_eq!(last_digests[0], last_digests[1], "ranks stay identical");
+        }
+        // The lower rate is in the checkpoint, so a restarted job keeps it.
+        let saved = saved_state(&dir).expect("state").expect("a checkpoint");
+        assert_eq!(saved.recoveries.len(), 1);
+        assert_eq!(saved.epochs_done, 2);
     }
 }

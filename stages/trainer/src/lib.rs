@@ -329,6 +329,9 @@ impl FileConfig {
             "trainer.optim.crop",
             "must be 0 (whole boards) or a side in pixels",
         );
+        for (field, why) in o.stability_problems() {
+            p.push(&format!("trainer.optim.{field}"), why);
+        }
         let m = &t.model;
         p.check(
             m.num_classes < 2,

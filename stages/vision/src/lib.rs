@@ -12,6 +12,7 @@ pub mod ops;
 pub mod resnet;
 pub mod roi_heads;
 pub mod rpn;
+pub mod stability;
 pub mod testing;
 pub mod train;
 pub mod transform;

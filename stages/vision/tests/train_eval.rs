@@ -6,6 +6,7 @@ use std::path::Path;
 
 use pcb_vision::data::read_list;
 use pcb_vision::evaluate::{evaluate, DEEPPCB_CLASSES};
+use pcb_vision::stability::SpikeGuardConfig;
 use pcb_vision::train::{checkpoint_paths, train, RunState, TrainConfig};
 use pcb_vision::{Depth, Detector, InputMode, ModelConfig, Norm, Sampling, Transform};
 
@@ -116,4 +117,71 @@ fn a_missing_list_or_bad_labels_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("00000.txt:1"), "{e}");
+}
+
+#[test]
+fn a_loss_spike_goes_back_to_the_last_checkpoint_with_a_lower_learning_rate() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_boards(tmp.path(), 4);
+    let files = read_list(tmp.path(), &tmp.path().join("list.txt")).unwrap();
+    let out = tmp.path().join("run");
+    // One quiet epoch makes the checkpoint to go back to.
+    let quiet = TrainConfig {
+        lr: 1e-5,
+        epochs: 1,
+        batch_size: 1,
+        warmup_steps: 0,
+        lr_step_epochs: 100,
+        spike: SpikeGuardConfig {
+            factor: 1.5,
+            window_steps: 1,
+            lr_factor: 0.5,
+            max_recoveries: 2,
+        },
+        ..TrainConfig::default()
+    };
+    tch::manual_seed(0);
+    let mut det = Detector::new(config(), tch::Device::Cpu, Sampling::Random);
+    train(&mut det, &files, &quiet, &out, |_| {}).unwrap();
+    let (model, _, json) = checkpoint_paths(&out);
+    let good = std::fs::read(&model).unwrap();
+    // Then a learning rate that blows the loss up at once, without clipping: every retry
+    // at half of it blows up too, so the run ends after the allowed recoveries.
+    let wild = TrainConfig {
+        lr: 1e4,
+        epochs: 2,
+        clip_grad_norm: 0.0,
+        ..quiet.clone()
+    };
+    let mut recoveries = Vec::new();
+    let err = train(&mut det, &files, &wild, &out, |p| {
+        if let Some(r) = &p.recovery {
+            recoveries.push(r.clone());
+        }
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("after 2 recoveries"), "{err}");
+    let saved: RunState = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(saved.epochs_done, 1, "never past the good epoch");
+    assert_eq!(saved.recoveries.len(), 2);
+    assert!(saved.recoveries.iter().all(|r| r.epoch == 1));
+    assert_eq!(saved.recoveries[0].lr_scale, 0.5);
+    assert_eq!(saved.recoveries[1].lr_scale, 0.25);
+    assert_eq!(saved.recoveries[0].reference, saved.epoch_losses[0]);
+    // Each recovery is reported with the first step after it (which trips the guard
+    // again: the restored weights are fine, the step they take is not).
+    assert_eq!(recoveries, saved.recoveries);
+    // The weights on disk are still the good epoch's, bit for bit, and a model loaded
+    // after the failure is that one too.
+    assert_eq!(std::fs::read(&model).unwrap(), good);
+    let mut again = Detector::new(config(), tch::Device::Cpu, Sampling::Random);
+    again.load(&model).unwrap();
+    for (name, t) in again.vs.variables() {
+        let now = &det.vs.variables()[&name];
+        assert!(
+            t.equal(now),
+            "{name}: the model in memory was restored to the checkpoint"
+        );
+    }
 }
