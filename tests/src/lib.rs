@@ -255,6 +255,9 @@ pub async fn register_random_model(
         },
         fpn_channels: 16,
         box_batch_size_per_image: 32,
+        backbone_width: 64,
+        representation_size: 1024,
+        test_proposals: 1000,
     };
     let path = dir.join(format!("weights-{seed}.safetensors"));
     let c = config.clone();

@@ -85,6 +85,9 @@ fn model_config(size: i64) -> ModelConfig {
         },
         fpn_channels: 128,
         box_batch_size_per_image: 128,
+        backbone_width: 64,
+        representation_size: 1024,
+        test_proposals: 1000,
     }
 }
 

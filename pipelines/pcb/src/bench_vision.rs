@@ -62,6 +62,9 @@ fn detector(depth: Depth, size: i64) -> anyhow::Result<Detector> {
         },
         fpn_channels: 256,
         box_batch_size_per_image: 512,
+        backbone_width: 64,
+        representation_size: 1024,
+        test_proposals: 1000,
     };
     let mut det = Detector::new(config, tch::Device::Cpu, Sampling::Random);
     testing::fill(&mut det)?;

@@ -37,6 +37,16 @@ pub struct ModelArgs {
     /// Proposals per board for the box-head losses when training (torchvision: 512).
     #[arg(long, default_value_t = 512)]
     pub box_batch_size: i64,
+    /// Channels of the backbone's stem and first stage, doubling stage by stage
+    /// (torchvision: 64; 16 or 32 make a compact model).
+    #[arg(long, default_value_t = 64)]
+    pub backbone_width: i64,
+    /// Width of the box head's two fully connected layers (torchvision: 1024).
+    #[arg(long, default_value_t = 1024)]
+    pub representation_size: i64,
+    /// Proposals kept per board at inference (torchvision: 1000).
+    #[arg(long, default_value_t = 1000)]
+    pub test_proposals: i64,
     /// Turn off the CPU speed-ups (norms folded into convolutions, channels-last, bf16).
     #[arg(long)]
     pub plain: bool,
@@ -108,6 +118,9 @@ impl ModelArgs {
             },
             fpn_channels: self.fpn_channels,
             box_batch_size_per_image: self.box_batch_size,
+            backbone_width: self.backbone_width,
+            representation_size: self.representation_size,
+            test_proposals: self.test_proposals,
         }
     }
 }

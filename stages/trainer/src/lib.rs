@@ -135,6 +135,9 @@ impl Default for TrainerSettings {
                 },
                 fpn_channels: 128,
                 box_batch_size_per_image: 128,
+                backbone_width: 64,
+                representation_size: 1024,
+                test_proposals: 1000,
             },
             optim: TrainConfig {
                 lr: 1e-3,
@@ -341,6 +344,21 @@ impl FileConfig {
         p.check(
             m.fpn_channels < 1,
             "trainer.model.fpn_channels",
+            "must be at least 1",
+        );
+        p.check(
+            m.backbone_width < 1,
+            "trainer.model.backbone_width",
+            "must be at least 1",
+        );
+        p.check(
+            m.representation_size < 1,
+            "trainer.model.representation_size",
+            "must be at least 1",
+        );
+        p.check(
+            m.test_proposals < 1,
+            "trainer.model.test_proposals",
             "must be at least 1",
         );
         p.check(

@@ -36,6 +36,29 @@ pub struct ModelConfig {
     /// Proposals sampled per image for the box-head losses in training (torchvision: 512).
     #[serde(default = "default_box_batch")]
     pub box_batch_size_per_image: i64,
+    /// Channels of the backbone's stem and first stage, doubling stage by stage
+    /// (torchvision: 64). 16 or 32 make a compact model with the same parameter names.
+    #[serde(default = "default_backbone_width")]
+    pub backbone_width: i64,
+    /// Width of the box head's two fully connected layers (torchvision: 1024).
+    #[serde(default = "default_representation_size")]
+    pub representation_size: i64,
+    /// Proposals kept per image at inference, before and after the RPN's NMS
+    /// (torchvision: 1000). A board has a few dozen defects at most.
+    #[serde(default = "default_test_proposals")]
+    pub test_proposals: i64,
+}
+
+fn default_backbone_width() -> i64 {
+    64
+}
+
+fn default_representation_size() -> i64 {
+    1024
+}
+
+fn default_test_proposals() -> i64 {
+    1000
 }
 
 fn default_box_batch() -> i64 {
@@ -56,6 +79,9 @@ impl Default for ModelConfig {
             transform: Transform::default(),
             fpn_channels: 256,
             box_batch_size_per_image: 512,
+            backbone_width: 64,
+            representation_size: 1024,
+            test_proposals: 1000,
         }
     }
 }
@@ -155,13 +181,31 @@ impl FasterRcnn {
     /// Builds the network under `p` (the VarStore root) with fresh weights.
     pub fn new(p: &nn::Path, config: ModelConfig, sampling: Sampling) -> FasterRcnn {
         let backbone = p / "backbone";
-        let body = ResNet::new(&(&backbone / "body"), config.backbone, 3, config.norm);
+        let width = config.backbone_width;
+        let body = ResNet::new(
+            &(&backbone / "body"),
+            config.backbone,
+            3,
+            config.norm,
+            width,
+        );
         let ch = config.fpn_channels;
-        let fpn = Fpn::new(&(&backbone / "fpn"), &config.backbone.stage_channels(), ch);
-        let rpn = Rpn::new(&(p / "rpn"), ch, RpnSettings::default(), sampling);
+        let fpn = Fpn::new(
+            &(&backbone / "fpn"),
+            &config.backbone.stage_channels(width),
+            ch,
+        );
+        let defaults = RpnSettings::default();
+        let rpn_settings = RpnSettings {
+            pre_nms_top_n: (defaults.pre_nms_top_n.0, config.test_proposals),
+            post_nms_top_n: (defaults.post_nms_top_n.0, config.test_proposals),
+            ..defaults
+        };
+        let rpn = Rpn::new(&(p / "rpn"), ch, rpn_settings, sampling);
         let roi_heads = RoiHeads::new(
             &(p / "roi_heads"),
             ch,
+            config.representation_size,
             config.num_classes,
             BoxSettings {
                 batch_size_per_image: config.box_batch_size_per_image,
@@ -519,6 +563,62 @@ mod tests {
         assert!(
             e.contains("rpn.head.cls_logits.bias: checkpoint [9], model [3]"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_compact_model_keeps_the_names_and_narrows_the_shapes() {
+        let wide = small();
+        let config = ModelConfig {
+            backbone_width: 16,
+            representation_size: 256,
+            test_proposals: 300,
+            ..small().model.config
+        };
+        let compact = Detector::new(config.clone(), Device::Cpu, Sampling::First);
+        let (ws, cs) = (wide.shapes(), compact.shapes());
+        assert_eq!(
+            ws.keys().collect::<Vec<_>>(),
+            cs.keys().collect::<Vec<_>>(),
+            "same torchvision names"
+        );
+        assert_eq!(cs["backbone.body.conv1.weight"], [16, 3, 7, 7]);
+        assert_eq!(cs["backbone.body.layer4.1.conv2.weight"], [128, 128, 3, 3]);
+        assert_eq!(cs["backbone.fpn.inner_blocks.3.0.weight"][1], 128);
+        assert_eq!(cs["roi_heads.box_head.fc7.weight"], [256, 256]);
+        assert_eq!(cs["roi_heads.box_predictor.cls_score.weight"][1], 256);
+        assert_eq!(ws["roi_heads.box_head.fc7.weight"], [1024, 1024]);
+        assert_eq!(compact.model.rpn.settings.post_nms_top_n.1, 300);
+        assert_eq!(compact.model.rpn.settings.pre_nms_top_n.1, 300);
+        let count = |d: &Detector| {
+            d.shapes()
+                .values()
+                .map(|s| s.iter().product::<i64>())
+                .sum::<i64>()
+        };
+        // 7.0 M parameters against 28.3 M (the FPN stays 256 wide here; the box head's
+        // first layer, 256 x 49 inputs, dominates both).
+        assert!(count(&compact) * 3 < count(&wide));
+        // It detects, and a wide checkpoint does not load into it (shapes are named).
+        let image = Tensor::rand([3, 80, 80], (Kind::Float, Device::Cpu));
+        let out = tch::no_grad(|| compact.model.detect(&[image])).unwrap();
+        assert_eq!(out.detections.len(), 1);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wide.safetensors");
+        wide.save(&path).unwrap();
+        let mut c = Detector::new(config, Device::Cpu, Sampling::First);
+        let e = c.load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("backbone.body.conv1.weight: checkpoint [64, 3, 7, 7], model [16, 3, 7, 7]"),
+            "{e}"
+        );
+        // A model.json written before these settings existed reads as torchvision's shape.
+        let old = r#"{"num_classes":7,"backbone":"r18","norm":"batch","input":"image_template_diff",
+            "transform":{"min_size":0,"max_size":1333},"fpn_channels":128,"box_batch_size_per_image":128}"#;
+        let c: ModelConfig = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (c.backbone_width, c.representation_size, c.test_proposals),
+            (64, 1024, 1000)
         );
     }
 

@@ -303,12 +303,13 @@ pub enum Depth {
 }
 
 impl Depth {
-    /// Output channels of layer1..layer4.
-    pub fn stage_channels(self) -> [i64; 4] {
-        match self {
-            Depth::R18 => [64, 128, 256, 512],
-            Depth::R50 => [256, 512, 1024, 2048],
-        }
+    /// Output channels of layer1..layer4 when the stem is `width` wide (torchvision: 64).
+    pub fn stage_channels(self, width: i64) -> [i64; 4] {
+        let expansion = match self {
+            Depth::R18 => 1,
+            Depth::R50 => 4,
+        };
+        [1, 2, 4, 8].map(|k| width * k * expansion)
     }
 }
 
@@ -322,11 +323,12 @@ pub struct ResNet {
 }
 
 impl ResNet {
-    /// Builds the body under `p` (torchvision: `backbone.body`) for `in_channels` inputs.
-    pub fn new(p: &nn::Path, depth: Depth, in_channels: i64, norm: Norm) -> ResNet {
+    /// Builds the body under `p` (torchvision: `backbone.body`) for `in_channels` inputs,
+    /// its stem `width` channels wide (torchvision: 64; stage i has `width << i` planes).
+    pub fn new(p: &nn::Path, depth: Depth, in_channels: i64, norm: Norm, width: i64) -> ResNet {
         let stem = ConvNorm::new(
-            conv(p / "conv1", in_channels, 64, 7, 2, 3),
-            NormLayer::new(p / "bn1", 64, norm),
+            conv(p / "conv1", in_channels, width, 7, 2, 3),
+            NormLayer::new(p / "bn1", width, norm),
             2,
             3,
         );
@@ -334,10 +336,10 @@ impl ResNet {
             Depth::R18 => [2, 2, 2, 2],
             Depth::R50 => [3, 4, 6, 3],
         };
-        let mut cin = 64;
+        let mut cin = width;
         let mut layers = Vec::new();
         for (i, &n) in counts.iter().enumerate() {
-            let planes = 64 << i;
+            let planes = width << i;
             let stride = if i == 0 { 1 } else { 2 };
             let lp = p / format!("layer{}", i + 1);
             let mut blocks = Vec::new();

@@ -291,10 +291,12 @@ pub struct RoiHeads {
 }
 
 impl RoiHeads {
-    /// The stage under `p` (torchvision: `roi_heads`).
+    /// The stage under `p` (torchvision: `roi_heads`), its box head `representation` wide
+    /// (torchvision: 1024).
     pub fn new(
         p: &nn::Path,
         channels: i64,
+        representation: i64,
         num_classes: i64,
         settings: BoxSettings,
         sampling: Sampling,
@@ -304,8 +306,8 @@ impl RoiHeads {
                 output_size: 7,
                 sampling_ratio: 2,
             },
-            head: TwoMlpHead::new(&(p / "box_head"), channels * 49, 1024),
-            predictor: Predictor::new(&(p / "box_predictor"), 1024, num_classes),
+            head: TwoMlpHead::new(&(p / "box_head"), channels * 49, representation),
+            predictor: Predictor::new(&(p / "box_predictor"), representation, num_classes),
             coder: BoxCoder::new((10.0, 10.0, 5.0, 5.0)),
             settings,
             sampler: BalancedSampler {

@@ -35,6 +35,9 @@ fn detector(depth: Depth, golden: &Value) -> Detector {
         },
         fpn_channels: 256,
         box_batch_size_per_image: 512,
+        backbone_width: 64,
+        representation_size: 1024,
+        test_proposals: 1000,
     };
     let mut det = Detector::new(config, tch::Device::Cpu, Sampling::First);
     testing::fill(&mut det).expect("weights fit");

@@ -52,6 +52,9 @@ fn config() -> ModelConfig {
         },
         fpn_channels: 64,
         box_batch_size_per_image: 512,
+        backbone_width: 64,
+        representation_size: 1024,
+        test_proposals: 1000,
     }
 }
 
