@@ -1,5 +1,7 @@
 //! `pcb demo` (README's main command, on a small sample) ends with a summary that counts
-//! images per stream and a detection per image; a second run finds only duplicates.
+//! images per stream and a detection per image, the shipped default model answering, and
+//! sets the verdicts on the real DeepPCB boards against their annotations; a second run
+//! finds only duplicates.
 
 use std::process::Command;
 
@@ -43,16 +45,35 @@ fn line_count(text: &str, subject: &str) -> u64 {
 #[test]
 fn demo_prints_counts_per_stream_and_is_idempotent() {
     let data = tempfile::tempdir().expect("tempdir");
-    for _ in 0..2 {
+    // 20 synthetic boards and the 8 real ones of pipelines/demo/deeppcb.
+    let boards = 28;
+    for run in 0..2 {
         let text = demo(data.path());
-        assert!(text.contains("== demo summary"), "{text}");
-        assert_eq!(line_count(&text, "pcb.images.raw"), 20);
-        assert_eq!(line_count(&text, "pcb.images.encoded"), 20);
-        assert_eq!(line_count(&text, "pcb.shards.* (all shards)"), 20);
+        assert!(
+            text.contains("== demo summary (28 boards dropped: 20 synthetic, 8 DeepPCB) =="),
+            "{text}"
+        );
+        assert_eq!(line_count(&text, "pcb.images.raw"), boards);
+        assert_eq!(line_count(&text, "pcb.images.encoded"), boards);
+        assert_eq!(line_count(&text, "pcb.shards.* (all shards)"), boards);
         assert_eq!(line_count(&text, "pcb.rejected.* (dead letters)"), 0);
-        // The loop closes: a small model trained on the shards, registered, promoted, and
-        // every image answered on pcb.detections (the second run finds it live).
-        assert_eq!(line_count(&text, "pcb.detections"), 20);
+        // The first run registers the shipped default and makes it live; the second finds
+        // it live. Either way every image is answered on pcb.detections, without training.
+        if run == 0 {
+            assert!(
+                text.contains("pcb-defects@1 is live, the DeepPCB compact default"),
+                "{text}"
+            );
+        }
+        assert!(
+            text.contains("pcb-defects@1 is live: no training needed"),
+            "{text}"
+        );
+        assert_eq!(line_count(&text, "pcb.detections"), boards);
+        assert!(
+            text.contains("real DeepPCB boards: ") && text.contains(" of 8 verdicts agree"),
+            "the demo compares verdicts with the annotations: {text}"
+        );
         assert!(
             text.lines()
                 .any(|l| l.trim_start().starts_with("viewer:") && l.contains("http://127.0.0.1:")),

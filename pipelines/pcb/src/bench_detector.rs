@@ -172,6 +172,7 @@ pub async fn run(args: &DetectorBenchArgs) -> anyhow::Result<()> {
         watch: None,
         data_dir: Some(data),
         viewer_addr: Some("127.0.0.1:0".into()),
+        default_model: false,
     })
     .await?;
     let client = async_nats::connect(&running.nats_url).await?;

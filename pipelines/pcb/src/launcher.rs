@@ -23,6 +23,9 @@ pub struct UpOptions {
     pub data_dir: Option<PathBuf>,
     /// Override of the viewer's address (`stages.viewer.settings.addr`).
     pub viewer_addr: Option<String>,
+    /// Register the shipped default model when the registry has no version of the
+    /// detector's model.
+    pub default_model: bool,
 }
 
 struct StageProcess {
@@ -397,6 +400,9 @@ impl Retrainer {
 pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let mut running = Running::start(&opts).await?;
     print_banner(&running);
+    if opts.default_model {
+        ensure_default_model(&running).await;
+    }
     println!("Ctrl-C stops every stage cleanly.");
     let shutdown = pcb_common::Shutdown::on_signals();
     let mut retrainer = Retrainer::new(&running, &opts.pipeline);
@@ -436,6 +442,107 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     eprintln!("pcb: stopping stages");
     tokio::task::spawn_blocking(move || running.stop()).await?;
     result
+}
+
+/// Registers the shipped default model and makes it live when the registry holds no
+/// version of the detector's model; says so. A failure is reported and the pipeline runs
+/// on (without a live model the detector waits, as before).
+async fn ensure_default_model(running: &Running) {
+    let name = running.pipeline.stages.detector.settings.model_name.clone();
+    let outcome = async {
+        let client = pcb_common::connect(
+            &pcb_common::NatsConfig {
+                url: running.nats_url.clone(),
+                ..running.pipeline.nats.clone()
+            },
+            "pcb-default-model",
+        )
+        .await?;
+        let js = async_nats::jetstream::new(client);
+        crate::default_model::register_if_empty(&js, &name).await
+    }
+    .await;
+    match outcome {
+        Ok(Some(v)) => println!(
+            "  model:       {name}@{v} is live, the {}",
+            crate::default_model::summary()
+        ),
+        Ok(None) => {}
+        Err(e) => eprintln!("pcb: could not register the shipped default model: {e:#}"),
+    }
+}
+
+/// The real DeepPCB boards the demo drops beside its synthetic ones (a sample shipped in
+/// the repository, `pipelines/demo/deeppcb`, with its attribution).
+fn demo_real_sample() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../demo/deeppcb")
+}
+
+/// Ground truth of the demo's boards: defect count by board id, from the label files the
+/// list files of a DeepPCB-layout folder name (our own files: no message field is read
+/// as a path).
+#[derive(Debug, Default)]
+struct Truth {
+    synthetic: std::collections::BTreeMap<String, usize>,
+    real: std::collections::BTreeMap<String, usize>,
+}
+
+fn truth_of(root: &Path) -> anyhow::Result<std::collections::BTreeMap<String, usize>> {
+    let mut out = std::collections::BTreeMap::new();
+    for list in ["trainval.txt", "test.txt", "val.txt"] {
+        let path = root.join(list);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        for line in text.lines() {
+            let mut parts = line.split_whitespace();
+            let (Some(image), Some(labels)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let id = Path::new(image)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let labels = root.join(labels);
+            let defects = std::fs::read_to_string(&labels)
+                .with_context(|| format!("reading {}", labels.display()))?
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .count();
+            out.insert(id, defects);
+        }
+    }
+    Ok(out)
+}
+
+/// Verdicts set against the ground truth: (boards, agreeing, missed, false alarms).
+#[derive(Debug, Default, Clone, Copy)]
+struct Agreement {
+    boards: usize,
+    agree: usize,
+    missed: usize,
+    false_alarms: usize,
+}
+
+impl Agreement {
+    fn add(&mut self, failed: bool, defects: usize) {
+        self.boards += 1;
+        match (failed, defects > 0) {
+            (true, true) | (false, false) => self.agree += 1,
+            (false, true) => self.missed += 1,
+            (true, false) => self.false_alarms += 1,
+        }
+    }
+}
+
+impl std::fmt::Display for Agreement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} verdicts agree with the annotations ({} defective boards passed, {} clean boards failed)",
+            self.agree, self.boards, self.missed, self.false_alarms
+        )
+    }
 }
 
 fn print_banner(r: &Running) {
@@ -483,6 +590,9 @@ pub struct DemoOptions {
 pub async fn demo(opts: UpOptions, demo: DemoOptions) -> anyhow::Result<()> {
     let mut running = Running::start(&opts).await?;
     print_banner(&running);
+    if opts.default_model {
+        ensure_default_model(&running).await;
+    }
     let sample = running
         .data_dir
         .join(format!("sample-{}-{}", demo.count, demo.seed));
@@ -504,14 +614,34 @@ pub async fn demo(opts: UpOptions, demo: DemoOptions) -> anyhow::Result<()> {
         })
         .await??;
     }
-    let copied = copy_tree(&sample, &running.watch_dir)?;
+    let mut truth = Truth {
+        synthetic: truth_of(&sample)?,
+        ..Truth::default()
+    };
+    let mut copied = copy_tree(&sample, &running.watch_dir)?;
+    let real = demo_real_sample();
+    if real.join("val.txt").is_file() {
+        truth.real = truth_of(&real)?;
+        copied += copy_tree(&real, &running.watch_dir.join("deeppcb-sample"))?;
+        println!(
+            "with {} real DeepPCB boards ({}; MIT licence, see its README.md)",
+            truth.real.len(),
+            real.display()
+        );
+    } else {
+        println!(
+            "no DeepPCB sample at {}: synthetic boards only",
+            real.display()
+        );
+    }
+    let boards = demo.count + truth.real.len();
     println!(
         "dropped {copied} files into {}",
         running.watch_dir.display()
     );
     let client = async_nats::connect(&running.nats_url).await?;
     let js = async_nats::jetstream::new(client);
-    let bar = indicatif::ProgressBar::new(demo.count as u64);
+    let bar = indicatif::ProgressBar::new(boards as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{spinner} waiting for the pipeline [{bar:40}] {pos}/{len} boards filed",
@@ -524,7 +654,7 @@ pub async fn demo(opts: UpOptions, demo: DemoOptions) -> anyhow::Result<()> {
         running.check_children()?;
         let streams = crate::status::collect(&js).await?;
         let left = crate::pairing_count(&running.watch_dir);
-        bar.set_position(demo.count.saturating_sub(left) as u64);
+        bar.set_position(boards.saturating_sub(left) as u64);
         quiet = if left == 0 && crate::status::drained(&streams) {
             quiet + 1
         } else {
@@ -544,7 +674,11 @@ pub async fn demo(opts: UpOptions, demo: DemoOptions) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     bar.finish_and_clear();
-    println!("\n== demo summary ({} boards dropped) ==", demo.count);
+    println!(
+        "\n== demo summary ({boards} boards dropped: {} synthetic, {} DeepPCB) ==",
+        demo.count,
+        truth.real.len()
+    );
     let c = |s: &str| crate::status::count(&streams, s);
     println!("{:<34} {:>8}", "pcb.images.raw", c("pcb.images.raw"));
     println!(
@@ -564,7 +698,7 @@ pub async fn demo(opts: UpOptions, demo: DemoOptions) -> anyhow::Result<()> {
     );
     println!("\n{}", crate::status::render(&streams));
     let encoded = c("pcb.images.encoded");
-    let detected = detect_step(&mut running, &opts, &demo, &js, encoded, deadline).await?;
+    let detected = detect_step(&mut running, &opts, &demo, &js, encoded, deadline, &truth).await?;
     println!("{:<34} {:>8}", "pcb.detections", detected);
     if let Some(url) = running.viewer_url(Duration::from_secs(5)) {
         if demo.keep_running {
@@ -597,6 +731,7 @@ async fn detect_step(
     js: &async_nats::jetstream::Context,
     encoded: u64,
     deadline: Instant,
+    truth: &Truth,
 ) -> anyhow::Result<u64> {
     let registry = pcb_registry::Registry::open(js).await?;
     let name = running.pipeline.stages.detector.settings.model_name.clone();
@@ -647,6 +782,7 @@ async fn detect_step(
     let mut messages = consumer.messages().await?;
     let mut rows = Vec::new();
     let (mut pass, mut fail, mut total) = (0, 0, 0u64);
+    let (mut on_real, mut on_synthetic) = (Agreement::default(), Agreement::default());
     while total < encoded {
         let Ok(Some(m)) = tokio::time::timeout(
             Duration::from_secs(10),
@@ -663,6 +799,12 @@ async fn detect_step(
             fail += 1;
         } else {
             pass += 1;
+        }
+        // The board id is only a key into our own table of annotations.
+        if let Some(&n) = truth.real.get(&d.board_id) {
+            on_real.add(d.verdict == "fail", n);
+        } else if let Some(&n) = truth.synthetic.get(&d.board_id) {
+            on_synthetic.add(d.verdict == "fail", n);
         }
         if rows.len() < 12 {
             rows.push(d);
@@ -692,6 +834,12 @@ async fn detect_step(
         "({total} detections: {pass} pass, {fail} fail; first {} shown)",
         rows.len()
     );
+    if on_real.boards > 0 {
+        println!("real DeepPCB boards: {on_real}");
+    }
+    if on_synthetic.boards > 0 {
+        println!("synthetic boards:    {on_synthetic}");
+    }
     Ok(total)
 }
 

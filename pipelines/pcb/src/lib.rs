@@ -6,6 +6,7 @@ pub mod bench_detector;
 pub mod bench_trainer;
 pub mod bench_viewer;
 pub mod bench_vision;
+pub mod default_model;
 pub mod launcher;
 pub mod models_cli;
 pub mod pipeline;

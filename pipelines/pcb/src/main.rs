@@ -33,6 +33,10 @@ struct Common {
     /// picks a free one). Beyond loopback the viewer needs a token in the pipeline file.
     #[arg(long, value_name = "ADDR")]
     viewer_addr: Option<String>,
+    /// Do not register the shipped default model when the registry has no version of the
+    /// detector's model (the detector then waits for a trained one).
+    #[arg(long)]
+    no_default_model: bool,
 }
 
 impl Common {
@@ -43,6 +47,7 @@ impl Common {
             watch: self.watch.clone(),
             data_dir: self.data_dir.clone(),
             viewer_addr: self.viewer_addr.clone(),
+            default_model: !self.no_default_model,
         }
     }
 }

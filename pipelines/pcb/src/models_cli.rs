@@ -1,6 +1,8 @@
-//! `pcb models`: list, show, promote, roll back, import and export registry versions.
+//! `pcb models`: list, show, promote, roll back, import and export (safetensors or ONNX)
+//! registry versions.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -47,14 +49,100 @@ pub enum ModelsCmd {
         #[arg(long)]
         promote: bool,
     },
-    /// Write a version's weights (checked against its sha256) and its model.json.
+    /// Write a version's weights (checked against its sha256) and its model.json, or with
+    /// `--format onnx` an ONNX graph of it (pipelines/export/onnx_export.py, run by a Python
+    /// with torch).
     Export {
         /// The version.
         reference: String,
-        /// Output safetensors file (model.json goes beside it).
+        /// Output file: the safetensors (model.json goes beside it), or the .onnx.
         #[arg(long)]
         out: PathBuf,
+        /// What to write.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Safetensors)]
+        format: ExportFormat,
+        /// For `--format onnx`: a Python with torch, torchvision, onnx and safetensors
+        /// (deploy/requirements-bench.txt).
+        #[arg(
+            long,
+            env = "PCB_EXPORT_PYTHON",
+            default_value = ".venv-bench/bin/python"
+        )]
+        python: PathBuf,
     },
+}
+
+/// What `pcb models export` writes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// The weights as registered (torchvision key names) and model.json beside them.
+    Safetensors,
+    /// An ONNX graph taking the grey board (and template), giving boxes, labels, scores.
+    Onnx,
+}
+
+/// The exporter, built in so that `pcb` exports from any directory.
+const ONNX_EXPORT_PY: &str = include_str!("../../export/onnx_export.py");
+
+/// Writes `weights` (safetensors) with `model_config` to `out` as ONNX: both go to a
+/// temporary folder, where `python` runs pipelines/export/onnx_export.py on them.
+pub fn export_onnx(
+    weights: &[u8],
+    model_config: &serde_json::Value,
+    out: &Path,
+    python: &Path,
+) -> anyhow::Result<()> {
+    // Ask for the imports first: a traceback from deep inside the script would hide that
+    // the Python is simply the wrong one.
+    let probe = Command::new(python)
+        .args(["-c", "import torch, torchvision, onnx, safetensors"])
+        .output();
+    let why = match probe {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+                .to_string(),
+        ),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(why) = why {
+        bail!(
+            "{} cannot export to ONNX ({why}): it needs torch, torchvision, onnx and safetensors \
+             from deploy/requirements-bench.txt (python3 -m venv .venv-bench && \
+             .venv-bench/bin/pip install -r deploy/requirements-bench.txt), then pass it with \
+             --python or PCB_EXPORT_PYTHON",
+            python.display()
+        );
+    }
+    let dir = tempfile::tempdir()?;
+    let (script, w, json) = (
+        dir.path().join("onnx_export.py"),
+        dir.path().join("model.safetensors"),
+        dir.path().join("model.json"),
+    );
+    std::fs::write(&script, ONNX_EXPORT_PY)?;
+    std::fs::write(&w, weights)?;
+    std::fs::write(&json, serde_json::to_string_pretty(model_config)?)?;
+    let status = Command::new(python)
+        .arg(&script)
+        .arg("--weights")
+        .arg(&w)
+        .arg("--config")
+        .arg(&json)
+        .arg("--out")
+        .arg(out)
+        .status()
+        .with_context(|| format!("running {}", python.display()))?;
+    if !status.success() {
+        bail!(
+            "onnx_export.py failed ({status}); nothing usable in {}",
+            out.display()
+        );
+    }
+    Ok(())
 }
 
 /// Runs a `pcb models` command against the server at `url`.
@@ -217,10 +305,27 @@ pub async fn run(url: &str, cmd: ModelsCmd) -> anyhow::Result<()> {
                 println!("{name}@{} is live", v.version);
             }
         }
-        ModelsCmd::Export { reference, out } => {
+        ModelsCmd::Export {
+            reference,
+            out,
+            format,
+            python,
+        } => {
             let (name, version) = resolve(reference).await?;
             let v = registry.version(&name, version).await?;
             let weights = registry.weights(&v).await?;
+            if format == ExportFormat::Onnx {
+                let (target, config) = (out.clone(), v.model_config.clone());
+                tokio::task::spawn_blocking(move || {
+                    export_onnx(&weights, &config, &target, &python)
+                })
+                .await??;
+                println!(
+                    "{name}@{version}: ONNX graph in {} (sha256 of the weights verified)",
+                    out.display()
+                );
+                return Ok(());
+            }
             let json = out.with_file_name("model.json");
             if json.exists() {
                 bail!("{} exists; export into an empty folder", json.display());
@@ -239,4 +344,23 @@ pub async fn run(url: &str, cmd: ModelsCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn onnx_export_without_torch_says_what_to_install() {
+        let e = export_onnx(
+            b"",
+            &serde_json::json!({}),
+            Path::new("/nonexistent/m.onnx"),
+            Path::new("/nonexistent/python"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("deploy/requirements-bench.txt"), "{e}");
+        assert!(e.contains("/nonexistent/python"), "{e}");
+    }
 }
