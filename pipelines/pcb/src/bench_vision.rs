@@ -1,6 +1,7 @@
 //! `pcb bench vision`: inference and training seconds per 640x640 image for our Faster
-//! R-CNN beside torchvision and ONNX Runtime (run by `stages/vision/bench/bench_reference.py`
-//! in the same invocation), same weights, threads and input.
+//! R-CNN beside torchvision (f32 and bf16 autocast), ONNX Runtime and OpenVINO (f32 and bf16),
+//! run by `stages/vision/bench/bench_reference.py` in the same invocation, same weights,
+//! threads and input; and how each path's detections on that input match torchvision's.
 
 use std::path::Path;
 use std::time::Instant;
@@ -8,15 +9,16 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use pcb_vision::train::{Optimizer, OptimizerKind, TrainConfig};
 use pcb_vision::{
-    testing, Depth, Detector, InferenceOptions, InputMode, ModelConfig, Norm, Sampling, Target,
-    Transform,
+    testing, Depth, Detections, Detector, InferenceOptions, InputMode, ModelConfig, Norm, Sampling,
+    Target, Transform,
 };
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// Flags of `pcb bench vision`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct VisionBenchArgs {
-    /// Python with torch 2.11, torchvision 0.26 and onnxruntime (deploy/requirements-bench.txt).
+    /// Python with torch 2.11, torchvision 0.26, onnxruntime and openvino
+    /// (deploy/requirements-bench.txt).
     #[arg(
         long,
         env = "PCB_BENCH_PYTHON",
@@ -32,12 +34,78 @@ pub struct VisionBenchArgs {
     /// Image side.
     #[arg(long, default_value_t = 640)]
     pub size: i64,
-    /// Models: r50, r18 or both.
+    /// Models, comma-separated: r50 (R50-FPN), r18 (R18-FPN), compact (the ResNet-18 of
+    /// pipelines/models/deeppcb-compact: 16-wide stem, 64 FPN channels, 256-wide box head,
+    /// 300 proposals).
     #[arg(long, default_value = "r50,r18")]
     pub models: String,
     /// Time ours only (no Python): the ratio columns then read "-".
     #[arg(long)]
     pub ours_only: bool,
+}
+
+/// A model of the bench; bench_reference.py builds the same one under the same tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Model {
+    R50,
+    R18,
+    Compact,
+}
+
+impl Model {
+    fn parse(tag: &str) -> anyhow::Result<Model> {
+        Ok(match tag {
+            "r50" => Model::R50,
+            "r18" => Model::R18,
+            "compact" => Model::Compact,
+            other => bail!("unknown model {other} (r50, r18 or compact)"),
+        })
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Model::R50 => "R50-FPN",
+            Model::R18 => "R18-FPN",
+            Model::Compact => "compact",
+        }
+    }
+
+    fn config(self, size: i64) -> ModelConfig {
+        let base = ModelConfig {
+            num_classes: 7,
+            backbone: Depth::R50,
+            norm: Norm::Frozen,
+            input: InputMode::Image,
+            transform: Transform {
+                min_size: size,
+                max_size: size,
+                ..Transform::default()
+            },
+            fpn_channels: 256,
+            box_batch_size_per_image: 512,
+            backbone_width: 64,
+            representation_size: 1024,
+            test_proposals: 1000,
+        };
+        match self {
+            Model::R50 => base,
+            Model::R18 => ModelConfig {
+                backbone: Depth::R18,
+                ..base
+            },
+            // pipelines/models/deeppcb-compact/model.json's shape; its box_batch_size_per_image
+            // (128) stays at torchvision's 512 on both sides, so the training rows compare
+            // like with like.
+            Model::Compact => ModelConfig {
+                backbone: Depth::R18,
+                backbone_width: 16,
+                fpn_channels: 64,
+                representation_size: 256,
+                test_proposals: 300,
+                ..base
+            },
+        }
+    }
 }
 
 fn timed(iters: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
@@ -49,67 +117,70 @@ fn timed(iters: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Res
     Ok(t.elapsed().as_secs_f64() / iters.max(1) as f64)
 }
 
-fn detector(depth: Depth, size: i64) -> anyhow::Result<Detector> {
-    let config = ModelConfig {
-        num_classes: 7,
-        backbone: depth,
-        norm: Norm::Frozen,
-        input: InputMode::Image,
-        transform: Transform {
-            min_size: size,
-            max_size: size,
-            ..Transform::default()
-        },
-        fpn_channels: 256,
-        box_batch_size_per_image: 512,
-        backbone_width: 64,
-        representation_size: 1024,
-        test_proposals: 1000,
-    };
-    let mut det = Detector::new(config, tch::Device::Cpu, Sampling::Random);
+fn detector(model: Model, size: i64) -> anyhow::Result<Detector> {
+    let mut det = Detector::new(model.config(size), tch::Device::Cpu, Sampling::Random);
     testing::fill(&mut det)?;
     Ok(det)
 }
 
-/// Our timings for one backbone: (variant, seconds per image).
-fn ours(depth: Depth, size: i64, iters: usize) -> anyhow::Result<Vec<(String, f64)>> {
-    let mut det = detector(depth, size)?;
+/// One row of ours: inference seconds, training seconds where the path trains, and the
+/// detections of its last inference run.
+struct OurRow {
+    path: &'static str,
+    infer_s: f64,
+    train_s: Option<f64>,
+    detections: Option<Detections>,
+}
+
+/// Our timings for one model.
+fn ours(model: Model, size: i64, iters: usize) -> anyhow::Result<Vec<OurRow>> {
+    let mut det = detector(model, size)?;
     let img = testing::image("bench", size, size);
-    let mut rows = Vec::new();
-    for (name, options) in [
-        ("ours, plain", InferenceOptions::default()),
+    let folded = InferenceOptions {
+        fold_bn: true,
+        ..InferenceOptions::default()
+    };
+    let fast = InferenceOptions {
+        fold_bn: true,
+        channels_last: true,
+        ..InferenceOptions::default()
+    };
+    // (path, inference options, training options where the path trains): bf16 inference
+    // pairs with bf16 mixed-precision training, folded BN alone has no training row.
+    let variants = [
         (
-            "ours, folded BN",
-            InferenceOptions {
-                fold_bn: true,
-                ..InferenceOptions::default()
-            },
+            "ours, plain",
+            InferenceOptions::default(),
+            Some(InferenceOptions::default()),
         ),
-        (
-            "ours, folded BN + channels-last",
-            InferenceOptions {
-                fold_bn: true,
-                channels_last: true,
-                bf16: false,
-                bf16_train: false,
-            },
-        ),
+        ("ours, folded BN", folded, None),
+        ("ours, folded BN + channels-last", fast, Some(fast)),
         (
             "ours, folded BN + channels-last + bf16",
-            InferenceOptions {
-                fold_bn: true,
-                channels_last: true,
-                bf16: true,
-                bf16_train: false,
-            },
+            InferenceOptions { bf16: true, ..fast },
+            Some(InferenceOptions {
+                bf16_train: true,
+                ..fast
+            }),
         ),
-    ] {
-        det.model.prepare_inference(options);
-        let s = timed(iters, || {
-            tch::no_grad(|| det.model.detect(std::slice::from_ref(&img)))?;
+    ];
+    let mut rows = Vec::new();
+    // Every inference first, on the deterministic weights torchvision has: the training
+    // steps below move them.
+    for (path, options, _) in &variants {
+        det.model.prepare_inference(*options);
+        let mut last = None;
+        let infer_s = timed(iters, || {
+            let out = tch::no_grad(|| det.model.detect(std::slice::from_ref(&img)))?;
+            last = out.detections.into_iter().next();
             Ok(())
         })?;
-        rows.push((format!("{name} infer"), s));
+        rows.push(OurRow {
+            path,
+            infer_s,
+            train_s: None,
+            detections: last,
+        });
     }
     // The same target as the Python side: the first parity target scaled to the image.
     let scale = size as f32 / 160.0;
@@ -123,44 +194,28 @@ fn ours(depth: Depth, size: i64, iters: usize) -> anyhow::Result<Vec<(String, f6
         optimizer: OptimizerKind::Sgd,
         ..TrainConfig::default()
     });
-    let mut train_rows = Vec::new();
-    for (name, options) in [
-        ("ours train, plain", InferenceOptions::default()),
-        (
-            "ours train, folded BN + channels-last",
-            InferenceOptions {
-                fold_bn: true,
-                channels_last: true,
-                bf16: false,
-                bf16_train: false,
-            },
-        ),
-        (
-            "ours train, + bf16 mixed precision",
-            InferenceOptions {
-                fold_bn: true,
-                channels_last: true,
-                bf16: false,
-                bf16_train: true,
-            },
-        ),
-    ] {
-        det.model.prepare_inference(options);
-        let s = timed(iters, || {
+    for (row, (_, _, train)) in rows.iter_mut().zip(&variants) {
+        let Some(options) = train else { continue };
+        det.model.prepare_inference(*options);
+        row.train_s = Some(timed(iters, || {
             Optimizer::zero_grad(&params);
             let l = det.model.losses(std::slice::from_ref(&img), &[target()])?;
             l.total().backward();
             opt.apply(&params, 1e-5);
             Ok(())
-        })?;
-        train_rows.push((name.to_string(), s));
+        })?);
     }
-    rows.extend(train_rows);
     Ok(rows)
 }
 
 /// Runs both sides and prints the table.
 pub fn run(args: &VisionBenchArgs) -> anyhow::Result<()> {
+    // Before the Python side, which takes minutes, so that a typo fails at once.
+    let models = args
+        .models
+        .split(',')
+        .map(|t| Ok((t.to_string(), Model::parse(t)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
@@ -173,11 +228,14 @@ pub fn run(args: &VisionBenchArgs) -> anyhow::Result<()> {
     } else {
         reference(args, script)?
     };
-    table(args, &reference)
+    table(args, &models, &reference)
 }
 
 fn reference(args: &VisionBenchArgs, script: &Path) -> anyhow::Result<serde_json::Value> {
-    eprintln!("bench: torchvision and ONNX Runtime ({})", args.python);
+    eprintln!(
+        "bench: torchvision, ONNX Runtime and OpenVINO ({})",
+        args.python
+    );
     let out = std::process::Command::new(&args.python)
         .arg(script)
         .args(["--threads", &args.threads.to_string()])
@@ -198,59 +256,172 @@ fn reference(args: &VisionBenchArgs, script: &Path) -> anyhow::Result<serde_json
     serde_json::from_slice(&out.stdout).context("reference JSON")
 }
 
-fn table(args: &VisionBenchArgs, reference: &serde_json::Value) -> anyhow::Result<()> {
+/// One table row: the ratio columns are torchvision's f32 seconds over this path's (above
+/// 1: faster than torchvision); a path without training leaves its training cells blank.
+fn line(model: &str, path: &str, infer: f64, train: Option<f64>, base: (f64, f64)) {
+    let ratio = |s: f64, base: f64| {
+        if base.is_finite() {
+            format!("{:.2}x", base / s)
+        } else {
+            "-".to_string()
+        }
+    };
+    let (train_s, train_ratio) = match train {
+        Some(s) => (format!("{s:.3}"), ratio(s, base.1)),
+        None => (String::new(), String::new()),
+    };
     println!(
-        "threads: {} (ours), {} (torch); {}x{} input, 7 classes, frozen BN, deterministic weights; mean of {} after a warm-up; native bf16: {}",
+        "{model:<8} {path:<44} {infer:>9.3} {:>14} {train_s:>9} {train_ratio:>14}",
+        ratio(infer, base.0)
+    );
+}
+
+/// Every number under `v`, nested arrays flattened in order.
+fn numbers(v: &serde_json::Value) -> Vec<f64> {
+    match v {
+        serde_json::Value::Array(a) => a.iter().flat_map(numbers).collect(),
+        v => v.as_f64().into_iter().collect(),
+    }
+}
+
+/// Whether a row has a tolerance to meet: ours in f32 must match torchvision as the parity
+/// tests ask (stages/vision/tests/parity.rs); bf16 paths only report.
+const PARITY_SCORE: f64 = 1e-3;
+const PARITY_BOX: f64 = 1e-3;
+
+/// How `ours` matches torchvision's f32 detections `theirs` (bench_reference.py's
+/// `agreement`, the same measure): each of torchvision's top 20 (the tail holds near-equal
+/// scores) is matched to our nearest box of the same label anywhere in our list, since
+/// near-equal scores come out in either order; boxes relative to at least 10 px. Returns the
+/// line and whether it is within the parity tests' tolerance.
+fn agreement(ours: &Detections, theirs: &serde_json::Value) -> anyhow::Result<(String, bool)> {
+    const TOP: usize = 20;
+    const BOX_FLOOR: f64 = 10.0;
+    let to_vec = |t: &Tensor| -> anyhow::Result<Vec<f64>> {
+        Ok(Vec::<f64>::try_from(
+            &t.to_kind(Kind::Double).reshape([-1]),
+        )?)
+    };
+    let (boxes, scores) = (to_vec(&ours.boxes)?, to_vec(&ours.scores)?);
+    let labels = to_vec(&ours.labels)?;
+    let (ref_boxes, ref_scores) = (numbers(&theirs["boxes"]), numbers(&theirs["scores"]));
+    let ref_labels = numbers(&theirs["labels"]);
+    let n = TOP.min(ref_scores.len());
+    if ref_boxes.len() < 4 * n || ref_labels.len() < n || boxes.len() < 4 * scores.len() {
+        bail!("detections: boxes or labels missing");
+    }
+    let (mut unmatched, mut worst_box, mut worst_score) = (0, 0.0f64, 0.0f64);
+    for k in 0..n {
+        let rb = &ref_boxes[4 * k..4 * k + 4];
+        let distance = |j: usize| {
+            (0..4)
+                .map(|c| (boxes[4 * j + c] - rb[c]).abs() / rb[c].abs().max(BOX_FLOOR))
+                .fold(0.0, f64::max)
+        };
+        let nearest = (0..scores.len())
+            .filter(|&j| labels[j] == ref_labels[k])
+            .map(|j| (distance(j), j))
+            .min_by(|a, b| a.0.total_cmp(&b.0));
+        match nearest {
+            Some((d, j)) => {
+                worst_box = worst_box.max(d);
+                worst_score = worst_score.max((scores[j] - ref_scores[k]).abs());
+            }
+            None => unmatched += 1,
+        }
+    }
+    let ok = scores.len() == ref_scores.len()
+        && unmatched == 0
+        && worst_score <= PARITY_SCORE
+        && worst_box <= PARITY_BOX;
+    Ok((
+        format!(
+            "{} vs {} detections, top {n}: {unmatched} unmatched, box {worst_box:.1e}, score {worst_score:.1e}",
+            scores.len(),
+            ref_scores.len()
+        ),
+        ok,
+    ))
+}
+
+fn table(
+    args: &VisionBenchArgs,
+    models: &[(String, Model)],
+    reference: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let native_bf16 = if pcb_vision::lowp::cpu_has_bf16() {
+        "yes"
+    } else if args.ours_only {
+        "no (our bf16 row is emulated)"
+    } else {
+        "no (our and torchvision's bf16 rows are emulated; OpenVINO's notes say what it ran)"
+    };
+    // A string ("-" with --ours-only) without JSON's quotes.
+    let threads = match &reference["threads"] {
+        serde_json::Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    println!(
+        "threads: {} (ours), {threads} (torch, OpenVINO); {}x{} input, 7 classes, frozen BN, deterministic weights; mean of {} after a warm-up; native bf16: {native_bf16}",
         tch::get_num_threads(),
-        reference["threads"],
         args.size,
         args.size,
         args.iters,
-        if pcb_vision::lowp::cpu_has_bf16() {
-            "yes"
-        } else {
-            "no (the bf16 row is emulated)"
-        }
     );
+    if models.iter().any(|(_, m)| *m == Model::Compact) {
+        println!("compact: ResNet-18 FPN, 16-wide stem, 64 FPN channels, 256-wide box head, 300 proposals at inference");
+    }
     println!(
-        "{:<6} {:<44} {:>10} {:>14}",
-        "model", "path", "s/image", "vs torchvision"
+        "{:<8} {:<44} {:>9} {:>14} {:>9} {:>14}",
+        "model", "path", "infer s", "vs torchvision", "train s", "vs torchvision"
     );
-    for tag in args.models.split(',') {
-        let depth = match tag {
-            "r50" => Depth::R50,
-            "r18" => Depth::R18,
-            other => bail!("unknown model {other}"),
-        };
+    for (tag, model) in models {
+        let label = model.label();
         eprintln!("bench: ours {tag}");
-        let row = &reference["rows"][tag];
-        let tv_infer = row["torchvision_infer_s"].as_f64().unwrap_or(f64::NAN);
-        let tv_train = row["torchvision_train_s"].as_f64().unwrap_or(f64::NAN);
-        let line = |name: &str, s: f64, base: f64| {
-            if base.is_finite() {
-                println!("{tag:<6} {name:<44} {s:>10.3} {:>13.2}x", base / s);
-            } else {
-                println!("{tag:<6} {name:<44} {s:>10.3} {:>14}", "-");
+        let row = &reference["rows"][tag.as_str()];
+        let base = (
+            row["torchvision_infer_s"].as_f64().unwrap_or(f64::NAN),
+            row["torchvision_train_s"].as_f64().unwrap_or(f64::NAN),
+        );
+        // Reference paths, torchvision's first, in the script's order.
+        let mut agreements = Vec::new();
+        for p in row["paths"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+            let path = p["path"].as_str().unwrap_or("?");
+            match p["infer_s"].as_f64() {
+                Some(s) => line(label, path, s, p["train_s"].as_f64(), base),
+                None => println!("{label:<8} {path}: {}", p["error"]),
             }
-        };
-        if !args.ours_only {
-            line("torchvision infer", tv_infer, tv_infer);
-            match row["onnxruntime_infer_s"].as_f64() {
-                Some(s) => line("onnxruntime infer", s, tv_infer),
-                None => println!("{tag:<6} onnxruntime infer: {}", row["onnxruntime_error"]),
+            if let Some(a) = p["agreement"].as_str() {
+                agreements.push(format!("{path}: {a}"));
             }
         }
-        let mut first_train = true;
-        for (name, s) in ours(depth, args.size, args.iters)? {
-            if name.contains("train") {
-                if first_train && !args.ours_only {
-                    line("torchvision train", tv_train, tv_train);
-                    first_train = false;
-                }
-                line(&name, s, tv_train);
-            } else {
-                line(&name, s, tv_infer);
+        let mut mismatch = false;
+        for r in ours(*model, args.size, args.iters)? {
+            line(label, r.path, r.infer_s, r.train_s, base);
+            if let (Some(d), false) = (&r.detections, args.ours_only) {
+                let (text, ok) = agreement(d, &row["detections"])?;
+                // Only our f32 paths have a tolerance to meet; bf16 rounding moves boxes.
+                let f32_path = !r.path.contains("bf16");
+                mismatch |= f32_path && !ok;
+                let flag = if f32_path && !ok {
+                    " (OUTSIDE the parity tolerance)"
+                } else {
+                    ""
+                };
+                agreements.push(format!("{}: {text}{flag}", r.path));
             }
+        }
+        for note in row["notes"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+            println!("  {label}: {}", note.as_str().unwrap_or("?"));
+        }
+        if !agreements.is_empty() {
+            println!("  {label}: detections on the bench input against torchvision f32:");
+            for a in &agreements {
+                println!("    {a}");
+            }
+        }
+        if mismatch {
+            eprintln!("bench: {label}: our f32 detections differ from torchvision's beyond the parity tolerance (score {PARITY_SCORE}, box {PARITY_BOX} relative)");
         }
     }
     Ok(())
