@@ -79,3 +79,42 @@ impl Detection {
         [self.x1, self.y1, self.x2, self.y2]
     }
 }
+
+/// Builders of boxes, detections and images for the crate's tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::{Detection, GtBox, ImageResult};
+
+    pub(crate) fn gt(x1: f32, y1: f32, x2: f32, y2: f32, class_id: u16) -> GtBox {
+        GtBox {
+            x1,
+            y1,
+            x2,
+            y2,
+            class_id,
+        }
+    }
+
+    pub(crate) fn det(x1: f32, y1: f32, x2: f32, y2: f32, class_id: u16, score: f32) -> Detection {
+        Detection {
+            x1,
+            y1,
+            x2,
+            y2,
+            class_id,
+            score,
+        }
+    }
+
+    pub(crate) fn image(
+        name: &str,
+        ground_truth: Vec<GtBox>,
+        detections: Vec<Detection>,
+    ) -> ImageResult {
+        ImageResult {
+            image: name.to_string(),
+            ground_truth,
+            detections,
+        }
+    }
+}

@@ -219,37 +219,9 @@ pub fn deeppcb_official(
 mod tests {
     use super::*;
     use crate::evaluate;
+    use crate::testing::{det, gt, image};
 
     const EPS: f64 = 1e-12;
-
-    fn gt(x1: f32, y1: f32, x2: f32, y2: f32, class_id: u16) -> GtBox {
-        GtBox {
-            x1,
-            y1,
-            x2,
-            y2,
-            class_id,
-        }
-    }
-
-    fn det(x1: f32, y1: f32, x2: f32, y2: f32, class_id: u16, score: f32) -> Detection {
-        Detection {
-            x1,
-            y1,
-            x2,
-            y2,
-            class_id,
-            score,
-        }
-    }
-
-    fn image(name: &str, ground_truth: Vec<GtBox>, detections: Vec<Detection>) -> ImageResult {
-        ImageResult {
-            image: name.to_string(),
-            ground_truth,
-            detections,
-        }
-    }
 
     fn assert_close(actual: f64, expected: f64) {
         assert!(
