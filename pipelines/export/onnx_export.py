@@ -347,8 +347,9 @@ def check(det, cfg, out, board, template):
 
 
 def default_board():
-    root = os.path.join(REPO, "pipelines", "demo", "deeppcb")
-    with open(os.path.join(root, "val.txt")) as f:
+    # The demo's first DeepPCB board, from the shared dataset (the project only names it).
+    root = os.path.join(REPO, "..", "shared", "datasets", "deeppcb")
+    with open(os.path.join(REPO, "pipelines", "demo", "deeppcb-sample.txt")) as f:
         stem = f.readline().split()[0][: -len(".jpg")]
     return os.path.join(root, stem + "_test.jpg"), os.path.join(root, stem + "_temp.jpg")
 
@@ -361,7 +362,7 @@ def main():
     ap.add_argument("--height", type=int, default=640, help="height of the tracing example")
     ap.add_argument("--width", type=int, default=640, help="width of the tracing example")
     ap.add_argument("--check", action="store_true", help="compare onnxruntime with torch on a real board")
-    ap.add_argument("--board", help="--check's board image (default: the first of pipelines/demo/deeppcb)")
+    ap.add_argument("--board", help="--check's board image (default: the first board of pipelines/demo/deeppcb-sample.txt in ../shared/datasets/deeppcb)")
     ap.add_argument("--template", help="--check's template (default: the board's *_temp.jpg)")
     args = ap.parse_args()
     torch.manual_seed(0)

@@ -45,7 +45,8 @@ fn line_count(text: &str, subject: &str) -> u64 {
 #[test]
 fn demo_prints_counts_per_stream_and_is_idempotent() {
     let data = tempfile::tempdir().expect("tempdir");
-    // 20 synthetic boards and the 8 real ones of pipelines/demo/deeppcb.
+    // 20 synthetic boards and the 8 real ones named in pipelines/demo/deeppcb-sample.txt,
+    // copied from ../shared/datasets/deeppcb (the default --deeppcb).
     let boards = 28;
     for run in 0..2 {
         let text = demo(data.path());

@@ -472,10 +472,41 @@ async fn ensure_default_model(running: &Running) {
     }
 }
 
-/// The real DeepPCB boards the demo drops beside its synthetic ones (a sample shipped in
-/// the repository, `pipelines/demo/deeppcb`, with its attribution).
-fn demo_real_sample() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../demo/deeppcb")
+/// The real DeepPCB boards the demo drops beside its synthetic ones: eight boards of
+/// DeepPCB's val.txt, named in this list (the images themselves stay in the dataset
+/// folder; the project never carries them).
+const DEEPPCB_SAMPLE: &str = include_str!("../../demo/deeppcb-sample.txt");
+
+/// Copies the sample's boards (image, template, labels) from the dataset at `dataset` into
+/// `into` in DeepPCB's layout, listed in `val.txt` with an empty `trainval.txt`, so the
+/// ingester files them under the val split and no retraining job trains on them. The paths
+/// come from our own list, never from a message. `None` when the dataset is not there.
+fn stage_deeppcb_sample(dataset: &Path, into: &Path) -> anyhow::Result<Option<PathBuf>> {
+    if !dataset.join("val.txt").is_file() {
+        return Ok(None);
+    }
+    let _ = std::fs::remove_dir_all(into);
+    for line in DEEPPCB_SAMPLE.lines().filter(|l| !l.trim().is_empty()) {
+        let mut parts = line.split_whitespace();
+        let (Some(image), Some(labels)) = (parts.next(), parts.next()) else {
+            bail!("pipelines/demo/deeppcb-sample.txt: {line:?} is not `image labels`");
+        };
+        let stem = image.trim_end_matches(".jpg");
+        for rel in [
+            format!("{stem}_test.jpg"),
+            format!("{stem}_temp.jpg"),
+            labels.to_string(),
+        ] {
+            let (from, to) = (dataset.join(&rel), into.join(&rel));
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::copy(&from, &to).with_context(|| format!("copying {}", from.display()))?;
+        }
+    }
+    std::fs::write(into.join("val.txt"), DEEPPCB_SAMPLE)?;
+    std::fs::write(into.join("trainval.txt"), "")?;
+    Ok(Some(into.to_path_buf()))
 }
 
 /// Ground truth of the demo's boards: defect count by board id, from the label files the
@@ -583,6 +614,8 @@ pub struct DemoOptions {
     /// Epochs of the small model trained on the sample (0: no training, no detections
     /// unless a model is already live).
     pub train_epochs: usize,
+    /// The DeepPCB dataset folder the eight real sample boards are copied from.
+    pub deeppcb: PathBuf,
 }
 
 /// `pcb demo`: up, drop the synthetic sample into the watched folder, wait until it has
@@ -619,20 +652,22 @@ pub async fn demo(opts: UpOptions, demo: DemoOptions) -> anyhow::Result<()> {
         ..Truth::default()
     };
     let mut copied = copy_tree(&sample, &running.watch_dir)?;
-    let real = demo_real_sample();
-    if real.join("val.txt").is_file() {
-        truth.real = truth_of(&real)?;
-        copied += copy_tree(&real, &running.watch_dir.join("deeppcb-sample"))?;
-        println!(
-            "with {} real DeepPCB boards ({}; MIT licence, see its README.md)",
-            truth.real.len(),
-            real.display()
-        );
-    } else {
-        println!(
-            "no DeepPCB sample at {}: synthetic boards only",
-            real.display()
-        );
+    let staged = running.data_dir.join("deeppcb-sample");
+    match stage_deeppcb_sample(&demo.deeppcb, &staged)? {
+        Some(real) => {
+            truth.real = truth_of(&real)?;
+            copied += copy_tree(&real, &running.watch_dir.join("deeppcb-sample"))?;
+            println!(
+                "with {} real DeepPCB boards from {} (MIT licence; Tang et al. 2019, \
+                 tangsanli5201/DeepPCB)",
+                truth.real.len(),
+                demo.deeppcb.display()
+            );
+        }
+        None => println!(
+            "no DeepPCB dataset at {} (--deeppcb): synthetic boards only",
+            demo.deeppcb.display()
+        ),
     }
     let boards = demo.count + truth.real.len();
     println!(

@@ -75,6 +75,10 @@ enum Cmd {
         /// Epochs of the small model trained on the sample before detecting (0: none).
         #[arg(long, default_value_t = 1)]
         train_epochs: usize,
+        /// DeepPCB dataset folder: eight of its val boards (pipelines/demo/deeppcb-sample.txt)
+        /// join the synthetic ones when it is there.
+        #[arg(long, default_value = "../shared/datasets/deeppcb")]
+        deeppcb: std::path::PathBuf,
     },
     /// Message counts per stream and subject, pending counts per consumer.
     Status {
@@ -177,6 +181,7 @@ async fn main() -> anyhow::Result<()> {
             timeout_secs,
             keep_running,
             train_epochs,
+            deeppcb,
         } => {
             pcb::launcher::demo(
                 common.up(),
@@ -186,6 +191,7 @@ async fn main() -> anyhow::Result<()> {
                     timeout: Duration::from_secs(timeout_secs),
                     keep_running,
                     train_epochs,
+                    deeppcb,
                 },
             )
             .await

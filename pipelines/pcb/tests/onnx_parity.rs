@@ -1,8 +1,8 @@
 //! The shipped default's ONNX export (`pipelines/models/deeppcb-compact/model.onnx`, made
 //! by `make_onnx.sh` through `pipelines/export/onnx_export.py`) detects what our detector
 //! detects: pcb_vision in f32 and ONNX Runtime (through `.venv/bin/python` and
-//! `pipelines/export/ort_detect.py`) on the eight real DeepPCB boards of
-//! `pipelines/demo/deeppcb`. Every confident detection (score >= 0.5) of either side has a
+//! `pipelines/export/ort_detect.py`) on the eight real DeepPCB boards the demo uses
+//! (`pipelines/demo/deeppcb-sample.txt`, read from `../shared/datasets/deeppcb`). Every confident detection (score >= 0.5) of either side has a
 //! counterpart on the other of the same class, IoU > 0.9 and a score within 0.02, and the
 //! confident counts per board agree.
 //!
@@ -85,7 +85,14 @@ fn one_way(from: &[Row], to: &[Row], what: &str, worst: &mut Worst) -> Vec<Strin
 fn onnx_export_of_the_default_matches_our_detector() {
     let root = root();
     let models = root.join("pipelines/models/deeppcb-compact");
-    let demo = root.join("pipelines/demo/deeppcb");
+    // The images stay in the shared dataset; the project only names them. Without the
+    // dataset this test fails: it checks nothing otherwise.
+    let demo = root.join("../shared/datasets/deeppcb");
+    assert!(
+        demo.join("val.txt").is_file(),
+        "the DeepPCB dataset is not at {} (README, Data)",
+        demo.display()
+    );
     let python = root.join(".venv/bin/python");
     assert!(
         python.is_file(),
@@ -104,7 +111,8 @@ fn onnx_export_of_the_default_matches_our_detector() {
         .expect("the shipped weights load");
     det.model
         .prepare_inference(InferenceOptions::fast(Bf16::Off));
-    let boards = read_list(&demo, &demo.join("val.txt")).expect("val.txt");
+    let boards = read_list(&demo, &root.join("pipelines/demo/deeppcb-sample.txt"))
+        .expect("deeppcb-sample.txt");
     assert_eq!(boards.len(), 8, "the demo has eight DeepPCB boards");
 
     let dir = tempfile::tempdir().expect("tempdir");
