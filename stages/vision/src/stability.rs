@@ -177,11 +177,13 @@ pub fn clip_grad_norm(params: &[(String, Tensor)], max_norm: f64) -> f64 {
             .iter()
             .map(|(_, p)| p.grad())
             .filter(|g| g.defined())
-            .map(|g| g.to_kind(Kind::Float).norm().to_device(tch::Device::Cpu))
+            .map(|g| g.to_kind(Kind::Float).norm())
             .collect();
         if norms.is_empty() {
             return 0.0;
         }
+        // The norms stay where the parameters are: one transfer for the total, not one per
+        // parameter (on a GPU each would wait for the device).
         let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
         if max_norm > 0.0 && total.is_finite() && total > max_norm {
             let scale = max_norm / (total + 1e-6);
