@@ -524,13 +524,14 @@ pub fn train_rank(
                 Some(g) if state.recoveries.len() < spec.optim.spike.max_recoveries => g,
                 _ => return Err(JobError::Diverged { loss, epoch, step }),
             };
-            let recovery = Recovery {
+            let recovery = Recovery::after(
+                &state.recoveries,
                 epoch,
                 step,
-                loss: loss.is_finite().then_some(loss),
+                loss,
                 reference,
-                lr_scale: lr_scale(&state.recoveries) * spec.optim.spike.lr_factor,
-            };
+                spec.optim.spike.lr_factor,
+            );
             tracing::warn!(rank, %recovery, "loss spike");
             let mut back = restored.clone();
             back.recoveries = state.recoveries.clone();

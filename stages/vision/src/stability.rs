@@ -56,6 +56,32 @@ pub struct Recovery {
     pub lr_scale: f64,
 }
 
+impl Recovery {
+    /// The recovery from a spike seen at `epoch` (0-based), `step` (1-based): the learning
+    /// rate scale of the `previous` recoveries times `lr_factor`.
+    pub fn after(
+        previous: &[Recovery],
+        epoch: usize,
+        step: usize,
+        loss: f64,
+        reference: f64,
+        lr_factor: f64,
+    ) -> Recovery {
+        Recovery {
+            epoch,
+            step,
+            loss: loss.is_finite().then_some(loss),
+            reference,
+            lr_scale: lr_scale(previous) * lr_factor,
+        }
+    }
+}
+
+/// The learning-rate scale after `recoveries` (1 before the first).
+pub fn lr_scale(recoveries: &[Recovery]) -> f64 {
+    recoveries.last().map_or(1.0, |r| r.lr_scale)
+}
+
 impl std::fmt::Display for Recovery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let loss = self

@@ -261,10 +261,7 @@ pub struct RunState {
     pub grad_stats: Vec<GradStats>,
 }
 
-/// The learning-rate scale after `recoveries` (1 before the first).
-pub fn lr_scale(recoveries: &[Recovery]) -> f64 {
-    recoveries.last().map_or(1.0, |r| r.lr_scale)
-}
+pub use crate::stability::lr_scale;
 
 /// What the progress callback sees after each step.
 #[derive(Debug, Clone)]
@@ -622,13 +619,14 @@ pub fn train(
             )));
         }
         optimizer = fresh;
-        let recovery = Recovery {
+        let recovery = Recovery::after(
+            &state.recoveries,
             epoch,
-            step: at_step,
-            loss: loss.is_finite().then_some(loss),
+            at_step,
+            loss,
             reference,
-            lr_scale: lr_scale(&state.recoveries) * cfg.spike.lr_factor,
-        };
+            cfg.spike.lr_factor,
+        );
         tracing::warn!(%recovery, "loss spike");
         good.recoveries = state.recoveries.clone();
         good.recoveries.push(recovery.clone());
