@@ -4,7 +4,9 @@
 pub mod codec;
 pub mod messages;
 pub mod subjects;
+pub mod topology;
 
 pub use codec::{decode, encode, headers_for, CodecError, Envelope, CONTENT_TYPE, SCHEMA_HEADER};
 pub use messages::*;
 pub use subjects::*;
+pub use topology::{StageName, StageDecl, ProcessKind, ReadMode, STAGES};

@@ -52,6 +52,85 @@ impl Split {
     }
 }
 
+/// Names a fixed set of wire strings once: the enum, its spelling, its parsing, and a
+/// comparison with a plain string (so a line-side client's `"fail"` reads the same).
+macro_rules! wire_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)+
+        }
+
+        impl $name {
+            /// Every value.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The wire spelling.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+
+            fn from_str(s: &str) -> Result<Self, String> {
+                $name::ALL
+                    .iter()
+                    .copied()
+                    .find(|v| v.as_str() == s)
+                    .ok_or_else(|| format!(
+                        "{s:?} is not one of {}",
+                        $name::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", ")
+                    ))
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// A board's verdict on `pcb.detections`.
+    Verdict {
+        /// No defect at or above the fail threshold.
+        Pass = "pass",
+        /// At least one defect at or above the fail threshold.
+        Fail = "fail",
+    }
+}
+
+wire_enum! {
+    /// What happened to a model version, on `pcb.models.events`.
+    ModelEventKind {
+        /// Stored as a new version.
+        Registered = "registered",
+        /// Made live.
+        Promoted = "promoted",
+        /// Registered but left below the live version by the policy.
+        NotPromoted = "not-promoted",
+        /// The live alias went back to the previous version.
+        RolledBack = "rolled-back",
+        /// A detector serves it.
+        Loaded = "loaded",
+        /// A detector refused it (the reason says why); the old version keeps serving.
+        LoadFailed = "load-failed",
+    }
+}
+
 /// `pcb.images.raw`: a file as the ingester found it, before any decoding.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RawImage {
@@ -287,7 +366,7 @@ pub struct Detection {
     /// Defects at or above the detector's report threshold, best first.
     pub defects: Vec<Defect>,
     /// `pass`, or `fail` when a defect scores at or above the verdict threshold.
-    pub verdict: String,
+    pub verdict: Verdict,
     /// Model time for the image's batch, divided by the batch size, in milliseconds.
     pub inference_ms: f64,
 }
@@ -296,7 +375,7 @@ pub struct Detection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelEvent {
     /// `registered`, `promoted`, `rolled-back`, `not-promoted`, `loaded`, `load-failed`.
-    pub kind: String,
+    pub kind: ModelEventKind,
     /// The version concerned.
     pub model: ModelRef,
     /// Who reports it (`registry`, `cli`, `detector-<host>-<pid>`).

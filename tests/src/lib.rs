@@ -33,9 +33,14 @@ impl Env {
             .expect("nats-server starts (install it with deploy/setup.sh)");
         let client = async_nats::connect(server.url()).await.expect("connect");
         let js = jetstream::new(client.clone());
-        pcb_common::apply_topology(&js, &pcb_common::Topology::default())
-            .await
-            .expect("streams");
+        // What `pcb init` does: streams, buckets and every durable consumer.
+        pcb_common::provision(
+            &js,
+            &pcb_common::Topology::default(),
+            &pcb_common::topology::default_consumers(),
+        )
+        .await
+        .expect("streams, buckets and consumers");
         Env {
             server,
             dir,
@@ -64,30 +69,30 @@ impl Env {
         self.dir.path().join("inbox")
     }
 
+    /// Starts stage `T` in-process with this test's base config and `extra` TOML lines.
+    pub fn spawn_stage<T: pcb_common::Stage>(
+        &self,
+        extra: &str,
+        shutdown: &Shutdown,
+    ) -> tokio::task::JoinHandle<Result<(), String>> {
+        let file: pcb_common::StageFile<T> =
+            toml::from_str(&self.base_config(extra)).expect("stage config");
+        let (c, s) = (self.client.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            pcb_common::stage::run(file, c, s)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
     /// Starts encoder and router in-process; returns their shutdown and handles.
     pub fn start_encoder_router(
         &self,
     ) -> (Shutdown, Vec<tokio::task::JoinHandle<Result<(), String>>>) {
         let shutdown = Shutdown::new();
-        let enc: pcb_encoder::FileConfig = toml::from_str(&self.base_config("")).expect("toml");
-        let enc = enc.validate().expect("valid");
-        let rt: pcb_router::FileConfig = toml::from_str(&self.base_config("")).expect("toml");
-        let rt = rt.validate().expect("valid");
-        let (c1, c2, s1, s2) = (
-            self.client.clone(),
-            self.client.clone(),
-            shutdown.clone(),
-            shutdown.clone(),
-        );
         let handles = vec![
-            tokio::spawn(async move {
-                pcb_encoder::run(enc, c1, s1)
-                    .await
-                    .map_err(|e| e.to_string())
-            }),
-            tokio::spawn(
-                async move { pcb_router::run(rt, c2, s2).await.map_err(|e| e.to_string()) },
-            ),
+            self.spawn_stage::<pcb_encoder::Encoder>("", &shutdown),
+            self.spawn_stage::<pcb_router::Router>("", &shutdown),
         ];
         (shutdown, handles)
     }
@@ -101,21 +106,13 @@ impl Env {
             "[ingester]\nwatch_dir = {:?}\nsettle_ms = 200\nrescan_secs = 2\n",
             self.watch_dir().display().to_string()
         );
-        let cfg: pcb_ingester::FileConfig =
-            toml::from_str(&self.base_config(&extra)).expect("toml");
-        let cfg = cfg.validate().expect("valid");
-        let (c, s) = (self.client.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            pcb_ingester::run(cfg, c, s)
-                .await
-                .map_err(|e| e.to_string())
-        })
+        self.spawn_stage::<pcb_ingester::IngesterStage>(&extra, shutdown)
     }
 
     /// Imports `dir` once (files stay in place) with the in-process ingester.
     pub async fn import(&self, dir: &Path) -> pcb_ingester::Summary {
         let cfg: pcb_ingester::FileConfig = toml::from_str(&self.base_config("")).expect("toml");
-        let mut s = cfg.validate().expect("valid").settings;
+        let mut s = cfg.validate().expect("valid").config;
         s.watch_dir = dir.to_path_buf();
         pcb_ingester::import(
             self.js.clone(),
@@ -232,7 +229,7 @@ pub fn synth(dir: &Path, count: usize, seed: u64) -> pcb_synth::SynthSummary {
 
 /// Copies a tree into the watched folder the way an uploader would (temp name, rename).
 pub fn drop_into(from: &Path, to: &Path) -> usize {
-    pcb::launcher::copy_tree(from, to).expect("copy")
+    pcb::demo::copy_tree(from, to).expect("copy")
 }
 
 /// A small network (ResNet-18 FPN-16, image + template + difference) with deterministic

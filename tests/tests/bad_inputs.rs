@@ -243,15 +243,8 @@ async fn bad_inputs_are_dead_lettered_and_filed_while_good_ones_pass() {
         "[ingester]\nwatch_dir = {:?}\nsettle_ms = 200\nrescan_secs = 2\nmax_image_bytes = 100000\n",
         env.watch_dir().display().to_string()
     );
-    let cfg: pcb_ingester::FileConfig = toml::from_str(&env.base_config(&extra)).expect("toml");
-    let cfg = cfg.validate().expect("valid");
     let (shutdown, mut handles) = env.start_encoder_router();
-    let (c, sd) = (env.client.clone(), shutdown.clone());
-    handles.push(tokio::spawn(async move {
-        pcb_ingester::run(cfg, c, sd)
-            .await
-            .map_err(|e| e.to_string())
-    }));
+    handles.push(env.spawn_stage::<pcb_ingester::IngesterStage>(&extra, &shutdown));
     drop_into(s, &env.watch_dir());
 
     let rejected_dir = env.watch_dir().join("rejected");

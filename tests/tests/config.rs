@@ -45,8 +45,14 @@ fn bad_values_are_refused_by_name_all_at_once() {
     );
     refuse(
         "router",
-        "[router]\nshard_count = 0\nval_fraction = 2.0\n[log]\nformat = \"xml\"\n",
-        &["router.shard_count", "router.val_fraction", "log.format"],
+        "[router]\nshard_count = 0\nval_fraction = 2.0\n[log]\nfilter = \"pcb=loud\"\n",
+        &["router.shard_count", "router.val_fraction", "log.filter"],
+    );
+    // A choice outside its set does not parse: named with the choices.
+    refuse(
+        "router",
+        "[log]\nformat = \"xml\"\n",
+        &["[log] format", "xml", "text", "json"],
     );
 }
 

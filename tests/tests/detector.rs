@@ -42,14 +42,14 @@ async fn feed(env: &Env, count: usize, seed: u64) {
 }
 
 /// Runs the encoder in-process until dropped.
-fn start_encoder(env: &Env) -> (pcb_common::Shutdown, tokio::task::JoinHandle<()>) {
+fn start_encoder(
+    env: &Env,
+) -> (
+    pcb_common::Shutdown,
+    tokio::task::JoinHandle<Result<(), String>>,
+) {
     let shutdown = pcb_common::Shutdown::new();
-    let enc: pcb_encoder::FileConfig = toml::from_str(&env.base_config("")).expect("toml");
-    let enc = enc.validate().expect("valid");
-    let (c, s) = (env.client.clone(), shutdown.clone());
-    let h = tokio::spawn(async move {
-        let _ = pcb_encoder::run(enc, c, s).await;
-    });
+    let h = env.spawn_stage::<pcb_encoder::Encoder>("", &shutdown);
     (shutdown, h)
 }
 
@@ -313,6 +313,133 @@ async fn an_image_that_does_not_decode_is_rejected_and_the_detector_carries_on()
     assert_eq!(letter.reason_code, "not-an-image");
     assert!(letter.reason.contains("broken.jpg"), "{}", letter.reason);
     assert_eq!(env.count(STREAM_IMAGES, SUBJECT_ENCODED).await, 11);
+    stop.trigger();
+    let _ = enc.await;
+    let _ = det.kill();
+}
+
+/// The record of an image that cannot be decoded (its bytes are text).
+fn undecodable(id: char) -> EncodedImage {
+    EncodedImage {
+        image_id: id.to_string().repeat(64),
+        board_id: "broken".into(),
+        line_id: "line-1".into(),
+        source: "broken.jpg".into(),
+        captured_at_ms: 0,
+        encoded_at_ms: 0,
+        image_b64: "bm90IGFuIGltYWdl".into(),
+        width: 64,
+        height: 64,
+        channels: 1,
+        format: "jpeg".into(),
+        sha256: id.to_string().repeat(64),
+        labels: None,
+        label_format: None,
+        template_b64: None,
+        split_hint: None,
+    }
+}
+
+/// A detector process with exactly these `[detector]` lines.
+fn spawn_detector_config(env: &Env, name: &str, lines: &str) -> (Child, PathBuf) {
+    let config = env.config_file(
+        &format!("{name}.toml"),
+        &format!("[detector]\nmodel_name = {MODEL:?}\nthreads = 1\nreport_threshold = 0.0\n{lines}"),
+    );
+    let log = env.dir.path().join(format!("{name}.log"));
+    let out = std::fs::File::create(&log).expect("log");
+    let child = Command::new(pcb_tests::bin("detector"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(out)
+        .spawn()
+        .expect("spawn detector");
+    (child, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_bad_image_in_a_batch_of_four_is_rejected_alone_and_the_three_others_answered() {
+    let env = Env::start().await;
+    let registry = Registry::open(&env.js).await.expect("registry");
+    let v = register(&registry, env.dir.path(), 1).await;
+    registry.promote(MODEL, v, "test").await.expect("promote");
+    // Three good records and one bad one wait in the stream before the detector starts,
+    // so its first batch (4 at most, 2 s to fill) holds all four.
+    let (stop, enc) = start_encoder(&env);
+    feed(&env, 3, 11).await;
+    let encoded = wait_until(Duration::from_secs(60), || async {
+        env.count(STREAM_IMAGES, SUBJECT_ENCODED).await >= 3
+    })
+    .await;
+    assert!(encoded, "the encoder did not encode 3 boards");
+    pcb_common::publish(&env.js, SUBJECT_ENCODED.into(), &undecodable('e'))
+        .await
+        .expect("publish");
+    let (mut det, log) = spawn_detector_config(
+        &env,
+        "det-batch",
+        "max_batch = 4\nmax_wait_ms = 2000\nconcurrency = 1\n",
+    );
+    let done = wait_until(Duration::from_secs(120), || async {
+        env.count(STREAM_DETECTIONS, "pcb.detections").await >= 3
+            && env.count(STREAM_REJECTED, "pcb.rejected.detector").await >= 1
+    })
+    .await;
+    assert!(done, "detector log:\n{}", log_of(&log));
+    // Nothing more comes: the three are answered once, the bad one rejected once.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let detections = env.detections().await;
+    assert_eq!(detections.len(), 3, "detector log:\n{}", log_of(&log));
+    assert!(detections.iter().all(|d| d.board_id != "broken"));
+    let letters = env.read_all(STREAM_REJECTED, "pcb.rejected.detector").await;
+    assert_eq!(letters.len(), 1);
+    let letter: pcb_schemas::DeadLetter = decode(&letters[0].1, None).expect("dead letter");
+    assert_eq!(letter.reason_code, "not-an-image");
+    stop.trigger();
+    let _ = enc.await;
+    let _ = det.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_image_that_runs_out_of_deliveries_becomes_one_retries_exhausted_dead_letter() {
+    let env = Env::start().await;
+    let registry = Registry::open(&env.js).await.expect("registry");
+    let v = register(&registry, env.dir.path(), 2).await;
+    registry.promote(MODEL, v, "test").await.expect("promote");
+    let (mut det, log) = spawn_detector_config(
+        &env,
+        "det-retry",
+        "max_batch = 1\nmax_deliver = 2\nretry_delay_ms = 100\n",
+    );
+    let serving = wait_until(Duration::from_secs(60), || async {
+        events(&env).await.iter().any(|e| e.kind == "loaded")
+    })
+    .await;
+    assert!(serving, "detector log:\n{}", log_of(&log));
+    // With its output stream gone, every answer fails to publish: a transient failure,
+    // retried until the delivery limit.
+    env.js
+        .delete_stream(STREAM_DETECTIONS)
+        .await
+        .expect("delete PCB_DETECTIONS");
+    let (stop, enc) = start_encoder(&env);
+    feed(&env, 1, 12).await;
+    let lettered = wait_until(Duration::from_secs(120), || async {
+        env.count(STREAM_REJECTED, "pcb.rejected.detector").await >= 1
+    })
+    .await;
+    assert!(lettered, "detector log:\n{}", log_of(&log));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let letters = env.read_all(STREAM_REJECTED, "pcb.rejected.detector").await;
+    assert_eq!(letters.len(), 1, "one dead letter, not one per delivery");
+    let letter: pcb_schemas::DeadLetter = decode(&letters[0].1, None).expect("dead letter");
+    assert_eq!(letter.reason_code, "retries-exhausted");
+    assert!(
+        letter.reason.contains("2 deliveries") && letter.reason.contains("publishing"),
+        "{}",
+        letter.reason
+    );
     stop.trigger();
     let _ = enc.await;
     let _ = det.kill();

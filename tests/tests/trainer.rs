@@ -30,25 +30,11 @@ async fn feed(env: &Env, count: usize, shard_count: u32, val_fraction: f64) -> (
     )
     .expect("synth");
     let shutdown = pcb_common::Shutdown::new();
-    let enc: pcb_encoder::FileConfig = toml::from_str(&env.base_config("")).expect("toml");
-    let enc = enc.validate().expect("valid");
-    let rt: pcb_router::FileConfig =
-        toml::from_str(&env.base_config(&format!("[router]\nshard_count = {shard_count}\n")))
-            .expect("toml");
-    let rt = rt.validate().expect("valid");
-    let (c1, c2, s1, s2) = (
-        env.client.clone(),
-        env.client.clone(),
-        shutdown.clone(),
-        shutdown.clone(),
+    let h1 = env.spawn_stage::<pcb_encoder::Encoder>("", &shutdown);
+    let h2 = env.spawn_stage::<pcb_router::Router>(
+        &format!("[router]\nshard_count = {shard_count}\n"),
+        &shutdown,
     );
-    let h1 = tokio::spawn(async move {
-        pcb_encoder::run(enc, c1, s1)
-            .await
-            .map_err(|e| e.to_string())
-    });
-    let h2 =
-        tokio::spawn(async move { pcb_router::run(rt, c2, s2).await.map_err(|e| e.to_string()) });
     env.import(&boards).await;
     let routed = wait_until(Duration::from_secs(120), || async {
         env.count(STREAM_SHARDS, "pcb.shards.").await >= count as u64

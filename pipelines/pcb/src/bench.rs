@@ -124,12 +124,13 @@ pub async fn pipeline(count: usize, seed: u64, dir: Option<&Path>) -> anyhow::Re
     };
     let client = pcb_common::connect(&nats, "pcb-bench").await?;
     let js = async_nats::jetstream::new(client.clone());
-    let topology = pcb_common::Topology::default();
-    pcb_common::apply_topology(&js, &topology).await?;
+    pcb_common::provision(
+        &js,
+        &pcb_common::Topology::default(),
+        &pcb_common::topology::default_consumers(),
+    )
+    .await?;
     let shutdown = pcb_common::Shutdown::new();
-    let no_metrics = pcb_common::MetricsConfig {
-        addr: String::new(),
-    };
     let base = |c: &str| -> anyhow::Result<String> {
         Ok(format!(
             "[nats]\nurl = {:?}\n[metrics]\naddr = \"\"\n{c}",
@@ -137,17 +138,22 @@ pub async fn pipeline(count: usize, seed: u64, dir: Option<&Path>) -> anyhow::Re
         ))
     };
     let enc_cfg: pcb_encoder::FileConfig = toml::from_str(&base("")?)?;
-    let mut enc_cfg = enc_cfg.validate().map_err(|p| anyhow::anyhow!("{p}"))?;
-    enc_cfg.metrics = no_metrics.clone();
     let rt_cfg: pcb_router::FileConfig = toml::from_str(&base("")?)?;
-    let rt_cfg = rt_cfg.validate().map_err(|p| anyhow::anyhow!("{p}"))?;
-    let enc = tokio::spawn(pcb_encoder::run(enc_cfg, client.clone(), shutdown.clone()));
-    let rt = tokio::spawn(pcb_router::run(rt_cfg, client.clone(), shutdown.clone()));
+    let enc = tokio::spawn(pcb_common::stage::run(
+        enc_cfg,
+        client.clone(),
+        shutdown.clone(),
+    ));
+    let rt = tokio::spawn(pcb_common::stage::run(
+        rt_cfg,
+        client.clone(),
+        shutdown.clone(),
+    ));
     let ing_cfg: pcb_ingester::FileConfig = toml::from_str(&base("")?)?;
     let mut ing = ing_cfg
         .validate()
         .map_err(|p| anyhow::anyhow!("{p}"))?
-        .settings;
+        .config;
     ing.watch_dir = sample.clone();
     let started = Instant::now();
     let summary = pcb_ingester::import(

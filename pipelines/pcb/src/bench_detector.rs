@@ -11,7 +11,7 @@ use pcb_registry::{NewVersion, Registry};
 use pcb_schemas::{EncodedImage, STREAM_DETECTIONS, SUBJECT_ENCODED};
 use pcb_vision::{compose, Detector, InferenceOptions, Sampling};
 
-use crate::launcher::{Running, UpOptions};
+use crate::supervisor::{Running, UpOptions};
 
 /// Flags of `pcb bench detector`.
 #[derive(clap::Args, Clone, Debug)]
@@ -195,7 +195,13 @@ pub async fn run(args: &DetectorBenchArgs) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let s = js.get_stream(pcb_schemas::STREAM_IMAGES).await?;
-        if s.consumer_info(&pipeline.stages.detector.settings.durable)
+        let durable = pipeline
+            .stages
+            .detector
+            .consumer
+            .as_ref()
+            .map_or("detector", |c| c.durable.as_str());
+        if s.consumer_info(durable)
             .await
             .is_ok()
         {

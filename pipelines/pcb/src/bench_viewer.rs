@@ -84,9 +84,9 @@ fn synthetic(i: usize, rng: &mut rand_chacha::ChaCha8Rng, now: i64, id: String) 
         .collect();
     let at = now - rng.gen_range(0..7 * 86_400_000i64);
     let verdict = if defects.iter().any(|d| d.score >= 0.5) {
-        "fail"
+        pcb_schemas::Verdict::Fail
     } else {
-        "pass"
+        pcb_schemas::Verdict::Pass
     };
     Detection {
         image_id: id,
@@ -100,7 +100,7 @@ fn synthetic(i: usize, rng: &mut rand_chacha::ChaCha8Rng, now: i64, id: String) 
             version: 1,
         },
         defects,
-        verdict: verdict.into(),
+        verdict,
         inference_ms: rng.gen_range(150.0..450.0),
     }
 }
@@ -202,7 +202,12 @@ pub async fn run(args: &ViewerBenchArgs) -> anyhow::Result<()> {
     let server = tokio::task::spawn_blocking(move || NatsServer::start(&nats_dir, 0)).await??;
     let client = async_nats::connect(server.url()).await?;
     let js = jetstream::new(client.clone());
-    pcb_common::apply_topology(&js, &pcb_common::Topology::default()).await?;
+    pcb_common::provision(
+        &js,
+        &pcb_common::Topology::default(),
+        &pcb_common::topology::default_consumers(),
+    )
+    .await?;
     let boards = publish_boards(&js, &tmp.path().join("boards")).await?;
 
     eprintln!("bench: publishing {} detections", args.detections);

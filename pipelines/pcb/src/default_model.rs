@@ -49,7 +49,7 @@ pub async fn register_if_empty(
         .await?;
     publish_event(
         js,
-        "registered",
+        pcb_schemas::ModelEventKind::Registered,
         name,
         v.version,
         "pcb",
@@ -59,7 +59,7 @@ pub async fn register_if_empty(
     registry.promote(name, v.version, "pcb").await?;
     publish_event(
         js,
-        "promoted",
+        pcb_schemas::ModelEventKind::Promoted,
         name,
         v.version,
         "pcb",

@@ -7,16 +7,23 @@ pub mod bench_trainer;
 pub mod bench_viewer;
 pub mod bench_vision;
 pub mod default_model;
-pub mod launcher;
+pub mod demo;
 pub mod models_cli;
 pub mod pipeline;
 pub mod process;
+pub mod reach;
+pub mod retrain;
 pub mod server;
 pub mod status;
+pub mod supervisor;
 pub mod train_job;
+pub mod up;
 pub mod vision_cli;
 
 use std::path::Path;
+
+/// The pipeline file every command reads unless told otherwise.
+pub const DEFAULT_PIPELINE: &str = "pipelines/local.toml";
 
 /// Board images still waiting in a watched folder (outside `processed/` and `rejected/`).
 pub fn pairing_count(watch_dir: &Path) -> usize {

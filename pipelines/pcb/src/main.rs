@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use pcb::launcher::{DemoOptions, UpOptions};
+use pcb::demo::DemoOptions;
+use pcb::supervisor::UpOptions;
 
 /// The PCB defect-detection pipeline on NATS JetStream.
 #[derive(Parser)]
@@ -18,7 +18,7 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 struct Common {
     /// Pipeline file.
-    #[arg(long, default_value = "pipelines/local.toml", env = "PCB_PIPELINE")]
+    #[arg(long, default_value = pcb::DEFAULT_PIPELINE, env = "PCB_PIPELINE")]
     pipeline: PathBuf,
     /// Use this NATS server instead of starting a private one.
     #[arg(long, value_name = "URL")]
@@ -52,8 +52,44 @@ impl Common {
     }
 }
 
+/// Where a running pipeline is: every command that talks to one finds it the same way.
+#[derive(clap::Args, Clone)]
+struct Reach {
+    /// Server (default: the one `pcb up` started, then the pipeline file's `nats.url`);
+    /// credentials and TLS always come from the pipeline file's `[nats]`.
+    #[arg(long, value_name = "URL", global = true)]
+    nats_url: Option<String>,
+    /// Pipeline file.
+    #[arg(
+        long,
+        default_value = pcb::DEFAULT_PIPELINE,
+        env = "PCB_PIPELINE",
+        global = true
+    )]
+    pipeline: PathBuf,
+    /// Data dir of `pcb up`.
+    #[arg(long, value_name = "DIR", global = true)]
+    data_dir: Option<PathBuf>,
+}
+
+impl Reach {
+    fn to_where(&self) -> pcb::reach::Where {
+        pcb::reach::Where {
+            nats_url: self.nats_url.clone(),
+            pipeline: self.pipeline.clone(),
+            data_dir: self.data_dir.clone(),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Create the pipeline's streams, buckets and durable consumers on a server (what
+    /// `pcb up` does first); idempotent. Stages never create them themselves.
+    Init(Reach),
+    /// Print the topology tables (subjects; stages with their consumers and buckets) the
+    /// README carries, derived from schemas/src/topology.rs.
+    Topology,
     /// Start the pipeline (private nats-server unless --nats-url) until Ctrl-C.
     Up(Common),
     /// `up`, drop the synthetic sample into the watched folder, print what flowed where.
@@ -81,17 +117,7 @@ enum Cmd {
         deeppcb: std::path::PathBuf,
     },
     /// Message counts per stream and subject, pending counts per consumer.
-    Status {
-        /// Server to ask (default: the one `pcb up` started, then the pipeline file's).
-        #[arg(long, value_name = "URL")]
-        nats_url: Option<String>,
-        /// Pipeline file.
-        #[arg(long, default_value = "pipelines/local.toml", env = "PCB_PIPELINE")]
-        pipeline: PathBuf,
-        /// Data dir of `pcb up`.
-        #[arg(long, value_name = "DIR")]
-        data_dir: Option<PathBuf>,
-    },
+    Status(Reach),
     /// Generate synthetic PCB boards in DeepPCB's layout.
     Synth {
         /// Boards to generate.
@@ -114,20 +140,8 @@ enum Cmd {
     Eval(Box<pcb::vision_cli::EvalArgs>),
     /// The model registry: list, show, promote, rollback, import, export.
     Models {
-        /// Server (default: the one `pcb up` started, then the pipeline file's).
-        #[arg(long, value_name = "URL", global = true)]
-        nats_url: Option<String>,
-        /// Pipeline file.
-        #[arg(
-            long,
-            default_value = "pipelines/local.toml",
-            env = "PCB_PIPELINE",
-            global = true
-        )]
-        pipeline: PathBuf,
-        /// Data dir of `pcb up`.
-        #[arg(long, value_name = "DIR", global = true)]
-        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        reach: Reach,
         #[command(subcommand)]
         cmd: pcb::models_cli::ModelsCmd,
     },
@@ -173,7 +187,7 @@ async fn main() -> anyhow::Result<()> {
         ..Default::default()
     });
     match cli.command {
-        Cmd::Up(c) => pcb::launcher::up(c.up()).await,
+        Cmd::Up(c) => pcb::up::up(c.up(), &pcb_common::Shutdown::on_signals()).await,
         Cmd::Demo {
             common,
             count,
@@ -183,7 +197,7 @@ async fn main() -> anyhow::Result<()> {
             train_epochs,
             deeppcb,
         } => {
-            pcb::launcher::demo(
+            pcb::demo::demo(
                 common.up(),
                 DemoOptions {
                     count,
@@ -193,26 +207,18 @@ async fn main() -> anyhow::Result<()> {
                     train_epochs,
                     deeppcb,
                 },
+                &pcb_common::Shutdown::on_signals(),
             )
             .await
         }
-        Cmd::Status {
-            nats_url,
-            pipeline,
-            data_dir,
-        } => {
-            let url = server_url(nats_url, pipeline, data_dir)?;
-            status(&url).await
+        Cmd::Init(reach) => pcb::reach::init(&reach.to_where()).await,
+        Cmd::Topology => {
+            println!("{}", pcb_schemas::topology::subjects_markdown());
+            print!("{}", pcb_schemas::topology::stages_markdown());
+            Ok(())
         }
-        Cmd::Models {
-            nats_url,
-            pipeline,
-            data_dir,
-            cmd,
-        } => {
-            let url = server_url(nats_url, pipeline, data_dir)?;
-            pcb::models_cli::run(&url, cmd).await
-        }
+        Cmd::Status(reach) => status(&reach.to_where()).await,
+        Cmd::Models { reach, cmd } => pcb::models_cli::run(&reach.to_where(), cmd).await,
         Cmd::Synth {
             count,
             out,
@@ -246,7 +252,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Train(args) => match &args.data {
             Some(dir) => pcb::vision_cli::train(&args, dir),
-            None => pcb::train_job::run(args.job_options()).await.map(|_| ()),
+            None => pcb::train_job::run(args.job_options(), &pcb_common::Shutdown::on_signals())
+                .await
+                .map(|_| ()),
         },
         Cmd::Eval(args) => pcb::vision_cli::eval(&args),
         Cmd::Bench {
@@ -271,40 +279,12 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// The server a command talks to: the flag, else the one `pcb up` recorded, else the
-/// pipeline file's.
-fn server_url(
-    url: Option<String>,
-    pipeline: PathBuf,
-    data_dir: Option<PathBuf>,
-) -> anyhow::Result<String> {
-    Ok(match url {
-        Some(u) => u,
-        None => {
-            let file = pcb::pipeline::PipelineFile::load(&pipeline).ok();
-            let dir = data_dir
-                .or_else(|| file.as_ref().map(|f| f.pipeline.data_dir.clone()))
-                .unwrap_or_else(|| PathBuf::from(".pcb-data"));
-            match std::fs::read_to_string(pcb::launcher::url_file(&dir)) {
-                Ok(u) => u.trim().to_string(),
-                Err(_) => file
-                    .map(|f| f.nats.url)
-                    .filter(|u| !u.is_empty())
-                    .context("no server known: pass --nats-url, or run `pcb up` first")?,
-            }
-        }
-    })
-}
-
-async fn status(url: &str) -> anyhow::Result<()> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .connect(url)
-        .await
-        .with_context(|| format!("connecting to {url} (is the pipeline up?)"))?;
+async fn status(w: &pcb::reach::Where) -> anyhow::Result<()> {
+    let target = pcb::reach::resolve(w)?;
+    let client = target.connect("pcb-status").await?;
     let js = async_nats::jetstream::new(client);
     let streams = pcb::status::collect(&js).await?;
-    println!("NATS {url}\n");
+    println!("NATS {}\n", target.nats.url);
     print!("{}", pcb::status::render(&streams));
     Ok(())
 }

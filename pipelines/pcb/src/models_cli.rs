@@ -145,13 +145,9 @@ pub fn export_onnx(
     Ok(())
 }
 
-/// Runs a `pcb models` command against the server at `url`.
-pub async fn run(url: &str, cmd: ModelsCmd) -> anyhow::Result<()> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .connect(url)
-        .await
-        .with_context(|| format!("connecting to {url} (is the pipeline up?)"))?;
+/// Runs a `pcb models` command against the pipeline `w` finds.
+pub async fn run(w: &crate::reach::Where, cmd: ModelsCmd) -> anyhow::Result<()> {
+    let client = crate::reach::resolve(w)?.connect("pcb-models").await?;
     let js = async_nats::jetstream::new(client);
     let registry = Registry::open(&js).await?;
     let registry_ref = &registry;
@@ -215,7 +211,7 @@ pub async fn run(url: &str, cmd: ModelsCmd) -> anyhow::Result<()> {
             let alias = registry.promote(&name, version, "cli").await?;
             publish_event(
                 &js,
-                "promoted",
+                pcb_schemas::ModelEventKind::Promoted,
                 &name,
                 version,
                 "cli",
@@ -229,7 +225,7 @@ pub async fn run(url: &str, cmd: ModelsCmd) -> anyhow::Result<()> {
         }
         ModelsCmd::Rollback { name } => {
             let alias = registry.rollback(&name, "cli").await?;
-            publish_event(&js, "rolled-back", &name, alias.version, "cli", None).await;
+            publish_event(&js, pcb_schemas::ModelEventKind::RolledBack, &name, alias.version, "cli", None).await;
             println!("{name}@{} is live again", alias.version);
         }
         ModelsCmd::Import {
@@ -283,7 +279,7 @@ pub async fn run(url: &str, cmd: ModelsCmd) -> anyhow::Result<()> {
                 .await?;
             publish_event(
                 &js,
-                "registered",
+                pcb_schemas::ModelEventKind::Registered,
                 &name,
                 v.version,
                 "cli",
@@ -295,7 +291,7 @@ pub async fn run(url: &str, cmd: ModelsCmd) -> anyhow::Result<()> {
                 registry.promote(&name, v.version, "cli").await?;
                 publish_event(
                     &js,
-                    "promoted",
+                    pcb_schemas::ModelEventKind::Promoted,
                     &name,
                     v.version,
                     "cli",

@@ -3,7 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use pcb_common::{ConfigError, LogConfig, MetricsConfig, NatsConfig, Problems, Topology};
+use pcb_common::stage::Section;
+use pcb_common::{
+    ConfigError, ConsumerSettings, LogConfig, MetricsConfig, NatsConfig, Problems, Stage,
+    StageFile, Topology,
+};
+use pcb_schemas::{ProcessKind, StageName};
 use serde::{Deserialize, Serialize};
 
 /// The whole pipeline file.
@@ -40,24 +45,150 @@ impl Default for PipelineMeta {
 }
 
 /// One stage: replicas, metrics port and its own settings.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct StageEntry<S> {
+#[derive(Serialize, Deserialize)]
+#[serde(from = "RawEntry<T>", into = "RawEntry<T>", bound = "")]
+pub struct StageEntry<T: Stage> {
     /// Processes to run (consumers share one durable, so each message goes to one).
     pub replicas: usize,
     /// First `/metrics` port; replica i listens on `metrics_port + i` (0: any free port).
     pub metrics_port: u16,
     /// The stage's own settings (its config file's `[<stage>]` section).
-    pub settings: S,
+    pub settings: T::Settings,
+    /// Its durable consumer's settings, side by side with its own in `settings`.
+    pub consumer: Option<ConsumerSettings>,
 }
 
-impl<S: Default> Default for StageEntry<S> {
+/// A stage entry as the file spells it: the consumer keys sit in `settings`.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, bound = "")]
+struct RawEntry<T: Stage> {
+    replicas: usize,
+    metrics_port: u16,
+    settings: Section<T>,
+}
+
+impl<T: Stage> Default for RawEntry<T> {
+    fn default() -> Self {
+        StageEntry::<T>::default().into()
+    }
+}
+
+impl<T: Stage> From<RawEntry<T>> for StageEntry<T> {
+    fn from(r: RawEntry<T>) -> Self {
+        StageEntry {
+            replicas: r.replicas,
+            metrics_port: r.metrics_port,
+            settings: r.settings.settings,
+            consumer: r.settings.consumer,
+        }
+    }
+}
+
+impl<T: Stage> From<StageEntry<T>> for RawEntry<T> {
+    fn from(e: StageEntry<T>) -> Self {
+        RawEntry {
+            replicas: e.replicas,
+            metrics_port: e.metrics_port,
+            settings: Section {
+                consumer: e.consumer,
+                settings: e.settings,
+            },
+        }
+    }
+}
+
+impl<T: Stage> Default for StageEntry<T> {
     fn default() -> Self {
         StageEntry {
             replicas: 1,
             metrics_port: 0,
-            settings: S::default(),
+            settings: T::Settings::default(),
+            consumer: T::consumer_defaults(),
         }
+    }
+}
+
+// Written out: a derive would ask the stage type itself to be Clone, Debug and PartialEq.
+impl<T: Stage> Clone for StageEntry<T> {
+    fn clone(&self) -> Self {
+        StageEntry {
+            replicas: self.replicas,
+            metrics_port: self.metrics_port,
+            settings: self.settings.clone(),
+            consumer: self.consumer.clone(),
+        }
+    }
+}
+
+impl<T: Stage> PartialEq for StageEntry<T> {
+    fn eq(&self, o: &Self) -> bool {
+        self.replicas == o.replicas
+            && self.metrics_port == o.metrics_port
+            && self.settings == o.settings
+            && self.consumer == o.consumer
+    }
+}
+
+impl<T: Stage> std::fmt::Debug for StageEntry<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StageEntry")
+            .field("replicas", &self.replicas)
+            .field("settings", &self.settings)
+            .field("consumer", &self.consumer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the launcher needs of any stage entry, whatever its settings type.
+pub trait AnyStage {
+    /// Processes to run.
+    fn replicas(&self) -> usize;
+    /// First `/metrics` port.
+    fn metrics_port(&self) -> u16;
+    /// The `[<stage>]` section as TOML.
+    fn section(&self) -> toml::Value;
+    /// Its durable consumer, as configured.
+    fn consumer_spec(&self) -> Option<pcb_common::ConsumerSpec>;
+    /// Validates the section as the stage would at start-up.
+    fn check(&self, nats: &NatsConfig, log: &LogConfig) -> Result<(), Problems>;
+}
+
+impl<T: Stage> AnyStage for StageEntry<T> {
+    fn replicas(&self) -> usize {
+        self.replicas
+    }
+
+    fn metrics_port(&self) -> u16 {
+        self.metrics_port
+    }
+
+    fn section(&self) -> toml::Value {
+        let section = Section::<T> {
+            consumer: self.consumer.clone(),
+            settings: self.settings.clone(),
+        };
+        // Every settings type is plain data (Option fields are left out when unset): it
+        // always serialises, and a failure must not silently become an empty section.
+        toml::Value::try_from(&section).unwrap_or_else(|e| {
+            panic!("the [{}] section does not serialise: {e}", T::NAME)
+        })
+    }
+
+    fn consumer_spec(&self) -> Option<pcb_common::ConsumerSpec> {
+        self.consumer.as_ref().and_then(|c| c.spec(T::NAME))
+    }
+
+    fn check(&self, nats: &NatsConfig, log: &LogConfig) -> Result<(), Problems> {
+        let file = StageFile::<T> {
+            nats: nats.clone(),
+            metrics: MetricsConfig::default(),
+            log: log.clone(),
+            stage: Section {
+                consumer: self.consumer.clone(),
+                settings: self.settings.clone(),
+            },
+        };
+        file.validate().map(|_| ())
     }
 }
 
@@ -66,25 +197,42 @@ impl<S: Default> Default for StageEntry<S> {
 #[serde(deny_unknown_fields, default)]
 pub struct Stages {
     /// Watched directory → `pcb.images.raw`.
-    pub ingester: StageEntry<pcb_ingester::IngesterSettings>,
+    pub ingester: StageEntry<pcb_ingester::IngesterStage>,
     /// `pcb.images.raw` → `pcb.images.encoded`.
-    pub encoder: StageEntry<pcb_encoder::EncoderSettings>,
+    pub encoder: StageEntry<pcb_encoder::Encoder>,
     /// `pcb.images.encoded` → `pcb.shards.<k>`.
-    pub router: StageEntry<pcb_router::RouterSettings>,
+    pub router: StageEntry<pcb_router::Router>,
     /// `pcb.train.candidates` → the model registry (versions, `live` alias).
-    pub registry: StageEntry<pcb_registry::RegistrySettings>,
+    pub registry: StageEntry<pcb_registry::RegistryStage>,
     /// `pcb.images.encoded` → `pcb.detections` with the live model.
-    pub detector: StageEntry<pcb_detector::DetectorSettings>,
+    pub detector: StageEntry<pcb_detector::DetectorStage>,
     /// Training jobs (`pcb train`): `replicas` is the number of local ranks.
-    pub trainer: StageEntry<pcb_trainer::TrainerSettings>,
+    pub trainer: StageEntry<pcb_trainer::Trainer>,
     /// The web viewer over the detections, images, training and registry streams.
-    pub viewer: StageEntry<pcb_viewer::ViewerSettings>,
+    pub viewer: StageEntry<pcb_viewer::Viewer>,
 }
 
-/// The stage binaries, in start order.
-pub const STAGES: [&str; 6] = [
-    "ingester", "encoder", "router", "registry", "detector", "viewer",
-];
+impl Stages {
+    /// The entry of `stage`.
+    pub fn get(&self, stage: StageName) -> &dyn AnyStage {
+        match stage {
+            StageName::Ingester => &self.ingester,
+            StageName::Encoder => &self.encoder,
+            StageName::Router => &self.router,
+            StageName::Registry => &self.registry,
+            StageName::Detector => &self.detector,
+            StageName::Viewer => &self.viewer,
+            StageName::Trainer => &self.trainer,
+        }
+    }
+}
+
+/// The services `pcb up` runs, in start order: every stage the topology declares as one.
+pub fn services() -> impl Iterator<Item = StageName> {
+    StageName::ALL
+        .into_iter()
+        .filter(|s| s.decl().process == ProcessKind::Service)
+}
 
 impl PipelineFile {
     /// Loads and checks a pipeline file (with `PCB_*` overrides), reporting every problem.
@@ -114,88 +262,43 @@ impl PipelineFile {
             "one viewer per address (0 turns it off)",
         );
         // Each stage validates its own section as it would at start-up.
-        let mut probe = self.clone();
-        probe.nats.url = "nats://127.0.0.1:4222".into();
-        for stage in STAGES.into_iter().chain(["trainer"]) {
-            if let Err(problems) = probe.check_stage(stage) {
+        let probe = NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            ..self.nats.clone()
+        };
+        for stage in StageName::ALL {
+            if let Err(problems) = self.stages.get(stage).check(&probe, &self.log) {
                 for problem in problems.0 {
                     p.0.push(format!("stages.{stage}.settings: {problem}"));
                 }
             }
-        }
-        for (stage, n) in [
-            ("encoder", self.stages.encoder.replicas),
-            ("router", self.stages.router.replicas),
-            ("trainer", self.stages.trainer.replicas),
-            ("detector", self.stages.detector.replicas),
-        ] {
-            p.check(n > 64, &format!("stages.{stage}.replicas"), "at most 64");
+            p.check(
+                self.stages.get(stage).replicas() > 64,
+                &format!("stages.{stage}.replicas"),
+                "at most 64",
+            );
         }
     }
 
-    fn check_stage(&self, stage: &str) -> Result<(), Problems> {
-        let text = self.stage_config(stage, 0, &self.nats.url);
-        let bad = |e: toml::de::Error| Problems(vec![e.to_string()]);
-        match stage {
-            "ingester" => toml::from_str::<pcb_ingester::FileConfig>(&text)
-                .map_err(bad)?
-                .validate()
-                .map(|_| ()),
-            "encoder" => toml::from_str::<pcb_encoder::FileConfig>(&text)
-                .map_err(bad)?
-                .validate()
-                .map(|_| ()),
-            "registry" => toml::from_str::<pcb_registry::FileConfig>(&text)
-                .map_err(bad)?
-                .validate()
-                .map(|_| ()),
-            "detector" => toml::from_str::<pcb_detector::FileConfig>(&text)
-                .map_err(bad)?
-                .validate()
-                .map(|_| ()),
-            "viewer" => toml::from_str::<pcb_viewer::FileConfig>(&text)
-                .map_err(bad)?
-                .validate()
-                .map(|_| ()),
-            "trainer" => toml::from_str::<pcb_trainer::FileConfig>(&text)
-                .map_err(bad)?
-                .validate()
-                .map(|_| ()),
-            _ => toml::from_str::<pcb_router::FileConfig>(&text)
-                .map_err(bad)?
-                .validate()
-                .map(|_| ()),
+    /// Every durable consumer the pipeline's stages use, with their configured settings:
+    /// what `pcb init` creates.
+    pub fn consumers(&self) -> Vec<pcb_common::ConsumerSpec> {
+        let mut out: Vec<_> = StageName::ALL
+            .into_iter()
+            .filter_map(|s| self.stages.get(s).consumer_spec())
+            .collect();
+        if self.stages.ingester.settings.follow_rejections {
+            out.extend(pcb_ingester::follow_spec());
         }
-    }
-
-    /// Replicas of `stage`.
-    pub fn replicas(&self, stage: &str) -> usize {
-        match stage {
-            "ingester" => self.stages.ingester.replicas,
-            "encoder" => self.stages.encoder.replicas,
-            "trainer" => self.stages.trainer.replicas,
-            "registry" => self.stages.registry.replicas,
-            "detector" => self.stages.detector.replicas,
-            "viewer" => self.stages.viewer.replicas,
-            _ => self.stages.router.replicas,
-        }
+        out
     }
 
     /// The TOML config file of replica `replica` of `stage`, connecting to `nats_url`.
-    pub fn stage_config(&self, stage: &str, replica: usize, nats_url: &str) -> String {
-        let port = match stage {
-            "ingester" => self.stages.ingester.metrics_port,
-            "encoder" => self.stages.encoder.metrics_port,
-            "trainer" => self.stages.trainer.metrics_port,
-            "registry" => self.stages.registry.metrics_port,
-            "detector" => self.stages.detector.metrics_port,
-            "viewer" => self.stages.viewer.metrics_port,
-            _ => self.stages.router.metrics_port,
-        };
-        let port = if port == 0 {
-            0
-        } else {
-            port as usize + replica
+    pub fn stage_config(&self, stage: StageName, replica: usize, nats_url: &str) -> String {
+        let entry = self.stages.get(stage);
+        let port = match entry.metrics_port() {
+            0 => 0,
+            p => p as usize + replica,
         };
         let nats = NatsConfig {
             url: nats_url.to_string(),
@@ -209,43 +312,36 @@ impl PipelineFile {
         };
         let mut t = toml::Table::new();
         t.insert("nats".into(), value(toml::Value::try_from(&nats)));
-        t.insert(
-            "streams".into(),
-            value(toml::Value::try_from(&self.streams)),
-        );
         t.insert("metrics".into(), value(toml::Value::try_from(&metrics)));
         t.insert("log".into(), value(toml::Value::try_from(&self.log)));
-        let settings = match stage {
-            "ingester" => toml::Value::try_from(&self.stages.ingester.settings),
-            "encoder" => toml::Value::try_from(&self.stages.encoder.settings),
-            "trainer" => {
-                // The trainer reads the shards the router writes.
-                let mut t = self.stages.trainer.settings.clone();
-                t.shard_count = self.stages.router.settings.shard_count;
-                toml::Value::try_from(&t)
+        let mut section = entry.section();
+        if stage == StageName::Trainer {
+            // The trainer reads the shards the router writes.
+            if let Some(table) = section.as_table_mut() {
+                table.insert(
+                    "shard_count".into(),
+                    toml::Value::Integer(i64::from(self.stages.router.settings.shard_count)),
+                );
             }
-            "registry" => toml::Value::try_from(&self.stages.registry.settings),
-            "detector" => toml::Value::try_from(&self.stages.detector.settings),
-            "viewer" => toml::Value::try_from(&self.stages.viewer.settings),
-            _ => toml::Value::try_from(&self.stages.router.settings),
-        };
-        t.insert(stage.into(), value(settings));
+        }
+        t.insert(stage.name().into(), section);
         format!(
             "# Written by `pcb` from the pipeline file; edit the pipeline file instead.\n{}",
             toml::to_string_pretty(&t).unwrap_or_default()
         )
     }
 
-    /// Writes every stage's config under `dir`; returns (stage, replica, path).
+    /// Writes the config of every replica of every service under `dir`; returns (stage,
+    /// replica, path).
     pub fn write_stage_configs(
         &self,
         dir: &Path,
         nats_url: &str,
-    ) -> std::io::Result<Vec<(&'static str, usize, PathBuf)>> {
+    ) -> std::io::Result<Vec<(StageName, usize, PathBuf)>> {
         std::fs::create_dir_all(dir)?;
         let mut out = Vec::new();
-        for stage in STAGES {
-            for r in 0..self.replicas(stage) {
+        for stage in services() {
+            for r in 0..self.stages.get(stage).replicas() {
                 let path = dir.join(format!("{stage}-{r}.toml"));
                 std::fs::write(&path, self.stage_config(stage, r, nats_url))?;
                 out.push((stage, r, path));
@@ -266,6 +362,13 @@ mod tests {
         assert_eq!(p.stages.router.settings.shard_count, 8);
     }
 
+    fn loads<T: Stage>(path: &Path) -> pcb_common::Validated<T> {
+        StageFile::<T>::load(Some(path))
+            .expect("parses")
+            .validate()
+            .expect("valid")
+    }
+
     #[test]
     fn stage_configs_load_in_the_stages() {
         let p = PipelineFile::default();
@@ -273,39 +376,81 @@ mod tests {
         let files = p
             .write_stage_configs(dir.path(), "nats://127.0.0.1:1")
             .expect("write");
-        assert_eq!(
-            files.len(),
-            STAGES.len(),
-            "one file per stage (one replica each)"
-        );
+        assert_eq!(files.len(), services().count(), "one file per service");
         let trainer = dir.path().join("trainer.toml");
-        std::fs::write(&trainer, p.stage_config("trainer", 0, "nats://127.0.0.1:1"))
-            .expect("write");
-        let t = pcb_trainer::Config::load(Some(&trainer)).expect("trainer config");
-        assert_eq!(t.shard_count, p.stages.router.settings.shard_count);
+        std::fs::write(
+            &trainer,
+            p.stage_config(StageName::Trainer, 0, "nats://127.0.0.1:1"),
+        )
+        .expect("write");
+        let t = loads::<pcb_trainer::Trainer>(&trainer);
+        assert_eq!(t.config.shard_count, p.stages.router.settings.shard_count);
         for (stage, _, path) in files {
             match stage {
-                "ingester" => {
-                    pcb_ingester::Config::load(Some(&path)).expect("ingester config");
+                StageName::Ingester => {
+                    loads::<pcb_ingester::IngesterStage>(&path);
                 }
-                "encoder" => {
-                    pcb_encoder::Config::load(Some(&path)).expect("encoder config");
+                StageName::Encoder => {
+                    loads::<pcb_encoder::Encoder>(&path);
                 }
-                "registry" => {
-                    pcb_registry::Config::load(Some(&path)).expect("registry config");
+                StageName::Router => {
+                    let r = loads::<pcb_router::Router>(&path);
+                    let c = r.consumer.expect("the router consumes");
+                    assert_eq!(c.concurrency, 32, "the router's own consumer defaults");
                 }
-                "detector" => {
-                    pcb_detector::Config::load(Some(&path)).expect("detector config");
+                StageName::Registry => {
+                    loads::<pcb_registry::RegistryStage>(&path);
                 }
-                "viewer" => {
-                    let v = pcb_viewer::Config::load(Some(&path)).expect("viewer config");
-                    assert!(v.addr.ip().is_loopback(), "the viewer binds to loopback");
+                StageName::Detector => {
+                    loads::<pcb_detector::DetectorStage>(&path);
                 }
-                _ => {
-                    pcb_router::Config::load(Some(&path)).expect("router config");
+                StageName::Viewer => {
+                    let v = loads::<pcb_viewer::Viewer>(&path);
+                    assert!(v.config.addr.ip().is_loopback(), "the viewer binds to loopback");
                 }
+                StageName::Trainer => panic!("the trainer runs as a job, not a service"),
             }
         }
+        let consumers = p.consumers();
+        let durables: Vec<&str> = consumers.iter().map(|c| c.durable.as_str()).collect();
+        assert_eq!(
+            durables,
+            ["encoder", "router", "registry", "detector", "ingester-follow-rejections"]
+        );
+    }
+
+    fn keys(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    keys(&path, v, out);
+                }
+            }
+            _ => out.push(prefix.to_string()),
+        }
+    }
+
+    /// The pipeline file's keys are part of its contract: `tests/golden/pipeline-keys.txt`
+    /// pins them (regenerate with `PCB_WRITE_GOLDEN=1 cargo test -p pcb --lib
+    /// the_pipeline_files_keys_are_pinned`, for a deliberate change only).
+    #[test]
+    fn the_pipeline_files_keys_are_pinned() {
+        let value = toml::Value::try_from(PipelineFile::default()).expect("serialises");
+        let mut all = Vec::new();
+        keys("", &value, &mut all);
+        all.sort();
+        let text = all.join("\n") + "\n";
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/pipeline-keys.txt");
+        if std::env::var_os("PCB_WRITE_GOLDEN").is_some() {
+            std::fs::write(&path, &text).expect("write golden");
+        }
+        let want = std::fs::read_to_string(&path).expect("golden pipeline keys");
+        assert_eq!(text, want, "the pipeline file's keys changed");
     }
 
     #[test]

@@ -79,6 +79,12 @@ pub fn free_port() -> std::io::Result<u16> {
 impl NatsServer {
     /// Starts a server storing under `dir` (created if missing) on `port` (0: a free one).
     pub fn start(dir: &Path, port: u16) -> Result<NatsServer, ServerError> {
+        NatsServer::start_with(dir, port, "")
+    }
+
+    /// [`NatsServer::start`] with more lines of server config (an `authorization` block,
+    /// accounts, ...).
+    pub fn start_with(dir: &Path, port: u16, extra_conf: &str) -> Result<NatsServer, ServerError> {
         let bin = find_binary().ok_or(ServerError::NotFound)?;
         let port = if port == 0 {
             free_port().map_err(ServerError::Port)?
@@ -96,20 +102,20 @@ impl NatsServer {
             "# Written by pcb: a private JetStream server for one pipeline.\n\
              listen: 127.0.0.1:{port}\n\
              max_payload: {MAX_PAYLOAD_BYTES}\n\
-             jetstream {{\n  store_dir: {:?}\n}}\n",
+             jetstream {{\n  store_dir: {:?}\n}}\n{extra_conf}\n",
             store.display().to_string()
         );
         std::fs::write(&conf, text).map_err(prep(&conf))?;
         let log = dir.join("nats-server.log");
         let log_file = std::fs::File::create(&log).map_err(prep(&log))?;
-        let child = Command::new(&bin)
-            .arg("-c")
+        let mut cmd = Command::new(&bin);
+        cmd.arg("-c")
             .arg(&conf)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .map_err(|source| ServerError::Spawn {
+            .stderr(log_file);
+        // The private server goes when its pipeline goes, even on SIGKILL.
+        let child = crate::process::spawn_tied(cmd).map_err(|source| ServerError::Spawn {
                 bin: bin.clone(),
                 source,
             })?;

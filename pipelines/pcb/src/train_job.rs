@@ -13,7 +13,6 @@ use pcb_schemas::{
     SUBJECT_TRAIN_PROGRESS,
 };
 
-use crate::pipeline::PipelineFile;
 
 /// Flags of `pcb train` in stream mode.
 #[derive(Debug, Clone)]
@@ -53,19 +52,18 @@ fn tail(path: &Path, lines: usize) -> String {
 }
 
 /// Runs the job to its end; returns the candidate rank 0 offered.
-pub async fn run(opts: JobOptions) -> anyhow::Result<TrainCandidate> {
-    let mut pipeline = PipelineFile::load(&opts.pipeline)?;
-    let data_dir = opts
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| pipeline.pipeline.data_dir.clone());
-    let url = match &opts.nats_url {
-        Some(u) => u.clone(),
-        None if !pipeline.nats.url.is_empty() => pipeline.nats.url.clone(),
-        None => std::fs::read_to_string(crate::launcher::url_file(&data_dir))
-            .map(|u| u.trim().to_string())
-            .context("no NATS server known: pass --nats-url, set nats.url in the pipeline file, or run `pcb up` first")?,
-    };
+pub async fn run(
+    opts: JobOptions,
+    shutdown: &pcb_common::Shutdown,
+) -> anyhow::Result<TrainCandidate> {
+    let target = crate::reach::resolve(&crate::reach::Where {
+        nats_url: opts.nats_url.clone(),
+        pipeline: opts.pipeline.clone(),
+        data_dir: opts.data_dir.clone(),
+    })?;
+    let url = target.nats.url.clone();
+    let data_dir = target.data_dir.clone();
+    let mut pipeline = target.pipeline.clone();
     let ranks = opts
         .ranks
         .unwrap_or(pipeline.stages.trainer.replicas)
@@ -96,18 +94,14 @@ pub async fn run(opts: JobOptions) -> anyhow::Result<TrainCandidate> {
     }
     let job = t.job.clone();
     let epochs = t.optim.epochs;
-    let bin = crate::launcher::bin_dir()?.join("trainer");
+    let bin = crate::supervisor::bin_dir()?.join("trainer");
     if !bin.is_file() {
         bail!(
             "trainer binary {} not found; build it first: cargo build --release --workspace",
             bin.display()
         );
     }
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(10))
-        .connect(&url)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    let client = target.connect("pcb-train").await?;
     let mut progress = client.subscribe(SUBJECT_TRAIN_PROGRESS).await?;
     let mut candidates = client.subscribe(SUBJECT_TRAIN_CANDIDATES).await?;
     let run_dir = data_dir.join("run");
@@ -125,7 +119,6 @@ pub async fn run(opts: JobOptions) -> anyhow::Result<TrainCandidate> {
             .progress_chars("=> "),
     );
     bar.set_prefix(format!("{job} ({ranks} ranks)"));
-    let shutdown = pcb_common::Shutdown::on_signals();
     let mut attempt = 0u32;
     loop {
         let port = crate::server::free_port()?;
@@ -134,13 +127,14 @@ pub async fn run(opts: JobOptions) -> anyhow::Result<TrainCandidate> {
         for r in 0..ranks {
             pipeline.stages.trainer.settings.rank = r;
             let config = run_dir.join(format!("trainer-{job}-{r}.toml"));
-            std::fs::write(&config, pipeline.stage_config("trainer", r, &url))?;
+            std::fs::write(&config, pipeline.stage_config(pcb_schemas::StageName::Trainer, r, &url))?;
             let log = logs.join(format!("trainer-{job}-{r}.log"));
             let out = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&log)?;
-            let child = crate::process::scrub_pcb_env(&mut Command::new(&bin))
+            let mut cmd = Command::new(&bin);
+            crate::process::scrub_pcb_env(&mut cmd)
                 .arg("--config")
                 .arg(&config)
                 .env_remove("RANK")
@@ -149,9 +143,8 @@ pub async fn run(opts: JobOptions) -> anyhow::Result<TrainCandidate> {
                 .env_remove("MASTER_PORT")
                 .stdin(Stdio::null())
                 .stdout(out.try_clone()?)
-                .stderr(out)
-                .spawn()
-                .with_context(|| format!("starting {}", bin.display()))?;
+                .stderr(out);
+            let child = crate::process::spawn_tied(cmd).with_context(|| format!("starting {}", bin.display()))?;
             children.push(Rank {
                 rank: r,
                 child,

@@ -4,10 +4,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::pull, AckKind};
+use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
+use pcb_schemas::topology::StageName;
 use pcb_schemas::{encode, headers_for, rejected_subject, CodecError, DeadLetter, Envelope};
 use tokio::sync::Semaphore;
 
@@ -129,8 +130,8 @@ pub async fn publish_dead_letter(
 /// A durable pull consumer and how to process it.
 #[derive(Debug, Clone)]
 pub struct ConsumerSpec {
-    /// The stage name (dead letters go to `pcb.rejected.<stage>`).
-    pub stage: String,
+    /// The stage (dead letters go to `pcb.rejected.<stage>`).
+    pub stage: StageName,
     /// Stream to consume.
     pub stream: String,
     /// Durable name, shared by every replica of the stage.
@@ -150,6 +151,9 @@ pub struct ConsumerSpec {
 /// Why a consumer loop stopped on its own.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumeError {
+    /// The stream or the durable consumer is missing or could not be opened.
+    #[error(transparent)]
+    Topology(#[from] crate::topology::TopologyError),
     /// The stream could not be found or read.
     #[error("opening stream {stream}: {message}")]
     Stream {
@@ -178,39 +182,6 @@ pub enum ConsumeError {
     },
 }
 
-/// Opens (creating when missing) the durable pull consumer of `spec`.
-pub async fn ensure_consumer(
-    js: &jetstream::Context,
-    spec: &ConsumerSpec,
-) -> Result<jetstream::consumer::Consumer<pull::Config>, ConsumeError> {
-    let stream = js
-        .get_stream(&spec.stream)
-        .await
-        .map_err(|e| ConsumeError::Stream {
-            stream: spec.stream.clone(),
-            message: e.to_string(),
-        })?;
-    stream
-        .get_or_create_consumer(
-            &spec.durable,
-            pull::Config {
-                durable_name: Some(spec.durable.clone()),
-                filter_subject: spec.filter_subject.clone(),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: spec.ack_wait,
-                max_deliver: spec.max_deliver,
-                max_ack_pending: (spec.concurrency as i64 * 4).max(256),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| ConsumeError::Consumer {
-            stream: spec.stream.clone(),
-            durable: spec.durable.clone(),
-            message: e.to_string(),
-        })
-}
-
 /// One delivered message as a handler sees it.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -236,6 +207,23 @@ impl Delivery {
     }
 }
 
+/// How many messages a batched handler gets at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// Most messages in one batch.
+    pub max_batch: usize,
+    /// How long a batch waits for more after its first message.
+    pub max_wait: Duration,
+}
+
+impl Batching {
+    /// One message at a time.
+    pub const ONE: Batching = Batching {
+        max_batch: 1,
+        max_wait: Duration::ZERO,
+    };
+}
+
 /// Runs `handler` over the consumer of `spec` until `shutdown`, settling every message by
 /// the ack policy. In-flight messages finish before it returns. It returns an error, never
 /// silently, when the consumer cannot go on.
@@ -250,10 +238,44 @@ where
     H: Fn(Delivery) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Outcome> + Send + 'static,
 {
-    let consumer = ensure_consumer(&js, &spec).await?;
+    let handler = Arc::new(handler);
+    let one = move |batch: Vec<Delivery>| {
+        let handler = handler.clone();
+        async move {
+            let mut out = Vec::with_capacity(batch.len());
+            for d in batch {
+                out.push(handler(d).await);
+            }
+            out
+        }
+    };
+    run_batched_consumer(js, spec, metrics, shutdown, Batching::ONE, one).await
+}
+
+/// [`run_consumer`] for a handler that takes a batch (up to `batching.max_batch` messages,
+/// gathered for at most `batching.max_wait`) and answers one outcome per message, in order.
+/// Each message is settled on its own by the same ack policy: a poison message in a batch
+/// is dead-lettered alone while the others are answered. A handler that answers fewer
+/// outcomes than messages gets the rest retried.
+pub async fn run_batched_consumer<H, Fut>(
+    js: jetstream::Context,
+    spec: ConsumerSpec,
+    metrics: Metrics,
+    shutdown: Shutdown,
+    batching: Batching,
+    handler: H,
+) -> Result<(), ConsumeError>
+where
+    H: Fn(Vec<Delivery>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Vec<Outcome>> + Send + 'static,
+{
+    let consumer = crate::topology::open_consumer(&js, spec.stage, &spec).await?;
+    let max_batch = batching.max_batch.max(1);
     let mut messages = consumer
         .stream()
-        .max_messages_per_batch(spec.concurrency.max(1) * 4)
+        // A batched handler holds whole batches: prefetch no more than it can work on, or
+        // messages would wait past their ack deadline and be redelivered elsewhere.
+        .max_messages_per_batch(spec.concurrency.max(1) * if max_batch == 1 { 4 } else { max_batch })
         .heartbeat(Duration::from_secs(5))
         .expires(Duration::from_secs(30))
         .messages()
@@ -263,69 +285,109 @@ where
             durable: spec.durable.clone(),
             message: e.to_string(),
         })?;
-    tracing::info!(stream = %spec.stream, durable = %spec.durable, filter = %spec.filter_subject, concurrency = spec.concurrency, "consuming");
+    tracing::info!(stream = %spec.stream, durable = %spec.durable, filter = %spec.filter_subject, concurrency = spec.concurrency, max_batch, "consuming");
     let handler = Arc::new(handler);
     let spec = Arc::new(spec);
     let permits = Arc::new(Semaphore::new(spec.concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
+    let ended = |message: String| ConsumeError::Ended {
+        durable: spec.durable.clone(),
+        message,
+    };
     let result = loop {
+        // A permit first: messages are taken only when they can be worked on.
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break Ok(()),
+            },
+        };
         let next = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             next = messages.next() => next,
         };
         while tasks.try_join_next().is_some() {}
-        let msg = match next {
-            None => {
-                break Err(ConsumeError::Ended {
-                    durable: spec.durable.clone(),
-                    message: "message stream ended".into(),
-                })
-            }
-            Some(Err(e)) => {
-                use jetstream::consumer::pull::MessagesErrorKind as K;
-                match e.kind() {
-                    K::ConsumerDeleted => {
-                        break Err(ConsumeError::Ended {
-                            durable: spec.durable.clone(),
-                            message: e.to_string(),
-                        })
-                    }
-                    _ => {
-                        tracing::warn!(durable = %spec.durable, error = %e, "pull error, continuing");
-                        continue;
-                    }
-                }
-            }
+        let first = match next {
+            None => break Err(ended("message stream ended".into())),
+            Some(Err(e)) => match pull_error(&spec, e) {
+                Some(e) => break Err(e),
+                None => continue,
+            },
             Some(Ok(msg)) => msg,
         };
-        let permit = match permits.clone().acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => break Ok(()),
-        };
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + batching.max_wait;
+        while batch.len() < max_batch {
+            match tokio::time::timeout_at(deadline, messages.next()).await {
+                Ok(Some(Ok(m))) => batch.push(m),
+                Ok(Some(Err(e))) => {
+                    if let Some(e) = pull_error(&spec, e) {
+                        tracing::warn!(error = %e, "consumer ending after this batch");
+                    }
+                    break;
+                }
+                _ => break,
+            }
+        }
         let (handler, spec, js, metrics) =
             (handler.clone(), spec.clone(), js.clone(), metrics.clone());
         tasks.spawn(async move {
             let started = Instant::now();
-            let (delivered, stream_seq) = msg
-                .info()
-                .map(|i| (i.delivered, i.stream_sequence))
-                .unwrap_or((1, 0));
-            let delivery = Delivery {
-                subject: msg.subject.to_string(),
-                payload: msg.payload.clone(),
-                headers: msg.headers.clone(),
-                delivered,
-                stream_seq,
-            };
-            let outcome = handler(delivery).await;
-            settle(&js, &spec, &metrics, &msg, outcome, delivered, stream_seq).await;
-            metrics.observe_processing(started.elapsed());
+            let deliveries: Vec<Delivery> = batch.iter().map(delivery_of).collect();
+            let meta: Vec<(i64, u64)> = deliveries
+                .iter()
+                .map(|d| (d.delivered, d.stream_seq))
+                .collect();
+            let mut outcomes = handler(deliveries).await.into_iter();
+            let settled = batch.iter().zip(meta).map(|(msg, (delivered, seq))| {
+                let outcome = outcomes.next().unwrap_or_else(|| {
+                    Outcome::Retry("the handler gave no answer for this message".into())
+                });
+                settle(&js, &spec, &metrics, msg, outcome, delivered, seq)
+            });
+            futures::future::join_all(settled).await;
+            for _ in 0..batch.len() {
+                metrics.observe_processing(started.elapsed());
+            }
             drop(permit);
         });
     };
     // Let the messages already taken finish, so a clean stop leaves nothing half done.
     while tasks.join_next().await.is_some() {}
     result
+}
+
+/// A pull error that ends the consumer, or `None` (logged) when it can go on.
+fn pull_error(
+    spec: &ConsumerSpec,
+    e: jetstream::consumer::pull::MessagesError,
+) -> Option<ConsumeError> {
+    use jetstream::consumer::pull::MessagesErrorKind as K;
+    match e.kind() {
+        K::ConsumerDeleted => Some(ConsumeError::Ended {
+            durable: spec.durable.clone(),
+            message: e.to_string(),
+        }),
+        _ => {
+            tracing::warn!(durable = %spec.durable, error = %e, "pull error, continuing");
+            None
+        }
+    }
+}
+
+fn delivery_of(msg: &jetstream::Message) -> Delivery {
+    let (delivered, stream_seq) = msg
+        .info()
+        .map(|i| (i.delivered, i.stream_sequence))
+        .unwrap_or((1, 0));
+    Delivery {
+        subject: msg.subject.to_string(),
+        payload: msg.payload.clone(),
+        headers: msg.headers.clone(),
+        delivered,
+        stream_seq,
+    }
 }
 
 async fn settle(
@@ -358,7 +420,7 @@ async fn settle(
         }
         Outcome::Reject(r) => {
             let letter =
-                r.dead_letter(&spec.stage, Some(msg.subject.to_string()), Some(stream_seq));
+                r.dead_letter(spec.stage.name(), Some(msg.subject.to_string()), Some(stream_seq));
             match publish_dead_letter(js, &letter).await {
                 Ok(_) => {
                     tracing::debug!(stage = %spec.stage, seq = stream_seq, reason = %r.reason, "dead-lettered");

@@ -139,14 +139,31 @@ pub enum NatsError {
     },
 }
 
-/// Connects to NATS as `name` (shown in the server's connection list).
+/// Connects to NATS as `name` (shown in the server's connection list). A stage keeps
+/// trying in the background when the server is not up yet (it may start after the stage).
 pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, NatsError> {
+    connect_with(cfg, name, true).await
+}
+
+/// [`connect`] for a command: one attempt, so a refusal (a wrong password, an unknown
+/// user) is reported at once instead of as timeouts later.
+pub async fn connect_now(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, NatsError> {
+    connect_with(cfg, name, false).await
+}
+
+async fn connect_with(
+    cfg: &NatsConfig,
+    name: &str,
+    retry: bool,
+) -> Result<async_nats::Client, NatsError> {
     let mut opts = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(cfg.connect_timeout_secs.max(1)))
-        .request_timeout(Some(Duration::from_secs(cfg.request_timeout_secs.max(1))))
-        .retry_on_initial_connect()
-        .event_callback(|event| async move {
+        .request_timeout(Some(Duration::from_secs(cfg.request_timeout_secs.max(1))));
+    if retry {
+        opts = opts.retry_on_initial_connect();
+    }
+    let mut opts = opts.event_callback(|event| async move {
             match event {
                 async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
                 async_nats::Event::Connected => tracing::info!("connected to NATS"),

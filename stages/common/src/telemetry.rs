@@ -9,14 +9,24 @@ pub struct LogConfig {
     /// Filter in `RUST_LOG` syntax (`info`, `pcb_encoder=debug`); `RUST_LOG` wins when set.
     pub filter: String,
     /// `text` for people, `json` for log collectors.
-    pub format: String,
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             filter: "info".into(),
-            format: "text".into(),
+            format: LogFormat::Text,
         }
     }
 }
@@ -24,11 +34,6 @@ impl Default for LogConfig {
 impl LogConfig {
     /// Adds this section's problems to `p`.
     pub fn validate(&self, section: &str, p: &mut crate::Problems) {
-        p.check(
-            !matches!(self.format.as_str(), "text" | "json"),
-            &format!("{section}.format"),
-            format!("must be \"text\" or \"json\", not {:?}", self.format),
-        );
         p.check(
             tracing_subscriber::EnvFilter::try_new(&self.filter).is_err(),
             &format!("{section}.filter"),
@@ -45,7 +50,7 @@ pub fn init_tracing(cfg: &LogConfig) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let _ = if cfg.format == "json" {
+    let _ = if cfg.format == LogFormat::Json {
         builder.json().try_init()
     } else {
         builder.try_init()

@@ -1,8 +1,12 @@
-//! Stream definitions from the pipeline file and their idempotent provisioning on JetStream.
+//! The streams' limits from the pipeline file, and the one admin step that creates what the
+//! topology declares (`pcb init`, `pcb up`): streams, buckets and durable consumers. Stages
+//! never create or resize any of them; at start they check that what they need exists
+//! ([`require`]) and name what is missing.
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, consumer::pull, stream};
+use pcb_schemas::topology::{BucketKind, StageName, BUCKETS};
 use pcb_schemas::StreamKind;
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +27,17 @@ pub struct StreamSettings {
     /// Window in seconds within which a repeated `Nats-Msg-Id` is stored once.
     pub duplicate_window_secs: u64,
     /// `file` or `memory`.
-    pub storage: String,
+    pub storage: Storage,
+}
+
+/// Where a stream keeps its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    /// On disk: survives a restart.
+    File,
+    /// In memory: fast, lost on restart.
+    Memory,
 }
 
 impl StreamSettings {
@@ -34,7 +48,7 @@ impl StreamSettings {
             max_msgs: -1,
             replicas: 1,
             duplicate_window_secs: dup_secs,
-            storage: "file".into(),
+            storage: Storage::File,
         }
     }
 }
@@ -93,11 +107,6 @@ impl Topology {
             let s = self.settings(kind);
             let key = |k: &str| format!("{section}.{}.{k}", kind.key());
             p.check(
-                !matches!(s.storage.as_str(), "file" | "memory"),
-                &key("storage"),
-                format!("must be \"file\" or \"memory\", not {:?}", s.storage),
-            );
-            p.check(
                 s.replicas == 0 || s.replicas > 5,
                 &key("replicas"),
                 "must be between 1 and 5",
@@ -131,7 +140,7 @@ impl Topology {
             max_messages: s.max_msgs,
             num_replicas: s.replicas,
             duplicate_window: Duration::from_secs(s.duplicate_window_secs),
-            storage: if s.storage == "memory" {
+            storage: if s.storage == Storage::Memory {
                 stream::StorageType::Memory
             } else {
                 stream::StorageType::File
@@ -162,6 +171,34 @@ pub enum TopologyError {
         /// Underlying error.
         source: async_nats::jetstream::context::UpdateStreamError,
     },
+    /// Something a stage needs does not exist.
+    #[error("{what} {name} does not exist, and the {stage} stage does not create it: run `pcb init --nats-url URL` (or `pcb up`) first")]
+    Missing {
+        /// `stream`, `key-value bucket`, `object bucket` or `consumer`.
+        what: &'static str,
+        /// Its name.
+        name: String,
+        /// The stage that needs it.
+        stage: &'static str,
+    },
+    /// Creating a bucket failed.
+    #[error("creating bucket {bucket}: {message}")]
+    Bucket {
+        /// Bucket name.
+        bucket: &'static str,
+        /// What the server said.
+        message: String,
+    },
+    /// Creating or updating a durable consumer failed.
+    #[error("creating consumer {durable} on {stream}: {message}")]
+    Consumer {
+        /// Stream name.
+        stream: String,
+        /// Durable name.
+        durable: String,
+        /// What the server said.
+        message: String,
+    },
     /// Reading a stream's state failed.
     #[error("reading stream {stream}: {message}")]
     Info {
@@ -170,6 +207,16 @@ pub enum TopologyError {
         /// What the server said.
         message: String,
     },
+}
+
+impl TopologyError {
+    fn missing(what: &'static str, name: &str, stage: StageName) -> TopologyError {
+        TopologyError::Missing {
+            what,
+            name: name.to_string(),
+            stage: stage.name(),
+        }
+    }
 }
 
 /// What provisioning did to a stream.
@@ -183,9 +230,223 @@ pub enum Provisioned {
     Unchanged,
 }
 
+/// The one admin step: creates every stream that is missing and updates those whose
+/// settings differ from the pipeline file's, creates the buckets, and creates (or updates)
+/// the durable consumer of each spec in `consumers`. Running it twice changes nothing.
+pub async fn provision(
+    js: &jetstream::Context,
+    topo: &Topology,
+    consumers: &[crate::ConsumerSpec],
+) -> Result<Provisioning, TopologyError> {
+    let streams = apply_streams(js, topo).await?;
+    let mut buckets = Vec::new();
+    for b in BUCKETS {
+        buckets.push((b.name, create_bucket(js, b).await?));
+    }
+    let mut made = Vec::new();
+    for spec in consumers {
+        made.push((spec.durable.clone(), put_consumer(js, spec).await?));
+    }
+    Ok(Provisioning {
+        streams,
+        buckets,
+        consumers: made,
+    })
+}
+
+/// What [`provision`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provisioning {
+    /// Each stream and what happened to it.
+    pub streams: Vec<(&'static str, Provisioned)>,
+    /// Each bucket and what happened to it.
+    pub buckets: Vec<(&'static str, Provisioned)>,
+    /// Each durable consumer and what happened to it.
+    pub consumers: Vec<(String, Provisioned)>,
+}
+
+async fn create_bucket(
+    js: &jetstream::Context,
+    b: pcb_schemas::topology::BucketDecl,
+) -> Result<Provisioned, TopologyError> {
+    use async_nats::jetstream::{kv, object_store};
+    let fail = |e: &dyn std::fmt::Display| TopologyError::Bucket {
+        bucket: b.name,
+        message: e.to_string(),
+    };
+    match b.kind {
+        BucketKind::KeyValue => {
+            if js.get_key_value(b.name).await.is_ok() {
+                return Ok(Provisioned::Unchanged);
+            }
+            js.create_key_value(kv::Config {
+                bucket: b.name.into(),
+                description: b.description.into(),
+                history: b.history,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| fail(&e))?;
+        }
+        BucketKind::Object => {
+            if js.get_object_store(b.name).await.is_ok() {
+                return Ok(Provisioned::Unchanged);
+            }
+            js.create_object_store(object_store::Config {
+                bucket: b.name.into(),
+                description: Some(b.description.into()),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| fail(&e))?;
+        }
+    }
+    Ok(Provisioned::Created)
+}
+
+/// The server-side config of a durable consumer.
+pub fn consumer_config(spec: &crate::ConsumerSpec) -> pull::Config {
+    pull::Config {
+        durable_name: Some(spec.durable.clone()),
+        filter_subject: spec.filter_subject.clone(),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: spec.ack_wait,
+        max_deliver: spec.max_deliver,
+        max_ack_pending: (spec.concurrency as i64 * 4).max(256),
+        ..Default::default()
+    }
+}
+
+/// Every durable consumer the topology declares, with the settings common to all stages
+/// (tests and benchmarks; `pcb init` and `pcb up` use the pipeline file's settings, and
+/// each stage applies its own when it starts).
+pub fn default_consumers() -> Vec<crate::ConsumerSpec> {
+    use pcb_schemas::topology::{ReadMode, STAGES};
+    STAGES
+        .iter()
+        .flat_map(|s| s.inputs.iter().map(move |i| (s.stage, i)))
+        .filter_map(|(stage, input)| match input.mode {
+            ReadMode::Durable { durable } => Some(crate::ConsumerSpec {
+                stage,
+                stream: input.stream.name().to_string(),
+                durable: durable.to_string(),
+                filter_subject: input.filter.to_string(),
+                ack_wait: Duration::from_secs(60),
+                max_deliver: 5,
+                retry_delay: Duration::from_secs(2),
+                concurrency: 1,
+            }),
+            ReadMode::View => None,
+        })
+        .collect()
+}
+
+/// Creates the durable consumer of `spec`, or updates it when its settings differ.
+pub async fn put_consumer(
+    js: &jetstream::Context,
+    spec: &crate::ConsumerSpec,
+) -> Result<Provisioned, TopologyError> {
+    let fail = |e: &dyn std::fmt::Display| TopologyError::Consumer {
+        stream: spec.stream.clone(),
+        durable: spec.durable.clone(),
+        message: e.to_string(),
+    };
+    let stream = js.get_stream(&spec.stream).await.map_err(|e| fail(&e))?;
+    let want = consumer_config(spec);
+    let outcome = match stream.consumer_info(&spec.durable).await {
+        Ok(info) => {
+            let have = &info.config;
+            // The server keeps "no limit" as -1 whatever was asked.
+            let limit = |n: i64| if n > 0 { n } else { -1 };
+            if have.ack_wait == want.ack_wait
+                && limit(have.max_deliver) == limit(want.max_deliver)
+                && have.filter_subject == want.filter_subject
+                && have.max_ack_pending == want.max_ack_pending
+            {
+                return Ok(Provisioned::Unchanged);
+            }
+            Provisioned::Updated
+        }
+        Err(_) => Provisioned::Created,
+    };
+    stream
+        .create_consumer(want)
+        .await
+        .map_err(|e| fail(&e))?;
+    Ok(outcome)
+}
+
+/// Checks that every stream and bucket `stage` reads or writes exists; the error names
+/// the first one missing and how to create it.
+pub async fn require(js: &jetstream::Context, stage: StageName) -> Result<(), TopologyError> {
+    let decl = stage.decl();
+    let mut streams: Vec<StreamKind> = decl.inputs.iter().map(|i| i.stream).collect();
+    for o in decl.outputs {
+        streams.extend(StreamKind::ALL.into_iter().filter(|k| {
+            k.subjects()
+                .iter()
+                .any(|p| pcb_schemas::topology::subject_matches(p, &o.replace(['*', '>'], "x")))
+        }));
+    }
+    streams.sort_by_key(|k| k.name());
+    streams.dedup();
+    for kind in streams {
+        if js.get_stream(kind.name()).await.is_err() {
+            return Err(TopologyError::missing("stream", kind.name(), stage));
+        }
+    }
+    for (bucket, _) in decl.buckets {
+        let kv = BUCKETS
+            .iter()
+            .any(|b| b.name == *bucket && b.kind == BucketKind::KeyValue);
+        let found = if kv {
+            js.get_key_value(*bucket).await.is_ok()
+        } else {
+            js.get_object_store(*bucket).await.is_ok()
+        };
+        if !found {
+            let what = if kv { "key-value bucket" } else { "object bucket" };
+            return Err(TopologyError::missing(what, bucket, stage));
+        }
+    }
+    Ok(())
+}
+
+/// Opens the durable consumer of `spec`: it must exist (made by the admin step); when its
+/// ack settings differ from the stage's configured ones, the stage's win, so a stage's
+/// config stays the one place to tune its own consumer.
+pub async fn open_consumer(
+    js: &jetstream::Context,
+    stage: StageName,
+    spec: &crate::ConsumerSpec,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, TopologyError> {
+    let stream = js
+        .get_stream(&spec.stream)
+        .await
+        .map_err(|_| TopologyError::missing("stream", &spec.stream, stage))?;
+    if stream.consumer_info(&spec.durable).await.is_err() {
+        return Err(TopologyError::missing(
+            "consumer",
+            &format!("{} on {}", spec.durable, spec.stream),
+            stage,
+        ));
+    }
+    if put_consumer(js, spec).await? == Provisioned::Updated {
+        tracing::info!(durable = %spec.durable, "consumer settings updated to this stage's config");
+    }
+    stream
+        .get_consumer(&spec.durable)
+        .await
+        .map_err(|e| TopologyError::Consumer {
+            stream: spec.stream.clone(),
+            durable: spec.durable.clone(),
+            message: e.to_string(),
+        })
+}
+
 /// Creates every stream that is missing and updates those whose settings differ;
 /// running it twice changes nothing.
-pub async fn apply_topology(
+pub async fn apply_streams(
     js: &jetstream::Context,
     topo: &Topology,
 ) -> Result<Vec<(&'static str, Provisioned)>, TopologyError> {
@@ -271,13 +532,16 @@ mod tests {
     #[test]
     fn bad_settings_are_all_reported() {
         let mut t = Topology::default();
-        t.images.storage = "tape".into();
+        t.images.duplicate_window_secs = t.images.max_age_secs + 1;
         t.shards.replicas = 0;
         t.rejected.max_bytes = 0;
         let mut p = Problems::default();
         t.validate("streams", &mut p);
         let text = p.to_string();
-        assert!(text.contains("streams.images.storage"), "{text}");
+        assert!(text.contains("streams.images.duplicate_window_secs"), "{text}");
+        // A storage other than file or memory does not even parse.
+        let e = toml::from_str::<StreamSettings>("storage = \"tape\"").unwrap_err();
+        assert!(e.to_string().contains("tape"), "{e}");
         assert!(text.contains("streams.shards.replicas"), "{text}");
         assert!(text.contains("streams.rejected.max_bytes"), "{text}");
     }

@@ -2,54 +2,44 @@
 //! through one durable consumer shared by every replica, batches dynamically, publishes one
 //! `pcb.detections` message per image, and swaps in a newly promoted model between batches.
 
-use std::path::Path;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream;
 use base64::Engine;
 use futures::StreamExt;
-use pcb_common::ack::ConsumerSpec;
+use pcb_common::ack::Delivery;
 use pcb_common::{
-    load_config, validate_common, ConfigError, LogConfig, Metrics, MetricsConfig, NatsConfig,
-    Problems, Rejection, Shutdown, Topology,
+    Batching, ConsumerSettings, Context, Metrics, NoArgs, Outcome, Problems, Rejection, Shutdown,
+    Stage, StageFile, Validated,
 };
 use pcb_registry::{key_live, publish_event, LiveAlias, ModelVersion, Registry};
 use pcb_schemas::{
-    decode, Defect, Detection, EncodedImage, ModelRef, CLASS_NAMES, SCHEMA_HEADER, STREAM_IMAGES,
-    SUBJECT_DETECTIONS, SUBJECT_ENCODED,
+    decode, Defect, Detection, EncodedImage, ModelRef, StageName, CLASS_NAMES, SUBJECT_DETECTIONS,
 };
 use pcb_vision::{compose, Bf16, Detector, InferenceOptions, ModelConfig, Sampling};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+/// The online detector stage.
+pub struct DetectorStage;
+
 /// The stage's name: its durable, its dead-letter subject and its metrics label.
-pub const STAGE: &str = "detector";
+pub const STAGE: StageName = StageName::Detector;
 
 /// The detector's config file.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct FileConfig {
-    /// NATS connection.
-    pub nats: NatsConfig,
-    /// Streams to provision before consuming.
-    pub streams: Topology,
-    /// `/metrics` endpoint.
-    pub metrics: MetricsConfig,
-    /// Logging.
-    pub log: LogConfig,
-    /// The detector's own settings.
-    pub detector: DetectorSettings,
-}
+pub type FileConfig = StageFile<DetectorStage>;
 
-/// Settings of the online detector.
+/// The detector's validated config.
+pub type Config = Validated<DetectorStage>;
+
+/// Settings of the online detector (the `[detector]` section, beside its consumer keys;
+/// its `concurrency` is the number of batches in flight).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DetectorSettings {
     /// The registry model whose `live` version is served.
     pub model_name: String,
-    /// Durable consumer name, shared by every replica (each image goes to one).
-    pub durable: String,
     /// Images per forward pass at most.
     pub max_batch: usize,
     /// Wait at most this many milliseconds after an image for others to batch with it.
@@ -60,12 +50,6 @@ pub struct DetectorSettings {
     pub fail_threshold: f32,
     /// libtorch intra-op threads (0: its default).
     pub threads: usize,
-    /// Redeliver an image not acked within this many seconds.
-    pub ack_wait_secs: u64,
-    /// Deliveries of a failing image before it becomes a dead letter.
-    pub max_deliver: i64,
-    /// Delay before a transient failure is retried, in milliseconds.
-    pub retry_delay_ms: u64,
     /// Inference in bf16: `auto` (where the CPU computes bf16 natively, such as AVX-512
     /// BF16), `on` or `off`.
     pub bf16: Bf16,
@@ -75,55 +59,35 @@ impl Default for DetectorSettings {
     fn default() -> Self {
         DetectorSettings {
             model_name: "pcb-defects".into(),
-            durable: STAGE.into(),
             max_batch: 4,
             max_wait_ms: 20,
             report_threshold: 0.3,
             fail_threshold: 0.5,
             threads: 0,
-            ack_wait_secs: 60,
-            max_deliver: 5,
-            retry_delay_ms: 2000,
             bf16: Bf16::Auto,
         }
     }
 }
 
-/// The validated configuration the stage runs with.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// NATS connection.
-    pub nats: NatsConfig,
-    /// Streams.
-    pub streams: Topology,
-    /// `/metrics`.
-    pub metrics: MetricsConfig,
-    /// Logging.
-    pub log: LogConfig,
-    /// Settings, checked.
-    pub detector: DetectorSettings,
-    /// The shared durable consumer, as every stage describes its own.
-    pub consumer: ConsumerSpec,
-}
+impl Stage for DetectorStage {
+    const NAME: StageName = STAGE;
+    type Settings = DetectorSettings;
+    type Config = DetectorSettings;
+    type Error = DetectorError;
+    type Args = NoArgs;
 
-impl Config {
-    /// Loads the file under `PCB_*` variables and validates it.
-    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let file: FileConfig = load_config(path)?;
-        file.validate().map_err(|p| ConfigError::invalid(path, p))
+    fn consumer_defaults() -> Option<ConsumerSettings> {
+        // Two batches in flight: one decoding while the other is in the model.
+        ConsumerSettings::defaults(STAGE).map(|c| ConsumerSettings {
+            concurrency: 2,
+            ..c
+        })
     }
-}
 
-impl FileConfig {
-    /// Checks every value and reports all problems at once.
-    pub fn validate(self) -> Result<Config, Problems> {
-        let mut p = Problems::default();
-        validate_common(&self.nats, &self.streams, &self.metrics, &self.log, &mut p);
-        let d = &self.detector;
+    fn validate(d: DetectorSettings, p: &mut Problems) -> Option<DetectorSettings> {
         if let Err(e) = pcb_registry::check_name(&d.model_name) {
             p.push("detector.model_name", e);
         }
-        p.check(d.durable.trim().is_empty(), "detector.durable", "is empty");
         p.check(
             d.max_batch == 0 || d.max_batch > 256,
             "detector.max_batch",
@@ -139,36 +103,11 @@ impl FileConfig {
             "detector.fail_threshold",
             "must be between 0 and 1",
         );
-        p.check(
-            d.ack_wait_secs == 0,
-            "detector.ack_wait_secs",
-            "must be at least 1",
-        );
-        p.check(
-            d.max_deliver < 1,
-            "detector.max_deliver",
-            "must be at least 1",
-        );
-        p.into_result()?;
-        let d = &self.detector;
-        let consumer = ConsumerSpec {
-            stage: STAGE.into(),
-            stream: STREAM_IMAGES.into(),
-            durable: d.durable.clone(),
-            filter_subject: SUBJECT_ENCODED.into(),
-            ack_wait: Duration::from_secs(d.ack_wait_secs),
-            max_deliver: d.max_deliver,
-            retry_delay: Duration::from_millis(d.retry_delay_ms),
-            concurrency: d.max_batch,
-        };
-        Ok(Config {
-            consumer,
-            detector: self.detector,
-            nats: self.nats,
-            streams: self.streams,
-            metrics: self.metrics,
-            log: self.log,
-        })
+        Some(d)
+    }
+
+    async fn run(config: Config, ctx: Context) -> Result<(), DetectorError> {
+        run(config, ctx).await
     }
 }
 
@@ -181,9 +120,9 @@ pub enum DetectorError {
     /// The registry could not be opened or watched.
     #[error("registry: {0}")]
     Registry(String),
-    /// The consumer could not be created or read.
-    #[error("consuming {STREAM_IMAGES}: {0}")]
-    Consume(String),
+    /// The consumer could not be opened or read.
+    #[error("detector consumer: {0}")]
+    Consume(#[from] pcb_common::ack::ConsumeError),
     /// The inference thread stopped.
     #[error("the inference thread stopped")]
     Inference,
@@ -307,13 +246,6 @@ fn inference_thread(jobs: std_mpsc::Receiver<Job>, threshold: f32, threads: usiz
     }
 }
 
-/// An image ready for the model, with the message it came in.
-struct Ready {
-    msg: jetstream::Message,
-    record: EncodedImage,
-    input: Tensor,
-}
-
 /// Decodes one delivery; a poison message gives its rejection.
 fn prepare(
     payload: &[u8],
@@ -366,16 +298,13 @@ pub fn detection_of(
         detected_at: pcb_common::now_ms(),
         model,
         defects,
-        verdict: if fail { "fail" } else { "pass" }.into(),
+        verdict: if fail {
+            pcb_schemas::Verdict::Fail
+        } else {
+            pcb_schemas::Verdict::Pass
+        },
         inference_ms,
     }
-}
-
-fn schema_of(msg: &jetstream::Message) -> Option<String> {
-    msg.headers
-        .as_ref()
-        .and_then(|h| h.get(SCHEMA_HEADER))
-        .map(|v| v.as_str().to_string())
 }
 
 /// Watches the live alias and hands every version that loads to the inference thread;
@@ -428,14 +357,14 @@ async fn watch_live(
                 }
                 let _ = serving.send(Some((alias.version, input)));
                 tracing::info!(model = %name, version = alias.version, "serving");
-                publish_event(&js, "loaded", &name, alias.version, &by, None).await;
+                publish_event(&js, pcb_schemas::ModelEventKind::Loaded, &name, alias.version, &by, None).await;
             }
             Err(reason) => {
                 let old = serving.borrow().map(|(v, _)| v);
                 tracing::warn!(model = %name, version = alias.version, serving = ?old, %reason, "refused a live version");
                 publish_event(
                     &js,
-                    "load-failed",
+                    pcb_schemas::ModelEventKind::LoadFailed,
                     &name,
                     alias.version,
                     &by,
@@ -450,25 +379,93 @@ async fn watch_live(
     }
 }
 
-/// Runs the stage until `shutdown`.
-pub async fn run(
-    config: Config,
-    client: async_nats::Client,
-    shutdown: Shutdown,
-) -> Result<(), DetectorError> {
-    let metrics = Metrics::new(STAGE);
-    let js = pcb_common::stage::prepare(
-        &client,
-        &config.streams,
-        &metrics,
-        &config.metrics,
-        &shutdown,
-    )
-    .await?;
+/// What a batch handler needs: where to send images and which input the model takes.
+#[derive(Clone)]
+struct Serving {
+    js: jetstream::Context,
+    jobs: std_mpsc::Sender<Job>,
+    input: tokio::sync::watch::Receiver<Option<(u64, pcb_vision::InputMode)>>,
+    fail_threshold: f32,
+}
+
+/// Answers one batch: each image that does not decode is rejected alone; the rest go
+/// through the model together and each gets its own outcome.
+async fn handle_batch(s: Serving, batch: Vec<Delivery>) -> Vec<Outcome> {
+    let input = s
+        .input
+        .borrow()
+        .map(|(_, i)| i)
+        .unwrap_or(pcb_vision::InputMode::Image);
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+    let mut ready = Vec::new();
+    for (i, d) in batch.iter().enumerate() {
+        match prepare(&d.payload, d.schema(), input) {
+            Ok((record, tensor)) => ready.push((i, record, tensor)),
+            Err(rejection) => outcomes[i] = Some(Outcome::Reject(rejection)),
+        }
+    }
+    if !ready.is_empty() {
+        let images: Vec<Tensor> = ready.iter().map(|(_, _, t)| t.shallow_clone()).collect();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let answer = if s.jobs.send(Job::Detect { images, reply }).is_err() {
+            Err("the inference thread stopped".to_string())
+        } else {
+            answer
+                .await
+                .unwrap_or_else(|_| Err("the inference thread stopped".to_string()))
+        };
+        match answer {
+            // A model failure on this batch: the images are retried (and dead-lettered as
+            // `retries-exhausted` at the delivery limit).
+            Err(reason) => {
+                for (i, _, _) in &ready {
+                    outcomes[*i] = Some(Outcome::Retry(format!("inference failed: {reason}")));
+                }
+            }
+            Ok(answer) => {
+                let per_image_ms = answer.seconds * 1000.0 / ready.len() as f64;
+                let published = futures::future::join_all(ready.iter().zip(answer.per_image).map(
+                    |((_, record, _), defects)| {
+                        let d = detection_of(
+                            record,
+                            answer.model.clone(),
+                            defects,
+                            s.fail_threshold,
+                            per_image_ms,
+                        );
+                        let js = s.js.clone();
+                        // An image leaves the consumer only with its answer stored.
+                        async move { pcb_common::publish(&js, SUBJECT_DETECTIONS.into(), &d).await }
+                    },
+                ))
+                .await;
+                for ((i, _, _), result) in ready.iter().zip(published) {
+                    outcomes[*i] = Some(match result {
+                        Ok(_) => Outcome::Done,
+                        Err(e) => Outcome::Retry(format!("publishing the detection: {e}")),
+                    });
+                }
+            }
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| Outcome::Retry("no answer for this image".into())))
+        .collect()
+}
+
+/// Runs the stage until `ctx.shutdown`.
+pub async fn run(config: Config, ctx: Context) -> Result<(), DetectorError> {
+    let shutdown = ctx.shutdown.clone();
+    let metrics = Metrics::new(STAGE.name());
+    let js =
+        pcb_common::stage::prepare(STAGE, &ctx.client, &metrics, &config.metrics, &shutdown)
+            .await?;
     let registry = Registry::open(&js)
         .await
         .map_err(|e| DetectorError::Registry(e.to_string()))?;
-    let s = config.detector.clone();
+    let consumer = config.consumer()?.clone();
+    let s = config.config;
     let by = format!(
         "detector-{}-{}",
         std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()),
@@ -508,138 +505,21 @@ pub async fn run(
             },
         }
     }
-    let consumer = pcb_common::ack::ensure_consumer(&js, &config.consumer)
-        .await
-        .map_err(|e| DetectorError::Consume(e.to_string()))?;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(s.max_batch.max(1) * 2)
-        .messages()
-        .await
-        .map_err(|e| DetectorError::Consume(e.to_string()))?;
-    let max_wait = Duration::from_millis(s.max_wait_ms);
-    let retry = config.consumer.retry_delay;
-    loop {
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            m = messages.next() => m,
-        };
-        let Some(first) = first else {
-            return Err(DetectorError::Consume("the message stream ended".into()));
-        };
-        let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + max_wait;
-        while batch.len() < s.max_batch {
-            match tokio::time::timeout_at(deadline, messages.next()).await {
-                Ok(Some(m)) => batch.push(m),
-                _ => break,
-            }
-        }
-        let input = serving
-            .borrow()
-            .map(|(_, i)| i)
-            .unwrap_or(pcb_vision::InputMode::Image);
-        let mut ready = Vec::new();
-        for m in batch {
-            let msg = match m {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "message error");
-                    continue;
-                }
-            };
-            let schema = schema_of(&msg);
-            match prepare(&msg.payload, schema.as_deref(), input) {
-                Ok((record, input)) => ready.push(Ready { msg, record, input }),
-                Err(rejection) => {
-                    reject(&js, &metrics, &msg, rejection).await;
-                }
-            }
-        }
-        if ready.is_empty() {
-            continue;
-        }
-        let started = Instant::now();
-        let images: Vec<Tensor> = ready.iter().map(|r| r.input.shallow_clone()).collect();
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        if jobs.send(Job::Detect { images, reply }).is_err() {
-            return Err(DetectorError::Inference);
-        }
-        let answer = match answer.await {
-            Ok(Ok(a)) => a,
-            Ok(Err(reason)) => {
-                // A model failure on this batch: give the images back for a later try.
-                tracing::warn!(%reason, "inference failed; the batch is retried");
-                for r in &ready {
-                    let _ = r.msg.ack_with(AckKind::Nak(Some(retry))).await;
-                }
-                metrics.count("retry");
-                continue;
-            }
-            Err(_) => return Err(DetectorError::Inference),
-        };
-        let per_image_ms = answer.seconds * 1000.0 / ready.len() as f64;
-        let detections: Vec<Detection> = ready
-            .iter()
-            .zip(answer.per_image)
-            .map(|(r, defects)| {
-                detection_of(
-                    &r.record,
-                    answer.model.clone(),
-                    defects,
-                    s.fail_threshold,
-                    per_image_ms,
-                )
-            })
-            .collect();
-        // Published together, acked once JetStream stored each: an image leaves the
-        // consumer only with its answer stored.
-        let results = futures::future::join_all(
-            detections
-                .iter()
-                .map(|d| pcb_common::publish(&js, SUBJECT_DETECTIONS.into(), d)),
-        )
-        .await;
-        for (r, result) in ready.iter().zip(results) {
-            match result {
-                Ok(_) => {
-                    let _ = r.msg.ack().await;
-                    metrics.count("done");
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, image = %r.record.image_id, "publishing a detection failed; retried");
-                    let _ = r.msg.ack_with(AckKind::Nak(Some(retry))).await;
-                    metrics.count("retry");
-                }
-            }
-        }
-        metrics.observe_processing(started.elapsed());
-    }
+    let state = Serving {
+        js: js.clone(),
+        jobs,
+        input: serving,
+        fail_threshold: s.fail_threshold,
+    };
+    let batching = Batching {
+        max_batch: s.max_batch,
+        max_wait: Duration::from_millis(s.max_wait_ms),
+    };
+    pcb_common::run_batched_consumer(js, consumer, metrics, shutdown, batching, move |batch| {
+        handle_batch(state.clone(), batch)
+    })
+    .await?;
     Ok(())
-}
-
-/// Dead letter with the reason, then term: a poison image is not redelivered.
-async fn reject(
-    js: &jetstream::Context,
-    metrics: &Metrics,
-    msg: &jetstream::Message,
-    r: Rejection,
-) {
-    let seq = msg.info().map(|i| i.stream_sequence).ok();
-    let letter = r.dead_letter(STAGE, Some(msg.subject.to_string()), seq);
-    match pcb_common::ack::publish_dead_letter(js, &letter).await {
-        Ok(_) => {
-            let _ = msg.ack_with(AckKind::Term).await;
-            metrics.count_rejection(&letter.reason_code);
-        }
-        Err(e) => {
-            // Without its dead letter the image must not vanish: try again later.
-            tracing::warn!(error = %e, "could not publish a dead letter; the image is retried");
-            let _ = msg
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
-                .await;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -649,9 +529,9 @@ mod tests {
     #[test]
     fn config_problems_are_reported_together() {
         let mut f = FileConfig::default();
-        f.detector.model_name = "bad name".into();
-        f.detector.max_batch = 0;
-        f.detector.fail_threshold = 1.5;
+        f.stage.settings.model_name = "bad name".into();
+        f.stage.settings.max_batch = 0;
+        f.stage.settings.fail_threshold = 1.5;
         let text = f.validate().unwrap_err().to_string();
         for key in [
             "detector.model_name",

@@ -2,46 +2,33 @@
 //! `pcb.images.encoded`, or `pcb.rejected.encoder` with the precise reason.
 
 use std::io::Cursor;
-use std::path::Path;
-use std::time::Duration;
 
 use base64::Engine;
-use pcb_common::ack::{ConsumerSpec, Delivery};
+use pcb_common::ack::Delivery;
 use pcb_common::{
-    load_config, validate_common, ConfigError, LogConfig, Metrics, MetricsConfig, NatsConfig,
-    Outcome, Problems, Rejection, Shutdown, Topology,
+    Context, Metrics, NoArgs, Outcome, Problems, Rejection, Stage, StageFile, Validated,
 };
 use pcb_schemas::{
-    decode, image_id, BoxLabel, EncodedImage, RawImage, CLASS_NAMES, STREAM_IMAGES,
-    SUBJECT_ENCODED, SUBJECT_RAW,
+    decode, image_id, BoxLabel, EncodedImage, RawImage, StageName, CLASS_NAMES, SUBJECT_ENCODED,
 };
 use serde::{Deserialize, Serialize};
 
+/// The encoder stage.
+pub struct Encoder;
+
 /// The stage's name: its durable, its dead-letter subject and its metrics label.
-pub const STAGE: &str = "encoder";
+pub const STAGE: StageName = StageName::Encoder;
 
 /// The encoder's config file.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct FileConfig {
-    /// NATS connection.
-    pub nats: NatsConfig,
-    /// Streams to provision before consuming.
-    pub streams: Topology,
-    /// `/metrics` endpoint.
-    pub metrics: MetricsConfig,
-    /// Logging.
-    pub log: LogConfig,
-    /// The encoder's own settings.
-    pub encoder: EncoderSettings,
-}
+pub type FileConfig = StageFile<Encoder>;
 
-/// Settings of the encoder.
+/// The encoder's validated config.
+pub type Config = Validated<Encoder>;
+
+/// Settings of the encoder (the `[encoder]` section, beside its consumer keys).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EncoderSettings {
-    /// Durable consumer name, shared by every replica.
-    pub durable: String,
     /// Widest image accepted, in pixels.
     pub max_width: u32,
     /// Tallest image accepted, in pixels.
@@ -50,65 +37,27 @@ pub struct EncoderSettings {
     pub max_alloc_bytes: u64,
     /// Class names, id = position + 1 (defaults to DeepPCB's six classes).
     pub classes: Vec<String>,
-    /// Images in flight at once; decoding itself never uses more threads than tokio's
-    /// blocking pool (0: four per CPU core, so publishes overlap decoding).
-    pub concurrency: usize,
-    /// Redeliver a message not acked within this many seconds.
-    pub ack_wait_secs: u64,
-    /// Deliveries of a failing message before it becomes a dead letter.
-    pub max_deliver: i64,
-    /// Delay before a transient failure is retried, in milliseconds.
-    pub retry_delay_ms: u64,
 }
 
 impl Default for EncoderSettings {
     fn default() -> Self {
         EncoderSettings {
-            durable: STAGE.into(),
             max_width: 8192,
             max_height: 8192,
             max_alloc_bytes: 512 << 20,
             classes: CLASS_NAMES.iter().map(|s| s.to_string()).collect(),
-            concurrency: 0,
-            ack_wait_secs: 60,
-            max_deliver: 5,
-            retry_delay_ms: 2000,
         }
     }
 }
 
-/// The validated configuration the stage runs with.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// NATS connection.
-    pub nats: NatsConfig,
-    /// Streams.
-    pub streams: Topology,
-    /// `/metrics`.
-    pub metrics: MetricsConfig,
-    /// Logging.
-    pub log: LogConfig,
-    /// Decode limits and classes.
-    pub limits: Limits,
-    /// The consumer.
-    pub consumer: ConsumerSpec,
-}
+impl Stage for Encoder {
+    const NAME: StageName = STAGE;
+    type Settings = EncoderSettings;
+    type Config = Limits;
+    type Error = EncoderError;
+    type Args = NoArgs;
 
-impl Config {
-    /// Loads the file under `PCB_*` variables and validates it.
-    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let file: FileConfig = load_config(path)?;
-        file.validate().map_err(|p| ConfigError::invalid(path, p))
-    }
-}
-
-impl FileConfig {
-    /// Checks every value and reports all problems at once.
-    pub fn validate(self) -> Result<Config, Problems> {
-        let mut p = Problems::default();
-        validate_common(&self.nats, &self.streams, &self.metrics, &self.log, &mut p);
-        let e = &self.encoder;
-        p.check(e.durable.trim().is_empty(), "encoder.durable", "is empty");
+    fn validate(e: EncoderSettings, p: &mut Problems) -> Option<Limits> {
         p.check(e.max_width == 0, "encoder.max_width", "must be at least 1");
         p.check(
             e.max_height == 0,
@@ -125,44 +74,27 @@ impl FileConfig {
             "encoder.classes",
             "needs at least one class",
         );
-        p.check(
-            e.ack_wait_secs == 0,
-            "encoder.ack_wait_secs",
-            "must be at least 1",
-        );
-        p.check(
-            e.max_deliver < 1,
-            "encoder.max_deliver",
-            "must be at least 1",
-        );
-        p.into_result()?;
-        let concurrency = if e.concurrency == 0 {
-            4 * std::thread::available_parallelism().map_or(2, |n| n.get())
-        } else {
-            e.concurrency
-        };
-        Ok(Config {
-            limits: Limits {
-                max_width: e.max_width,
-                max_height: e.max_height,
-                max_alloc_bytes: e.max_alloc_bytes,
-                classes: e.classes.clone(),
-            },
-            consumer: ConsumerSpec {
-                stage: STAGE.into(),
-                stream: STREAM_IMAGES.into(),
-                durable: e.durable.clone(),
-                filter_subject: SUBJECT_RAW.into(),
-                ack_wait: Duration::from_secs(e.ack_wait_secs),
-                max_deliver: e.max_deliver,
-                retry_delay: Duration::from_millis(e.retry_delay_ms),
-                concurrency,
-            },
-            nats: self.nats,
-            streams: self.streams,
-            metrics: self.metrics,
-            log: self.log,
+        Some(Limits {
+            max_width: e.max_width,
+            max_height: e.max_height,
+            max_alloc_bytes: e.max_alloc_bytes,
+            classes: e.classes,
         })
+    }
+
+    async fn run(config: Config, ctx: Context) -> Result<(), EncoderError> {
+        let metrics = Metrics::new(STAGE.name());
+        let js =
+            pcb_common::stage::prepare(STAGE, &ctx.client, &metrics, &config.metrics, &ctx.shutdown)
+                .await?;
+        let consumer = config.consumer()?.clone();
+        let limits = std::sync::Arc::new(config.config);
+        let js2 = js.clone();
+        pcb_common::run_consumer(js, consumer, metrics, ctx.shutdown, move |d| {
+            handle(js2.clone(), limits.clone(), d)
+        })
+        .await?;
+        Ok(())
     }
 }
 
@@ -181,13 +113,13 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        let s = EncoderSettings::default();
-        Limits {
-            max_width: s.max_width,
-            max_height: s.max_height,
-            max_alloc_bytes: s.max_alloc_bytes,
-            classes: s.classes,
-        }
+        let mut p = Problems::default();
+        Encoder::validate(EncoderSettings::default(), &mut p).unwrap_or(Limits {
+            max_width: 0,
+            max_height: 0,
+            max_alloc_bytes: 0,
+            classes: Vec::new(),
+        })
     }
 }
 
@@ -460,30 +392,6 @@ async fn handle(
     }
 }
 
-/// Runs the encoder until `shutdown`.
-pub async fn run(
-    config: Config,
-    client: async_nats::Client,
-    shutdown: Shutdown,
-) -> Result<(), EncoderError> {
-    let metrics = Metrics::new(STAGE);
-    let js = pcb_common::stage::prepare(
-        &client,
-        &config.streams,
-        &metrics,
-        &config.metrics,
-        &shutdown,
-    )
-    .await?;
-    let limits = std::sync::Arc::new(config.limits);
-    let js2 = js.clone();
-    pcb_common::run_consumer(js, config.consumer, metrics, shutdown, move |d| {
-        handle(js2.clone(), limits.clone(), d)
-    })
-    .await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -681,8 +589,8 @@ mod tests {
     #[test]
     fn config_problems_are_reported_together() {
         let mut f = FileConfig::default();
-        f.encoder.max_width = 0;
-        f.encoder.classes.clear();
+        f.stage.settings.max_width = 0;
+        f.stage.settings.classes.clear();
         f.nats.url.clear();
         let text = f.validate().unwrap_err().to_string();
         for k in ["encoder.max_width", "encoder.classes", "nats.url"] {
@@ -695,7 +603,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("encoder.toml");
         std::fs::write(&path, "[encoder]\nmax_widht = 10\n").expect("write");
-        let text = Config::load(Some(&path)).unwrap_err().to_string();
+        let text = FileConfig::load(Some(&path)).unwrap_err().to_string();
         assert!(
             text.contains("max_widht") && text.contains("encoder.toml"),
             "{text}"

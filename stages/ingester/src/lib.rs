@@ -2,7 +2,6 @@
 //! directory only after JetStream acknowledged its record (to `processed/`), or after its
 //! dead letter was stored (to `rejected/`, with a `.reason.txt` beside it).
 
-pub mod labels;
 pub mod pairing;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -13,34 +12,39 @@ use std::time::{Duration, Instant, SystemTime};
 use async_nats::jetstream;
 use pcb_common::ack::{ConsumerSpec, Delivery};
 use pcb_common::{
-    load_config, validate_common, ConfigError, LogConfig, Metrics, MetricsConfig, NatsConfig,
-    Outcome, Problems, Rejection, Shutdown, Topology,
+    Context, Metrics, Outcome, Problems, Rejection, Stage, StageFile, Validated,
 };
-use pcb_schemas::{
-    decode, image_id, DeadLetter, RawImage, CLASS_NAMES, STREAM_REJECTED, SUBJECT_RAW,
+use pcb_datasets::{
+    image_dimensions, parse_coco, parse_voc, parse_yolo, read_class_list, read_deeppcb,
+    read_label_file, ClassMap, CocoIndex, LabelError,
 };
+use pcb_schemas::topology::ReadMode;
+use pcb_schemas::{decode, image_id, DeadLetter, RawImage, StageName, CLASS_NAMES, SUBJECT_RAW};
 use serde::{Deserialize, Serialize};
 
-use labels::{ClassMap, CocoIndex};
 use pairing::{LabelSource, SplitLists, Unit};
 
+/// The ingester stage.
+pub struct IngesterStage;
+
 /// The stage's name: its dead-letter subject and its metrics label.
-pub const STAGE: &str = "ingester";
+pub const STAGE: StageName = StageName::Ingester;
 
 /// The ingester's config file.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct FileConfig {
-    /// NATS connection.
-    pub nats: NatsConfig,
-    /// Streams to provision before publishing.
-    pub streams: Topology,
-    /// `/metrics` endpoint.
-    pub metrics: MetricsConfig,
-    /// Logging.
-    pub log: LogConfig,
-    /// The ingester's own settings.
-    pub ingester: IngesterSettings,
+pub type FileConfig = StageFile<IngesterStage>;
+
+/// The ingester's validated config.
+pub type Config = Validated<IngesterStage>;
+
+/// The ingester's own flags.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct IngesterArgs {
+    /// Import every board under DIR once, print a summary and exit (files stay in place).
+    #[arg(long, value_name = "DIR")]
+    pub once: Option<PathBuf>,
+    /// With --once: move files to processed/ and rejected/ as the watcher does.
+    #[arg(long, requires = "once")]
+    pub move_files: bool,
 }
 
 /// Settings of the ingester.
@@ -117,35 +121,14 @@ pub struct Settings {
     pub follow_rejections: bool,
 }
 
-/// The validated configuration the stage runs with.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// NATS connection.
-    pub nats: NatsConfig,
-    /// Streams.
-    pub streams: Topology,
-    /// `/metrics`.
-    pub metrics: MetricsConfig,
-    /// Logging.
-    pub log: LogConfig,
-    /// Ingester settings.
-    pub settings: Settings,
-}
+impl Stage for IngesterStage {
+    const NAME: StageName = STAGE;
+    type Settings = IngesterSettings;
+    type Config = Settings;
+    type Error = IngesterError;
+    type Args = IngesterArgs;
 
-impl Config {
-    /// Loads the file under `PCB_*` variables and validates it.
-    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let file: FileConfig = load_config(path)?;
-        file.validate().map_err(|p| ConfigError::invalid(path, p))
-    }
-}
-
-impl FileConfig {
-    /// Checks every value and reports all problems at once.
-    pub fn validate(self) -> Result<Config, Problems> {
-        let mut p = Problems::default();
-        validate_common(&self.nats, &self.streams, &self.metrics, &self.log, &mut p);
-        let s = &self.ingester;
+    fn validate(s: IngesterSettings, p: &mut Problems) -> Option<Settings> {
         p.check(
             s.watch_dir.as_os_str().is_empty(),
             "ingester.watch_dir",
@@ -195,27 +178,113 @@ impl FileConfig {
             "ingester.processed_dir",
             "processed_dir and rejected_dir must differ from watch_dir",
         );
-        p.into_result()?;
-        Ok(Config {
-            settings: Settings {
-                watch_dir: s.watch_dir.clone(),
-                processed_dir: processed,
-                rejected_dir: rejected,
-                settle: Duration::from_millis(s.settle_ms),
-                rescan: Duration::from_secs(s.rescan_secs),
-                max_image_bytes: s.max_image_bytes,
-                line_id: s.line_id.clone(),
-                line_from_dir: s.line_from_dir,
-                classes: s.classes.clone(),
-                concurrency: s.concurrency,
-                follow_rejections: s.follow_rejections,
-            },
-            nats: self.nats,
-            streams: self.streams,
-            metrics: self.metrics,
-            log: self.log,
+        Some(Settings {
+            watch_dir: s.watch_dir,
+            processed_dir: processed,
+            rejected_dir: rejected,
+            settle: Duration::from_millis(s.settle_ms),
+            rescan: Duration::from_secs(s.rescan_secs),
+            max_image_bytes: s.max_image_bytes,
+            line_id: s.line_id,
+            line_from_dir: s.line_from_dir,
+            classes: s.classes,
+            concurrency: s.concurrency,
+            follow_rejections: s.follow_rejections,
         })
     }
+
+    fn apply_args(args: &IngesterArgs, file: &mut FileConfig, _p: &mut Problems) {
+        if let Some(dir) = &args.once {
+            let s = &mut file.stage.settings;
+            s.watch_dir = dir.clone();
+            // The pipeline's inbox folders do not apply to a one-off import of another
+            // folder: its own processed/ and rejected/ do.
+            if s
+                .processed_dir
+                .as_ref()
+                .is_none_or(|p| p.starts_with("inbox"))
+            {
+                s.processed_dir = None;
+                s.rejected_dir = None;
+            }
+        }
+    }
+
+    async fn run(config: Config, ctx: Context) -> Result<(), IngesterError> {
+        run(config, ctx).await
+    }
+
+    async fn launch(args: IngesterArgs, config: Config, ctx: Context) -> Result<(), IngesterError> {
+        match args.once {
+            None => run(config, ctx).await,
+            Some(dir) => import_once(&dir, args.move_files, config, ctx).await,
+        }
+    }
+}
+
+/// `--once`: imports `dir` with a progress bar and prints the summary.
+async fn import_once(
+    dir: &Path,
+    move_files: bool,
+    config: Config,
+    ctx: Context,
+) -> Result<(), IngesterError> {
+    use std::io::IsTerminal;
+    if !dir.is_dir() {
+        return Err(IngesterError::NotADirectory(dir.to_path_buf()));
+    }
+    let js = jetstream::new(ctx.client.clone());
+    pcb_common::require(&js, STAGE)
+        .await
+        .map_err(|e| IngesterError::Start(e.into()))?;
+    let bar = indicatif::ProgressBar::new(0);
+    if std::io::stderr().is_terminal() {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} importing [{bar:40}] {pos}/{len} files {per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let max_payload = ctx.client.server_info().max_payload;
+    let started = Instant::now();
+    let summary = tokio::select! {
+        s = import(js, config.config, max_payload, move_files, |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }) => s,
+        _ = ctx.shutdown.cancelled() => return Err(IngesterError::Interrupted),
+    };
+    bar.finish_and_clear();
+    println!(
+        "imported {} in {:.1}s",
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    print!("{summary}");
+    let _ = ctx.client.flush().await;
+    Ok(())
+}
+
+/// The durable consumer through which the ingester follows the other stages' dead
+/// letters (moving their files to `rejected/`): never gives up on a letter.
+pub fn follow_spec() -> Option<ConsumerSpec> {
+    STAGE.decl().inputs.iter().find_map(|i| match i.mode {
+        ReadMode::Durable { durable } => Some(ConsumerSpec {
+            stage: STAGE,
+            stream: i.stream.name().to_string(),
+            durable: durable.to_string(),
+            filter_subject: i.filter.to_string(),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: -1,
+            retry_delay: Duration::from_secs(1),
+            concurrency: 4,
+        }),
+        ReadMode::View => None,
+    })
 }
 
 /// Why the ingester stopped.
@@ -240,6 +309,12 @@ pub enum IngesterError {
         /// Underlying error.
         source: notify::Error,
     },
+    /// `--once` was given something other than a directory.
+    #[error("{} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    /// `--once` was stopped by a signal.
+    #[error("import interrupted; run it again: duplicates are skipped")]
+    Interrupted,
     /// The rejection follower stopped.
     #[error("following rejections: {0}")]
     Follow(#[from] pcb_common::ack::ConsumeError),
@@ -404,9 +479,8 @@ impl Ingester {
                 }
             }
         }
-        let text = labels::read_label_file(path).map_err(label_rejection)?;
-        let idx =
-            Arc::new(labels::parse_coco(&text, path, &self.classes).map_err(label_rejection)?);
+        let text = read_label_file(path).map_err(label_rejection)?;
+        let idx = Arc::new(parse_coco(&text, path, &self.classes).map_err(label_rejection)?);
         if let Ok(mut cache) = self.coco.lock() {
             cache.insert(path.to_path_buf(), (mtime, idx.clone()));
         }
@@ -488,32 +562,24 @@ impl Ingester {
     ) -> Result<(Option<Vec<pcb_schemas::BoxLabel>>, Option<String>), Rejection> {
         let parsed = match &unit.labels {
             LabelSource::None => return Ok((None, None)),
-            LabelSource::DeepPcb(p) => {
-                let text = labels::read_label_file(p).map_err(label_rejection)?;
-                (labels::parse_deeppcb(&text, p, &self.classes), "deeppcb")
-            }
+            LabelSource::DeepPcb(p) => (read_deeppcb(p, &self.classes), "deeppcb"),
             LabelSource::Voc(p) => {
-                let text = labels::read_label_file(p).map_err(label_rejection)?;
-                (labels::parse_voc(&text, p, &self.classes), "voc")
+                let text = read_label_file(p).map_err(label_rejection)?;
+                (parse_voc(&text, p, &self.classes), "voc")
             }
             LabelSource::Yolo { file, classes_file } => {
-                let text = labels::read_label_file(file).map_err(label_rejection)?;
+                let text = read_label_file(file).map_err(label_rejection)?;
                 let names = match classes_file {
-                    Some(c) => labels::read_class_list(
-                        &labels::read_label_file(c).map_err(label_rejection)?,
-                    ),
+                    Some(c) => read_class_list(&read_label_file(c).map_err(label_rejection)?),
                     None => Vec::new(),
                 };
-                let (w, h) = labels::image_dimensions(image).ok_or_else(|| {
+                let (w, h) = image_dimensions(image).ok_or_else(|| {
                     Rejection::new(
                         "unreadable",
                         "the image header is unreadable, so YOLO's normalised boxes cannot be placed",
                     )
                 })?;
-                (
-                    labels::parse_yolo(&text, file, &names, w, h, &self.classes),
-                    "yolo",
-                )
+                (parse_yolo(&text, file, &names, w, h, &self.classes), "yolo")
             }
             LabelSource::Coco(p) => {
                 let idx = self.coco_index(p)?;
@@ -599,7 +665,7 @@ impl Ingester {
     }
 
     async fn reject(&self, r: Rejection, image: &Path, files: Vec<PathBuf>) -> FileOutcome {
-        let mut letter = r.dead_letter(STAGE, None, None);
+        let mut letter = r.dead_letter(STAGE.name(), None, None);
         if self.move_files {
             let dest = self.settings.rejected_dir.join(self.rel_path(image));
             letter.moved_to = Some(dest.to_string_lossy().into_owned());
@@ -640,7 +706,7 @@ impl Ingester {
 
     /// Moves a file a later stage refused from `processed/` to `rejected/`.
     fn follow(&self, letter: &DeadLetter, delivered: i64) -> Outcome {
-        if letter.stage == STAGE || letter.source.is_empty() || letter.source.contains("..") {
+        if letter.stage == STAGE.name() || letter.source.is_empty() || letter.source.contains("..") {
             return Outcome::Skipped;
         }
         let rel = Path::new(&letter.source);
@@ -691,7 +757,7 @@ fn write_reason(dest: &Path, letter: &DeadLetter) {
     }
 }
 
-fn label_rejection(e: labels::LabelError) -> Rejection {
+fn label_rejection(e: LabelError) -> Rejection {
     Rejection::new("label-parse", e.to_string())
 }
 
@@ -751,21 +817,12 @@ fn recently_modified(path: &Path, settle: Duration) -> bool {
 }
 
 /// Runs the watching ingester until `shutdown`.
-pub async fn run(
-    config: Config,
-    client: async_nats::Client,
-    shutdown: Shutdown,
-) -> Result<(), IngesterError> {
-    let metrics = Metrics::new(STAGE);
-    let js = pcb_common::stage::prepare(
-        &client,
-        &config.streams,
-        &metrics,
-        &config.metrics,
-        &shutdown,
-    )
-    .await?;
-    let s = config.settings.clone();
+pub async fn run(config: Config, ctx: Context) -> Result<(), IngesterError> {
+    let Context { client, shutdown } = ctx;
+    let metrics = Metrics::new(STAGE.name());
+    let js =
+        pcb_common::stage::prepare(STAGE, &client, &metrics, &config.metrics, &shutdown).await?;
+    let s = config.config.clone();
     for dir in [&s.watch_dir, &s.processed_dir, &s.rejected_dir] {
         std::fs::create_dir_all(dir).map_err(|source| IngesterError::CreateDir {
             path: dir.clone(),
@@ -781,17 +838,8 @@ pub async fn run(
         true,
     ));
 
-    let follower = if s.follow_rejections {
-        let spec = ConsumerSpec {
-            stage: STAGE.into(),
-            stream: STREAM_REJECTED.into(),
-            durable: "ingester-follow-rejections".into(),
-            filter_subject: "pcb.rejected.*".into(),
-            ack_wait: Duration::from_secs(30),
-            max_deliver: 0,
-            retry_delay: Duration::from_secs(1),
-            concurrency: 4,
-        };
+    let follower = match follow_spec() {
+        Some(spec) if s.follow_rejections => {
         let ing2 = ing.clone();
         let (js2, m2, sd2) = (
             js.clone(),
@@ -810,8 +858,8 @@ pub async fn run(
             })
             .await
         }))
-    } else {
-        None
+        }
+        _ => None,
     };
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
@@ -936,7 +984,7 @@ pub async fn import(
     move_files: bool,
     progress: impl Fn(usize, usize),
 ) -> Summary {
-    let metrics = Metrics::new(STAGE);
+    let metrics = Metrics::new(STAGE.name());
     let concurrency = settings.concurrency;
     let ing = Arc::new(Ingester::new(
         js,
@@ -1015,11 +1063,11 @@ mod tests {
     #[test]
     fn config_defaults_and_problems() {
         let c = FileConfig::default().validate().expect("defaults valid");
-        assert_eq!(c.settings.processed_dir, PathBuf::from("inbox/processed"));
+        assert_eq!(c.config.processed_dir, PathBuf::from("inbox/processed"));
         let mut f = FileConfig::default();
-        f.ingester.processed_dir = Some("x".into());
-        f.ingester.rejected_dir = Some("x".into());
-        f.ingester.concurrency = 0;
+        f.stage.settings.processed_dir = Some("x".into());
+        f.stage.settings.rejected_dir = Some("x".into());
+        f.stage.settings.concurrency = 0;
         let text = f.validate().unwrap_err().to_string();
         assert!(
             text.contains("ingester.rejected_dir") && text.contains("ingester.concurrency"),

@@ -3,27 +3,30 @@
 
 pub mod store;
 
-use std::path::Path;
-use std::time::Duration;
-
 use async_nats::jetstream;
-use pcb_common::ack::{ConsumerSpec, Delivery};
+use pcb_common::ack::Delivery;
 use pcb_common::{
-    load_config, validate_common, ConfigError, LogConfig, Metrics, MetricsConfig, NatsConfig,
-    Outcome, Problems, Rejection, Shutdown, Topology,
+    ConsumerSettings, Context, Metrics, NoArgs, Outcome, Problems, Rejection, Stage, StageFile,
+    Validated,
 };
-use pcb_schemas::{
-    decode, ModelEvent, ModelRef, TrainCandidate, STREAM_TRAINING, SUBJECT_MODEL_EVENTS,
-    SUBJECT_TRAIN_CANDIDATES,
-};
+use pcb_schemas::{decode, ModelEvent, ModelEventKind, ModelRef, StageName, TrainCandidate, SUBJECT_MODEL_EVENTS};
 use serde::{Deserialize, Serialize};
 
 pub use store::{
     check_name, key_live, parse_ref, LiveAlias, ModelVersion, NewVersion, Registry, RegistryError,
 };
 
+/// The registry writer stage.
+pub struct RegistryStage;
+
 /// The stage's name: its durable, its dead-letter subject and its metrics label.
-pub const STAGE: &str = "registry";
+pub const STAGE: StageName = StageName::Registry;
+
+/// The registry's config file.
+pub type FileConfig = StageFile<RegistryStage>;
+
+/// The registry's validated config.
+pub type Config = Validated<RegistryStage>;
 
 /// When a registered candidate becomes live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,135 +41,92 @@ pub enum Promotion {
     IfNotWorse,
 }
 
-/// The registry's config file.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct FileConfig {
-    /// NATS connection.
-    pub nats: NatsConfig,
-    /// Streams to provision before consuming.
-    pub streams: Topology,
-    /// `/metrics` endpoint.
-    pub metrics: MetricsConfig,
-    /// Logging.
-    pub log: LogConfig,
-    /// The registry's own settings.
-    pub registry: RegistrySettings,
-}
-
-/// Settings of the registry writer.
+/// Settings of the registry writer (the `[registry]` section, beside its consumer keys).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistrySettings {
-    /// Durable consumer name.
-    pub durable: String,
     /// Promotion policy: `never`, `always` or `if_not_worse`.
     pub promote: Promotion,
     /// For `if_not_worse`: how much lower (absolute, 0..1) a candidate's mAP may be.
     pub tolerance_map: f64,
-    /// Redeliver a candidate not acked within this many seconds.
-    pub ack_wait_secs: u64,
-    /// Deliveries of a failing candidate before it becomes a dead letter.
-    pub max_deliver: i64,
-    /// Delay before a transient failure is retried, in milliseconds.
-    pub retry_delay_ms: u64,
 }
 
 impl Default for RegistrySettings {
     fn default() -> Self {
         RegistrySettings {
-            durable: STAGE.into(),
             promote: Promotion::IfNotWorse,
             tolerance_map: 0.01,
-            ack_wait_secs: 60,
-            max_deliver: 5,
-            retry_delay_ms: 2000,
         }
     }
 }
 
-/// The validated configuration the stage runs with.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// NATS connection.
-    pub nats: NatsConfig,
-    /// Streams.
-    pub streams: Topology,
-    /// `/metrics`.
-    pub metrics: MetricsConfig,
-    /// Logging.
-    pub log: LogConfig,
-    /// Policy.
+/// The promotion policy, validated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Policy {
+    /// When a candidate becomes live.
     pub promote: Promotion,
     /// Its tolerance.
     pub tolerance_map: f64,
-    /// The consumer.
-    pub consumer: ConsumerSpec,
 }
 
-impl Config {
-    /// Loads the file under `PCB_*` variables and validates it.
-    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let file: FileConfig = load_config(path)?;
-        file.validate().map_err(|p| ConfigError::invalid(path, p))
+impl Stage for RegistryStage {
+    const NAME: StageName = STAGE;
+    type Settings = RegistrySettings;
+    type Config = Policy;
+    type Error = RegistryStageError;
+    type Args = NoArgs;
+
+    fn consumer_defaults() -> Option<ConsumerSettings> {
+        // One candidate at a time: versions are numbered in the order they are taken.
+        ConsumerSettings::defaults(STAGE).map(|c| ConsumerSettings {
+            concurrency: 1,
+            ..c
+        })
     }
-}
 
-impl FileConfig {
-    /// Checks every value and reports all problems at once.
-    pub fn validate(self) -> Result<Config, Problems> {
-        let mut p = Problems::default();
-        validate_common(&self.nats, &self.streams, &self.metrics, &self.log, &mut p);
-        let r = &self.registry;
-        p.check(r.durable.trim().is_empty(), "registry.durable", "is empty");
+    fn validate(r: RegistrySettings, p: &mut Problems) -> Option<Policy> {
         p.check(
             !(0.0..=1.0).contains(&r.tolerance_map),
             "registry.tolerance_map",
             "must be between 0 and 1 (mAP is a fraction)",
         );
-        p.check(
-            r.ack_wait_secs == 0,
-            "registry.ack_wait_secs",
-            "must be at least 1",
-        );
-        p.check(
-            r.max_deliver < 1,
-            "registry.max_deliver",
-            "must be at least 1",
-        );
-        p.into_result()?;
-        Ok(Config {
+        Some(Policy {
             promote: r.promote,
             tolerance_map: r.tolerance_map,
-            consumer: ConsumerSpec {
-                stage: STAGE.into(),
-                stream: STREAM_TRAINING.into(),
-                durable: r.durable.clone(),
-                filter_subject: SUBJECT_TRAIN_CANDIDATES.into(),
-                ack_wait: Duration::from_secs(r.ack_wait_secs),
-                max_deliver: r.max_deliver,
-                retry_delay: Duration::from_millis(r.retry_delay_ms),
-                concurrency: 1,
-            },
-            nats: self.nats,
-            streams: self.streams,
-            metrics: self.metrics,
-            log: self.log,
         })
+    }
+
+    async fn run(config: Config, ctx: Context) -> Result<(), RegistryStageError> {
+        let metrics = Metrics::new(STAGE.name());
+        let js =
+            pcb_common::stage::prepare(STAGE, &ctx.client, &metrics, &config.metrics, &ctx.shutdown)
+                .await?;
+        let registry = Registry::open(&js).await?;
+        let consumer = config.consumer()?.clone();
+        let Policy {
+            promote: policy,
+            tolerance_map: tolerance,
+        } = config.config;
+        let js2 = js.clone();
+        pcb_common::run_consumer(js, consumer, metrics, ctx.shutdown, move |d| {
+            handle(registry.clone(), js2.clone(), policy, tolerance, d)
+        })
+        .await?;
+        Ok(())
     }
 }
 
 /// Publishes a registry event on `pcb.models.events` (logged, not fatal, when it fails).
 pub async fn publish_event(
     js: &jetstream::Context,
-    kind: &str,
+    kind: ModelEventKind,
     name: &str,
     version: u64,
     by: &str,
     reason: Option<String>,
 ) {
     let event = ModelEvent {
-        kind: kind.into(),
+        kind,
         model: ModelRef {
             name: name.into(),
             version,
@@ -176,7 +136,7 @@ pub async fn publish_event(
         at_ms: pcb_common::now_ms(),
     };
     if let Err(e) = pcb_common::publish(js, SUBJECT_MODEL_EVENTS.into(), &event).await {
-        tracing::warn!(error = %e, kind, name, version, "could not publish a model event");
+        tracing::warn!(error = %e, %kind, name, version, "could not publish a model event");
     }
 }
 
@@ -261,10 +221,10 @@ pub async fn take_candidate(
         .map_err(|e| Rejection::new("register", e.to_string()))?;
     publish_event(
         js,
-        "registered",
+        pcb_schemas::ModelEventKind::Registered,
         &v.name,
         v.version,
-        STAGE,
+        STAGE.name(),
         Some(format!("from job {}", c.job)),
     )
     .await;
@@ -278,14 +238,14 @@ pub async fn take_candidate(
             .promote(&v.name, v.version, "policy")
             .await
             .map_err(|e| Rejection::new("promote", e.to_string()))?;
-        publish_event(js, "promoted", &v.name, v.version, STAGE, Some(why.clone())).await;
+        publish_event(js, pcb_schemas::ModelEventKind::Promoted, &v.name, v.version, STAGE.name(), Some(why.clone())).await;
     } else {
         publish_event(
             js,
-            "not-promoted",
+            pcb_schemas::ModelEventKind::NotPromoted,
             &v.name,
             v.version,
-            STAGE,
+            STAGE.name(),
             Some(why.clone()),
         )
         .await;
@@ -327,31 +287,6 @@ async fn handle(
         }
         Err(r) => Outcome::Reject(r.about(None, c.artifact.clone())),
     }
-}
-
-/// Runs the stage until `shutdown`.
-pub async fn run(
-    config: Config,
-    client: async_nats::Client,
-    shutdown: Shutdown,
-) -> Result<(), RegistryStageError> {
-    let metrics = Metrics::new(STAGE);
-    let js = pcb_common::stage::prepare(
-        &client,
-        &config.streams,
-        &metrics,
-        &config.metrics,
-        &shutdown,
-    )
-    .await?;
-    let registry = Registry::open(&js).await?;
-    let (policy, tolerance) = (config.promote, config.tolerance_map);
-    let js2 = js.clone();
-    pcb_common::run_consumer(js, config.consumer, metrics, shutdown, move |d| {
-        handle(registry.clone(), js2.clone(), policy, tolerance, d)
-    })
-    .await?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -398,8 +333,10 @@ mod tests {
     #[test]
     fn config_problems_are_reported_together() {
         let mut f = FileConfig::default();
-        f.registry.tolerance_map = 2.0;
-        f.registry.max_deliver = 0;
+        f.stage.settings.tolerance_map = 2.0;
+        if let Some(c) = f.stage.consumer.as_mut() {
+            c.max_deliver = 0;
+        }
         let text = f.validate().unwrap_err().to_string();
         assert!(text.contains("registry.tolerance_map"), "{text}");
         assert!(text.contains("registry.max_deliver"), "{text}");

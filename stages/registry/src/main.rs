@@ -1,28 +1,4 @@
-//! `registry` binary: loads config, starts tracing and the shutdown signal, runs the stage.
-
-use std::path::PathBuf;
-
-use anyhow::Context;
-use clap::Parser;
-
-/// Registers trained candidates as model versions and promotes them by policy.
-#[derive(Parser)]
-#[command(version)]
-struct Args {
-    /// TOML config file; `PCB_<SECTION>__<KEY>` environment variables override it.
-    #[arg(long, short, env = "PCB_CONFIG")]
-    config: Option<PathBuf>,
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let config = pcb_registry::Config::load(args.config.as_deref())?;
-    pcb_common::init_tracing(&config.log);
-    let client = pcb_common::connect(&config.nats, "pcb-registry")
-        .await
-        .context("registry cannot start")?;
-    let shutdown = pcb_common::Shutdown::on_signals();
-    pcb_registry::run(config, client, shutdown).await?;
-    Ok(())
+//! `registry` binary: the registry writer stage under the shared stage main.
+fn main() -> std::process::ExitCode {
+    pcb_common::stage::main::<pcb_registry::RegistryStage>()
 }

@@ -194,37 +194,21 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Opens the buckets, creating them on first use.
+    /// Opens the buckets; they are created by the admin step (`pcb init`, `pcb up`), never
+    /// here, so a missing one is named with how to create it.
     pub async fn open(js: &jetstream::Context) -> Result<Registry, RegistryError> {
-        let kv = match js.get_key_value(KV_MODELS).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: KV_MODELS.into(),
-                    description: "PCB model registry: versions and live aliases".into(),
-                    history: 16,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| RegistryError::Open {
-                    bucket: KV_MODELS,
-                    message: e.to_string(),
-                })?,
+        let missing = |bucket: &'static str, e: &dyn std::fmt::Display| RegistryError::Open {
+            bucket,
+            message: format!("{e} (the bucket is created by `pcb init --nats-url URL` or `pcb up`)"),
         };
-        let objects = match js.get_object_store(OBJECTS_MODELS).await {
-            Ok(o) => o,
-            Err(_) => js
-                .create_object_store(object_store::Config {
-                    bucket: OBJECTS_MODELS.into(),
-                    description: Some("PCB model registry: weights".into()),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| RegistryError::Open {
-                    bucket: OBJECTS_MODELS,
-                    message: e.to_string(),
-                })?,
-        };
+        let kv = js
+            .get_key_value(KV_MODELS)
+            .await
+            .map_err(|e| missing(KV_MODELS, &e))?;
+        let objects = js
+            .get_object_store(OBJECTS_MODELS)
+            .await
+            .map_err(|e| missing(OBJECTS_MODELS, &e))?;
         Ok(Registry { kv, objects })
     }
 

@@ -1,74 +1,98 @@
 //! The shard router stage: `pcb.images.encoded` → labelled images get a stable split and
 //! shard and go to `pcb.shards.<k>`; unlabelled images are not routed.
 
-use std::path::Path;
-use std::time::Duration;
-
-use pcb_common::ack::{ConsumerSpec, Delivery};
+use pcb_common::ack::Delivery;
 use pcb_common::{
-    load_config, validate_common, ConfigError, LogConfig, Metrics, MetricsConfig, NatsConfig,
-    Outcome, Problems, Rejection, Shutdown, Topology,
+    ConsumerSettings, Context, Metrics, NoArgs, Outcome, Problems, Rejection, Stage, StageFile,
+    Validated,
 };
 use pcb_schemas::{
-    decode, shard_subject, EncodedImage, ShardRecord, Split, DEFAULT_SHARD_COUNT, STREAM_IMAGES,
-    SUBJECT_ENCODED,
+    decode, shard_subject, EncodedImage, ShardRecord, Split, StageName, DEFAULT_SHARD_COUNT,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// The router stage.
+pub struct Router;
+
 /// The stage's name: its durable, its dead-letter subject and its metrics label.
-pub const STAGE: &str = "router";
+pub const STAGE: StageName = StageName::Router;
 
 /// The router's config file.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct FileConfig {
-    /// NATS connection.
-    pub nats: NatsConfig,
-    /// Streams to provision before consuming.
-    pub streams: Topology,
-    /// `/metrics` endpoint.
-    pub metrics: MetricsConfig,
-    /// Logging.
-    pub log: LogConfig,
-    /// The router's own settings.
-    pub router: RouterSettings,
-}
+pub type FileConfig = StageFile<Router>;
 
-/// Settings of the router.
+/// The router's validated config.
+pub type Config = Validated<Router>;
+
+/// Settings of the router (the `[router]` section, beside its consumer keys).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RouterSettings {
-    /// Durable consumer name, shared by every replica.
-    pub durable: String,
     /// Number of training shards N (`pcb.shards.0` .. `pcb.shards.<N-1>`).
     pub shard_count: u32,
     /// Share of labelled images held out for validation when the dataset gives no split.
     pub val_fraction: f64,
     /// Use the split the dataset's own lists give (DeepPCB `trainval.txt`/`test.txt`).
     pub use_dataset_split: bool,
-    /// Messages handled at once.
-    pub concurrency: usize,
-    /// Redeliver a message not acked within this many seconds.
-    pub ack_wait_secs: u64,
-    /// Deliveries of a failing message before it becomes a dead letter.
-    pub max_deliver: i64,
-    /// Delay before a transient failure is retried, in milliseconds.
-    pub retry_delay_ms: u64,
 }
 
 impl Default for RouterSettings {
     fn default() -> Self {
         RouterSettings {
-            durable: STAGE.into(),
             shard_count: DEFAULT_SHARD_COUNT,
             val_fraction: 0.2,
             use_dataset_split: true,
+        }
+    }
+}
+
+impl Stage for Router {
+    const NAME: StageName = STAGE;
+    type Settings = RouterSettings;
+    type Config = Assigner;
+    type Error = RouterError;
+    type Args = NoArgs;
+
+    fn consumer_defaults() -> Option<ConsumerSettings> {
+        // Routing is a hash and a publish: many in flight, and a short ack wait.
+        ConsumerSettings::defaults(STAGE).map(|c| ConsumerSettings {
             concurrency: 32,
             ack_wait_secs: 30,
-            max_deliver: 5,
-            retry_delay_ms: 2000,
-        }
+            ..c
+        })
+    }
+
+    fn validate(r: RouterSettings, p: &mut Problems) -> Option<Assigner> {
+        p.check(
+            r.shard_count == 0 || r.shard_count > 1024,
+            "router.shard_count",
+            "must be between 1 and 1024",
+        );
+        p.check(
+            !(0.0..1.0).contains(&r.val_fraction),
+            "router.val_fraction",
+            "must be at least 0 and below 1",
+        );
+        Some(Assigner {
+            shard_count: r.shard_count,
+            val_fraction: r.val_fraction,
+            use_dataset_split: r.use_dataset_split,
+        })
+    }
+
+    async fn run(config: Config, ctx: Context) -> Result<(), RouterError> {
+        let metrics = Metrics::new(STAGE.name());
+        let js =
+            pcb_common::stage::prepare(STAGE, &ctx.client, &metrics, &config.metrics, &ctx.shutdown)
+                .await?;
+        let consumer = config.consumer()?.clone();
+        let a = config.config;
+        let js2 = js.clone();
+        pcb_common::run_consumer(js, consumer, metrics, ctx.shutdown, move |d| {
+            handle(js2.clone(), a, d)
+        })
+        .await?;
+        Ok(())
     }
 }
 
@@ -116,88 +140,6 @@ fn hash64(domain: &str, id: &str) -> u64 {
     u64::from_be_bytes(first)
 }
 
-/// The validated configuration the stage runs with.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// NATS connection.
-    pub nats: NatsConfig,
-    /// Streams.
-    pub streams: Topology,
-    /// `/metrics`.
-    pub metrics: MetricsConfig,
-    /// Logging.
-    pub log: LogConfig,
-    /// Split and shard assignment.
-    pub assigner: Assigner,
-    /// The consumer.
-    pub consumer: ConsumerSpec,
-}
-
-impl Config {
-    /// Loads the file under `PCB_*` variables and validates it.
-    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let file: FileConfig = load_config(path)?;
-        file.validate().map_err(|p| ConfigError::invalid(path, p))
-    }
-}
-
-impl FileConfig {
-    /// Checks every value and reports all problems at once.
-    pub fn validate(self) -> Result<Config, Problems> {
-        let mut p = Problems::default();
-        validate_common(&self.nats, &self.streams, &self.metrics, &self.log, &mut p);
-        let r = &self.router;
-        p.check(r.durable.trim().is_empty(), "router.durable", "is empty");
-        p.check(
-            r.shard_count == 0 || r.shard_count > 1024,
-            "router.shard_count",
-            "must be between 1 and 1024",
-        );
-        p.check(
-            !(0.0..1.0).contains(&r.val_fraction),
-            "router.val_fraction",
-            "must be at least 0 and below 1",
-        );
-        p.check(
-            r.concurrency == 0,
-            "router.concurrency",
-            "must be at least 1",
-        );
-        p.check(
-            r.ack_wait_secs == 0,
-            "router.ack_wait_secs",
-            "must be at least 1",
-        );
-        p.check(
-            r.max_deliver < 1,
-            "router.max_deliver",
-            "must be at least 1",
-        );
-        p.into_result()?;
-        Ok(Config {
-            assigner: Assigner {
-                shard_count: r.shard_count,
-                val_fraction: r.val_fraction,
-                use_dataset_split: r.use_dataset_split,
-            },
-            consumer: ConsumerSpec {
-                stage: STAGE.into(),
-                stream: STREAM_IMAGES.into(),
-                durable: r.durable.clone(),
-                filter_subject: SUBJECT_ENCODED.into(),
-                ack_wait: Duration::from_secs(r.ack_wait_secs),
-                max_deliver: r.max_deliver,
-                retry_delay: Duration::from_millis(r.retry_delay_ms),
-                concurrency: r.concurrency,
-            },
-            nats: self.nats,
-            streams: self.streams,
-            metrics: self.metrics,
-            log: self.log,
-        })
-    }
-}
-
 /// The shard record of an encoded image, or `None` when it carries no labels.
 pub fn route(rec: EncodedImage, a: &Assigner, now_ms: i64) -> Option<ShardRecord> {
     rec.labels.as_ref()?;
@@ -242,30 +184,6 @@ async fn handle(js: async_nats::jetstream::Context, a: Assigner, d: Delivery) ->
         Ok(_) => Outcome::Done,
         Err(e) => Outcome::Retry(e.to_string()),
     }
-}
-
-/// Runs the router until `shutdown`.
-pub async fn run(
-    config: Config,
-    client: async_nats::Client,
-    shutdown: Shutdown,
-) -> Result<(), RouterError> {
-    let metrics = Metrics::new(STAGE);
-    let js = pcb_common::stage::prepare(
-        &client,
-        &config.streams,
-        &metrics,
-        &config.metrics,
-        &shutdown,
-    )
-    .await?;
-    let a = config.assigner;
-    let js2 = js.clone();
-    pcb_common::run_consumer(js, config.consumer, metrics, shutdown, move |d| {
-        handle(js2.clone(), a, d)
-    })
-    .await?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -360,8 +278,8 @@ mod tests {
     #[test]
     fn config_problems_are_reported_together() {
         let mut f = FileConfig::default();
-        f.router.shard_count = 0;
-        f.router.val_fraction = 1.5;
+        f.stage.settings.shard_count = 0;
+        f.stage.settings.val_fraction = 1.5;
         let text = f.validate().unwrap_err().to_string();
         assert!(
             text.contains("router.shard_count") && text.contains("router.val_fraction"),

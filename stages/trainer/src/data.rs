@@ -8,8 +8,9 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer};
 use base64::Engine;
 use futures::StreamExt;
+use pcb_datasets::ClassMap;
 use pcb_schemas::{decode, shard_subject, DeadLetter, ShardRecord, Split, SCHEMA_HEADER};
-use pcb_vision::data::{decode_grey, Board};
+use pcb_vision::data::{box_rows, decode_grey, Board};
 
 /// Why the snapshot could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -251,13 +252,11 @@ fn item_of(rec: &ShardRecord, seq: u64) -> Result<Item, String> {
         .map(|t| b64.decode(t))
         .transpose()
         .map_err(|e| format!("template_b64 is not base64: {e}"))?;
-    let boxes = r
-        .labels
-        .as_ref()
-        .ok_or_else(|| "a shard record without labels".to_string())?
-        .iter()
-        .map(|b| ([b.x1, b.y1, b.x2, b.y2], i64::from(b.class_id)))
-        .collect();
+    let boxes = box_rows(
+        r.labels
+            .as_ref()
+            .ok_or_else(|| "a shard record without labels".to_string())?,
+    );
     Ok(Item {
         image_id: r.image_id.clone(),
         seq,
@@ -276,7 +275,7 @@ fn dead_letter(
     reason: String,
 ) -> DeadLetter {
     DeadLetter {
-        stage: crate::STAGE.into(),
+        stage: crate::STAGE.name().into(),
         reason_code: code.into(),
         reason,
         image_id,
@@ -290,13 +289,14 @@ fn dead_letter(
 
 /// Boxes per class name among `items`.
 pub fn boxes_per_class(items: &[Item]) -> BTreeMap<String, u64> {
+    let classes = ClassMap::default();
     let mut out = BTreeMap::new();
     for it in items {
         for (_, c) in &it.boxes {
-            let name = pcb_schemas::CLASS_NAMES
-                .get((*c as usize).wrapping_sub(1))
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| format!("class-{c}"));
+            let name = u16::try_from(*c)
+                .ok()
+                .and_then(|id| classes.name_of(id))
+                .map_or_else(|| format!("class-{c}"), str::to_string);
             *out.entry(name).or_insert(0) += 1;
         }
     }

@@ -5,17 +5,14 @@ pub mod data;
 pub mod dist;
 pub mod job;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pcb_common::{
-    load_config, validate_common, ConfigError, LogConfig, MetricsConfig, NatsConfig, Problems,
-    Shutdown, Topology,
-};
+use pcb_common::{Context, Problems, Shutdown, Stage, StageFile, Validated};
 use pcb_schemas::{
-    Snapshot, TrainCandidate, TrainProgress, STREAM_SHARDS, SUBJECT_TRAIN_CANDIDATES,
+    Snapshot, StageName, TrainCandidate, TrainProgress, STREAM_SHARDS, SUBJECT_TRAIN_CANDIDATES,
     SUBJECT_TRAIN_PROGRESS,
 };
 use pcb_vision::train::TrainConfig;
@@ -26,23 +23,33 @@ use sha2::{Digest, Sha256};
 pub use dist::{Backend, DistConfig, DistError, GradSync, ProcessGroup};
 pub use job::{JobError, JobSpec, JobState};
 
+/// The trainer stage (one rank of a job).
+pub struct Trainer;
+
 /// The stage's name: its dead-letter subject and its metrics label.
-pub const STAGE: &str = "trainer";
+pub const STAGE: StageName = StageName::Trainer;
 
 /// The trainer's config file.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FileConfig {
-    /// NATS connection.
-    pub nats: NatsConfig,
-    /// Streams to provision before reading.
-    pub streams: Topology,
-    /// `/metrics` endpoint.
-    pub metrics: MetricsConfig,
-    /// Logging.
-    pub log: LogConfig,
-    /// The job and this rank.
-    pub trainer: TrainerSettings,
+pub type FileConfig = StageFile<Trainer>;
+
+/// A rank's validated config.
+pub type Config = Validated<Trainer>;
+
+/// A rank's own flags; each overrides the config and torchrun's variable of the same name.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TrainerArgs {
+    /// This rank (overrides the config and `RANK`).
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Ranks in the job (overrides the config and `WORLD_SIZE`).
+    #[arg(long)]
+    pub world_size: Option<usize>,
+    /// Address of rank 0 (overrides the config and `MASTER_ADDR`).
+    #[arg(long)]
+    pub master_addr: Option<String>,
+    /// Port of rank 0's store (overrides the config and `MASTER_PORT`).
+    #[arg(long)]
+    pub master_port: Option<u16>,
 }
 
 /// Settings of a training job and of this rank in it.
@@ -80,17 +87,17 @@ pub struct TrainerSettings {
     /// Publish a sha256 of the parameters with every step (slow on big models; for checks).
     pub param_digest: bool,
     /// `random` (torchvision's) or `first` (deterministic, for reproducibility checks).
-    pub sampling: String,
+    pub sampling: SamplingChoice,
     /// Batches decoded ahead of the model.
     pub prefetch_batches: usize,
     /// `auto` (GPU `rank mod count` when CUDA is present, else the CPU), `cpu` or `cuda`.
     /// CUDA is opened at run time (`libtorch_cuda.so` through `LD_LIBRARY_PATH` or the
     /// project's libtorch), so the same binary runs on machines without it.
-    pub device: String,
+    pub device: DeviceChoice,
     /// Collectives engine: `auto` (NCCL when the rank is on a GPU and the NCCL shim built by
     /// `deploy/build-nccl-shim.sh` loads, else Gloo), `gloo` (GPU ranks stage through host
     /// memory) or `nccl` (an error when unavailable).
-    pub backend: String,
+    pub backend: BackendChoice,
     /// Retraining policy for `pcb up`: start a job whenever this many new labelled images
     /// reached the shard streams since the last job's snapshot (0: only by hand).
     pub retrain_every_images: u64,
@@ -117,10 +124,10 @@ impl Default for TrainerSettings {
             bucket_mib: 25,
             eval: true,
             param_digest: false,
-            sampling: "random".into(),
+            sampling: SamplingChoice::Random,
             prefetch_batches: 2,
-            device: "auto".into(),
-            backend: "auto".into(),
+            device: DeviceChoice::Auto,
+            backend: BackendChoice::Auto,
             retrain_every_images: 0,
             // The CPU recipe of the README: ResNet-18 FPN with 128 channels, trainable
             // batch norm from scratch, image + template + difference at the board's scale.
@@ -151,17 +158,65 @@ impl Default for TrainerSettings {
     }
 }
 
-/// The validated configuration a rank runs with.
+/// How training batches sample their proposals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SamplingChoice {
+    /// At random, as torchvision does.
+    Random,
+    /// The first ones: deterministic, for reproducibility checks.
+    First,
+}
+
+/// Where a rank computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// The rank's GPU when CUDA loads, else the CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// A GPU (an error when none is usable).
+    Cuda,
+}
+
+impl DeviceChoice {
+    /// The spelling `pcb_vision::cuda::device_for` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceChoice::Auto => "auto",
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Cuda => "cuda",
+        }
+    }
+}
+
+/// The collectives engine of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// NCCL for GPU ranks when the shim loads, else Gloo.
+    Auto,
+    /// Gloo (GPU ranks stage through host memory).
+    Gloo,
+    /// NCCL (an error when unavailable).
+    Nccl,
+}
+
+impl BackendChoice {
+    /// The spelling `Backend::resolve` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Gloo => "gloo",
+            BackendChoice::Nccl => "nccl",
+        }
+    }
+}
+
+/// A rank's settings, validated.
 #[derive(Debug, Clone)]
-pub struct Config {
-    /// NATS connection.
-    pub nats: NatsConfig,
-    /// Streams.
-    pub streams: Topology,
-    /// `/metrics`.
-    pub metrics: MetricsConfig,
-    /// Logging.
-    pub log: LogConfig,
+pub struct Options {
     /// Rendezvous and collectives.
     pub dist: DistConfig,
     /// The configured collectives engine (`auto`, `gloo`, `nccl`), resolved by `run`.
@@ -176,18 +231,6 @@ pub struct Config {
     pub snapshot_seq: u64,
     /// libtorch threads (0: default).
     pub threads: usize,
-}
-
-impl Config {
-    /// Loads the file under `PCB_*` variables, then torchrun's `RANK`, `WORLD_SIZE`,
-    /// `MASTER_ADDR` and `MASTER_PORT`, and validates it.
-    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let mut file: FileConfig = load_config(path)?;
-        let mut p = Problems::default();
-        file.trainer.apply_torchrun_env(&mut p);
-        p.into_result().map_err(|p| ConfigError::invalid(path, p))?;
-        file.validate().map_err(|p| ConfigError::invalid(path, p))
-    }
 }
 
 impl TrainerSettings {
@@ -219,12 +262,36 @@ impl TrainerSettings {
     }
 }
 
-impl FileConfig {
-    /// Checks every value and reports all problems at once.
-    pub fn validate(self) -> Result<Config, Problems> {
-        let mut p = Problems::default();
-        validate_common(&self.nats, &self.streams, &self.metrics, &self.log, &mut p);
-        let t = &self.trainer;
+impl Stage for Trainer {
+    const NAME: StageName = STAGE;
+    type Settings = TrainerSettings;
+    type Config = Options;
+    type Error = TrainerError;
+    type Args = TrainerArgs;
+
+    /// torchrun's `RANK`, `WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT`, then the flags.
+    fn apply_args(args: &TrainerArgs, file: &mut FileConfig, p: &mut Problems) {
+        let t = &mut file.stage.settings;
+        t.apply_torchrun_env(p);
+        if let Some(r) = args.rank {
+            t.rank = r;
+        }
+        if let Some(w) = args.world_size {
+            t.world_size = w;
+        }
+        if let Some(a) = &args.master_addr {
+            t.master_addr = a.clone();
+        }
+        if let Some(port) = args.master_port {
+            t.master_port = port;
+        }
+    }
+
+    async fn run(config: Config, ctx: Context) -> Result<(), TrainerError> {
+        run(config, ctx.client, ctx.shutdown).await.map(|_| ())
+    }
+
+    fn validate(t: TrainerSettings, p: &mut Problems) -> Option<Options> {
         let job_ok = !t.job.is_empty()
             && t.job
                 .chars()
@@ -279,36 +346,19 @@ impl FileConfig {
             "trainer.prefetch_batches",
             "must be at least 1",
         );
-        p.check(
-            !matches!(t.device.as_str(), "auto" | "cpu" | "cuda"),
-            "trainer.device",
-            format!("{:?} is not auto, cpu or cuda", t.device),
-        );
-        if t.device == "cuda" {
+        if t.device == DeviceChoice::Cuda {
             if let Err(e) = pcb_vision::cuda::device_for("cuda", 0) {
                 p.push("trainer.device", format!("cuda asked for, but {e}"));
             }
         }
         p.check(
-            !matches!(t.backend.as_str(), "auto" | "gloo" | "nccl"),
-            "trainer.backend",
-            format!("{:?} is not auto, gloo or nccl", t.backend),
-        );
-        p.check(
-            t.backend == "nccl" && t.device == "cpu",
+            t.backend == BackendChoice::Nccl && t.device == DeviceChoice::Cpu,
             "trainer.backend",
             "nccl needs device = \"cuda\" or \"auto\" on a machine with GPUs",
         );
-        let sampling = match t.sampling.as_str() {
-            "random" => Sampling::Random,
-            "first" => Sampling::First,
-            other => {
-                p.push(
-                    "trainer.sampling",
-                    format!("{other:?} is neither \"random\" nor \"first\""),
-                );
-                Sampling::Random
-            }
+        let sampling = match t.sampling {
+            SamplingChoice::Random => Sampling::Random,
+            SamplingChoice::First => Sampling::First,
         };
         let o = &t.optim;
         p.check(o.epochs == 0, "trainer.optim.epochs", "must be at least 1");
@@ -366,9 +416,7 @@ impl FileConfig {
             "trainer.model.box_batch_size_per_image",
             "must be at least 1",
         );
-        p.into_result()?;
-        let t = self.trainer;
-        Ok(Config {
+        Some(Options {
             dist: DistConfig {
                 master_addr: t.master_addr.clone(),
                 master_port: t.master_port,
@@ -379,7 +427,7 @@ impl FileConfig {
                 // Resolved in `run`, once CUDA is opened, from `backend`.
                 backend: Backend::Gloo,
             },
-            backend: t.backend.clone(),
+            backend: t.backend.as_str().to_string(),
             job: JobSpec {
                 job: t.job.clone(),
                 dir: t.out_dir.join(&t.job),
@@ -390,16 +438,12 @@ impl FileConfig {
                 eval: t.eval,
                 param_digest: t.param_digest,
                 prefetch: t.prefetch_batches,
-                device: t.device.clone(),
+                device: t.device.as_str().to_string(),
             },
             model_name: t.model_name,
             shard_count: t.shard_count,
             snapshot_seq: t.snapshot_seq,
             threads: t.threads,
-            nats: self.nats,
-            streams: self.streams,
-            metrics: self.metrics,
-            log: self.log,
         })
     }
 }
@@ -498,17 +542,16 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<Option<TrainCandidate>, TrainerError> {
     // First of all libtorch work: CUDA must be loaded before libtorch first asks for it.
+    let Validated {
+        metrics: metrics_cfg,
+        config,
+        ..
+    } = config;
     let device = pcb_vision::cuda::device_for(&config.job.device, config.dist.rank)
         .map_err(|e| TrainerError::Dist(DistError::Argument(e.to_string())))?;
-    let metrics = pcb_common::Metrics::new(STAGE);
-    let js = pcb_common::stage::prepare(
-        &client,
-        &config.streams,
-        &metrics,
-        &config.metrics,
-        &shutdown,
-    )
-    .await?;
+    let metrics = pcb_common::Metrics::new(STAGE.name());
+    let js =
+        pcb_common::stage::prepare(STAGE, &client, &metrics, &metrics_cfg, &shutdown).await?;
     if config.threads > 0 {
         tch::set_num_threads(config.threads as i32);
     }
@@ -729,17 +772,17 @@ mod tests {
     #[test]
     fn every_problem_is_reported_at_once() {
         let mut f = FileConfig::default();
-        f.trainer.job = "a/b".into();
-        f.trainer.world_size = 2;
-        f.trainer.rank = 2;
-        f.trainer.sampling = "best".into();
-        f.trainer.optim.epochs = 0;
+        f.stage.settings.job = "a/b".into();
+        f.stage.settings.world_size = 2;
+        f.stage.settings.rank = 2;
+        f.stage.settings.master_port = 0;
+        f.stage.settings.optim.epochs = 0;
         let p = f.validate().unwrap_err();
         let text = p.to_string();
         for key in [
             "trainer.job",
             "trainer.rank",
-            "trainer.sampling",
+            "trainer.master_port",
             "trainer.optim.epochs",
         ] {
             assert!(text.contains(key), "{key} missing from:\n{text}");
@@ -749,9 +792,9 @@ mod tests {
     #[test]
     fn defaults_validate_into_the_cpu_recipe() {
         let c = FileConfig::default().validate().unwrap();
-        assert_eq!(c.dist.world, 1);
-        assert_eq!(c.job.model.fpn_channels, 128);
-        assert_eq!(c.job.optim.batch_size, 4);
-        assert_eq!(c.job.dir, PathBuf::from("jobs/pcb"));
+        assert_eq!(c.config.dist.world, 1);
+        assert_eq!(c.config.job.model.fpn_channels, 128);
+        assert_eq!(c.config.job.optim.batch_size, 4);
+        assert_eq!(c.config.job.dir, PathBuf::from("jobs/pcb"));
     }
 }

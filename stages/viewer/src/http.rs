@@ -235,13 +235,12 @@ async fn detections(
         f.board = Some(b.to_string());
     }
     if let Some(v) = nonempty(&q.verdict) {
-        if v != "pass" && v != "fail" {
-            return Err(ApiError::bad(format!(
+        f.verdict = Some(v.parse().map_err(|_| {
+            ApiError::bad(format!(
                 "verdict {:?} is neither pass nor fail",
                 truncate(v, 40)
-            )));
-        }
-        f.verdict = Some(v.to_string());
+            ))
+        })?);
     }
     if let Some(c) = nonempty(&q.class) {
         check_label("class", c, 64)?;
@@ -507,10 +506,13 @@ async fn change_live(
             };
             (
                 s.registry.promote(name, version, "viewer").await,
-                "promoted",
+                pcb_schemas::ModelEventKind::Promoted,
             )
         }
-        Change::Rollback => (s.registry.rollback(name, "viewer").await, "rolled-back"),
+        Change::Rollback => (
+            s.registry.rollback(name, "viewer").await,
+            pcb_schemas::ModelEventKind::RolledBack,
+        ),
     };
     let alias = result.map_err(|e| match e {
         pcb_registry::RegistryError::NoHistory(m) => ApiError(
@@ -524,7 +526,7 @@ async fn change_live(
     tracing::info!(
         name,
         version = alias.version,
-        kind,
+        %kind,
         "live model changed from the viewer"
     );
     Ok(Json(json!({"name": name, "live": alias.version})))

@@ -32,7 +32,7 @@ pub struct Summary {
     /// `name@version`.
     pub model: String,
     /// `pass` or `fail`.
-    pub verdict: String,
+    pub verdict: pcb_schemas::Verdict,
     /// Number of reported defects.
     pub defects: usize,
     /// Class of the best-scoring defect.
@@ -105,7 +105,7 @@ pub struct Filter {
     /// Substring of the board id.
     pub board: Option<String>,
     /// `pass` or `fail`.
-    pub verdict: Option<String>,
+    pub verdict: Option<pcb_schemas::Verdict>,
     /// A class among the board's defects.
     pub class: Option<String>,
     /// Detected at or after, ms.
@@ -425,7 +425,7 @@ fn matches(e: &Entry, f: &Filter) -> bool {
         && f.board
             .as_ref()
             .is_none_or(|b| s.board_id.contains(b.as_str()))
-        && f.verdict.as_ref().is_none_or(|v| &s.verdict == v)
+        && f.verdict.is_none_or(|v| s.verdict == v)
         && f.class
             .as_ref()
             .is_none_or(|c| e.classes.iter().any(|(k, _)| k == c))
@@ -455,7 +455,7 @@ fn entry_of(d: &Detection, seq: u64) -> Entry {
             captured_at: d.captured_at,
             detected_at: d.detected_at,
             model: format!("{}@{}", d.model.name, d.model.version),
-            verdict: d.verdict.clone(),
+            verdict: d.verdict,
             defects: d.defects.len(),
             top_class: top.map(|t| t.class.clone()),
             top_score: top.map(|t| t.score),
@@ -497,9 +497,9 @@ mod tests {
                 version,
             },
             verdict: if defects.iter().any(|d| d.score >= 0.5) {
-                "fail".into()
+                pcb_schemas::Verdict::Fail
             } else {
-                "pass".into()
+                pcb_schemas::Verdict::Pass
             },
             defects,
             inference_ms: 10.0,
@@ -567,7 +567,7 @@ mod tests {
         let odd_fail = ix.page(
             &Filter {
                 line: Some("odd".into()),
-                verdict: Some("fail".into()),
+                verdict: Some(pcb_schemas::Verdict::Fail),
                 ..Filter::default()
             },
             1,

@@ -7,34 +7,25 @@ pub mod index;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use async_nats::jetstream;
-use pcb_common::{
-    load_config, validate_common, ConfigError, LogConfig, MetricsConfig, NatsConfig, Problems,
-    Shutdown, Topology,
-};
+use pcb_common::{Context, NoArgs, Problems, Shutdown, Stage, StageFile, Validated};
+use pcb_schemas::StageName;
 use serde::{Deserialize, Serialize};
 
+/// The viewer stage.
+pub struct Viewer;
+
 /// The stage's name: its metrics label.
-pub const STAGE: &str = "viewer";
+pub const STAGE: StageName = StageName::Viewer;
 
 /// The viewer's config file.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct FileConfig {
-    /// NATS connection.
-    pub nats: NatsConfig,
-    /// Streams to provision before reading.
-    pub streams: Topology,
-    /// `/metrics` endpoint.
-    pub metrics: MetricsConfig,
-    /// Logging.
-    pub log: LogConfig,
-    /// The viewer's own settings.
-    pub viewer: ViewerSettings,
-}
+pub type FileConfig = StageFile<Viewer>;
+
+/// The viewer's validated config.
+pub type Config = Validated<Viewer>;
+
 
 /// Settings of the viewer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -69,17 +60,9 @@ impl Default for ViewerSettings {
     }
 }
 
-/// The validated configuration the stage runs with.
+/// The viewer's settings, validated.
 #[derive(Debug, Clone)]
-pub struct Config {
-    /// NATS connection.
-    pub nats: NatsConfig,
-    /// Streams.
-    pub streams: Topology,
-    /// `/metrics`.
-    pub metrics: MetricsConfig,
-    /// Logging.
-    pub log: LogConfig,
+pub struct Options {
     /// Where to listen.
     pub addr: SocketAddr,
     /// Required for promote and rollback, when set.
@@ -94,20 +77,14 @@ pub struct Config {
     pub url_file: Option<std::path::PathBuf>,
 }
 
-impl Config {
-    /// Loads the file under `PCB_*` variables and validates it.
-    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let file: FileConfig = load_config(path)?;
-        file.validate().map_err(|p| ConfigError::invalid(path, p))
-    }
-}
+impl Stage for Viewer {
+    const NAME: StageName = STAGE;
+    type Settings = ViewerSettings;
+    type Config = Options;
+    type Error = ViewerError;
+    type Args = NoArgs;
 
-impl FileConfig {
-    /// Checks every value and reports all problems at once.
-    pub fn validate(self) -> Result<Config, Problems> {
-        let mut p = Problems::default();
-        validate_common(&self.nats, &self.streams, &self.metrics, &self.log, &mut p);
-        let v = &self.viewer;
+    fn validate(v: ViewerSettings, p: &mut Problems) -> Option<Options> {
         let addr = match v.addr.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(e) => {
@@ -146,20 +123,18 @@ impl FileConfig {
             "viewer.loss_points",
             "must be at least 10",
         );
-        p.into_result()?;
-        let v = self.viewer;
-        Ok(Config {
+        Some(Options {
             addr: addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             token: (!v.token.trim().is_empty()).then(|| v.token.trim().to_string()),
             max_page_size: v.max_page_size,
             max_upload_bytes: v.max_upload_bytes,
             loss_points: v.loss_points,
             url_file: (!v.url_file.is_empty()).then(|| std::path::PathBuf::from(&v.url_file)),
-            nats: self.nats,
-            streams: self.streams,
-            metrics: self.metrics,
-            log: self.log,
         })
+    }
+
+    async fn run(config: Config, ctx: Context) -> Result<(), ViewerError> {
+        run_with(config, ctx.client, ctx.shutdown, None).await
     }
 }
 
@@ -233,7 +208,7 @@ pub struct State {
     /// The registry.
     pub registry: pcb_registry::Registry,
     /// Settings.
-    pub config: Config,
+    pub config: Options,
     /// Prometheus counters.
     pub metrics: pcb_common::Metrics,
     /// Ends the event streams, so a graceful stop does not wait on open pages.
@@ -247,15 +222,10 @@ pub async fn run_with(
     shutdown: Shutdown,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<(), ViewerError> {
-    let metrics = pcb_common::Metrics::new(STAGE);
-    let js = pcb_common::stage::prepare(
-        &client,
-        &config.streams,
-        &metrics,
-        &config.metrics,
-        &shutdown,
-    )
-    .await?;
+    let metrics = pcb_common::Metrics::new(STAGE.name());
+    let js =
+        pcb_common::stage::prepare(STAGE, &client, &metrics, &config.metrics, &shutdown).await?;
+    let config = config.config;
     let registry = pcb_registry::Registry::open(&js).await?;
     let (events, _) = tokio::sync::broadcast::channel(1024);
     let state = Arc::new(State {
@@ -304,15 +274,6 @@ pub async fn run_with(
     })
 }
 
-/// Serves until `shutdown`.
-pub async fn run(
-    config: Config,
-    client: async_nats::Client,
-    shutdown: Shutdown,
-) -> Result<(), ViewerError> {
-    run_with(config, client, shutdown, None).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,8 +306,8 @@ mod tests {
     #[test]
     fn defaults_bind_loopback_without_a_token() {
         let c = validate("").expect("valid");
-        assert_eq!(c.addr.to_string(), "127.0.0.1:8080");
-        assert!(c.token.is_none());
+        assert_eq!(c.config.addr.to_string(), "127.0.0.1:8080");
+        assert!(c.config.token.is_none());
     }
 
     #[test]
@@ -369,6 +330,6 @@ mod tests {
     #[test]
     fn beyond_loopback_with_a_token_is_fine() {
         let c = validate("[viewer]\naddr = \"0.0.0.0:8080\"\ntoken = \"s3cret\"\n").expect("valid");
-        assert_eq!(c.token.as_deref(), Some("s3cret"));
+        assert_eq!(c.config.token.as_deref(), Some("s3cret"));
     }
 }

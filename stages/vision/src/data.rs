@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use pcb_datasets::{BoxLabel, ClassMap};
 use tch::{Kind, Tensor};
 
 use crate::VisionError;
@@ -33,75 +34,50 @@ pub struct Board {
     pub labels: Tensor,
 }
 
-/// Parses a DeepPCB annotation file: one `x1 y1 x2 y2 type` per line (spaces or commas).
-pub fn parse_deeppcb_labels(text: &str, origin: &str) -> Result<Vec<([f32; 4], i64)>, VisionError> {
-    let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        let fields: Vec<&str> = line
-            .split(|c: char| c.is_whitespace() || c == ',')
-            .filter(|f| !f.is_empty())
-            .collect();
-        let bad = || {
-            VisionError::Data(format!(
-                "{origin}:{}: expected `x1 y1 x2 y2 type`, got {line:?}",
-                n + 1
-            ))
-        };
-        if fields.len() != 5 {
-            return Err(bad());
-        }
-        let mut v = [0f32; 4];
-        for (i, f) in fields[..4].iter().enumerate() {
-            v[i] = f.parse().map_err(|_| bad())?;
-        }
-        let class: i64 = fields[4].parse().map_err(|_| bad())?;
-        if !(v[0] < v[2] && v[1] < v[3]) {
-            return Err(VisionError::Data(format!(
-                "{origin}:{}: empty box {v:?}",
-                n + 1
-            )));
-        }
-        out.push((v, class));
-    }
-    Ok(out)
+/// `x1 y1 x2 y2` corners and class id of each box, as [`Board::new`] takes them.
+pub fn box_rows(labels: &[BoxLabel]) -> Vec<([f32; 4], i64)> {
+    labels
+        .iter()
+        .map(|b| ([b.x1, b.y1, b.x2, b.y2], i64::from(b.class_id)))
+        .collect()
 }
 
 /// The boards of a DeepPCB list file (`trainval.txt`, `val.txt`): each line names
-/// `groupN/N/<id>.jpg groupN/N_not/<id>.txt` relative to `root`.
+/// `groupN/N/<id>.jpg groupN/N_not/<id>.txt` relative to `root`, read by `pcb-datasets` as
+/// the ingester reads them. A box the model cannot learn from (empty or inverted, or of a
+/// class outside DeepPCB's six) is an error naming its file.
 pub fn read_list(root: &Path, list: &Path) -> Result<Vec<BoardFile>, VisionError> {
-    let text = std::fs::read_to_string(list)
-        .map_err(|e| VisionError::Data(format!("reading list {}: {e}", list.display())))?;
-    let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let parts: Vec<&str> = line.split_whitespace().collect();
-        if parts.is_empty() {
-            continue;
-        }
-        if parts.len() != 2 {
-            return Err(VisionError::Data(format!(
-                "{}:{}: expected `<image>.jpg <labels>.txt`, got {line:?}",
-                list.display(),
-                n + 1
-            )));
-        }
-        let stem = parts[0].strip_suffix(".jpg").unwrap_or(parts[0]);
-        let image = root.join(format!("{stem}_test.jpg"));
-        let template = root.join(format!("{stem}_temp.jpg"));
-        let labels = root.join(parts[1]);
-        let text = std::fs::read_to_string(&labels)
-            .map_err(|e| VisionError::Data(format!("reading labels {}: {e}", labels.display())))?;
-        out.push(BoardFile {
-            name: parts[0].to_string(),
-            boxes: parse_deeppcb_labels(&text, &labels.display().to_string())?,
-            template: template.exists().then_some(template),
-            image,
-        });
-    }
-    Ok(out)
+    let classes = ClassMap::default();
+    pcb_datasets::read_list(root, list, &classes)?
+        .into_iter()
+        .map(|board| {
+            for (n, b) in board.boxes.iter().enumerate() {
+                let problem = if !(b.x1 < b.x2 && b.y1 < b.y2) {
+                    "is empty or inverted (needs x1 < x2 and y1 < y2)"
+                } else if classes.name_of(b.class_id).is_none() {
+                    "has no DeepPCB class (1..=6)"
+                } else {
+                    continue;
+                };
+                return Err(VisionError::Data(format!(
+                    "{}: box {} ({}, {}, {}, {}) of class {} {problem}",
+                    board.labels.display(),
+                    n + 1,
+                    b.x1,
+                    b.y1,
+                    b.x2,
+                    b.y2,
+                    b.class_id,
+                )));
+            }
+            Ok(BoardFile {
+                boxes: box_rows(&board.boxes),
+                name: board.name,
+                image: board.image,
+                template: board.template,
+            })
+        })
+        .collect()
 }
 
 /// Decodes an image file to a `[1, H, W]` grey tensor in 0..1.
@@ -251,21 +227,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn deeppcb_labels_parse_and_errors_name_the_line() {
-        let got = parse_deeppcb_labels("10 20 30 40 1\n\n5,6,7,8,6\n", "a.txt").unwrap();
-        assert_eq!(got, vec![([10., 20., 30., 40.], 1), ([5., 6., 7., 8.], 6)]);
-        let e = parse_deeppcb_labels("1 2 3\n", "a.txt")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("a.txt:1"), "{e}");
-        let e = parse_deeppcb_labels("1 2 3 4 x\n", "b.txt")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("b.txt:1"), "{e}");
-        let e = parse_deeppcb_labels("0 0 0 4 1\n", "c.txt")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("empty box"), "{e}");
+    fn listed_boards_read_labels_as_the_ingester_does_and_refuse_unlearnable_boxes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("g/1_not")).unwrap();
+        let list = root.join("list.txt");
+        std::fs::write(&list, "g/1/7.jpg g/1_not/7.txt\n").unwrap();
+        // A byte-order mark used to make the first line unreadable for training alone.
+        std::fs::write(
+            root.join("g/1_not/7.txt"),
+            "\u{feff}10 20 30 40 1\n5,6,7,8,6\n",
+        )
+        .unwrap();
+        let files = read_list(root, &list).unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].name, "g/1/7.jpg");
+        assert_eq!(files[0].image, root.join("g/1/7_test.jpg"));
+        assert_eq!(files[0].template, None);
+        assert_eq!(
+            files[0].boxes,
+            vec![([10., 20., 30., 40.], 1), ([5., 6., 7., 8.], 6)]
+        );
+        // Errors name the file and line as the ingester's dead letters do.
+        std::fs::write(root.join("g/1_not/7.txt"), "1 2 3 4 x\n").unwrap();
+        let e = read_list(root, &list).unwrap_err().to_string();
+        assert!(e.contains("7.txt line 1: type \"x\""), "{e}");
+        std::fs::write(root.join("g/1_not/7.txt"), "1 2 3\n").unwrap();
+        let e = read_list(root, &list).unwrap_err().to_string();
+        assert!(e.contains("7.txt line 1: expected 5 numbers"), "{e}");
+        std::fs::write(root.join("g/1_not/7.txt"), "1 2 3 4 1\n0 0 0 4 1\n").unwrap();
+        let e = read_list(root, &list).unwrap_err().to_string();
+        assert!(
+            e.contains("7.txt: box 2 (0, 0, 0, 4) of class 1 is empty"),
+            "{e}"
+        );
+        std::fs::write(root.join("g/1_not/7.txt"), "1 2 3 4 7\n").unwrap();
+        let e = read_list(root, &list).unwrap_err().to_string();
+        assert!(
+            e.contains("box 1 (1, 2, 3, 4) of class 7 has no DeepPCB class"),
+            "{e}"
+        );
     }
 
     #[test]

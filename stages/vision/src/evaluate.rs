@@ -10,8 +10,8 @@ use crate::model::Detector;
 use crate::transform::compose;
 use crate::VisionError;
 
-/// DeepPCB's class names, class id = index + 1.
-pub const DEEPPCB_CLASSES: [&str; 6] = ["open", "short", "mousebite", "spur", "copper", "pin-hole"];
+/// DeepPCB's class names, class id = index + 1 (the pipeline's, from `pcb-datasets`).
+pub const DEEPPCB_CLASSES: [&str; 6] = pcb_datasets::CLASS_NAMES;
 
 /// Detects on every board (one at a time, as a line does) and evaluates; `progress` gets
 /// the count done after each board.

@@ -41,6 +41,9 @@ pub enum VisionError {
     /// A dataset file that cannot be read or parsed.
     #[error("data: {0}")]
     Data(String),
+    /// A dataset list or label file that `pcb-datasets` cannot read or parse.
+    #[error("data: {0}")]
+    Dataset(#[from] pcb_datasets::DatasetError),
     /// libtorch refused an operation.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),

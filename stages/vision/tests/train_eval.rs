@@ -119,7 +119,7 @@ fn a_missing_list_or_bad_labels_are_clear_errors() {
     let e = read_list(tmp.path(), &tmp.path().join("list.txt"))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("00000.txt:1"), "{e}");
+    assert!(e.contains("00000.txt line 1"), "{e}");
 }
 
 #[test]

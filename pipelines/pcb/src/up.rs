@@ -1,0 +1,107 @@
+//! `pcb up`: the pipeline until Ctrl-C or SIGTERM, with the shipped default model when
+//! the registry is empty and the retraining policy when the pipeline file asks for it.
+
+use std::time::Duration;
+
+use crate::retrain::Retrainer;
+use crate::supervisor::{Running, UpOptions};
+
+/// `pcb up`: runs until `shutdown` (Ctrl-C, SIGTERM).
+pub async fn up(opts: UpOptions, shutdown: &pcb_common::Shutdown) -> anyhow::Result<()> {
+    let mut running = tokio::select! {
+        biased;
+        r = Running::start(&opts) => r?,
+        _ = shutdown.cancelled() => anyhow::bail!("interrupted while starting; everything started was stopped"),
+    };
+    print_banner(&running);
+    if opts.default_model {
+        ensure_default_model(&running).await;
+    }
+    println!("Ctrl-C or SIGTERM stops every stage cleanly.");
+    let mut retrainer = Retrainer::new(&running, &opts.pipeline);
+    let js = match &retrainer {
+        Some(r) => {
+            println!("  retraining:  a job every {} new labelled images", r.every());
+            let client = pcb_common::connect(
+                &pcb_common::NatsConfig {
+                    url: running.nats_url.clone(),
+                    ..running.pipeline.nats.clone()
+                },
+                "pcb-retrain",
+            )
+            .await?;
+            Some(async_nats::jetstream::new(client))
+        }
+        None => None,
+    };
+    let result = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if let Err(e) = running.check_children() {
+                    break Err(e);
+                }
+                if let (Some(r), Some(js)) = (retrainer.as_mut(), js.as_ref()) {
+                    if let Err(e) = r.poll(js).await {
+                        eprintln!("pcb: retraining policy: {e:#}");
+                    }
+                }
+            }
+        }
+    };
+    if let Some(r) = retrainer.as_mut() {
+        r.stop();
+    }
+    eprintln!("pcb: stopping stages");
+    tokio::task::spawn_blocking(move || running.stop()).await?;
+    result
+}
+
+/// Registers the shipped default model and makes it live when the registry holds no
+/// version of the detector's model; says so. A failure is reported and the pipeline runs
+/// on (without a live model the detector waits, as before).
+pub(crate) async fn ensure_default_model(running: &Running) {
+    let name = running.pipeline.stages.detector.settings.model_name.clone();
+    let outcome = async {
+        let client = pcb_common::connect(
+            &pcb_common::NatsConfig {
+                url: running.nats_url.clone(),
+                ..running.pipeline.nats.clone()
+            },
+            "pcb-default-model",
+        )
+        .await?;
+        let js = async_nats::jetstream::new(client);
+        crate::default_model::register_if_empty(&js, &name).await
+    }
+    .await;
+    match outcome {
+        Ok(Some(v)) => println!(
+            "  model:       {name}@{v} is live, the {}",
+            crate::default_model::summary()
+        ),
+        Ok(None) => {}
+        Err(e) => eprintln!("pcb: could not register the shipped default model: {e:#}"),
+    }
+}
+
+
+pub(crate) fn print_banner(r: &Running) {
+    println!("pipeline up");
+    println!("  NATS:        {}", r.nats_url);
+    println!("  drop images: {}", r.watch_dir.display());
+    println!("  processed:   {}", r.watch_dir.join("processed").display());
+    println!("  rejected:    {}", r.watch_dir.join("rejected").display());
+    for (name, log) in r.logs() {
+        println!("  log {name:<12} {}", log.display());
+    }
+    println!("  status:      pcb status --nats-url {}", r.nats_url);
+    match r.viewer_url(Duration::from_secs(15)) {
+        Some(url) => println!("  viewer:      {url}"),
+        None if r.pipeline.stages.viewer.replicas > 0 => {
+            println!("  viewer:      not listening yet; see its log")
+        }
+        None => {}
+    }
+}
+

@@ -1,0 +1,596 @@
+//! The pipeline's topology, declared once: every stage with the subjects it consumes (and
+//! through which durable consumer), the subjects it publishes and the buckets it reads or
+//! writes; every subject with its stream and message schema. Provisioning (`pcb init`), the
+//! launcher's process list, the README's subjects table and the per-stage NATS permissions
+//! are all derived from these tables, so a stage's wiring is changed here and nowhere else.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::subjects::*;
+
+/// A stage of the pipeline. Its spelling (`name`) is the binary's name, the durable's
+/// default name, the dead-letter subject's last token and the metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StageName {
+    /// Watched directory → `pcb.images.raw`.
+    Ingester,
+    /// `pcb.images.raw` → `pcb.images.encoded`.
+    Encoder,
+    /// `pcb.images.encoded` → `pcb.shards.<k>`.
+    Router,
+    /// `pcb.train.candidates` → the model registry.
+    Registry,
+    /// `pcb.images.encoded` → `pcb.detections`, with the live model.
+    Detector,
+    /// The web viewer.
+    Viewer,
+    /// A rank of a training job (`pcb train`).
+    Trainer,
+}
+
+impl StageName {
+    /// Every stage, in the launcher's start order (the trainer last: it runs as a job).
+    pub const ALL: [StageName; 7] = [
+        StageName::Ingester,
+        StageName::Encoder,
+        StageName::Router,
+        StageName::Registry,
+        StageName::Detector,
+        StageName::Viewer,
+        StageName::Trainer,
+    ];
+
+    /// The stage's spelling.
+    pub fn name(self) -> &'static str {
+        self.decl().name
+    }
+
+    /// The stage's declaration.
+    pub fn decl(self) -> &'static StageDecl {
+        // STAGES is indexed in the enum's order (checked by a test).
+        &STAGES[self as usize]
+    }
+}
+
+impl fmt::Display for StageName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is not a stage.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown stage {0:?} (stages: ingester, encoder, router, registry, detector, viewer, trainer)")]
+pub struct UnknownStage(pub String);
+
+impl FromStr for StageName {
+    type Err = UnknownStage;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        StageName::ALL
+            .into_iter()
+            .find(|st| st.name() == s)
+            .ok_or_else(|| UnknownStage(s.to_string()))
+    }
+}
+
+/// How a stage runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessKind {
+    /// A long-running service the launcher starts and restarts (`pcb up`).
+    Service,
+    /// The ranks of a training job, started by `pcb train` or the retrain policy.
+    Job,
+}
+
+/// How a stage reads a subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// A durable pull consumer with explicit acks, shared by every replica: each message is
+    /// processed once and settled by the ack policy.
+    Durable {
+        /// The durable consumer's name.
+        durable: &'static str,
+    },
+    /// A private, unacknowledged view (ordered or ephemeral consumer, direct get): reading
+    /// changes nothing on the server.
+    View,
+}
+
+/// One subject a stage consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Input {
+    /// The stream holding it.
+    pub stream: StreamKind,
+    /// The subject filter (may hold wildcards).
+    pub filter: &'static str,
+    /// Durable consumer or private view.
+    pub mode: ReadMode,
+    /// Only under a setting (e.g. the ingester's `follow_rejections`), not always.
+    pub optional: bool,
+}
+
+/// Read or read-write access to a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Reads (and watches) only.
+    Read,
+    /// Reads and writes.
+    Write,
+}
+
+/// A key-value or object bucket of the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketKind {
+    /// Key-value bucket.
+    KeyValue,
+    /// Object store.
+    Object,
+}
+
+/// A bucket's declaration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketDecl {
+    /// Bucket name.
+    pub name: &'static str,
+    /// Key-value or object store.
+    pub kind: BucketKind,
+    /// What it holds.
+    pub description: &'static str,
+    /// Values kept per key (key-value buckets).
+    pub history: i64,
+}
+
+/// The pipeline's buckets.
+pub const BUCKETS: [BucketDecl; 2] = [
+    BucketDecl {
+        name: KV_MODELS,
+        kind: BucketKind::KeyValue,
+        description: "PCB model registry: versions and live aliases",
+        history: 16,
+    },
+    BucketDecl {
+        name: OBJECTS_MODELS,
+        kind: BucketKind::Object,
+        description: "PCB model registry: weights",
+        history: 1,
+    },
+];
+
+/// One stage's declaration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageDecl {
+    /// The stage.
+    pub stage: StageName,
+    /// Its spelling.
+    pub name: &'static str,
+    /// One line on what it does.
+    pub summary: &'static str,
+    /// Service or job.
+    pub process: ProcessKind,
+    /// What it consumes.
+    pub inputs: &'static [Input],
+    /// The subjects it publishes (patterns use `*` for a token, `>` for the rest).
+    pub outputs: &'static [&'static str],
+    /// The buckets it uses.
+    pub buckets: &'static [(&'static str, Access)],
+}
+
+impl StageDecl {
+    /// Its durable consumer, when it has one.
+    pub fn durable_input(&self) -> Option<(&'static Input, &'static str)> {
+        self.inputs.iter().find_map(|i| match i.mode {
+            ReadMode::Durable { durable } if !i.optional => Some((i, durable)),
+            _ => None,
+        })
+    }
+
+    /// Whether it publishes on `subject` (a concrete subject, no wildcards).
+    pub fn publishes(&self, subject: &str) -> bool {
+        self.outputs.iter().any(|p| subject_matches(p, subject))
+    }
+}
+
+/// Whether `subject` matches the NATS pattern `pattern` (`*` one token, `>` the rest).
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+const fn durable(stream: StreamKind, filter: &'static str, durable: &'static str) -> Input {
+    Input {
+        stream,
+        filter,
+        mode: ReadMode::Durable { durable },
+        optional: false,
+    }
+}
+
+const fn view(stream: StreamKind, filter: &'static str) -> Input {
+    Input {
+        stream,
+        filter,
+        mode: ReadMode::View,
+        optional: false,
+    }
+}
+
+/// Every stage, indexed by [`StageName`].
+pub const STAGES: [StageDecl; 7] = [
+    StageDecl {
+        stage: StageName::Ingester,
+        name: "ingester",
+        summary: "watches a folder and publishes each new board with its template and labels",
+        process: ProcessKind::Service,
+        inputs: &[Input {
+            stream: StreamKind::Rejected,
+            filter: "pcb.rejected.*",
+            mode: ReadMode::Durable {
+                durable: "ingester-follow-rejections",
+            },
+            optional: true,
+        }],
+        outputs: &[SUBJECT_RAW, "pcb.rejected.ingester"],
+        buckets: &[],
+    },
+    StageDecl {
+        stage: StageName::Encoder,
+        name: "encoder",
+        summary: "decodes and checks each raw image and publishes it base64-encoded",
+        process: ProcessKind::Service,
+        inputs: &[durable(StreamKind::Images, SUBJECT_RAW, "encoder")],
+        outputs: &[SUBJECT_ENCODED, "pcb.rejected.encoder"],
+        buckets: &[],
+    },
+    StageDecl {
+        stage: StageName::Router,
+        name: "router",
+        summary: "routes each labelled board to its training shard",
+        process: ProcessKind::Service,
+        inputs: &[durable(StreamKind::Images, SUBJECT_ENCODED, "router")],
+        outputs: &["pcb.shards.*", "pcb.rejected.router"],
+        buckets: &[],
+    },
+    StageDecl {
+        stage: StageName::Registry,
+        name: "registry",
+        summary: "registers trained candidates and promotes the better ones",
+        process: ProcessKind::Service,
+        inputs: &[durable(
+            StreamKind::Training,
+            SUBJECT_TRAIN_CANDIDATES,
+            "registry",
+        )],
+        outputs: &[SUBJECT_MODEL_EVENTS, "pcb.rejected.registry"],
+        buckets: &[(KV_MODELS, Access::Write), (OBJECTS_MODELS, Access::Write)],
+    },
+    StageDecl {
+        stage: StageName::Detector,
+        name: "detector",
+        summary: "runs the live model on every encoded image",
+        process: ProcessKind::Service,
+        inputs: &[durable(StreamKind::Images, SUBJECT_ENCODED, "detector")],
+        outputs: &[
+            SUBJECT_DETECTIONS,
+            SUBJECT_MODEL_EVENTS,
+            "pcb.rejected.detector",
+        ],
+        buckets: &[(KV_MODELS, Access::Read), (OBJECTS_MODELS, Access::Read)],
+    },
+    StageDecl {
+        stage: StageName::Viewer,
+        name: "viewer",
+        summary: "serves boards, detections, training and models on the web; takes uploads",
+        process: ProcessKind::Service,
+        inputs: &[
+            view(StreamKind::Images, "pcb.images.*"),
+            view(StreamKind::Detections, SUBJECT_DETECTIONS),
+            view(StreamKind::Rejected, "pcb.rejected.>"),
+            view(StreamKind::Training, "pcb.train.progress"),
+            view(StreamKind::Training, SUBJECT_MODEL_EVENTS),
+        ],
+        outputs: &[SUBJECT_RAW, SUBJECT_MODEL_EVENTS],
+        buckets: &[(KV_MODELS, Access::Write), (OBJECTS_MODELS, Access::Read)],
+    },
+    StageDecl {
+        stage: StageName::Trainer,
+        name: "trainer",
+        summary: "one rank of a training job over a snapshot of the shards",
+        process: ProcessKind::Job,
+        inputs: &[view(StreamKind::Shards, "pcb.shards.*")],
+        outputs: &[
+            SUBJECT_TRAIN_PROGRESS,
+            SUBJECT_TRAIN_CANDIDATES,
+            "pcb.rejected.trainer",
+        ],
+        buckets: &[],
+    },
+];
+
+/// One subject of the pipeline: its stream and message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubjectDecl {
+    /// The subject as the README writes it (`<k>` and `<stage>` stand for a token).
+    pub display: &'static str,
+    /// Its pattern (with `*` for those tokens).
+    pub pattern: &'static str,
+    /// The stream holding it.
+    pub stream: StreamKind,
+    /// Its message's schema header.
+    pub schema: &'static str,
+}
+
+/// Every subject, in the README's order.
+pub const SUBJECTS: [SubjectDecl; 8] = [
+    SubjectDecl {
+        display: "pcb.images.raw",
+        pattern: SUBJECT_RAW,
+        stream: StreamKind::Images,
+        schema: "pcb.images.raw/v1",
+    },
+    SubjectDecl {
+        display: "pcb.images.encoded",
+        pattern: SUBJECT_ENCODED,
+        stream: StreamKind::Images,
+        schema: "pcb.images.encoded/v1",
+    },
+    SubjectDecl {
+        display: "pcb.shards.<k>",
+        pattern: "pcb.shards.*",
+        stream: StreamKind::Shards,
+        schema: "pcb.shards/v1",
+    },
+    SubjectDecl {
+        display: "pcb.rejected.<stage>",
+        pattern: "pcb.rejected.*",
+        stream: StreamKind::Rejected,
+        schema: "pcb.rejected/v1",
+    },
+    SubjectDecl {
+        display: "pcb.train.progress",
+        pattern: SUBJECT_TRAIN_PROGRESS,
+        stream: StreamKind::Training,
+        schema: "pcb.train.progress/v1",
+    },
+    SubjectDecl {
+        display: "pcb.train.candidates",
+        pattern: SUBJECT_TRAIN_CANDIDATES,
+        stream: StreamKind::Training,
+        schema: "pcb.train.candidates/v1",
+    },
+    SubjectDecl {
+        display: "pcb.detections",
+        pattern: SUBJECT_DETECTIONS,
+        stream: StreamKind::Detections,
+        schema: "pcb.detections/v1",
+    },
+    SubjectDecl {
+        display: "pcb.models.events",
+        pattern: SUBJECT_MODEL_EVENTS,
+        stream: StreamKind::Training,
+        schema: "pcb.models.events/v1",
+    },
+];
+
+/// Whether two NATS patterns can match a common subject.
+fn patterns_overlap(a: &str, b: &str) -> bool {
+    let (pa, pb): (Vec<&str>, Vec<&str>) = (a.split('.').collect(), b.split('.').collect());
+    let mut i = 0;
+    loop {
+        match (pa.get(i), pb.get(i)) {
+            (Some(&">"), Some(_)) | (Some(_), Some(&">")) => return true,
+            (Some(&"*"), Some(_)) | (Some(_), Some(&"*")) => {}
+            (Some(x), Some(y)) if x == y => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+        i += 1;
+    }
+}
+
+/// The stages that publish on `pattern`, and those that read it.
+pub fn writers_and_readers(pattern: &str) -> (Vec<StageName>, Vec<StageName>) {
+    let writers = STAGES
+        .iter()
+        .filter(|s| s.outputs.iter().any(|o| patterns_overlap(o, pattern)))
+        .map(|s| s.stage)
+        .collect();
+    let readers = STAGES
+        .iter()
+        .filter(|s| s.inputs.iter().any(|i| patterns_overlap(i.filter, pattern)))
+        .map(|s| s.stage)
+        .collect();
+    (writers, readers)
+}
+
+/// The README's subjects table (markdown), derived from [`SUBJECTS`] and [`STAGES`].
+pub fn subjects_markdown() -> String {
+    let list = |v: Vec<StageName>| {
+        v.iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = String::from(
+        "| subject | stream | schema | published by | read by |\n|---|---|---|---|---|\n",
+    );
+    for s in SUBJECTS {
+        let (w, r) = writers_and_readers(s.pattern);
+        out.push_str(&format!(
+            "| `{}` | `{}` | `{}` | {} | {} |\n",
+            s.display,
+            s.stream.name(),
+            s.schema,
+            list(w),
+            list(r)
+        ));
+    }
+    out
+}
+
+/// The README's stages table (markdown): each stage's durable consumer and buckets.
+pub fn stages_markdown() -> String {
+    let mut out = String::from(
+        "| stage | runs as | consumes (durable) | publishes | buckets |\n|---|---|---|---|---|\n",
+    );
+    for s in STAGES {
+        let inputs = s
+            .inputs
+            .iter()
+            .map(|i| {
+                let how = match i.mode {
+                    ReadMode::Durable { durable } => format!("durable `{durable}`"),
+                    ReadMode::View => "view".to_string(),
+                };
+                let opt = if i.optional { ", optional" } else { "" };
+                format!("`{}` ({how}{opt})", i.filter)
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let outputs = s
+            .outputs
+            .iter()
+            .map(|o| format!("`{o}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let buckets = s
+            .buckets
+            .iter()
+            .map(|(b, a)| {
+                let a = match a {
+                    Access::Read => "read",
+                    Access::Write => "write",
+                };
+                format!("`{b}` ({a})")
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let runs = match s.process {
+            ProcessKind::Service => "service",
+            ProcessKind::Job => "job rank",
+        };
+        out.push_str(&format!(
+            "| `{}` | {runs} | {} | {} | {} |\n",
+            s.name,
+            if inputs.is_empty() { "—".into() } else { inputs },
+            outputs,
+            if buckets.is_empty() { "—".into() } else { buckets },
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_are_indexed_by_their_enum_and_spelled_once() {
+        for (i, s) in STAGES.iter().enumerate() {
+            assert_eq!(s.stage as usize, i, "{}", s.name);
+            assert_eq!(s.name.parse::<StageName>(), Ok(s.stage));
+            assert_eq!(s.stage.to_string(), s.name);
+        }
+        let err = "routr".parse::<StageName>().unwrap_err();
+        assert!(err.to_string().contains("routr"), "{err}");
+    }
+
+    #[test]
+    fn every_stage_dead_letters_on_its_own_subject_only() {
+        for s in STAGES {
+            let rejected: Vec<_> = s
+                .outputs
+                .iter()
+                .filter(|o| o.starts_with("pcb.rejected."))
+                .collect();
+            // The viewer refuses uploads over HTTP, so it has no dead letters of its own.
+            if s.stage != StageName::Viewer {
+                assert_eq!(rejected, [&rejected_subject(s.name).as_str()], "{}", s.name);
+            }
+        }
+    }
+
+    #[test]
+    fn every_input_and_output_is_held_by_its_declared_stream() {
+        for s in STAGES {
+            for i in s.inputs {
+                assert!(
+                    i.stream
+                        .subjects()
+                        .iter()
+                        .any(|p| patterns_overlap(p, i.filter)),
+                    "{}: {} not in {}",
+                    s.name,
+                    i.filter,
+                    i.stream.name()
+                );
+            }
+            for o in s.outputs {
+                assert!(
+                    StreamKind::ALL
+                        .iter()
+                        .any(|k| k.subjects().iter().any(|p| patterns_overlap(p, o))),
+                    "{}: {o} is in no stream",
+                    s.name
+                );
+            }
+        }
+        for sub in SUBJECTS {
+            assert!(sub
+                .stream
+                .subjects()
+                .iter()
+                .any(|p| patterns_overlap(p, sub.pattern)));
+        }
+    }
+
+    #[test]
+    fn durables_are_unique() {
+        let mut names: Vec<&str> = STAGES
+            .iter()
+            .flat_map(|s| s.inputs.iter())
+            .filter_map(|i| match i.mode {
+                ReadMode::Durable { durable } => Some(durable),
+                ReadMode::View => None,
+            })
+            .collect();
+        let n = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), n);
+    }
+
+    #[test]
+    fn matching_follows_nats_wildcards() {
+        assert!(subject_matches("pcb.shards.*", "pcb.shards.3"));
+        assert!(!subject_matches("pcb.shards.*", "pcb.shards.3.x"));
+        assert!(subject_matches("pcb.train.>", "pcb.train.progress"));
+        assert!(!subject_matches("pcb.detections", "pcb.detections.x"));
+        assert!(StageName::Router.decl().publishes("pcb.shards.7"));
+        assert!(!StageName::Router.decl().publishes("pcb.detections"));
+        assert!(patterns_overlap("pcb.images.*", "pcb.images.raw"));
+        assert!(!patterns_overlap("pcb.images.raw", "pcb.images.encoded"));
+    }
+
+    #[test]
+    fn the_tables_name_every_subject_with_its_writers() {
+        let t = subjects_markdown();
+        assert!(
+            t.contains("| `pcb.images.encoded` | `PCB_IMAGES` | `pcb.images.encoded/v1` | encoder | router, detector, viewer |"),
+            "{t}"
+        );
+        assert!(t.contains("| `pcb.shards.<k>` | `PCB_SHARDS` | `pcb.shards/v1` | router | trainer |"), "{t}");
+        let s = stages_markdown();
+        assert!(s.contains("durable `encoder`"), "{s}");
+    }
+}
