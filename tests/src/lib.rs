@@ -295,13 +295,23 @@ pub fn spawn_detector_with(
     model: &str,
     extra: &str,
 ) -> (std::process::Child, PathBuf) {
-    let config = env.config_file(
-        &format!("{name}.toml"),
+    spawn_detector_lines(
+        env,
+        name,
         &format!(
-            "[detector]\nmodel_name = {model:?}\nmax_batch = 8\nmax_wait_ms = 20\nthreads = 1\n\
+            "model_name = {model:?}\nmax_batch = 8\nmax_wait_ms = 20\nthreads = 1\n\
              ack_wait_secs = 10\nreport_threshold = 0.0\n{extra}"
         ),
-    );
+    )
+}
+
+/// A `detector` process with exactly these `[detector]` lines; returns it with its log.
+pub fn spawn_detector_lines(
+    env: &Env,
+    name: &str,
+    lines: &str,
+) -> (std::process::Child, PathBuf) {
+    let config = env.config_file(&format!("{name}.toml"), &format!("[detector]\n{lines}"));
     let log = env.dir.path().join(format!("{name}.log"));
     let out = std::fs::File::create(&log).expect("log");
     let child = std::process::Command::new(bin("detector"))

@@ -20,6 +20,16 @@ async fn register(registry: &Registry, dir: &Path, seed: i64) -> u64 {
     pcb_tests::register_random_model(registry, MODEL, dir, seed).await
 }
 
+/// A test server whose registry serves a random model of `seed` as live.
+/// Returns it with the live version.
+async fn with_live_model(seed: i64) -> (Env, u64) {
+    let env = Env::start().await;
+    let registry = Registry::open(&env.js).await.expect("registry");
+    let v = register(&registry, env.dir.path(), seed).await;
+    registry.promote(MODEL, v, "test").await.expect("promote");
+    (env, v)
+}
+
 fn spawn_detector(env: &Env, name: &str) -> (Child, PathBuf) {
     pcb_tests::spawn_detector(env, name, MODEL)
 }
@@ -73,10 +83,7 @@ async fn three_hundred_boards_give_three_hundred_detections_that_python_reads() 
         "{} is missing: run deploy/setup.sh",
         python.display()
     );
-    let env = Env::start().await;
-    let registry = Registry::open(&env.js).await.expect("registry");
-    let v = register(&registry, env.dir.path(), 1).await;
-    registry.promote(MODEL, v, "test").await.expect("promote");
+    let (env, v) = with_live_model(1).await;
     let (mut det, log) = spawn_detector(&env, "det");
     let (stop, enc) = start_encoder(&env);
     feed(&env, 300, 3).await;
@@ -235,10 +242,7 @@ async fn a_promotion_under_load_answers_every_image_once_and_a_corrupt_version_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_killed_under_load_loses_no_image_and_repeats_none() {
-    let env = Env::start().await;
-    let registry = Registry::open(&env.js).await.expect("registry");
-    let v = register(&registry, env.dir.path(), 1).await;
-    registry.promote(MODEL, v, "test").await.expect("promote");
+    let (env, _) = with_live_model(1).await;
     let (mut a, log_a) = spawn_detector(&env, "det-a");
     let (mut b, _) = spawn_detector(&env, "det-b");
     let (stop, enc) = start_encoder(&env);
@@ -274,10 +278,7 @@ async fn a_replica_killed_under_load_loses_no_image_and_repeats_none() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_image_that_does_not_decode_is_rejected_and_the_detector_carries_on() {
-    let env = Env::start().await;
-    let registry = Registry::open(&env.js).await.expect("registry");
-    let v = register(&registry, env.dir.path(), 1).await;
-    registry.promote(MODEL, v, "test").await.expect("promote");
+    let (env, _) = with_live_model(1).await;
     let (mut det, log) = spawn_detector(&env, "det");
     let bad = EncodedImage {
         image_id: "f".repeat(64),
@@ -340,30 +341,18 @@ fn undecodable(id: char) -> EncodedImage {
     }
 }
 
-/// A detector process with exactly these `[detector]` lines.
+/// A detector process serving the test model with exactly these other settings.
 fn spawn_detector_config(env: &Env, name: &str, lines: &str) -> (Child, PathBuf) {
-    let config = env.config_file(
-        &format!("{name}.toml"),
-        &format!("[detector]\nmodel_name = {MODEL:?}\nthreads = 1\nreport_threshold = 0.0\n{lines}"),
-    );
-    let log = env.dir.path().join(format!("{name}.log"));
-    let out = std::fs::File::create(&log).expect("log");
-    let child = Command::new(pcb_tests::bin("detector"))
-        .arg("--config")
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(out)
-        .spawn()
-        .expect("spawn detector");
-    (child, log)
+    pcb_tests::spawn_detector_lines(
+        env,
+        name,
+        &format!("model_name = {MODEL:?}\nthreads = 1\nreport_threshold = 0.0\n{lines}"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_bad_image_in_a_batch_of_four_is_rejected_alone_and_the_three_others_answered() {
-    let env = Env::start().await;
-    let registry = Registry::open(&env.js).await.expect("registry");
-    let v = register(&registry, env.dir.path(), 1).await;
-    registry.promote(MODEL, v, "test").await.expect("promote");
+    let (env, _) = with_live_model(1).await;
     // Three good records and one bad one wait in the stream before the detector starts,
     // so its first batch (4 at most, 2 s to fill) holds all four.
     let (stop, enc) = start_encoder(&env);
@@ -403,10 +392,7 @@ async fn one_bad_image_in_a_batch_of_four_is_rejected_alone_and_the_three_others
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_image_that_runs_out_of_deliveries_becomes_one_retries_exhausted_dead_letter() {
-    let env = Env::start().await;
-    let registry = Registry::open(&env.js).await.expect("registry");
-    let v = register(&registry, env.dir.path(), 2).await;
-    registry.promote(MODEL, v, "test").await.expect("promote");
+    let (env, _) = with_live_model(2).await;
     let (mut det, log) = spawn_detector_config(
         &env,
         "det-retry",

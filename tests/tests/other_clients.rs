@@ -41,7 +41,9 @@ async fn status_matches_a_python_reader() {
     let ours: BTreeMap<String, u64> = status.iter().flat_map(|s| s.subjects.clone()).collect();
     assert_eq!(ours.get("pcb.images.raw"), Some(&30));
     assert_eq!(ours.get("pcb.rejected.ingester"), Some(&1));
-    assert!(pcb::status::drained(&status));
+    // Every durable exists (provisioned as `pcb init` does); those of the stages this test
+    // ran are drained.
+    assert!(pcb::status::drained_for(&status, &["encoder", "router"]));
 
     let out = Command::new(&python)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("py/read_streams.py"))

@@ -128,7 +128,7 @@ async fn init_twice_changes_nothing_and_a_stage_never_resizes_a_stream() {
         .expect("spawn encoder");
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.expect("connect"));
     let consuming = pcb_tests::wait_until(Duration::from_secs(30), || async {
-        let mut s = js.get_stream("PCB_IMAGES").await.expect("stream");
+        let s = js.get_stream("PCB_IMAGES").await.expect("stream");
         s.consumer_info("encoder")
             .await
             .map(|c| c.num_waiting > 0)

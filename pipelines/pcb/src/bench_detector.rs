@@ -2,7 +2,6 @@
 //! JetStream, and latency from a file landing in the watched folder to its detection
 //! message, on the same machine, threads and weights, in one run.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -264,9 +263,10 @@ pub async fn run(args: &DetectorBenchArgs) -> anyhow::Result<()> {
             std::fs::create_dir_all(d)?;
         }
         // Template and labels first, as an uploader does; then the board by rename.
-        let tpl = path.to_string_lossy().replace("_test.", "_temp.");
-        if Path::new(&tpl).exists() {
-            std::fs::copy(&tpl, dest.to_string_lossy().replace("_test.", "_temp."))?;
+        if let Some(tpl) = pcb_datasets::template_of(path) {
+            if let Some(name) = tpl.file_name() {
+                std::fs::copy(&tpl, dest.with_file_name(name))?;
+            }
         }
         let part = dest.with_extension("part");
         std::fs::copy(path, &part)?;

@@ -128,7 +128,7 @@ async fn publish_boards(js: &jetstream::Context, dir: &Path) -> anyhow::Result<V
         .filter(|f| f.to_string_lossy().ends_with("_test.jpg"))
     {
         let bytes = std::fs::read(test)?;
-        let temp = std::fs::read(test.to_string_lossy().replace("_test.jpg", "_temp.jpg")).ok();
+        let temp = pcb_datasets::template_of(test).and_then(|t| std::fs::read(t).ok());
         let id = pcb_schemas::image_id(&bytes);
         let rec = EncodedImage {
             image_id: id.clone(),

@@ -204,15 +204,7 @@ async fn run_demo(
         "dropped {copied} files into {}",
         running.watch_dir.display()
     );
-    let client = pcb_common::connect(
-        &pcb_common::NatsConfig {
-            url: running.nats_url.clone(),
-            ..running.pipeline.nats.clone()
-        },
-        "pcb-demo",
-    )
-    .await?;
-    let js = async_nats::jetstream::new(client);
+    let js = running.jetstream("pcb-demo").await?;
     let bar = indicatif::ProgressBar::new(boards as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(

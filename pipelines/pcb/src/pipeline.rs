@@ -280,14 +280,16 @@ impl PipelineFile {
         }
     }
 
-    /// Every durable consumer the pipeline's stages use, with their configured settings:
-    /// what `pcb init` creates.
+    /// Every durable consumer the pipeline's running stages use (a stage with 0 replicas
+    /// gets none: nothing would read it), with their configured settings: what `pcb init`
+    /// creates.
     pub fn consumers(&self) -> Vec<pcb_common::ConsumerSpec> {
         let mut out: Vec<_> = StageName::ALL
             .into_iter()
+            .filter(|s| self.stages.get(*s).replicas() > 0)
             .filter_map(|s| self.stages.get(s).consumer_spec())
             .collect();
-        if self.stages.ingester.settings.follow_rejections {
+        if self.stages.ingester.replicas > 0 && self.stages.ingester.settings.follow_rejections {
             out.extend(pcb_ingester::follow_spec());
         }
         out

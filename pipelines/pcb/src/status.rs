@@ -99,6 +99,16 @@ pub fn drained(streams: &[StreamStatus]) -> bool {
         .all(|c| c.pending == 0 && c.ack_pending == 0)
 }
 
+/// Whether the named durables have nothing pending (the others may: their stage is not
+/// running).
+pub fn drained_for(streams: &[StreamStatus], durables: &[&str]) -> bool {
+    streams
+        .iter()
+        .flat_map(|s| s.consumers.iter())
+        .filter(|c| durables.contains(&c.name.as_str()))
+        .all(|c| c.pending == 0 && c.ack_pending == 0)
+}
+
 /// The human-readable report.
 pub fn render(streams: &[StreamStatus]) -> String {
     let mut out = String::new();

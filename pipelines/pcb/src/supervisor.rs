@@ -172,6 +172,19 @@ impl Running {
         Ok(running)
     }
 
+    /// A JetStream context on the pipeline's server as `name`, with the pipeline file's
+    /// credentials and TLS.
+    pub async fn jetstream(&self, name: &str) -> anyhow::Result<async_nats::jetstream::Context> {
+        let nats = pcb_common::NatsConfig {
+            url: self.nats_url.clone(),
+            ..self.pipeline.nats.clone()
+        };
+        let client = pcb_common::connect(&nats, name)
+            .await
+            .with_context(|| format!("connecting to {}", self.nats_url))?;
+        Ok(async_nats::jetstream::new(client))
+    }
+
     /// The viewer's URL, once it listens (waits up to `wait`); None when it is off or
     /// did not come up.
     pub fn viewer_url(&self, wait: Duration) -> Option<String> {

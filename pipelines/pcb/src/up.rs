@@ -22,15 +22,7 @@ pub async fn up(opts: UpOptions, shutdown: &pcb_common::Shutdown) -> anyhow::Res
     let js = match &retrainer {
         Some(r) => {
             println!("  retraining:  a job every {} new labelled images", r.every());
-            let client = pcb_common::connect(
-                &pcb_common::NatsConfig {
-                    url: running.nats_url.clone(),
-                    ..running.pipeline.nats.clone()
-                },
-                "pcb-retrain",
-            )
-            .await?;
-            Some(async_nats::jetstream::new(client))
+            Some(running.jetstream("pcb-retrain").await?)
         }
         None => None,
     };
@@ -63,15 +55,7 @@ pub async fn up(opts: UpOptions, shutdown: &pcb_common::Shutdown) -> anyhow::Res
 pub(crate) async fn ensure_default_model(running: &Running) {
     let name = running.pipeline.stages.detector.settings.model_name.clone();
     let outcome = async {
-        let client = pcb_common::connect(
-            &pcb_common::NatsConfig {
-                url: running.nats_url.clone(),
-                ..running.pipeline.nats.clone()
-            },
-            "pcb-default-model",
-        )
-        .await?;
-        let js = async_nats::jetstream::new(client);
+        let js = running.jetstream("pcb-default-model").await?;
         crate::default_model::register_if_empty(&js, &name).await
     }
     .await;

@@ -125,11 +125,26 @@ pub fn load_config_from_env<T: DeserializeOwned>(
         origin: origin(path),
         message: e.to_string(),
     };
-    builder
+    // Through a JSON value so that serde_path_to_error can name the key of a bad value
+    // (`streams.images.storage: unknown variant `tape``), which the config crate's own
+    // deserializer does not for enums.
+    let value: serde_json::Value = builder
         .build()
         .map_err(parse_err)?
         .try_deserialize()
-        .map_err(parse_err)
+        .map_err(parse_err)?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        ConfigError::Parse {
+            origin: origin(path),
+            message: if key == "." || key.is_empty() {
+                inner.to_string()
+            } else {
+                format!("{key}: {inner}")
+            },
+        }
+    })
 }
 
 #[cfg(test)]
@@ -192,6 +207,24 @@ mod tests {
             .to_string();
         assert!(text.contains("connect_timeout_secs"), "{text}");
         assert!(text.contains("stage.toml"), "{text}");
+    }
+
+    #[test]
+    fn a_choice_outside_its_set_names_the_key() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Log {
+            log: crate::LogConfig,
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = write(&dir, "[log]\nformat = \"xml\"\n");
+        let text = load_config_from_env::<Log>(Some(&p), vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("log.format") && text.contains("xml") && text.contains("json"),
+            "{text}"
+        );
     }
 
     #[test]
