@@ -1,3 +1,3 @@
 //! RUNPATH to the project-local libtorch for the cross-stage test binaries.
 
-include!("../stages/vision/rpath.rs");
+include!("../stages/libs/vision/rpath.rs");

@@ -1,7 +1,7 @@
 """Exports one of our detectors (safetensors + model.json, as `pcb train` or
 `pcb models export` write them) to ONNX, through torchvision's own Faster R-CNN.
 
-Our model (stages/vision) is torchvision's Faster R-CNN rebuilt on tch with torchvision's
+Our model (stages/libs/vision) is torchvision's Faster R-CNN rebuilt on tch with torchvision's
 parameter names, so the export builds torchvision's model to match model.json exactly,
 loads our tensors into it under strict name and shape checks, and lets torch's
 TorchScript-based exporter trace it (torchvision ships ONNX symbolics for its RoI align
@@ -49,7 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.normpath(os.path.join(HERE, "..", ".."))
 OPSET = 17
 
-# The RPN and box stage settings of pcb_vision (stages/vision/src/rpn.rs
+# The RPN and box stage settings of pcb_vision (stages/libs/vision/src/rpn.rs
 # `RpnSettings::default`, roi_heads.rs `BoxSettings::default`, the anchors of
 # `AnchorGenerator::default`). They are torchvision's defaults; passing them explicitly
 # keeps the export right should either side's defaults move.

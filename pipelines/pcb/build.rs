@@ -1,3 +1,3 @@
 //! RUNPATH to the project-local libtorch for `pcb` and its tests.
 
-include!("../../stages/vision/rpath.rs");
+include!("../../stages/libs/vision/rpath.rs");

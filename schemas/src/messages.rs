@@ -306,7 +306,7 @@ pub struct TrainCandidate {
     pub model_config: serde_json::Value,
     /// Hyperparameters of the job.
     pub hyperparameters: serde_json::Value,
-    /// Validation metrics (`pcb_metrics` report as JSON), when a val split existed.
+    /// Validation metrics (`pcb_evaluation` report as JSON), when a val split existed.
     pub metrics: Option<serde_json::Value>,
     /// The data it was trained on.
     pub snapshot: Snapshot,

@@ -61,7 +61,9 @@ impl fmt::Display for StageName {
 
 /// A name that is not a stage.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown stage {0:?} (stages: ingester, encoder, router, registry, detector, viewer, trainer)")]
+#[error(
+    "unknown stage {0:?} (stages: ingester, encoder, router, registry, detector, viewer, trainer)"
+)]
 pub struct UnknownStage(pub String);
 
 impl FromStr for StageName {
@@ -415,12 +417,7 @@ pub fn writers_and_readers(pattern: &str) -> (Vec<StageName>, Vec<StageName>) {
 
 /// The README's subjects table (markdown), derived from [`SUBJECTS`] and [`STAGES`].
 pub fn subjects_markdown() -> String {
-    let list = |v: Vec<StageName>| {
-        v.iter()
-            .map(|s| s.name())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let list = |v: Vec<StageName>| v.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ");
     let mut out = String::from(
         "| subject | stream | schema | published by | read by |\n|---|---|---|---|---|\n",
     );
@@ -482,9 +479,17 @@ pub fn stages_markdown() -> String {
         out.push_str(&format!(
             "| `{}` | {runs} | {} | {} | {} |\n",
             s.name,
-            if inputs.is_empty() { "—".into() } else { inputs },
+            if inputs.is_empty() {
+                "—".into()
+            } else {
+                inputs
+            },
             outputs,
-            if buckets.is_empty() { "—".into() } else { buckets },
+            if buckets.is_empty() {
+                "—".into()
+            } else {
+                buckets
+            },
         ));
     }
     out
@@ -589,7 +594,10 @@ mod tests {
             t.contains("| `pcb.images.encoded` | `PCB_IMAGES` | `pcb.images.encoded/v1` | encoder | router, detector, viewer |"),
             "{t}"
         );
-        assert!(t.contains("| `pcb.shards.<k>` | `PCB_SHARDS` | `pcb.shards/v1` | router | trainer |"), "{t}");
+        assert!(
+            t.contains("| `pcb.shards.<k>` | `PCB_SHARDS` | `pcb.shards/v1` | router | trainer |"),
+            "{t}"
+        );
         let s = stages_markdown();
         assert!(s.contains("durable `encoder`"), "{s}");
     }

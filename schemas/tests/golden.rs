@@ -175,7 +175,11 @@ fn render(bytes: &[u8], headers: &[(String, String)]) -> String {
     let mut out = String::new();
     for (k, v) in headers {
         // The message id is derived from the content; its presence is the contract.
-        let v = if k == "Nats-Msg-Id" { "<id>" } else { v.as_str() };
+        let v = if k == "Nats-Msg-Id" {
+            "<id>"
+        } else {
+            v.as_str()
+        };
         out.push_str(&format!("# {k}: {v}\n"));
     }
     for chunk in bytes.chunks(32) {

@@ -1,3 +1,3 @@
 //! RUNPATH to the project-local libtorch for this crate's test binaries.
 
-include!("../vision/rpath.rs");
+include!("../libs/vision/rpath.rs");

@@ -2,7 +2,7 @@
 //! crate's binaries a RUNPATH to the project-local libtorch.
 
 mod rpath {
-    include!("../vision/rpath.rs");
+    include!("../libs/vision/rpath.rs");
     pub fn emit() {
         main()
     }

@@ -306,11 +306,7 @@ pub fn spawn_detector_with(
 }
 
 /// A `detector` process with exactly these `[detector]` lines; returns it with its log.
-pub fn spawn_detector_lines(
-    env: &Env,
-    name: &str,
-    lines: &str,
-) -> (std::process::Child, PathBuf) {
+pub fn spawn_detector_lines(env: &Env, name: &str, lines: &str) -> (std::process::Child, PathBuf) {
     let config = env.config_file(&format!("{name}.toml"), &format!("[detector]\n{lines}"));
     let log = env.dir.path().join(format!("{name}.log"));
     let out = std::fs::File::create(&log).expect("log");

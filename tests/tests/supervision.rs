@@ -134,7 +134,15 @@ fn a_sigkilled_pcb_up_leaves_no_stage_and_no_server_running() {
     wait_for(&rx, "stops every stage cleanly", &mut seen);
     let children = descendants(pcb.id());
     let names: Vec<String> = children.iter().map(|p| name_of(*p)).collect();
-    for want in ["nats-server", "ingester", "encoder", "router", "registry", "detector", "viewer"] {
+    for want in [
+        "nats-server",
+        "ingester",
+        "encoder",
+        "router",
+        "registry",
+        "detector",
+        "viewer",
+    ] {
         assert!(
             names.iter().any(|n| n == want),
             "{want} not running under pcb up: {names:?}"
@@ -143,7 +151,10 @@ fn a_sigkilled_pcb_up_leaves_no_stage_and_no_server_running() {
     signal(&pcb, libc::SIGKILL);
     let _ = pcb.wait();
     let left = wait_gone(&children, Duration::from_secs(30));
-    assert!(left.is_empty(), "still running after SIGKILL of pcb up: {left:?}");
+    assert!(
+        left.is_empty(),
+        "still running after SIGKILL of pcb up: {left:?}"
+    );
 }
 
 /// Starts a demo, sends SIGTERM when `marker` is printed, and checks that it ends within
@@ -156,7 +167,10 @@ fn sigterm_demo_at(marker: &str, extra: &[&str]) {
     let mut seen = String::new();
     wait_for(&rx, marker, &mut seen);
     let children = descendants(pcb.id());
-    assert!(!children.is_empty(), "no processes under pcb demo at {marker:?}");
+    assert!(
+        !children.is_empty(),
+        "no processes under pcb demo at {marker:?}"
+    );
     signal(&pcb, libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
@@ -172,7 +186,10 @@ fn sigterm_demo_at(marker: &str, extra: &[&str]) {
     if status.is_none() {
         let _ = pcb.kill();
     }
-    assert!(status.is_some(), "pcb demo still running 60 s after SIGTERM at {marker:?}");
+    assert!(
+        status.is_some(),
+        "pcb demo still running 60 s after SIGTERM at {marker:?}"
+    );
     assert!(
         left.is_empty(),
         "left running after SIGTERM at {marker:?}: {left:?}"
@@ -186,7 +203,10 @@ fn sigterm_stops_the_demo_while_it_starts_files_and_detects() {
     // The boards are flowing through ingester, encoder and router.
     sigterm_demo_at("dropped", &[]);
     // The detector is answering (the case that used to leave everything running).
-    sigterm_demo_at("waiting for the registry to promote it", &["--keep-running"]);
+    sigterm_demo_at(
+        "waiting for the registry to promote it",
+        &["--keep-running"],
+    );
     // After the summary, kept running.
     sigterm_demo_at("pipeline still running", &["--keep-running"]);
 }

@@ -114,7 +114,11 @@ async fn init_twice_changes_nothing_and_a_stage_never_resizes_a_stream() {
         .output()
         .expect("run encoder");
     assert!(!refused.status.success());
-    assert!(text(&refused).contains("unknown section `streams`"), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("unknown section `streams`"),
+        "{}",
+        text(&refused)
+    );
     // ...and one that starts leaves the stream as `pcb init` made it.
     std::fs::write(
         &stage_file,
@@ -204,10 +208,9 @@ fn block<'a>(readme: &'a str, name: &str) -> &'a str {
 
 #[test]
 fn the_readme_tables_are_the_declared_topology() {
-    let readme = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
-    )
-    .expect("README.md");
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("README.md");
     assert_eq!(
         block(&readme, "subjects"),
         subjects_markdown(),

@@ -199,11 +199,10 @@ pub async fn run(args: &DetectorBenchArgs) -> anyhow::Result<()> {
             .detector
             .consumer
             .as_ref()
-            .map_or("detector", |c| c.durable.as_str());
-        if s.consumer_info(durable)
-            .await
-            .is_ok()
-        {
+            .map_or(pcb_schemas::StageName::Detector.name(), |c| {
+                c.durable.as_str()
+            });
+        if s.consumer_info(durable).await.is_ok() {
             break;
         }
         if Instant::now() > deadline {

@@ -1,6 +1,6 @@
 //! `pcb bench vision`: inference and training seconds per 640x640 image for our Faster
 //! R-CNN beside torchvision (f32 and bf16 autocast), ONNX Runtime and OpenVINO (f32 and bf16),
-//! run by `stages/vision/bench/bench_reference.py` in the same invocation, same weights,
+//! run by `stages/libs/vision/bench/bench_reference.py` in the same invocation, same weights,
 //! threads and input; and how each path's detections on that input match torchvision's.
 
 use std::path::Path;
@@ -219,7 +219,7 @@ pub fn run(args: &VisionBenchArgs) -> anyhow::Result<()> {
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
-    let script = Path::new("stages/vision/bench/bench_reference.py");
+    let script = Path::new("stages/libs/vision/bench/bench_reference.py");
     if !script.exists() {
         bail!("{} not found: run from the project root", script.display());
     }
@@ -285,7 +285,7 @@ fn numbers(v: &serde_json::Value) -> Vec<f64> {
 }
 
 /// Whether a row has a tolerance to meet: ours in f32 must match torchvision as the parity
-/// tests ask (stages/vision/tests/parity.rs); bf16 paths only report.
+/// tests ask (stages/libs/vision/tests/parity.rs); bf16 paths only report.
 const PARITY_SCORE: f64 = 1e-3;
 const PARITY_BOX: f64 = 1e-3;
 

@@ -10,7 +10,7 @@ use pcb_registry::{publish_event, NewVersion, Registry};
 pub const WEIGHTS: &[u8] = include_bytes!("../../models/deeppcb-compact/model.safetensors");
 /// The network (`pcb_vision::ModelConfig` as JSON).
 pub const CONFIG: &str = include_str!("../../models/deeppcb-compact/model.json");
-/// `pcb eval`'s report on DeepPCB's val.txt (`pcb_metrics::Report` as JSON).
+/// `pcb eval`'s report on DeepPCB's val.txt (`pcb_evaluation::Report` as JSON).
 pub const REPORT: &str = include_str!("../../models/deeppcb-compact/eval.json");
 /// Where the model card lives in the repository.
 pub const CARD: &str = "pipelines/models/deeppcb-compact/MODEL_CARD.md";
@@ -71,7 +71,7 @@ pub async fn register_if_empty(
 
 /// One line on the default for a terminal: its val mAP on both scales and its size.
 pub fn summary() -> String {
-    let report: Option<pcb_metrics::Report> = serde_json::from_str(REPORT).ok();
+    let report: Option<pcb_evaluation::Report> = serde_json::from_str(REPORT).ok();
     let scores = report
         .map(|r| {
             format!(
@@ -100,7 +100,7 @@ mod tests {
         std::fs::write(&path, WEIGHTS).expect("write");
         det.load(&path).expect("the weights fit the description");
         assert!(WEIGHTS.len() <= 10_000_000, "{} bytes", WEIGHTS.len());
-        let report: pcb_metrics::Report = serde_json::from_str(REPORT).expect("report parses");
+        let report: pcb_evaluation::Report = serde_json::from_str(REPORT).expect("report parses");
         assert_eq!(report.images, 250, "evaluated on the whole of val.txt");
         assert!(summary().contains("val mAP"), "{}", summary());
     }

@@ -262,7 +262,10 @@ async fn run_demo(
     );
     println!("\n{}", crate::status::render(&streams));
     let encoded = c("pcb.images.encoded");
-    let detected = detect_step(running, opts, demo, &js, encoded, deadline, &truth, shutdown).await?;
+    let detected = detect_step(
+        running, opts, demo, &js, encoded, deadline, &truth, shutdown,
+    )
+    .await?;
     println!("{:<34} {:>8}", "pcb.detections", detected);
     if let Some(url) = running.viewer_url(Duration::from_secs(5)) {
         if demo.keep_running {
@@ -307,18 +310,21 @@ async fn detect_step(
         }
         (None, epochs) => {
             println!("\ntraining a small model on the shards ({epochs} epoch(s), 1 rank)");
-            crate::train_job::run(crate::train_job::JobOptions {
-                pipeline: opts.pipeline.clone(),
-                nats_url: Some(running.nats_url.clone()),
-                data_dir: Some(running.data_dir.clone()),
-                ranks: Some(1),
-                epochs: Some(epochs),
-                batch_size: None,
-                lr: None,
-                job: Some("demo".into()),
-                max_restarts: 0,
-                plain: true,
-            }, shutdown)
+            crate::train_job::run(
+                crate::train_job::JobOptions {
+                    pipeline: opts.pipeline.clone(),
+                    nats_url: Some(running.nats_url.clone()),
+                    data_dir: Some(running.data_dir.clone()),
+                    ranks: Some(1),
+                    epochs: Some(epochs),
+                    batch_size: None,
+                    lr: None,
+                    job: Some("demo".into()),
+                    max_restarts: 0,
+                    plain: true,
+                },
+                shutdown,
+            )
             .await?;
         }
     }

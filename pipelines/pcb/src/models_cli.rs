@@ -225,7 +225,15 @@ pub async fn run(w: &crate::reach::Where, cmd: ModelsCmd) -> anyhow::Result<()> 
         }
         ModelsCmd::Rollback { name } => {
             let alias = registry.rollback(&name, "cli").await?;
-            publish_event(&js, pcb_schemas::ModelEventKind::RolledBack, &name, alias.version, "cli", None).await;
+            publish_event(
+                &js,
+                pcb_schemas::ModelEventKind::RolledBack,
+                &name,
+                alias.version,
+                "cli",
+                None,
+            )
+            .await;
             println!("{name}@{} is live again", alias.version);
         }
         ModelsCmd::Import {

@@ -169,9 +169,8 @@ impl<T: Stage> AnyStage for StageEntry<T> {
         };
         // Every settings type is plain data (Option fields are left out when unset): it
         // always serialises, and a failure must not silently become an empty section.
-        toml::Value::try_from(&section).unwrap_or_else(|e| {
-            panic!("the [{}] section does not serialise: {e}", T::NAME)
-        })
+        toml::Value::try_from(&section)
+            .unwrap_or_else(|e| panic!("the [{}] section does not serialise: {e}", T::NAME))
     }
 
     fn consumer_spec(&self) -> Option<pcb_common::ConsumerSpec> {
@@ -408,7 +407,10 @@ mod tests {
                 }
                 StageName::Viewer => {
                     let v = loads::<pcb_viewer::Viewer>(&path);
-                    assert!(v.config.addr.ip().is_loopback(), "the viewer binds to loopback");
+                    assert!(
+                        v.config.addr.ip().is_loopback(),
+                        "the viewer binds to loopback"
+                    );
                 }
                 StageName::Trainer => panic!("the trainer runs as a job, not a service"),
             }
@@ -417,7 +419,13 @@ mod tests {
         let durables: Vec<&str> = consumers.iter().map(|c| c.durable.as_str()).collect();
         assert_eq!(
             durables,
-            ["encoder", "router", "registry", "detector", "ingester-follow-rejections"]
+            [
+                "encoder",
+                "router",
+                "registry",
+                "detector",
+                "ingester-follow-rejections"
+            ]
         );
     }
 

@@ -90,12 +90,24 @@ pub async fn init(w: &Where) -> anyhow::Result<()> {
     let target = resolve(w)?;
     let client = target.connect("pcb-init").await?;
     let js = async_nats::jetstream::new(client);
-    let made = pcb_common::provision(&js, &target.pipeline.streams, &target.pipeline.consumers())
-        .await?;
+    let made =
+        pcb_common::provision(&js, &target.pipeline.streams, &target.pipeline.consumers()).await?;
     println!("NATS {}", target.nats.url);
     for (what, rows) in [
-        ("stream", made.streams.iter().map(|(n, p)| (n.to_string(), *p)).collect::<Vec<_>>()),
-        ("bucket", made.buckets.iter().map(|(n, p)| (n.to_string(), *p)).collect()),
+        (
+            "stream",
+            made.streams
+                .iter()
+                .map(|(n, p)| (n.to_string(), *p))
+                .collect::<Vec<_>>(),
+        ),
+        (
+            "bucket",
+            made.buckets
+                .iter()
+                .map(|(n, p)| (n.to_string(), *p))
+                .collect(),
+        ),
         ("consumer", made.consumers.clone()),
     ] {
         for (name, p) in rows {

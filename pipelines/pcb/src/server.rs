@@ -116,9 +116,9 @@ impl NatsServer {
             .stderr(log_file);
         // The private server goes when its pipeline goes, even on SIGKILL.
         let child = crate::process::spawn_tied(cmd).map_err(|source| ServerError::Spawn {
-                bin: bin.clone(),
-                source,
-            })?;
+            bin: bin.clone(),
+            source,
+        })?;
         let mut server = NatsServer {
             child,
             port,

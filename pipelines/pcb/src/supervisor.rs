@@ -311,4 +311,3 @@ fn spawn_stage(
 pub(crate) fn viewer_url_file(data_dir: &Path) -> PathBuf {
     data_dir.join("viewer.url")
 }
-

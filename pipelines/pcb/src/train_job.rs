@@ -13,7 +13,6 @@ use pcb_schemas::{
     SUBJECT_TRAIN_PROGRESS,
 };
 
-
 /// Flags of `pcb train` in stream mode.
 #[derive(Debug, Clone)]
 pub struct JobOptions {
@@ -94,7 +93,7 @@ pub async fn run(
     }
     let job = t.job.clone();
     let epochs = t.optim.epochs;
-    let bin = crate::supervisor::bin_dir()?.join("trainer");
+    let bin = crate::supervisor::bin_dir()?.join(pcb_schemas::StageName::Trainer.name());
     if !bin.is_file() {
         bail!(
             "trainer binary {} not found; build it first: cargo build --release --workspace",
@@ -127,7 +126,10 @@ pub async fn run(
         for r in 0..ranks {
             pipeline.stages.trainer.settings.rank = r;
             let config = run_dir.join(format!("trainer-{job}-{r}.toml"));
-            std::fs::write(&config, pipeline.stage_config(pcb_schemas::StageName::Trainer, r, &url))?;
+            std::fs::write(
+                &config,
+                pipeline.stage_config(pcb_schemas::StageName::Trainer, r, &url),
+            )?;
             let log = logs.join(format!("trainer-{job}-{r}.log"));
             let out = std::fs::OpenOptions::new()
                 .create(true)
@@ -144,7 +146,8 @@ pub async fn run(
                 .stdin(Stdio::null())
                 .stdout(out.try_clone()?)
                 .stderr(out);
-            let child = crate::process::spawn_tied(cmd).with_context(|| format!("starting {}", bin.display()))?;
+            let child = crate::process::spawn_tied(cmd)
+                .with_context(|| format!("starting {}", bin.display()))?;
             children.push(Rank {
                 rank: r,
                 child,

@@ -21,7 +21,10 @@ pub async fn up(opts: UpOptions, shutdown: &pcb_common::Shutdown) -> anyhow::Res
     let mut retrainer = Retrainer::new(&running, &opts.pipeline);
     let js = match &retrainer {
         Some(r) => {
-            println!("  retraining:  a job every {} new labelled images", r.every());
+            println!(
+                "  retraining:  a job every {} new labelled images",
+                r.every()
+            );
             Some(running.jetstream("pcb-retrain").await?)
         }
         None => None,
@@ -69,7 +72,6 @@ pub(crate) async fn ensure_default_model(running: &Running) {
     }
 }
 
-
 pub(crate) fn print_banner(r: &Running) {
     println!("pipeline up");
     println!("  NATS:        {}", r.nats_url);
@@ -88,4 +90,3 @@ pub(crate) fn print_banner(r: &Running) {
         None => {}
     }
 }
-

@@ -450,7 +450,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     pb.finish_and_clear();
     std::fs::write(&args.report, report.to_json()?)
         .with_context(|| format!("writing {}", args.report.display()))?;
-    pcb_metrics::plot_pr_curves(&report, &args.plot)?;
+    pcb_evaluation::plot_pr_curves(&report, &args.plot)?;
     print!("{}", report.table());
     println!(
         "report: {}  curves: {}",

@@ -11,27 +11,20 @@ use futures::StreamExt;
 use pcb_common::ack::Delivery;
 use pcb_common::{
     Batching, ConsumerSettings, Context, Metrics, NoArgs, Outcome, Problems, Rejection, Shutdown,
-    Stage, StageFile, Validated,
+    Stage,
 };
 use pcb_registry::{key_live, publish_event, LiveAlias, ModelVersion, Registry};
 use pcb_schemas::{
-    decode, Defect, Detection, EncodedImage, ModelRef, StageName, CLASS_NAMES, SUBJECT_DETECTIONS,
+    decode, Defect, Detection, EncodedImage, ModelRef, CLASS_NAMES, SUBJECT_DETECTIONS,
 };
 use pcb_vision::{compose, Bf16, Detector, InferenceOptions, ModelConfig, Sampling};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-/// The online detector stage.
-pub struct DetectorStage;
-
-/// The stage's name: its durable, its dead-letter subject and its metrics label.
-pub const STAGE: StageName = StageName::Detector;
-
-/// The detector's config file.
-pub type FileConfig = StageFile<DetectorStage>;
-
-/// The detector's validated config.
-pub type Config = Validated<DetectorStage>;
+pcb_common::declare_stage!(
+    /// The online detector stage.
+    DetectorStage = Detector
+);
 
 /// Settings of the online detector (the `[detector]` section, beside its consumer keys;
 /// its `concurrency` is the number of batches in flight).
@@ -70,7 +63,6 @@ impl Default for DetectorSettings {
 }
 
 impl Stage for DetectorStage {
-    const NAME: StageName = STAGE;
     type Settings = DetectorSettings;
     type Config = DetectorSettings;
     type Error = DetectorError;
@@ -357,7 +349,15 @@ async fn watch_live(
                 }
                 let _ = serving.send(Some((alias.version, input)));
                 tracing::info!(model = %name, version = alias.version, "serving");
-                publish_event(&js, pcb_schemas::ModelEventKind::Loaded, &name, alias.version, &by, None).await;
+                publish_event(
+                    &js,
+                    pcb_schemas::ModelEventKind::Loaded,
+                    &name,
+                    alias.version,
+                    &by,
+                    None,
+                )
+                .await;
             }
             Err(reason) => {
                 let old = serving.borrow().map(|(v, _)| v);
@@ -458,9 +458,8 @@ async fn handle_batch(s: Serving, batch: Vec<Delivery>) -> Vec<Outcome> {
 pub async fn run(config: Config, ctx: Context) -> Result<(), DetectorError> {
     let shutdown = ctx.shutdown.clone();
     let metrics = Metrics::new(STAGE.name());
-    let js =
-        pcb_common::stage::prepare(STAGE, &ctx.client, &metrics, &config.metrics, &shutdown)
-            .await?;
+    let js = pcb_common::stage::prepare(STAGE, &ctx.client, &metrics, &config.metrics, &shutdown)
+        .await?;
     let registry = Registry::open(&js)
         .await
         .map_err(|e| DetectorError::Registry(e.to_string()))?;

@@ -5,25 +5,16 @@ use std::io::Cursor;
 
 use base64::Engine;
 use pcb_common::ack::Delivery;
-use pcb_common::{
-    Context, Metrics, NoArgs, Outcome, Problems, Rejection, Stage, StageFile, Validated,
-};
+use pcb_common::{Context, Metrics, NoArgs, Outcome, Problems, Rejection, Stage};
 use pcb_schemas::{
-    decode, image_id, BoxLabel, EncodedImage, RawImage, StageName, CLASS_NAMES, SUBJECT_ENCODED,
+    decode, image_id, BoxLabel, EncodedImage, RawImage, CLASS_NAMES, SUBJECT_ENCODED,
 };
 use serde::{Deserialize, Serialize};
 
-/// The encoder stage.
-pub struct Encoder;
-
-/// The stage's name: its durable, its dead-letter subject and its metrics label.
-pub const STAGE: StageName = StageName::Encoder;
-
-/// The encoder's config file.
-pub type FileConfig = StageFile<Encoder>;
-
-/// The encoder's validated config.
-pub type Config = Validated<Encoder>;
+pcb_common::declare_stage!(
+    /// The encoder stage.
+    Encoder = Encoder
+);
 
 /// Settings of the encoder (the `[encoder]` section, beside its consumer keys).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -51,7 +42,6 @@ impl Default for EncoderSettings {
 }
 
 impl Stage for Encoder {
-    const NAME: StageName = STAGE;
     type Settings = EncoderSettings;
     type Config = Limits;
     type Error = EncoderError;
@@ -84,9 +74,14 @@ impl Stage for Encoder {
 
     async fn run(config: Config, ctx: Context) -> Result<(), EncoderError> {
         let metrics = Metrics::new(STAGE.name());
-        let js =
-            pcb_common::stage::prepare(STAGE, &ctx.client, &metrics, &config.metrics, &ctx.shutdown)
-                .await?;
+        let js = pcb_common::stage::prepare(
+            STAGE,
+            &ctx.client,
+            &metrics,
+            &config.metrics,
+            &ctx.shutdown,
+        )
+        .await?;
         let consumer = config.consumer()?.clone();
         let limits = std::sync::Arc::new(config.config);
         let js2 = js.clone();

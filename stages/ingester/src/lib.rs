@@ -11,30 +11,21 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream;
 use pcb_common::ack::{ConsumerSpec, Delivery};
-use pcb_common::{
-    Context, Metrics, Outcome, Problems, Rejection, Stage, StageFile, Validated,
-};
+use pcb_common::{Context, Metrics, Outcome, Problems, Rejection, Stage};
 use pcb_datasets::{
     image_dimensions, parse_coco, parse_voc, parse_yolo, read_class_list, read_deeppcb,
     read_label_file, ClassMap, CocoIndex, LabelError,
 };
 use pcb_schemas::topology::ReadMode;
-use pcb_schemas::{decode, image_id, DeadLetter, RawImage, StageName, CLASS_NAMES, SUBJECT_RAW};
+use pcb_schemas::{decode, image_id, DeadLetter, RawImage, CLASS_NAMES, SUBJECT_RAW};
 use serde::{Deserialize, Serialize};
 
 use pairing::{LabelSource, SplitLists, Unit};
 
-/// The ingester stage.
-pub struct IngesterStage;
-
-/// The stage's name: its dead-letter subject and its metrics label.
-pub const STAGE: StageName = StageName::Ingester;
-
-/// The ingester's config file.
-pub type FileConfig = StageFile<IngesterStage>;
-
-/// The ingester's validated config.
-pub type Config = Validated<IngesterStage>;
+pcb_common::declare_stage!(
+    /// The ingester stage.
+    IngesterStage = Ingester
+);
 
 /// The ingester's own flags.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -122,7 +113,6 @@ pub struct Settings {
 }
 
 impl Stage for IngesterStage {
-    const NAME: StageName = STAGE;
     type Settings = IngesterSettings;
     type Config = Settings;
     type Error = IngesterError;
@@ -199,8 +189,7 @@ impl Stage for IngesterStage {
             s.watch_dir = dir.clone();
             // The pipeline's inbox folders do not apply to a one-off import of another
             // folder: its own processed/ and rejected/ do.
-            if s
-                .processed_dir
+            if s.processed_dir
                 .as_ref()
                 .is_none_or(|p| p.starts_with("inbox"))
             {
@@ -706,7 +695,8 @@ impl Ingester {
 
     /// Moves a file a later stage refused from `processed/` to `rejected/`.
     fn follow(&self, letter: &DeadLetter, delivered: i64) -> Outcome {
-        if letter.stage == STAGE.name() || letter.source.is_empty() || letter.source.contains("..") {
+        if letter.stage == STAGE.name() || letter.source.is_empty() || letter.source.contains("..")
+        {
             return Outcome::Skipped;
         }
         let rel = Path::new(&letter.source);
@@ -840,24 +830,24 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), IngesterError> {
 
     let follower = match follow_spec() {
         Some(spec) if s.follow_rejections => {
-        let ing2 = ing.clone();
-        let (js2, m2, sd2) = (
-            js.clone(),
-            Metrics::new("ingester-follow"),
-            shutdown.clone(),
-        );
-        Some(tokio::spawn(async move {
-            pcb_common::run_consumer(js2, spec, m2, sd2, move |d: Delivery| {
-                let ing = ing2.clone();
-                async move {
-                    match decode::<DeadLetter>(&d.payload, d.schema()) {
-                        Ok(letter) => ing.follow(&letter, d.delivered),
-                        Err(_) => Outcome::Skipped,
+            let ing2 = ing.clone();
+            let (js2, m2, sd2) = (
+                js.clone(),
+                Metrics::new("ingester-follow"),
+                shutdown.clone(),
+            );
+            Some(tokio::spawn(async move {
+                pcb_common::run_consumer(js2, spec, m2, sd2, move |d: Delivery| {
+                    let ing = ing2.clone();
+                    async move {
+                        match decode::<DeadLetter>(&d.payload, d.schema()) {
+                            Ok(letter) => ing.follow(&letter, d.delivered),
+                            Err(_) => Outcome::Skipped,
+                        }
                     }
-                }
-            })
-            .await
-        }))
+                })
+                .await
+            }))
         }
         _ => None,
     };

@@ -5,28 +5,20 @@ pub mod store;
 
 use async_nats::jetstream;
 use pcb_common::ack::Delivery;
-use pcb_common::{
-    ConsumerSettings, Context, Metrics, NoArgs, Outcome, Problems, Rejection, Stage, StageFile,
-    Validated,
+use pcb_common::{ConsumerSettings, Context, Metrics, NoArgs, Outcome, Problems, Rejection, Stage};
+use pcb_schemas::{
+    decode, ModelEvent, ModelEventKind, ModelRef, StageName, TrainCandidate, SUBJECT_MODEL_EVENTS,
 };
-use pcb_schemas::{decode, ModelEvent, ModelEventKind, ModelRef, StageName, TrainCandidate, SUBJECT_MODEL_EVENTS};
 use serde::{Deserialize, Serialize};
 
 pub use store::{
     check_name, key_live, parse_ref, LiveAlias, ModelVersion, NewVersion, Registry, RegistryError,
 };
 
-/// The registry writer stage.
-pub struct RegistryStage;
-
-/// The stage's name: its durable, its dead-letter subject and its metrics label.
-pub const STAGE: StageName = StageName::Registry;
-
-/// The registry's config file.
-pub type FileConfig = StageFile<RegistryStage>;
-
-/// The registry's validated config.
-pub type Config = Validated<RegistryStage>;
+pcb_common::declare_stage!(
+    /// The registry writer stage.
+    RegistryStage = Registry
+);
 
 /// When a registered candidate becomes live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,7 +62,6 @@ pub struct Policy {
 }
 
 impl Stage for RegistryStage {
-    const NAME: StageName = STAGE;
     type Settings = RegistrySettings;
     type Config = Policy;
     type Error = RegistryStageError;
@@ -98,9 +89,14 @@ impl Stage for RegistryStage {
 
     async fn run(config: Config, ctx: Context) -> Result<(), RegistryStageError> {
         let metrics = Metrics::new(STAGE.name());
-        let js =
-            pcb_common::stage::prepare(STAGE, &ctx.client, &metrics, &config.metrics, &ctx.shutdown)
-                .await?;
+        let js = pcb_common::stage::prepare(
+            STAGE,
+            &ctx.client,
+            &metrics,
+            &config.metrics,
+            &ctx.shutdown,
+        )
+        .await?;
         let registry = Registry::open(&js).await?;
         let consumer = config.consumer()?.clone();
         let Policy {
@@ -213,7 +209,7 @@ pub async fn take_candidate(
                 hyperparameters: c.hyperparameters.clone(),
                 snapshot: Some(c.snapshot.clone()),
                 job: Some(c.job.clone()),
-                origin: "trainer".into(),
+                origin: StageName::Trainer.name().into(),
                 git_revision: c.git_revision.clone(),
             },
         )
@@ -238,7 +234,15 @@ pub async fn take_candidate(
             .promote(&v.name, v.version, "policy")
             .await
             .map_err(|e| Rejection::new("promote", e.to_string()))?;
-        publish_event(js, pcb_schemas::ModelEventKind::Promoted, &v.name, v.version, STAGE.name(), Some(why.clone())).await;
+        publish_event(
+            js,
+            pcb_schemas::ModelEventKind::Promoted,
+            &v.name,
+            v.version,
+            STAGE.name(),
+            Some(why.clone()),
+        )
+        .await;
     } else {
         publish_event(
             js,

@@ -121,7 +121,7 @@ pub struct LiveAlias {
 pub struct NewVersion {
     /// The network.
     pub model_config: serde_json::Value,
-    /// The evaluation report (`pcb_metrics::Report` as JSON), when there is one.
+    /// The evaluation report (`pcb_evaluation::Report` as JSON), when there is one.
     pub metrics: Option<serde_json::Value>,
     /// Hyperparameters.
     pub hyperparameters: serde_json::Value,
@@ -199,7 +199,9 @@ impl Registry {
     pub async fn open(js: &jetstream::Context) -> Result<Registry, RegistryError> {
         let missing = |bucket: &'static str, e: &dyn std::fmt::Display| RegistryError::Open {
             bucket,
-            message: format!("{e} (the bucket is created by `pcb init --nats-url URL` or `pcb up`)"),
+            message: format!(
+                "{e} (the bucket is created by `pcb init --nats-url URL` or `pcb up`)"
+            ),
         };
         let kv = js
             .get_key_value(KV_MODELS)

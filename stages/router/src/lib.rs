@@ -2,27 +2,15 @@
 //! shard and go to `pcb.shards.<k>`; unlabelled images are not routed.
 
 use pcb_common::ack::Delivery;
-use pcb_common::{
-    ConsumerSettings, Context, Metrics, NoArgs, Outcome, Problems, Rejection, Stage, StageFile,
-    Validated,
-};
-use pcb_schemas::{
-    decode, shard_subject, EncodedImage, ShardRecord, Split, StageName, DEFAULT_SHARD_COUNT,
-};
+use pcb_common::{ConsumerSettings, Context, Metrics, NoArgs, Outcome, Problems, Rejection, Stage};
+use pcb_schemas::{decode, shard_subject, EncodedImage, ShardRecord, Split, DEFAULT_SHARD_COUNT};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// The router stage.
-pub struct Router;
-
-/// The stage's name: its durable, its dead-letter subject and its metrics label.
-pub const STAGE: StageName = StageName::Router;
-
-/// The router's config file.
-pub type FileConfig = StageFile<Router>;
-
-/// The router's validated config.
-pub type Config = Validated<Router>;
+pcb_common::declare_stage!(
+    /// The router stage.
+    Router = Router
+);
 
 /// Settings of the router (the `[router]` section, beside its consumer keys).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -47,7 +35,6 @@ impl Default for RouterSettings {
 }
 
 impl Stage for Router {
-    const NAME: StageName = STAGE;
     type Settings = RouterSettings;
     type Config = Assigner;
     type Error = RouterError;
@@ -82,9 +69,14 @@ impl Stage for Router {
 
     async fn run(config: Config, ctx: Context) -> Result<(), RouterError> {
         let metrics = Metrics::new(STAGE.name());
-        let js =
-            pcb_common::stage::prepare(STAGE, &ctx.client, &metrics, &config.metrics, &ctx.shutdown)
-                .await?;
+        let js = pcb_common::stage::prepare(
+            STAGE,
+            &ctx.client,
+            &metrics,
+            &config.metrics,
+            &ctx.shutdown,
+        )
+        .await?;
         let consumer = config.consumer()?.clone();
         let a = config.config;
         let js2 = js.clone();

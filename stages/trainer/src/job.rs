@@ -115,7 +115,7 @@ pub struct JobState {
     pub seconds: f64,
     /// The snapshot the job trains on (fixed at its first start).
     pub snapshot: Option<Snapshot>,
-    /// The last evaluation's report (`pcb_metrics::Report` as JSON).
+    /// The last evaluation's report (`pcb_evaluation::Report` as JSON).
     pub last_report: Option<serde_json::Value>,
     /// The spike guard's recoveries, in order (the last one's scale holds from then on).
     #[serde(default)]

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pcb_common::{Context, Problems, Shutdown, Stage, StageFile, Validated};
+use pcb_common::{Context, Problems, Shutdown, Stage, Validated};
 use pcb_schemas::{
-    Snapshot, StageName, TrainCandidate, TrainProgress, STREAM_SHARDS, SUBJECT_TRAIN_CANDIDATES,
+    Snapshot, TrainCandidate, TrainProgress, STREAM_SHARDS, SUBJECT_TRAIN_CANDIDATES,
     SUBJECT_TRAIN_PROGRESS,
 };
 use pcb_vision::train::TrainConfig;
@@ -23,17 +23,10 @@ use sha2::{Digest, Sha256};
 pub use dist::{Backend, DistConfig, DistError, GradSync, ProcessGroup};
 pub use job::{JobError, JobSpec, JobState};
 
-/// The trainer stage (one rank of a job).
-pub struct Trainer;
-
-/// The stage's name: its dead-letter subject and its metrics label.
-pub const STAGE: StageName = StageName::Trainer;
-
-/// The trainer's config file.
-pub type FileConfig = StageFile<Trainer>;
-
-/// A rank's validated config.
-pub type Config = Validated<Trainer>;
+pcb_common::declare_stage!(
+    /// The trainer stage (one rank of a job).
+    Trainer = Trainer
+);
 
 /// A rank's own flags; each overrides the config and torchrun's variable of the same name.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -263,7 +256,6 @@ impl TrainerSettings {
 }
 
 impl Stage for Trainer {
-    const NAME: StageName = STAGE;
     type Settings = TrainerSettings;
     type Config = Options;
     type Error = TrainerError;
@@ -550,8 +542,7 @@ pub async fn run(
     let device = pcb_vision::cuda::device_for(&config.job.device, config.dist.rank)
         .map_err(|e| TrainerError::Dist(DistError::Argument(e.to_string())))?;
     let metrics = pcb_common::Metrics::new(STAGE.name());
-    let js =
-        pcb_common::stage::prepare(STAGE, &client, &metrics, &metrics_cfg, &shutdown).await?;
+    let js = pcb_common::stage::prepare(STAGE, &client, &metrics, &metrics_cfg, &shutdown).await?;
     if config.threads > 0 {
         tch::set_num_threads(config.threads as i32);
     }

@@ -505,12 +505,12 @@ async fn change_live(
                 return Err(ApiError::bad("promote needs {\"version\": N}"));
             };
             (
-                s.registry.promote(name, version, "viewer").await,
+                s.registry.promote(name, version, crate::STAGE.name()).await,
                 pcb_schemas::ModelEventKind::Promoted,
             )
         }
         Change::Rollback => (
-            s.registry.rollback(name, "viewer").await,
+            s.registry.rollback(name, crate::STAGE.name()).await,
             pcb_schemas::ModelEventKind::RolledBack,
         ),
     };
@@ -522,7 +522,7 @@ async fn change_live(
         pcb_registry::RegistryError::NotFound(m) => ApiError::not_found(m),
         other => ApiError::unavailable(other.to_string()),
     })?;
-    pcb_registry::publish_event(&s.js, kind, name, alias.version, "viewer", None).await;
+    pcb_registry::publish_event(&s.js, kind, name, alias.version, crate::STAGE.name(), None).await;
     tracing::info!(
         name,
         version = alias.version,

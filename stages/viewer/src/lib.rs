@@ -10,22 +10,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use async_nats::jetstream;
-use pcb_common::{Context, NoArgs, Problems, Shutdown, Stage, StageFile, Validated};
-use pcb_schemas::StageName;
+use pcb_common::{Context, NoArgs, Problems, Shutdown, Stage};
 use serde::{Deserialize, Serialize};
 
-/// The viewer stage.
-pub struct Viewer;
-
-/// The stage's name: its metrics label.
-pub const STAGE: StageName = StageName::Viewer;
-
-/// The viewer's config file.
-pub type FileConfig = StageFile<Viewer>;
-
-/// The viewer's validated config.
-pub type Config = Validated<Viewer>;
-
+pcb_common::declare_stage!(
+    /// The viewer stage.
+    Viewer = Viewer
+);
 
 /// Settings of the viewer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -78,7 +69,6 @@ pub struct Options {
 }
 
 impl Stage for Viewer {
-    const NAME: StageName = STAGE;
     type Settings = ViewerSettings;
     type Config = Options;
     type Error = ViewerError;

@@ -108,10 +108,38 @@ impl ConsumerSettings {
     }
 }
 
-/// A pipeline stage.
-pub trait Stage: Sized + 'static {
-    /// Which stage of the topology it is.
+/// Which stage of the topology a type is (written by [`declare_stage!`](crate::declare_stage)).
+pub trait Named {
+    /// Its entry in the topology.
     const NAME: StageName;
+}
+
+/// Declares a stage crate's names in one line: the stage type, `STAGE`, and the aliases
+/// `FileConfig` (its config file) and `Config` (validated); the crate then writes
+/// `impl Stage for` the type.
+#[macro_export]
+macro_rules! declare_stage {
+    ($(#[$meta:meta])* $ty:ident = $name:ident) => {
+        $(#[$meta])*
+        pub struct $ty;
+
+        /// The stage's name: its durable, its dead-letter subject and its metrics label.
+        pub const STAGE: $crate::StageName = $crate::StageName::$name;
+
+        /// The stage's config file.
+        pub type FileConfig = $crate::StageFile<$ty>;
+
+        /// The stage's validated config.
+        pub type Config = $crate::Validated<$ty>;
+
+        impl $crate::stage::Named for $ty {
+            const NAME: $crate::StageName = STAGE;
+        }
+    };
+}
+
+/// A pipeline stage.
+pub trait Stage: Named + Sized + 'static {
     /// Its own settings: the `[<name>]` section less the consumer keys.
     type Settings: Serialize + DeserializeOwned + Default + Clone + PartialEq + fmt::Debug + Send;
     /// Its settings once validated.
@@ -243,7 +271,9 @@ impl<'de, T: Stage> Deserialize<'de> for Section<T> {
                         block.insert(key.to_string(), v);
                     }
                 }
-                Some(from_value::<ConsumerSettings, D::Error>(Value::Object(block))?)
+                Some(from_value::<ConsumerSettings, D::Error>(Value::Object(
+                    block,
+                ))?)
             }
         };
         let settings = from_value::<T::Settings, D::Error>(Value::Object(own))?;
@@ -300,7 +330,10 @@ impl<T: Stage> Clone for StageFile<T> {
 
 impl<T: Stage> PartialEq for StageFile<T> {
     fn eq(&self, o: &Self) -> bool {
-        self.nats == o.nats && self.metrics == o.metrics && self.log == o.log && self.stage == o.stage
+        self.nats == o.nats
+            && self.metrics == o.metrics
+            && self.log == o.log
+            && self.stage == o.stage
     }
 }
 
@@ -619,8 +652,11 @@ mod tests {
     #[error("never")]
     struct Never;
 
-    impl Stage for Probe {
+    impl Named for Probe {
         const NAME: StageName = StageName::Router;
+    }
+
+    impl Stage for Probe {
         type Settings = Own;
         type Config = u32;
         type Error = Never;
@@ -667,7 +703,8 @@ mod tests {
 
     #[test]
     fn every_problem_is_reported_at_once() {
-        let f = parse("[nats]\nurl = \"\"\n[router]\nlimit = 11\nmax_deliver = 0\n").expect("parse");
+        let f =
+            parse("[nats]\nurl = \"\"\n[router]\nlimit = 11\nmax_deliver = 0\n").expect("parse");
         let p = f.validate().unwrap_err().to_string();
         assert!(p.contains("router.limit"), "{p}");
         assert!(p.contains("router.max_deliver"), "{p}");
@@ -683,8 +720,11 @@ mod tests {
 
     struct Optional;
 
-    impl Stage for Optional {
+    impl Named for Optional {
         const NAME: StageName = StageName::Viewer;
+    }
+
+    impl Stage for Optional {
         type Settings = WithOption;
         type Config = ();
         type Error = Never;
@@ -714,7 +754,10 @@ mod tests {
         let f = StageFile::<Probe>::default();
         let text = toml::to_string(&f).expect("toml");
         assert!(text.contains("[router]"), "{text}");
-        assert!(text.contains("limit = 0") && text.contains("durable = \"router\""), "{text}");
+        assert!(
+            text.contains("limit = 0") && text.contains("durable = \"router\""),
+            "{text}"
+        );
         let back: StageFile<Probe> = parse(&text).expect("parse");
         assert_eq!(back, f);
         assert!(reads_durably(StageName::Router, "pcb.images.encoded"));

@@ -214,6 +214,8 @@ mod tests {
         #[derive(Debug, Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Log {
+            // Only parsed: the test is about the error.
+            #[allow(dead_code)]
             log: crate::LogConfig,
         }
         let dir = tempfile::tempdir().expect("tempdir");

@@ -369,10 +369,7 @@ pub async fn put_consumer(
         }
         Err(_) => Provisioned::Created,
     };
-    stream
-        .create_consumer(want)
-        .await
-        .map_err(|e| fail(&e))?;
+    stream.create_consumer(want).await.map_err(|e| fail(&e))?;
     Ok(outcome)
 }
 
@@ -405,7 +402,11 @@ pub async fn require(js: &jetstream::Context, stage: StageName) -> Result<(), To
             js.get_object_store(*bucket).await.is_ok()
         };
         if !found {
-            let what = if kv { "key-value bucket" } else { "object bucket" };
+            let what = if kv {
+                "key-value bucket"
+            } else {
+                "object bucket"
+            };
             return Err(TopologyError::missing(what, bucket, stage));
         }
     }
@@ -538,7 +539,10 @@ mod tests {
         let mut p = Problems::default();
         t.validate("streams", &mut p);
         let text = p.to_string();
-        assert!(text.contains("streams.images.duplicate_window_secs"), "{text}");
+        assert!(
+            text.contains("streams.images.duplicate_window_secs"),
+            "{text}"
+        );
         // A storage other than file or memory does not even parse.
         let e = toml::from_str::<StreamSettings>("storage = \"tape\"").unwrap_err();
         assert!(e.to_string().contains("tape"), "{e}");

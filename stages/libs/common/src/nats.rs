@@ -164,12 +164,12 @@ async fn connect_with(
         opts = opts.retry_on_initial_connect();
     }
     let mut opts = opts.event_callback(|event| async move {
-            match event {
-                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
-                async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                other => tracing::debug!(event = %other, "NATS event"),
-            }
-        });
+        match event {
+            async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+            async_nats::Event::Connected => tracing::info!("connected to NATS"),
+            other => tracing::debug!(event = %other, "NATS event"),
+        }
+    });
     if let (Some(user), Some(password)) = (&cfg.user, &cfg.password) {
         opts = opts.user_and_password(user.clone(), password.clone());
     }

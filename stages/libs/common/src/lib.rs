@@ -10,13 +10,16 @@ pub mod stage;
 pub mod telemetry;
 pub mod topology;
 
-pub use ack::{publish, run_batched_consumer, run_consumer, Batching, ConsumerSpec, Outcome, Rejection};
+pub use ack::{
+    publish, run_batched_consumer, run_consumer, Batching, ConsumerSpec, Outcome, Rejection,
+};
 pub use metrics::{Metrics, MetricsConfig};
 pub use nats::{connect, NatsConfig};
+pub use pcb_schemas::StageName;
 pub use settings::{load_config, validate_common, ConfigError, Problems};
 pub use shutdown::Shutdown;
+pub use stage::{ConsumerSettings, Context, NoArgs, Stage, StageFile, Validated};
 pub use telemetry::{init_tracing, LogConfig};
-pub use stage::{Context, ConsumerSettings, NoArgs, Stage, StageFile, Validated};
 pub use topology::{apply_streams, provision, require, StreamSettings, Topology};
 
 /// Milliseconds since the Unix epoch, the time unit of every message.

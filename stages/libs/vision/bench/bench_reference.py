@@ -36,7 +36,7 @@ import make_golden as mg  # noqa: E402
 COMPACT = {"backbone_width": 16, "fpn_channels": 64, "representation_size": 256, "test_proposals": 300}
 
 # Detections compared: torchvision's top 20 (the tail holds near-equal scores, as in
-# stages/vision/tests/parity.rs), box coordinates relative to at least 10 px.
+# stages/libs/vision/tests/parity.rs), box coordinates relative to at least 10 px.
 TOP, BOX_FLOOR = 20, 10.0
 
 

@@ -275,7 +275,9 @@ where
         .stream()
         // A batched handler holds whole batches: prefetch no more than it can work on, or
         // messages would wait past their ack deadline and be redelivered elsewhere.
-        .max_messages_per_batch(spec.concurrency.max(1) * if max_batch == 1 { 4 } else { max_batch })
+        .max_messages_per_batch(
+            spec.concurrency.max(1) * if max_batch == 1 { 4 } else { max_batch },
+        )
         .heartbeat(Duration::from_secs(5))
         .expires(Duration::from_secs(30))
         .messages()
@@ -419,8 +421,11 @@ async fn settle(
             AckKind::Nak(Some(spec.retry_delay))
         }
         Outcome::Reject(r) => {
-            let letter =
-                r.dead_letter(spec.stage.name(), Some(msg.subject.to_string()), Some(stream_seq));
+            let letter = r.dead_letter(
+                spec.stage.name(),
+                Some(msg.subject.to_string()),
+                Some(stream_seq),
+            );
             match publish_dead_letter(js, &letter).await {
                 Ok(_) => {
                     tracing::debug!(stage = %spec.stage, seq = stream_seq, reason = %r.reason, "dead-lettered");

@@ -1,9 +1,9 @@
-//! Runs a detector over listed boards and scores it with `pcb-metrics` under the DeepPCB
+//! Runs a detector over listed boards and scores it with `pcb-evaluation` under the DeepPCB
 //! protocol.
 
 use std::time::Instant;
 
-use pcb_metrics::{Detection, GtBox, ImageResult, Report};
+use pcb_evaluation::{Detection, GtBox, ImageResult, Report};
 
 use crate::data::{Board, BoardFile};
 use crate::model::Detector;
@@ -81,6 +81,6 @@ pub fn evaluate_boards(
         });
         progress(i + 1);
     }
-    let report = pcb_metrics::evaluate(&results, classes, Some(seconds));
+    let report = pcb_evaluation::evaluate(&results, classes, Some(seconds));
     Ok((report, results))
 }
