@@ -19,7 +19,7 @@ pub struct PipelineFile {
     pub pipeline: PipelineMeta,
     /// NATS connection; an empty `url` starts a private nats-server under `data_dir`.
     pub nats: NatsConfig,
-    /// The four streams and their limits.
+    /// The streams' limits (what `pcb init` and `pcb up` apply; stages never change them).
     pub streams: Topology,
     /// Logging of every stage.
     pub log: LogConfig,
