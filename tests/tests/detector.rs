@@ -20,6 +20,19 @@ async fn register(registry: &Registry, dir: &Path, seed: i64) -> u64 {
     pcb_tests::register_random_model(registry, MODEL, dir, seed).await
 }
 
+/// Stops the encoder and the detector processes at the end of a test.
+async fn finish(
+    stop: pcb_common::Shutdown,
+    enc: tokio::task::JoinHandle<Result<(), String>>,
+    detectors: &mut [&mut Child],
+) {
+    stop.trigger();
+    let _ = enc.await;
+    for d in detectors {
+        let _ = d.kill();
+    }
+}
+
 /// A test server whose registry serves a random model of `seed` as live.
 /// Returns it with the live version.
 async fn with_live_model(seed: i64) -> (Env, u64) {
@@ -126,9 +139,7 @@ async fn three_hundred_boards_give_three_hundred_detections_that_python_reads() 
         format!("received 300 pass {} fail {fails}", 300 - fails),
         "Python sees the verdicts Rust sees"
     );
-    stop.trigger();
-    let _ = enc.await;
-    let _ = det.kill();
+    finish(stop, enc, &mut [&mut det]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -234,10 +245,7 @@ async fn a_promotion_under_load_answers_every_image_once_and_a_corrupt_version_i
         later.iter().all(|d| d.model.version == v2),
         "v2 answered after the refusal"
     );
-    stop.trigger();
-    let _ = enc.await;
-    let _ = a.kill();
-    let _ = b.kill();
+    finish(stop, enc, &mut [&mut a, &mut b]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -270,34 +278,14 @@ async fn a_replica_killed_under_load_loses_no_image_and_repeats_none() {
         400,
         "no image answered twice by the same version"
     );
-    stop.trigger();
-    let _ = enc.await;
-    let _ = b.kill();
-    let _ = a2.kill();
+    finish(stop, enc, &mut [&mut b, &mut a2]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_image_that_does_not_decode_is_rejected_and_the_detector_carries_on() {
     let (env, _) = with_live_model(1).await;
     let (mut det, log) = spawn_detector(&env, "det");
-    let bad = EncodedImage {
-        image_id: "f".repeat(64),
-        board_id: "broken".into(),
-        line_id: "line-1".into(),
-        source: "broken.jpg".into(),
-        captured_at_ms: 0,
-        encoded_at_ms: 0,
-        image_b64: "bm90IGFuIGltYWdl".into(),
-        width: 64,
-        height: 64,
-        channels: 1,
-        format: "jpeg".into(),
-        sha256: "f".repeat(64),
-        labels: None,
-        label_format: None,
-        template_b64: None,
-        split_hint: None,
-    };
+    let bad = undecodable('f');
     pcb_common::publish(&env.js, SUBJECT_ENCODED.into(), &bad)
         .await
         .expect("publish");
@@ -314,9 +302,7 @@ async fn an_image_that_does_not_decode_is_rejected_and_the_detector_carries_on()
     assert_eq!(letter.reason_code, "not-an-image");
     assert!(letter.reason.contains("broken.jpg"), "{}", letter.reason);
     assert_eq!(env.count(STREAM_IMAGES, SUBJECT_ENCODED).await, 11);
-    stop.trigger();
-    let _ = enc.await;
-    let _ = det.kill();
+    finish(stop, enc, &mut [&mut det]).await;
 }
 
 /// The record of an image that cannot be decoded (its bytes are text).
@@ -385,9 +371,7 @@ async fn one_bad_image_in_a_batch_of_four_is_rejected_alone_and_the_three_others
     assert_eq!(letters.len(), 1);
     let letter: pcb_schemas::DeadLetter = decode(&letters[0].1, None).expect("dead letter");
     assert_eq!(letter.reason_code, "not-an-image");
-    stop.trigger();
-    let _ = enc.await;
-    let _ = det.kill();
+    finish(stop, enc, &mut [&mut det]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -426,7 +410,5 @@ async fn an_image_that_runs_out_of_deliveries_becomes_one_retries_exhausted_dead
         "{}",
         letter.reason
     );
-    stop.trigger();
-    let _ = enc.await;
-    let _ = det.kill();
+    finish(stop, enc, &mut [&mut det]).await;
 }

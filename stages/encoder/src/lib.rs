@@ -5,7 +5,7 @@ use std::io::Cursor;
 
 use base64::Engine;
 use pcb_common::ack::Delivery;
-use pcb_common::{Context, Metrics, NoArgs, Outcome, Problems, Rejection, Stage};
+use pcb_common::{Context, NoArgs, Outcome, Problems, Rejection, Stage};
 use pcb_schemas::{
     decode, image_id, BoxLabel, EncodedImage, RawImage, CLASS_NAMES, SUBJECT_ENCODED,
 };
@@ -73,20 +73,9 @@ impl Stage for Encoder {
     }
 
     async fn run(config: Config, ctx: Context) -> Result<(), EncoderError> {
-        let metrics = Metrics::new(STAGE.name());
-        let js = pcb_common::stage::prepare(
-            STAGE,
-            &ctx.client,
-            &metrics,
-            &config.metrics,
-            &ctx.shutdown,
-        )
-        .await?;
-        let consumer = config.consumer()?.clone();
-        let limits = std::sync::Arc::new(config.config);
-        let js2 = js.clone();
-        pcb_common::run_consumer(js, consumer, metrics, ctx.shutdown, move |d| {
-            handle(js2.clone(), limits.clone(), d)
+        let limits = std::sync::Arc::new(config.config.clone());
+        pcb_common::stage::consume(&config, ctx, |js| {
+            move |d| handle(js.clone(), limits.clone(), d)
         })
         .await?;
         Ok(())
@@ -348,12 +337,9 @@ pub fn encode_record(
 /// Why the stage stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum EncoderError {
-    /// Start-up failed.
-    #[error("starting the encoder: {0}")]
-    Start(#[from] pcb_common::stage::StartError),
-    /// The consumer stopped.
-    #[error("encoder consumer: {0}")]
-    Consume(#[from] pcb_common::ack::ConsumeError),
+    /// It could not start, or its consumer stopped.
+    #[error("encoder: {0}")]
+    Serve(#[from] pcb_common::stage::ServeError),
 }
 
 /// Handles one delivery: decode the record, validate, publish, decide the ack.

@@ -5,7 +5,7 @@ pub mod store;
 
 use async_nats::jetstream;
 use pcb_common::ack::Delivery;
-use pcb_common::{ConsumerSettings, Context, Metrics, NoArgs, Outcome, Problems, Rejection, Stage};
+use pcb_common::{ConsumerSettings, Context, NoArgs, Outcome, Problems, Rejection, Stage};
 use pcb_schemas::{
     decode, ModelEvent, ModelEventKind, ModelRef, StageName, TrainCandidate, SUBJECT_MODEL_EVENTS,
 };
@@ -88,24 +88,14 @@ impl Stage for RegistryStage {
     }
 
     async fn run(config: Config, ctx: Context) -> Result<(), RegistryStageError> {
-        let metrics = Metrics::new(STAGE.name());
-        let js = pcb_common::stage::prepare(
-            STAGE,
-            &ctx.client,
-            &metrics,
-            &config.metrics,
-            &ctx.shutdown,
-        )
-        .await?;
-        let registry = Registry::open(&js).await?;
-        let consumer = config.consumer()?.clone();
+        // The buckets first: without them no candidate could be taken.
+        let registry = Registry::open(&async_nats::jetstream::new(ctx.client.clone())).await?;
         let Policy {
             promote: policy,
             tolerance_map: tolerance,
         } = config.config;
-        let js2 = js.clone();
-        pcb_common::run_consumer(js, consumer, metrics, ctx.shutdown, move |d| {
-            handle(registry.clone(), js2.clone(), policy, tolerance, d)
+        pcb_common::stage::consume(&config, ctx, |js| {
+            move |d| handle(registry.clone(), js.clone(), policy, tolerance, d)
         })
         .await?;
         Ok(())
@@ -261,15 +251,12 @@ pub async fn take_candidate(
 /// Why the stage stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryStageError {
-    /// Start-up failed.
-    #[error("starting the registry: {0}")]
-    Start(#[from] pcb_common::stage::StartError),
     /// The buckets could not be opened.
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    /// The consumer stopped.
-    #[error("registry consumer: {0}")]
-    Consume(#[from] pcb_common::ack::ConsumeError),
+    /// It could not start, or its consumer stopped.
+    #[error("registry: {0}")]
+    Serve(#[from] pcb_common::stage::ServeError),
 }
 
 async fn handle(

@@ -2,7 +2,7 @@
 //! shard and go to `pcb.shards.<k>`; unlabelled images are not routed.
 
 use pcb_common::ack::Delivery;
-use pcb_common::{ConsumerSettings, Context, Metrics, NoArgs, Outcome, Problems, Rejection, Stage};
+use pcb_common::{ConsumerSettings, Context, NoArgs, Outcome, Problems, Rejection, Stage};
 use pcb_schemas::{decode, shard_subject, EncodedImage, ShardRecord, Split, DEFAULT_SHARD_COUNT};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -68,22 +68,8 @@ impl Stage for Router {
     }
 
     async fn run(config: Config, ctx: Context) -> Result<(), RouterError> {
-        let metrics = Metrics::new(STAGE.name());
-        let js = pcb_common::stage::prepare(
-            STAGE,
-            &ctx.client,
-            &metrics,
-            &config.metrics,
-            &ctx.shutdown,
-        )
-        .await?;
-        let consumer = config.consumer()?.clone();
         let a = config.config;
-        let js2 = js.clone();
-        pcb_common::run_consumer(js, consumer, metrics, ctx.shutdown, move |d| {
-            handle(js2.clone(), a, d)
-        })
-        .await?;
+        pcb_common::stage::consume(&config, ctx, |js| move |d| handle(js.clone(), a, d)).await?;
         Ok(())
     }
 }
@@ -148,12 +134,9 @@ pub fn route(rec: EncodedImage, a: &Assigner, now_ms: i64) -> Option<ShardRecord
 /// Why the stage stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
-    /// Start-up failed.
-    #[error("starting the router: {0}")]
-    Start(#[from] pcb_common::stage::StartError),
-    /// The consumer stopped.
-    #[error("router consumer: {0}")]
-    Consume(#[from] pcb_common::ack::ConsumeError),
+    /// It could not start, or its consumer stopped.
+    #[error("router: {0}")]
+    Serve(#[from] pcb_common::stage::ServeError),
 }
 
 async fn handle(js: async_nats::jetstream::Context, a: Assigner, d: Delivery) -> Outcome {

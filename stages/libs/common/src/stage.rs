@@ -603,6 +603,45 @@ pub enum StartError {
     },
 }
 
+/// Why a consuming stage stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// It could not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// Its consumer stopped.
+    #[error(transparent)]
+    Consume(#[from] crate::ack::ConsumeError),
+}
+
+/// The whole life of a stage that handles one message at a time: checks its topology,
+/// serves `/metrics`, then runs the handler `make` builds (given the JetStream context)
+/// over its durable consumer under the ack policy, until shutdown.
+pub async fn consume<T, H, Fut>(
+    config: &Validated<T>,
+    ctx: Context,
+    make: impl FnOnce(jetstream::Context) -> H,
+) -> Result<(), ServeError>
+where
+    T: Stage,
+    H: Fn(crate::ack::Delivery) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = crate::Outcome> + Send + 'static,
+{
+    let metrics = Metrics::new(T::NAME.name());
+    let js = prepare(
+        T::NAME,
+        &ctx.client,
+        &metrics,
+        &config.metrics,
+        &ctx.shutdown,
+    )
+    .await?;
+    let consumer = config.consumer()?.clone();
+    let handler = make(js.clone());
+    crate::run_consumer(js, consumer, metrics, ctx.shutdown, handler).await?;
+    Ok(())
+}
+
 /// Checks that the streams and buckets `stage` needs exist (they are created by `pcb init`
 /// or `pcb up`, never by a stage) and serves `/metrics`; returns the JetStream context the
 /// stage works with.
