@@ -262,16 +262,16 @@ async fn import_once(
 /// letters (moving their files to `rejected/`): never gives up on a letter.
 pub fn follow_spec() -> Option<ConsumerSpec> {
     STAGE.decl().inputs.iter().find_map(|i| match i.mode {
-        ReadMode::Durable { durable } => Some(ConsumerSpec {
-            stage: STAGE,
-            stream: i.stream.name().to_string(),
-            durable: durable.to_string(),
-            filter_subject: i.filter.to_string(),
-            ack_wait: Duration::from_secs(30),
-            max_deliver: -1,
-            retry_delay: Duration::from_secs(1),
-            concurrency: 4,
-        }),
+        ReadMode::Durable { durable } => Some(
+            pcb_common::ConsumerSettings {
+                durable: durable.to_string(),
+                concurrency: 4,
+                ack_wait_secs: 30,
+                max_deliver: -1,
+                retry_delay_ms: 1000,
+            }
+            .spec_for(STAGE, i),
+        ),
         ReadMode::View => None,
     })
 }

@@ -154,14 +154,6 @@ pub enum ConsumeError {
     /// The stream or the durable consumer is missing or could not be opened.
     #[error(transparent)]
     Topology(#[from] crate::topology::TopologyError),
-    /// The stream could not be found or read.
-    #[error("opening stream {stream}: {message}")]
-    Stream {
-        /// Stream name.
-        stream: String,
-        /// What the server said.
-        message: String,
-    },
     /// The durable consumer could not be created or opened.
     #[error("creating consumer {durable} on {stream}: {message}")]
     Consumer {

@@ -16,7 +16,7 @@ pub use ack::{
 pub use metrics::{Metrics, MetricsConfig};
 pub use nats::{connect, NatsConfig};
 pub use pcb_schemas::StageName;
-pub use settings::{load_config, validate_common, ConfigError, Problems};
+pub use settings::{load_config, ConfigError, Problems};
 pub use shutdown::Shutdown;
 pub use stage::{ConsumerSettings, Context, NoArgs, Stage, StageFile, Validated};
 pub use telemetry::{init_tracing, LogConfig};

@@ -248,17 +248,3 @@ mod tests {
         assert!(!text.contains("a.c"));
     }
 }
-
-/// Checks the sections every stage config has, adding their problems to `p`.
-pub fn validate_common(
-    nats: &crate::NatsConfig,
-    streams: &crate::Topology,
-    metrics: &crate::MetricsConfig,
-    log: &crate::LogConfig,
-    p: &mut Problems,
-) {
-    nats.validate("nats", p);
-    streams.validate("streams", p);
-    metrics.validate("metrics", p);
-    log.validate("log", p);
-}

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use pcb_schemas::topology::{ReadMode, StageName};
+use pcb_schemas::topology::{Input, ReadMode, StageName};
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
@@ -54,13 +54,18 @@ impl ConsumerSettings {
         stage
             .decl()
             .durable_input()
-            .map(|(_, durable)| ConsumerSettings {
-                durable: durable.to_string(),
-                concurrency: 0,
-                ack_wait_secs: 60,
-                max_deliver: 5,
-                retry_delay_ms: 2000,
-            })
+            .map(|(_, durable)| ConsumerSettings::named(durable))
+    }
+
+    /// The common defaults for the durable `durable`.
+    pub fn named(durable: &str) -> ConsumerSettings {
+        ConsumerSettings {
+            durable: durable.to_string(),
+            concurrency: 0,
+            ack_wait_secs: 60,
+            max_deliver: 5,
+            retry_delay_ms: 2000,
+        }
     }
 
     /// Adds this block's problems (keys prefixed with `section`) to `p`.
@@ -90,12 +95,17 @@ impl ConsumerSettings {
     /// The consumer `stage` runs with these settings (its input from the topology).
     pub fn spec(&self, stage: StageName) -> Option<ConsumerSpec> {
         let (input, _) = stage.decl().durable_input()?;
+        Some(self.spec_for(stage, input))
+    }
+
+    /// The consumer of `stage` on `input` with these settings.
+    pub fn spec_for(&self, stage: StageName, input: &Input) -> ConsumerSpec {
         let concurrency = if self.concurrency == 0 {
             4 * std::thread::available_parallelism().map_or(2, |n| n.get())
         } else {
             self.concurrency
         };
-        Some(ConsumerSpec {
+        ConsumerSpec {
             stage,
             stream: input.stream.name().to_string(),
             durable: self.durable.clone(),
@@ -104,7 +114,7 @@ impl ConsumerSettings {
             max_deliver: self.max_deliver,
             retry_delay: Duration::from_millis(self.retry_delay_ms),
             concurrency,
-        })
+        }
     }
 }
 
@@ -446,22 +456,6 @@ impl<T: Stage> fmt::Debug for Validated<T> {
             .field("nats", &self.nats)
             .field("consumer", &self.consumer)
             .finish_non_exhaustive()
-    }
-}
-
-impl<T: Stage> Validated<T>
-where
-    T::Config: Clone,
-{
-    /// A copy (for a stage whose own config can be copied).
-    pub fn cloned(&self) -> Validated<T> {
-        Validated {
-            nats: self.nats.clone(),
-            metrics: self.metrics.clone(),
-            log: self.log.clone(),
-            consumer: self.consumer.clone(),
-            config: self.config.clone(),
-        }
     }
 }
 

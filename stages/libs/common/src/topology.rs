@@ -326,16 +326,13 @@ pub fn default_consumers() -> Vec<crate::ConsumerSpec> {
         .iter()
         .flat_map(|s| s.inputs.iter().map(move |i| (s.stage, i)))
         .filter_map(|(stage, input)| match input.mode {
-            ReadMode::Durable { durable } => Some(crate::ConsumerSpec {
-                stage,
-                stream: input.stream.name().to_string(),
-                durable: durable.to_string(),
-                filter_subject: input.filter.to_string(),
-                ack_wait: Duration::from_secs(60),
-                max_deliver: 5,
-                retry_delay: Duration::from_secs(2),
-                concurrency: 1,
-            }),
+            ReadMode::Durable { durable } => Some(
+                crate::ConsumerSettings {
+                    concurrency: 1,
+                    ..crate::ConsumerSettings::named(durable)
+                }
+                .spec_for(stage, input),
+            ),
             ReadMode::View => None,
         })
         .collect()
