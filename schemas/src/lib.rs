@@ -9,4 +9,4 @@ pub mod topology;
 pub use codec::{decode, encode, headers_for, CodecError, Envelope, CONTENT_TYPE, SCHEMA_HEADER};
 pub use messages::*;
 pub use subjects::*;
-pub use topology::{ProcessKind, ReadMode, StageDecl, StageName, STAGES};
+pub use topology::{Durable, ProcessKind, ReadMode, StageDecl, StageName, STAGES};

@@ -91,13 +91,38 @@ pub enum ProcessKind {
 pub enum ReadMode {
     /// A durable pull consumer with explicit acks, shared by every replica: each message is
     /// processed once and settled by the ack policy.
-    Durable {
-        /// The durable consumer's name.
-        durable: &'static str,
-    },
+    Durable(Durable),
     /// A private, unacknowledged view (ordered or ephemeral consumer, direct get): reading
     /// changes nothing on the server.
     View,
+}
+
+/// A durable consumer: its name and the defaults of its ack settings (a stage's config
+/// may change the settings; the name is the topology's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durable {
+    /// The durable consumer's name.
+    pub name: &'static str,
+    /// Messages in flight at once in one process (0: four per CPU core).
+    pub concurrency: usize,
+    /// Redeliver a message not acked within this many seconds.
+    pub ack_wait_secs: u64,
+    /// Deliveries of a failing message before it becomes a `retries-exhausted` dead letter
+    /// (-1: no limit).
+    pub max_deliver: i64,
+    /// Delay before a transient failure is retried, in milliseconds.
+    pub retry_delay_ms: u64,
+}
+
+impl Durable {
+    /// The settings most consumers share; a declaration changes what its stage needs.
+    pub const COMMON: Durable = Durable {
+        name: "",
+        concurrency: 0,
+        ack_wait_secs: 60,
+        max_deliver: 5,
+        retry_delay_ms: 2000,
+    };
 }
 
 /// One subject a stage consumes.
@@ -181,9 +206,9 @@ pub struct StageDecl {
 
 impl StageDecl {
     /// Its durable consumer, when it has one.
-    pub fn durable_input(&self) -> Option<(&'static Input, &'static str)> {
-        self.inputs.iter().find_map(|i| match i.mode {
-            ReadMode::Durable { durable } if !i.optional => Some((i, durable)),
+    pub fn durable_input(&self) -> Option<(&'static Input, &'static Durable)> {
+        self.inputs.iter().find_map(|i| match &i.mode {
+            ReadMode::Durable(d) if !i.optional => Some((i, d)),
             _ => None,
         })
     }
@@ -209,12 +234,20 @@ pub fn subject_matches(pattern: &str, subject: &str) -> bool {
     }
 }
 
-const fn durable(stream: StreamKind, filter: &'static str, durable: &'static str) -> Input {
+const fn durable(stream: StreamKind, filter: &'static str, durable: Durable) -> Input {
     Input {
         stream,
         filter,
-        mode: ReadMode::Durable { durable },
+        mode: ReadMode::Durable(durable),
         optional: false,
+    }
+}
+
+/// The durable `name` with the common settings.
+const fn common(name: &'static str) -> Durable {
+    Durable {
+        name,
+        ..Durable::COMMON
     }
 }
 
@@ -237,9 +270,14 @@ pub const STAGES: [StageDecl; 7] = [
         inputs: &[Input {
             stream: StreamKind::Rejected,
             filter: "pcb.rejected.*",
-            mode: ReadMode::Durable {
-                durable: "ingester-follow-rejections",
-            },
+            // Never gives up on a letter: a file left behind in processed/ would be lost.
+            mode: ReadMode::Durable(Durable {
+                name: "ingester-follow-rejections",
+                concurrency: 4,
+                ack_wait_secs: 30,
+                max_deliver: -1,
+                retry_delay_ms: 1000,
+            }),
             optional: true,
         }],
         outputs: &[SUBJECT_RAW, "pcb.rejected.ingester"],
@@ -250,7 +288,7 @@ pub const STAGES: [StageDecl; 7] = [
         name: "encoder",
         summary: "decodes and checks each raw image and publishes it base64-encoded",
         process: ProcessKind::Service,
-        inputs: &[durable(StreamKind::Images, SUBJECT_RAW, "encoder")],
+        inputs: &[durable(StreamKind::Images, SUBJECT_RAW, common("encoder"))],
         outputs: &[SUBJECT_ENCODED, "pcb.rejected.encoder"],
         buckets: &[],
     },
@@ -259,7 +297,17 @@ pub const STAGES: [StageDecl; 7] = [
         name: "router",
         summary: "routes each labelled board to its training shard",
         process: ProcessKind::Service,
-        inputs: &[durable(StreamKind::Images, SUBJECT_ENCODED, "router")],
+        // Routing is a hash and a publish: many in flight, and a short ack wait.
+        inputs: &[durable(
+            StreamKind::Images,
+            SUBJECT_ENCODED,
+            Durable {
+                name: "router",
+                concurrency: 32,
+                ack_wait_secs: 30,
+                ..Durable::COMMON
+            },
+        )],
         outputs: &["pcb.shards.*", "pcb.rejected.router"],
         buckets: &[],
     },
@@ -268,10 +316,15 @@ pub const STAGES: [StageDecl; 7] = [
         name: "registry",
         summary: "registers trained candidates and promotes the better ones",
         process: ProcessKind::Service,
+        // One candidate at a time: versions are numbered in the order they are taken.
         inputs: &[durable(
             StreamKind::Training,
             SUBJECT_TRAIN_CANDIDATES,
-            "registry",
+            Durable {
+                name: "registry",
+                concurrency: 1,
+                ..Durable::COMMON
+            },
         )],
         outputs: &[SUBJECT_MODEL_EVENTS, "pcb.rejected.registry"],
         buckets: &[(KV_MODELS, Access::Write), (OBJECTS_MODELS, Access::Write)],
@@ -281,7 +334,16 @@ pub const STAGES: [StageDecl; 7] = [
         name: "detector",
         summary: "runs the live model on every encoded image",
         process: ProcessKind::Service,
-        inputs: &[durable(StreamKind::Images, SUBJECT_ENCODED, "detector")],
+        // Two batches in flight: one decoding while the other is in the model.
+        inputs: &[durable(
+            StreamKind::Images,
+            SUBJECT_ENCODED,
+            Durable {
+                name: "detector",
+                concurrency: 2,
+                ..Durable::COMMON
+            },
+        )],
         outputs: &[
             SUBJECT_DETECTIONS,
             SUBJECT_MODEL_EVENTS,
@@ -446,7 +508,7 @@ pub fn stages_markdown() -> String {
             .iter()
             .map(|i| {
                 let how = match i.mode {
-                    ReadMode::Durable { durable } => format!("durable `{durable}`"),
+                    ReadMode::Durable(d) => format!("durable `{}`", d.name),
                     ReadMode::View => "view".to_string(),
                 };
                 let opt = if i.optional { ", optional" } else { "" };
@@ -565,7 +627,7 @@ mod tests {
             .iter()
             .flat_map(|s| s.inputs.iter())
             .filter_map(|i| match i.mode {
-                ReadMode::Durable { durable } => Some(durable),
+                ReadMode::Durable(d) => Some(d.name),
                 ReadMode::View => None,
             })
             .collect();

@@ -74,7 +74,6 @@ struct WorkerResult {
 /// 3-channel images, as the Python side builds it.
 fn model_config(size: i64) -> ModelConfig {
     ModelConfig {
-        num_classes: 7,
         backbone: Depth::R18,
         norm: Norm::Batch,
         input: InputMode::Image,
@@ -85,9 +84,7 @@ fn model_config(size: i64) -> ModelConfig {
         },
         fpn_channels: 128,
         box_batch_size_per_image: 128,
-        backbone_width: 64,
-        representation_size: 1024,
-        test_proposals: 1000,
+        ..ModelConfig::default()
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use pcb_vision::train::{Optimizer, OptimizerKind, TrainConfig};
 use pcb_vision::{
-    testing, Depth, Detections, Detector, InferenceOptions, InputMode, ModelConfig, Norm, Sampling,
+    testing, Depth, Detections, Detector, InferenceOptions, InputMode, ModelConfig, Sampling,
     Target, Transform,
 };
 use tch::{Kind, Tensor};
@@ -71,21 +71,15 @@ impl Model {
     }
 
     fn config(self, size: i64) -> ModelConfig {
+        // torchvision's R50-FPN (the defaults) on plain images of one size.
         let base = ModelConfig {
-            num_classes: 7,
-            backbone: Depth::R50,
-            norm: Norm::Frozen,
             input: InputMode::Image,
             transform: Transform {
                 min_size: size,
                 max_size: size,
                 ..Transform::default()
             },
-            fpn_channels: 256,
-            box_batch_size_per_image: 512,
-            backbone_width: 64,
-            representation_size: 1024,
-            test_proposals: 1000,
+            ..ModelConfig::default()
         };
         match self {
             Model::R50 => base,

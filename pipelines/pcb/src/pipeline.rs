@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use derive_where::derive_where;
 use pcb_common::stage::Section;
 use pcb_common::{
     ConfigError, ConsumerSettings, LogConfig, MetricsConfig, NatsConfig, Problems, Stage,
@@ -45,6 +46,8 @@ impl Default for PipelineMeta {
 }
 
 /// One stage: replicas, metrics port and its own settings.
+// derive_where: a derive would ask the stage type itself to be Clone, Debug and PartialEq.
+#[derive_where(Clone, Debug, PartialEq)]
 #[derive(Serialize, Deserialize)]
 #[serde(from = "RawEntry<T>", into = "RawEntry<T>", bound = "")]
 pub struct StageEntry<T: Stage> {
@@ -103,39 +106,8 @@ impl<T: Stage> Default for StageEntry<T> {
             replicas: 1,
             metrics_port: 0,
             settings: T::Settings::default(),
-            consumer: T::consumer_defaults(),
+            consumer: ConsumerSettings::defaults(T::NAME),
         }
-    }
-}
-
-// Written out: a derive would ask the stage type itself to be Clone, Debug and PartialEq.
-impl<T: Stage> Clone for StageEntry<T> {
-    fn clone(&self) -> Self {
-        StageEntry {
-            replicas: self.replicas,
-            metrics_port: self.metrics_port,
-            settings: self.settings.clone(),
-            consumer: self.consumer.clone(),
-        }
-    }
-}
-
-impl<T: Stage> PartialEq for StageEntry<T> {
-    fn eq(&self, o: &Self) -> bool {
-        self.replicas == o.replicas
-            && self.metrics_port == o.metrics_port
-            && self.settings == o.settings
-            && self.consumer == o.consumer
-    }
-}
-
-impl<T: Stage> std::fmt::Debug for StageEntry<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StageEntry")
-            .field("replicas", &self.replicas)
-            .field("settings", &self.settings)
-            .field("consumer", &self.consumer)
-            .finish_non_exhaustive()
     }
 }
 

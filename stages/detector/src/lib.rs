@@ -10,8 +10,7 @@ use base64::Engine;
 use futures::StreamExt;
 use pcb_common::ack::Delivery;
 use pcb_common::{
-    Batching, ConsumerSettings, Context, Metrics, NoArgs, Outcome, Problems, Rejection, Shutdown,
-    Stage,
+    Batching, Context, Metrics, NoArgs, Outcome, Problems, Rejection, Shutdown, Stage, Validate,
 };
 use pcb_registry::{key_live, publish_event, LiveAlias, ModelVersion, Registry};
 use pcb_schemas::{
@@ -64,42 +63,25 @@ impl Default for DetectorSettings {
 
 impl Stage for DetectorStage {
     type Settings = DetectorSettings;
-    type Config = DetectorSettings;
     type Error = DetectorError;
     type Args = NoArgs;
 
-    fn consumer_defaults() -> Option<ConsumerSettings> {
-        // Two batches in flight: one decoding while the other is in the model.
-        ConsumerSettings::defaults(STAGE).map(|c| ConsumerSettings {
-            concurrency: 2,
-            ..c
-        })
-    }
-
-    fn validate(d: DetectorSettings, p: &mut Problems) -> Option<DetectorSettings> {
-        if let Err(e) = pcb_registry::check_name(&d.model_name) {
-            p.push("detector.model_name", e);
-        }
-        p.check(
-            d.max_batch == 0 || d.max_batch > 256,
-            "detector.max_batch",
-            "must be between 1 and 256",
-        );
-        p.check(
-            !(0.0..=1.0).contains(&d.report_threshold),
-            "detector.report_threshold",
-            "must be between 0 and 1",
-        );
-        p.check(
-            !(0.0..=1.0).contains(&d.fail_threshold),
-            "detector.fail_threshold",
-            "must be between 0 and 1",
-        );
-        Some(d)
-    }
-
     async fn run(config: Config, ctx: Context) -> Result<(), DetectorError> {
         run(config, ctx).await
+    }
+}
+
+impl Validate for DetectorSettings {
+    type Config = DetectorSettings;
+
+    fn validate(self, p: &mut Problems) -> Option<DetectorSettings> {
+        if let Err(e) = pcb_registry::check_name(&self.model_name) {
+            p.push("detector.model_name", e);
+        }
+        p.between("detector.max_batch", self.max_batch, 1, 256);
+        p.between("detector.report_threshold", self.report_threshold, 0.0, 1.0);
+        p.between("detector.fail_threshold", self.fail_threshold, 0.0, 1.0);
+        Some(self)
     }
 }
 
@@ -531,14 +513,14 @@ mod tests {
         f.stage.settings.model_name = "bad name".into();
         f.stage.settings.max_batch = 0;
         f.stage.settings.fail_threshold = 1.5;
-        let text = f.validate().unwrap_err().to_string();
-        for key in [
-            "detector.model_name",
-            "detector.max_batch",
-            "detector.fail_threshold",
-        ] {
-            assert!(text.contains(key), "{key}: {text}");
-        }
+        assert_eq!(
+            f.validate().unwrap_err().keys(),
+            [
+                "detector.model_name",
+                "detector.max_batch",
+                "detector.fail_threshold"
+            ]
+        );
     }
 
     #[test]

@@ -5,10 +5,8 @@ use std::io::Cursor;
 
 use base64::Engine;
 use pcb_common::ack::Delivery;
-use pcb_common::{Context, NoArgs, Outcome, Problems, Rejection, Stage};
-use pcb_schemas::{
-    decode, image_id, BoxLabel, EncodedImage, RawImage, CLASS_NAMES, SUBJECT_ENCODED,
-};
+use pcb_common::{Context, NoArgs, Outcome, Problems, Rejection, Stage, Validate};
+use pcb_schemas::{image_id, BoxLabel, EncodedImage, RawImage, CLASS_NAMES, SUBJECT_ENCODED};
 use serde::{Deserialize, Serialize};
 
 pcb_common::declare_stage!(
@@ -43,34 +41,8 @@ impl Default for EncoderSettings {
 
 impl Stage for Encoder {
     type Settings = EncoderSettings;
-    type Config = Limits;
     type Error = EncoderError;
     type Args = NoArgs;
-
-    fn validate(e: EncoderSettings, p: &mut Problems) -> Option<Limits> {
-        p.check(e.max_width == 0, "encoder.max_width", "must be at least 1");
-        p.check(
-            e.max_height == 0,
-            "encoder.max_height",
-            "must be at least 1",
-        );
-        p.check(
-            e.max_alloc_bytes < 1 << 20,
-            "encoder.max_alloc_bytes",
-            "must be at least 1 MiB",
-        );
-        p.check(
-            e.classes.is_empty(),
-            "encoder.classes",
-            "needs at least one class",
-        );
-        Some(Limits {
-            max_width: e.max_width,
-            max_height: e.max_height,
-            max_alloc_bytes: e.max_alloc_bytes,
-            classes: e.classes,
-        })
-    }
 
     async fn run(config: Config, ctx: Context) -> Result<(), EncoderError> {
         let limits = std::sync::Arc::new(config.config.clone());
@@ -79,6 +51,31 @@ impl Stage for Encoder {
         })
         .await?;
         Ok(())
+    }
+}
+
+impl Validate for EncoderSettings {
+    type Config = Limits;
+
+    fn validate(self, p: &mut Problems) -> Option<Limits> {
+        p.at_least("encoder.max_width", self.max_width, 1);
+        p.at_least("encoder.max_height", self.max_height, 1);
+        p.check(
+            self.max_alloc_bytes < 1 << 20,
+            "encoder.max_alloc_bytes",
+            "must be at least 1 MiB",
+        );
+        p.check(
+            self.classes.is_empty(),
+            "encoder.classes",
+            "needs at least one class",
+        );
+        Some(Limits {
+            max_width: self.max_width,
+            max_height: self.max_height,
+            max_alloc_bytes: self.max_alloc_bytes,
+            classes: self.classes,
+        })
     }
 }
 
@@ -98,12 +95,14 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         let mut p = Problems::default();
-        Encoder::validate(EncoderSettings::default(), &mut p).unwrap_or(Limits {
-            max_width: 0,
-            max_height: 0,
-            max_alloc_bytes: 0,
-            classes: Vec::new(),
-        })
+        EncoderSettings::default()
+            .validate(&mut p)
+            .unwrap_or(Limits {
+                max_width: 0,
+                max_height: 0,
+                max_alloc_bytes: 0,
+                classes: Vec::new(),
+            })
     }
 }
 
@@ -348,17 +347,9 @@ async fn handle(
     limits: std::sync::Arc<Limits>,
     d: Delivery,
 ) -> Outcome {
-    let raw: RawImage = match decode(&d.payload, d.schema()) {
+    let raw: RawImage = match d.decode() {
         Ok(r) => r,
-        Err(e) => {
-            return Outcome::Reject(Rejection::new(
-                "bad-record",
-                format!(
-                    "message #{} on {} is not a raw image record: {e}",
-                    d.stream_seq, d.subject
-                ),
-            ))
-        }
+        Err(r) => return Outcome::Reject(r),
     };
     let now = pcb_common::now_ms();
     let encoded = match tokio::task::spawn_blocking(move || encode_record(&raw, &limits, now)).await
@@ -573,10 +564,10 @@ mod tests {
         f.stage.settings.max_width = 0;
         f.stage.settings.classes.clear();
         f.nats.url.clear();
-        let text = f.validate().unwrap_err().to_string();
-        for k in ["encoder.max_width", "encoder.classes", "nats.url"] {
-            assert!(text.contains(k), "{text}");
-        }
+        assert_eq!(
+            f.validate().unwrap_err().keys(),
+            ["nats.url", "encoder.max_width", "encoder.classes"]
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream;
 use pcb_common::ack::{ConsumerSpec, Delivery};
-use pcb_common::{Context, Metrics, Outcome, Problems, Rejection, Stage};
+use pcb_common::{Context, Metrics, Outcome, Problems, Rejection, Stage, Validate};
 use pcb_datasets::{
     image_dimensions, parse_coco, parse_voc, parse_yolo, read_class_list, read_deeppcb,
     read_label_file, ClassMap, CocoIndex, LabelError,
@@ -114,11 +114,42 @@ pub struct Settings {
 
 impl Stage for IngesterStage {
     type Settings = IngesterSettings;
-    type Config = Settings;
     type Error = IngesterError;
     type Args = IngesterArgs;
 
-    fn validate(s: IngesterSettings, p: &mut Problems) -> Option<Settings> {
+    fn apply_args(args: &IngesterArgs, file: &mut FileConfig, _p: &mut Problems) {
+        if let Some(dir) = &args.once {
+            let s = &mut file.stage.settings;
+            s.watch_dir = dir.clone();
+            // The pipeline's inbox folders do not apply to a one-off import of another
+            // folder: its own processed/ and rejected/ do.
+            if s.processed_dir
+                .as_ref()
+                .is_none_or(|p| p.starts_with("inbox"))
+            {
+                s.processed_dir = None;
+                s.rejected_dir = None;
+            }
+        }
+    }
+
+    async fn run(config: Config, ctx: Context) -> Result<(), IngesterError> {
+        run(config, ctx).await
+    }
+
+    async fn launch(args: IngesterArgs, config: Config, ctx: Context) -> Result<(), IngesterError> {
+        match args.once {
+            None => run(config, ctx).await,
+            Some(dir) => import_once(&dir, args.move_files, config, ctx).await,
+        }
+    }
+}
+
+impl Validate for IngesterSettings {
+    type Config = Settings;
+
+    fn validate(self, p: &mut Problems) -> Option<Settings> {
+        let s = self;
         p.check(
             s.watch_dir.as_os_str().is_empty(),
             "ingester.watch_dir",
@@ -129,27 +160,15 @@ impl Stage for IngesterStage {
             "ingester.settle_ms",
             "must be at most 600000",
         );
-        p.check(
-            s.rescan_secs == 0,
-            "ingester.rescan_secs",
-            "must be at least 1",
-        );
-        p.check(
-            s.max_image_bytes == 0,
-            "ingester.max_image_bytes",
-            "must be at least 1",
-        );
-        p.check(s.line_id.trim().is_empty(), "ingester.line_id", "is empty");
+        p.at_least("ingester.rescan_secs", s.rescan_secs, 1);
+        p.at_least("ingester.max_image_bytes", s.max_image_bytes, 1);
+        p.not_blank("ingester.line_id", &s.line_id);
         p.check(
             s.classes.is_empty(),
             "ingester.classes",
             "needs at least one class",
         );
-        p.check(
-            s.concurrency == 0,
-            "ingester.concurrency",
-            "must be at least 1",
-        );
+        p.at_least("ingester.concurrency", s.concurrency, 1);
         let processed = s
             .processed_dir
             .clone()
@@ -181,33 +200,6 @@ impl Stage for IngesterStage {
             concurrency: s.concurrency,
             follow_rejections: s.follow_rejections,
         })
-    }
-
-    fn apply_args(args: &IngesterArgs, file: &mut FileConfig, _p: &mut Problems) {
-        if let Some(dir) = &args.once {
-            let s = &mut file.stage.settings;
-            s.watch_dir = dir.clone();
-            // The pipeline's inbox folders do not apply to a one-off import of another
-            // folder: its own processed/ and rejected/ do.
-            if s.processed_dir
-                .as_ref()
-                .is_none_or(|p| p.starts_with("inbox"))
-            {
-                s.processed_dir = None;
-                s.rejected_dir = None;
-            }
-        }
-    }
-
-    async fn run(config: Config, ctx: Context) -> Result<(), IngesterError> {
-        run(config, ctx).await
-    }
-
-    async fn launch(args: IngesterArgs, config: Config, ctx: Context) -> Result<(), IngesterError> {
-        match args.once {
-            None => run(config, ctx).await,
-            Some(dir) => import_once(&dir, args.move_files, config, ctx).await,
-        }
     }
 }
 
@@ -262,16 +254,7 @@ async fn import_once(
 /// letters (moving their files to `rejected/`): never gives up on a letter.
 pub fn follow_spec() -> Option<ConsumerSpec> {
     STAGE.decl().inputs.iter().find_map(|i| match i.mode {
-        ReadMode::Durable { durable } => Some(
-            pcb_common::ConsumerSettings {
-                durable: durable.to_string(),
-                concurrency: 4,
-                ack_wait_secs: 30,
-                max_deliver: -1,
-                retry_delay_ms: 1000,
-            }
-            .spec_for(STAGE, i),
-        ),
+        ReadMode::Durable(d) => Some(pcb_common::ConsumerSettings::from(&d).spec_for(STAGE, i)),
         ReadMode::View => None,
     })
 }
@@ -1058,10 +1041,9 @@ mod tests {
         f.stage.settings.processed_dir = Some("x".into());
         f.stage.settings.rejected_dir = Some("x".into());
         f.stage.settings.concurrency = 0;
-        let text = f.validate().unwrap_err().to_string();
-        assert!(
-            text.contains("ingester.rejected_dir") && text.contains("ingester.concurrency"),
-            "{text}"
+        assert_eq!(
+            f.validate().unwrap_err().keys(),
+            ["ingester.concurrency", "ingester.rejected_dir"]
         );
     }
 }

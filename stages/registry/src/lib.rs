@@ -5,9 +5,9 @@ pub mod store;
 
 use async_nats::jetstream;
 use pcb_common::ack::Delivery;
-use pcb_common::{ConsumerSettings, Context, NoArgs, Outcome, Problems, Rejection, Stage};
+use pcb_common::{Context, NoArgs, Outcome, Problems, Rejection, Stage, Validate};
 use pcb_schemas::{
-    decode, ModelEvent, ModelEventKind, ModelRef, StageName, TrainCandidate, SUBJECT_MODEL_EVENTS,
+    ModelEvent, ModelEventKind, ModelRef, StageName, TrainCandidate, SUBJECT_MODEL_EVENTS,
 };
 use serde::{Deserialize, Serialize};
 
@@ -52,40 +52,10 @@ impl Default for RegistrySettings {
     }
 }
 
-/// The promotion policy, validated.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Policy {
-    /// When a candidate becomes live.
-    pub promote: Promotion,
-    /// Its tolerance.
-    pub tolerance_map: f64,
-}
-
 impl Stage for RegistryStage {
     type Settings = RegistrySettings;
-    type Config = Policy;
     type Error = RegistryStageError;
     type Args = NoArgs;
-
-    fn consumer_defaults() -> Option<ConsumerSettings> {
-        // One candidate at a time: versions are numbered in the order they are taken.
-        ConsumerSettings::defaults(STAGE).map(|c| ConsumerSettings {
-            concurrency: 1,
-            ..c
-        })
-    }
-
-    fn validate(r: RegistrySettings, p: &mut Problems) -> Option<Policy> {
-        p.check(
-            !(0.0..=1.0).contains(&r.tolerance_map),
-            "registry.tolerance_map",
-            "must be between 0 and 1 (mAP is a fraction)",
-        );
-        Some(Policy {
-            promote: r.promote,
-            tolerance_map: r.tolerance_map,
-        })
-    }
 
     async fn run(config: Config, ctx: Context) -> Result<(), RegistryStageError> {
         // The buckets first: without them no candidate could be taken.
@@ -100,6 +70,31 @@ impl Stage for RegistryStage {
         .await?;
         Ok(())
     }
+}
+
+impl Validate for RegistrySettings {
+    type Config = Policy;
+
+    fn validate(self, p: &mut Problems) -> Option<Policy> {
+        p.check(
+            !(0.0..=1.0).contains(&self.tolerance_map),
+            "registry.tolerance_map",
+            "must be between 0 and 1 (mAP is a fraction)",
+        );
+        Some(Policy {
+            promote: self.promote,
+            tolerance_map: self.tolerance_map,
+        })
+    }
+}
+
+/// The promotion policy, validated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Policy {
+    /// When a candidate becomes live.
+    pub promote: Promotion,
+    /// Its tolerance.
+    pub tolerance_map: f64,
 }
 
 /// Publishes a registry event on `pcb.models.events` (logged, not fatal, when it fails).
@@ -224,26 +219,21 @@ pub async fn take_candidate(
             .promote(&v.name, v.version, "policy")
             .await
             .map_err(|e| Rejection::new("promote", e.to_string()))?;
-        publish_event(
-            js,
-            pcb_schemas::ModelEventKind::Promoted,
-            &v.name,
-            v.version,
-            STAGE.name(),
-            Some(why.clone()),
-        )
-        .await;
-    } else {
-        publish_event(
-            js,
-            pcb_schemas::ModelEventKind::NotPromoted,
-            &v.name,
-            v.version,
-            STAGE.name(),
-            Some(why.clone()),
-        )
-        .await;
     }
+    let kind = if promote {
+        pcb_schemas::ModelEventKind::Promoted
+    } else {
+        pcb_schemas::ModelEventKind::NotPromoted
+    };
+    publish_event(
+        js,
+        kind,
+        &v.name,
+        v.version,
+        STAGE.name(),
+        Some(why.clone()),
+    )
+    .await;
     tracing::info!(name = %v.name, version = v.version, promote, why = %why, "candidate registered");
     Ok(v)
 }
@@ -266,9 +256,9 @@ async fn handle(
     tolerance: f64,
     d: Delivery,
 ) -> Outcome {
-    let c: TrainCandidate = match decode(&d.payload, d.schema()) {
+    let c: TrainCandidate = match d.decode() {
         Ok(c) => c,
-        Err(e) => return Outcome::Reject(Rejection::new("undecodable", e.to_string())),
+        Err(r) => return Outcome::Reject(r),
     };
     match take_candidate(&registry, &js, &c, policy, tolerance).await {
         Ok(_) => Outcome::Done,
@@ -328,8 +318,9 @@ mod tests {
         if let Some(c) = f.stage.consumer.as_mut() {
             c.max_deliver = 0;
         }
-        let text = f.validate().unwrap_err().to_string();
-        assert!(text.contains("registry.tolerance_map"), "{text}");
-        assert!(text.contains("registry.max_deliver"), "{text}");
+        assert_eq!(
+            f.validate().unwrap_err().keys(),
+            ["registry.max_deliver", "registry.tolerance_map"]
+        );
     }
 }

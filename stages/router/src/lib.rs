@@ -2,8 +2,8 @@
 //! shard and go to `pcb.shards.<k>`; unlabelled images are not routed.
 
 use pcb_common::ack::Delivery;
-use pcb_common::{ConsumerSettings, Context, NoArgs, Outcome, Problems, Rejection, Stage};
-use pcb_schemas::{decode, shard_subject, EncodedImage, ShardRecord, Split, DEFAULT_SHARD_COUNT};
+use pcb_common::{Context, NoArgs, Outcome, Problems, Stage, Validate};
+use pcb_schemas::{shard_subject, EncodedImage, ShardRecord, Split, DEFAULT_SHARD_COUNT};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -36,41 +36,31 @@ impl Default for RouterSettings {
 
 impl Stage for Router {
     type Settings = RouterSettings;
-    type Config = Assigner;
     type Error = RouterError;
     type Args = NoArgs;
-
-    fn consumer_defaults() -> Option<ConsumerSettings> {
-        // Routing is a hash and a publish: many in flight, and a short ack wait.
-        ConsumerSettings::defaults(STAGE).map(|c| ConsumerSettings {
-            concurrency: 32,
-            ack_wait_secs: 30,
-            ..c
-        })
-    }
-
-    fn validate(r: RouterSettings, p: &mut Problems) -> Option<Assigner> {
-        p.check(
-            r.shard_count == 0 || r.shard_count > 1024,
-            "router.shard_count",
-            "must be between 1 and 1024",
-        );
-        p.check(
-            !(0.0..1.0).contains(&r.val_fraction),
-            "router.val_fraction",
-            "must be at least 0 and below 1",
-        );
-        Some(Assigner {
-            shard_count: r.shard_count,
-            val_fraction: r.val_fraction,
-            use_dataset_split: r.use_dataset_split,
-        })
-    }
 
     async fn run(config: Config, ctx: Context) -> Result<(), RouterError> {
         let a = config.config;
         pcb_common::stage::consume(&config, ctx, |js| move |d| handle(js.clone(), a, d)).await?;
         Ok(())
+    }
+}
+
+impl Validate for RouterSettings {
+    type Config = Assigner;
+
+    fn validate(self, p: &mut Problems) -> Option<Assigner> {
+        p.between("router.shard_count", self.shard_count, 1, 1024);
+        p.check(
+            !(0.0..1.0).contains(&self.val_fraction),
+            "router.val_fraction",
+            "must be at least 0 and below 1",
+        );
+        Some(Assigner {
+            shard_count: self.shard_count,
+            val_fraction: self.val_fraction,
+            use_dataset_split: self.use_dataset_split,
+        })
     }
 }
 
@@ -140,17 +130,9 @@ pub enum RouterError {
 }
 
 async fn handle(js: async_nats::jetstream::Context, a: Assigner, d: Delivery) -> Outcome {
-    let rec: EncodedImage = match decode(&d.payload, d.schema()) {
+    let rec: EncodedImage = match d.decode() {
         Ok(r) => r,
-        Err(e) => {
-            return Outcome::Reject(Rejection::new(
-                "bad-record",
-                format!(
-                    "message #{} on {} is not an encoded image record: {e}",
-                    d.stream_seq, d.subject
-                ),
-            ))
-        }
+        Err(r) => return Outcome::Reject(r),
     };
     let Some(shard) = route(rec, &a, pcb_common::now_ms()) else {
         return Outcome::Skipped;
@@ -255,10 +237,9 @@ mod tests {
         let mut f = FileConfig::default();
         f.stage.settings.shard_count = 0;
         f.stage.settings.val_fraction = 1.5;
-        let text = f.validate().unwrap_err().to_string();
-        assert!(
-            text.contains("router.shard_count") && text.contains("router.val_fraction"),
-            "{text}"
+        assert_eq!(
+            f.validate().unwrap_err().keys(),
+            ["router.shard_count", "router.val_fraction"]
         );
     }
 }

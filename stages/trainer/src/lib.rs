@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pcb_common::{Context, Problems, Shutdown, Stage, Validated};
+use pcb_common::{Context, Problems, Shutdown, Stage, Validate, Validated};
 use pcb_schemas::{
     Snapshot, TrainCandidate, TrainProgress, STREAM_SHARDS, SUBJECT_TRAIN_CANDIDATES,
     SUBJECT_TRAIN_PROGRESS,
@@ -125,7 +125,6 @@ impl Default for TrainerSettings {
             // The CPU recipe of the README: ResNet-18 FPN with 128 channels, trainable
             // batch norm from scratch, image + template + difference at the board's scale.
             model: ModelConfig {
-                num_classes: 7,
                 backbone: Depth::R18,
                 norm: Norm::Batch,
                 input: InputMode::ImageTemplateDiff,
@@ -135,9 +134,7 @@ impl Default for TrainerSettings {
                 },
                 fpn_channels: 128,
                 box_batch_size_per_image: 128,
-                backbone_width: 64,
-                representation_size: 1024,
-                test_proposals: 1000,
+                ..ModelConfig::default()
             },
             optim: TrainConfig {
                 lr: 1e-3,
@@ -257,7 +254,6 @@ impl TrainerSettings {
 
 impl Stage for Trainer {
     type Settings = TrainerSettings;
-    type Config = Options;
     type Error = TrainerError;
     type Args = TrainerArgs;
 
@@ -282,8 +278,13 @@ impl Stage for Trainer {
     async fn run(config: Config, ctx: Context) -> Result<(), TrainerError> {
         run(config, ctx.client, ctx.shutdown).await.map(|_| ())
     }
+}
 
-    fn validate(t: TrainerSettings, p: &mut Problems) -> Option<Options> {
+impl Validate for TrainerSettings {
+    type Config = Options;
+
+    fn validate(self, p: &mut Problems) -> Option<Options> {
+        let t = self;
         let job_ok = !t.job.is_empty()
             && t.job
                 .chars()
@@ -293,51 +294,23 @@ impl Stage for Trainer {
             "trainer.job",
             "must be letters, digits, '-' or '_' (it names a folder and store keys)",
         );
-        p.check(
-            t.model_name.trim().is_empty(),
-            "trainer.model_name",
-            "is empty",
-        );
-        p.check(
-            t.world_size == 0,
-            "trainer.world_size",
-            "must be at least 1",
-        );
+        p.not_blank("trainer.model_name", &t.model_name);
+        p.at_least("trainer.world_size", t.world_size, 1);
         p.check(
             t.world_size > 0 && t.rank >= t.world_size,
             "trainer.rank",
             format!("{} is not below world_size {}", t.rank, t.world_size),
         );
-        p.check(
-            t.master_addr.trim().is_empty(),
-            "trainer.master_addr",
-            "is empty",
-        );
+        p.not_blank("trainer.master_addr", &t.master_addr);
         p.check(
             t.master_port == 0,
             "trainer.master_port",
             "must be a port number",
         );
-        p.check(
-            t.timeout_secs == 0,
-            "trainer.timeout_secs",
-            "must be at least 1",
-        );
-        p.check(
-            t.shard_count == 0 || t.shard_count > 1024,
-            "trainer.shard_count",
-            "must be between 1 and 1024",
-        );
-        p.check(
-            t.bucket_mib == 0,
-            "trainer.bucket_mib",
-            "must be at least 1",
-        );
-        p.check(
-            t.prefetch_batches == 0,
-            "trainer.prefetch_batches",
-            "must be at least 1",
-        );
+        p.at_least("trainer.timeout_secs", t.timeout_secs, 1);
+        p.between("trainer.shard_count", t.shard_count, 1, 1024);
+        p.at_least("trainer.bucket_mib", t.bucket_mib, 1);
+        p.at_least("trainer.prefetch_batches", t.prefetch_batches, 1);
         if t.device == DeviceChoice::Cuda {
             if let Err(e) = pcb_vision::cuda::device_for("cuda", 0) {
                 p.push("trainer.device", format!("cuda asked for, but {e}"));
@@ -353,22 +326,14 @@ impl Stage for Trainer {
             SamplingChoice::First => Sampling::First,
         };
         let o = &t.optim;
-        p.check(o.epochs == 0, "trainer.optim.epochs", "must be at least 1");
-        p.check(
-            o.batch_size == 0,
-            "trainer.optim.batch_size",
-            "must be at least 1",
-        );
+        p.at_least("trainer.optim.epochs", o.epochs, 1);
+        p.at_least("trainer.optim.batch_size", o.batch_size, 1);
         p.check(
             !(o.lr > 0.0 && o.lr.is_finite()),
             "trainer.optim.lr",
             "must be a positive number",
         );
-        p.check(
-            o.lr_step_epochs == 0,
-            "trainer.optim.lr_step_epochs",
-            "must be at least 1",
-        );
+        p.at_least("trainer.optim.lr_step_epochs", o.lr_step_epochs, 1);
         p.check(
             o.crop < 0,
             "trainer.optim.crop",
@@ -383,30 +348,18 @@ impl Stage for Trainer {
             "trainer.model.num_classes",
             "must count background and at least one defect class",
         );
-        p.check(
-            m.fpn_channels < 1,
-            "trainer.model.fpn_channels",
-            "must be at least 1",
-        );
-        p.check(
-            m.backbone_width < 1,
-            "trainer.model.backbone_width",
-            "must be at least 1",
-        );
-        p.check(
-            m.representation_size < 1,
+        p.at_least("trainer.model.fpn_channels", m.fpn_channels, 1);
+        p.at_least("trainer.model.backbone_width", m.backbone_width, 1);
+        p.at_least(
             "trainer.model.representation_size",
-            "must be at least 1",
+            m.representation_size,
+            1,
         );
-        p.check(
-            m.test_proposals < 1,
-            "trainer.model.test_proposals",
-            "must be at least 1",
-        );
-        p.check(
-            m.box_batch_size_per_image < 1,
+        p.at_least("trainer.model.test_proposals", m.test_proposals, 1);
+        p.at_least(
             "trainer.model.box_batch_size_per_image",
-            "must be at least 1",
+            m.box_batch_size_per_image,
+            1,
         );
         Some(Options {
             dist: DistConfig {
@@ -768,16 +721,15 @@ mod tests {
         f.stage.settings.rank = 2;
         f.stage.settings.master_port = 0;
         f.stage.settings.optim.epochs = 0;
-        let p = f.validate().unwrap_err();
-        let text = p.to_string();
-        for key in [
-            "trainer.job",
-            "trainer.rank",
-            "trainer.master_port",
-            "trainer.optim.epochs",
-        ] {
-            assert!(text.contains(key), "{key} missing from:\n{text}");
-        }
+        assert_eq!(
+            f.validate().unwrap_err().keys(),
+            [
+                "trainer.job",
+                "trainer.rank",
+                "trainer.master_port",
+                "trainer.optim.epochs",
+            ]
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use async_nats::jetstream;
-use pcb_common::{Context, NoArgs, Problems, Shutdown, Stage};
+use pcb_common::{Context, NoArgs, Problems, Shutdown, Stage, Validate};
 use serde::{Deserialize, Serialize};
 
 pcb_common::declare_stage!(
@@ -70,11 +70,19 @@ pub struct Options {
 
 impl Stage for Viewer {
     type Settings = ViewerSettings;
-    type Config = Options;
     type Error = ViewerError;
     type Args = NoArgs;
 
-    fn validate(v: ViewerSettings, p: &mut Problems) -> Option<Options> {
+    async fn run(config: Config, ctx: Context) -> Result<(), ViewerError> {
+        run_with(config, ctx.client, ctx.shutdown, None).await
+    }
+}
+
+impl Validate for ViewerSettings {
+    type Config = Options;
+
+    fn validate(self, p: &mut Problems) -> Option<Options> {
+        let v = self;
         let addr = match v.addr.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(e) => {
@@ -98,21 +106,9 @@ impl Stage for Viewer {
                 ),
             );
         }
-        p.check(
-            v.max_page_size == 0 || v.max_page_size > 10_000,
-            "viewer.max_page_size",
-            "must be between 1 and 10000",
-        );
-        p.check(
-            v.max_upload_bytes < 1024,
-            "viewer.max_upload_bytes",
-            "must be at least 1024",
-        );
-        p.check(
-            v.loss_points < 10,
-            "viewer.loss_points",
-            "must be at least 10",
-        );
+        p.between("viewer.max_page_size", v.max_page_size, 1, 10_000);
+        p.at_least("viewer.max_upload_bytes", v.max_upload_bytes, 1024);
+        p.at_least("viewer.loss_points", v.loss_points, 10);
         Some(Options {
             addr: addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             token: (!v.token.trim().is_empty()).then(|| v.token.trim().to_string()),
@@ -121,10 +117,6 @@ impl Stage for Viewer {
             loss_points: v.loss_points,
             url_file: (!v.url_file.is_empty()).then(|| std::path::PathBuf::from(&v.url_file)),
         })
-    }
-
-    async fn run(config: Config, ctx: Context) -> Result<(), ViewerError> {
-        run_with(config, ctx.client, ctx.shutdown, None).await
     }
 }
 
@@ -305,14 +297,14 @@ mod tests {
         let err =
             validate("[viewer]\naddr = \"0.0.0.0:80\"\nmax_page_size = 0\nmax_upload_bytes = 1\n")
                 .expect_err("invalid");
-        let text = err.to_string();
-        for key in [
-            "viewer.token",
-            "viewer.max_page_size",
-            "viewer.max_upload_bytes",
-        ] {
-            assert!(text.contains(key), "{key} missing from: {text}");
-        }
+        assert_eq!(
+            err.keys(),
+            [
+                "viewer.token",
+                "viewer.max_page_size",
+                "viewer.max_upload_bytes",
+            ]
+        );
         let err = validate("[viewer]\naddr = \"nowhere\"\n").expect_err("invalid");
         assert!(err.to_string().contains("viewer.addr"), "{err}");
     }

@@ -197,6 +197,22 @@ impl Delivery {
             .and_then(|h| h.get(pcb_schemas::SCHEMA_HEADER))
             .map(|v| v.as_str())
     }
+
+    /// Its record; one that does not decode as `T` is poison (it never will), so the error
+    /// is the `undecodable` rejection naming the message.
+    pub fn decode<T: pcb_schemas::Envelope>(&self) -> Result<T, Rejection> {
+        pcb_schemas::decode(&self.payload, self.schema()).map_err(|e| {
+            Rejection::new(
+                "undecodable",
+                format!(
+                    "message #{} on {} is not a {} record: {e}",
+                    self.stream_seq,
+                    self.subject,
+                    T::SCHEMA
+                ),
+            )
+        })
+    }
 }
 
 /// How many messages a batched handler gets at once.

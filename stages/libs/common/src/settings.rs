@@ -23,6 +23,31 @@ impl Problems {
         }
     }
 
+    /// Records "must be at least `min`" when `value` is below it (the check most numeric
+    /// settings need, worded the same everywhere).
+    pub fn at_least<T: PartialOrd + fmt::Display>(&mut self, key: &str, value: T, min: T) {
+        self.check(value < min, key, format!("must be at least {min}"));
+    }
+
+    /// Records "must be between `lo` and `hi`" when `value` is outside (or not a number).
+    pub fn between<T: PartialOrd + fmt::Display>(&mut self, key: &str, value: T, lo: T, hi: T) {
+        let inside = lo <= value && value <= hi;
+        self.check(!inside, key, format!("must be between {lo} and {hi}"));
+    }
+
+    /// Records "is empty" when `text` is empty or only white space.
+    pub fn not_blank(&mut self, key: &str, text: &str) {
+        self.check(text.trim().is_empty(), key, "is empty");
+    }
+
+    /// The keys of the problems, in the order they were found.
+    pub fn keys(&self) -> Vec<&str> {
+        self.0
+            .iter()
+            .map(|p| p.split_once(": ").map_or(p.as_str(), |(k, _)| k))
+            .collect()
+    }
+
     /// Ok when nothing was recorded.
     pub fn into_result(self) -> Result<(), Problems> {
         if self.0.is_empty() {
@@ -151,6 +176,28 @@ pub fn load_config_from_env<T: DeserializeOwned>(
 mod tests {
     use super::*;
     use serde::Deserialize;
+
+    #[test]
+    fn the_common_checks_word_their_problems_the_same_way() {
+        let mut p = Problems::default();
+        p.at_least("a.n", 0, 1);
+        p.at_least("a.ok", 1, 1);
+        p.between("a.f", 1.5, 0.0, 1.0);
+        p.between("a.nan", f64::NAN, 0.0, 1.0);
+        p.between("a.in", 0.5, 0.0, 1.0);
+        p.not_blank("a.s", "  ");
+        p.not_blank("a.t", "x");
+        assert_eq!(p.keys(), ["a.n", "a.f", "a.nan", "a.s"]);
+        assert_eq!(
+            p.0,
+            [
+                "a.n: must be at least 1",
+                "a.f: must be between 0 and 1",
+                "a.nan: must be between 0 and 1",
+                "a.s: is empty",
+            ]
+        );
+    }
 
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]

@@ -10,7 +10,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use pcb_schemas::topology::{Input, ReadMode, StageName};
+use derive_where::derive_where;
+use pcb_schemas::topology::{Durable, Input, ReadMode, StageName};
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
@@ -48,48 +49,22 @@ impl ConsumerSettings {
         "retry_delay_ms",
     ];
 
-    /// The defaults every consuming stage starts from: its durable named as the topology
+    /// The defaults every consuming stage starts from: its durable as the topology
     /// declares it.
     pub fn defaults(stage: StageName) -> Option<ConsumerSettings> {
         stage
             .decl()
             .durable_input()
-            .map(|(_, durable)| ConsumerSettings::named(durable))
-    }
-
-    /// The common defaults for the durable `durable`.
-    pub fn named(durable: &str) -> ConsumerSettings {
-        ConsumerSettings {
-            durable: durable.to_string(),
-            concurrency: 0,
-            ack_wait_secs: 60,
-            max_deliver: 5,
-            retry_delay_ms: 2000,
-        }
+            .map(|(_, durable)| ConsumerSettings::from(durable))
     }
 
     /// Adds this block's problems (keys prefixed with `section`) to `p`.
     pub fn validate(&self, section: &str, p: &mut Problems) {
-        p.check(
-            self.durable.trim().is_empty(),
-            &format!("{section}.durable"),
-            "is empty",
-        );
-        p.check(
-            self.ack_wait_secs == 0,
-            &format!("{section}.ack_wait_secs"),
-            "must be at least 1",
-        );
-        p.check(
-            self.max_deliver < 1,
-            &format!("{section}.max_deliver"),
-            "must be at least 1",
-        );
-        p.check(
-            self.concurrency > 4096,
-            &format!("{section}.concurrency"),
-            "at most 4096",
-        );
+        let key = |k: &str| format!("{section}.{k}");
+        p.not_blank(&key("durable"), &self.durable);
+        p.at_least(&key("ack_wait_secs"), self.ack_wait_secs, 1);
+        p.at_least(&key("max_deliver"), self.max_deliver, 1);
+        p.check(self.concurrency > 4096, &key("concurrency"), "at most 4096");
     }
 
     /// The consumer `stage` runs with these settings (its input from the topology).
@@ -114,6 +89,18 @@ impl ConsumerSettings {
             max_deliver: self.max_deliver,
             retry_delay: Duration::from_millis(self.retry_delay_ms),
             concurrency,
+        }
+    }
+}
+
+impl From<&Durable> for ConsumerSettings {
+    fn from(d: &Durable) -> ConsumerSettings {
+        ConsumerSettings {
+            durable: d.name.to_string(),
+            concurrency: d.concurrency,
+            ack_wait_secs: d.ack_wait_secs,
+            max_deliver: d.max_deliver,
+            retry_delay_ms: d.retry_delay_ms,
         }
     }
 }
@@ -148,25 +135,30 @@ macro_rules! declare_stage {
     };
 }
 
+/// A stage's own settings (its `[<name>]` section less the consumer keys), which check
+/// themselves into the typed config the stage runs with.
+pub trait Validate:
+    Serialize + DeserializeOwned + Default + Clone + PartialEq + fmt::Debug + Send
+{
+    /// The settings once validated.
+    type Config: Send + 'static;
+
+    /// Checks the settings, adding every problem (keys prefixed with the stage's name) to
+    /// `p`; returns the typed config when they are sound.
+    fn validate(self, p: &mut Problems) -> Option<Self::Config>;
+}
+
+/// The validated config of stage `T`.
+pub type ConfigOf<T> = <<T as Stage>::Settings as Validate>::Config;
+
 /// A pipeline stage.
 pub trait Stage: Named + Sized + 'static {
-    /// Its own settings: the `[<name>]` section less the consumer keys.
-    type Settings: Serialize + DeserializeOwned + Default + Clone + PartialEq + fmt::Debug + Send;
-    /// Its settings once validated.
-    type Config: Send + 'static;
+    /// Its own settings.
+    type Settings: Validate;
     /// Why it stopped.
     type Error: std::error::Error + Send + Sync + 'static;
     /// Command-line flags of its own ([`NoArgs`] when it has none).
     type Args: clap::Args + Send + 'static;
-
-    /// The consumer block's defaults (`None`: the stage has no durable input).
-    fn consumer_defaults() -> Option<ConsumerSettings> {
-        ConsumerSettings::defaults(Self::NAME)
-    }
-
-    /// Checks the settings, adding every problem (keys prefixed with the stage's name) to
-    /// `p`; returns the typed config when they are sound.
-    fn validate(settings: Self::Settings, p: &mut Problems) -> Option<Self::Config>;
 
     /// Applies the command-line flags to the file config before validation, adding any
     /// problem with them to `p`.
@@ -204,6 +196,8 @@ pub struct Context {
 
 /// A stage's section: its own settings and, for a consuming stage, the consumer block, in
 /// one TOML table (the keys of both side by side, as the pipeline file has always had them).
+// derive_where: a derive would ask the stage type itself to be Clone, Debug and PartialEq.
+#[derive_where(Clone, Debug, PartialEq)]
 pub struct Section<T: Stage> {
     /// The consumer block, for a stage with a durable input.
     pub consumer: Option<ConsumerSettings>,
@@ -211,35 +205,10 @@ pub struct Section<T: Stage> {
     pub settings: T::Settings,
 }
 
-// Written out: a derive would ask the stage type itself to be Clone, Debug and PartialEq.
-impl<T: Stage> Clone for Section<T> {
-    fn clone(&self) -> Self {
-        Section {
-            consumer: self.consumer.clone(),
-            settings: self.settings.clone(),
-        }
-    }
-}
-
-impl<T: Stage> PartialEq for Section<T> {
-    fn eq(&self, other: &Self) -> bool {
-        self.consumer == other.consumer && self.settings == other.settings
-    }
-}
-
-impl<T: Stage> fmt::Debug for Section<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Section")
-            .field("consumer", &self.consumer)
-            .field("settings", &self.settings)
-            .finish()
-    }
-}
-
 impl<T: Stage> Default for Section<T> {
     fn default() -> Self {
         Section {
-            consumer: T::consumer_defaults(),
+            consumer: ConsumerSettings::defaults(T::NAME),
             settings: T::Settings::default(),
         }
     }
@@ -268,7 +237,7 @@ impl<T: Stage> Serialize for Section<T> {
 impl<'de, T: Stage> Deserialize<'de> for Section<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let mut own = Map::<String, Value>::deserialize(d)?;
-        let consumer = match T::consumer_defaults() {
+        let consumer = match ConsumerSettings::defaults(T::NAME) {
             None => None,
             Some(defaults) => {
                 // The given consumer keys over the stage's defaults.
@@ -316,6 +285,7 @@ fn from_value<T: DeserializeOwned, E: serde::de::Error>(value: Value) -> Result<
 }
 
 /// A stage's config file: the shared sections and the stage's own.
+#[derive_where(Clone, Debug, PartialEq)]
 pub struct StageFile<T: Stage> {
     /// NATS connection.
     pub nats: NatsConfig,
@@ -325,35 +295,6 @@ pub struct StageFile<T: Stage> {
     pub log: LogConfig,
     /// The `[<stage>]` section.
     pub stage: Section<T>,
-}
-
-impl<T: Stage> Clone for StageFile<T> {
-    fn clone(&self) -> Self {
-        StageFile {
-            nats: self.nats.clone(),
-            metrics: self.metrics.clone(),
-            log: self.log.clone(),
-            stage: self.stage.clone(),
-        }
-    }
-}
-
-impl<T: Stage> PartialEq for StageFile<T> {
-    fn eq(&self, o: &Self) -> bool {
-        self.nats == o.nats
-            && self.metrics == o.metrics
-            && self.log == o.log
-            && self.stage == o.stage
-    }
-}
-
-impl<T: Stage> fmt::Debug for StageFile<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StageFile")
-            .field("nats", &self.nats)
-            .field("stage", &self.stage)
-            .finish_non_exhaustive()
-    }
 }
 
 impl<T: Stage> Default for StageFile<T> {
@@ -420,7 +361,7 @@ impl<T: Stage> StageFile<T> {
         if let Some(c) = &self.stage.consumer {
             c.validate(name, &mut p);
         }
-        let config = T::validate(self.stage.settings, &mut p);
+        let config = self.stage.settings.validate(&mut p);
         p.into_result()?;
         let Some(config) = config else {
             // A stage that refuses without saying why is a bug; say so rather than run.
@@ -447,7 +388,7 @@ pub struct Validated<T: Stage> {
     /// Its durable consumer, for a consuming stage.
     pub consumer: Option<ConsumerSpec>,
     /// Its own settings.
-    pub config: T::Config,
+    pub config: ConfigOf<T>,
 }
 
 impl<T: Stage> fmt::Debug for Validated<T> {
@@ -665,7 +606,7 @@ pub fn reads_durably(stage: StageName, filter: &str) -> bool {
         .decl()
         .inputs
         .iter()
-        .any(|i| i.filter == filter && matches!(i.mode, ReadMode::Durable { .. }))
+        .any(|i| i.filter == filter && matches!(i.mode, ReadMode::Durable(_)))
 }
 
 #[cfg(test)]
@@ -689,16 +630,19 @@ mod tests {
         const NAME: StageName = StageName::Router;
     }
 
+    impl Validate for Own {
+        type Config = u32;
+
+        fn validate(self, p: &mut Problems) -> Option<u32> {
+            p.check(self.limit > 10, "router.limit", "at most 10");
+            Some(self.limit)
+        }
+    }
+
     impl Stage for Probe {
         type Settings = Own;
-        type Config = u32;
         type Error = Never;
         type Args = NoArgs;
-
-        fn validate(s: Own, p: &mut Problems) -> Option<u32> {
-            p.check(s.limit > 10, "router.limit", "at most 10");
-            Some(s.limit)
-        }
 
         async fn run(_: Validated<Self>, _: Context) -> Result<(), Never> {
             Ok(())
@@ -757,15 +701,18 @@ mod tests {
         const NAME: StageName = StageName::Viewer;
     }
 
-    impl Stage for Optional {
-        type Settings = WithOption;
+    impl Validate for WithOption {
         type Config = ();
-        type Error = Never;
-        type Args = NoArgs;
 
-        fn validate(_: WithOption, _: &mut Problems) -> Option<()> {
+        fn validate(self, _: &mut Problems) -> Option<()> {
             Some(())
         }
+    }
+
+    impl Stage for Optional {
+        type Settings = WithOption;
+        type Error = Never;
+        type Args = NoArgs;
 
         async fn run(_: Validated<Self>, _: Context) -> Result<(), Never> {
             Ok(())

@@ -326,10 +326,10 @@ pub fn default_consumers() -> Vec<crate::ConsumerSpec> {
         .iter()
         .flat_map(|s| s.inputs.iter().map(move |i| (s.stage, i)))
         .filter_map(|(stage, input)| match input.mode {
-            ReadMode::Durable { durable } => Some(
+            ReadMode::Durable(d) => Some(
                 crate::ConsumerSettings {
                     concurrency: 1,
-                    ..crate::ConsumerSettings::named(durable)
+                    ..crate::ConsumerSettings::from(&d)
                 }
                 .spec_for(stage, input),
             ),
