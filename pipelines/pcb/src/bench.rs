@@ -9,6 +9,53 @@ use pcb_schemas::STREAM_SHARDS;
 
 use crate::server::NatsServer;
 
+/// The Python that runs a benchmark's reference side (torchvision and friends).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ReferencePython {
+    /// Python with torch 2.11 and torchvision 0.26, and for `pcb bench vision` onnxruntime
+    /// and openvino (deploy/requirements-bench.txt).
+    #[arg(
+        long,
+        env = "PCB_BENCH_PYTHON",
+        default_value = ".venv-bench/bin/python"
+    )]
+    pub python: String,
+}
+
+impl ReferencePython {
+    /// Runs `script` with `--flag value` pairs and parses the JSON it prints on stdout (its
+    /// progress goes to our stderr).
+    pub fn run_json<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+        script: &Path,
+        flags: &[(&str, String)],
+    ) -> anyhow::Result<T> {
+        if !script.exists() {
+            bail!("{} not found: run from the project root", script.display());
+        }
+        eprintln!("bench: {what} ({})", self.python);
+        let mut cmd = std::process::Command::new(&self.python);
+        cmd.arg(script);
+        for (flag, value) in flags {
+            cmd.arg(flag).arg(value);
+        }
+        let out = cmd
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| {
+                format!(
+                    "running {} (install deploy/requirements-bench.txt)",
+                    self.python
+                )
+            })?;
+        if !out.status.success() {
+            bail!("{} failed ({})", script.display(), out.status);
+        }
+        serde_json::from_slice(&out.stdout).context("reference JSON")
+    }
+}
+
 /// One row of the table.
 #[derive(Debug, Clone)]
 pub struct Row {

@@ -19,13 +19,8 @@ use tch::Tensor;
 /// Flags of `pcb bench trainer`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct TrainerBenchArgs {
-    /// Python with torch 2.11 and torchvision 0.26 (deploy/requirements-bench.txt).
-    #[arg(
-        long,
-        env = "PCB_BENCH_PYTHON",
-        default_value = ".venv-bench/bin/python"
-    )]
-    pub python: String,
+    #[command(flatten)]
+    pub reference: crate::bench::ReferencePython,
     /// Timed steps after one warm-up step.
     #[arg(long, default_value_t = 6)]
     pub steps: usize,
@@ -219,29 +214,16 @@ struct Row {
 }
 
 fn reference(args: &TrainerBenchArgs, n: usize) -> anyhow::Result<Vec<Row>> {
-    let script = Path::new("stages/trainer/bench/bench_ddp.py");
-    if !script.exists() {
-        bail!("{} not found: run from the project root", script.display());
-    }
-    eprintln!("bench: torchvision + torch.distributed ({})", args.python);
-    let out = Command::new(&args.python)
-        .arg(script)
-        .args(["--steps", &args.steps.to_string()])
-        .args(["--batch", &args.batch.to_string()])
-        .args(["--size", &args.size.to_string()])
-        .args(["--ranks", &n.to_string()])
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| {
-            format!(
-                "running {} (install deploy/requirements-bench.txt)",
-                args.python
-            )
-        })?;
-    if !out.status.success() {
-        bail!("{} failed ({})", script.display(), out.status);
-    }
-    serde_json::from_slice(&out.stdout).context("reference JSON")
+    args.reference.run_json(
+        "torchvision + torch.distributed",
+        Path::new("stages/trainer/bench/bench_ddp.py"),
+        &[
+            ("--steps", args.steps.to_string()),
+            ("--batch", args.batch.to_string()),
+            ("--size", args.size.to_string()),
+            ("--ranks", n.to_string()),
+        ],
+    )
 }
 
 fn efficiency(rows: &[Row], side: &str, n: usize) -> Option<f64> {

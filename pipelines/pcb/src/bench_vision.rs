@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use pcb_vision::train::{Optimizer, OptimizerKind, TrainConfig};
 use pcb_vision::{
     testing, Depth, Detections, Detector, InferenceOptions, InputMode, ModelConfig, Sampling,
@@ -17,14 +17,8 @@ use tch::{Kind, Tensor};
 /// Flags of `pcb bench vision`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct VisionBenchArgs {
-    /// Python with torch 2.11, torchvision 0.26, onnxruntime and openvino
-    /// (deploy/requirements-bench.txt).
-    #[arg(
-        long,
-        env = "PCB_BENCH_PYTHON",
-        default_value = ".venv-bench/bin/python"
-    )]
-    pub python: String,
+    #[command(flatten)]
+    pub reference: crate::bench::ReferencePython,
     /// Threads for every framework (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
@@ -226,28 +220,16 @@ pub fn run(args: &VisionBenchArgs) -> anyhow::Result<()> {
 }
 
 fn reference(args: &VisionBenchArgs, script: &Path) -> anyhow::Result<serde_json::Value> {
-    eprintln!(
-        "bench: torchvision, ONNX Runtime and OpenVINO ({})",
-        args.python
-    );
-    let out = std::process::Command::new(&args.python)
-        .arg(script)
-        .args(["--threads", &args.threads.to_string()])
-        .args(["--iters", &args.iters.to_string()])
-        .args(["--size", &args.size.to_string()])
-        .args(["--models", &args.models])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| {
-            format!(
-                "running {} (install deploy/requirements-bench.txt)",
-                args.python
-            )
-        })?;
-    if !out.status.success() {
-        bail!("{} failed ({})", script.display(), out.status);
-    }
-    serde_json::from_slice(&out.stdout).context("reference JSON")
+    args.reference.run_json(
+        "torchvision, ONNX Runtime and OpenVINO",
+        script,
+        &[
+            ("--threads", args.threads.to_string()),
+            ("--iters", args.iters.to_string()),
+            ("--size", args.size.to_string()),
+            ("--models", args.models.clone()),
+        ],
+    )
 }
 
 /// One table row: the ratio columns are torchvision's f32 seconds over this path's (above

@@ -257,25 +257,17 @@ async fn main() -> anyhow::Result<()> {
                 .map(|_| ()),
         },
         Cmd::Eval(args) => pcb::vision_cli::eval(&args),
-        Cmd::Bench {
-            what: BenchCmd::Vision(args),
-        } => pcb::bench_vision::run(&args),
-        Cmd::Bench {
-            what: BenchCmd::Detector(args),
-        } => pcb::bench_detector::run(&args).await,
-        Cmd::Bench {
-            what: BenchCmd::Trainer(args),
-        } => pcb::bench_trainer::run(&args),
-        Cmd::Bench {
-            what: BenchCmd::Viewer(args),
-        } => pcb::bench_viewer::run(&args).await,
-        Cmd::Bench {
-            what: BenchCmd::Pipeline { count, seed, dir },
-        } => {
-            let rows = pcb::bench::pipeline(count, seed, dir.as_deref()).await?;
-            print!("{}", pcb::bench::render(&rows));
-            Ok(())
-        }
+        Cmd::Bench { what } => match what {
+            BenchCmd::Vision(args) => pcb::bench_vision::run(&args),
+            BenchCmd::Detector(args) => pcb::bench_detector::run(&args).await,
+            BenchCmd::Trainer(args) => pcb::bench_trainer::run(&args),
+            BenchCmd::Viewer(args) => pcb::bench_viewer::run(&args).await,
+            BenchCmd::Pipeline { count, seed, dir } => {
+                let rows = pcb::bench::pipeline(count, seed, dir.as_deref()).await?;
+                print!("{}", pcb::bench::render(&rows));
+                Ok(())
+            }
+        },
     }
 }
 

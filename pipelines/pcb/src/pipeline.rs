@@ -360,23 +360,15 @@ mod tests {
         assert_eq!(t.config.shard_count, p.stages.router.settings.shard_count);
         for (stage, _, path) in files {
             match stage {
-                StageName::Ingester => {
-                    loads::<pcb_ingester::IngesterStage>(&path);
-                }
-                StageName::Encoder => {
-                    loads::<pcb_encoder::Encoder>(&path);
-                }
+                StageName::Ingester => _ = loads::<pcb_ingester::IngesterStage>(&path),
+                StageName::Encoder => _ = loads::<pcb_encoder::Encoder>(&path),
                 StageName::Router => {
                     let r = loads::<pcb_router::Router>(&path);
                     let c = r.consumer.expect("the router consumes");
                     assert_eq!(c.concurrency, 32, "the router's own consumer defaults");
                 }
-                StageName::Registry => {
-                    loads::<pcb_registry::RegistryStage>(&path);
-                }
-                StageName::Detector => {
-                    loads::<pcb_detector::DetectorStage>(&path);
-                }
+                StageName::Registry => _ = loads::<pcb_registry::RegistryStage>(&path),
+                StageName::Detector => _ = loads::<pcb_detector::DetectorStage>(&path),
                 StageName::Viewer => {
                     let v = loads::<pcb_viewer::Viewer>(&path);
                     assert!(

@@ -411,6 +411,13 @@ mod tests {
         }
     }
 
+    /// A 64x48 PNG board, changed by `change`.
+    fn board(change: impl FnOnce(&mut RawImage)) -> RawImage {
+        let mut r = raw(png(64, 48));
+        change(&mut r);
+        r
+    }
+
     fn reason(r: Result<EncodedImage, Rejection>) -> (String, String) {
         let r = r.expect_err("should be rejected");
         (r.reason_code, r.reason)
@@ -450,68 +457,42 @@ mod tests {
                 "truncated",
             ),
             (
-                {
-                    let mut r = raw(png(64, 48));
-                    r.labels = Some(vec![label(60.0, 2.0, 70.0, 12.0, 1)]);
-                    r
-                },
+                board(|r| r.labels = Some(vec![label(60.0, 2.0, 70.0, 12.0, 1)])),
                 "label-outside-image",
                 "outside the 64x48 image",
             ),
             (
-                {
-                    let mut r = raw(png(64, 48));
-                    r.labels = Some(vec![label(10.0, 2.0, 5.0, 12.0, 1)]);
-                    r
-                },
+                board(|r| r.labels = Some(vec![label(10.0, 2.0, 5.0, 12.0, 1)])),
                 "label-degenerate",
                 "x1 < x2",
             ),
             (
-                {
-                    let mut r = raw(png(64, 48));
-                    r.labels = Some(vec![label(1.0, 2.0, 5.0, 12.0, 7)]);
-                    r
-                },
+                board(|r| r.labels = Some(vec![label(1.0, 2.0, 5.0, 12.0, 7)])),
                 "unknown-class",
                 "unknown class id 7",
             ),
             (
-                {
-                    let mut r = raw(png(64, 48));
+                board(|r| {
                     r.labels = Some(vec![BoxLabel {
                         class: "scratch".into(),
                         ..label(1.0, 2.0, 5.0, 12.0, 0)
-                    }]);
-                    r
-                },
+                    }])
+                }),
                 "unknown-class",
                 "\"scratch\"",
             ),
             (
-                {
-                    let mut r = raw(png(64, 48));
-                    r.template = Some(png(32, 32));
-                    r
-                },
+                board(|r| r.template = Some(png(32, 32))),
                 "template-size-mismatch",
                 "32x32 but the image is 64x48",
             ),
             (
-                {
-                    let mut r = raw(png(64, 48));
-                    r.template = Some(b"junk".to_vec());
-                    r
-                },
+                board(|r| r.template = Some(b"junk".to_vec())),
                 "not-an-image",
                 "template",
             ),
             (
-                {
-                    let mut r = raw(png(64, 48));
-                    r.image_id = "00".into();
-                    r
-                },
+                board(|r| r.image_id = "00".into()),
                 "image-id-mismatch",
                 "not the sha256",
             ),
