@@ -85,31 +85,19 @@ impl Default for IngesterSettings {
     }
 }
 
-/// The validated settings.
+/// The validated settings: the section as written (checked) and what was resolved from it.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Watched root.
-    pub watch_dir: PathBuf,
+    /// The `[ingester]` section.
+    pub file: IngesterSettings,
     /// Published files' destination.
     pub processed_dir: PathBuf,
     /// Refused files' destination.
     pub rejected_dir: PathBuf,
-    /// Settle time.
+    /// How long a file must stay unchanged before it is read.
     pub settle: Duration,
-    /// Rescan period.
+    /// Period of the full rescan.
     pub rescan: Duration,
-    /// Largest image.
-    pub max_image_bytes: u64,
-    /// Default line id.
-    pub line_id: String,
-    /// Line from first directory.
-    pub line_from_dir: bool,
-    /// Classes.
-    pub classes: Vec<String>,
-    /// Parallel files.
-    pub concurrency: usize,
-    /// Follow downstream rejections.
-    pub follow_rejections: bool,
 }
 
 impl Stage for IngesterStage {
@@ -188,17 +176,11 @@ impl Validate for IngesterSettings {
             "processed_dir and rejected_dir must differ from watch_dir",
         );
         Some(Settings {
-            watch_dir: s.watch_dir,
             processed_dir: processed,
             rejected_dir: rejected,
             settle: Duration::from_millis(s.settle_ms),
             rescan: Duration::from_secs(s.rescan_secs),
-            max_image_bytes: s.max_image_bytes,
-            line_id: s.line_id,
-            line_from_dir: s.line_from_dir,
-            classes: s.classes,
-            concurrency: s.concurrency,
-            follow_rejections: s.follow_rejections,
+            file: s,
         })
     }
 }
@@ -390,7 +372,7 @@ impl Ingester {
         max_payload: usize,
         move_files: bool,
     ) -> Self {
-        let classes = ClassMap::new(settings.classes.clone());
+        let classes = ClassMap::new(settings.file.classes.clone());
         Ingester {
             js,
             settings,
@@ -408,7 +390,7 @@ impl Ingester {
 
     /// The watched root.
     pub fn root(&self) -> &Path {
-        &self.settings.watch_dir
+        &self.settings.file.watch_dir
     }
 
     /// Directories never scanned: where files are filed away.
@@ -463,13 +445,13 @@ impl Ingester {
     fn build_record(&self, unit: &Unit) -> Result<RawImage, Rejection> {
         let meta = std::fs::metadata(&unit.image)
             .map_err(|e| Rejection::new("unreadable", format!("cannot read {}: {e}", unit.rel)))?;
-        if meta.len() > self.settings.max_image_bytes {
+        if meta.len() > self.settings.file.max_image_bytes {
             return Err(Rejection::new(
                 "too-large",
                 format!(
                     "the file is {} bytes, over max_image_bytes = {}",
                     meta.len(),
-                    self.settings.max_image_bytes
+                    self.settings.file.max_image_bytes
                 ),
             ));
         }
@@ -505,9 +487,9 @@ impl Ingester {
                 ),
             )));
         }
-        let line_id = match (self.settings.line_from_dir, unit.rel.split_once('/')) {
+        let line_id = match (self.settings.file.line_from_dir, unit.rel.split_once('/')) {
             (true, Some((first, _))) => first.to_string(),
-            _ => self.settings.line_id.clone(),
+            _ => self.settings.file.line_id.clone(),
         };
         let split_hint = self.split_lists().iter().find_map(|(dir, lists)| {
             let rel = unit.image.strip_prefix(dir).ok()?;
@@ -796,7 +778,7 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), IngesterError> {
     let js =
         pcb_common::stage::prepare(STAGE, &client, &metrics, &config.metrics, &shutdown).await?;
     let s = config.config.clone();
-    for dir in [&s.watch_dir, &s.processed_dir, &s.rejected_dir] {
+    for dir in [&s.file.watch_dir, &s.processed_dir, &s.rejected_dir] {
         std::fs::create_dir_all(dir).map_err(|source| IngesterError::CreateDir {
             path: dir.clone(),
             source,
@@ -812,7 +794,7 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), IngesterError> {
     ));
 
     let follower = match follow_spec() {
-        Some(spec) if s.follow_rejections => {
+        Some(spec) if s.file.follow_rejections => {
             let ing2 = ing.clone();
             let (js2, m2, sd2) = (
                 js.clone(),
@@ -842,22 +824,22 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), IngesterError> {
         }
     })
     .map_err(|source| IngesterError::Watch {
-        path: s.watch_dir.clone(),
+        path: s.file.watch_dir.clone(),
         source,
     })?;
     use notify::Watcher;
     watcher
-        .watch(&s.watch_dir, notify::RecursiveMode::Recursive)
+        .watch(&s.file.watch_dir, notify::RecursiveMode::Recursive)
         .map_err(|source| IngesterError::Watch {
-            path: s.watch_dir.clone(),
+            path: s.file.watch_dir.clone(),
             source,
         })?;
-    tracing::info!(watch = %s.watch_dir.display(), processed = %s.processed_dir.display(),
+    tracing::info!(watch = %s.file.watch_dir.display(), processed = %s.processed_dir.display(),
         rejected = %s.rejected_dir.display(), "watching for board images");
 
     let mut seen: HashMap<PathBuf, Seen> = HashMap::new();
     let in_flight: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
-    let permits = Arc::new(tokio::sync::Semaphore::new(s.concurrency));
+    let permits = Arc::new(tokio::sync::Semaphore::new(s.file.concurrency));
     let mut tasks = tokio::task::JoinSet::new();
     let tick = (s.settle / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
     let mut ticker = tokio::time::interval(tick);
@@ -874,7 +856,7 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), IngesterError> {
         if dirty || due {
             dirty = false;
             last_scan = Some(Instant::now());
-            let (root, excluded) = (s.watch_dir.clone(), ing.excluded());
+            let (root, excluded) = (s.file.watch_dir.clone(), ing.excluded());
             let found = tokio::task::spawn_blocking(move || pairing::scan(&root, &excluded))
                 .await
                 .unwrap_or_default();
@@ -908,7 +890,7 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), IngesterError> {
             if busy {
                 continue;
             }
-            if let Ok(unit) = pairing::pair(path, &s.watch_dir) {
+            if let Ok(unit) = pairing::pair(path, &s.file.watch_dir) {
                 if unit
                     .companions()
                     .iter()
@@ -958,7 +940,7 @@ pub async fn import(
     progress: impl Fn(usize, usize),
 ) -> Summary {
     let metrics = Metrics::new(STAGE.name());
-    let concurrency = settings.concurrency;
+    let concurrency = settings.file.concurrency;
     let ing = Arc::new(Ingester::new(
         js,
         settings,
