@@ -88,6 +88,23 @@ fn id_key(id: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// The key of the `id` of a category or an image (`kind`) called `name`, which must have one:
+/// annotations find their image and category by it.
+fn required_key(
+    id: &serde_json::Value,
+    kind: &str,
+    name: &str,
+    path: &Path,
+) -> Result<String, LabelError> {
+    id_key(id).ok_or_else(|| {
+        syntax(
+            path,
+            None,
+            format!("{kind} \"{name}\" has an id that is neither number nor string"),
+        )
+    })
+}
+
 /// Parses a COCO JSON file (`images`, `annotations` with `bbox: [x, y, w, h]`, `categories`)
 /// into an index by image file name. Category names are resolved through `classes`; a
 /// category id missing from `categories` gets class id 0 and class `#<id>`. Annotations of
@@ -108,32 +125,14 @@ pub fn parse_coco(text: &str, path: &Path, classes: &ClassMap) -> Result<CocoInd
 
     let mut categories: HashMap<String, (u16, String)> = HashMap::new();
     for category in &file.categories {
-        let key = id_key(&category.id).ok_or_else(|| {
-            syntax(
-                path,
-                None,
-                format!(
-                    "category \"{}\" has an id that is neither number nor string",
-                    category.name
-                ),
-            )
-        })?;
+        let key = required_key(&category.id, "category", &category.name, path)?;
         categories.insert(key, classes.resolve_name(&category.name));
     }
 
     let mut index = CocoIndex::default();
     let mut names_by_id: HashMap<String, String> = HashMap::new();
     for image in &file.images {
-        let key = id_key(&image.id).ok_or_else(|| {
-            syntax(
-                path,
-                None,
-                format!(
-                    "image \"{}\" has an id that is neither number nor string",
-                    image.file_name
-                ),
-            )
-        })?;
+        let key = required_key(&image.id, "image", &image.file_name, path)?;
         let name = image.file_name.replace('\\', "/");
         index.by_name.entry(name.clone()).or_default();
         names_by_id.insert(key, name);
@@ -182,7 +181,7 @@ pub fn parse_coco(text: &str, path: &Path, classes: &ClassMap) -> Result<CocoInd
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{bx, p};
+    use crate::testing::{assert_syntax_at, bx, p};
 
     const COCO: &str = r#"{
       "images": [
@@ -240,10 +239,7 @@ mod tests {
     fn coco_bad_json_names_the_line() {
         let text = "{\n\"images\": [\n{\"id\": 1 \"file_name\": \"a.jpg\"}\n]}";
         let err = parse_coco(text, &p("coco.json"), &ClassMap::default()).unwrap_err();
-        assert!(
-            matches!(err, LabelError::Syntax { line: Some(3), .. }),
-            "{err:?}"
-        );
+        assert_syntax_at(&err, 3);
         let shown = err.to_string();
         assert!(
             shown.starts_with("coco.json line 3: invalid COCO JSON: expected"),
@@ -261,5 +257,18 @@ mod tests {
             "annotations":[{"image_id":1,"category_id":1,"bbox":[0,0,1]}]}"#;
         let err = parse_coco(text, &p("coco.json"), &map).unwrap_err();
         assert!(err.to_string().contains("found 3 numbers"), "{err}");
+        // Annotations find images and categories by id, so neither may lack a usable one.
+        let text = r#"{"images":[{"id":null,"file_name":"a.jpg"}]}"#;
+        let err = parse_coco(text, &p("coco.json"), &map).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "coco.json: image \"a.jpg\" has an id that is neither number nor string"
+        );
+        let text = r#"{"images":[],"categories":[{"id":[1],"name":"open"}]}"#;
+        let err = parse_coco(text, &p("coco.json"), &map).unwrap_err();
+        assert!(
+            err.to_string().contains("category \"open\" has an id"),
+            "{err}"
+        );
     }
 }

@@ -9,7 +9,7 @@ use pcb_schemas::BoxLabel;
 use crate::classes::ClassMap;
 use crate::error::LabelError;
 use crate::labelled;
-use crate::text::{five_numbers, parse_four, read_label_file, strip_bom, syntax};
+use crate::text::{field_lines, five_numbers, parse_four, parse_integer, read_label_file};
 
 /// Parses a DeepPCB label file: one `x1 y1 x2 y2 type` line per defect, in pixels, `type`
 /// being the class id. Commas are accepted as separators (some copies of the dataset use
@@ -19,31 +19,22 @@ pub fn parse_deeppcb(
     path: &Path,
     classes: &ClassMap,
 ) -> Result<Vec<BoxLabel>, LabelError> {
-    let mut boxes = Vec::new();
-    for (index, raw) in strip_bom(text).lines().enumerate() {
-        let line = index + 1;
-        let fields: Vec<&str> = raw
-            .split(|c: char| c.is_whitespace() || c == ',')
-            .filter(|f| !f.is_empty())
-            .collect();
-        if fields.is_empty() {
-            continue;
-        }
-        if fields.len() != 5 {
-            return Err(five_numbers(path, line, "x1 y1 x2 y2 type", fields.len()));
-        }
-        let coords = parse_four(&fields[..4], ["x1", "y1", "x2", "y2"], path, line)?;
-        let type_field = fields[4];
-        let id: u16 = type_field.parse().map_err(|_| {
-            syntax(
+    field_lines(text, |c| c.is_whitespace() || c == ',')
+        .map(|(line, fields)| {
+            let [x1, y1, x2, y2, kind] = fields[..] else {
+                return Err(five_numbers(path, line, "x1 y1 x2 y2 type", fields.len()));
+            };
+            let coords = parse_four(&[x1, y1, x2, y2], ["x1", "y1", "x2", "y2"], path, line)?;
+            let id: u16 = parse_integer(
+                kind,
+                "type",
+                "a class id (an integer 0..=65535)",
                 path,
-                Some(line),
-                format!("type \"{type_field}\" is not a class id (an integer 0..=65535)"),
-            )
-        })?;
-        boxes.push(labelled(coords, classes.resolve_id(id)));
-    }
-    Ok(boxes)
+                line,
+            )?;
+            Ok(labelled(coords, classes.resolve_id(id)))
+        })
+        .collect()
 }
 
 /// Reads and parses the DeepPCB label file at `path` ([`read_label_file`], then
@@ -55,12 +46,17 @@ pub fn read_deeppcb(path: &Path, classes: &ClassMap) -> Result<Vec<BoxLabel>, La
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{bx, p};
+    use crate::testing::{assert_syntax_at, bx, p};
+
+    /// `text` parsed as `a.txt` with the default class names.
+    fn parse(text: &str) -> Result<Vec<BoxLabel>, LabelError> {
+        parse_deeppcb(text, &p("a.txt"), &ClassMap::default())
+    }
 
     #[test]
     fn deeppcb_parses_spaces_commas_and_blank_lines() {
         let text = "10 20 30 40 1\n\n  50,60,70,80,6 \r\n5, 6, 7, 8, 3\n";
-        let boxes = parse_deeppcb(text, &p("a.txt"), &ClassMap::default()).unwrap();
+        let boxes = parse(text).unwrap();
         assert_eq!(
             boxes,
             vec![
@@ -73,14 +69,13 @@ mod tests {
 
     #[test]
     fn deeppcb_empty_file_is_labelled_without_defects() {
-        let map = ClassMap::default();
-        assert_eq!(parse_deeppcb("", &p("a.txt"), &map).unwrap(), vec![]);
-        assert_eq!(parse_deeppcb("\n  \n", &p("a.txt"), &map).unwrap(), vec![]);
+        assert_eq!(parse("").unwrap(), vec![]);
+        assert_eq!(parse("\n  \n").unwrap(), vec![]);
     }
 
     #[test]
     fn deeppcb_unknown_type_keeps_its_id_without_name() {
-        let boxes = parse_deeppcb("1 2 3 4 7\n", &p("a.txt"), &ClassMap::default()).unwrap();
+        let boxes = parse("1 2 3 4 7\n").unwrap();
         assert_eq!(boxes, vec![bx(1.0, 2.0, 3.0, 4.0, 7, "")]);
     }
 
@@ -92,7 +87,7 @@ mod tests {
             &ClassMap::default(),
         )
         .unwrap_err();
-        assert!(matches!(err, LabelError::Syntax { line: Some(3), .. }));
+        assert_syntax_at(&err, 3);
         assert_eq!(
             err.to_string(),
             "labels/00041000.txt line 3: expected 5 numbers \"x1 y1 x2 y2 type\", found 4"
@@ -101,21 +96,20 @@ mod tests {
 
     #[test]
     fn deeppcb_non_numeric_fields_are_errors() {
-        let map = ClassMap::default();
-        let err = parse_deeppcb("1 2 abc 4 1\n", &p("a.txt"), &map).unwrap_err();
+        let err = parse("1 2 abc 4 1\n").unwrap_err();
         assert_eq!(err.to_string(), "a.txt line 1: x2 \"abc\" is not a number");
-        let err = parse_deeppcb("\n1 2 3 4 open\n", &p("a.txt"), &map).unwrap_err();
-        assert!(matches!(err, LabelError::Syntax { line: Some(2), .. }));
+        let err = parse("\n1 2 3 4 open\n").unwrap_err();
+        assert_syntax_at(&err, 2);
         assert!(err.to_string().contains("type \"open\""), "{err}");
-        let err = parse_deeppcb("1 2 3 4 -1\n", &p("a.txt"), &map).unwrap_err();
+        let err = parse("1 2 3 4 -1\n").unwrap_err();
         assert!(err.to_string().contains("not a class id"), "{err}");
-        let err = parse_deeppcb("1 2 NaN 4 1\n", &p("a.txt"), &map).unwrap_err();
+        let err = parse("1 2 NaN 4 1\n").unwrap_err();
         assert!(err.to_string().contains("NaN"), "{err}");
     }
 
     #[test]
     fn bom_is_ignored() {
-        let boxes = parse_deeppcb("\u{feff}1 2 3 4 2\n", &p("a.txt"), &ClassMap::default());
+        let boxes = parse("\u{feff}1 2 3 4 2\n");
         assert_eq!(boxes.unwrap(), vec![bx(1.0, 2.0, 3.0, 4.0, 2, "short")]);
     }
 

@@ -248,30 +248,28 @@ fn subdirs(dir: &Path) -> Vec<PathBuf> {
         .map(|e| e.path())
         .collect()
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::LabelError;
-    use crate::testing::{bx, put, touch};
-    use std::fs;
+    use crate::testing::{bx, put, scratch};
 
     #[test]
     fn split_lists_at_the_root() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        fs::write(
-            root.join("trainval.txt"),
-            "group00041/00041/00041000.jpg group00041/00041_not/00041000.txt\n\
-             group00041/00041/00041001.jpg group00041/00041_not/00041001.txt\n\n",
-        )
-        .unwrap();
-        fs::write(
-            root.join("test.txt"),
-            "group12000/12000/12000001.jpg group12000/12000_not/12000001.txt\r\n\
-             group00041/00041/00041001.jpg group00041/00041_not/00041001.txt\n",
-        )
-        .unwrap();
-        let lists = SplitLists::load(root).unwrap();
+        let (dir, _) = scratch([
+            (
+                "trainval.txt",
+                "group00041/00041/00041000.jpg group00041/00041_not/00041000.txt\n\
+                 group00041/00041/00041001.jpg group00041/00041_not/00041001.txt\n\n",
+            ),
+            (
+                "test.txt",
+                "group12000/12000/12000001.jpg group12000/12000_not/12000001.txt\r\n\
+                 group00041/00041/00041001.jpg group00041/00041_not/00041001.txt\n",
+            ),
+        ]);
+        let lists = SplitLists::load(dir.path()).unwrap();
         assert_eq!(lists.len(), 3);
         assert_eq!(
             lists.split_of("group00041/00041/00041000_test.jpg"),
@@ -292,21 +290,20 @@ mod tests {
 
     #[test]
     fn split_lists_in_a_subfolder_of_the_watched_root() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, _) = scratch([
+            ("DeepPCB/PCBData/group1/1/1000_test.jpg", "x"),
+            (
+                "DeepPCB/PCBData/trainval.txt",
+                "group1/1/1000.jpg group1/1_not/1000.txt\n",
+            ),
+            (
+                "DeepPCB/PCBData/val.txt",
+                "group1/1/1001.jpg group1/1_not/1001.txt\n",
+            ),
+            // Too deep to be a dataset root of this tree.
+            ("a/b/c/trainval.txt", "x"),
+        ]);
         let root = dir.path();
-        touch(root, "DeepPCB/PCBData/group1/1/1000_test.jpg");
-        fs::write(
-            root.join("DeepPCB/PCBData/trainval.txt"),
-            "group1/1/1000.jpg group1/1_not/1000.txt\n",
-        )
-        .unwrap();
-        fs::write(
-            root.join("DeepPCB/PCBData/val.txt"),
-            "group1/1/1001.jpg group1/1_not/1001.txt\n",
-        )
-        .unwrap();
-        // Too deep to be a dataset root of this tree.
-        touch(root, "a/b/c/trainval.txt");
         assert_eq!(list_roots(root), vec![root.join("DeepPCB/PCBData")]);
         let lists = SplitLists::load_all(root).unwrap();
         assert_eq!(
@@ -372,17 +369,17 @@ mod tests {
 
     #[test]
     fn a_list_names_boards_with_template_and_labels() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        let template = touch(root, "group1/1/1000_temp.jpg");
         // A byte-order mark in a label file parses for training as it does for ingest.
-        let first = put(root, "group1/1_not/1000.txt", "\u{feff}10 20 30 40 1\n");
-        let second = put(root, "group1/1_not/1001.txt", "");
-        let list = put(
-            root,
-            "trainval.txt",
-            "group1/1/1000.jpg group1/1_not/1000.txt\ngroup1/1/1001.jpg group1/1_not/1001.txt\n",
-        );
+        let (dir, [template, first, second, list]) = scratch([
+            ("group1/1/1000_temp.jpg", "x"),
+            ("group1/1_not/1000.txt", "\u{feff}10 20 30 40 1\n"),
+            ("group1/1_not/1001.txt", ""),
+            (
+                "trainval.txt",
+                "group1/1/1000.jpg group1/1_not/1000.txt\ngroup1/1/1001.jpg group1/1_not/1001.txt\n",
+            ),
+        ]);
+        let root = dir.path();
         let boards = read_list(root, &list, &ClassMap::default()).unwrap();
         assert_eq!(
             boards,

@@ -303,7 +303,7 @@ fn generic_labels(dir: &Path, root: &Path, stem: &str) -> LabelSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::touch;
+    use crate::testing::{touch, touched};
     use std::fs;
 
     #[test]
@@ -331,15 +331,16 @@ mod tests {
 
     #[test]
     fn template_of_a_board_image() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, [temp, template, both, _]) = touched([
+            "g/1/1000_temp.jpg",
+            "line/b_template.png",
+            "c_temp.bmp",
+            "c_template.bmp",
+        ]);
         let root = dir.path();
-        let temp = touch(root, "g/1/1000_temp.jpg");
         assert_eq!(template_of(&root.join("g/1/1000_test.jpg")), Some(temp));
-        let template = touch(root, "line/b_template.png");
         assert_eq!(template_of(&root.join("line/b.png")), Some(template));
         // `_temp` wins over `_template`, and the extension must match the image's.
-        let both = touch(root, "c_temp.bmp");
-        touch(root, "c_template.bmp");
         assert_eq!(template_of(&root.join("c_test.bmp")), Some(both));
         assert_eq!(template_of(&root.join("c_test.jpg")), None);
         assert_eq!(template_of(&root.join("g/1/1001_test.jpg")), None);
@@ -347,12 +348,12 @@ mod tests {
 
     #[test]
     fn deeppcb_layout_pairs_template_and_not_folder_labels() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        let image = touch(root, "PCBData/group00041/00041/00041000_test.jpg");
-        let template = touch(root, "PCBData/group00041/00041/00041000_temp.jpg");
-        let labels = touch(root, "PCBData/group00041/00041_not/00041000.txt");
-        let unit = pair(&image, root).unwrap();
+        let (dir, [image, template, labels]) = touched([
+            "PCBData/group00041/00041/00041000_test.jpg",
+            "PCBData/group00041/00041/00041000_temp.jpg",
+            "PCBData/group00041/00041_not/00041000.txt",
+        ]);
+        let unit = pair(&image, dir.path()).unwrap();
         assert_eq!(
             unit,
             Unit {
@@ -369,18 +370,14 @@ mod tests {
 
     #[test]
     fn deeppcb_labels_beside_the_image_and_missing_parts() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        let image = touch(root, "12_test.png");
-        let labels = touch(root, "12.txt");
-        let unit = pair(&image, root).unwrap();
+        let (dir, [image, labels, lone]) = touched(["12_test.png", "12.txt", "sub/13_test.jpg"]);
+        let unit = pair(&image, dir.path()).unwrap();
         assert_eq!(unit.board_id, "12");
         assert_eq!(unit.template, None);
         assert_eq!(unit.labels, LabelSource::DeepPcb(labels));
         assert_eq!(unit.rel, "12_test.png");
 
-        let lone = touch(root, "sub/13_test.jpg");
-        let unit = pair(&lone, root).unwrap();
+        let unit = pair(&lone, dir.path()).unwrap();
         assert_eq!(unit.board_id, "13");
         assert_eq!(unit.labels, LabelSource::None);
         assert!(unit.companions().is_empty());
@@ -388,22 +385,20 @@ mod tests {
 
     #[test]
     fn deeppcb_not_folder_outside_the_root_is_ignored() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, [image, _]) = touched(["00041/00041000_test.jpg", "00041_not/00041000.txt"]);
         let root = dir.path().join("00041");
-        let image = touch(&root, "00041000_test.jpg");
-        touch(dir.path(), "00041_not/00041000.txt");
         assert_eq!(pair(&image, &root).unwrap().labels, LabelSource::None);
     }
 
     #[test]
     fn voc_beside_the_image_with_template() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        let image = touch(root, "line1/board7.png");
-        let xml = touch(root, "line1/board7.xml");
-        let template = touch(root, "line1/board7_template.png");
-        touch(root, "annotations.json");
-        let unit = pair(&image, root).unwrap();
+        let (dir, [image, xml, template, _]) = touched([
+            "line1/board7.png",
+            "line1/board7.xml",
+            "line1/board7_template.png",
+            "annotations.json",
+        ]);
+        let unit = pair(&image, dir.path()).unwrap();
         assert_eq!(unit.board_id, "board7");
         assert_eq!(unit.rel, "line1/board7.png");
         assert_eq!(unit.labels, LabelSource::Voc(xml.clone()));
@@ -413,13 +408,15 @@ mod tests {
 
     #[test]
     fn yolo_with_class_list_in_a_parent() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        let image = touch(root, "ds/train/b1.jpg");
-        let txt = touch(root, "ds/train/b1.txt");
-        let names = touch(root, "ds/obj.names");
-        touch(root, "classes.txt");
-        let unit = pair(&image, root).unwrap();
+        let (dir, [image, txt, names, top, other, _]) = touched([
+            "ds/train/b1.jpg",
+            "ds/train/b1.txt",
+            "ds/obj.names",
+            "classes.txt",
+            "other/b2.jpg",
+            "other/b2.txt",
+        ]);
+        let unit = pair(&image, dir.path()).unwrap();
         assert_eq!(
             unit.labels,
             LabelSource::Yolo {
@@ -430,40 +427,37 @@ mod tests {
         // The shared class list stays behind for the other boards.
         assert_eq!(unit.companions(), vec![txt]);
 
-        let other = touch(root, "other/b2.jpg");
-        touch(root, "other/b2.txt");
-        let unit = pair(&other, root).unwrap();
+        let unit = pair(&other, dir.path()).unwrap();
         assert!(matches!(
             unit.labels,
-            LabelSource::Yolo { classes_file: Some(ref c), .. } if c == &root.join("classes.txt")
+            LabelSource::Yolo { classes_file: Some(ref c), .. } if c == &top
         ));
     }
 
     #[test]
     fn yolo_without_class_list_and_sibling_labels_tree() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("watched");
-        let image = touch(&root, "b.jpg");
-        let txt = touch(&root, "b.txt");
         // A class list above the watched root is not the tree's business.
-        touch(dir.path(), "classes.txt");
-        let unit = pair(&image, &root).unwrap();
+        let (dir, [image, txt, _, nested, nested_txt, names]) = touched([
+            "watched/b.jpg",
+            "watched/b.txt",
+            "classes.txt",
+            "watched/set/images/train/c.jpg",
+            "watched/set/labels/train/c.txt",
+            "watched/set/labels/classes.txt",
+        ]);
+        let root = dir.path().join("watched");
+        let yolo = |image: &Path| pair(image, &root).unwrap().labels;
         assert_eq!(
-            unit.labels,
+            yolo(&image),
             LabelSource::Yolo {
                 file: txt,
                 classes_file: None
             }
         );
-
-        let image = touch(&root, "set/images/train/c.jpg");
-        let txt = touch(&root, "set/labels/train/c.txt");
-        let names = touch(&root, "set/labels/classes.txt");
-        let unit = pair(&image, &root).unwrap();
         assert_eq!(
-            unit.labels,
+            yolo(&nested),
             LabelSource::Yolo {
-                file: txt,
+                file: nested_txt,
                 classes_file: Some(names)
             }
         );
@@ -471,38 +465,37 @@ mod tests {
 
     #[test]
     fn voc_sibling_annotations_tree() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        let image = touch(root, "VOC/JPEGImages/000001.jpg");
-        let xml = touch(root, "VOC/Annotations/000001.xml");
-        assert_eq!(pair(&image, root).unwrap().labels, LabelSource::Voc(xml));
+        let (dir, [image, xml]) =
+            touched(["VOC/JPEGImages/000001.jpg", "VOC/Annotations/000001.xml"]);
+        assert_eq!(
+            pair(&image, dir.path()).unwrap().labels,
+            LabelSource::Voc(xml)
+        );
     }
 
     #[test]
     fn coco_json_in_a_parent_is_shared() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        let image = touch(root, "export/train/x.jpg");
-        let json = touch(root, "export/_annotations.coco.json");
-        touch(root, "coco.json");
-        let unit = pair(&image, root).unwrap();
+        let (dir, [image, json, _]) = touched([
+            "export/train/x.jpg",
+            "export/_annotations.coco.json",
+            "coco.json",
+        ]);
+        let unit = pair(&image, dir.path()).unwrap();
         assert_eq!(unit.labels, LabelSource::Coco(json));
         assert_eq!(unit.labels.format(), Some("coco"));
         assert!(unit.companions().is_empty());
 
-        let bare = touch(&root.join("elsewhere"), "y.bmp");
-        let unit = pair(&bare, &root.join("elsewhere")).unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        let bare = touch(&elsewhere, "y.bmp");
+        let unit = pair(&bare, &elsewhere).unwrap();
         assert_eq!(unit.labels, LabelSource::None);
         assert_eq!(unit.labels.format(), None);
     }
 
     #[test]
     fn test_named_image_without_deeppcb_labels_uses_generic_rules() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        let image = touch(root, "unit_test.jpg");
-        let xml = touch(root, "unit_test.xml");
-        let unit = pair(&image, root).unwrap();
+        let (dir, [image, xml]) = touched(["unit_test.jpg", "unit_test.xml"]);
+        let unit = pair(&image, dir.path()).unwrap();
         assert_eq!(unit.board_id, "unit");
         assert_eq!(unit.labels, LabelSource::Voc(xml));
     }
@@ -512,7 +505,8 @@ mod tests {
         use std::os::unix::ffi::OsStrExt;
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let image = root.join(std::ffi::OsStr::from_bytes(b"bad\xff.jpg"));
+        let not_utf8 = |name: &[u8]| root.join(std::ffi::OsStr::from_bytes(name));
+        let image = not_utf8(b"bad\xff.jpg");
         fs::write(&image, b"x").unwrap();
         let err = pair(&image, root).unwrap_err();
         assert!(matches!(err, PairError::NonUtf8Name { ref path } if path == &image));
@@ -523,8 +517,7 @@ mod tests {
             "{err}"
         );
 
-        let bad_dir = root.join(std::ffi::OsStr::from_bytes(b"d\xfe"));
-        let nested = touch(&bad_dir, "ok.jpg");
+        let nested = touch(&not_utf8(b"d\xfe"), "ok.jpg");
         assert!(matches!(
             pair(&nested, root),
             Err(PairError::NonUtf8Name { .. })

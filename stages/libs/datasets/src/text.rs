@@ -43,6 +43,21 @@ pub(crate) fn syntax(path: &Path, line: Option<usize>, message: impl Into<String
     }
 }
 
+/// The lines of `text` that hold anything, numbered from 1 and split into fields at every
+/// run of `separator` characters; a leading byte-order mark is dropped.
+pub(crate) fn field_lines(
+    text: &str,
+    separator: fn(char) -> bool,
+) -> impl Iterator<Item = (usize, Vec<&str>)> {
+    strip_bom(text)
+        .lines()
+        .enumerate()
+        .filter_map(move |(index, raw)| {
+            let fields: Vec<&str> = raw.split(separator).filter(|f| !f.is_empty()).collect();
+            (!fields.is_empty()).then_some((index + 1, fields))
+        })
+}
+
 /// The error for a line of `found` fields where the format wants the five of `shape`.
 pub(crate) fn five_numbers(path: &Path, line: usize, shape: &str, found: usize) -> LabelError {
     syntax(
@@ -69,6 +84,24 @@ pub(crate) fn parse_number(
     }
 }
 
+/// `field` as an integer of type `T`, or an error naming it `what` and saying what it must be
+/// (`expected`, e.g. "a class id (an integer 0..=65535)").
+pub(crate) fn parse_integer<T: std::str::FromStr>(
+    field: &str,
+    what: &str,
+    expected: &str,
+    path: &Path,
+    line: usize,
+) -> Result<T, LabelError> {
+    field.parse().map_err(|_| {
+        syntax(
+            path,
+            Some(line),
+            format!("{what} \"{field}\" is not {expected}"),
+        )
+    })
+}
+
 /// The four numbers of `fields`, each named by `names` in an error.
 pub(crate) fn parse_four(
     fields: &[&str],
@@ -86,6 +119,7 @@ pub(crate) fn parse_four(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::assert_syntax_at;
 
     #[test]
     fn read_label_file_reports_missing_file_and_bad_utf8() {
@@ -97,10 +131,7 @@ mod tests {
         let bad = dir.path().join("bad.txt");
         std::fs::write(&bad, b"1 2 3 4 1\n\xff\xfe\n").unwrap();
         let err = read_label_file(&bad).unwrap_err();
-        assert!(
-            matches!(err, LabelError::Syntax { line: Some(2), .. }),
-            "{err:?}"
-        );
+        assert_syntax_at(&err, 2);
         let good = dir.path().join("good.txt");
         std::fs::write(&good, "\u{feff}1 2 3 4 1\n").unwrap();
         assert_eq!(read_label_file(&good).unwrap(), "1 2 3 4 1\n");

@@ -215,7 +215,12 @@ pub fn parse_voc(text: &str, path: &Path, classes: &ClassMap) -> Result<Vec<BoxL
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{bx, p};
+    use crate::testing::{assert_syntax_at, bx, p};
+
+    /// `text` parsed as `a.xml` with the default class names.
+    fn parse(text: &str) -> Result<Vec<BoxLabel>, LabelError> {
+        parse_voc(text, &p("a.xml"), &ClassMap::default())
+    }
 
     const VOC: &str = r#"<?xml version="1.0"?>
 <annotation>
@@ -241,7 +246,7 @@ mod tests {
 
     #[test]
     fn voc_parses_objects_and_resolves_classes() {
-        let boxes = parse_voc(VOC, &p("a.xml"), &ClassMap::default()).unwrap();
+        let boxes = parse(VOC).unwrap();
         assert_eq!(
             boxes,
             vec![
@@ -254,66 +259,46 @@ mod tests {
     #[test]
     fn voc_without_objects_is_labelled_without_defects() {
         let text = "<annotation><filename>x.jpg</filename></annotation>";
-        assert_eq!(
-            parse_voc(text, &p("a.xml"), &ClassMap::default()).unwrap(),
-            vec![]
-        );
+        assert_eq!(parse(text).unwrap(), vec![]);
     }
 
     #[test]
-    fn voc_missing_bndbox_names_the_object_line() {
-        let text = "<annotation>\n<object>\n<name>short</name>\n</object>\n</annotation>\n";
-        let err = parse_voc(text, &p("b.xml"), &ClassMap::default()).unwrap_err();
-        assert!(
-            matches!(err, LabelError::Syntax { line: Some(2), .. }),
-            "{err:?}"
-        );
-        assert_eq!(
-            err.to_string(),
-            "b.xml line 2: <object> \"short\" has no <bndbox>"
-        );
+    fn voc_errors_name_the_file_and_line() {
+        for (text, message) in [
+            (
+                "<annotation>\n<object>\n<name>short</name>\n</object>\n</annotation>\n",
+                "a.xml line 2: <object> \"short\" has no <bndbox>",
+            ),
+            (
+                "<annotation><object><bndbox/></object></annotation>",
+                "a.xml line 1: <object> has no <name>",
+            ),
+            (
+                "<annotation>\n<object><name>open</name>\n<bndbox><xmin>1</xmin><ymin>2</ymin><xmax>3</xmax></bndbox></object></annotation>",
+                "a.xml line 2: <bndbox> of \"open\" has no <ymax>",
+            ),
+            (
+                "<annotation>\n<object>\n<name>open</name>\n<bndbox>\n<xmin>1</xmin>\n<ymin>two</ymin>\n<xmax>3</xmax><ymax>4</ymax></bndbox></object></annotation>",
+                "a.xml line 6: <ymin> \"two\" is not a number",
+            ),
+            (
+                "<root/>",
+                "a.xml line 1: root element is <root>, expected <annotation>",
+            ),
+            ("", "a.xml: no <annotation> element"),
+        ] {
+            assert_eq!(parse(text).unwrap_err().to_string(), message);
+        }
     }
 
     #[test]
-    fn voc_missing_name_or_coordinate_is_an_error() {
-        let map = ClassMap::default();
-        let text = "<annotation><object><bndbox/></object></annotation>";
-        let err = parse_voc(text, &p("b.xml"), &map).unwrap_err();
-        assert!(err.to_string().contains("has no <name>"), "{err}");
-        let text = "<annotation>\n<object><name>open</name>\n<bndbox><xmin>1</xmin><ymin>2</ymin><xmax>3</xmax></bndbox></object></annotation>";
-        let err = parse_voc(text, &p("b.xml"), &map).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "b.xml line 2: <bndbox> of \"open\" has no <ymax>"
-        );
-    }
-
-    #[test]
-    fn voc_non_numeric_coordinate_names_its_line() {
-        let text = "<annotation>\n<object>\n<name>open</name>\n<bndbox>\n<xmin>1</xmin>\n<ymin>two</ymin>\n<xmax>3</xmax><ymax>4</ymax></bndbox></object></annotation>";
-        let err = parse_voc(text, &p("b.xml"), &ClassMap::default()).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "b.xml line 6: <ymin> \"two\" is not a number"
-        );
-    }
-
-    #[test]
-    fn voc_malformed_xml_and_wrong_root_are_errors() {
-        let map = ClassMap::default();
+    fn voc_malformed_xml_names_its_line() {
         let text = "<annotation>\n<object>\n<name>open</nam>\n</object></annotation>";
-        let err = parse_voc(text, &p("c.xml"), &map).unwrap_err();
+        let err = parse(text).unwrap_err();
+        assert_syntax_at(&err, 3);
         assert!(
-            matches!(err, LabelError::Syntax { line: Some(3), .. }),
-            "{err:?}"
-        );
-        assert!(
-            err.to_string().starts_with("c.xml line 3: invalid XML"),
+            err.to_string().starts_with("a.xml line 3: invalid XML"),
             "{err}"
         );
-        let err = parse_voc("<root/>", &p("c.xml"), &map).unwrap_err();
-        assert!(err.to_string().contains("expected <annotation>"), "{err}");
-        let err = parse_voc("", &p("c.xml"), &map).unwrap_err();
-        assert_eq!(err.to_string(), "c.xml: no <annotation> element");
     }
 }

@@ -10,7 +10,7 @@ use pcb_schemas::BoxLabel;
 use crate::classes::ClassMap;
 use crate::error::LabelError;
 use crate::labelled;
-use crate::text::{five_numbers, parse_four, strip_bom, syntax};
+use crate::text::{field_lines, five_numbers, parse_four, parse_integer, strip_bom};
 
 /// Reads a YOLO class list (`classes.txt`, `obj.names`): one name per line, trimmed, blank
 /// lines skipped; index `i` of the result is YOLO class `i`.
@@ -38,12 +38,7 @@ pub fn parse_yolo(
 ) -> Result<Vec<BoxLabel>, LabelError> {
     let mut boxes = Vec::new();
     let (w_px, h_px) = (f64::from(width), f64::from(height));
-    for (index, raw) in strip_bom(text).lines().enumerate() {
-        let line = index + 1;
-        let fields: Vec<&str> = raw.split_whitespace().collect();
-        if fields.is_empty() {
-            continue;
-        }
+    for (line, fields) in field_lines(text, char::is_whitespace) {
         if yolo_names.is_empty() {
             return Err(LabelError::MissingClassList {
                 path: path.to_path_buf(),
@@ -57,14 +52,13 @@ pub fn parse_yolo(
         if fields.len() != 5 {
             return Err(five_numbers(path, line, "class cx cy w h", fields.len()));
         }
-        let class_field = fields[0];
-        let class_index: usize = class_field.parse().map_err(|_| {
-            syntax(
-                path,
-                Some(line),
-                format!("class \"{class_field}\" is not a class index (an integer from 0)"),
-            )
-        })?;
+        let class_index: usize = parse_integer(
+            fields[0],
+            "class",
+            "a class index (an integer from 0)",
+            path,
+            line,
+        )?;
         let [cx, cy, w, h] =
             parse_four(&fields[1..], ["cx", "cy", "w", "h"], path, line)?.map(f64::from);
         let class = match yolo_names.get(class_index) {
@@ -95,7 +89,7 @@ pub fn image_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{bx, p};
+    use crate::testing::{assert_syntax_at, bx, p};
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
@@ -146,10 +140,7 @@ mod tests {
         );
         let text = "0 0.5 0.5 0.5 0.5\nx 0.5 0.5 0.5 0.5\n";
         let err = parse_yolo(text, &p("y.txt"), &yolo, 10, 10, &map).unwrap_err();
-        assert!(
-            matches!(err, LabelError::Syntax { line: Some(2), .. }),
-            "{err:?}"
-        );
+        assert_syntax_at(&err, 2);
         let err = parse_yolo("0 0.5 zz 0.5 0.5\n", &p("y.txt"), &yolo, 10, 10, &map).unwrap_err();
         assert_eq!(err.to_string(), "y.txt line 1: cy \"zz\" is not a number");
     }

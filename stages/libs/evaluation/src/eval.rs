@@ -371,15 +371,12 @@ pub fn evaluate(images: &[ImageResult], classes: &[&str], seconds: Option<f64>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{det, gt, image};
+    use crate::testing::{assert_close, det, gt, image, one_image, overlapping};
+    use crate::GtBox;
 
-    const EPS: f64 = 1e-9;
-
-    fn assert_close(actual: f64, expected: f64) {
-        assert!(
-            (actual - expected).abs() < EPS,
-            "expected {expected}, got {actual}"
-        );
+    /// The report on [`one_image`] with one class, `c`, and no timing.
+    fn evaluate_one(ground_truth: Vec<GtBox>, detections: Vec<Detection>) -> Report {
+        evaluate(&one_image(ground_truth, detections), &["c"], None)
     }
 
     fn assert_all_close(actual: &[f64], expected: &[f64]) {
@@ -391,15 +388,14 @@ mod tests {
 
     /// Two gt, three detections: 0.9 TP, 0.8 FP (nowhere), 0.7 TP.
     fn tp_fp_tp() -> Vec<ImageResult> {
-        vec![image(
-            "a",
+        one_image(
             vec![gt(0., 0., 10., 10., 1), gt(20., 20., 30., 30., 1)],
             vec![
                 det(20., 20., 30., 30., 1, 0.7),
                 det(0., 0., 10., 10., 1, 0.9),
                 det(50., 50., 60., 60., 1, 0.8),
             ],
-        )]
+        )
     }
 
     #[test]
@@ -431,49 +427,24 @@ mod tests {
     }
 
     #[test]
-    fn iou_between_033_and_05_counts_for_deeppcb_only() {
-        // gt [0,0,10,10], det [0,0,10,4.5]: inter 45, union 100 → IoU 0.45.
-        let imgs = vec![image(
-            "a",
-            vec![gt(0., 0., 10., 10., 1)],
-            vec![det(0., 0., 10., 4.5, 1, 0.9)],
-        )];
-        let r = evaluate(&imgs, &["short"], None);
-        assert_close(r.classes[0].ap_deeppcb.unwrap(), 1.0);
-        assert_close(r.classes[0].ap50.unwrap(), 0.0);
-    }
-
-    #[test]
-    fn iou_exactly_05_is_not_a_voc_match_and_033_boundary_is_strict() {
-        // det [0,0,10,5]: inter 50, union 100 → IoU 0.5 exactly; VOC needs > 0.5.
-        let half = vec![image(
-            "a",
-            vec![gt(0., 0., 10., 10., 1)],
-            vec![det(0., 0., 10., 5., 1, 0.9)],
-        )];
-        let r = evaluate(&half, &["c"], None);
-        assert_close(r.classes[0].ap_deeppcb.unwrap(), 1.0);
-        assert_close(r.classes[0].ap50.unwrap(), 0.0);
-        // det [0,0,100,33] on gt [0,0,100,100]: IoU 3300/10000 = 0.33, not > 0.33.
-        let edge = vec![image(
-            "a",
-            vec![gt(0., 0., 100., 100., 1)],
-            vec![det(0., 0., 100., 33., 1, 0.9)],
-        )];
+    fn iou_thresholds_are_strict_and_between_them_only_deeppcb_matches() {
+        // (IoU in hundredths, AP at DeepPCB's IoU > 0.33, AP at VOC's IoU > 0.5): 0.45 lies
+        // between the two; 0.5 exactly is no VOC match, 0.33 exactly no DeepPCB one.
+        for (hundredths, ap_deeppcb, ap50) in [(45., 1.0, 0.0), (50., 1.0, 0.0), (33., 0.0, 0.0)] {
+            let r = evaluate(&overlapping(hundredths), &["c"], None);
+            assert_close(r.classes[0].ap_deeppcb.unwrap(), ap_deeppcb);
+            assert_close(r.classes[0].ap50.unwrap(), ap50);
+        }
         assert_close(iou([0., 0., 100., 33.], [0., 0., 100., 100.]), 0.33);
-        let r = evaluate(&edge, &["c"], None);
-        assert_close(r.classes[0].ap_deeppcb.unwrap(), 0.0);
     }
 
     #[test]
     fn second_detection_on_same_gt_is_false_positive() {
         // 0.9 TP, 0.8 FP (duplicate) over 1 gt: (R, P) = (1, 1), (1, 0.5); AP = 1.
-        let imgs = vec![image(
-            "a",
+        let r = evaluate_one(
             vec![gt(0., 0., 10., 10., 1)],
             vec![det(0., 0., 10., 10., 1, 0.9), det(1., 0., 10., 10., 1, 0.8)],
-        )];
-        let r = evaluate(&imgs, &["c"], None);
+        );
         let c = &r.classes[0];
         assert_all_close(&c.pr_curve.recall, &[1.0, 1.0]);
         assert_all_close(&c.pr_curve.precision, &[1.0, 0.5]);
@@ -487,12 +458,10 @@ mod tests {
     fn matches_the_free_gt_of_highest_iou() {
         // gt A [0,0,10,10], gt B [4,0,14,10]; det1 [3,0,13,10] (IoU A 7/13, B 9/11) takes B;
         // det2 [0,0,10,10] then still finds A free (IoU 1) → both TP, AP 1.
-        let imgs = vec![image(
-            "a",
+        let r = evaluate_one(
             vec![gt(0., 0., 10., 10., 1), gt(4., 0., 14., 10., 1)],
             vec![det(3., 0., 13., 10., 1, 0.9), det(0., 0., 10., 10., 1, 0.8)],
-        )];
-        let r = evaluate(&imgs, &["c"], None);
+        );
         assert_all_close(&r.classes[0].pr_curve.precision, &[1.0, 1.0]);
         assert_close(r.classes[0].ap_deeppcb.unwrap(), 1.0);
     }
@@ -501,14 +470,13 @@ mod tests {
     fn wrong_class_is_false_positive_and_class_without_gt_is_excluded() {
         // Class 1 has 1 gt found by a class-1 detection (AP 1); a class-2 detection on the same
         // box is a FP for class 2, which has no gt → AP None, not in the mean: mAP = 1.
-        let imgs = vec![image(
-            "a",
+        let imgs = one_image(
             vec![gt(0., 0., 10., 10., 1)],
             vec![
                 det(0., 0., 10., 10., 1, 0.9),
                 det(0., 0., 10., 10., 2, 0.95),
             ],
-        )];
+        );
         let r = evaluate(&imgs, &["one", "two"], None);
         assert_close(r.classes[0].ap_deeppcb.unwrap(), 1.0);
         assert_eq!(r.classes[1].ap_deeppcb, None);
@@ -528,7 +496,7 @@ mod tests {
 
     #[test]
     fn class_with_gt_but_no_detection_has_ap_zero() {
-        let imgs = vec![image("a", vec![gt(0., 0., 10., 10., 2)], vec![])];
+        let imgs = one_image(vec![gt(0., 0., 10., 10., 2)], vec![]);
         let r = evaluate(&imgs, &["one", "two"], None);
         assert_eq!(r.classes[0].ap_deeppcb, None);
         assert_close(r.classes[1].ap_deeppcb.unwrap(), 0.0);
@@ -628,14 +596,13 @@ mod tests {
     fn nan_scores_rank_last_and_are_never_kept() {
         // NaN TP ranks after the 0.1 FP: (R, P) = (0, 0), (1, 1/2) → AP 0.5. The only
         // threshold is 0.1, keeping the FP alone: F 0.
-        let imgs = vec![image(
-            "a",
+        let imgs = one_image(
             vec![gt(0., 0., 10., 10., 1)],
             vec![
                 det(0., 0., 10., 10., 1, f32::NAN),
                 det(50., 50., 60., 60., 1, 0.1),
             ],
-        )];
+        );
         let r = evaluate(&imgs, &["c"], Some(f64::NAN));
         assert_close(r.classes[0].ap_deeppcb.unwrap(), 0.5);
         assert_eq!(r.best.threshold, Some(0.1));
@@ -645,12 +612,10 @@ mod tests {
 
     #[test]
     fn unlisted_class_ids_are_counted_apart() {
-        let imgs = vec![image(
-            "a",
+        let r = evaluate_one(
             vec![gt(0., 0., 10., 10., 0), gt(0., 0., 10., 10., 1)],
             vec![det(0., 0., 10., 10., 7, 0.9), det(0., 0., 10., 10., 1, 0.8)],
-        )];
-        let r = evaluate(&imgs, &["c"], None);
+        );
         assert_eq!((r.unlisted_ground_truth, r.unlisted_detections), (1, 1));
         assert_close(r.map_deeppcb.unwrap(), 1.0);
         assert_close(r.best.precision, 1.0);

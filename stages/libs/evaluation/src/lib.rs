@@ -80,7 +80,8 @@ impl Detection {
     }
 }
 
-/// Builders of boxes, detections and images for the crate's tests.
+/// Builders of boxes, detections and images for the crate's tests, and the check of the
+/// numbers they compute by hand.
 #[cfg(test)]
 pub(crate) mod testing {
     use crate::{Detection, GtBox, ImageResult};
@@ -116,5 +117,33 @@ pub(crate) mod testing {
             ground_truth,
             detections,
         }
+    }
+
+    /// The one image `a`, which is all the input most cases need.
+    pub(crate) fn one_image(
+        ground_truth: Vec<GtBox>,
+        detections: Vec<Detection>,
+    ) -> Vec<ImageResult> {
+        vec![image("a", ground_truth, detections)]
+    }
+
+    /// The one image `a` with gt `[0, 0, 100, 100]` and a 0.9 detection `[0, 0, 100, y2]`,
+    /// both of class 1, which overlap with IoU `y2 / 100` exactly (no `+1` in the areas).
+    pub(crate) fn overlapping(y2: f32) -> Vec<ImageResult> {
+        one_image(
+            vec![gt(0., 0., 100., 100., 1)],
+            vec![det(0., 0., 100., y2, 1, 0.9)],
+        )
+    }
+
+    /// Hand-computed values are ratios of small integers, so only rounding separates them
+    /// from what the code computes.
+    const EPS: f64 = 1e-12;
+
+    pub(crate) fn assert_close(actual: f64, expected: f64) {
+        assert!(
+            (actual - expected).abs() < EPS,
+            "expected {expected}, got {actual}"
+        );
     }
 }

@@ -219,16 +219,7 @@ pub fn deeppcb_official(
 mod tests {
     use super::*;
     use crate::evaluate;
-    use crate::testing::{det, gt, image};
-
-    const EPS: f64 = 1e-12;
-
-    fn assert_close(actual: f64, expected: f64) {
-        assert!(
-            (actual - expected).abs() < EPS,
-            "expected {expected}, got {actual}"
-        );
-    }
+    use crate::testing::{assert_close, det, gt, image, one_image, overlapping};
 
     /// Checks every number of a score against hand-computed values.
     fn assert_score(
@@ -348,11 +339,10 @@ mod tests {
     fn equal_scores_keep_the_given_order() {
         // Both detections cover g at 0.7; the first given wins the box, the second is the
         // duplicate. Classes differ, so the order decides between correct and wrong class.
-        let wrong_first = vec![image(
-            "a",
+        let wrong_first = one_image(
             vec![gt(0., 0., 10., 10., 1)],
             vec![det(0., 0., 10., 10., 2, 0.7), det(0., 0., 10., 10., 1, 0.7)],
-        )];
+        );
         let s = deeppcb_official(&wrong_first, &CLASSES, None);
         assert_eq!((s.correct, s.wrong_class), (0, 1));
         let mut right_first = wrong_first;
@@ -370,7 +360,7 @@ mod tests {
         // lo [-2,0,8,10] 0.8: IoU A = 80/120 ≈ 0.67, IoU B = 40/160 = 0.25 (< 0.33).
         let boxes = [gt(0., 0., 10., 10., 1), gt(4., 0., 14., 10., 1)];
         let dets = vec![det(3., 0., 13., 10., 1, 0.9), det(-2., 0., 8., 10., 1, 0.8)];
-        let imgs = vec![image("a", boxes.to_vec(), dets.clone())];
+        let imgs = one_image(boxes.to_vec(), dets.clone());
         // Script, gt A first: A takes hi (the first free overlap in score order); B's only
         // overlap is hi, already taken → B missed, lo unpaired.
         // Pool: hi ✓, lo ✗ → AP = (1/1) / 2 = 0.5; P = 1/2, R = 1/2, F = 1/2.
@@ -383,7 +373,7 @@ mod tests {
         assert_close(ours.map_deeppcb.unwrap_or_default(), 1.0);
         // The script depends on the gt file order: with B first, B takes hi and A takes lo.
         // Pool: hi ✓, lo ✓ → AP = (1 + 1) / 2 = 1; P = R = F = 1.
-        let swapped = vec![image("a", vec![boxes[1], boxes[0]], dets)];
+        let swapped = one_image(vec![boxes[1], boxes[0]], dets);
         let s = deeppcb_official(&swapped, &CLASSES, None);
         assert_score(&s, (1.0, 1.0, 1.0, 1.0), (2, 0, 2, 2));
     }
@@ -393,16 +383,9 @@ mod tests {
         // gt [0,0,100,100]; det [0,0,100,33]: inter 3300, union 10000 → IoU 0.33, and the
         // script needs > 0.33. [0,0,100,34] → 0.34 matches. Continuous areas (no +1): with
         // +1 the first would be 3434/10201 ≈ 0.3366 and match.
-        let at = |y2: f32| {
-            vec![image(
-                "a",
-                vec![gt(0., 0., 100., 100., 1)],
-                vec![det(0., 0., 100., y2, 1, 0.9)],
-            )]
-        };
-        let s = deeppcb_official(&at(33.), &CLASSES, None);
+        let s = deeppcb_official(&overlapping(33.), &CLASSES, None);
         assert_score(&s, (0.0, 0.0, 0.0, 0.0), (0, 0, 1, 1));
-        let s = deeppcb_official(&at(34.), &CLASSES, None);
+        let s = deeppcb_official(&overlapping(34.), &CLASSES, None);
         assert_score(&s, (1.0, 1.0, 1.0, 1.0), (1, 0, 1, 1));
     }
 
@@ -412,7 +395,7 @@ mod tests {
         assert_eq!(deeppcb_official(&[], &CLASSES, None), zero);
         assert_eq!(deeppcb_official(&[], &[], Some(0.5)).ground_truth, 0);
         // Ground truth, nothing submitted: AP 0, P 0 (0/0), R 0, F 0.
-        let no_dets = vec![image("a", vec![gt(0., 0., 10., 10., 1)], vec![])];
+        let no_dets = one_image(vec![gt(0., 0., 10., 10., 1)], vec![]);
         let s = deeppcb_official(&no_dets, &CLASSES, None);
         assert_score(&s, (0.0, 0.0, 0.0, 0.0), (0, 0, 0, 1));
         // Detections, no ground truth: AP 0, P 0/1, R 0 (0/0), F 0.
@@ -432,14 +415,13 @@ mod tests {
         // g1, g2 (both class 1); NaN detection on g1, 0.5 detection on nothing.
         // None: both submitted, NaN last in the pool: ✗ then ✓ → AP = (1/2) / 2 = 0.25;
         // P = 1/2, R = 1/2, F = 1/2.
-        let imgs = vec![image(
-            "a",
+        let imgs = one_image(
             vec![gt(0., 0., 10., 10., 1), gt(20., 20., 30., 30., 1)],
             vec![
                 det(0., 0., 10., 10., 1, f32::NAN),
                 det(50., 50., 60., 60., 1, 0.5),
             ],
-        )];
+        );
         let s = deeppcb_official(&imgs, &CLASSES, None);
         assert_score(&s, (0.25, 0.5, 0.5, 0.5), (1, 0, 2, 2));
         // Any threshold drops the NaN: only the miss is submitted.

@@ -98,6 +98,12 @@ fn pct(value: Option<f64>) -> String {
     value.map_or_else(|| "-".to_string(), |v| format!("{:.2}", v * 100.0))
 }
 
+/// `P x%`, `R y%` and `F z%` (as [`pct`] writes them) joined by `gap`.
+fn prf_text(precision: f64, recall: f64, f_score: f64, gap: &str) -> String {
+    let [p, r, f] = [precision, recall, f_score].map(|v| pct(Some(v)));
+    format!("P {p}%{gap}R {r}%{gap}F {f}%")
+}
+
 impl Report {
     /// The report as pretty-printed JSON (NaN never occurs; undefined values are `null`).
     pub fn to_json(&self) -> Result<String, MetricsError> {
@@ -155,10 +161,8 @@ impl Report {
             Some(t) => {
                 let _ = writeln!(
                     out,
-                    "best threshold {t:.4}: P {}%  R {}%  F {}%  (TP {}, FP {}, FN {})",
-                    pct(Some(b.precision)),
-                    pct(Some(b.recall)),
-                    pct(Some(b.f_score)),
+                    "best threshold {t:.4}: {}  (TP {}, FP {}, FN {})",
+                    prf_text(b.precision, b.recall, b.f_score, "  "),
                     b.true_positives,
                     b.false_positives,
                     b.ground_truth.saturating_sub(b.true_positives),
@@ -181,11 +185,9 @@ impl Report {
         };
         let _ = writeln!(
             out,
-            "DeepPCB script (pooled): AP {}%  {cut}: P {}% R {}% F {}%",
+            "DeepPCB script (pooled): AP {}%  {cut}: {}",
             pct(Some(official.ap)),
-            pct(Some(at.precision)),
-            pct(Some(at.recall)),
-            pct(Some(at.f_score)),
+            prf_text(at.precision, at.recall, at.f_score, " "),
         );
         let _ = write!(out, "images: {}", self.images);
         if let Some(rate) = self.images_per_sec {

@@ -231,6 +231,27 @@ impl Painter<'_> {
         })
     }
 
+    /// The copper of trace `f` to remove where `cut(t, s)` holds, for a defect that takes
+    /// copper away between `t = lo` and `t = hi`: refused unless the trace is the only copper
+    /// up to 4 px beyond its edges there ([`SegFrame::exclusive`]).
+    fn cut_trace(
+        &self,
+        f: &SegFrame,
+        lo: f64,
+        hi: f64,
+        cut: impl Fn(f64, f64) -> bool,
+    ) -> Option<Candidate> {
+        let half = f.w / 2.0 + 4.0;
+        self.scan(
+            f.area(lo, hi, half),
+            |x, y| f.exclusive(self, x, y, lo, hi, half),
+            |x, y| {
+                let (t, s) = f.local(x, y);
+                self.owner(x, y) == f.id && cut(t, s)
+            },
+        )
+    }
+
     /// A gap cut straight (or slightly slanted) across a trace.
     fn open(&self, rng: &mut ChaCha8Rng) -> Option<Candidate> {
         let f = self.pick_seg(rng, 6.0)?;
@@ -240,19 +261,10 @@ impl Painter<'_> {
         let pad = 4.0 + slant.abs() * (hw + 4.0);
         let t0 = uniform(rng, pad + hw, f.len - gap - pad - hw)?;
         let (lo, hi) = (t0 - pad, t0 + gap + pad);
-        let area = f.area(lo, hi, hw + 4.0);
-        self.scan(
-            area,
-            |x, y| f.exclusive(self, x, y, lo, hi, hw + 4.0),
-            |x, y| {
-                let (t, s) = f.local(x, y);
-                let shift = slant * s;
-                self.owner(x, y) == f.id
-                    && s.abs() <= hw + 1.5
-                    && t >= t0 + shift
-                    && t <= t0 + gap + shift
-            },
-        )
+        self.cut_trace(&f, lo, hi, |t, s| {
+            let shift = slant * s;
+            s.abs() <= hw + 1.5 && t >= t0 + shift && t <= t0 + gap + shift
+        })
     }
 
     /// One to three small bites taken out of one edge of a trace.
@@ -278,19 +290,12 @@ impl Painter<'_> {
         if hi > f.len - hw {
             return None;
         }
-        let area = f.area(lo, hi, hw + 4.0);
-        self.scan(
-            area,
-            |x, y| f.exclusive(self, x, y, lo, hi, hw + 4.0),
-            |x, y| {
-                let (tt, s) = f.local(x, y);
-                self.owner(x, y) == f.id
-                    && bites.iter().any(|&(bt, bs, r)| {
-                        let (dt, ds) = (tt - start - bt, s - bs);
-                        dt * dt + ds * ds <= r * r
-                    })
-            },
-        )
+        self.cut_trace(&f, lo, hi, |tt, s| {
+            bites.iter().any(|&(bt, bs, r)| {
+                let (dt, ds) = (tt - start - bt, s - bs);
+                dt * dt + ds * ds <= r * r
+            })
+        })
     }
 
     /// A tapered sliver of copper sticking out of a trace edge.

@@ -471,22 +471,20 @@ impl Layout {
         let mut d = d0;
         match rng.gen_range(0..4) {
             0 => {}
-            1 => {
-                // Single 45° jog, then back to the original heading.
+            bends @ (1 | 2) => {
+                // A 45° leg between two 45° bends: a single jog back to the original heading
+                // (1), or a 90° corner (2, whose leg is shorter).
                 let turn = if rng.gen_bool(0.5) { 1 } else { 7 };
                 cur = cur.add(dir8(d).mul(rng.gen_range(40.0..(s * 0.7).max(41.0))));
                 pts.push(cur);
-                cur = cur.add(dir8(d + turn).mul(rng.gen_range(20.0..160.0)));
+                let (leg, heading) = if bends == 1 {
+                    (20.0..160.0, d)
+                } else {
+                    (15.0..80.0, (d + 2 * turn) % 8)
+                };
+                cur = cur.add(dir8(d + turn).mul(rng.gen_range(leg)));
                 pts.push(cur);
-            }
-            2 => {
-                // 90° corner made of two 45° bends.
-                let turn = if rng.gen_bool(0.5) { 1 } else { 7 };
-                cur = cur.add(dir8(d).mul(rng.gen_range(40.0..(s * 0.7).max(41.0))));
-                pts.push(cur);
-                cur = cur.add(dir8(d + turn).mul(rng.gen_range(15.0..80.0)));
-                pts.push(cur);
-                d = (d + 2 * turn) % 8;
+                d = heading;
             }
             _ => {
                 // Plain 90° corner.

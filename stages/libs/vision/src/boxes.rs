@@ -158,10 +158,7 @@ impl BalancedSampler {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn t(v: &[f32], rows: i64) -> Tensor {
-        Tensor::from_slice(v).view([rows, -1])
-    }
+    use crate::testing::t;
 
     #[test]
     fn decode_inverts_encode() {

@@ -281,10 +281,7 @@ fn bilinear_taps(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn t(v: &[f32], rows: i64) -> Tensor {
-        Tensor::from_slice(v).view([rows, -1])
-    }
+    use crate::testing::t;
 
     #[test]
     fn iou_of_known_boxes() {

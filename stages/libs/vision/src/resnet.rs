@@ -132,10 +132,20 @@ pub struct ConvNorm {
 }
 
 impl ConvNorm {
-    fn new(conv: nn::Conv2D, norm: NormLayer, stride: i64, padding: i64) -> Self {
+    /// A `k`x`k` convolution from `cin` to `cout` channels under `conv_path`, padded by `k / 2`
+    /// as torchvision's ResNet pads every one, and its norm under `norm_path`.
+    fn new(
+        conv_path: nn::Path,
+        norm_path: nn::Path,
+        (cin, cout): (i64, i64),
+        k: i64,
+        stride: i64,
+        norm: Norm,
+    ) -> Self {
+        let padding = k / 2;
         ConvNorm {
-            conv,
-            norm,
+            conv: conv(conv_path, cin, cout, k, stride, padding),
+            norm: NormLayer::new(norm_path, cout, norm),
             folded: None,
             geometry: (stride, padding),
         }
@@ -210,12 +220,7 @@ pub fn to_channels_last(t: &Tensor) -> Tensor {
 /// `downsample` of a block: `0` the 1x1 convolution, `1` its norm.
 fn downsample(p: &nn::Path, cin: i64, cout: i64, stride: i64, norm: Norm) -> ConvNorm {
     let d = p / "downsample";
-    ConvNorm::new(
-        conv(&d / 0, cin, cout, 1, stride, 0),
-        NormLayer::new(&d / 1, cout, norm),
-        stride,
-        0,
-    )
+    ConvNorm::new(&d / 0, &d / 1, (cin, cout), 1, stride, norm)
 }
 
 /// A residual block, basic (two 3x3) or bottleneck (1x1, 3x3 with the stride, 1x1).
@@ -230,18 +235,8 @@ pub struct Block {
 impl Block {
     fn basic(p: nn::Path, cin: i64, planes: i64, stride: i64, norm: Norm) -> Block {
         let convs = vec![
-            ConvNorm::new(
-                conv(&p / "conv1", cin, planes, 3, stride, 1),
-                NormLayer::new(&p / "bn1", planes, norm),
-                stride,
-                1,
-            ),
-            ConvNorm::new(
-                conv(&p / "conv2", planes, planes, 3, 1, 1),
-                NormLayer::new(&p / "bn2", planes, norm),
-                1,
-                1,
-            ),
+            ConvNorm::new(&p / "conv1", &p / "bn1", (cin, planes), 3, stride, norm),
+            ConvNorm::new(&p / "conv2", &p / "bn2", (planes, planes), 3, 1, norm),
         ];
         let downsample =
             (stride != 1 || cin != planes).then(|| downsample(&p, cin, planes, stride, norm));
@@ -251,24 +246,9 @@ impl Block {
     fn bottleneck(p: nn::Path, cin: i64, planes: i64, stride: i64, norm: Norm) -> Block {
         let out = planes * 4;
         let convs = vec![
-            ConvNorm::new(
-                conv(&p / "conv1", cin, planes, 1, 1, 0),
-                NormLayer::new(&p / "bn1", planes, norm),
-                1,
-                0,
-            ),
-            ConvNorm::new(
-                conv(&p / "conv2", planes, planes, 3, stride, 1),
-                NormLayer::new(&p / "bn2", planes, norm),
-                stride,
-                1,
-            ),
-            ConvNorm::new(
-                conv(&p / "conv3", planes, out, 1, 1, 0),
-                NormLayer::new(&p / "bn3", out, norm),
-                1,
-                0,
-            ),
+            ConvNorm::new(&p / "conv1", &p / "bn1", (cin, planes), 1, 1, norm),
+            ConvNorm::new(&p / "conv2", &p / "bn2", (planes, planes), 3, stride, norm),
+            ConvNorm::new(&p / "conv3", &p / "bn3", (planes, out), 1, 1, norm),
         ];
         let downsample =
             (stride != 1 || cin != out).then(|| downsample(&p, cin, out, stride, norm));
@@ -326,12 +306,7 @@ impl ResNet {
     /// Builds the body under `p` (torchvision: `backbone.body`) for `in_channels` inputs,
     /// its stem `width` channels wide (torchvision: 64; stage i has `width << i` planes).
     pub fn new(p: &nn::Path, depth: Depth, in_channels: i64, norm: Norm, width: i64) -> ResNet {
-        let stem = ConvNorm::new(
-            conv(p / "conv1", in_channels, width, 7, 2, 3),
-            NormLayer::new(p / "bn1", width, norm),
-            2,
-            3,
-        );
+        let stem = ConvNorm::new(p / "conv1", p / "bn1", (in_channels, width), 7, 2, norm);
         let counts: [usize; 4] = match depth {
             Depth::R18 => [2, 2, 2, 2],
             Depth::R50 => [3, 4, 6, 3],

@@ -3,8 +3,10 @@
 //!
 //! Value `i` of tensor `name`: `u = splitmix64(fnv1a64(name) + i) >> 40` as a 24-bit
 //! integer, `x = (2u / 2^24 - 1)` in f64, scaled per tensor kind, then cast to f32.
-//! `tests/parity/make_golden.py` implements the same.
+//! `tests/parity/make_golden.py` implements the same, and writes the golden JSON whose
+//! numbers [`json_ints`] and [`json_floats`] read back.
 
+use serde_json::Value;
 use tch::{Kind, Tensor};
 
 fn fnv1a64(s: &str) -> u64 {
@@ -83,4 +85,44 @@ pub fn fill(det: &mut crate::Detector) -> Result<(), crate::VisionError> {
         })
         .collect();
     det.load_tensors(tensors, "deterministic weights")
+}
+
+/// The integers of the JSON array `v` (a shape, labels, indices); `None` when it holds
+/// anything else.
+pub fn json_ints(v: &Value) -> Option<Vec<i64>> {
+    v.as_array()?.iter().map(Value::as_i64).collect()
+}
+
+/// The numbers of the JSON array `v`, nested arrays flattened in order as a tensor's values
+/// are; `None` when it holds anything else.
+pub fn json_floats(v: &Value) -> Option<Vec<f64>> {
+    let mut out = Vec::new();
+    for x in v.as_array()? {
+        match x {
+            Value::Array(_) => out.extend(json_floats(x)?),
+            _ => out.push(x.as_f64()?),
+        }
+    }
+    Some(out)
+}
+
+/// `v` as a tensor of `rows` rows, for unit tests that write boxes out by hand.
+#[cfg(test)]
+pub(crate) fn t(v: &[f32], rows: i64) -> Tensor {
+    Tensor::from_slice(v).view([rows, -1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_numbers_flatten_in_order_and_refuse_other_values() {
+        let v: Value = serde_json::json!([[1, 2.5], [3], 4]);
+        assert_eq!(json_floats(&v), Some(vec![1.0, 2.5, 3.0, 4.0]));
+        assert_eq!(json_ints(&serde_json::json!([3, -1])), Some(vec![3, -1]));
+        assert_eq!(json_ints(&serde_json::json!([1.5])), None);
+        assert_eq!(json_floats(&serde_json::json!([1, "x"])), None);
+        assert_eq!(json_floats(&serde_json::json!({"a": 1})), None);
+    }
 }

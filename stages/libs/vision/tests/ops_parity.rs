@@ -2,6 +2,7 @@
 //! `tests/parity/golden_ops.json`, written by `tests/parity/make_golden.py`).
 
 use pcb_vision::ops;
+use pcb_vision::testing::{json_floats, json_ints};
 use serde_json::Value;
 use tch::Tensor;
 
@@ -12,15 +13,10 @@ fn cases() -> Value {
     serde_json::from_str(&text).expect("golden JSON")
 }
 
+/// The numbers of `v` as the f32 inputs and outputs of the ops.
 fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .flat_map(|x| match x {
-            Value::Array(_) => f32s(x),
-            _ => vec![x.as_f64().expect("number") as f32],
-        })
-        .collect()
+    let values = json_floats(v).expect("numbers");
+    values.into_iter().map(|x| x as f32).collect()
 }
 
 #[test]
@@ -33,13 +29,7 @@ fn nms_matches_torchvision_on_random_boxes() {
         let scores = Tensor::from_slice(&f32s(&c["scores"]));
         let keep = ops::nms(&boxes, &scores, c["iou"].as_f64().expect("iou"));
         let got = Vec::<i64>::try_from(&keep).expect("keep");
-        let want: Vec<i64> = c["keep"]
-            .as_array()
-            .expect("keep")
-            .iter()
-            .map(|k| k.as_i64().expect("index"))
-            .collect();
-        assert_eq!(got, want, "case {i}");
+        assert_eq!(got, json_ints(&c["keep"]).expect("keep"), "case {i}");
     }
 }
 
@@ -50,12 +40,7 @@ fn roi_align_matches_torchvision_on_random_rois() {
     assert!(!list.is_empty());
     let mut worst: f64 = 0.0;
     for (i, c) in list.iter().enumerate() {
-        let shape: Vec<i64> = c["shape"]
-            .as_array()
-            .expect("shape")
-            .iter()
-            .map(|d| d.as_i64().expect("dim"))
-            .collect();
+        let shape = json_ints(&c["shape"]).expect("shape");
         let input = Tensor::from_slice(&f32s(&c["input"])).view(shape.as_slice());
         let rois = Tensor::from_slice(&f32s(&c["rois"])).view([-1, 5]);
         let out = ops::roi_align(

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use pcb_vision::testing::{self, json_floats, json_ints};
 use pcb_vision::{
-    testing, Depth, Detector, InferenceOptions, InputMode, ModelConfig, Norm, Sampling, Target,
-    Transform,
+    Depth, Detector, InferenceOptions, InputMode, ModelConfig, Sampling, Target, Transform,
 };
 use serde_json::Value;
 use tch::{Kind, Tensor};
@@ -22,22 +22,18 @@ fn read_json(name: &str) -> Value {
     serde_json::from_str(&text).expect("golden JSON")
 }
 
+/// The default config (torchvision's widths) on `depth`'s backbone and the board alone, resized
+/// as the golden file says, with the deterministic weights.
 fn detector(depth: Depth, golden: &Value) -> Detector {
     let config = ModelConfig {
-        num_classes: 7,
         backbone: depth,
-        norm: Norm::Frozen,
         input: InputMode::Image,
         transform: Transform {
             min_size: golden["min_size"].as_i64().expect("min_size"),
             max_size: golden["max_size"].as_i64().expect("max_size"),
             ..Transform::default()
         },
-        fpn_channels: 256,
-        box_batch_size_per_image: 512,
-        backbone_width: 64,
-        representation_size: 1024,
-        test_proposals: 1000,
+        ..ModelConfig::default()
     };
     let mut det = Detector::new(config, tch::Device::Cpu, Sampling::First);
     testing::fill(&mut det).expect("weights fit");
@@ -58,22 +54,13 @@ fn images(golden: &Value) -> Vec<Tensor> {
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_f64().expect("number"))
-        .collect()
+    json_floats(v).expect("numbers")
 }
 
 /// Compares a tensor with a golden sample: same shape, and every sampled value within
 /// `rel` of the tensor's largest magnitude.
 fn check_sample(what: &str, t: &Tensor, g: &Value, rel: f64) -> f64 {
-    let shape: Vec<i64> = g["shape"]
-        .as_array()
-        .expect("shape")
-        .iter()
-        .map(|x| x.as_i64().expect("dim"))
-        .collect();
+    let shape = json_ints(&g["shape"]).expect("shape");
     assert_eq!(t.size(), shape, "{what}: shape");
     let step = g["step"].as_i64().expect("step");
     let want = floats(&g["values"]);
@@ -185,21 +172,10 @@ fn loss_parity(depth: Depth, tag: &str, options: InferenceOptions) {
         .expect("targets")
         .iter()
         .map(|t| {
-            let boxes: Vec<f32> = t["boxes"]
-                .as_array()
-                .expect("boxes")
-                .iter()
-                .flat_map(|b| floats(b).into_iter().map(|v| v as f32))
-                .collect();
-            let labels: Vec<i64> = t["labels"]
-                .as_array()
-                .expect("labels")
-                .iter()
-                .map(|l| l.as_i64().expect("label"))
-                .collect();
+            let boxes: Vec<f32> = floats(&t["boxes"]).into_iter().map(|v| v as f32).collect();
             Target {
                 boxes: Tensor::from_slice(&boxes).view([-1, 4]),
-                labels: Tensor::from_slice(&labels),
+                labels: Tensor::from_slice(&json_ints(&t["labels"]).expect("labels")),
             }
         })
         .collect();
@@ -230,16 +206,7 @@ fn keys_match(depth: Depth, tag: &str) {
         .as_object()
         .expect("keys")
         .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                v.as_array()
-                    .expect("shape")
-                    .iter()
-                    .map(|d| d.as_i64().expect("dim"))
-                    .collect(),
-            )
-        })
+        .map(|(k, v)| (k.clone(), json_ints(v).expect("shape")))
         .collect();
     let golden = read_json(&format!("golden_{tag}.json"));
     let ours = detector(depth, &golden).shapes();
@@ -279,15 +246,18 @@ fn r18_eval_outputs_match_torchvision() {
     eval_parity(Depth::R18, "r18", InferenceOptions::default());
 }
 
+/// Folded norms on channels-last tensors: the f32 speed options, which must change results
+/// by rounding alone.
+const FOLDED_CHANNELS_LAST: InferenceOptions = InferenceOptions {
+    fold_bn: true,
+    channels_last: true,
+    bf16: false,
+    bf16_train: false,
+};
+
 #[test]
 fn r50_with_folded_norms_and_channels_last_still_matches() {
-    let options = InferenceOptions {
-        fold_bn: true,
-        channels_last: true,
-        bf16: false,
-        bf16_train: false,
-    };
-    eval_parity(Depth::R50, "r50", options);
+    eval_parity(Depth::R50, "r50", FOLDED_CHANNELS_LAST);
 }
 
 #[test]
@@ -297,13 +267,7 @@ fn r50_training_losses_match_torchvision() {
 
 #[test]
 fn r50_training_losses_with_folded_norms_and_channels_last_match() {
-    let options = InferenceOptions {
-        fold_bn: true,
-        channels_last: true,
-        bf16: false,
-        bf16_train: false,
-    };
-    loss_parity(Depth::R50, "r50", options);
+    loss_parity(Depth::R50, "r50", FOLDED_CHANNELS_LAST);
 }
 
 #[test]
