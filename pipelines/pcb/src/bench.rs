@@ -201,7 +201,7 @@ pub async fn pipeline(count: usize, seed: u64, dir: Option<&Path>) -> anyhow::Re
         .validate()
         .map_err(|p| anyhow::anyhow!("{p}"))?
         .config;
-    ing.watch_dir = sample.clone();
+    ing.file.watch_dir = sample.clone();
     let started = Instant::now();
     let summary = pcb_ingester::import(
         js.clone(),

@@ -36,6 +36,41 @@ pub struct VisionBenchArgs {
     /// Time ours only (no Python): the ratio columns then read "-".
     #[arg(long)]
     pub ours_only: bool,
+    /// The bf16 rows (ours, torchvision's autocast, OpenVINO's bf16 hint): `auto` times them
+    /// only on a CPU with native bf16 (without it torchvision emulates bf16 at minutes per
+    /// image), `on` always, `off` never.
+    #[arg(long, value_enum, default_value_t = Bf16Rows::Auto)]
+    pub bf16: Bf16Rows,
+}
+
+/// Which bf16 rows the bench times.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Rows {
+    /// Only where the CPU has native bf16.
+    Auto,
+    /// Always (emulated where the CPU lacks it).
+    On,
+    /// Never.
+    Off,
+}
+
+impl Bf16Rows {
+    /// Whether the bf16 rows run on this CPU.
+    fn run(self) -> bool {
+        match self {
+            Bf16Rows::Auto => pcb_vision::lowp::cpu_has_bf16(),
+            Bf16Rows::On => true,
+            Bf16Rows::Off => false,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Bf16Rows::Auto => "auto",
+            Bf16Rows::On => "on",
+            Bf16Rows::Off => "off",
+        }
+    }
 }
 
 /// A model of the bench; bench_reference.py builds the same one under the same tag.
@@ -121,7 +156,7 @@ struct OurRow {
 }
 
 /// Our timings for one model.
-fn ours(model: Model, size: i64, iters: usize) -> anyhow::Result<Vec<OurRow>> {
+fn ours(model: Model, size: i64, iters: usize, bf16: bool) -> anyhow::Result<Vec<OurRow>> {
     let mut det = detector(model, size)?;
     let img = testing::image("bench", size, size);
     let folded = InferenceOptions {
@@ -135,7 +170,7 @@ fn ours(model: Model, size: i64, iters: usize) -> anyhow::Result<Vec<OurRow>> {
     };
     // (path, inference options, training options where the path trains): bf16 inference
     // pairs with bf16 mixed-precision training, folded BN alone has no training row.
-    let variants = [
+    let mut variants = vec![
         (
             "ours, plain",
             InferenceOptions::default(),
@@ -143,15 +178,17 @@ fn ours(model: Model, size: i64, iters: usize) -> anyhow::Result<Vec<OurRow>> {
         ),
         ("ours, folded BN", folded, None),
         ("ours, folded BN + channels-last", fast, Some(fast)),
-        (
+    ];
+    if bf16 {
+        variants.push((
             "ours, folded BN + channels-last + bf16",
             InferenceOptions { bf16: true, ..fast },
             Some(InferenceOptions {
                 bf16_train: true,
                 ..fast
             }),
-        ),
-    ];
+        ));
+    }
     let mut rows = Vec::new();
     // Every inference first, on the deterministic weights torchvision has: the training
     // steps below move them.
@@ -228,6 +265,7 @@ fn reference(args: &VisionBenchArgs, script: &Path) -> anyhow::Result<serde_json
             ("--iters", args.iters.to_string()),
             ("--size", args.size.to_string()),
             ("--models", args.models.clone()),
+            ("--bf16", args.bf16.as_str().to_string()),
         ],
     )
 }
@@ -327,6 +365,8 @@ fn table(
 ) -> anyhow::Result<()> {
     let native_bf16 = if pcb_vision::lowp::cpu_has_bf16() {
         "yes"
+    } else if !args.bf16.run() {
+        "no (bf16 rows left out; --bf16 on times the emulation)"
     } else if args.ours_only {
         "no (our bf16 row is emulated)"
     } else {
@@ -372,7 +412,7 @@ fn table(
             }
         }
         let mut mismatch = false;
-        for r in ours(*model, args.size, args.iters)? {
+        for r in ours(*model, args.size, args.iters, args.bf16.run())? {
             line(label, r.path, r.infer_s, r.train_s, base);
             if let (Some(d), false) = (&r.detections, args.ours_only) {
                 let (text, ok) = agreement(d, &row["detections"])?;
