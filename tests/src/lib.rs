@@ -113,7 +113,7 @@ impl Env {
     pub async fn import(&self, dir: &Path) -> pcb_ingester::Summary {
         let cfg: pcb_ingester::FileConfig = toml::from_str(&self.base_config("")).expect("toml");
         let mut s = cfg.validate().expect("valid").config;
-        s.watch_dir = dir.to_path_buf();
+        s.file.watch_dir = dir.to_path_buf();
         pcb_ingester::import(
             self.js.clone(),
             s,
@@ -153,6 +153,21 @@ impl Env {
             .filter(|(k, _)| k.starts_with(prefix))
             .map(|(_, v)| v)
             .sum()
+    }
+
+    /// Waits up to `timeout` until `stream` holds at least `at_least` messages on subjects
+    /// starting with `prefix`; returns whether it did.
+    pub async fn wait_count(
+        &self,
+        stream: &str,
+        prefix: &str,
+        at_least: u64,
+        timeout: Duration,
+    ) -> bool {
+        wait_until(timeout, || async {
+            self.count(stream, prefix).await >= at_least
+        })
+        .await
     }
 
     /// Every message on `subject` (from the start), as (subject, payload).
@@ -200,6 +215,50 @@ where
     check().await
 }
 
+/// Triggers `shutdown` and checks that every stage in `handles` stops within 30 s without
+/// an error.
+pub async fn stop_stages(
+    shutdown: &Shutdown,
+    handles: Vec<tokio::task::JoinHandle<Result<(), String>>>,
+) {
+    shutdown.trigger();
+    for h in handles {
+        let r = tokio::time::timeout(Duration::from_secs(30), h)
+            .await
+            .expect("stage stops")
+            .expect("join");
+        assert!(r.is_ok(), "stage failed: {r:?}");
+    }
+}
+
+/// The Python of the project's venv, which deploy/setup.sh creates with nats-py, msgpack
+/// and onnxruntime; panics when it is missing.
+pub fn venv_python() -> PathBuf {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run deploy/setup.sh (it creates the venv with nats-py and msgpack)",
+        python.display()
+    );
+    python
+}
+
+/// Runs `script` (a path under tests/) with `python` and `args`; panics with its stderr
+/// when it fails, and returns its stdout.
+pub fn run_python(python: &Path, script: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A binary of the workspace, built by `cargo build --workspace` next to the test binary.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");
@@ -213,18 +272,28 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// Generates `count` synthetic boards into `dir`.
+/// Generates `count` synthetic boards into `dir`, of the generator's default size and split.
 pub fn synth(dir: &Path, count: usize, seed: u64) -> pcb_synth::SynthSummary {
-    pcb_synth::generate(
-        &pcb_synth::SynthOptions {
-            count,
-            seed,
-            ..Default::default()
-        },
-        dir,
-        &mut |_, _| {},
-    )
-    .expect("synth")
+    let defaults = pcb_synth::SynthOptions::default();
+    synth_sized(dir, count, seed, defaults.size, defaults.val_fraction)
+}
+
+/// Generates `count` synthetic boards of `size` px into `dir`, `val_fraction` of them
+/// listed for validation.
+pub fn synth_sized(
+    dir: &Path,
+    count: usize,
+    seed: u64,
+    size: u32,
+    val_fraction: f64,
+) -> pcb_synth::SynthSummary {
+    let options = pcb_synth::SynthOptions {
+        count,
+        seed,
+        size,
+        val_fraction,
+    };
+    pcb_synth::generate(&options, dir, &mut |_, _| {}).expect("synth")
 }
 
 /// Copies a tree into the watched folder the way an uploader would (temp name, rename).

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pcb_schemas::{decode, DeadLetter, STREAM_IMAGES, STREAM_REJECTED, STREAM_SHARDS};
-use pcb_tests::{drop_into, synth, wait_until, Env};
+use pcb_tests::{drop_into, stop_stages, synth, wait_until, Env};
 
 fn encode(img: image::DynamicImage, fmt: image::ImageFormat) -> Vec<u8> {
     let mut out = Cursor::new(Vec::new());
@@ -99,144 +99,96 @@ fn put(root: &Path, rel: impl AsRef<Path>, bytes: &[u8]) {
     std::fs::write(p, bytes).expect("write");
 }
 
+/// A 64x64 `<stem>.png` with a VOC label `<stem>.xml` of one `class` box.
+fn put_voc(root: &Path, stem: &str, class: &str, b: [i32; 4]) {
+    put(root, format!("{stem}.png"), &png(64, 64));
+    put(root, format!("{stem}.xml"), voc(class, b).as_bytes());
+}
+
+/// DeepPCB pair `n` as the dataset lays it out: a 64x64 test image, the template when
+/// given, and the label file `label`.
+fn put_deeppcb(root: &Path, n: u32, template: Option<&[u8]>, label: &[u8]) {
+    put(root, format!("dp/b/{n:08}_test.jpg"), &jpeg(64, 64));
+    if let Some(t) = template {
+        put(root, format!("dp/b/{n:08}_temp.jpg"), t);
+    }
+    put(root, format!("dp/b_not/{n:08}.txt"), label);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_inputs_are_dead_lettered_and_filed_while_good_ones_pass() {
     let env = Env::start().await;
     let staging = env.dir.path().join("staging");
     let s = &staging;
-    // (relative path, stage that refuses it, reason code, words the reason must contain)
-    let mut expect: Vec<(PathBuf, &str, &str, &str)> = Vec::new();
-    let mut bad = |rel: &str, stage: &'static str, code: &'static str, words: &'static str| {
-        expect.push((PathBuf::from(rel), stage, code, words));
-    };
     let good_jpeg = jpeg(64, 64);
     put(s, "t01_truncated.jpg", &good_jpeg[..good_jpeg.len() / 2]);
-    bad(
-        "t01_truncated.jpg",
-        "encoder",
-        "truncated-image",
-        "truncated JPEG",
-    );
     put(s, "t02_empty.jpg", b"");
-    bad("t02_empty.jpg", "ingester", "empty-file", "empty");
     put(
         s,
         "t03_text.jpg",
         b"this is a text file, not a photo of a board\n",
     );
-    bad("t03_text.jpg", "ingester", "not-an-image", "not an image");
     put(s, "t04_bomb.png", &bomb_png());
-    bad("t04_bomb.png", "encoder", "too-large", "30000x30000");
-    put(s, "t05_outside.png", &png(64, 64));
-    put(
-        s,
-        "t05_outside.xml",
-        voc("short", [50, 10, 80, 20]).as_bytes(),
-    );
-    bad(
-        "t05_outside.png",
-        "encoder",
-        "label-outside-image",
-        "outside the 64x64 image",
-    );
+    put_voc(s, "t05_outside", "short", [50, 10, 80, 20]);
     put(s, "t06_badxml.png", &png(64, 64));
     put(
         s,
         "t06_badxml.xml",
         b"<annotation><object><name>open</name></annotation>",
     );
-    bad(
-        "t06_badxml.png",
-        "ingester",
-        "label-parse",
-        "t06_badxml.xml",
-    );
-    put(s, "dp/b/07000001_test.jpg", &jpeg(64, 64));
-    put(s, "dp/b_not/07000001.txt", b"1 1 10 10 9\n");
-    bad(
-        "dp/b/07000001_test.jpg",
-        "encoder",
-        "unknown-class",
-        "unknown class id 9",
-    );
-    put(s, "dp/b/07000002_test.jpg", &jpeg(64, 64));
-    put(s, "dp/b/07000002_temp.jpg", &jpeg(32, 32));
-    put(s, "dp/b_not/07000002.txt", b"1 1 10 10 1\n");
-    bad(
-        "dp/b/07000002_test.jpg",
-        "encoder",
-        "template-size-mismatch",
-        "template is 32x32",
-    );
-    put(s, "dp/b/07000003_test.jpg", &jpeg(64, 64));
-    put(s, "dp/b/07000003_temp.jpg", b"not a template");
-    put(s, "dp/b_not/07000003.txt", b"1 1 10 10 1\n");
-    bad(
-        "dp/b/07000003_test.jpg",
-        "ingester",
-        "not-an-image",
-        "template",
-    );
-    put(s, "dp/b/07000004_test.jpg", &jpeg(64, 64));
-    put(s, "dp/b_not/07000004.txt", b"one two three\n");
-    bad(
-        "dp/b/07000004_test.jpg",
-        "ingester",
-        "label-parse",
-        "line 1",
-    );
+    put_deeppcb(s, 7000001, None, b"1 1 10 10 9\n");
+    put_deeppcb(s, 7000002, Some(&jpeg(32, 32)), b"1 1 10 10 1\n");
+    put_deeppcb(s, 7000003, Some(b"not a template"), b"1 1 10 10 1\n");
+    put_deeppcb(s, 7000004, None, b"one two three\n");
     put(s, "t10_huge.png", &noise_png(200, 200));
-    bad("t10_huge.png", "ingester", "too-large", "max_image_bytes");
     put(
         s,
         "t11_garbage.png",
         &[0x13, 0x37, 0x00, 0xfe, 0x42, 0x42, 0x42, 0x42, 0x01],
     );
-    bad("t11_garbage.png", "ingester", "not-an-image", "13 37 00 fe");
     let p = png(64, 64);
     put(s, "t12_cut.png", &p[..p.len() * 2 / 3]);
-    bad("t12_cut.png", "encoder", "corrupt-image", "does not decode");
-    put(s, "t13_inverted.png", &png(64, 64));
-    put(
-        s,
-        "t13_inverted.xml",
-        voc("open", [40, 10, 20, 30]).as_bytes(),
-    );
-    bad("t13_inverted.png", "encoder", "label-degenerate", "x1 < x2");
-    put(s, "t14_scratch.png", &png(64, 64));
-    put(
-        s,
-        "t14_scratch.xml",
-        voc("scratch", [1, 1, 9, 9]).as_bytes(),
-    );
-    bad("t14_scratch.png", "encoder", "unknown-class", "\"scratch\"");
+    put_voc(s, "t13_inverted", "open", [40, 10, 20, 30]);
+    put_voc(s, "t14_scratch", "scratch", [1, 1, 9, 9]);
     put(s, "t15_yolo.png", &png(64, 64));
     put(s, "t15_yolo.txt", b"0 0.5 0.5 0.1 0.1\n");
-    bad("t15_yolo.png", "ingester", "label-parse", "class list");
     let mut badjpeg = vec![0xFF, 0xD8, 0xFF, 0xE0];
     badjpeg.extend((0..400u32).map(|i| (i * 7) as u8));
     badjpeg.extend([0xFF, 0xD9]);
     put(s, "t16_badjpeg.jpg", &badjpeg);
-    bad(
-        "t16_badjpeg.jpg",
-        "encoder",
-        "corrupt-image",
-        "header is unreadable",
-    );
     let non_utf8 = OsStr::from_bytes(b"t17_\xff\xfe.jpg");
     put(s, non_utf8, &jpeg(64, 64));
-    expect.push((
-        PathBuf::from(non_utf8),
-        "ingester",
-        "bad-file-name",
-        "not valid UTF-8",
-    ));
+    // What each bad file above gets, one row per file: (relative path, stage that refuses
+    // it, reason code, words the reason must contain).
+    #[rustfmt::skip]
+    let expect: Vec<(PathBuf, &str, &str, &str)> = [
+        ("t01_truncated.jpg", "encoder", "truncated-image", "truncated JPEG"),
+        ("t02_empty.jpg", "ingester", "empty-file", "empty"),
+        ("t03_text.jpg", "ingester", "not-an-image", "not an image"),
+        ("t04_bomb.png", "encoder", "too-large", "30000x30000"),
+        ("t05_outside.png", "encoder", "label-outside-image", "outside the 64x64 image"),
+        ("t06_badxml.png", "ingester", "label-parse", "t06_badxml.xml"),
+        ("dp/b/07000001_test.jpg", "encoder", "unknown-class", "unknown class id 9"),
+        ("dp/b/07000002_test.jpg", "encoder", "template-size-mismatch", "template is 32x32"),
+        ("dp/b/07000003_test.jpg", "ingester", "not-an-image", "template"),
+        ("dp/b/07000004_test.jpg", "ingester", "label-parse", "line 1"),
+        ("t10_huge.png", "ingester", "too-large", "max_image_bytes"),
+        ("t11_garbage.png", "ingester", "not-an-image", "13 37 00 fe"),
+        ("t12_cut.png", "encoder", "corrupt-image", "does not decode"),
+        ("t13_inverted.png", "encoder", "label-degenerate", "x1 < x2"),
+        ("t14_scratch.png", "encoder", "unknown-class", "\"scratch\""),
+        ("t15_yolo.png", "ingester", "label-parse", "class list"),
+        ("t16_badjpeg.jpg", "encoder", "corrupt-image", "header is unreadable"),
+    ]
+    .into_iter()
+    .map(|(rel, stage, code, words)| (PathBuf::from(rel), stage, code, words))
+    .chain([(PathBuf::from(non_utf8), "ingester", "bad-file-name", "not valid UTF-8")])
+    .collect();
     assert!(expect.len() >= 15);
 
     // Good boards in the same batch.
     synth(&s.join("good"), 10, 3);
-    put(s, "g01.png", &png(64, 64));
-    put(s, "g01.xml", voc("spur", [5, 5, 20, 20]).as_bytes());
+    put_voc(s, "g01", "spur", [5, 5, 20, 20]);
     let good = 11;
 
     let extra = format!(
@@ -319,12 +271,5 @@ async fn bad_inputs_are_dead_lettered_and_filed_while_good_ones_pass() {
     for h in &handles {
         assert!(!h.is_finished(), "a stage exited on bad input");
     }
-    shutdown.trigger();
-    for h in handles {
-        let r = tokio::time::timeout(Duration::from_secs(30), h)
-            .await
-            .expect("stops")
-            .expect("join");
-        assert!(r.is_ok(), "{r:?}");
-    }
+    stop_stages(&shutdown, handles).await;
 }

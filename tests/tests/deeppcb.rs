@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use pcb_schemas::{decode, ShardRecord, Split, STREAM_SHARDS};
-use pcb_tests::{wait_until, Env};
+use pcb_tests::Env;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deeppcb_imports_with_its_own_split() {
@@ -23,10 +23,9 @@ async fn deeppcb_imports_with_its_own_split() {
     let summary = env.import(&data).await;
     assert_eq!(summary.published, 1250, "{summary}");
     assert_eq!(summary.rejected_total(), 0, "{summary}");
-    let done = wait_until(Duration::from_secs(300), || async {
-        env.count(STREAM_SHARDS, "pcb.shards.").await >= 1250
-    })
-    .await;
+    let done = env
+        .wait_count(STREAM_SHARDS, "pcb.shards.", 1250, Duration::from_secs(300))
+        .await;
     assert!(
         done,
         "routed {}",

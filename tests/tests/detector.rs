@@ -4,13 +4,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::Duration;
 
 use pcb_registry::Registry;
 use pcb_schemas::{
-    decode, Detection, EncodedImage, ModelEvent, STREAM_DETECTIONS, STREAM_IMAGES, STREAM_REJECTED,
-    STREAM_TRAINING, SUBJECT_ENCODED,
+    decode, DeadLetter, Detection, EncodedImage, ModelEvent, STREAM_DETECTIONS, STREAM_IMAGES,
+    STREAM_REJECTED, STREAM_TRAINING, SUBJECT_ENCODED,
 };
 use pcb_tests::{wait_until, Env};
 
@@ -50,18 +50,38 @@ fn spawn_detector(env: &Env, name: &str) -> (Child, PathBuf) {
 /// Drops `count` synthetic boards of 64 px through the ingester and encoder.
 async fn feed(env: &Env, count: usize, seed: u64) {
     let boards = env.dir.path().join(format!("boards-{seed}"));
-    pcb_synth::generate(
-        &pcb_synth::SynthOptions {
-            count,
-            seed,
-            size: 64,
-            val_fraction: 0.2,
-        },
-        &boards,
-        &mut |_, _| {},
-    )
-    .expect("synth");
+    pcb_tests::synth_sized(&boards, count, seed, 64, 0.2);
     env.import(&boards).await;
+}
+
+/// Waits up to `secs` until `pcb.detections` holds at least `count` detections.
+async fn detections_reach(env: &Env, count: u64, secs: u64) -> bool {
+    env.wait_count(
+        STREAM_DETECTIONS,
+        "pcb.detections",
+        count,
+        Duration::from_secs(secs),
+    )
+    .await
+}
+
+/// Waits up to `secs` until `pcb.detections` holds at least `count` detections and the
+/// detector has written a dead letter.
+async fn detections_and_a_letter(env: &Env, count: u64, secs: u64) -> bool {
+    wait_until(Duration::from_secs(secs), || async {
+        env.count(STREAM_DETECTIONS, "pcb.detections").await >= count
+            && env.count(STREAM_REJECTED, "pcb.rejected.detector").await >= 1
+    })
+    .await
+}
+
+/// The detector's dead letters, in stream order.
+async fn detector_letters(env: &Env) -> Vec<DeadLetter> {
+    env.read_all(STREAM_REJECTED, "pcb.rejected.detector")
+        .await
+        .iter()
+        .map(|(_, p)| decode(p, None).expect("dead letter"))
+        .collect()
 }
 
 /// Runs the encoder in-process until dropped.
@@ -90,20 +110,12 @@ fn log_of(path: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_hundred_boards_give_three_hundred_detections_that_python_reads() {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(
-        python.is_file(),
-        "{} is missing: run deploy/setup.sh",
-        python.display()
-    );
+    let python = pcb_tests::venv_python();
     let (env, v) = with_live_model(1).await;
     let (mut det, log) = spawn_detector(&env, "det");
     let (stop, enc) = start_encoder(&env);
     feed(&env, 300, 3).await;
-    let done = wait_until(Duration::from_secs(300), || async {
-        env.count(STREAM_DETECTIONS, "pcb.detections").await >= 300
-    })
-    .await;
+    let done = detections_reach(&env, 300, 300).await;
     assert!(done, "not 300 detections; detector log:\n{}", log_of(&log));
     let all = env.detections().await;
     let ids: BTreeSet<&str> = all.iter().map(|d| d.image_id.as_str()).collect();
@@ -119,18 +131,8 @@ async fn three_hundred_boards_give_three_hundred_detections_that_python_reads() 
         .iter()
         .all(|d| d.verdict == "pass" || d.verdict == "fail"));
 
-    let out = Command::new(&python)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("py/line_side.py"))
-        .arg(env.server.url())
-        .args(["--count", "300"])
-        .output()
-        .expect("run python");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "python failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let url = env.server.url();
+    let text = pcb_tests::run_python(&python, "py/line_side.py", &[&url, "--count", "300"]);
     let last = text.lines().last().unwrap_or_default();
     assert!(last.starts_with("received 300 "), "{last}");
     let fails = all.iter().filter(|d| d.verdict == "fail").count();
@@ -154,32 +156,17 @@ async fn a_promotion_under_load_answers_every_image_once_and_a_corrupt_version_i
         .expect("promote v1");
     let (mut a, log_a) = spawn_detector(&env, "det-a");
     let (mut b, log_b) = spawn_detector(&env, "det-b");
+    let logs = || format!("{}\n{}", log_of(&log_a), log_of(&log_b));
     let (stop, enc) = start_encoder(&env);
     feed(&env, 1000, 4).await;
-    let started = wait_until(Duration::from_secs(300), || async {
-        env.count(STREAM_DETECTIONS, "pcb.detections").await >= 200
-    })
-    .await;
-    assert!(
-        started,
-        "no progress:\n{}\n{}",
-        log_of(&log_a),
-        log_of(&log_b)
-    );
+    let started = detections_reach(&env, 200, 300).await;
+    assert!(started, "no progress:\n{}", logs());
     registry
         .promote(MODEL, v2, "test")
         .await
         .expect("promote v2");
-    let done = wait_until(Duration::from_secs(600), || async {
-        env.count(STREAM_DETECTIONS, "pcb.detections").await >= 1000
-    })
-    .await;
-    assert!(
-        done,
-        "not 1000 detections:\n{}\n{}",
-        log_of(&log_a),
-        log_of(&log_b)
-    );
+    let done = detections_reach(&env, 1000, 600).await;
+    assert!(done, "not 1000 detections:\n{}", logs());
     let all = env.detections().await;
     let mut per_image: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
     for d in &all {
@@ -235,10 +222,7 @@ async fn a_promotion_under_load_answers_every_image_once_and_a_corrupt_version_i
         "{why}"
     );
     feed(&env, 20, 5).await;
-    let more = wait_until(Duration::from_secs(120), || async {
-        env.count(STREAM_DETECTIONS, "pcb.detections").await >= 1020
-    })
-    .await;
+    let more = detections_reach(&env, 1020, 120).await;
     assert!(more, "the old version stopped serving");
     let later: Vec<Detection> = env.detections().await.into_iter().skip(1000).collect();
     assert!(
@@ -255,18 +239,12 @@ async fn a_replica_killed_under_load_loses_no_image_and_repeats_none() {
     let (mut b, _) = spawn_detector(&env, "det-b");
     let (stop, enc) = start_encoder(&env);
     feed(&env, 400, 6).await;
-    let going = wait_until(Duration::from_secs(300), || async {
-        env.count(STREAM_DETECTIONS, "pcb.detections").await >= 100
-    })
-    .await;
+    let going = detections_reach(&env, 100, 300).await;
     assert!(going, "no progress:\n{}", log_of(&log_a));
     a.kill().expect("SIGKILL");
     let _ = a.wait();
     let (mut a2, _) = spawn_detector(&env, "det-a2");
-    let done = wait_until(Duration::from_secs(300), || async {
-        env.count(STREAM_DETECTIONS, "pcb.detections").await >= 400
-    })
-    .await;
+    let done = detections_reach(&env, 400, 300).await;
     assert!(done, "images lost after the kill");
     // Redeliveries of what the killed replica held reach the stream only once.
     tokio::time::sleep(Duration::from_secs(12)).await;
@@ -285,29 +263,22 @@ async fn a_replica_killed_under_load_loses_no_image_and_repeats_none() {
 async fn an_image_that_does_not_decode_is_rejected_and_the_detector_carries_on() {
     let (env, _) = with_live_model(1).await;
     let (mut det, log) = spawn_detector(&env, "det");
-    let bad = undecodable('f');
-    pcb_common::publish(&env.js, SUBJECT_ENCODED.into(), &bad)
-        .await
-        .expect("publish");
+    publish_undecodable(&env, 'f').await;
     let (stop, enc) = start_encoder(&env);
     feed(&env, 10, 7).await;
-    let done = wait_until(Duration::from_secs(120), || async {
-        env.count(STREAM_DETECTIONS, "pcb.detections").await >= 10
-            && env.count(STREAM_REJECTED, "pcb.rejected.detector").await >= 1
-    })
-    .await;
+    let done = detections_and_a_letter(&env, 10, 120).await;
     assert!(done, "detector log:\n{}", log_of(&log));
-    let letters = env.read_all(STREAM_REJECTED, "pcb.rejected.detector").await;
-    let letter: pcb_schemas::DeadLetter = decode(&letters[0].1, None).expect("dead letter");
+    let letter = &detector_letters(&env).await[0];
     assert_eq!(letter.reason_code, "not-an-image");
     assert!(letter.reason.contains("broken.jpg"), "{}", letter.reason);
     assert_eq!(env.count(STREAM_IMAGES, SUBJECT_ENCODED).await, 11);
     finish(stop, enc, &mut [&mut det]).await;
 }
 
-/// The record of an image that cannot be decoded (its bytes are text).
-fn undecodable(id: char) -> EncodedImage {
-    EncodedImage {
+/// Publishes the record of an image that cannot be decoded (its bytes are text), with an
+/// id of 64 `id`s, on `pcb.images.encoded`.
+async fn publish_undecodable(env: &Env, id: char) {
+    let record = EncodedImage {
         image_id: id.to_string().repeat(64),
         board_id: "broken".into(),
         line_id: "line-1".into(),
@@ -324,7 +295,10 @@ fn undecodable(id: char) -> EncodedImage {
         label_format: None,
         template_b64: None,
         split_hint: None,
-    }
+    };
+    pcb_common::publish(&env.js, SUBJECT_ENCODED.into(), &record)
+        .await
+        .expect("publish");
 }
 
 /// A detector process serving the test model with exactly these other settings.
@@ -343,34 +317,26 @@ async fn one_bad_image_in_a_batch_of_four_is_rejected_alone_and_the_three_others
     // so its first batch (4 at most, 2 s to fill) holds all four.
     let (stop, enc) = start_encoder(&env);
     feed(&env, 3, 11).await;
-    let encoded = wait_until(Duration::from_secs(60), || async {
-        env.count(STREAM_IMAGES, SUBJECT_ENCODED).await >= 3
-    })
-    .await;
+    let encoded = env
+        .wait_count(STREAM_IMAGES, SUBJECT_ENCODED, 3, Duration::from_secs(60))
+        .await;
     assert!(encoded, "the encoder did not encode 3 boards");
-    pcb_common::publish(&env.js, SUBJECT_ENCODED.into(), &undecodable('e'))
-        .await
-        .expect("publish");
+    publish_undecodable(&env, 'e').await;
     let (mut det, log) = spawn_detector_config(
         &env,
         "det-batch",
         "max_batch = 4\nmax_wait_ms = 2000\nconcurrency = 1\n",
     );
-    let done = wait_until(Duration::from_secs(120), || async {
-        env.count(STREAM_DETECTIONS, "pcb.detections").await >= 3
-            && env.count(STREAM_REJECTED, "pcb.rejected.detector").await >= 1
-    })
-    .await;
+    let done = detections_and_a_letter(&env, 3, 120).await;
     assert!(done, "detector log:\n{}", log_of(&log));
     // Nothing more comes: the three are answered once, the bad one rejected once.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let detections = env.detections().await;
     assert_eq!(detections.len(), 3, "detector log:\n{}", log_of(&log));
     assert!(detections.iter().all(|d| d.board_id != "broken"));
-    let letters = env.read_all(STREAM_REJECTED, "pcb.rejected.detector").await;
+    let letters = detector_letters(&env).await;
     assert_eq!(letters.len(), 1);
-    let letter: pcb_schemas::DeadLetter = decode(&letters[0].1, None).expect("dead letter");
-    assert_eq!(letter.reason_code, "not-an-image");
+    assert_eq!(letters[0].reason_code, "not-an-image");
     finish(stop, enc, &mut [&mut det]).await;
 }
 
@@ -395,15 +361,20 @@ async fn an_image_that_runs_out_of_deliveries_becomes_one_retries_exhausted_dead
         .expect("delete PCB_DETECTIONS");
     let (stop, enc) = start_encoder(&env);
     feed(&env, 1, 12).await;
-    let lettered = wait_until(Duration::from_secs(120), || async {
-        env.count(STREAM_REJECTED, "pcb.rejected.detector").await >= 1
-    })
-    .await;
+    // Not through `pcb.detections`: that stream is gone.
+    let lettered = env
+        .wait_count(
+            STREAM_REJECTED,
+            "pcb.rejected.detector",
+            1,
+            Duration::from_secs(120),
+        )
+        .await;
     assert!(lettered, "detector log:\n{}", log_of(&log));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let letters = env.read_all(STREAM_REJECTED, "pcb.rejected.detector").await;
+    let letters = detector_letters(&env).await;
     assert_eq!(letters.len(), 1, "one dead letter, not one per delivery");
-    let letter: pcb_schemas::DeadLetter = decode(&letters[0].1, None).expect("dead letter");
+    let letter = &letters[0];
     assert_eq!(letter.reason_code, "retries-exhausted");
     assert!(
         letter.reason.contains("2 deliveries") && letter.reason.contains("publishing"),

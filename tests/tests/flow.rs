@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use pcb_schemas::{decode, ShardRecord, Split, STREAM_IMAGES, STREAM_SHARDS};
-use pcb_tests::{drop_into, synth, wait_until, Env};
+use pcb_tests::{drop_into, stop_stages, synth, wait_until, Env};
 
 async fn run_once(sample: &std::path::Path, drop_twice: bool) -> BTreeMap<String, (Split, u32)> {
     let env = Env::start().await;
@@ -67,14 +67,7 @@ async fn run_once(sample: &std::path::Path, drop_twice: bool) -> BTreeMap<String
     let val = placement.values().filter(|(s, _)| *s == Split::Val).count();
     assert_eq!(val, 40, "test.txt lists 20% of 200 boards");
 
-    shutdown.trigger();
-    for h in handles {
-        let r = tokio::time::timeout(Duration::from_secs(30), h)
-            .await
-            .expect("stage stops")
-            .expect("join");
-        assert!(r.is_ok(), "stage failed: {r:?}");
-    }
+    stop_stages(&shutdown, handles).await;
     placement
 }
 

@@ -2,21 +2,14 @@
 //! reads from the streams, and that client decodes every message.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use pcb_schemas::{STREAM_IMAGES, STREAM_SHARDS};
-use pcb_tests::{synth, wait_until, Env};
+use pcb_tests::{synth, Env};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn status_matches_a_python_reader() {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(
-        python.is_file(),
-        "{} is missing: run deploy/setup.sh (it creates the venv with nats-py and msgpack)",
-        python.display()
-    );
+    let python = pcb_tests::venv_python();
     let env = Env::start().await;
     let sample = env.dir.path().join("sample");
     synth(&sample, 30, 5);
@@ -28,10 +21,9 @@ async fn status_matches_a_python_reader() {
         (30, 1),
         "{summary}"
     );
-    let done = wait_until(Duration::from_secs(60), || async {
-        env.count(STREAM_SHARDS, "pcb.shards.").await >= 30
-    })
-    .await;
+    let done = env
+        .wait_count(STREAM_SHARDS, "pcb.shards.", 30, Duration::from_secs(60))
+        .await;
     assert!(done);
     shutdown.trigger();
     for h in handles {
@@ -45,17 +37,7 @@ async fn status_matches_a_python_reader() {
     // ran are drained.
     assert!(pcb::status::drained_for(&status, &["encoder", "router"]));
 
-    let out = Command::new(&python)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("py/read_streams.py"))
-        .arg(env.server.url())
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "python failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = pcb_tests::run_python(&python, "py/read_streams.py", &[&env.server.url()]);
     // Minimal JSON reading without a JSON dependency: `"subject": count` pairs.
     let counts_part = text.split("\"fields\"").next().unwrap_or_default();
     let mut theirs = BTreeMap::new();

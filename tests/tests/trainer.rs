@@ -18,17 +18,7 @@ const SIZE: u32 = 128;
 /// the number of labelled training and validation records.
 async fn feed(env: &Env, count: usize, shard_count: u32, val_fraction: f64) -> (u64, u64) {
     let boards = env.dir.path().join("boards");
-    pcb_synth::generate(
-        &pcb_synth::SynthOptions {
-            count,
-            seed: 11,
-            size: SIZE,
-            val_fraction,
-        },
-        &boards,
-        &mut |_, _| {},
-    )
-    .expect("synth");
+    pcb_tests::synth_sized(&boards, count, 11, SIZE, val_fraction);
     let shutdown = pcb_common::Shutdown::new();
     let h1 = env.spawn_stage::<pcb_encoder::Encoder>("", &shutdown);
     let h2 = env.spawn_stage::<pcb_router::Router>(
@@ -36,10 +26,14 @@ async fn feed(env: &Env, count: usize, shard_count: u32, val_fraction: f64) -> (
         &shutdown,
     );
     env.import(&boards).await;
-    let routed = wait_until(Duration::from_secs(120), || async {
-        env.count(STREAM_SHARDS, "pcb.shards.").await >= count as u64
-    })
-    .await;
+    let routed = env
+        .wait_count(
+            STREAM_SHARDS,
+            "pcb.shards.",
+            count as u64,
+            Duration::from_secs(120),
+        )
+        .await;
     shutdown.trigger();
     let _ = h1.await;
     let _ = h2.await;
@@ -147,6 +141,31 @@ fn wait_all(ranks: &mut [(Child, PathBuf)], timeout: Duration) {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Subscribes to `pcb.train.progress` and waits up to `timeout` for a step that `wanted`
+/// accepts; returns whether one came.
+async fn wait_for_step(
+    env: &Env,
+    timeout: Duration,
+    wanted: impl Fn(&TrainProgress) -> bool,
+) -> bool {
+    use futures::StreamExt;
+    let mut live = env
+        .client
+        .subscribe("pcb.train.progress")
+        .await
+        .expect("subscribe");
+    tokio::time::timeout(timeout, async {
+        while let Some(m) = live.next().await {
+            if decode::<TrainProgress>(&m.payload, None).is_ok_and(|p| wanted(&p)) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false)
+}
+
 async fn progress_of(env: &Env, job: &str) -> Vec<TrainProgress> {
     env.read_all(STREAM_TRAINING, "pcb.train.progress")
         .await
@@ -163,6 +182,15 @@ async fn candidate_of(env: &Env, job: &str) -> TrainCandidate {
         .map(|(_, p)| decode::<TrainCandidate>(&p, None).expect("candidate"))
         .find(|c| c.job == job)
         .unwrap_or_else(|| panic!("job {job} offered no candidate"))
+}
+
+/// Images of the steps of `epoch`, job-wide, as rank 0 reported them.
+fn images_in_epoch(progress: &[TrainProgress], epoch: u32) -> u64 {
+    progress
+        .iter()
+        .filter(|p| p.rank == 0 && p.epoch == epoch && p.param_digest.is_some())
+        .map(|p| u64::from(p.images))
+        .sum()
 }
 
 fn weights(path: &str) -> BTreeMap<String, Tensor> {
@@ -220,13 +248,8 @@ async fn two_ranks_stay_bitwise_identical_and_match_one_rank_with_the_same_globa
         losses.last() < losses.first(),
         "the loss did not fall: {losses:?}"
     );
-    let images: u32 = progress
-        .iter()
-        .filter(|p| p.rank == 0 && p.param_digest.is_some() && p.epoch == 0)
-        .map(|p| p.images)
-        .sum();
     assert_eq!(
-        u64::from(images),
+        images_in_epoch(&progress, 0),
         train,
         "every training image once per epoch"
     );
@@ -283,24 +306,10 @@ async fn a_killed_rank_is_named_and_the_restarted_job_resumes_from_its_checkpoin
     // Batch 2 per rank: several steps per epoch, so the kill lands mid-epoch.
     let mut ranks = start_job(&env, "crash", 2, 4, 2, 3, extra);
     // Kill rank 1 once the second epoch is under way.
-    let mut live = env
-        .client
-        .subscribe("pcb.train.progress")
-        .await
-        .expect("subscribe");
-    let reached = tokio::time::timeout(Duration::from_secs(300), async {
-        use futures::StreamExt;
-        while let Some(m) = live.next().await {
-            if let Ok(p) = decode::<TrainProgress>(&m.payload, None) {
-                if p.job == "crash" && p.epoch >= 1 {
-                    return true;
-                }
-            }
-        }
-        false
+    let reached = wait_for_step(&env, Duration::from_secs(300), |p| {
+        p.job == "crash" && p.epoch >= 1
     })
-    .await
-    .unwrap_or(false);
+    .await;
     assert!(reached, "the job never reached its second epoch");
     ranks[1].0.kill().expect("SIGKILL rank 1");
     let _ = ranks[1].0.wait();
@@ -356,13 +365,8 @@ async fn uneven_and_empty_shards_complete_with_every_image_once_per_epoch() {
     tokio::task::block_in_place(|| wait_all(&mut ranks, Duration::from_secs(600)));
     let progress = progress_of(&env, "uneven").await;
     for epoch in 0..3 {
-        let images: u32 = progress
-            .iter()
-            .filter(|p| p.rank == 0 && p.epoch == epoch && p.param_digest.is_some())
-            .map(|p| p.images)
-            .sum();
         assert_eq!(
-            u64::from(images),
+            images_in_epoch(&progress, epoch),
             train,
             "epoch {epoch}: every image of the snapshot once"
         );
@@ -379,7 +383,7 @@ async fn uneven_and_empty_shards_complete_with_every_image_once_per_epoch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn images_keep_flowing_to_detections_while_a_job_trains() {
-    use pcb_schemas::{Detection, EncodedImage, STREAM_DETECTIONS, STREAM_IMAGES};
+    use pcb_schemas::{EncodedImage, STREAM_DETECTIONS, STREAM_IMAGES};
     use std::collections::BTreeSet;
     let env = Env::start().await;
     let (train, _) = feed(&env, 10, 2, 0.2).await;
@@ -393,33 +397,13 @@ async fn images_keep_flowing_to_detections_while_a_job_trains() {
     // A job far longer than the test: it must still be training when the last new image
     // has been answered.
     let mut ranks = start_job(&env, "flow", 2, 2, 2, 1000, "eval = false");
-    let mut progress = env
-        .client
-        .subscribe("pcb.train.progress")
-        .await
-        .expect("subscribe");
-    let started = tokio::time::timeout(Duration::from_secs(300), async {
-        use futures::StreamExt;
-        progress.next().await.is_some()
-    })
-    .await
-    .unwrap_or(false);
+    let started = wait_for_step(&env, Duration::from_secs(300), |p| p.job == "flow").await;
     assert!(started, "the job reported no step");
 
     // 40 new boards through ingester → encoder → router, and the detector, meanwhile.
     let (stop, stages) = env.start_encoder_router();
     let boards = env.dir.path().join("more");
-    pcb_synth::generate(
-        &pcb_synth::SynthOptions {
-            count: 40,
-            seed: 99,
-            size: SIZE,
-            val_fraction: 0.2,
-        },
-        &boards,
-        &mut |_, _| {},
-    )
-    .expect("synth");
+    pcb_tests::synth_sized(&boards, 40, 99, SIZE, 0.2);
     let summary = env.import(&boards).await;
     assert_eq!(summary.published, 40, "{summary:?}");
     let total = 10 + 40;
@@ -450,10 +434,10 @@ async fn images_keep_flowing_to_detections_while_a_job_trains() {
         .map(|(_, p)| decode::<EncodedImage>(&p, None).expect("encoded").image_id)
         .collect();
     let detections: Vec<String> = env
-        .read_all(STREAM_DETECTIONS, "pcb.detections")
+        .detections()
         .await
         .into_iter()
-        .map(|(_, p)| decode::<Detection>(&p, None).expect("detection").image_id)
+        .map(|d| d.image_id)
         .collect();
     let detected: BTreeSet<String> = detections.iter().cloned().collect();
     assert_eq!(encoded.len() as u64, total);

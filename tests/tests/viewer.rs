@@ -36,17 +36,7 @@ async fn http_with(
     s.write_all(body).await.expect("write body");
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).await.expect("read");
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    pcb::bench_viewer::parse_response(&raw)
 }
 
 async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
@@ -117,17 +107,7 @@ async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
     let url = format!("http://{addr}/");
 
     let boards = env.dir.path().join("boards");
-    pcb_synth::generate(
-        &pcb_synth::SynthOptions {
-            count: BOARDS,
-            seed: 5,
-            size: 256,
-            val_fraction: 0.0,
-        },
-        &boards,
-        &mut |_, _| {},
-    )
-    .expect("synth");
+    pcb_tests::synth_sized(&boards, BOARDS, 5, 256, 0.0);
     env.import(&boards).await;
     let done = wait_until(Duration::from_secs(300), || async {
         env.count(STREAM_DETECTIONS, "pcb.detections").await >= BOARDS as u64
@@ -265,17 +245,7 @@ async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
     let known: BTreeSet<String> = all.iter().map(|d| d.image_id.clone()).collect();
     // A board of its own, with its template, as the page sends it (JSON, base64).
     let extra = env.dir.path().join("upload");
-    pcb_synth::generate(
-        &pcb_synth::SynthOptions {
-            count: 1,
-            seed: 77,
-            size: 256,
-            val_fraction: 0.0,
-        },
-        &extra,
-        &mut |_, _| {},
-    )
-    .expect("synth");
+    pcb_tests::synth_sized(&extra, 1, 77, 256, 0.0);
     let find = |suffix: &str| {
         fn walk(d: &Path, suffix: &str) -> Option<PathBuf> {
             for e in std::fs::read_dir(d).ok()?.flatten() {

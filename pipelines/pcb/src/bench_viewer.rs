@@ -41,7 +41,14 @@ async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     .await?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).await?;
-    let text = String::from_utf8_lossy(&raw);
+    Ok(parse_response(&raw))
+}
+
+/// The status code and the body of a raw HTTP/1.1 response, as read to the end of a
+/// `Connection: close` exchange (0 and an empty body where it has none); also the
+/// viewer's tests' reader.
+pub fn parse_response(raw: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(raw);
     let status = text
         .split_whitespace()
         .nth(1)
@@ -50,7 +57,7 @@ async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let body = text
         .split_once("\r\n\r\n")
         .map_or_else(String::new, |(_, b)| b.to_string());
-    Ok((status, body))
+    (status, body)
 }
 
 fn rss_mib() -> f64 {
@@ -382,4 +389,17 @@ pub async fn run(args: &ViewerBenchArgs) -> anyhow::Result<()> {
     let _ = viewer.await;
     drop(server);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_response_gives_its_status_and_body() {
+        let raw =
+            b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n\r\n{\"error\":\"x\"}";
+        assert_eq!(parse_response(raw), (404, "{\"error\":\"x\"}".to_string()));
+        assert_eq!(parse_response(b""), (0, String::new()));
+    }
 }

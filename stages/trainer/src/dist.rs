@@ -7,68 +7,64 @@ use std::time::Duration;
 
 use tch::{Kind, Tensor};
 
-type InitFn = unsafe extern "C" fn(
-    host: *const c_char,
-    port: c_int,
-    rank: c_int,
-    world: c_int,
-    device: c_int,
-    timeout_ms: c_longlong,
-    prefix: *const c_char,
-    err: *mut *mut c_char,
-) -> *mut c_void;
-type FreeFn = unsafe extern "C" fn(handle: *mut c_void);
-type AllReduceFn = unsafe extern "C" fn(
-    handle: *mut c_void,
-    tensors: *const *mut c_void,
-    n: c_int,
-    err: *mut *mut c_char,
-) -> c_int;
-type BroadcastFn = unsafe extern "C" fn(
-    handle: *mut c_void,
-    tensors: *const *mut c_void,
-    n: c_int,
-    root: c_int,
-    err: *mut *mut c_char,
-) -> c_int;
-type BarrierFn = unsafe extern "C" fn(handle: *mut c_void, err: *mut *mut c_char) -> c_int;
-type StoreSetFn = unsafe extern "C" fn(
-    handle: *mut c_void,
-    key: *const c_char,
-    value: *const c_uchar,
-    len: usize,
-    err: *mut *mut c_char,
-) -> c_int;
-type StoreCheckFn = unsafe extern "C" fn(
-    handle: *mut c_void,
-    key: *const c_char,
-    exists: *mut c_int,
-    err: *mut *mut c_char,
-) -> c_int;
-type StoreGetFn = unsafe extern "C" fn(
-    handle: *mut c_void,
-    key: *const c_char,
-    value: *mut *mut c_uchar,
-    len: *mut usize,
-    err: *mut *mut c_char,
-) -> c_int;
+/// Declares the shim's C ABI once, as `PCB_FN(name)` does in `csrc/dist_shim.cpp`: each
+/// entry is a field of [`Shim`], bound to `pcb_dist_<name>` in the linked Gloo build
+/// ([`GLOO`]) and looked up as `pcb_nccl_<name>` in the NCCL build ([`Shim::nccl`]), so the
+/// two builds cannot drift apart in what the trainer expects of them.
+macro_rules! shim_abi {
+    ($($name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?;)*) => {
+        /// The C ABI of one build of `csrc/dist_shim.cpp` (Gloo: linked in; NCCL: opened at
+        /// run time from `libpcb_nccl.so`).
+        #[derive(Clone, Copy)]
+        struct Shim {
+            $($name: unsafe extern "C" fn($($arg: $ty),*) $(-> $ret)?,)*
+        }
 
-/// The C ABI of one build of `csrc/dist_shim.cpp` (Gloo: linked in; NCCL: opened at run
-/// time from `libpcb_nccl.so`).
-#[derive(Clone, Copy)]
-struct Shim {
-    init: InitFn,
-    free: FreeFn,
-    allreduce_sum: AllReduceFn,
-    broadcast: BroadcastFn,
-    barrier: BarrierFn,
-    store_set: StoreSetFn,
-    store_check: StoreCheckFn,
-    store_get: StoreGetFn,
+        /// The Gloo build's entry points, linked into the trainer.
+        mod gloo {
+            use super::*;
+
+            extern "C" {
+                $(
+                    #[link_name = concat!("pcb_dist_", stringify!($name))]
+                    pub(super) fn $name($($arg: $ty),*) $(-> $ret)?;
+                )*
+            }
+        }
+
+        const GLOO: Shim = Shim { $($name: gloo::$name,)* };
+
+        impl Shim {
+            /// The NCCL build's entry points in `lib` (a live `dlopen` handle of `file`).
+            fn nccl(file: &str, lib: *mut c_void) -> Result<Shim, String> {
+                Ok(Shim {
+                    $($name: {
+                        let symbol = concat!("pcb_nccl_", stringify!($name), "\0");
+                        // SAFETY: a live handle from dlopen and a NUL-terminated name.
+                        let p = unsafe { libc::dlsym(lib, symbol.as_ptr().cast()) };
+                        if p.is_null() {
+                            return Err(format!(
+                                "{file} has no symbol {}: rebuild it from this source",
+                                symbol.trim_end_matches('\0')
+                            ));
+                        }
+                        // SAFETY: the symbol is the NCCL build of the function with this
+                        // signature (one source, two prefixes).
+                        unsafe {
+                            std::mem::transmute::<
+                                *mut c_void,
+                                unsafe extern "C" fn($($ty),*) $(-> $ret)?,
+                            >(p)
+                        }
+                    },)*
+                })
+            }
+        }
+    };
 }
 
-extern "C" {
-    fn pcb_dist_init(
+shim_abi! {
+    init(
         host: *const c_char,
         port: c_int,
         rank: c_int,
@@ -78,38 +74,35 @@ extern "C" {
         prefix: *const c_char,
         err: *mut *mut c_char,
     ) -> *mut c_void;
-    fn pcb_dist_free(handle: *mut c_void);
-    // Both builds allocate error strings and store values with malloc, so this one frees
-    // either's.
-    fn pcb_dist_free_string(s: *mut c_char);
-    fn pcb_dist_allreduce_sum(
+    free(handle: *mut c_void);
+    allreduce_sum(
         handle: *mut c_void,
         tensors: *const *mut c_void,
         n: c_int,
         err: *mut *mut c_char,
     ) -> c_int;
-    fn pcb_dist_broadcast(
+    broadcast(
         handle: *mut c_void,
         tensors: *const *mut c_void,
         n: c_int,
         root: c_int,
         err: *mut *mut c_char,
     ) -> c_int;
-    fn pcb_dist_barrier(handle: *mut c_void, err: *mut *mut c_char) -> c_int;
-    fn pcb_dist_store_set(
+    barrier(handle: *mut c_void, err: *mut *mut c_char) -> c_int;
+    store_set(
         handle: *mut c_void,
         key: *const c_char,
         value: *const c_uchar,
         len: usize,
         err: *mut *mut c_char,
     ) -> c_int;
-    fn pcb_dist_store_check(
+    store_check(
         handle: *mut c_void,
         key: *const c_char,
         exists: *mut c_int,
         err: *mut *mut c_char,
     ) -> c_int;
-    fn pcb_dist_store_get(
+    store_get(
         handle: *mut c_void,
         key: *const c_char,
         value: *mut *mut c_uchar,
@@ -118,16 +111,11 @@ extern "C" {
     ) -> c_int;
 }
 
-const GLOO: Shim = Shim {
-    init: pcb_dist_init,
-    free: pcb_dist_free,
-    allreduce_sum: pcb_dist_allreduce_sum,
-    broadcast: pcb_dist_broadcast,
-    barrier: pcb_dist_barrier,
-    store_set: pcb_dist_store_set,
-    store_check: pcb_dist_store_check,
-    store_get: pcb_dist_store_get,
-};
+extern "C" {
+    // Both builds allocate error strings and store values with malloc, so this one frees
+    // either's.
+    fn pcb_dist_free_string(s: *mut c_char);
+}
 
 /// The library name searched through `LD_LIBRARY_PATH` and the trainer's RUNPATH (the
 /// project's `.libtorch/lib`, where `deploy/build-nccl-shim.sh` puts it).
@@ -143,42 +131,7 @@ fn nccl_shim() -> Result<Shim, DistError> {
         let lib = pcb_vision::cuda::open_global(&name).map_err(|e| {
             format!("{e} (build it with deploy/build-nccl-shim.sh, or set PCB_NCCL_SHIM)")
         })?;
-        let sym = |symbol: &str| -> Result<*mut c_void, String> {
-            let c = CString::new(symbol).map_err(|e| e.to_string())?;
-            // SAFETY: a live handle from dlopen and a C string.
-            let p = unsafe { libc::dlsym(lib, c.as_ptr()) };
-            if p.is_null() {
-                Err(format!(
-                    "{name} has no symbol {symbol}: rebuild it from this source"
-                ))
-            } else {
-                Ok(p)
-            }
-        };
-        // SAFETY: each symbol is the NCCL build of the function with the same signature
-        // in `Shim` (one source, two prefixes).
-        unsafe {
-            Ok(Shim {
-                init: std::mem::transmute::<*mut c_void, InitFn>(sym("pcb_nccl_init")?),
-                free: std::mem::transmute::<*mut c_void, FreeFn>(sym("pcb_nccl_free")?),
-                allreduce_sum: std::mem::transmute::<*mut c_void, AllReduceFn>(sym(
-                    "pcb_nccl_allreduce_sum",
-                )?),
-                broadcast: std::mem::transmute::<*mut c_void, BroadcastFn>(sym(
-                    "pcb_nccl_broadcast",
-                )?),
-                barrier: std::mem::transmute::<*mut c_void, BarrierFn>(sym("pcb_nccl_barrier")?),
-                store_set: std::mem::transmute::<*mut c_void, StoreSetFn>(sym(
-                    "pcb_nccl_store_set",
-                )?),
-                store_check: std::mem::transmute::<*mut c_void, StoreCheckFn>(sym(
-                    "pcb_nccl_store_check",
-                )?),
-                store_get: std::mem::transmute::<*mut c_void, StoreGetFn>(sym(
-                    "pcb_nccl_store_get",
-                )?),
-            })
-        }
+        Shim::nccl(&name, lib)
     })
     .clone()
     .map_err(DistError::Nccl)
@@ -329,6 +282,26 @@ fn take_error(err: *mut c_char) -> String {
     text
 }
 
+/// `Ok` for a shim call that returned 0; otherwise `error` of the message it left in `err`.
+fn status(
+    rc: c_int,
+    err: *mut c_char,
+    error: impl FnOnce(String) -> DistError,
+) -> Result<(), DistError> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(error(take_error(err)))
+    }
+}
+
+fn store_error(key: &str, message: String) -> DistError {
+    DistError::Store {
+        key: key.into(),
+        message,
+    }
+}
+
 fn cstring(s: &str) -> Result<CString, DistError> {
     CString::new(s).map_err(|_| DistError::Argument(format!("{s:?} contains a NUL byte")))
 }
@@ -401,15 +374,11 @@ impl ProcessGroup {
     }
 
     fn check(&self, op: &'static str, rc: c_int, err: *mut c_char) -> Result<(), DistError> {
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(DistError::Collective {
-                op,
-                rank: self.rank,
-                message: take_error(err),
-            })
-        }
+        status(rc, err, |message| DistError::Collective {
+            op,
+            rank: self.rank,
+            message,
+        })
     }
 
     fn pointers(&self, tensors: &[Tensor]) -> Result<Vec<*mut c_void>, DistError> {
@@ -428,37 +397,39 @@ impl ProcessGroup {
             .collect()
     }
 
-    /// Sums every tensor across ranks, in place; the collectives are issued together.
-    pub fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<(), DistError> {
+    /// Runs collective `op` on `tensors`: `call` gets the group's handle, the tensors'
+    /// pointers, their count and the error out-pointer.
+    fn collective(
+        &self,
+        op: &'static str,
+        tensors: &[Tensor],
+        call: impl FnOnce(*mut c_void, *const *mut c_void, c_int, *mut *mut c_char) -> c_int,
+    ) -> Result<(), DistError> {
         let ptrs = self.pointers(tensors)?;
         let mut err = std::ptr::null_mut();
+        let rc = call(
+            self.handle.as_ptr(),
+            ptrs.as_ptr(),
+            ptrs.len() as c_int,
+            &mut err,
+        );
+        self.check(op, rc, err)
+    }
+
+    /// Sums every tensor across ranks, in place; the collectives are issued together.
+    pub fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<(), DistError> {
         // SAFETY: the pointers are live tensors borrowed for the call.
-        let rc = unsafe {
-            (self.shim.allreduce_sum)(
-                self.handle.as_ptr(),
-                ptrs.as_ptr(),
-                ptrs.len() as c_int,
-                &mut err,
-            )
-        };
-        self.check("all-reduce", rc, err)
+        self.collective("all-reduce", tensors, |handle, ptrs, n, err| unsafe {
+            (self.shim.allreduce_sum)(handle, ptrs, n, err)
+        })
     }
 
     /// Overwrites every tensor with rank `root`'s values, in place.
     pub fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<(), DistError> {
-        let ptrs = self.pointers(tensors)?;
-        let mut err = std::ptr::null_mut();
         // SAFETY: as above.
-        let rc = unsafe {
-            (self.shim.broadcast)(
-                self.handle.as_ptr(),
-                ptrs.as_ptr(),
-                ptrs.len() as c_int,
-                root as c_int,
-                &mut err,
-            )
-        };
-        self.check("broadcast", rc, err)
+        self.collective("broadcast", tensors, |handle, ptrs, n, err| unsafe {
+            (self.shim.broadcast)(handle, ptrs, n, root as c_int, err)
+        })
     }
 
     /// Waits until every rank reaches this point.
@@ -483,14 +454,7 @@ impl ProcessGroup {
                 &mut err,
             )
         };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(DistError::Store {
-                key: key.into(),
-                message: take_error(err),
-            })
-        }
+        status(rc, err, |message| store_error(key, message))
     }
 
     /// Whether a key of the job's store exists now.
@@ -502,14 +466,8 @@ impl ProcessGroup {
         let rc = unsafe {
             (self.shim.store_check)(self.handle.as_ptr(), k.as_ptr(), &mut exists, &mut err)
         };
-        if rc == 0 {
-            Ok(exists != 0)
-        } else {
-            Err(DistError::Store {
-                key: key.into(),
-                message: take_error(err),
-            })
-        }
+        status(rc, err, |message| store_error(key, message))?;
+        Ok(exists != 0)
     }
 
     /// Reads a key of the job's store, waiting for it up to the timeout.
@@ -528,12 +486,7 @@ impl ProcessGroup {
                 &mut err,
             )
         };
-        if rc != 0 {
-            return Err(DistError::Store {
-                key: key.into(),
-                message: take_error(err),
-            });
-        }
+        status(rc, err, |message| store_error(key, message))?;
         // SAFETY: the shim wrote `len` bytes at `value`.
         let out = unsafe { std::slice::from_raw_parts(value, len) }.to_vec();
         unsafe { pcb_dist_free_string(value as *mut c_char) };
@@ -884,6 +837,20 @@ pub(crate) mod tests {
             let v = Vec::<f32>::try_from(&p.grad().to_device(tch::Device::Cpu)).expect("vec");
             assert!(v.iter().all(|x| (*x - 3.0).abs() < 1e-6));
         }
+    }
+
+    #[test]
+    fn a_library_without_the_nccl_entry_points_is_refused_by_name() {
+        // SAFETY: dlopen(NULL) is the running test binary, which has no `pcb_nccl_*`.
+        let this = unsafe { libc::dlopen(std::ptr::null(), libc::RTLD_NOW) };
+        assert!(!this.is_null());
+        let err = Shim::nccl("this binary", this)
+            .err()
+            .expect("no NCCL entry points");
+        assert_eq!(
+            err,
+            "this binary has no symbol pcb_nccl_init: rebuild it from this source"
+        );
     }
 
     #[test]

@@ -664,36 +664,34 @@ async function uploadPage() {
       <img id="upload-preview" alt="chosen image" hidden>
     </section>`;
 
-  // Detections seen before the POST answered: the detector can be faster than the HTTP reply.
-  const seen = new Map();
+  // Detections and refusals seen before the POST answered: the detector can be faster than the HTTP reply.
+  const seen = new Map(), refused = new Map();
+  function remember(map, id, value) {
+    map.set(id, value);
+    if (map.size > 500) map.delete(map.keys().next().value);
+  }
   let waiting = null, poll = null;
-  function done(s) {
-    if (!waiting || s.image_id !== waiting) return;
+  // Ends the wait when `id` is the upload waited for: `word` closes the status line, `html()` is the result.
+  function settle(id, word, html) {
+    if (!waiting || id !== waiting) return;
     waiting = null;
     clearInterval(poll);
     const wait = $('#upload-status .wait');
-    if (wait) wait.textContent = '— detected';
-    $('#upload-result').innerHTML = `<a href="${esc(boardHref(s.image_id))}">Open board ${esc(s.board_id)}</a> ${badge(s.verdict)} ${esc(plural(s.defects ?? 0, 'defect'))}`;
+    if (wait) wait.textContent = `— ${word}`;
+    $('#upload-result').innerHTML = html();
   }
+  const done = (s) => settle(s.image_id, 'detected', () =>
+    `<a href="${esc(boardHref(s.image_id))}">Open board ${esc(s.board_id)}</a> ${badge(s.verdict)} ${esc(plural(s.defects ?? 0, 'defect'))}`);
+  // A refused upload never gets a detection: say which stage refused it and why.
+  const fail = (r) => settle(r.image_id, 'refused', () =>
+    `<span class="badge fail">refused</span> by the ${esc(r.stage)}: ${esc(r.reason)}`);
   on('detection', (s) => {
-    seen.set(s.image_id, s);
-    if (seen.size > 500) seen.delete(seen.keys().next().value);
+    remember(seen, s.image_id, s);
     done(s);
   });
-  // A refused upload never gets a detection: say which stage refused it and why.
-  const refused = new Map();
-  function fail(r) {
-    if (!waiting || r.image_id !== waiting) return;
-    waiting = null;
-    clearInterval(poll);
-    const wait = $('#upload-status .wait');
-    if (wait) wait.textContent = '— refused';
-    $('#upload-result').innerHTML = `<span class="badge fail">refused</span> by the ${esc(r.stage)}: ${esc(r.reason)}`;
-  }
   on('rejected', (r) => {
     if (!r.image_id) return;
-    refused.set(r.image_id, r);
-    if (refused.size > 500) refused.delete(refused.keys().next().value);
+    remember(refused, r.image_id, r);
     fail(r);
   });
 

@@ -56,12 +56,13 @@ type ApiResult<T> = Result<T, ApiError>;
 /// The routes over `state`.
 pub fn router(state: Shared) -> Router {
     let upload_limit = state.config.max_upload_bytes;
-    Router::new()
-        .route("/", get(page))
-        .route("/boards", get(page))
+    // The front end is one page that finds its view from its own path.
+    let mut pages = Router::new();
+    for path in ["/", "/boards", "/models", "/upload"] {
+        pages = pages.route(path, get(page));
+    }
+    pages
         .route("/boards/:id", get(board_page))
-        .route("/models", get(page))
-        .route("/upload", get(page))
         .route("/assets/:file", get(asset))
         .route("/healthz", get(|| async { "ok" }))
         .route("/api/status", get(status))
@@ -71,8 +72,14 @@ pub fn router(state: Shared) -> Router {
         .route("/api/boards/:id", get(board))
         .route("/api/images/:id/:which", get(image))
         .route("/api/models", get(models))
-        .route("/api/models/:name/promote", post(promote))
-        .route("/api/models/:name/rollback", post(rollback))
+        .route(
+            "/api/models/:name/promote",
+            post(|s, name, headers, body| change_live(s, name, headers, body, Change::Promote)),
+        )
+        .route(
+            "/api/models/:name/rollback",
+            post(|s, name, headers, body| change_live(s, name, headers, body, Change::Rollback)),
+        )
         .route("/api/training", get(training))
         .route("/api/events", get(events))
         .route(
@@ -469,36 +476,19 @@ enum Change {
     Rollback,
 }
 
-async fn promote(
-    AxState(s): AxState<Shared>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<Json<serde_json::Value>> {
-    change_live(&s, &name, &headers, &body, Change::Promote).await
-}
-
-async fn rollback(
-    AxState(s): AxState<Shared>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<Json<serde_json::Value>> {
-    change_live(&s, &name, &headers, &body, Change::Rollback).await
-}
-
 /// Checks the name, the token and the body, changes the live alias, and tells the
 /// pipeline (`pcb.models.events`) as `pcb models` does.
 async fn change_live(
-    s: &State,
-    name: &str,
-    headers: &HeaderMap,
-    body: &Bytes,
+    AxState(s): AxState<Shared>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
     change: Change,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let body = parse_body(body)?;
+    let name = name.as_str();
+    let body = parse_body(&body)?;
     pcb_registry::check_name(name).map_err(|e| ApiError::bad(e.to_string()))?;
-    authorise(s, headers, &body)?;
+    authorise(&s, &headers, &body)?;
     let (result, kind) = match change {
         Change::Promote => {
             let Some(version) = body.version else {
