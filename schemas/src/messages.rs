@@ -32,6 +32,20 @@ pub struct BoxLabel {
     pub class: String,
 }
 
+impl BoxLabel {
+    /// A box from its `[x1, y1, x2, y2]` corners in pixels, with its class.
+    pub fn new([x1, y1, x2, y2]: [f32; 4], class_id: u16, class: impl Into<String>) -> BoxLabel {
+        BoxLabel {
+            x1,
+            y1,
+            x2,
+            y2,
+            class_id,
+            class: class.into(),
+        }
+    }
+}
+
 /// Dataset split of a labelled image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -386,14 +386,7 @@ mod tests {
     }
 
     fn label(x1: f32, y1: f32, x2: f32, y2: f32, class_id: u16) -> BoxLabel {
-        BoxLabel {
-            x1,
-            y1,
-            x2,
-            y2,
-            class_id,
-            class: String::new(),
-        }
+        BoxLabel::new([x1, y1, x2, y2], class_id, "")
     }
 
     fn raw(image: Vec<u8>) -> RawImage {

@@ -33,13 +33,6 @@ pub use yolo::{image_dimensions, parse_yolo, read_class_list};
 
 /// A box from its `[x1, y1, x2, y2]` corners in pixels and the `(class_id, class)` that a
 /// [`ClassMap`] resolved for it.
-fn labelled([x1, y1, x2, y2]: [f32; 4], (class_id, class): (u16, String)) -> BoxLabel {
-    BoxLabel {
-        x1,
-        y1,
-        x2,
-        y2,
-        class_id,
-        class,
-    }
+fn labelled(corners: [f32; 4], (class_id, class): (u16, String)) -> BoxLabel {
+    BoxLabel::new(corners, class_id, class)
 }
