@@ -660,11 +660,15 @@ impl Ingester {
 
     /// Moves a file a later stage refused from `processed/` to `rejected/`.
     fn follow(&self, letter: &DeadLetter, delivered: i64) -> Outcome {
-        if letter.stage == STAGE.name() || letter.source.is_empty() || letter.source.contains("..")
-        {
+        // A letter without a source (an undecodable message) names no file.
+        if letter.stage == STAGE.name() || letter.source.is_empty() {
             return Outcome::Skipped;
         }
-        let rel = Path::new(&letter.source);
+        let Some(rel) = plain_relative(&letter.source) else {
+            tracing::warn!(stage = %letter.stage, source = %letter.source,
+                "dead letter names a path outside the watched folder; ignored");
+            return Outcome::Skipped;
+        };
         let processed = self.settings.processed_dir.join(rel);
         if !processed.exists() {
             // The ingester may still be moving it there; look again shortly, then let go
@@ -672,6 +676,11 @@ impl Ingester {
             if self.root().join(rel).exists() && delivered < 5 {
                 return Outcome::Retry(format!("{} not yet in processed/", letter.source));
             }
+            return Outcome::Skipped;
+        }
+        if !resolves_inside(&self.settings.processed_dir, &processed) {
+            tracing::warn!(stage = %letter.stage, source = %letter.source,
+                "dead letter names a file that resolves outside processed/ (a link); ignored");
             return Outcome::Skipped;
         }
         let dest = self.settings.rejected_dir.join(rel);
@@ -693,6 +702,25 @@ impl Ingester {
             }
             Err(e) => Outcome::Retry(format!("moving {} to rejected/: {e}", processed.display())),
         }
+    }
+}
+
+/// `source` as a path relative to a folder of ours, when it is one: plain names only (no
+/// root, drive, `.` or `..`). A dead letter's `source` comes from the network, so anything
+/// else could make the follower move or write files outside the folders it owns.
+fn plain_relative(source: &str) -> Option<&Path> {
+    let rel = Path::new(source);
+    let plain = rel
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    (plain && !source.is_empty()).then_some(rel)
+}
+
+/// Whether `path` (which exists) resolves, links followed, inside `root`.
+fn resolves_inside(root: &Path, path: &Path) -> bool {
+    match (root.canonicalize(), path.canonicalize()) {
+        (Ok(root), Ok(path)) => path.starts_with(root),
+        _ => false,
     }
 }
 
@@ -974,6 +1002,29 @@ pub async fn import(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dead_letter_source_must_stay_inside_our_folders() {
+        for ok in ["b1.jpg", "line3/b1.jpg", "a b/c.png"] {
+            assert_eq!(plain_relative(ok), Some(Path::new(ok)), "{ok}");
+        }
+        for bad in ["", "/etc/passwd", "../x.jpg", "a/../../x.jpg", "./x.jpg"] {
+            assert_eq!(plain_relative(bad), None, "{bad}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let processed = dir.path().join("processed");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&processed).expect("mkdir");
+        std::fs::create_dir_all(&outside).expect("mkdir");
+        std::fs::write(processed.join("in.jpg"), b"x").expect("write");
+        std::fs::write(outside.join("secret.jpg"), b"x").expect("write");
+        std::os::unix::fs::symlink(&outside, processed.join("link")).expect("symlink");
+        assert!(resolves_inside(&processed, &processed.join("in.jpg")));
+        assert!(!resolves_inside(
+            &processed,
+            &processed.join("link/secret.jpg")
+        ));
+    }
 
     #[test]
     fn summary_counts_and_prints_reasons() {
