@@ -232,14 +232,74 @@ async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
         assert_eq!(status, want, "{path}: {body}");
         assert!(body.contains("\"error\""), "{path}: no message in {body:?}");
     }
-    let (status, body) = http(
-        addr,
-        "POST",
-        &format!("/api/models/{MODEL}/promote"),
-        b"{\"version\": 99}",
-    )
-    .await;
+    let promote99 = format!("/api/models/{MODEL}/promote");
+    let (status, body) = http_json(addr, &promote99, "{\"version\": 99}").await;
     assert_eq!(status, 404, "{body}");
+
+    // What a page on another site can make the operator's browser send is refused before
+    // it reaches a handler, and the live model stays as it was.
+    let live_before = registry.live(MODEL).await.expect("live").map(|l| l.version);
+    let v1_body = format!("{{\"version\": {v1}}}");
+    for (why, headers, want) in [
+        ("a form post", "Content-Type: text/plain\r\n", 415),
+        (
+            "a url-encoded form",
+            "Content-Type: application/x-www-form-urlencoded\r\n",
+            415,
+        ),
+        (
+            "a multipart form",
+            "Content-Type: multipart/form-data; boundary=x\r\n",
+            415,
+        ),
+        (
+            "another origin",
+            "Content-Type: application/json\r\nOrigin: http://evil.example\r\n",
+            403,
+        ),
+        (
+            "a cross-site fetch",
+            "Content-Type: application/json\r\nSec-Fetch-Site: cross-site\r\n",
+            403,
+        ),
+    ] {
+        let (status, body) = http_with(addr, "POST", &promote99, headers, v1_body.as_bytes()).await;
+        assert_eq!(status, want, "{why}: {body}");
+        let (status, body) =
+            http_with(addr, "POST", "/api/upload?name=x.png", headers, b"\x89PNG").await;
+        assert!(
+            status == 403 || status == 415,
+            "{why} upload: {status} {body}"
+        );
+    }
+    assert_eq!(
+        registry.live(MODEL).await.expect("live").map(|l| l.version),
+        live_before,
+        "a refused request changed the live model"
+    );
+    // DNS rebinding: a name that resolves to loopback is not this viewer's name.
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        b"GET /api/status HTTP/1.1\r\nHost: evil.example:8080\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read");
+    assert_eq!(pcb::bench_viewer::parse_response(&raw).0, 403);
+    // Every answer carries the security headers.
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read");
+    let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert!(
+        head.contains("content-security-policy: default-src 'self'"),
+        "{head}"
+    );
+    assert!(head.contains("x-content-type-options: nosniff"), "{head}");
 
     // An upload goes through the pipeline and its detection appears.
     let known: BTreeSet<String> = all.iter().map(|d| d.image_id.clone()).collect();
@@ -299,10 +359,11 @@ async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
     alone
         .write_to(&mut png, image::ImageFormat::Png)
         .expect("png");
-    let (status, reply) = http(
+    let (status, reply) = http_with(
         addr,
         "POST",
         "/api/upload?name=lonely.png&line=upload",
+        "Content-Type: image/png\r\n",
         &png.into_inner(),
     )
     .await;
@@ -341,10 +402,11 @@ async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
             .unwrap_or_default()
     );
 
-    let (status, body) = http(
+    let (status, body) = http_with(
         addr,
         "POST",
         "/api/upload?name=notes.txt",
+        "Content-Type: application/octet-stream\r\n",
         b"hello, not an image",
     )
     .await;
@@ -360,7 +422,6 @@ async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
     let guarded = tokio::spawn(async move { pcb_viewer::run_with(cfg, c, s, Some(tx)).await });
     let addr2 = rx.await.expect("the second viewer listens");
     let promote = format!("/api/models/{MODEL}/promote");
-    let v1_body = format!("{{\"version\": {v1}}}");
     let (status, body) = http_json(addr2, &promote, &v1_body).await;
     assert_eq!(status, 401, "{body}");
     let wrong = format!("{{\"version\": {v1}, \"token\": \"guess\"}}");
@@ -376,7 +437,7 @@ async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
         addr2,
         "POST",
         &format!("/api/models/{MODEL}/rollback"),
-        "Authorization: Bearer s3cret\r\n",
+        "Authorization: Bearer s3cret\r\nContent-Type: application/json\r\n",
         b"",
     )
     .await;
@@ -385,6 +446,16 @@ async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
         body.contains(&format!("\"live\":{v2}")),
         "rolled back to v2: {body}"
     );
+    // Its token guards uploads too.
+    let (status, body) = http_with(
+        addr2,
+        "POST",
+        "/api/upload?name=x.png",
+        "Content-Type: image/png\r\n",
+        b"\x89PNG",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
 
     viewer_stop.trigger();
     let _ = viewer.await;

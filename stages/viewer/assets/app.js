@@ -650,7 +650,7 @@ async function base64Of(file) {
 
 async function uploadPage() {
   app.innerHTML = `
-    <div class="page-head"><h1>Upload</h1></div>
+    <div class="page-head"><h1>Upload</h1><span id="token-box"></span></div>
     <section class="card upload">
       <p class="muted">Send one board image through the pipeline; the result appears here as soon as the detector has run. A model that compares boards with their defect-free template (the default) needs the template too.</p>
       <div class="upload-row">
@@ -671,6 +671,12 @@ async function uploadPage() {
     if (map.size > 500) map.delete(map.keys().next().value);
   }
   let waiting = null, poll = null;
+  // A viewer with a token wants it for uploads too (sent as a bearer token).
+  api('/api/models').then((m) => {
+    if (m.token_required && !$('#token')) {
+      $('#token-box').innerHTML = '<label>Token <input type="password" id="token" autocomplete="off" placeholder="required to upload"></label>';
+    }
+  }).catch(() => {});
   // Ends the wait when `id` is the upload waited for: `word` closes the status line, `html()` is the result.
   function settle(id, word, html) {
     if (!waiting || id !== waiting) return;
@@ -714,14 +720,15 @@ async function uploadPage() {
     try {
       const template = $('#upload-template').files[0];
       const target = `/api/upload?name=${encodeURIComponent(file.name)}&line=${encodeURIComponent(line)}`;
+      const auth = $('#token') && $('#token').value ? { Authorization: `Bearer ${$('#token').value}` } : {};
       // With a template both files travel as base64 in one JSON body; alone, the image is the body.
       const r = template
         ? await api(target, {
-            method: 'POST', headers: { 'Content-Type': 'application/json' },
+            method: 'POST', headers: { 'Content-Type': 'application/json', ...auth },
             body: JSON.stringify({ image_b64: await base64Of(file), template_b64: await base64Of(template) }),
           })
         : await api(target, {
-            method: 'POST', headers: { 'Content-Type': file.type || 'application/octet-stream' }, body: file,
+            method: 'POST', headers: { 'Content-Type': file.type || 'application/octet-stream', ...auth }, body: file,
           });
       clearError();
       waiting = r.image_id;

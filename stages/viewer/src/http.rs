@@ -43,6 +43,16 @@ impl ApiError {
     fn unavailable(msg: impl Into<String>) -> ApiError {
         ApiError(StatusCode::SERVICE_UNAVAILABLE, msg.into())
     }
+    pub(crate) fn forbidden(msg: impl Into<String>) -> ApiError {
+        ApiError(StatusCode::FORBIDDEN, msg.into())
+    }
+    pub(crate) fn unsupported(msg: impl Into<String>) -> ApiError {
+        ApiError(StatusCode::UNSUPPORTED_MEDIA_TYPE, msg.into())
+    }
+    /// Its status.
+    pub fn status(&self) -> StatusCode {
+        self.0
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -87,6 +97,10 @@ pub fn router(state: Shared) -> Router {
             post(upload).layer(DefaultBodyLimit::max(upload_limit)),
         )
         .fallback(fallback)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::guard::guard,
+        ))
         .with_state(state)
 }
 
@@ -432,11 +446,18 @@ struct ChangeBody {
     token: Option<String>,
 }
 
-fn authorise(s: &State, headers: &HeaderMap, body: &ChangeBody) -> ApiResult<()> {
+/// Checks the viewer's token (when it has one): `body_token` or the `Authorization: Bearer`
+/// header must carry it; `what` says what it guards.
+fn authorise(
+    s: &State,
+    headers: &HeaderMap,
+    body_token: Option<String>,
+    what: &str,
+) -> ApiResult<()> {
     let Some(want) = &s.config.token else {
         return Ok(());
     };
-    let given = body.token.clone().or_else(|| {
+    let given = body_token.or_else(|| {
         headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -456,7 +477,7 @@ fn authorise(s: &State, headers: &HeaderMap, body: &ChangeBody) -> ApiResult<()>
     } else {
         Err(ApiError(
             StatusCode::UNAUTHORIZED,
-            "this viewer needs its token to change the live model".into(),
+            format!("this viewer needs its token to {what}"),
         ))
     }
 }
@@ -488,7 +509,7 @@ async fn change_live(
     let name = name.as_str();
     let body = parse_body(&body)?;
     pcb_registry::check_name(name).map_err(|e| ApiError::bad(e.to_string()))?;
-    authorise(&s, &headers, &body)?;
+    authorise(&s, &headers, body.token.clone(), "change the live model")?;
     let (result, kind) = match change {
         Change::Promote => {
             let Some(version) = body.version else {
@@ -594,6 +615,7 @@ async fn upload(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
+    authorise(&s, &headers, None, "take uploads")?;
     if body.is_empty() {
         return Err(ApiError::bad(
             "the upload is empty: send the image file as the body, or JSON {image_b64, template_b64}",

@@ -2,6 +2,7 @@
 //! fed live from the detections, images, training and registry streams.
 
 pub mod feeds;
+mod guard;
 pub mod http;
 pub mod index;
 
