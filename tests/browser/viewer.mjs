@@ -3,11 +3,14 @@
 // with the truth from the streams, so this script asserts nothing itself beyond page loads.
 //
 // Usage: node viewer.mjs <mode> <viewer-url> [options as JSON]
-//   check   {board, slider, promote: {name, version}, shots}: overview yield, a board's boxes
-//           and slider, the boards list, a promotion from the Models page; screenshots
+//   check   {board, slider, cross_site: {name, version}, promote: {name, version}, shots}:
+//           overview yield, a board's boxes and slider, the boards list, form posts to
+//           promote and upload from a page of another origin (their answers' statuses), a
+//           promotion from the Models page; screenshots
 //   timing  {boards: [image ids], repeat}: time from navigation to data-ready per page
 import { chromium } from "playwright-core";
 import fs from "node:fs";
+import http from "node:http";
 import path from "node:path";
 
 const [mode, base, optsText] = process.argv.slice(2);
@@ -83,6 +86,8 @@ async function check(page) {
   out.boards = { load_ms: list.ms, error: list.error, rows: await page.locator("tr.board-row").count() };
   out.shots.push(await shot(page, "boards.png"));
 
+  if (opts.cross_site) out.cross_site = await crossSite(page, opts.cross_site);
+
   if (opts.promote) {
     const models = await open(page, "/models");
     out.models = { load_ms: models.ms, error: models.error };
@@ -101,6 +106,39 @@ async function check(page) {
     out.shots.push(await shot(page, "models.png"));
   }
   return out;
+}
+
+// A page served from another origin (another port) whose forms post to the viewer, as a
+// malicious site open in the operator's browser could: a text/plain form shaped as JSON to
+// promote, and a multipart form to upload. Returns the status of each answer.
+async function crossSite(page, { name, version }) {
+  const promote = url(`/api/models/${encodeURIComponent(name)}/promote`);
+  const upload = url("/api/upload?name=evil.png&line=evil");
+  const html = `<!doctype html><html><body>
+    <form id="promote" method="post" enctype="text/plain" action="${promote}">
+      <input name='{"version": ${version}, "x": "' value='"}'></form>
+    <form id="upload" method="post" enctype="multipart/form-data" action="${upload}">
+      <input name="file" value="not an image"></form></body></html>`;
+  const server = http.createServer((_, res) => {
+    res.setHeader("content-type", "text/html");
+    res.end(html);
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const other = `http://127.0.0.1:${server.address().port}/`;
+  const statuses = {};
+  try {
+    for (const form of ["promote", "upload"]) {
+      await page.goto(other, { waitUntil: "domcontentloaded" });
+      const [answer] = await Promise.all([
+        page.waitForNavigation({ timeout: 30000 }),
+        page.evaluate((id) => document.getElementById(id).submit(), form),
+      ]);
+      statuses[form] = answer ? answer.status() : null;
+    }
+  } finally {
+    server.close();
+  }
+  return { from: other, statuses };
 }
 
 async function timing(page) {

@@ -167,6 +167,7 @@ async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
         &serde_json::json!({
             "board": board.image_id,
             "slider": slider,
+            "cross_site": {"name": MODEL, "version": v2},
             "promote": {"name": MODEL, "version": v2},
             "shots": artifacts().display().to_string(),
         }),
@@ -198,6 +199,13 @@ async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
     assert!(
         want_visible < board.defects.len(),
         "the slider hid some boxes"
+    );
+    // Form posts from another origin were refused, so the Models page still found v1 live.
+    assert_eq!(
+        out["cross_site"]["statuses"],
+        serde_json::json!({"promote": 403, "upload": 403}),
+        "form posts from {} to promote and upload",
+        out["cross_site"]["from"]
     );
     assert_eq!(out["models"]["live_before"], v1.to_string());
     assert_eq!(out["models"]["live_after"], v2.to_string());
