@@ -109,9 +109,11 @@ extern "C" {
 
 // Joins (rank 0: hosts) the store at host:port and builds the process group over it.
 // `timeout_ms` bounds the rendezvous and every later collective; `device` is the CUDA
-// device of this rank (NCCL only).
+// device of this rank (NCCL only). `listen_fd` (rank 0, or -1) is a socket the caller
+// bound to the master address and listens on: the store takes it over, so it is reachable
+// on that address only (c10d would otherwise listen on every interface).
 void* PCB_FN(init)(const char* host, int port, int rank, int world, int device,
-                   long long timeout_ms, const char* prefix, char** err) {
+                   long long timeout_ms, const char* prefix, int listen_fd, char** err) {
   Group* group = nullptr;
   int rc = guarded(err, [&] {
     auto timeout = std::chrono::milliseconds(timeout_ms);
@@ -121,6 +123,7 @@ void* PCB_FN(init)(const char* host, int port, int rank, int world, int device,
     opts.numWorkers = world;
     opts.waitWorkers = true;
     opts.timeout = timeout;
+    if (rank == 0 && listen_fd >= 0) opts.masterListenFd = listen_fd;
     auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
     c10::intrusive_ptr<c10d::Store> store =
         c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);

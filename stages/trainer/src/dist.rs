@@ -72,6 +72,7 @@ shim_abi! {
         device: c_int,
         timeout_ms: c_longlong,
         prefix: *const c_char,
+        listen_fd: c_int,
         err: *mut *mut c_char,
     ) -> *mut c_void;
     free(handle: *mut c_void);
@@ -322,6 +323,22 @@ impl ProcessGroup {
             Backend::Gloo => (GLOO, 0),
             Backend::Nccl { device } => (nccl_shim()?, device),
         };
+        let addr = format!("{}:{}", cfg.master_addr, cfg.master_port);
+        // Rank 0 binds the store's socket itself, to the master address only: c10d's own
+        // listener takes every interface, and the store has no authentication.
+        let listen_fd = if cfg.rank == 0 {
+            let listener = std::net::TcpListener::bind((cfg.master_addr.as_str(), cfg.master_port))
+                .map_err(|e| DistError::Rendezvous {
+                    addr: addr.clone(),
+                    rank: cfg.rank,
+                    world: cfg.world,
+                    message: format!("cannot listen on {addr}: {e}"),
+                })?;
+            // The store owns the socket from here (it closes it when it ends).
+            std::os::fd::IntoRawFd::into_raw_fd(listener)
+        } else {
+            -1
+        };
         let mut err = std::ptr::null_mut();
         // SAFETY: valid C strings; the shim catches every exception.
         let handle = unsafe {
@@ -333,6 +350,7 @@ impl ProcessGroup {
                 device as c_int,
                 cfg.timeout.as_millis() as c_longlong,
                 prefix.as_ptr(),
+                listen_fd,
                 &mut err,
             )
         };
@@ -345,7 +363,7 @@ impl ProcessGroup {
                 world: cfg.world,
             }),
             None => Err(DistError::Rendezvous {
-                addr: format!("{}:{}", cfg.master_addr, cfg.master_port),
+                addr,
                 rank: cfg.rank,
                 world: cfg.world,
                 message: take_error(err),
@@ -618,7 +636,15 @@ pub(crate) mod tests {
         world: usize,
         f: impl Fn(ProcessGroup) -> T + Send + Sync + 'static,
     ) -> Vec<T> {
-        let port = free_port();
+        with_ranks_on(free_port(), world, f)
+    }
+
+    /// [`with_ranks`] with the store on `port`.
+    pub(crate) fn with_ranks_on<T: Send + 'static>(
+        port: u16,
+        world: usize,
+        f: impl Fn(ProcessGroup) -> T + Send + Sync + 'static,
+    ) -> Vec<T> {
         let f = std::sync::Arc::new(f);
         let handles: Vec<_> = (0..world)
             .map(|rank| {
@@ -667,6 +693,47 @@ pub(crate) mod tests {
             assert_eq!(bcast, [8.0], "rank 1's value everywhere");
             assert_eq!(other, b"hello");
         }
+    }
+
+    /// The local addresses listening on `port`, from the kernel's socket tables (hex, as
+    /// /proc/net/tcp{,6} write them).
+    fn listeners_on(port: u16) -> Vec<String> {
+        let mut out = Vec::new();
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let text = std::fs::read_to_string(table).unwrap_or_default();
+            for line in text.lines().skip(1) {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                // local_address is field 1 ("ADDR:PORT"), st field 3 (0A: listening).
+                if f.len() > 3 && f[3] == "0A" {
+                    if let Some((addr, p)) = f[1].split_once(':') {
+                        if u16::from_str_radix(p, 16).ok() == Some(port) {
+                            out.push(addr.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_store_listens_on_the_master_address_only() {
+        let port = free_port();
+        let seen = with_ranks_on(port, 2, move |g| {
+            let found = if g.rank() == 0 {
+                listeners_on(port)
+            } else {
+                Vec::new()
+            };
+            g.barrier().expect("barrier");
+            found
+        });
+        // 127.0.0.1 in /proc/net/tcp's byte order; never 00000000 (every interface).
+        assert_eq!(
+            seen[0],
+            ["0100007F"],
+            "listeners on the store's port {port}"
+        );
     }
 
     #[test]
