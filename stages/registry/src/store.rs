@@ -251,6 +251,45 @@ impl Registry {
         Ok(())
     }
 
+    /// Changes the JSON value of `key` to what `change` makes of the current one, written
+    /// only if nobody wrote the key since it was read (its KV revision), else read and
+    /// changed again: two operators promoting at once both end up in the history.
+    async fn update_json<T, F>(&self, key: &str, mut change: F) -> Result<T, RegistryError>
+    where
+        T: Serialize + serde::de::DeserializeOwned,
+        F: FnMut(Option<T>) -> Result<T, RegistryError>,
+    {
+        let err = |m: String| RegistryError::Key {
+            key: key.into(),
+            message: m,
+        };
+        for _ in 0..32 {
+            let entry = self.kv.entry(key).await.map_err(|e| err(e.to_string()))?;
+            let (current, revision) = match &entry {
+                Some(e) if !e.value.is_empty() => (
+                    Some(
+                        serde_json::from_slice(&e.value)
+                            .map_err(|e| err(format!("not the expected JSON: {e}")))?,
+                    ),
+                    Some(e.revision),
+                ),
+                Some(e) => (None, Some(e.revision)),
+                None => (None, None),
+            };
+            let next = change(current)?;
+            let bytes =
+                Bytes::from(serde_json::to_vec_pretty(&next).map_err(|e| err(e.to_string()))?);
+            let won = match revision {
+                Some(r) => self.kv.update(key, bytes, r).await.is_ok(),
+                None => self.kv.create(key, bytes).await.is_ok(),
+            };
+            if won {
+                return Ok(next);
+            }
+        }
+        Err(err("too many concurrent changes".into()))
+    }
+
     /// Takes the next version number of `name`, safely against concurrent writers.
     async fn next_version(&self, name: &str) -> Result<u64, RegistryError> {
         let key = key_latest(name);
@@ -409,39 +448,41 @@ impl Registry {
         by: &str,
     ) -> Result<LiveAlias, RegistryError> {
         self.version(name, version).await?;
-        let mut history = Vec::new();
-        if let Some(old) = self.live(name).await? {
-            history = old.history;
-            if old.version != version {
-                history.push(old.version);
+        self.update_json(&key_live(name), |old: Option<LiveAlias>| {
+            let mut history = Vec::new();
+            if let Some(old) = old {
+                history = old.history;
+                if old.version != version {
+                    history.push(old.version);
+                }
             }
-        }
-        let alias = LiveAlias {
-            version,
-            history,
-            since_ms: pcb_common::now_ms(),
-            by: by.into(),
-        };
-        self.put_json(&key_live(name), &alias).await?;
-        Ok(alias)
+            Ok(LiveAlias {
+                version,
+                history,
+                since_ms: pcb_common::now_ms(),
+                by: by.into(),
+            })
+        })
+        .await
     }
 
     /// Returns the live alias to the version before it.
     pub async fn rollback(&self, name: &str, by: &str) -> Result<LiveAlias, RegistryError> {
-        let Some(mut live) = self.live(name).await? else {
-            return Err(RegistryError::NoHistory(name.into()));
-        };
-        let Some(previous) = live.history.pop() else {
-            return Err(RegistryError::NoHistory(name.into()));
-        };
-        let alias = LiveAlias {
-            version: previous,
-            history: live.history,
-            since_ms: pcb_common::now_ms(),
-            by: by.into(),
-        };
-        self.put_json(&key_live(name), &alias).await?;
-        Ok(alias)
+        self.update_json(&key_live(name), |live: Option<LiveAlias>| {
+            let Some(mut live) = live else {
+                return Err(RegistryError::NoHistory(name.into()));
+            };
+            let Some(previous) = live.history.pop() else {
+                return Err(RegistryError::NoHistory(name.into()));
+            };
+            Ok(LiveAlias {
+                version: previous,
+                history: live.history,
+                since_ms: pcb_common::now_ms(),
+                by: by.into(),
+            })
+        })
+        .await
     }
 
     /// The weights of a version, checked against their registered sha256.
