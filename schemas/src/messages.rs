@@ -305,14 +305,15 @@ pub struct Snapshot {
 }
 
 /// `pcb.train.candidates`: a trained model offered to the registry. The weights are a
-/// safetensors file at `artifact` (torchvision key names) with digest `sha256`.
+/// safetensors object (torchvision key names) named `artifact` in the candidates' object
+/// store, with digest `sha256`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainCandidate {
     /// The job that produced it.
     pub job: String,
     /// Model name.
     pub model: String,
-    /// Path of the weights file.
+    /// The weights' object in the candidates' object store (`pcb_candidates`), never a file.
     pub artifact: String,
     /// sha256 (hex) of the weights file.
     pub sha256: String,

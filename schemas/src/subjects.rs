@@ -45,6 +45,10 @@ pub const SUBJECT_MODEL_EVENTS: &str = "pcb.models.events";
 pub const KV_MODELS: &str = "pcb_models";
 /// Object store bucket of the registry's weights: `<name>/v<version>.safetensors`.
 pub const OBJECTS_MODELS: &str = "pcb_model_artifacts";
+/// Object store bucket of training candidates' weights, `<model>/<job>/<sha256>.safetensors`:
+/// the trainer writes them, the registry takes them (and removes them once registered). A
+/// candidate names its object here, never a file: no stage reads a path from a message.
+pub const OBJECTS_CANDIDATES: &str = "pcb_candidates";
 
 /// Stream of `pcb.train.>` (progress, candidates) and `pcb.models.>` (registry events).
 pub const STREAM_TRAINING: &str = "PCB_TRAINING";

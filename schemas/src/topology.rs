@@ -170,7 +170,7 @@ pub struct BucketDecl {
 }
 
 /// The pipeline's buckets.
-pub const BUCKETS: [BucketDecl; 2] = [
+pub const BUCKETS: [BucketDecl; 3] = [
     BucketDecl {
         name: KV_MODELS,
         kind: BucketKind::KeyValue,
@@ -181,6 +181,12 @@ pub const BUCKETS: [BucketDecl; 2] = [
         name: OBJECTS_MODELS,
         kind: BucketKind::Object,
         description: "PCB model registry: weights",
+        history: 1,
+    },
+    BucketDecl {
+        name: OBJECTS_CANDIDATES,
+        kind: BucketKind::Object,
+        description: "training candidates' weights, until the registry takes them",
         history: 1,
     },
 ];
@@ -327,7 +333,11 @@ pub const STAGES: [StageDecl; 7] = [
             },
         )],
         outputs: &[SUBJECT_MODEL_EVENTS, "pcb.rejected.registry"],
-        buckets: &[(KV_MODELS, Access::Write), (OBJECTS_MODELS, Access::Write)],
+        buckets: &[
+            (KV_MODELS, Access::Write),
+            (OBJECTS_MODELS, Access::Write),
+            (OBJECTS_CANDIDATES, Access::Write),
+        ],
     },
     StageDecl {
         stage: StageName::Detector,
@@ -377,7 +387,7 @@ pub const STAGES: [StageDecl; 7] = [
             SUBJECT_TRAIN_CANDIDATES,
             "pcb.rejected.trainer",
         ],
-        buckets: &[],
+        buckets: &[(OBJECTS_CANDIDATES, Access::Write)],
     },
 ];
 

@@ -1,10 +1,18 @@
 //! The registry's live alias under concurrent changes: promotions from several operators at
 //! once (the viewer, `pcb models`, the registry stage) each land, and none is lost from the
-//! history, because every change of the live key is a compare-and-set on its KV revision.
+//! history, because every change of the live key is a compare-and-set on its KV revision;
+//! and crafted training candidates (a local path, an object that is not safetensors, wrong
+//! shapes, a wrong digest, an oversized object) are refused without the registry reading
+//! any file.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use pcb_registry::Registry;
+use pcb_schemas::{
+    decode, DeadLetter, Snapshot, TrainCandidate, OBJECTS_CANDIDATES, STREAM_REJECTED,
+    SUBJECT_TRAIN_CANDIDATES,
+};
 use pcb_tests::Env;
 
 const MODEL: &str = "pcb-concurrent";
@@ -75,4 +83,197 @@ async fn concurrent_promotions_lose_no_version_from_the_history() {
         registry.rollback(MODEL, "test").await.is_err(),
         "nothing left to roll back to"
     );
+}
+
+/// A random network's weights (the registry's tests need a real safetensors file).
+async fn random_weights(dir: &std::path::Path) -> (Vec<u8>, serde_json::Value) {
+    use pcb_vision::{Depth, Detector, ModelConfig, Norm, Sampling};
+    let config = ModelConfig {
+        backbone: Depth::R18,
+        norm: Norm::Batch,
+        backbone_width: 16,
+        fpn_channels: 16,
+        representation_size: 64,
+        ..ModelConfig::default()
+    };
+    let path = dir.join("candidate.safetensors");
+    let (c, p) = (config.clone(), path.clone());
+    tokio::task::spawn_blocking(move || {
+        tch::manual_seed(3);
+        Detector::new(c, tch::Device::Cpu, Sampling::Random)
+            .save(&p)
+            .expect("save weights");
+    })
+    .await
+    .expect("join");
+    (
+        std::fs::read(&path).expect("read weights"),
+        serde_json::to_value(&config).expect("config json"),
+    )
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes))
+}
+
+fn candidate(
+    job: &str,
+    artifact: &str,
+    sha256: &str,
+    config: &serde_json::Value,
+) -> TrainCandidate {
+    TrainCandidate {
+        job: job.into(),
+        model: "pcb-crafted".into(),
+        artifact: artifact.into(),
+        sha256: sha256.into(),
+        model_config: config.clone(),
+        hyperparameters: serde_json::json!({}),
+        metrics: None,
+        snapshot: Snapshot {
+            stream: "PCB_SHARDS".into(),
+            first_seq: 1,
+            last_seq: 1,
+            train_images: 1,
+            val_images: 0,
+            boxes_per_class: Default::default(),
+        },
+        epoch_losses: vec![],
+        git_revision: None,
+        created_at_ms: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_can_never_make_the_registry_read_a_local_file() {
+    let env = Env::start().await;
+    let (weights, config) = random_weights(env.dir.path()).await;
+    let good_sha = sha256(&weights);
+    let store = env
+        .js
+        .get_object_store(OBJECTS_CANDIDATES)
+        .await
+        .expect("candidates' store");
+    let put = |name: &'static str, bytes: Vec<u8>| {
+        let store = store.clone();
+        async move {
+            store
+                .put(name, &mut bytes.as_slice())
+                .await
+                .expect("put object");
+        }
+    };
+    put("m/good/w.safetensors", weights.clone()).await;
+    put("m/text/w.safetensors", b"hello, not weights".to_vec()).await;
+    put("m/shapes/w.safetensors", weights.clone()).await;
+    put("m/digest/w.safetensors", weights.clone()).await;
+    let secret = env.dir.path().join("secret.safetensors");
+    std::fs::write(&secret, &weights).expect("a local file");
+    let mut fewer_classes = config.clone();
+    fewer_classes["num_classes"] = serde_json::json!(5);
+    let crafted = [
+        // A local path, even of a real weights file with its true digest.
+        (
+            candidate("path", &secret.display().to_string(), &good_sha, &config),
+            "artifact-missing",
+        ),
+        (
+            candidate("passwd", "/etc/passwd", &good_sha, &config),
+            "artifact-missing",
+        ),
+        (
+            candidate(
+                "text",
+                "m/text/w.safetensors",
+                &sha256(b"hello, not weights"),
+                &config,
+            ),
+            "artifact-format",
+        ),
+        (
+            candidate(
+                "shapes",
+                "m/shapes/w.safetensors",
+                &good_sha,
+                &fewer_classes,
+            ),
+            "artifact-shapes",
+        ),
+        (
+            candidate("digest", "m/digest/w.safetensors", &"0".repeat(64), &config),
+            "artifact-digest",
+        ),
+    ];
+    let stop = pcb_common::Shutdown::new();
+    let registry_stage = env.spawn_stage::<pcb_registry::RegistryStage>("", &stop);
+    let good = candidate("good", "m/good/w.safetensors", &good_sha, &config);
+    // The good one twice (a redelivery, or the trainer offering it again): one version.
+    for c in crafted.iter().map(|(c, _)| c).chain([&good, &good]) {
+        pcb_common::publish(&env.js, SUBJECT_TRAIN_CANDIDATES.into(), c)
+            .await
+            .expect("publish");
+    }
+    assert!(
+        env.wait_count(
+            STREAM_REJECTED,
+            "pcb.rejected.registry",
+            crafted.len() as u64,
+            Duration::from_secs(60)
+        )
+        .await,
+        "a dead letter for every crafted candidate"
+    );
+    let letters: Vec<DeadLetter> = env
+        .read_all(STREAM_REJECTED, "pcb.rejected.registry")
+        .await
+        .into_iter()
+        .map(|(_, p)| decode(&p, None).expect("dead letter"))
+        .collect();
+    for (c, code) in &crafted {
+        let l = letters
+            .iter()
+            .find(|l| l.source == c.artifact)
+            .unwrap_or_else(|| panic!("no dead letter for {}: {letters:?}", c.job));
+        assert_eq!(l.reason_code, *code, "{}: {}", c.job, l.reason);
+        assert!(
+            !l.reason.contains(&good_sha),
+            "a digest echoed: {}",
+            l.reason
+        );
+    }
+    let registry = Registry::open(&env.js).await.expect("registry");
+    assert!(
+        pcb_tests::wait_until(Duration::from_secs(60), || async {
+            registry
+                .list(Some("pcb-crafted"))
+                .await
+                .map(|v| v.len())
+                .unwrap_or(0)
+                == 1
+        })
+        .await,
+        "the good candidate registered"
+    );
+    // Let the second copy of the good one be processed too, then count again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let versions = registry.list(Some("pcb-crafted")).await.expect("list");
+    assert_eq!(
+        versions.len(),
+        1,
+        "one version for one job and digest: {versions:?}"
+    );
+    assert_eq!(versions[0].sha256, good_sha);
+    assert_eq!(
+        letters.len(),
+        crafted.len(),
+        "only the crafted ones refused"
+    );
+    // Over the size cap: refused before it is read.
+    let big = candidate("big", "m/shapes/w.safetensors", &good_sha, &config);
+    let r = pcb_registry::candidate_weights(&env.js, &big, 1000)
+        .await
+        .expect_err("over the cap");
+    assert_eq!(r.reason_code, "artifact-too-large", "{}", r.reason);
+    stop.trigger();
+    let _ = registry_stage.await;
 }

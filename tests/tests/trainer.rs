@@ -193,8 +193,26 @@ fn images_in_epoch(progress: &[TrainProgress], epoch: u32) -> u64 {
         .sum()
 }
 
-fn weights(path: &str) -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(path)
+/// A candidate's weights, from the candidates' object store it names them in.
+async fn weights(env: &Env, c: &TrainCandidate) -> BTreeMap<String, Tensor> {
+    use tokio::io::AsyncReadExt;
+    let store = env
+        .js
+        .get_object_store(pcb_schemas::OBJECTS_CANDIDATES)
+        .await
+        .expect("candidates' object store");
+    let mut object = store
+        .get(&c.artifact)
+        .await
+        .expect("the candidate's object");
+    let mut bytes = Vec::new();
+    object
+        .read_to_end(&mut bytes)
+        .await
+        .expect("read the object");
+    let path = env.dir.path().join(format!("{}.safetensors", c.job));
+    std::fs::write(&path, &bytes).expect("write weights");
+    Tensor::read_safetensors(&path)
         .expect("read weights")
         .into_iter()
         .collect()
@@ -274,7 +292,7 @@ async fn two_ranks_stay_bitwise_identical_and_match_one_rank_with_the_same_globa
     );
     let c2 = candidate_of(&env, "two1").await;
     let c1 = candidate_of(&env, "one").await;
-    let (w2, w1) = (weights(&c2.artifact), weights(&c1.artifact));
+    let (w2, w1) = (weights(&env, &c2).await, weights(&env, &c1).await);
     assert_eq!(w2.keys().collect::<Vec<_>>(), w1.keys().collect::<Vec<_>>());
     let mut worst = 0f64;
     for (name, a) in &w2 {

@@ -41,6 +41,8 @@ pub struct RegistrySettings {
     pub promote: Promotion,
     /// For `if_not_worse`: how much lower (absolute, 0..1) a candidate's mAP may be.
     pub tolerance_map: f64,
+    /// Largest candidate weights object taken, in MiB (a ResNet-50 FPN is about 160).
+    pub max_artifact_mib: u64,
 }
 
 impl Default for RegistrySettings {
@@ -48,6 +50,7 @@ impl Default for RegistrySettings {
         RegistrySettings {
             promote: Promotion::IfNotWorse,
             tolerance_map: 0.01,
+            max_artifact_mib: 1024,
         }
     }
 }
@@ -60,12 +63,9 @@ impl Stage for RegistryStage {
     async fn run(config: Config, ctx: Context) -> Result<(), RegistryStageError> {
         // The buckets first: without them no candidate could be taken.
         let registry = Registry::open(&async_nats::jetstream::new(ctx.client.clone())).await?;
-        let Policy {
-            promote: policy,
-            tolerance_map: tolerance,
-        } = config.config;
+        let policy = config.config;
         pcb_common::stage::consume(&config, ctx, |js| {
-            move |d| handle(registry.clone(), js.clone(), policy, tolerance, d)
+            move |d| handle(registry.clone(), js.clone(), policy, d)
         })
         .await?;
         Ok(())
@@ -81,9 +81,11 @@ impl Validate for RegistrySettings {
             "registry.tolerance_map",
             "must be between 0 and 1 (mAP is a fraction)",
         );
+        p.at_least("registry.max_artifact_mib", self.max_artifact_mib, 1);
         Some(Policy {
             promote: self.promote,
             tolerance_map: self.tolerance_map,
+            max_artifact_bytes: self.max_artifact_mib << 20,
         })
     }
 }
@@ -95,6 +97,8 @@ pub struct Policy {
     pub promote: Promotion,
     /// Its tolerance.
     pub tolerance_map: f64,
+    /// Largest weights object taken.
+    pub max_artifact_bytes: u64,
 }
 
 /// Publishes a registry event on `pcb.models.events` (logged, not fatal, when it fails).
@@ -159,31 +163,143 @@ pub fn should_promote(
     }
 }
 
-/// Registers one candidate and applies the policy.
-pub async fn take_candidate(
-    registry: &Registry,
+/// The weights a candidate names, from the candidates' object store (never from a file):
+/// refused when missing, over `max_bytes`, not what its sha256 says, or not a safetensors
+/// file whose tensors fit the network the candidate declares. A digest is never echoed for
+/// what was refused.
+pub async fn candidate_weights(
     js: &jetstream::Context,
     c: &TrainCandidate,
-    policy: Promotion,
-    tolerance: f64,
-) -> Result<ModelVersion, Rejection> {
-    check_name(&c.model).map_err(|e| Rejection::new("bad-name", e.to_string()))?;
-    let weights = tokio::fs::read(&c.artifact).await.map_err(|e| {
+    max_bytes: u64,
+) -> Result<Vec<u8>, Rejection> {
+    use tokio::io::AsyncReadExt;
+    let store = js
+        .get_object_store(pcb_schemas::OBJECTS_CANDIDATES)
+        .await
+        .map_err(|e| Rejection::new("artifact-store", e.to_string()))?;
+    let info = store.info(&c.artifact).await.map_err(|e| {
         Rejection::new(
-            "artifact-unreadable",
-            format!("reading {}: {e}", c.artifact),
+            "artifact-missing",
+            format!(
+                "no object {:?} in {}: {e}",
+                truncate(&c.artifact, 120),
+                pcb_schemas::OBJECTS_CANDIDATES
+            ),
         )
     })?;
+    if info.size as u64 > max_bytes {
+        return Err(Rejection::new(
+            "artifact-too-large",
+            format!(
+                "the weights object is {} bytes, over max_artifact_mib ({} bytes)",
+                info.size, max_bytes
+            ),
+        ));
+    }
+    let mut object = store
+        .get(&c.artifact)
+        .await
+        .map_err(|e| Rejection::new("artifact-store", e.to_string()))?;
+    let mut weights = Vec::with_capacity(info.size);
+    // Read one byte past the cap, so an object that grew after `info` is still refused.
+    (&mut object)
+        .take(max_bytes + 1)
+        .read_to_end(&mut weights)
+        .await
+        .map_err(|e| Rejection::new("artifact-store", e.to_string()))?;
+    if weights.len() as u64 > max_bytes {
+        return Err(Rejection::new(
+            "artifact-too-large",
+            format!("the weights object is over max_artifact_mib ({max_bytes} bytes)"),
+        ));
+    }
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&weights));
     if sha != c.sha256 {
         return Err(Rejection::new(
             "artifact-digest",
-            format!(
-                "{}: sha256 {sha} is not the candidate's {}",
-                c.artifact, c.sha256
-            ),
+            "the weights object is not what the candidate's sha256 says",
         ));
     }
+    check_weights(&weights, &c.model_config)?;
+    Ok(weights)
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+/// Checks that `weights` is a well-formed safetensors file (header, dtypes, offsets) and
+/// that the tensors fixed by the declared network (`model_config`: classes, box head width,
+/// stem and pyramid widths) have its shapes.
+pub fn check_weights(weights: &[u8], model_config: &serde_json::Value) -> Result<(), Rejection> {
+    let tensors = safetensors::SafeTensors::deserialize(weights).map_err(|e| {
+        Rejection::new(
+            "artifact-format",
+            format!("the weights object is not a safetensors file: {e}"),
+        )
+    })?;
+    let field = |k: &str, default: i64| {
+        model_config
+            .get(k)
+            .and_then(|v| v.as_i64())
+            .unwrap_or(default)
+    };
+    let classes = field("num_classes", 7);
+    let width = field("backbone_width", 64);
+    let fpn = field("fpn_channels", 256);
+    let repr = field("representation_size", 1024);
+    let expect: [(&str, &[i64]); 5] = [
+        ("roi_heads.box_predictor.cls_score.weight", &[classes, repr]),
+        (
+            "roi_heads.box_predictor.bbox_pred.weight",
+            &[4 * classes, repr],
+        ),
+        ("roi_heads.box_head.fc7.weight", &[repr, repr]),
+        ("backbone.body.conv1.weight", &[width]),
+        ("rpn.head.conv.0.0.weight", &[fpn, fpn, 3, 3]),
+    ];
+    for (name, want) in expect {
+        let shape: Vec<i64> = match tensors.tensor(name) {
+            Ok(t) => t.shape().iter().map(|&d| d as i64).collect(),
+            Err(_) => {
+                return Err(Rejection::new(
+                    "artifact-shapes",
+                    format!("the weights have no tensor {name}"),
+                ))
+            }
+        };
+        // A prefix: the stem's input channels and kernel depend on the input mode.
+        if shape.len() < want.len() || shape[..want.len()] != *want {
+            return Err(Rejection::new(
+                "artifact-shapes",
+                format!("{name} is {shape:?}, the declared network needs {want:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Registers one candidate and applies the policy; a candidate already registered (the
+/// same job and weights, e.g. a redelivery) is that version again, not a new one.
+pub async fn take_candidate(
+    registry: &Registry,
+    js: &jetstream::Context,
+    c: &TrainCandidate,
+    policy: Policy,
+) -> Result<ModelVersion, Rejection> {
+    check_name(&c.model).map_err(|e| Rejection::new("bad-name", e.to_string()))?;
+    let known = registry
+        .list(Some(&c.model))
+        .await
+        .map_err(|e| Rejection::new("register", e.to_string()))?;
+    if let Some(v) = known
+        .into_iter()
+        .find(|v| v.sha256 == c.sha256 && v.job.as_deref() == Some(c.job.as_str()))
+    {
+        tracing::info!(name = %v.name, version = v.version, "candidate already registered");
+        return Ok(v);
+    }
+    let weights = candidate_weights(js, c, policy.max_artifact_bytes).await?;
     let v = registry
         .register(
             &c.model,
@@ -213,7 +329,7 @@ pub async fn take_candidate(
         Ok(Some(l)) => registry.version(&v.name, l.version).await.ok(),
         _ => None,
     };
-    let (promote, why) = should_promote(policy, tolerance, &v, live.as_ref());
+    let (promote, why) = should_promote(policy.promote, policy.tolerance_map, &v, live.as_ref());
     if promote {
         registry
             .promote(&v.name, v.version, "policy")
@@ -235,6 +351,12 @@ pub async fn take_candidate(
     )
     .await;
     tracing::info!(name = %v.name, version = v.version, promote, why = %why, "candidate registered");
+    // Registered under its version: the candidate's copy is no longer needed.
+    if let Ok(store) = js.get_object_store(pcb_schemas::OBJECTS_CANDIDATES).await {
+        if let Err(e) = store.delete(&c.artifact).await {
+            tracing::warn!(object = %c.artifact, error = %e, "candidate object not removed");
+        }
+    }
     Ok(v)
 }
 
@@ -252,18 +374,21 @@ pub enum RegistryStageError {
 async fn handle(
     registry: Registry,
     js: jetstream::Context,
-    policy: Promotion,
-    tolerance: f64,
+    policy: Policy,
     d: Delivery,
 ) -> Outcome {
     let c: TrainCandidate = match d.decode() {
         Ok(c) => c,
         Err(r) => return Outcome::Reject(r),
     };
-    match take_candidate(&registry, &js, &c, policy, tolerance).await {
+    match take_candidate(&registry, &js, &c, policy).await {
         Ok(_) => Outcome::Done,
         // The buckets may be briefly unavailable: try again later.
-        Err(r) if r.reason_code == "register" || r.reason_code == "promote" => {
+        Err(r)
+            if r.reason_code == "register"
+                || r.reason_code == "promote"
+                || r.reason_code == "artifact-store" =>
+        {
             Outcome::Retry(r.reason)
         }
         Err(r) => Outcome::Reject(r.about(None, c.artifact.clone())),

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use pcb_common::{Context, Problems, Shutdown, Stage, Validate, Validated};
 use pcb_schemas::{
-    Snapshot, TrainCandidate, TrainProgress, STREAM_SHARDS, SUBJECT_TRAIN_CANDIDATES,
-    SUBJECT_TRAIN_PROGRESS,
+    Snapshot, TrainCandidate, TrainProgress, OBJECTS_CANDIDATES, STREAM_SHARDS,
+    SUBJECT_TRAIN_CANDIDATES, SUBJECT_TRAIN_PROGRESS,
 };
 use pcb_vision::train::TrainConfig;
 use pcb_vision::{Depth, InputMode, ModelConfig, Norm, Sampling, Transform};
@@ -676,11 +676,27 @@ pub async fn run(
         path: artifact.display().to_string(),
         message: e.to_string(),
     })?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    // The weights travel through the object store: the registry never reads a file named
+    // by a message.
+    let object = format!(
+        "{}/{}/{sha256}.safetensors",
+        config.model_name, config.job.job
+    );
+    let upload = async {
+        let store = js.get_object_store(OBJECTS_CANDIDATES).await?;
+        store.put(object.as_str(), &mut bytes.as_slice()).await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    };
+    upload.await.map_err(|e| TrainerError::Publish {
+        what: "the candidate's weights",
+        message: format!("{OBJECTS_CANDIDATES}/{object}: {e}"),
+    })?;
     let candidate = TrainCandidate {
         job: config.job.job.clone(),
         model: config.model_name.clone(),
-        artifact: artifact.display().to_string(),
-        sha256: hex::encode(Sha256::digest(&bytes)),
+        artifact: object,
+        sha256,
         model_config: serde_json::to_value(&config.job.model).unwrap_or_default(),
         hyperparameters: serde_json::json!({
             "optim": config.job.optim,
