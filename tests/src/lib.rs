@@ -30,7 +30,7 @@ impl Env {
         let server = tokio::task::spawn_blocking(move || NatsServer::start(&nats_dir, 0))
             .await
             .expect("join")
-            .expect("nats-server starts (install it with deploy/setup.sh)");
+            .unwrap_or_else(|e| panic!("nats-server does not start: {e}"));
         let client = async_nats::connect(server.url()).await.expect("connect");
         let js = jetstream::new(client.clone());
         // What `pcb init` does: streams, buckets and every durable consumer.
@@ -257,6 +257,31 @@ pub fn run_python(python: &Path, script: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `nats` CLI that deploy/setup.sh installs: `$NATS_CLI`, else
+/// `<root>/.tools/bin/nats`, else the first on `PATH`; panics naming where it looked.
+pub fn nats_cli() -> PathBuf {
+    if let Some(p) = std::env::var_os("NATS_CLI") {
+        return PathBuf::from(p);
+    }
+    let local = pcb::server::tools_bin().join("nats");
+    if local.is_file() {
+        return local;
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("nats"))
+                .find(|c| c.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the nats CLI is missing (looked at $NATS_CLI, {} and PATH): run \
+                 deploy/setup.sh (it builds natscli v0.5.0 with go install)",
+                local.display()
+            )
+        })
 }
 
 /// A binary of the workspace, built by `cargo build --workspace` next to the test binary.

@@ -12,7 +12,8 @@ use pcb_schemas::topology::{stages_markdown, subjects_markdown};
 use pcb_tests::bin;
 
 fn bare_server(dir: &Path, extra: &str) -> NatsServer {
-    NatsServer::start_with(&dir.join("nats"), 0, extra).expect("nats-server starts")
+    NatsServer::start_with(&dir.join("nats"), 0, extra)
+        .unwrap_or_else(|e| panic!("nats-server does not start: {e}"))
 }
 
 fn pcb(args: &[&str]) -> Output {

@@ -10,8 +10,39 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// No nats-server binary was found.
-    #[error("nats-server not found (looked at $NATS_SERVER, PATH and /usr/sbin/nats-server); run deploy/setup.sh")]
+    #[error(
+        "nats-server not found (looked at $NATS_SERVER, {} and PATH); run deploy/setup.sh \
+         (it installs nats-server v{PINNED_VERSION} there)",
+        tools_bin().join("nats-server").display()
+    )]
     NotFound,
+    /// The binary found is older than [`MIN_VERSION`].
+    #[error(
+        "{bin} is nats-server {version}, older than {}.{}: the pipeline needs a current \
+         release; run deploy/setup.sh (it installs nats-server v{PINNED_VERSION} into {}, \
+         which is looked at before PATH) or point $NATS_SERVER at a newer one",
+        MIN_VERSION.0,
+        MIN_VERSION.1,
+        tools_bin().display()
+    )]
+    TooOld {
+        /// The binary.
+        bin: PathBuf,
+        /// The version it reported.
+        version: String,
+    },
+    /// `nats-server --version` failed or named no version.
+    #[error(
+        "{bin} --version named no version ({output}); run deploy/setup.sh (it installs \
+         nats-server v{PINNED_VERSION} into {}) or point $NATS_SERVER at a working one",
+        tools_bin().display()
+    )]
+    Version {
+        /// The binary.
+        bin: PathBuf,
+        /// What it printed, or why it did not run.
+        output: String,
+    },
     /// No free port.
     #[error("finding a free port: {0}")]
     Port(std::io::Error),
@@ -54,21 +85,92 @@ pub struct NatsServer {
     dir: PathBuf,
 }
 
-/// The nats-server binary to run.
+/// The nats-server release `deploy/setup.sh` installs (`go install
+/// github.com/nats-io/nats-server/v2@v2.15.3`).
+pub const PINNED_VERSION: &str = "2.15.3";
+
+/// The oldest nats-server (major, minor) the pipeline starts.
+pub const MIN_VERSION: (u32, u32) = (2, 10);
+
+/// The project-local bin folder `deploy/setup.sh` installs nats-server and the `nats`
+/// CLI into: `<root>/.tools/bin`.
+pub fn tools_bin() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // pipelines/pcb -> the workspace root.
+    let root = manifest.ancestors().nth(2).unwrap_or(manifest);
+    root.join(".tools").join("bin")
+}
+
+/// The nats-server binary to run: `$NATS_SERVER`, else `<root>/.tools/bin/nats-server`,
+/// else the first on `PATH`.
 pub fn find_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("NATS_SERVER") {
         return Some(PathBuf::from(p));
     }
-    if let Some(paths) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&paths) {
-            let c = dir.join("nats-server");
-            if c.is_file() {
-                return Some(c);
-            }
-        }
+    let local = tools_bin().join("nats-server");
+    if local.is_file() {
+        return Some(local);
     }
-    let debian = PathBuf::from("/usr/sbin/nats-server");
-    debian.is_file().then_some(debian)
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|dir| dir.join("nats-server"))
+        .find(|c| c.is_file())
+}
+
+/// The first `major.minor.patch` in `text` (`nats-server: v2.15.3` -> (2, 15, 3)).
+pub fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
+    text.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .find_map(|word| {
+            let mut parts = word.split('.').map(|p| p.parse::<u32>().ok());
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(Some(a)), Some(Some(b)), Some(Some(c))) => Some((a, b, c)),
+                _ => None,
+            }
+        })
+}
+
+/// Runs `bin --version` and refuses a server older than [`MIN_VERSION`]; returns the
+/// version it reported (`2.15.3`).
+pub fn check_version(bin: &Path) -> Result<String, ServerError> {
+    let out = Command::new(bin)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| ServerError::Version {
+            bin: bin.to_path_buf(),
+            output: e.to_string(),
+        })?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        return Err(ServerError::Version {
+            bin: bin.to_path_buf(),
+            output: format!("{}: {}", out.status, text.trim()),
+        });
+    }
+    judge_version(bin, &text)
+}
+
+/// The version in `printed` (what `bin --version` printed) when it is at least
+/// [`MIN_VERSION`].
+fn judge_version(bin: &Path, printed: &str) -> Result<String, ServerError> {
+    let Some((major, minor, patch)) = parse_version(printed) else {
+        return Err(ServerError::Version {
+            bin: bin.to_path_buf(),
+            output: printed.trim().to_string(),
+        });
+    };
+    let version = format!("{major}.{minor}.{patch}");
+    if (major, minor) < MIN_VERSION {
+        return Err(ServerError::TooOld {
+            bin: bin.to_path_buf(),
+            version,
+        });
+    }
+    Ok(version)
 }
 
 /// A port nobody listens on right now.
@@ -86,6 +188,7 @@ impl NatsServer {
     /// accounts, ...).
     pub fn start_with(dir: &Path, port: u16, extra_conf: &str) -> Result<NatsServer, ServerError> {
         let bin = find_binary().ok_or(ServerError::NotFound)?;
+        check_version(&bin)?;
         let port = if port == 0 {
             free_port().map_err(ServerError::Port)?
         } else {
@@ -168,5 +271,54 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_read_from_what_the_server_prints() {
+        assert_eq!(parse_version("nats-server: v2.15.3\n"), Some((2, 15, 3)));
+        assert_eq!(parse_version("nats-server: v2.9.10"), Some((2, 9, 10)));
+        assert_eq!(parse_version("nats-server: v2.11.0-RC.1"), Some((2, 11, 0)));
+        assert_eq!(parse_version("nats-server: development"), None);
+    }
+
+    #[test]
+    fn an_old_server_is_refused_with_its_version_and_the_fix() {
+        let bin = Path::new("/usr/sbin/nats-server");
+        let err = judge_version(bin, "nats-server: v2.9.10\n")
+            .expect_err("2.9 is refused")
+            .to_string();
+        for needle in [
+            "/usr/sbin/nats-server is nats-server 2.9.10",
+            "older than 2.10",
+            "deploy/setup.sh",
+            ".tools/bin",
+            "v2.15.3",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in {err}");
+        }
+        assert_eq!(
+            judge_version(bin, "nats-server: v2.15.3\n").expect("2.15 runs"),
+            "2.15.3"
+        );
+        let err = judge_version(bin, "nats-server: development").expect_err("no version");
+        assert!(err.to_string().contains("named no version"), "{err}");
+    }
+
+    #[test]
+    fn not_found_names_every_place_looked_at() {
+        let text = ServerError::NotFound.to_string();
+        for needle in [
+            "$NATS_SERVER",
+            ".tools/bin/nats-server",
+            "PATH",
+            "deploy/setup.sh",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in {text}");
+        }
     }
 }
