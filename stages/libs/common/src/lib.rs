@@ -18,7 +18,9 @@ pub use nats::{connect, NatsConfig};
 pub use pcb_schemas::StageName;
 pub use settings::{load_config, ConfigError, Problems};
 pub use shutdown::Shutdown;
-pub use stage::{ConfigOf, ConsumerSettings, Context, NoArgs, Stage, StageFile, Validate, Validated};
+pub use stage::{
+    ConfigOf, ConsumerSettings, Context, NoArgs, Stage, StageFile, Validate, Validated,
+};
 pub use telemetry::{init_tracing, LogConfig};
 pub use topology::{apply_streams, provision, require, StreamSettings, Topology};
 
