@@ -290,37 +290,13 @@ impl Registry {
         Err(err("too many concurrent changes".into()))
     }
 
-    /// Takes the next version number of `name`, safely against concurrent writers.
+    /// Takes the next version number of `name`, safely against concurrent writers (the
+    /// number is stored as plain JSON, e.g. `3`).
     async fn next_version(&self, name: &str) -> Result<u64, RegistryError> {
-        let key = key_latest(name);
-        let err = |m: String| RegistryError::Key {
-            key: key.clone(),
-            message: m,
-        };
-        for _ in 0..32 {
-            let entry = self.kv.entry(&key).await.map_err(|e| err(e.to_string()))?;
-            let (current, revision) = match &entry {
-                Some(e) if !e.value.is_empty() => (
-                    std::str::from_utf8(&e.value)
-                        .ok()
-                        .and_then(|s| s.trim().parse::<u64>().ok())
-                        .ok_or_else(|| err("not a version number".into()))?,
-                    Some(e.revision),
-                ),
-                Some(e) => (0, Some(e.revision)),
-                None => (0, None),
-            };
-            let next = current + 1;
-            let value = Bytes::from(next.to_string());
-            let won = match revision {
-                Some(r) => self.kv.update(&key, value, r).await.is_ok(),
-                None => self.kv.create(&key, value).await.is_ok(),
-            };
-            if won {
-                return Ok(next);
-            }
-        }
-        Err(err("too many concurrent registrations".into()))
+        self.update_json(&key_latest(name), |current: Option<u64>| {
+            Ok(current.unwrap_or(0) + 1)
+        })
+        .await
     }
 
     /// Stores the weights and their metadata as the next version of `name`.
