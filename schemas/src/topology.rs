@@ -457,7 +457,7 @@ pub const SUBJECTS: [SubjectDecl; 8] = [
 ];
 
 /// Whether two NATS patterns can match a common subject.
-fn patterns_overlap(a: &str, b: &str) -> bool {
+pub fn patterns_overlap(a: &str, b: &str) -> bool {
     let (pa, pb): (Vec<&str>, Vec<&str>) = (a.split('.').collect(), b.split('.').collect());
     let mut i = 0;
     loop {

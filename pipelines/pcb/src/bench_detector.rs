@@ -174,8 +174,7 @@ pub async fn run(args: &DetectorBenchArgs) -> anyhow::Result<()> {
         default_model: false,
     })
     .await?;
-    let client = async_nats::connect(&running.nats_url).await?;
-    let js = async_nats::jetstream::new(client);
+    let js = running.jetstream("pcb-bench").await?;
     let registry = Registry::open(&js).await?;
     let name = pipeline.stages.detector.settings.model_name.clone();
     let v = registry

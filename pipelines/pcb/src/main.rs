@@ -273,7 +273,10 @@ async fn main() -> anyhow::Result<()> {
 
 async fn status(w: &pcb::reach::Where) -> anyhow::Result<()> {
     let target = pcb::reach::resolve(w)?;
-    let client = target.connect("pcb-status").await?;
+    // Counting is reading: the read-only identity on the private server of `pcb up`.
+    let client = target
+        .connect_as(pcb_common::Identity::Reader, "pcb-status")
+        .await?;
     let js = async_nats::jetstream::new(client);
     let streams = pcb::status::collect(&js).await?;
     println!("NATS {}\n", target.nats.url);

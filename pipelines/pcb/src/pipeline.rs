@@ -266,16 +266,13 @@ impl PipelineFile {
         out
     }
 
-    /// The TOML config file of replica `replica` of `stage`, connecting to `nats_url`.
-    pub fn stage_config(&self, stage: StageName, replica: usize, nats_url: &str) -> String {
+    /// The TOML config file of replica `replica` of `stage`, connecting with `nats` (the
+    /// pipeline file's `[nats]` with the server's URL, or the stage's own identity).
+    pub fn stage_config(&self, stage: StageName, replica: usize, nats: &NatsConfig) -> String {
         let entry = self.stages.get(stage);
         let port = match entry.metrics_port() {
             0 => 0,
             p => p as usize + replica,
-        };
-        let nats = NatsConfig {
-            url: nats_url.to_string(),
-            ..self.nats.clone()
         };
         let metrics = MetricsConfig {
             addr: format!("127.0.0.1:{port}"),
@@ -284,7 +281,7 @@ impl PipelineFile {
             v.unwrap_or(toml::Value::Table(toml::Table::new()))
         };
         let mut t = toml::Table::new();
-        t.insert("nats".into(), value(toml::Value::try_from(&nats)));
+        t.insert("nats".into(), value(toml::Value::try_from(nats)));
         t.insert("metrics".into(), value(toml::Value::try_from(&metrics)));
         t.insert("log".into(), value(toml::Value::try_from(&self.log)));
         let mut section = entry.section();
@@ -304,19 +301,21 @@ impl PipelineFile {
         )
     }
 
-    /// Writes the config of every replica of every service under `dir`; returns (stage,
-    /// replica, path).
+    /// Writes the config of every replica of every service under `dir`, each connecting
+    /// with `nats(stage)`, mode 0600 (a config may hold a password or token); returns
+    /// (stage, replica, path).
     pub fn write_stage_configs(
         &self,
         dir: &Path,
-        nats_url: &str,
+        nats: impl Fn(StageName) -> NatsConfig,
     ) -> std::io::Result<Vec<(StageName, usize, PathBuf)>> {
         std::fs::create_dir_all(dir)?;
         let mut out = Vec::new();
         for stage in services() {
             for r in 0..self.stages.get(stage).replicas() {
                 let path = dir.join(format!("{stage}-{r}.toml"));
-                std::fs::write(&path, self.stage_config(stage, r, nats_url))?;
+                let text = self.stage_config(stage, r, &nats(stage));
+                pcb_common::identity::write_secret(&path, text.as_bytes())?;
                 out.push((stage, r, path));
             }
         }
@@ -346,14 +345,18 @@ mod tests {
     fn stage_configs_load_in_the_stages() {
         let p = PipelineFile::default();
         let dir = tempfile::tempdir().expect("tempdir");
+        let nats = NatsConfig {
+            url: "nats://127.0.0.1:1".into(),
+            ..NatsConfig::default()
+        };
         let files = p
-            .write_stage_configs(dir.path(), "nats://127.0.0.1:1")
+            .write_stage_configs(dir.path(), |_| nats.clone())
             .expect("write");
         assert_eq!(files.len(), services().count(), "one file per service");
         let trainer = dir.path().join("trainer.toml");
         std::fs::write(
             &trainer,
-            p.stage_config(StageName::Trainer, 0, "nats://127.0.0.1:1"),
+            p.stage_config(StageName::Trainer, 0, &nats),
         )
         .expect("write");
         let t = loads::<pcb_trainer::Trainer>(&trainer);

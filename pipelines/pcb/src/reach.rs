@@ -6,13 +6,18 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use pcb_common::NatsConfig;
+use pcb_common::{Identity, IdentityStore, NatsConfig};
 
 use crate::pipeline::PipelineFile;
 
 /// The file where `up` records the URL of its server.
 pub fn url_file(data_dir: &Path) -> PathBuf {
     data_dir.join("run").join("nats.url")
+}
+
+/// Where `pcb up` issues the identities of its private server.
+pub fn identities_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("identities")
 }
 
 /// How a command was told to find the pipeline.
@@ -35,6 +40,9 @@ pub struct Target {
     pub data_dir: PathBuf,
     /// The pipeline file's `[nats]` with the resolved URL.
     pub nats: NatsConfig,
+    /// The identities of the private server `pcb up` started, when the command reaches
+    /// that server and the pipeline file names no credentials of its own.
+    pub identities: Option<IdentityStore>,
 }
 
 /// The pipeline file: loaded and checked when it exists; its defaults when the default
@@ -53,16 +61,29 @@ pub fn resolve(w: &Where) -> anyhow::Result<Target> {
         .data_dir
         .clone()
         .unwrap_or_else(|| pipeline.pipeline.data_dir.clone());
+    let up_url = std::fs::read_to_string(url_file(&data_dir))
+        .map(|u| u.trim().to_string())
+        .unwrap_or_default();
     let url = match &w.nats_url {
         Some(u) => u.clone(),
-        None => match std::fs::read_to_string(url_file(&data_dir)) {
-            Ok(u) if !u.trim().is_empty() => u.trim().to_string(),
+        None => match &up_url {
+            u if !u.is_empty() => u.clone(),
             _ if !pipeline.nats.url.is_empty() => pipeline.nats.url.clone(),
             _ => anyhow::bail!(
                 "no NATS server known: pass --nats-url, set nats.url in {}, or run `pcb up` first",
                 w.pipeline.display()
             ),
         },
+    };
+    let own_credentials = pipeline.nats.user.is_some()
+        || pipeline.nats.token.is_some()
+        || pipeline.nats.nkey_seed_file.is_some()
+        || pipeline.nats.creds_file.is_some();
+    let ids_dir = identities_dir(&data_dir);
+    let identities = if url == up_url && !own_credentials && ids_dir.is_dir() {
+        Some(IdentityStore::ensure(&ids_dir)?)
+    } else {
+        None
     };
     let nats = NatsConfig {
         url,
@@ -72,13 +93,28 @@ pub fn resolve(w: &Where) -> anyhow::Result<Target> {
         pipeline,
         data_dir,
         nats,
+        identities,
     })
 }
 
 impl Target {
-    /// Connects as `name` with the pipeline file's credentials and TLS.
+    /// The connection settings of `id`: its own identity on the private server of `pcb
+    /// up`, else the pipeline file's credentials and TLS.
+    pub fn nats_as(&self, id: Identity) -> NatsConfig {
+        match &self.identities {
+            Some(ids) => ids.connection(id, &self.nats),
+            None => self.nats.clone(),
+        }
+    }
+
+    /// Connects as `name` with the admin identity (or the pipeline file's credentials).
     pub async fn connect(&self, name: &str) -> anyhow::Result<async_nats::Client> {
-        pcb_common::nats::connect_now(&self.nats, name)
+        self.connect_as(Identity::Admin, name).await
+    }
+
+    /// Connects as `name` with identity `id` (or the pipeline file's credentials).
+    pub async fn connect_as(&self, id: Identity, name: &str) -> anyhow::Result<async_nats::Client> {
+        pcb_common::nats::connect_now(&self.nats_as(id), name)
             .await
             .with_context(|| format!("connecting to {} (is the pipeline up?)", self.nats.url))
     }

@@ -184,6 +184,31 @@ impl NatsServer {
         NatsServer::start_with(dir, port, "")
     }
 
+    /// [`NatsServer::start`] with authentication on: only the identities of `ids` connect,
+    /// each with the permissions the topology table gives it (`pcb-users.conf` beside the
+    /// server's config holds their public keys and permissions).
+    pub fn start_secured(
+        dir: &Path,
+        port: u16,
+        ids: &pcb_common::IdentityStore,
+    ) -> Result<NatsServer, ServerError> {
+        std::fs::create_dir_all(dir).map_err(|source| ServerError::Prepare {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let users = dir.join("pcb-users.conf");
+        std::fs::write(&users, ids.users_conf()).map_err(|source| ServerError::Prepare {
+            path: users.clone(),
+            source,
+        })?;
+        NatsServer::start_with(
+            dir,
+            port,
+            // An include is resolved beside the config that names it.
+            "include \"pcb-users.conf\"\nauthorization {\n  users: $PCB_USERS\n}\n",
+        )
+    }
+
     /// [`NatsServer::start`] with more lines of server config (an `authorization` block,
     /// accounts, ...).
     pub fn start_with(dir: &Path, port: u16, extra_conf: &str) -> Result<NatsServer, ServerError> {

@@ -56,6 +56,9 @@ pub struct Running {
     pub data_dir: PathBuf,
     /// The pipeline as started.
     pub pipeline: PipelineFile,
+    /// The identities of the private server (None on a server of one's own, which the
+    /// pipeline file's `[nats]` credentials reach).
+    pub identities: Option<IdentityStore>,
 }
 
 pub(crate) fn absolute(p: &Path) -> PathBuf {
@@ -78,6 +81,7 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
 }
 
 use crate::reach::url_file;
+use pcb_common::{Identity, IdentityStore};
 
 impl Running {
     /// Starts the server (if needed), applies the streams and starts every stage.
@@ -118,23 +122,36 @@ impl Running {
             .nats_url
             .clone()
             .or_else(|| (!pipeline.nats.url.is_empty()).then(|| pipeline.nats.url.clone()));
-        let (server, nats_url) = match url {
-            Some(u) => (None, u),
+        let (server, nats_url, identities) = match url {
+            Some(u) => (None, u, None),
             None => {
+                // The private server admits only the identities issued under the data
+                // dir, each with the permissions the topology gives it.
+                let ids = IdentityStore::ensure(&crate::reach::identities_dir(&data_dir))?;
                 let dir = data_dir.join("nats");
-                let s = tokio::task::spawn_blocking(move || NatsServer::start(&dir, 0)).await??;
+                let for_server = ids.clone();
+                let s = tokio::task::spawn_blocking(move || {
+                    NatsServer::start_secured(&dir, 0, &for_server)
+                })
+                .await??;
                 let u = s.url();
                 eprintln!(
-                    "pcb: private nats-server at {u} (store {})",
-                    s.dir().display()
+                    "pcb: private nats-server at {u} (store {}; one identity per stage in {})",
+                    s.dir().display(),
+                    ids.dir().display()
                 );
-                (Some(s), u)
+                (Some(s), u, Some(ids))
             }
         };
-        let nats = pcb_common::NatsConfig {
+        let base = pcb_common::NatsConfig {
             url: nats_url.clone(),
             ..pipeline.nats.clone()
         };
+        let nats_as = |id: Identity| match &identities {
+            Some(ids) => ids.connection(id, &base),
+            None => base.clone(),
+        };
+        let nats = nats_as(Identity::Admin);
         let client = pcb_common::connect(&nats, "pcb")
             .await
             .with_context(|| format!("connecting to {nats_url}"))?;
@@ -142,7 +159,8 @@ impl Running {
         let made = pcb_common::provision(&js, &pipeline.streams, &pipeline.consumers()).await?;
         tracing::info!(?made, "streams, buckets and consumers provisioned");
         let run_dir = data_dir.join("run");
-        let configs = pipeline.write_stage_configs(&run_dir, &nats_url)?;
+        let configs =
+            pipeline.write_stage_configs(&run_dir, |stage| nats_as(Identity::Stage(stage)))?;
         std::fs::write(url_file(&data_dir), &nats_url)?;
         let logs = data_dir.join("logs");
         std::fs::create_dir_all(&logs)?;
@@ -154,6 +172,7 @@ impl Running {
             watch_dir,
             data_dir,
             pipeline,
+            identities,
         };
         for (stage, replica, config) in configs {
             let log = logs.join(format!("{stage}-{replica}.log"));
@@ -175,9 +194,13 @@ impl Running {
     /// A JetStream context on the pipeline's server as `name`, with the pipeline file's
     /// credentials and TLS.
     pub async fn jetstream(&self, name: &str) -> anyhow::Result<async_nats::jetstream::Context> {
-        let nats = pcb_common::NatsConfig {
+        let base = pcb_common::NatsConfig {
             url: self.nats_url.clone(),
             ..self.pipeline.nats.clone()
+        };
+        let nats = match &self.identities {
+            Some(ids) => ids.connection(Identity::Admin, &base),
+            None => base,
         };
         let client = pcb_common::connect(&nats, name)
             .await

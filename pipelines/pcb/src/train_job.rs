@@ -60,7 +60,7 @@ pub async fn run(
         pipeline: opts.pipeline.clone(),
         data_dir: opts.data_dir.clone(),
     })?;
-    let url = target.nats.url.clone();
+    let rank_nats = target.nats_as(pcb_common::Identity::Stage(pcb_schemas::StageName::Trainer));
     let data_dir = target.data_dir.clone();
     let mut pipeline = target.pipeline.clone();
     let ranks = opts
@@ -126,9 +126,11 @@ pub async fn run(
         for r in 0..ranks {
             pipeline.stages.trainer.settings.rank = r;
             let config = run_dir.join(format!("trainer-{job}-{r}.toml"));
-            std::fs::write(
+            pcb_common::identity::write_secret(
                 &config,
-                pipeline.stage_config(pcb_schemas::StageName::Trainer, r, &url),
+                pipeline
+                    .stage_config(pcb_schemas::StageName::Trainer, r, &rank_nats)
+                    .as_bytes(),
             )?;
             let log = logs.join(format!("trainer-{job}-{r}.log"));
             let out = std::fs::OpenOptions::new()

@@ -2,6 +2,7 @@
 //! JetStream provisioning, the ack policy, graceful shutdown, tracing and `/metrics`.
 
 pub mod ack;
+pub mod identity;
 pub mod metrics;
 pub mod nats;
 pub mod settings;
@@ -13,6 +14,7 @@ pub mod topology;
 pub use ack::{
     publish, run_batched_consumer, run_consumer, Batching, ConsumerSpec, Outcome, Rejection,
 };
+pub use identity::{Identity, IdentityStore};
 pub use metrics::{Metrics, MetricsConfig};
 pub use nats::{connect, NatsConfig};
 pub use pcb_schemas::StageName;

@@ -23,6 +23,9 @@ pub struct NatsConfig {
     pub nkey_seed_file: Option<PathBuf>,
     /// A `.creds` file (JWT and seed) for decentralised authentication.
     pub creds_file: Option<PathBuf>,
+    /// Prefix of this client's reply subjects (`_INBOX` when unset). The identities `pcb`
+    /// issues may subscribe only to their own (`_INBOX_<identity>`).
+    pub inbox_prefix: Option<String>,
     /// Require TLS even for `nats://` URLs.
     pub tls_required: bool,
     /// PEM file of the CA(s) that signed the server certificate.
@@ -46,6 +49,7 @@ impl Default for NatsConfig {
             token: None,
             nkey_seed_file: None,
             creds_file: None,
+            inbox_prefix: None,
             tls_required: false,
             tls_ca_file: None,
             tls_cert_file: None,
@@ -102,6 +106,16 @@ impl NatsConfig {
                     format!("{} does not exist", f.display()),
                 );
             }
+        }
+        if let Some(prefix) = &self.inbox_prefix {
+            p.check(
+                prefix.is_empty()
+                    || prefix
+                        .chars()
+                        .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>')),
+                &format!("{section}.inbox_prefix"),
+                "must be one subject token (no spaces, dots or wildcards)",
+            );
         }
         p.check(
             self.connect_timeout_secs == 0,
@@ -193,6 +207,9 @@ async fn connect_with(
                 path: path.clone(),
                 source,
             })?;
+    }
+    if let Some(prefix) = &cfg.inbox_prefix {
+        opts = opts.custom_inbox_prefix(prefix);
     }
     if cfg.tls_required {
         opts = opts.require_tls(true);
