@@ -10,7 +10,8 @@
 #   2. a project-local LibTorch in <root>/.libtorch, unpacked from PyPI wheels
 #      (torch + the two CUDA runtime libraries libtorch_cpu.so links against);
 #      skip with PCB_SETUP_LIBTORCH=0;
-#   1b. Debian's libgloo-dev (headers for the trainer's c10d/Gloo shim) and g++;
+#   1b. Debian's libgloo-dev (headers for the trainer's c10d/Gloo shim), g++ and
+#      openssl (the TLS test's certificates);
 #   3. a project-local Python venv <root>/.venv with deploy/requirements-test.txt
 #      (made before step 1, whose wheel fallback uses its pip);
 #   3b. Debian's chromium, and playwright-core from npm in tests/browser (browser tests).
@@ -127,6 +128,12 @@ fi
 if ! command -v g++ >/dev/null 2>&1; then
     log "g++ not found, installing it"
     apt_install g++ || die "could not install g++ (needed to build the trainer's shim)"
+fi
+# tests/tests/identities.rs makes a CA and a server certificate with it to run
+# deploy/nats/nats-server.conf over TLS.
+if ! command -v openssl >/dev/null 2>&1; then
+    log "openssl not found, installing it"
+    apt_install openssl || die "could not install openssl (needed by the TLS test)"
 fi
 
 # --- 3 (done before 2: its pip also fetches the LibTorch wheels). Python venv --

@@ -3,9 +3,15 @@ and print each board's verdict. With --count N it reads the stream from the star
 after N messages (how the tests use it); without, it follows new detections forever.
 
     .venv/bin/python tests/py/line_side.py nats://127.0.0.1:4222
+    .venv/bin/python tests/py/line_side.py $(cat .pcb-data/run/nats.url) --nkey .pcb-data/identities/reader.nk
+
+--nkey names the seed file of an identity `pcb up` issued (the read-only `reader` is the one
+for line-side systems); its replies then come on that identity's own inbox prefix,
+_INBOX_<identity>, the only one it may subscribe to.
 """
 import argparse
 import asyncio
+import pathlib
 
 import msgpack
 import nats
@@ -16,8 +22,13 @@ async def main() -> None:
     ap.add_argument("url")
     ap.add_argument("--count", type=int, default=0, help="stop after N (read from the start)")
     ap.add_argument("--timeout", type=float, default=30.0)
+    ap.add_argument("--nkey", help="seed file of a pcb identity (e.g. .pcb-data/identities/reader.nk)")
     args = ap.parse_args()
-    nc = await nats.connect(args.url)
+    login = {}
+    if args.nkey:
+        identity = pathlib.Path(args.nkey).stem
+        login = {"nkeys_seed": args.nkey, "inbox_prefix": f"_INBOX_{identity}".encode()}
+    nc = await nats.connect(args.url, **login)
     js = nc.jetstream()
     policy = "all" if args.count else "new"
     sub = await js.subscribe("pcb.detections", ordered_consumer=True, deliver_policy=policy)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use futures::StreamExt;
 use pcb::server::NatsServer;
-use pcb_common::Shutdown;
+use pcb_common::{Identity, IdentityStore, Shutdown};
 
 /// A private server, a temp dir and a client, per test.
 pub struct Env {
@@ -20,18 +20,49 @@ pub struct Env {
     pub client: async_nats::Client,
     /// Its JetStream context.
     pub js: jetstream::Context,
+    /// The identities of a secured server ([`Env::start_secured`]).
+    pub identities: Option<IdentityStore>,
 }
 
 impl Env {
     /// Starts a server and provisions the pipeline's streams.
     pub async fn start() -> Env {
+        Env::start_with(false).await
+    }
+
+    /// [`Env::start`] with authentication on, as `pcb up` runs its server: identities in
+    /// `<dir>/.pcb-data/identities` (where the README's commands look, from `dir`); the
+    /// harness's client and config files are the admin's.
+    pub async fn start_secured() -> Env {
+        Env::start_with(true).await
+    }
+
+    async fn start_with(secured: bool) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let nats_dir = dir.path().join("nats");
-        let server = tokio::task::spawn_blocking(move || NatsServer::start(&nats_dir, 0))
+        let identities = secured.then(|| {
+            IdentityStore::ensure(&dir.path().join(".pcb-data").join("identities"))
+                .expect("identities")
+        });
+        let ids = identities.clone();
+        let server = tokio::task::spawn_blocking(move || match &ids {
+            Some(ids) => NatsServer::start_secured(&nats_dir, 0, ids),
+            None => NatsServer::start(&nats_dir, 0),
+        })
+        .await
+        .expect("join")
+        .unwrap_or_else(|e| panic!("nats-server does not start: {e}"));
+        let base = pcb_common::NatsConfig {
+            url: server.url(),
+            ..Default::default()
+        };
+        let nats = match &identities {
+            Some(ids) => ids.connection(Identity::Admin, &base),
+            None => base,
+        };
+        let client = pcb_common::nats::connect_now(&nats, "pcb-tests")
             .await
-            .expect("join")
-            .unwrap_or_else(|e| panic!("nats-server does not start: {e}"));
-        let client = async_nats::connect(server.url()).await.expect("connect");
+            .expect("connect");
         let js = jetstream::new(client.clone());
         // What `pcb init` does: streams, buckets and every durable consumer.
         pcb_common::provision(
@@ -46,13 +77,27 @@ impl Env {
             dir,
             client,
             js,
+            identities,
         }
     }
 
     /// The stage config text shared by every stage of this test.
     pub fn base_config(&self, extra: &str) -> String {
+        self.base_config_as(Identity::Admin, extra)
+    }
+
+    /// [`Env::base_config`] connecting as `id` when the server is secured.
+    pub fn base_config_as(&self, id: Identity, extra: &str) -> String {
+        let login = match &self.identities {
+            Some(ids) => format!(
+                "nkey_seed_file = {:?}\ninbox_prefix = {:?}\n",
+                ids.seed_file(id).display().to_string(),
+                id.inbox_prefix()
+            ),
+            None => String::new(),
+        };
         format!(
-            "[nats]\nurl = {:?}\n[metrics]\naddr = \"\"\n{extra}",
+            "[nats]\nurl = {:?}\n{login}[metrics]\naddr = \"\"\n{extra}",
             self.server.url()
         )
     }
@@ -401,7 +446,12 @@ pub fn spawn_detector_with(
 
 /// A `detector` process with exactly these `[detector]` lines; returns it with its log.
 pub fn spawn_detector_lines(env: &Env, name: &str, lines: &str) -> (std::process::Child, PathBuf) {
-    let config = env.config_file(&format!("{name}.toml"), &format!("[detector]\n{lines}"));
+    let config = env.dir.path().join(format!("{name}.toml"));
+    let text = env.base_config_as(
+        Identity::Stage(pcb_schemas::StageName::Detector),
+        &format!("[detector]\n{lines}"),
+    );
+    std::fs::write(&config, text).expect("write config");
     let log = env.dir.path().join(format!("{name}.log"));
     let out = std::fs::File::create(&log).expect("log");
     let child = std::process::Command::new(bin("detector"))

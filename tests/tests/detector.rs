@@ -36,7 +36,9 @@ async fn finish(
 /// A test server whose registry serves a random model of `seed` as live.
 /// Returns it with the live version.
 async fn with_live_model(seed: i64) -> (Env, u64) {
-    let env = Env::start().await;
+    // Authentication on, as `pcb up` runs it: each detector process is the `detector`
+    // identity, held to what the topology gives it.
+    let env = Env::start_secured().await;
     let registry = Registry::open(&env.js).await.expect("registry");
     let v = register(&registry, env.dir.path(), seed).await;
     registry.promote(MODEL, v, "test").await.expect("promote");
@@ -132,7 +134,18 @@ async fn three_hundred_boards_give_three_hundred_detections_that_python_reads() 
         .all(|d| d.verdict == "pass" || d.verdict == "fail"));
 
     let url = env.server.url();
-    let text = pcb_tests::run_python(&python, "py/line_side.py", &[&url, "--count", "300"]);
+    // The line-side reader as the read-only identity.
+    let reader = env
+        .identities
+        .as_ref()
+        .expect("secured")
+        .seed_file(pcb_common::Identity::Reader);
+    let reader = reader.display().to_string();
+    let text = pcb_tests::run_python(
+        &python,
+        "py/line_side.py",
+        &[&url, "--count", "300", "--nkey", &reader],
+    );
     let last = text.lines().last().unwrap_or_default();
     assert!(last.starts_with("received 300 "), "{last}");
     let fails = all.iter().filter(|d| d.verdict == "fail").count();

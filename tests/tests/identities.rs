@@ -83,12 +83,11 @@ async fn every_identity_publishes_and_reads_what_the_topology_gives_it_and_nothi
     let ids = IdentityStore::ensure(&dir.path().join("identities")).expect("identities");
     let nats_dir = dir.path().join("nats");
     let for_server = ids.clone();
-    let server = tokio::task::spawn_blocking(move || {
-        NatsServer::start_secured(&nats_dir, 0, &for_server)
-    })
-    .await
-    .expect("join")
-    .expect("secured server");
+    let server =
+        tokio::task::spawn_blocking(move || NatsServer::start_secured(&nats_dir, 0, &for_server))
+            .await
+            .expect("join")
+            .expect("secured server");
     let url = server.url();
 
     // Without credentials, or with a key the server does not know: refused.
@@ -97,7 +96,10 @@ async fn every_identity_publishes_and_reads_what_the_topology_gives_it_and_nothi
         .await
         .expect_err("no credentials");
     assert!(
-        anonymous.to_string().to_lowercase().contains("authorization"),
+        anonymous
+            .to_string()
+            .to_lowercase()
+            .contains("authorization"),
         "{anonymous}"
     );
     let stranger = nkeys::KeyPair::new_user().seed().expect("seed");
@@ -160,15 +162,16 @@ async fn every_identity_publishes_and_reads_what_the_topology_gives_it_and_nothi
                 .expect("publish")
                 .await
                 .expect("stored");
-            let stream = js.get_stream(input.stream.name()).await.unwrap_or_else(|e| {
-                panic!("{stage} may look up {}: {e}", input.stream.name())
-            });
+            let stream = js
+                .get_stream(input.stream.name())
+                .await
+                .unwrap_or_else(|e| panic!("{stage} may look up {}: {e}", input.stream.name()));
             let got = match input.mode {
                 pcb_schemas::topology::ReadMode::Durable(d) => {
-                    let consumer: jetstream::consumer::PullConsumer =
-                        stream.get_consumer(d.name).await.unwrap_or_else(|e| {
-                            panic!("{stage} may open its durable {}: {e}", d.name)
-                        });
+                    let consumer: jetstream::consumer::PullConsumer = stream
+                        .get_consumer(d.name)
+                        .await
+                        .unwrap_or_else(|e| panic!("{stage} may open its durable {}: {e}", d.name));
                     let mut batch = consumer
                         .fetch()
                         .max_messages(1)
@@ -211,7 +214,11 @@ async fn every_identity_publishes_and_reads_what_the_topology_gives_it_and_nothi
         }
         let violations: Vec<String> = no_errors(&errors)
             .into_iter()
-            .filter(|e| !e.contains(&foreign) && !e.contains("pcb.images.raw") && !e.contains("_INBOX_admin"))
+            .filter(|e| {
+                !e.contains(&foreign)
+                    && !e.contains("pcb.images.raw")
+                    && !e.contains("_INBOX_admin")
+            })
             .collect();
         assert!(violations.is_empty(), "{stage}: {violations:?}");
     }
@@ -246,7 +253,11 @@ async fn every_identity_publishes_and_reads_what_the_topology_gives_it_and_nothi
         .await
         .expect("the reader looks up detections");
     assert!(detections.info().await.expect("info").state.messages >= 1);
-    for subject in ["pcb.detections", "pcb.images.raw", "$KV.pcb_models.live.pcb-defects"] {
+    for subject in [
+        "pcb.detections",
+        "pcb.images.raw",
+        "$KV.pcb_models.live.pcb-defects",
+    ] {
         reader
             .publish(subject, "forged".into())
             .await
@@ -291,7 +302,11 @@ fn text(out: &std::process::Output) -> String {
 
 fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt as _;
-    std::fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+    std::fs::metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o777
 }
 
 struct Up(Child);
@@ -345,7 +360,10 @@ async fn pcb_up_runs_every_stage_status_models_train_and_the_viewer_under_their_
     for id in Identity::all() {
         assert_eq!(mode(&ids.seed_file(id)), 0o600, "{}", id.name());
     }
-    for entry in std::fs::read_dir(data.join("run")).expect("run dir").flatten() {
+    for entry in std::fs::read_dir(data.join("run"))
+        .expect("run dir")
+        .flatten()
+    {
         if entry.path().extension().is_some_and(|e| e == "toml") {
             assert_eq!(mode(&entry.path()), 0o600, "{}", entry.path().display());
         }
@@ -357,21 +375,31 @@ async fn pcb_up_runs_every_stage_status_models_train_and_the_viewer_under_their_
     let boards = dir.path().join("boards");
     pcb_tests::synth_sized(&boards, 8, 5, 128, 0.25);
     let inbox = data.join("inbox");
-    assert!(pcb_tests::drop_into(&boards, &inbox) >= 16, "boards and templates");
+    assert!(
+        pcb_tests::drop_into(&boards, &inbox) >= 16,
+        "boards and templates"
+    );
     let (admin, _) = client_of(&ids, Identity::Admin, url.trim()).await;
     let js = jetstream::new(admin);
     let counted = wait_until(Duration::from_secs(180), || async {
         let Ok(mut s) = js.get_stream(pcb_schemas::STREAM_DETECTIONS).await else {
             return false;
         };
-        s.info().await.map(|i| i.state.messages >= 8).unwrap_or(false)
+        s.info()
+            .await
+            .map(|i| i.state.messages >= 8)
+            .unwrap_or(false)
     })
     .await;
     assert!(counted, "8 boards did not all get detections");
 
     let status = pcb(&["status", "--pipeline", p]);
     assert!(status.status.success(), "{}", text(&status));
-    assert!(text(&status).contains("pcb.detections"), "{}", text(&status));
+    assert!(
+        text(&status).contains("pcb.detections"),
+        "{}",
+        text(&status)
+    );
     let train = pcb(&["train", "--pipeline", p, "--ranks", "1", "--plain"]);
     assert!(train.status.success(), "{}", text(&train));
     // The registry took the candidate from the trainer's object: version 2.
@@ -399,7 +427,12 @@ async fn pcb_up_runs_every_stage_status_models_train_and_the_viewer_under_their_
             .output()
             .expect("curl")
     };
-    for path in ["/api/models", "/api/detections", "/api/overview", "/api/training"] {
+    for path in [
+        "/api/models",
+        "/api/detections",
+        "/api/overview",
+        "/api/training",
+    ] {
         let out = get(path);
         assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{path}");
     }
@@ -416,4 +449,216 @@ async fn pcb_up_runs_every_stage_status_models_train_and_the_viewer_under_their_
     let log = std::fs::read_to_string(data.join("nats").join("nats-server.log")).expect("log");
     let violations: Vec<&str> = log.lines().filter(|l| l.contains("Violation")).collect();
     assert!(violations.is_empty(), "{}", violations.join("\n"));
+}
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (deploy/setup.sh installs it)");
+    assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_production_config_serves_the_issued_identities_over_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etc = dir.path().join("etc");
+    let issued = pcb(&["identities", "--out", etc.to_str().expect("utf-8")]);
+    assert!(issued.status.success(), "{}", text(&issued));
+    assert_eq!(mode(&etc), 0o700);
+    assert_eq!(mode(&etc.join("system.nk")), 0o600);
+    let users = std::fs::read_to_string(etc.join("pcb-users.conf")).expect("users");
+    assert!(
+        users.contains("PCB_USERS") && users.contains("SYS_USERS"),
+        "{users}"
+    );
+
+    // A CA and a server certificate for 127.0.0.1.
+    let tls = etc.join("tls");
+    std::fs::create_dir_all(&tls).expect("tls dir");
+    openssl(
+        &tls,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=pcb-test-ca",
+        ],
+    );
+    openssl(
+        &tls,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server-key.pem",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(tls.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+    openssl(
+        &tls,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+
+    // The shipped file with its folders moved here and a free port.
+    let port = pcb::server::free_port().expect("port");
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/nats-server.conf"),
+    )
+    .expect("deploy/nats/nats-server.conf");
+    let conf_text = shipped
+        .replace("/etc/nats/pcb", &etc.display().to_string())
+        .replace(
+            "/var/lib/nats/pcb",
+            &dir.path().join("store").display().to_string(),
+        )
+        .replace("0.0.0.0:4222", &format!("127.0.0.1:{port}"));
+    let conf = etc.join("nats-server.conf");
+    std::fs::write(&conf, conf_text).expect("conf");
+    let server_bin = pcb::server::find_binary().expect("nats-server");
+    let check = Command::new(&server_bin)
+        .arg("-c")
+        .arg(&conf)
+        .arg("-t")
+        .output()
+        .expect("nats-server -t");
+    assert!(check.status.success(), "{}", text(&check));
+    let log = std::fs::File::create(dir.path().join("server.log")).expect("log");
+    let _server = Server(
+        Command::new(&server_bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || async move {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await
+    );
+
+    let ids = IdentityStore::ensure(&etc).expect("identities");
+    let base = pcb_common::NatsConfig {
+        url: format!("tls://127.0.0.1:{port}"),
+        tls_ca_file: Some(tls.join("ca.pem")),
+        ..Default::default()
+    };
+    // No credentials over TLS: refused.
+    assert!(pcb_common::nats::connect_now(&base, "anonymous")
+        .await
+        .is_err());
+    // The admin provisions, as `pcb init` does, in the PCB account's JetStream.
+    let admin = pcb_common::nats::connect_now(&ids.connection(Identity::Admin, &base), "admin")
+        .await
+        .expect("admin over TLS");
+    let admin_js = jetstream::new(admin);
+    pcb_common::provision(
+        &admin_js,
+        &pcb_common::Topology::default(),
+        &pcb_common::topology::default_consumers(),
+    )
+    .await
+    .expect("provisioned");
+    // The encoder publishes its output and opens its durable with its own identity.
+    let encoder_nats = ids.connection(Identity::Stage(StageName::Encoder), &base);
+    let encoder = pcb_common::nats::connect_now(&encoder_nats, "encoder")
+        .await
+        .expect("encoder over TLS");
+    let js = jetstream::new(encoder);
+    js.publish("pcb.images.encoded", "probe".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    pcb_common::require(&js, StageName::Encoder)
+        .await
+        .expect("the encoder sees its streams");
+    // `pcb` commands on this server, with the identities named in the pipeline file.
+    let pipeline = dir.path().join("prod.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[pipeline]\ndata_dir = {:?}\nidentities_dir = {:?}\n\
+             [nats]\nurl = \"tls://127.0.0.1:{port}\"\ntls_ca_file = {:?}\n",
+            dir.path().join("data").display().to_string(),
+            etc.display().to_string(),
+            tls.join("ca.pem").display().to_string()
+        ),
+    )
+    .expect("pipeline");
+    let p = pipeline.to_str().expect("utf-8");
+    let status = pcb(&["status", "--pipeline", p]);
+    assert!(status.status.success(), "{}", text(&status));
+    assert!(
+        text(&status).contains("pcb.images.encoded"),
+        "{}",
+        text(&status)
+    );
+    let init = pcb(&["init", "--pipeline", p]);
+    assert!(init.status.success(), "{}", text(&init));
+    assert!(text(&init).contains("unchanged"), "{}", text(&init));
+
+    // The system account's user reaches the server's own subjects, not the pipeline's.
+    let sys_seed = std::fs::read_to_string(etc.join("system.nk")).expect("seed");
+    let sys = async_nats::ConnectOptions::new()
+        .nkey(sys_seed.trim().to_string())
+        .add_root_certificates(tls.join("ca.pem"))
+        .require_tls(true)
+        .connect(format!("tls://127.0.0.1:{port}"))
+        .await
+        .expect("system user");
+    let varz = sys
+        .request("$SYS.REQ.SERVER.PING.VARZ", "".into())
+        .await
+        .expect("the system account answers");
+    assert!(
+        String::from_utf8_lossy(&varz.payload).contains("pcb-nats-1"),
+        "{}",
+        String::from_utf8_lossy(&varz.payload)
+    );
 }

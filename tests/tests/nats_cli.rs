@@ -1,8 +1,10 @@
-//! The README's `nats` CLI commands, run as written (with `NATS_URL` set, as the README
-//! says) by the CLI that deploy/setup.sh installs, against a live pipeline: boards through
-//! the ingester, encoder and router, a registry with a live model and a detector process.
-//! Each must exit 0 and print what the README's comment beside it says. The commands are
-//! read from README.md, so a README change without a matching row here fails.
+//! The README's `nats` CLI commands, run as written (with `NATS_URL` and `NATS_NKEY` set, as
+//! the README's `export` line says, from a folder holding `.pcb-data/identities`) by the
+//! CLI that deploy/setup.sh installs, against a live pipeline on a server with
+//! authentication on, as `pcb up` runs it: boards through the ingester, encoder and router,
+//! a registry with a live model and a detector process. Each must exit 0 and print what the
+//! README's comment beside it says. The commands are read from README.md, so a README change
+//! without a matching row here fails. The README's Python reader runs too.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -53,7 +55,7 @@ const ROWS: &[Row] = &[
           expect: &["subj: pcb.shards.3", "Acknowledged message"] },
     Row { command: "nats stream view PCB_REJECTED", mode: Mode::Terminal,
           expect: &["Subject: pcb.rejected.ingester", "Pcb-Schema: pcb.rejected/v1", "not-an-image"] },
-    Row { command: "nats sub pcb.detections", mode: Mode::Follow,
+    Row { command: "nats sub pcb.detections --nkey .pcb-data/identities/reader.nk --inbox-prefix _INBOX_reader", mode: Mode::Follow,
           expect: &["Received on \"pcb.detections\"", "Pcb-Schema: pcb.detections/v1"] },
     Row { command: "nats stream view PCB_DETECTIONS", mode: Mode::Terminal,
           expect: &["Subject: pcb.detections", "Pcb-Schema: pcb.detections/v1"] },
@@ -82,13 +84,51 @@ fn readme_commands() -> Vec<String> {
         .collect()
 }
 
-/// `nats` with `command`'s arguments against `url`, with a config dir of its own (no
-/// saved context applies).
-fn nats(command: &str, url: &str, home: &Path) -> Command {
+/// The README's Python example (the code block after "Payloads are MessagePack").
+fn readme_python() -> String {
+    let readme = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let text = std::fs::read_to_string(&readme).expect("README.md");
+    let after = text
+        .split_once("Payloads are MessagePack")
+        .expect("the Python example's paragraph")
+        .1;
+    let block = after.split_once("```python\n").expect("a python block").1;
+    block.split_once("```").expect("closed").0.to_string()
+}
+
+/// The README's `export` line: the variables it sets, with `$PWD` as `root`.
+fn readme_exports(root: &Path) -> Vec<(String, String)> {
+    let readme = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let text = std::fs::read_to_string(&readme).expect("README.md");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("export ") && l.contains("NATS_URL"))
+        .expect("the export line");
+    line.split_whitespace()
+        .skip(1)
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.replace("$PWD", &root.display().to_string()),
+            )
+        })
+        .collect()
+}
+
+/// `nats` with `command`'s arguments against `url`, as the admin (the README's
+/// `NATS_NKEY`), from `root`, with a config dir of its own (no saved context applies).
+fn nats(command: &str, url: &str, home: &Path, root: &Path) -> Command {
     let mut words = command.split_whitespace();
     assert_eq!(words.next(), Some("nats"));
     let mut cmd = Command::new(pcb_tests::nats_cli());
+    for (key, value) in readme_exports(root) {
+        if key == "NATS_NKEY" {
+            cmd.env(key, value);
+        }
+    }
     cmd.args(words)
+        .current_dir(root)
         .env("NATS_URL", url)
         .env("XDG_CONFIG_HOME", home)
         .env("HOME", home)
@@ -307,9 +347,20 @@ async fn the_readmes_nats_commands_print_what_the_readme_says() {
     });
     assert!(version.0, "{} --version: {}", nats_bin.display(), version.1);
 
-    // A live pipeline: a live model, a detector process, the encoder and router in-process.
-    let env = Env::start().await;
+    // A live pipeline: a live model, a detector process, the encoder and router in-process,
+    // on a server that admits only the identities in <root>/.pcb-data/identities.
+    let env = Env::start_secured().await;
     let url = env.server.url();
+    let root = env.dir.path().to_path_buf();
+    let exports = readme_exports(&root);
+    let admin = root
+        .join(".pcb-data/identities/admin.nk")
+        .display()
+        .to_string();
+    assert!(
+        exports.contains(&("NATS_NKEY".to_string(), admin)),
+        "the README's export line sets no NATS_NKEY to the admin seed: {exports:?}"
+    );
     let home = env.dir.path().join("cli-home");
     std::fs::create_dir_all(&home).expect("home");
     let registry = Registry::open(&env.js).await.expect("registry");
@@ -365,7 +416,7 @@ async fn the_readmes_nats_commands_print_what_the_readme_says() {
     let mut printed = Vec::new();
     // The bounded commands first, then the following ones with what they wait for.
     for row in ROWS.iter().filter(|r| r.mode != Mode::Follow) {
-        let cmd = nats(row.command, &url, &home);
+        let cmd = nats(row.command, &url, &home, &root);
         let (ok, text) = match row.mode {
             Mode::Terminal => tokio::task::spawn_blocking(move || run_on_terminal(cmd)).await,
             _ => tokio::task::spawn_blocking(move || run_once(cmd)).await,
@@ -401,7 +452,7 @@ async fn the_readmes_nats_commands_print_what_the_readme_says() {
     let followers: Vec<(&Row, Following)> = ROWS
         .iter()
         .filter(|r| r.mode == Mode::Follow)
-        .map(|r| (r, follow(nats(r.command, &url, &home))))
+        .map(|r| (r, follow(nats(r.command, &url, &home, &root))))
         .collect();
     // Each says it is subscribed/watching before anything is published.
     for (row, f) in &followers {
@@ -430,6 +481,36 @@ async fn the_readmes_nats_commands_print_what_the_readme_says() {
         assert!(f.stop(), "`{}` ended by itself:\n{text}", row.command);
         printed.push((row.command, text));
     }
+
+    // The README's Python reader, from the same folder: every record of shard 3.
+    let run = root.join(".pcb-data").join("run");
+    std::fs::create_dir_all(&run).expect("run dir");
+    std::fs::write(run.join("nats.url"), &url).expect("url file");
+    let script = root.join("readme_reader.py");
+    std::fs::write(&script, readme_python()).expect("script");
+    let out = Command::new(pcb_tests::venv_python())
+        .arg(&script)
+        .current_dir(&root)
+        .output()
+        .expect("run python");
+    let printed_py = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "the README's Python example failed: {}{printed_py}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = printed_py
+        .lines()
+        .filter(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.len() == 4 && matches!(w[0], "train" | "val") && w[1].len() == 12 && w[3] == "defects"
+        })
+        .count() as u64;
+    assert_eq!(
+        records,
+        env.count(STREAM_SHARDS, "pcb.shards.3").await,
+        "{printed_py}"
+    );
 
     for (command, text) in &printed {
         let head: Vec<&str> = text.lines().take(6).collect();

@@ -222,4 +222,9 @@ fn the_readme_tables_are_the_declared_topology() {
         stages_markdown(),
         "README's stages table differs from schemas/src/topology.rs: paste `pcb topology`"
     );
+    assert_eq!(
+        block(&readme, "identities"),
+        pcb_common::identity::identities_markdown(),
+        "README's identities table differs from the permissions: paste `pcb topology`"
+    );
 }

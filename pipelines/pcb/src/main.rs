@@ -87,9 +87,19 @@ enum Cmd {
     /// Create the pipeline's streams, buckets and durable consumers on a server (what
     /// `pcb up` does first); idempotent. Stages never create them themselves.
     Init(Reach),
-    /// Print the topology tables (subjects; stages with their consumers and buckets) the
-    /// README carries, derived from schemas/src/topology.rs.
+    /// Print the topology tables (subjects; stages with their consumers and buckets;
+    /// identities with what they may publish and read) the README carries, derived from
+    /// schemas/src/topology.rs.
     Topology,
+    /// Issue the pipeline's NATS identities for a server of your own: an nkey seed per
+    /// identity (`<identity>.nk`, mode 0600; existing ones are kept) and `pcb-users.conf`
+    /// (their public keys and permissions, derived from the topology, plus a system-account
+    /// user), which deploy/nats/nats-server.conf includes.
+    Identities {
+        /// Folder of the seeds and pcb-users.conf (created with mode 0700).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Start the pipeline (private nats-server unless --nats-url) until Ctrl-C.
     Up(Common),
     /// `up`, drop the synthetic sample into the watched folder, print what flowed where.
@@ -214,7 +224,23 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Init(reach) => pcb::reach::init(&reach.to_where()).await,
         Cmd::Topology => {
             println!("{}", pcb_schemas::topology::subjects_markdown());
-            print!("{}", pcb_schemas::topology::stages_markdown());
+            println!("{}", pcb_schemas::topology::stages_markdown());
+            print!("{}", pcb_common::identity::identities_markdown());
+            Ok(())
+        }
+        Cmd::Identities { out } => {
+            let ids = pcb_common::IdentityStore::ensure(&out)?;
+            let conf = out.join("pcb-users.conf");
+            std::fs::write(&conf, ids.server_conf()?)?;
+            println!("{}", conf.display());
+            for id in pcb_common::Identity::all() {
+                println!(
+                    "{:<9} {}  {}",
+                    id.name(),
+                    ids.public_key(id),
+                    ids.seed_file(id).display()
+                );
+            }
             Ok(())
         }
         Cmd::Status(reach) => status(&reach.to_where()).await,

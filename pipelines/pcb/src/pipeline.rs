@@ -35,12 +35,17 @@ pub struct PipelineMeta {
     /// Directory for the private server's store, stage configs, logs and the default
     /// watched folder (relative paths are relative to the current directory).
     pub data_dir: PathBuf,
+    /// Folder of the NATS identities (`pcb identities --out DIR`): `pcb up` gives each
+    /// stage its own and the commands connect as `admin` or `reader`, on a server of your
+    /// own too. Empty: `<data_dir>/identities`, used with the private server only.
+    pub identities_dir: PathBuf,
 }
 
 impl Default for PipelineMeta {
     fn default() -> Self {
         PipelineMeta {
             data_dir: PathBuf::from(".pcb-data"),
+            identities_dir: PathBuf::new(),
         }
     }
 }
@@ -220,6 +225,11 @@ impl PipelineFile {
         if !self.nats.url.is_empty() {
             self.nats.validate("nats", p);
         }
+        p.check(
+            !self.pipeline.identities_dir.as_os_str().is_empty() && self.nats.has_credentials(),
+            "pipeline.identities_dir",
+            "set either this or a credential in [nats] (user, token, nkey_seed_file, creds_file)",
+        );
         self.streams.validate("streams", p);
         self.log.validate("log", p);
         p.check(
@@ -354,11 +364,7 @@ mod tests {
             .expect("write");
         assert_eq!(files.len(), services().count(), "one file per service");
         let trainer = dir.path().join("trainer.toml");
-        std::fs::write(
-            &trainer,
-            p.stage_config(StageName::Trainer, 0, &nats),
-        )
-        .expect("write");
+        std::fs::write(&trainer, p.stage_config(StageName::Trainer, 0, &nats)).expect("write");
         let t = loads::<pcb_trainer::Trainer>(&trainer);
         assert_eq!(t.config.shard_count, p.stages.router.settings.shard_count);
         for (stage, _, path) in files {

@@ -15,9 +15,14 @@ pub fn url_file(data_dir: &Path) -> PathBuf {
     data_dir.join("run").join("nats.url")
 }
 
-/// Where `pcb up` issues the identities of its private server.
-pub fn identities_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("identities")
+/// The identities' folder: the pipeline file's `identities_dir`, else
+/// `<data_dir>/identities` (where `pcb up` issues those of its private server).
+pub fn identities_dir(pipeline: &PipelineFile, data_dir: &Path) -> PathBuf {
+    if pipeline.pipeline.identities_dir.as_os_str().is_empty() {
+        data_dir.join("identities")
+    } else {
+        pipeline.pipeline.identities_dir.clone()
+    }
 }
 
 /// How a command was told to find the pipeline.
@@ -75,12 +80,12 @@ pub fn resolve(w: &Where) -> anyhow::Result<Target> {
             ),
         },
     };
-    let own_credentials = pipeline.nats.user.is_some()
-        || pipeline.nats.token.is_some()
-        || pipeline.nats.nkey_seed_file.is_some()
-        || pipeline.nats.creds_file.is_some();
-    let ids_dir = identities_dir(&data_dir);
-    let identities = if url == up_url && !own_credentials && ids_dir.is_dir() {
+    // Named identities serve any server; the private ones only the server `pcb up`
+    // started (whose URL it wrote), and only when the file names no credential.
+    let named = !pipeline.pipeline.identities_dir.as_os_str().is_empty();
+    let ids_dir = identities_dir(&pipeline, &data_dir);
+    let private = url == up_url && !pipeline.nats.has_credentials() && ids_dir.is_dir();
+    let identities = if named || private {
         Some(IdentityStore::ensure(&ids_dir)?)
     } else {
         None

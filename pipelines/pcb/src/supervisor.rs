@@ -122,12 +122,15 @@ impl Running {
             .nats_url
             .clone()
             .or_else(|| (!pipeline.nats.url.is_empty()).then(|| pipeline.nats.url.clone()));
+        let ids_dir = absolute(&crate::reach::identities_dir(&pipeline, &data_dir));
         let (server, nats_url, identities) = match url {
-            Some(u) => (None, u, None),
+            // A server of one's own: the identities named in the pipeline file, if any.
+            Some(u) if pipeline.pipeline.identities_dir.as_os_str().is_empty() => (None, u, None),
+            Some(u) => (None, u, Some(IdentityStore::ensure(&ids_dir)?)),
             None => {
-                // The private server admits only the identities issued under the data
-                // dir, each with the permissions the topology gives it.
-                let ids = IdentityStore::ensure(&crate::reach::identities_dir(&data_dir))?;
+                // The private server admits only the identities issued in the folder,
+                // each with the permissions the topology gives it.
+                let ids = IdentityStore::ensure(&ids_dir)?;
                 let dir = data_dir.join("nats");
                 let for_server = ids.clone();
                 let s = tokio::task::spawn_blocking(move || {

@@ -326,12 +326,7 @@ impl IdentityStore {
         for id in Identity::all() {
             let path = seed_path(dir, id);
             if !path.exists() {
-                let pair = nkeys::KeyPair::new_user();
-                let seed = pair.seed().map_err(|e| IdentityError::BadSeed {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-                write_secret(&path, format!("{seed}\n").as_bytes()).map_err(io(&path))?;
+                issue_seed(&path)?;
             }
             keys.push((id, public_key(&path)?));
         }
@@ -396,6 +391,36 @@ impl IdentityStore {
         out.push_str("]\n");
         out
     }
+}
+
+impl IdentityStore {
+    /// [`IdentityStore::users_conf`] and `SYS_USERS`, one user of the server's system
+    /// account (`system.nk` beside the others): the include of a production server
+    /// (deploy/nats/nats-server.conf).
+    pub fn server_conf(&self) -> Result<String, IdentityError> {
+        let path = self.dir.join("system.nk");
+        if !path.exists() {
+            issue_seed(&path)?;
+        }
+        let key = public_key(&path)?;
+        Ok(format!(
+            "{}# system: the server's system account (monitoring, `nats server` commands)\n\
+             SYS_USERS = [\n  {{ nkey: {key:?} }}\n]\n",
+            self.users_conf()
+        ))
+    }
+}
+
+fn issue_seed(path: &Path) -> Result<(), IdentityError> {
+    let pair = nkeys::KeyPair::new_user();
+    let seed = pair.seed().map_err(|e| IdentityError::BadSeed {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    write_secret(path, format!("{seed}\n").as_bytes()).map_err(|source| IdentityError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn seed_path(dir: &Path, id: Identity) -> PathBuf {
@@ -473,7 +498,7 @@ fn file_mode(_meta: &std::fs::Metadata) -> u32 {
 /// use which buckets, derived from the permissions.
 pub fn identities_markdown() -> String {
     let mut out = String::from(
-        "| identity | publishes | reads (streams) | buckets |\n|---|---|---|---|\n",
+        "| identity | publishes | subscribes | reads (streams) | buckets |\n|---|---|---|---|---|\n",
     );
     for id in Identity::all() {
         let p = id.permissions();
@@ -504,16 +529,37 @@ pub fn identities_markdown() -> String {
             }
             if let Some(rest) = s.strip_prefix("$JS.API.CONSUMER.MSG.NEXT.") {
                 if !rest.ends_with(".*") {
-                    streams.push(format!("`{}` (durable `{}`)", stream_of(rest), durable_of(rest)));
+                    streams.push(format!(
+                        "`{}` (durable `{}`)",
+                        stream_of(rest),
+                        durable_of(rest)
+                    ));
                 }
             }
         }
-        let cell = |v: Vec<String>| if v.is_empty() { "—".to_string() } else { v.join(", ") };
-        let (publishes, streams, buckets) = match id {
-            Identity::Admin => ("everything".to_string(), "everything".to_string(), "everything".to_string()),
-            _ => (cell(publishes), cell(streams), cell(buckets)),
+        let subscribes: Vec<String> = p.subscribe.allow.iter().map(|s| format!("`{s}`")).collect();
+        let cell = |v: Vec<String>| {
+            if v.is_empty() {
+                "—".to_string()
+            } else {
+                v.join(", ")
+            }
         };
-        let _ = writeln!(out, "| `{}` | {publishes} | {streams} | {buckets} |", id.name());
+        let row = match id {
+            Identity::Admin => [
+                "everything".to_string(),
+                "everything".to_string(),
+                "everything".to_string(),
+                "everything".to_string(),
+            ],
+            _ => [
+                cell(publishes),
+                cell(subscribes),
+                cell(streams),
+                cell(buckets),
+            ],
+        };
+        let _ = writeln!(out, "| `{}` | {} |", id.name(), row.join(" | "));
     }
     out
 }
@@ -548,7 +594,10 @@ mod tests {
         assert!(allows(&d.publish, "pcb.rejected.detector"));
         assert!(!allows(&d.publish, "pcb.train.candidates"));
         assert!(!allows(&d.publish, "pcb.rejected.registry"));
-        assert!(!allows(&d.publish, "$KV.pcb_models.live.x"), "reads the registry only");
+        assert!(
+            !allows(&d.publish, "$KV.pcb_models.live.x"),
+            "reads the registry only"
+        );
         let r = Identity::Stage(StageName::Router).permissions();
         assert!(allows(&r.publish, "pcb.shards.3"));
         assert!(!allows(&r.publish, "pcb.images.raw"));
@@ -557,13 +606,25 @@ mod tests {
     #[test]
     fn a_durable_is_pulled_and_acked_by_its_own_stage_only() {
         let enc = Identity::Stage(StageName::Encoder).permissions();
-        assert!(allows(&enc.publish, "$JS.API.CONSUMER.MSG.NEXT.PCB_IMAGES.encoder"));
+        assert!(allows(
+            &enc.publish,
+            "$JS.API.CONSUMER.MSG.NEXT.PCB_IMAGES.encoder"
+        ));
         assert!(allows(&enc.publish, "$JS.ACK.PCB_IMAGES.encoder.1.2.3.4.5"));
-        assert!(!allows(&enc.publish, "$JS.API.CONSUMER.MSG.NEXT.PCB_IMAGES.detector"));
-        assert!(!allows(&enc.publish, "$JS.ACK.PCB_IMAGES.detector.1.2.3.4.5"));
+        assert!(!allows(
+            &enc.publish,
+            "$JS.API.CONSUMER.MSG.NEXT.PCB_IMAGES.detector"
+        ));
+        assert!(!allows(
+            &enc.publish,
+            "$JS.ACK.PCB_IMAGES.detector.1.2.3.4.5"
+        ));
         // The viewer views PCB_IMAGES but may neither pull from nor redefine a durable.
         let v = Identity::Stage(StageName::Viewer).permissions();
-        assert!(allows(&v.publish, "$JS.API.CONSUMER.MSG.NEXT.PCB_IMAGES.ephemeral123"));
+        assert!(allows(
+            &v.publish,
+            "$JS.API.CONSUMER.MSG.NEXT.PCB_IMAGES.ephemeral123"
+        ));
         assert!(allows(&v.publish, "$JS.API.CONSUMER.CREATE.PCB_IMAGES"));
         for durable in ["encoder", "router", "detector"] {
             assert!(!allows(
@@ -575,7 +636,10 @@ mod tests {
                 &format!("$JS.API.CONSUMER.CREATE.PCB_IMAGES.{durable}.pcb.images.raw")
             ));
         }
-        assert!(!allows(&v.publish, "$JS.API.CONSUMER.DELETE.PCB_IMAGES.encoder"));
+        assert!(!allows(
+            &v.publish,
+            "$JS.API.CONSUMER.DELETE.PCB_IMAGES.encoder"
+        ));
         assert!(!allows(&v.publish, "$JS.API.STREAM.PURGE.PCB_IMAGES"));
     }
 
@@ -602,11 +666,17 @@ mod tests {
         }
         assert!(!allows(&r.publish, "$KV.pcb_models.live.pcb"));
         assert!(!allows(&r.publish, "$JS.API.STREAM.DELETE.PCB_DETECTIONS"));
-        assert!(!allows(&r.publish, "$JS.API.CONSUMER.MSG.NEXT.PCB_TRAINING.registry"));
+        assert!(!allows(
+            &r.publish,
+            "$JS.API.CONSUMER.MSG.NEXT.PCB_TRAINING.registry"
+        ));
         assert!(allows(&r.subscribe, "pcb.detections"));
         assert!(!allows(&r.subscribe, "pcb.images.encoded"));
         assert!(allows(&r.publish, "$JS.API.STREAM.INFO.PCB_IMAGES"));
-        assert!(!allows(&r.publish, "$JS.API.DIRECT.GET.PCB_IMAGES"), "no images");
+        assert!(
+            !allows(&r.publish, "$JS.API.DIRECT.GET.PCB_IMAGES"),
+            "no images"
+        );
     }
 
     #[test]
@@ -614,12 +684,21 @@ mod tests {
         let reg = Identity::Stage(StageName::Registry).permissions();
         assert!(allows(&reg.publish, "$KV.pcb_models.live.pcb"));
         assert!(allows(&reg.publish, "$O.pcb_model_artifacts.C.abc"));
-        assert!(allows(&reg.publish, "$JS.API.STREAM.PURGE.OBJ_pcb_candidates"));
+        assert!(allows(
+            &reg.publish,
+            "$JS.API.STREAM.PURGE.OBJ_pcb_candidates"
+        ));
         let det = Identity::Stage(StageName::Detector).permissions();
-        assert!(allows(&det.publish, "$JS.API.DIRECT.GET.KV_pcb_models.$KV.pcb_models.live.pcb"));
+        assert!(allows(
+            &det.publish,
+            "$JS.API.DIRECT.GET.KV_pcb_models.$KV.pcb_models.live.pcb"
+        ));
         assert!(allows(&det.publish, "$JS.FC.OBJ_pcb_model_artifacts.x.y"));
         assert!(!allows(&det.publish, "$O.pcb_model_artifacts.C.abc"));
-        assert!(!allows(&det.publish, "$JS.API.STREAM.INFO.OBJ_pcb_candidates"));
+        assert!(!allows(
+            &det.publish,
+            "$JS.API.STREAM.INFO.OBJ_pcb_candidates"
+        ));
         let tr = Identity::Stage(StageName::Trainer).permissions();
         assert!(allows(&tr.publish, "$O.pcb_candidates.M.abc"));
         assert!(
@@ -662,7 +741,7 @@ mod tests {
     fn the_table_names_each_identitys_reach() {
         let t = identities_markdown();
         assert!(
-            t.contains("| `encoder` | `pcb.images.encoded`, `pcb.rejected.encoder` | `PCB_IMAGES` (durable `encoder`) | — |"),
+            t.contains("| `encoder` | `pcb.images.encoded`, `pcb.rejected.encoder` | `_INBOX_encoder.>` | `PCB_IMAGES` (durable `encoder`) | — |"),
             "{t}"
         );
         assert!(t.contains("| `reader` | — |"), "{t}");

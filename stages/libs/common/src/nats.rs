@@ -61,6 +61,14 @@ impl Default for NatsConfig {
 }
 
 impl NatsConfig {
+    /// Whether it names a credential (user/password, token, nkey seed or creds file).
+    pub fn has_credentials(&self) -> bool {
+        self.user.is_some()
+            || self.token.is_some()
+            || self.nkey_seed_file.is_some()
+            || self.creds_file.is_some()
+    }
+
     /// Adds this section's problems (prefixed with `section`) to `p`.
     pub fn validate(&self, section: &str, p: &mut Problems) {
         p.check(
