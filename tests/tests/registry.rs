@@ -112,6 +112,37 @@ async fn random_weights(dir: &std::path::Path) -> (Vec<u8>, serde_json::Value) {
     )
 }
 
+/// `weights` without `backbone.body.layer3.0.conv2.weight`, and with an extra tensor.
+fn edited_weights(dir: &std::path::Path, weights: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let path = dir.join("edit.safetensors");
+    std::fs::write(&path, weights).expect("write");
+    let tensors = tch::Tensor::read_safetensors(&path).expect("read");
+    let write = |named: Vec<(String, tch::Tensor)>| {
+        let out = dir.join("edited.safetensors");
+        tch::Tensor::write_safetensors(&named, &out).expect("write safetensors");
+        std::fs::read(&out).expect("read back")
+    };
+    let missing: Vec<(String, tch::Tensor)> = tensors
+        .iter()
+        .filter(|(n, _)| n != "backbone.body.layer3.0.conv2.weight")
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    assert_eq!(
+        missing.len() + 1,
+        tensors.len(),
+        "the tensor is there to leave out"
+    );
+    let mut extra: Vec<(String, tch::Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    extra.push((
+        "backdoor.weight".into(),
+        tch::Tensor::zeros([4], tch::kind::FLOAT_CPU),
+    ));
+    (write(missing), write(extra))
+}
+
 fn sha256(bytes: &[u8]) -> String {
     hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes))
 }
@@ -167,6 +198,10 @@ async fn a_candidate_can_never_make_the_registry_read_a_local_file() {
     put("m/text/w.safetensors", b"hello, not weights".to_vec()).await;
     put("m/shapes/w.safetensors", weights.clone()).await;
     put("m/digest/w.safetensors", weights.clone()).await;
+    // The same weights with one layer-3 tensor left out, and with one tensor too many.
+    let (missing, extra) = edited_weights(env.dir.path(), &weights);
+    put("m/missing/w.safetensors", missing.clone()).await;
+    put("m/extra/w.safetensors", extra.clone()).await;
     let secret = env.dir.path().join("secret.safetensors");
     std::fs::write(&secret, &weights).expect("a local file");
     let mut fewer_classes = config.clone();
@@ -202,6 +237,19 @@ async fn a_candidate_can_never_make_the_registry_read_a_local_file() {
         (
             candidate("digest", "m/digest/w.safetensors", &"0".repeat(64), &config),
             "artifact-digest",
+        ),
+        (
+            candidate(
+                "missing",
+                "m/missing/w.safetensors",
+                &sha256(&missing),
+                &config,
+            ),
+            "artifact-shapes",
+        ),
+        (
+            candidate("extra", "m/extra/w.safetensors", &sha256(&extra), &config),
+            "artifact-shapes",
         ),
     ];
     let stop = pcb_common::Shutdown::new();
@@ -241,6 +289,29 @@ async fn a_candidate_can_never_make_the_registry_read_a_local_file() {
             l.reason
         );
     }
+    // Every tensor is held to the declared network, not only the head.
+    let reason = |artifact: &str| {
+        letters
+            .iter()
+            .find(|l| l.source == artifact)
+            .map(|l| l.reason.clone())
+            .unwrap_or_default()
+    };
+    let r = reason("m/missing/w.safetensors");
+    assert!(
+        r.contains("no tensor backbone.body.layer3.0.conv2.weight"),
+        "{r}"
+    );
+    let r = reason("m/extra/w.safetensors");
+    assert!(
+        r.contains("backdoor.weight is not a tensor of the declared network"),
+        "{r}"
+    );
+    let r = reason("m/shapes/w.safetensors");
+    assert!(
+        r.contains("roi_heads.box_predictor.cls_score.weight is [7, 64]"),
+        "{r}"
+    );
     let registry = Registry::open(&env.js).await.expect("registry");
     assert!(
         pcb_tests::wait_until(Duration::from_secs(60), || async {

@@ -12,7 +12,7 @@ use pcb_common::ack::Delivery;
 use pcb_common::{
     Batching, Context, Metrics, NoArgs, Outcome, Problems, Rejection, Shutdown, Stage, Validate,
 };
-use pcb_registry::{key_live, publish_event, LiveAlias, ModelVersion, Registry};
+use pcb_model_store::{key_live, publish_event, LiveAlias, ModelVersion, Registry};
 use pcb_schemas::{
     decode, Defect, Detection, EncodedImage, ModelRef, CLASS_NAMES, SUBJECT_DETECTIONS,
 };
@@ -75,7 +75,7 @@ impl Validate for DetectorSettings {
     type Config = DetectorSettings;
 
     fn validate(self, p: &mut Problems) -> Option<DetectorSettings> {
-        if let Err(e) = pcb_registry::check_name(&self.model_name) {
+        if let Err(e) = pcb_model_store::check_name(&self.model_name) {
             p.push("detector.model_name", e);
         }
         p.between("detector.max_batch", self.max_batch, 1, 256);

@@ -1,18 +1,17 @@
 //! The registry writer stage: takes the trainers' candidates from `pcb.train.candidates`,
 //! stores them as model versions, and promotes them to `live` by the pipeline's policy.
 
-pub mod store;
+use std::collections::BTreeMap;
 
 use async_nats::jetstream;
 use pcb_common::ack::Delivery;
 use pcb_common::{Context, NoArgs, Outcome, Problems, Rejection, Stage, Validate};
-use pcb_schemas::{
-    ModelEvent, ModelEventKind, ModelRef, StageName, TrainCandidate, SUBJECT_MODEL_EVENTS,
-};
+use pcb_schemas::{StageName, TrainCandidate};
 use serde::{Deserialize, Serialize};
 
-pub use store::{
-    check_name, key_live, parse_ref, LiveAlias, ModelVersion, NewVersion, Registry, RegistryError,
+pub use pcb_model_store::{
+    check_name, key_live, parse_ref, publish_event, LiveAlias, ModelVersion, NewVersion, Registry,
+    RegistryError,
 };
 
 pcb_common::declare_stage!(
@@ -99,30 +98,6 @@ pub struct Policy {
     pub tolerance_map: f64,
     /// Largest weights object taken.
     pub max_artifact_bytes: u64,
-}
-
-/// Publishes a registry event on `pcb.models.events` (logged, not fatal, when it fails).
-pub async fn publish_event(
-    js: &jetstream::Context,
-    kind: ModelEventKind,
-    name: &str,
-    version: u64,
-    by: &str,
-    reason: Option<String>,
-) {
-    let event = ModelEvent {
-        kind,
-        model: ModelRef {
-            name: name.into(),
-            version,
-        },
-        by: by.into(),
-        reason,
-        at_ms: pcb_common::now_ms(),
-    };
-    if let Err(e) = pcb_common::publish(js, SUBJECT_MODEL_EVENTS.into(), &event).await {
-        tracing::warn!(error = %e, %kind, name, version, "could not publish a model event");
-    }
 }
 
 /// Whether the policy promotes `candidate` over `live`.
@@ -220,17 +195,23 @@ pub async fn candidate_weights(
             "the weights object is not what the candidate's sha256 says",
         ));
     }
-    check_weights(&weights, &c.model_config)?;
-    Ok(weights)
+    // Building the declared network takes CPU time (an R50 is 40M parameters): off the
+    // runtime's threads.
+    let config = c.model_config.clone();
+    tokio::task::spawn_blocking(move || check_weights(&weights, &config).map(|()| weights))
+        .await
+        .map_err(|e| Rejection::new("artifact-shapes", format!("the check failed: {e}")))?
 }
 
 fn truncate(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }
 
-/// Checks that `weights` is a well-formed safetensors file (header, dtypes, offsets) and
-/// that the tensors fixed by the declared network (`model_config`: classes, box head width,
-/// stem and pyramid widths) have its shapes.
+/// Checks that `weights` is a safetensors file holding exactly the tensors of the network
+/// `model_config` declares, each with its shape: the network is built (on the CPU, with
+/// fresh weights) and its variables compared name by name, so a file that would not load
+/// into the declared model, or would load with tensors left over, is refused here and
+/// never reaches a detector.
 pub fn check_weights(weights: &[u8], model_config: &serde_json::Value) -> Result<(), Rejection> {
     let tensors = safetensors::SafeTensors::deserialize(weights).map_err(|e| {
         Rejection::new(
@@ -238,45 +219,63 @@ pub fn check_weights(weights: &[u8], model_config: &serde_json::Value) -> Result
             format!("the weights object is not a safetensors file: {e}"),
         )
     })?;
-    let field = |k: &str, default: i64| {
-        model_config
-            .get(k)
-            .and_then(|v| v.as_i64())
-            .unwrap_or(default)
-    };
-    let classes = field("num_classes", 7);
-    let width = field("backbone_width", 64);
-    let fpn = field("fpn_channels", 256);
-    let repr = field("representation_size", 1024);
-    let expect: [(&str, &[i64]); 5] = [
-        ("roi_heads.box_predictor.cls_score.weight", &[classes, repr]),
-        (
-            "roi_heads.box_predictor.bbox_pred.weight",
-            &[4 * classes, repr],
-        ),
-        ("roi_heads.box_head.fc7.weight", &[repr, repr]),
-        ("backbone.body.conv1.weight", &[width]),
-        ("rpn.head.conv.0.0.weight", &[fpn, fpn, 3, 3]),
-    ];
-    for (name, want) in expect {
-        let shape: Vec<i64> = match tensors.tensor(name) {
-            Ok(t) => t.shape().iter().map(|&d| d as i64).collect(),
-            Err(_) => {
-                return Err(Rejection::new(
-                    "artifact-shapes",
-                    format!("the weights have no tensor {name}"),
-                ))
-            }
-        };
-        // A prefix: the stem's input channels and kernel depend on the input mode.
-        if shape.len() < want.len() || shape[..want.len()] != *want {
-            return Err(Rejection::new(
-                "artifact-shapes",
-                format!("{name} is {shape:?}, the declared network needs {want:?}"),
-            ));
+    let config: pcb_vision::ModelConfig =
+        serde_json::from_value(model_config.clone()).map_err(|e| {
+            Rejection::new(
+                "bad-config",
+                format!("the candidate's model_config is not a network this pipeline builds: {e}"),
+            )
+        })?;
+    let want = expected_shapes(config)?;
+    let got: BTreeMap<String, Vec<i64>> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().iter().map(|&d| d as i64).collect()))
+        .collect();
+    let mut problems = Vec::new();
+    for (name, shape) in &want {
+        match got.get(name) {
+            None => problems.push(format!("no tensor {name}")),
+            Some(s) if s != shape => problems.push(format!(
+                "{name} is {s:?}, the declared network needs {shape:?}"
+            )),
+            Some(_) => {}
         }
     }
-    Ok(())
+    for name in got.keys().filter(|n| !want.contains_key(*n)) {
+        problems.push(format!("{name} is not a tensor of the declared network"));
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let n = problems.len();
+    problems.truncate(5);
+    Err(Rejection::new(
+        "artifact-shapes",
+        format!(
+            "{n} tensor(s) do not fit the declared network ({} tensors): {}{}",
+            want.len(),
+            problems.join("; "),
+            if n > 5 { "; ..." } else { "" }
+        ),
+    ))
+}
+
+/// The name and shape of every variable of the network `config` declares.
+fn expected_shapes(
+    config: pcb_vision::ModelConfig,
+) -> Result<BTreeMap<String, Vec<i64>>, Rejection> {
+    // A config that libtorch cannot build (a zero width, say) panics inside tch: caught,
+    // it is a refusal of this candidate, not the end of the registry.
+    std::panic::catch_unwind(|| {
+        pcb_vision::Detector::new(config, tch::Device::Cpu, pcb_vision::Sampling::First).shapes()
+    })
+    .map_err(|_| {
+        Rejection::new(
+            "bad-config",
+            "the candidate's model_config does not build a network".to_string(),
+        )
+    })
 }
 
 /// Registers one candidate and applies the policy; a candidate already registered (the

@@ -508,7 +508,7 @@ async fn change_live(
 ) -> ApiResult<Json<serde_json::Value>> {
     let name = name.as_str();
     let body = parse_body(&body)?;
-    pcb_registry::check_name(name).map_err(|e| ApiError::bad(e.to_string()))?;
+    pcb_model_store::check_name(name).map_err(|e| ApiError::bad(e.to_string()))?;
     authorise(&s, &headers, body.token.clone(), "change the live model")?;
     let (result, kind) = match change {
         Change::Promote => {
@@ -526,14 +526,15 @@ async fn change_live(
         ),
     };
     let alias = result.map_err(|e| match e {
-        pcb_registry::RegistryError::NoHistory(m) => ApiError(
+        pcb_model_store::RegistryError::NoHistory(m) => ApiError(
             StatusCode::CONFLICT,
             format!("{m}: nothing to roll back to"),
         ),
-        pcb_registry::RegistryError::NotFound(m) => ApiError::not_found(m),
+        pcb_model_store::RegistryError::NotFound(m) => ApiError::not_found(m),
         other => ApiError::unavailable(other.to_string()),
     })?;
-    pcb_registry::publish_event(&s.js, kind, name, alias.version, crate::STAGE.name(), None).await;
+    pcb_model_store::publish_event(&s.js, kind, name, alias.version, crate::STAGE.name(), None)
+        .await;
     tracing::info!(
         name,
         version = alias.version,

@@ -129,7 +129,7 @@ pub enum ViewerError {
     Start(#[from] pcb_common::stage::StartError),
     /// The registry's bucket and object store could not be opened.
     #[error("opening the model registry: {0}")]
-    Registry(#[from] pcb_registry::RegistryError),
+    Registry(#[from] pcb_model_store::RegistryError),
     /// The web server could not bind or failed.
     #[error("web server on {addr}: {message}")]
     Serve {
@@ -189,7 +189,7 @@ pub struct State {
     /// JetStream.
     pub js: jetstream::Context,
     /// The registry.
-    pub registry: pcb_registry::Registry,
+    pub registry: pcb_model_store::Registry,
     /// Settings.
     pub config: Options,
     /// Prometheus counters.
@@ -209,7 +209,7 @@ pub async fn run_with(
     let js =
         pcb_common::stage::prepare(STAGE, &client, &metrics, &config.metrics, &shutdown).await?;
     let config = config.config;
-    let registry = pcb_registry::Registry::open(&js).await?;
+    let registry = pcb_model_store::Registry::open(&js).await?;
     let (events, _) = tokio::sync::broadcast::channel(1024);
     let state = Arc::new(State {
         index: RwLock::new(index::Index::default()),

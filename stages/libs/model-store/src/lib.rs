@@ -1,12 +1,16 @@
 //! The model registry on JetStream: metadata in a key-value bucket, weights in an object
-//! store, monotonic versions per model name, and a `live` alias with its history.
+//! store, monotonic versions per model name, a `live` alias with its history, and the
+//! events on `pcb.models.events`. The registry stage writes it; the detector, the viewer
+//! and `pcb models` read it (the viewer and `pcb models` also promote and roll back).
 
 use std::collections::BTreeMap;
 
 use async_nats::jetstream::{self, kv, object_store};
 use bytes::Bytes;
 use futures::StreamExt;
-use pcb_schemas::{Snapshot, KV_MODELS, OBJECTS_MODELS};
+use pcb_schemas::{
+    ModelEvent, ModelEventKind, ModelRef, Snapshot, KV_MODELS, OBJECTS_MODELS, SUBJECT_MODEL_EVENTS,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
@@ -503,6 +507,30 @@ impl Registry {
                 message: e.to_string(),
             })?;
         Ok(())
+    }
+}
+
+/// Publishes a registry event on `pcb.models.events` (logged, not fatal, when it fails).
+pub async fn publish_event(
+    js: &jetstream::Context,
+    kind: ModelEventKind,
+    name: &str,
+    version: u64,
+    by: &str,
+    reason: Option<String>,
+) {
+    let event = ModelEvent {
+        kind,
+        model: ModelRef {
+            name: name.into(),
+            version,
+        },
+        by: by.into(),
+        reason,
+        at_ms: pcb_common::now_ms(),
+    };
+    if let Err(e) = pcb_common::publish(js, SUBJECT_MODEL_EVENTS.into(), &event).await {
+        tracing::warn!(error = %e, %kind, name, version, "could not publish a model event");
     }
 }
 
