@@ -162,69 +162,155 @@ pub async fn pipeline(count: usize, seed: u64, dir: Option<&Path>) -> anyhow::Re
     eprintln!("bench: bare decode");
     let bare = tokio::task::spawn_blocking(move || bare_decode(&boards, threads)).await??;
 
-    eprintln!("bench: pipeline over JetStream");
-    let nats_dir = tmp.path().join("nats");
+    // The pipeline on a server without authentication and on one that admits only the
+    // identities `pcb up` issues (each stage its own, held to its permissions),
+    // alternately, twice each: the best of each pair goes in the table.
+    let mut plain: Option<Row> = None;
+    let mut secured: Option<Row> = None;
+    let mut stored = (0u64, 0u64);
+    for round in 0..2 {
+        for auth in [false, true] {
+            eprintln!(
+                "bench: pipeline over JetStream, authentication {} (round {})",
+                if auth { "on" } else { "off" },
+                round + 1
+            );
+            let (row, bytes) = piped(tmp.path(), &sample, files.len(), auth).await?;
+            stored = bytes;
+            let best = if auth { &mut secured } else { &mut plain };
+            if best.as_ref().is_none_or(|b| row.seconds < b.seconds) {
+                *best = Some(row);
+            }
+        }
+    }
+    let (Some(plain), Some(secured)) = (plain, secured) else {
+        bail!("no pipeline run");
+    };
+
+    // What storing the pipeline's own bytes costs the server on these cores, with no
+    // decoding at all: the server shares the machine with the stages, so it bounds the
+    // pipeline together with the decode.
+    let (messages, bytes) = stored;
+    eprintln!("bench: JetStream alone ({messages} messages, {bytes} bytes)");
+    let nats_dir = tmp.path().join("nats-store");
     let mut server = tokio::task::spawn_blocking(move || NatsServer::start(&nats_dir, 0)).await??;
-    let nats = pcb_common::NatsConfig {
+    let client = pcb_common::connect(
+        &pcb_common::NatsConfig {
+            url: server.url(),
+            ..Default::default()
+        },
+        "pcb-bench",
+    )
+    .await?;
+    let js = async_nats::jetstream::new(client);
+    let store = store_alone(&js, messages, bytes, files.len()).await?;
+    drop(js);
+    server.stop();
+    let ceiling = Row {
+        name: "ceiling: decode and JetStream on one machine".into(),
+        boards: files.len(),
+        seconds: bare.seconds + store.seconds,
+    };
+    Ok(vec![bare, plain, secured, store, ceiling])
+}
+
+/// One run of ingester → encoder → router over a fresh private server, each stage with a
+/// client of its own (with `auth`, its own identity on a server that admits only those);
+/// returns the row and the messages and bytes the server stored.
+async fn piped(
+    scratch: &Path,
+    sample: &Path,
+    boards: usize,
+    auth: bool,
+) -> anyhow::Result<(Row, (u64, u64))> {
+    use pcb_common::{Identity, IdentityStore};
+    let run = tempfile::tempdir_in(scratch)?;
+    let nats_dir = run.path().join("nats");
+    let ids = if auth {
+        Some(IdentityStore::ensure(&run.path().join("identities"))?)
+    } else {
+        None
+    };
+    let for_server = ids.clone();
+    let mut server = tokio::task::spawn_blocking(move || match &for_server {
+        Some(ids) => NatsServer::start_secured(&nats_dir, 0, ids),
+        None => NatsServer::start(&nats_dir, 0),
+    })
+    .await??;
+    let base = pcb_common::NatsConfig {
         url: server.url(),
         ..Default::default()
     };
-    let client = pcb_common::connect(&nats, "pcb-bench").await?;
-    let js = async_nats::jetstream::new(client.clone());
+    let nats_as = |id: Identity| match &ids {
+        Some(ids) => ids.connection(id, &base),
+        None => base.clone(),
+    };
+    let connect = |id: Identity| {
+        let nats = nats_as(id);
+        async move { pcb_common::nats::connect_now(&nats, id.name()).await }
+    };
+    let admin = async_nats::jetstream::new(connect(Identity::Admin).await?);
     pcb_common::provision(
-        &js,
+        &admin,
         &pcb_common::Topology::default(),
         &pcb_common::topology::default_consumers(),
     )
     .await?;
     let shutdown = pcb_common::Shutdown::new();
-    let base = |c: &str| -> anyhow::Result<String> {
+    let config = |id: Identity| -> anyhow::Result<String> {
+        let nats = toml::Value::try_from(nats_as(id))?;
+        let mut t = toml::Table::new();
+        t.insert("nats".into(), nats);
         Ok(format!(
-            "[nats]\nurl = {:?}\n[metrics]\naddr = \"\"\n{c}",
-            server.url()
+            "{}\n[metrics]\naddr = \"\"\n",
+            toml::to_string(&t)?
         ))
     };
-    let enc_cfg: pcb_encoder::FileConfig = toml::from_str(&base("")?)?;
-    let rt_cfg: pcb_router::FileConfig = toml::from_str(&base("")?)?;
+    let encoder = Identity::Stage(pcb_schemas::StageName::Encoder);
+    let router = Identity::Stage(pcb_schemas::StageName::Router);
+    let ingester = Identity::Stage(pcb_schemas::StageName::Ingester);
+    let enc_cfg: pcb_encoder::FileConfig = toml::from_str(&config(encoder)?)?;
+    let rt_cfg: pcb_router::FileConfig = toml::from_str(&config(router)?)?;
     let enc = tokio::spawn(pcb_common::stage::run(
         enc_cfg,
-        client.clone(),
+        connect(encoder).await?,
         shutdown.clone(),
     ));
     let rt = tokio::spawn(pcb_common::stage::run(
         rt_cfg,
-        client.clone(),
+        connect(router).await?,
         shutdown.clone(),
     ));
-    let ing_cfg: pcb_ingester::FileConfig = toml::from_str(&base("")?)?;
+    let ing_cfg: pcb_ingester::FileConfig = toml::from_str(&config(ingester)?)?;
     let mut ing = ing_cfg
         .validate()
         .map_err(|p| anyhow::anyhow!("{p}"))?
         .config;
-    ing.file.watch_dir = sample.clone();
+    ing.file.watch_dir = sample.to_path_buf();
+    let ing_client = connect(ingester).await?;
+    let max_payload = ing_client.server_info().max_payload;
     let started = Instant::now();
     let summary = pcb_ingester::import(
-        js.clone(),
+        async_nats::jetstream::new(ing_client),
         ing,
-        client.server_info().max_payload,
+        max_payload,
         false,
         |_, _| {},
     )
     .await;
-    if summary.published != files.len() {
+    if summary.published != boards {
         bail!(
-            "ingester published {} of {} boards:\n{summary}",
-            summary.published,
-            files.len()
+            "ingester published {} of {boards} boards:\n{summary}",
+            summary.published
         );
     }
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let mut stream = js
+        let mut stream = admin
             .get_stream(STREAM_SHARDS)
             .await
             .context("shards stream")?;
-        if stream.info().await?.state.messages as usize >= files.len() {
+        if stream.info().await?.state.messages as usize >= boards {
             break;
         }
         if Instant::now() > deadline {
@@ -232,33 +318,28 @@ pub async fn pipeline(count: usize, seed: u64, dir: Option<&Path>) -> anyhow::Re
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let piped = Row {
-        name: "ingester → encoder → router (JetStream)".into(),
-        boards: files.len(),
+    let row = Row {
+        name: if auth {
+            "the same, authentication on".into()
+        } else {
+            "ingester → encoder → router (JetStream)".into()
+        },
+        boards,
         seconds: started.elapsed().as_secs_f64(),
     };
     shutdown.trigger();
     let _ = enc.await;
     let _ = rt.await;
-
-    // What storing the pipeline's own bytes costs the server on these cores, with no
-    // decoding at all: the server shares the machine with the stages, so it bounds the
-    // pipeline together with the decode.
     let (mut messages, mut bytes) = (0u64, 0u64);
     for name in [pcb_schemas::STREAM_IMAGES, STREAM_SHARDS] {
-        let state = js.get_stream(name).await?.info().await?.state.clone();
+        let state = admin.get_stream(name).await?.info().await?.state.clone();
         messages += state.messages;
         bytes += state.bytes;
     }
-    eprintln!("bench: JetStream alone ({messages} messages, {bytes} bytes)");
-    let store = store_alone(&js, messages, bytes, files.len()).await?;
+    // Clients first: one that outlives its server only logs reconnection attempts.
+    drop(admin);
     server.stop();
-    let ceiling = Row {
-        name: "ceiling: decode and JetStream on one machine".into(),
-        boards: files.len(),
-        seconds: bare.seconds + store.seconds,
-    };
-    Ok(vec![bare, piped, store, ceiling])
+    Ok((row, (messages, bytes)))
 }
 
 /// Publishes `messages` messages totalling `bytes` to a scratch file stream, 256 acks
@@ -321,10 +402,19 @@ pub fn render(rows: &[Row]) -> String {
             100.0 * r.rate() / base
         ));
     }
-    if let (Some(piped), Some(ceiling)) = (rows.get(1), rows.get(3)) {
+    let find = |prefix: &str| rows.iter().find(|r| r.name.starts_with(prefix));
+    let piped = find("ingester →");
+    if let (Some(piped), Some(ceiling)) = (piped, find("ceiling")) {
         out.push_str(&format!(
             "pipeline at {:.0}% of the ceiling (1 / (1/decode + 1/JetStream alone))\n",
             100.0 * piped.rate() / ceiling.rate().max(1e-9)
+        ));
+    }
+    if let (Some(piped), Some(secured)) = (piped, find("the same, authentication on")) {
+        out.push_str(&format!(
+            "authentication on: {:.0}% of the rate without ({:+.1}% time)\n",
+            100.0 * secured.rate() / piped.rate().max(1e-9),
+            100.0 * (secured.seconds / piped.seconds.max(1e-9) - 1.0)
         ));
     }
     out
