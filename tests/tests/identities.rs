@@ -402,6 +402,26 @@ async fn pcb_up_runs_every_stage_status_models_train_and_the_viewer_under_their_
     );
     let train = pcb(&["train", "--pipeline", p, "--ranks", "1", "--plain"]);
     assert!(train.status.success(), "{}", text(&train));
+    // The rank's config holds the job's rendezvous secret, readable by its owner only.
+    let rank_config = std::fs::read_dir(data.join("run"))
+        .expect("run dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("trainer-"))
+        })
+        .expect("a rank config");
+    assert_eq!(mode(&rank_config), 0o600);
+    let secret = std::fs::read_to_string(&rank_config)
+        .expect("rank config")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("rendezvous_secret = ")
+                .map(|v| v.trim_matches('"').to_string())
+        })
+        .expect("a rendezvous secret");
+    assert_eq!(secret.len(), 32, "{secret}");
     // The registry took the candidate from the trainer's object: version 2.
     let registered = wait_until(Duration::from_secs(60), || async {
         let models = pcb(&["models", "list", "--pipeline", p]);

@@ -80,6 +80,14 @@ pub async fn run(
     if let Some(j) = &opts.job {
         t.job = j.clone();
     }
+    // A new rendezvous secret per job: a process that reaches the store without it can
+    // neither read the job's keys nor join it (the rank configs that carry it are 0600).
+    t.rendezvous_secret = {
+        use rand::RngCore as _;
+        let mut bytes = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    };
     t.world_size = ranks;
     if t.out_dir.is_relative() {
         t.out_dir = std::env::current_dir()?.join(&data_dir).join(&t.out_dir);

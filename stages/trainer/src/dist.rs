@@ -717,6 +717,34 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_rank_without_the_jobs_secret_does_not_join_it() {
+        // Rank 1 reaches the store (the port is open to it) but names the keys under
+        // another secret: neither side finds the other's, and both give up at the timeout.
+        let port = free_port();
+        let joined: Vec<bool> = [("s3cret", 0), ("guess", 1)]
+            .into_iter()
+            .map(|(secret, rank)| {
+                std::thread::spawn(move || {
+                    ProcessGroup::join(&DistConfig {
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                        rank,
+                        world: 2,
+                        timeout: Duration::from_secs(3),
+                        job: format!("pcb-train/test/{secret}/"),
+                        backend: Backend::Gloo,
+                    })
+                    .is_ok()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect();
+        assert_eq!(joined, [false, false]);
+    }
+
+    #[test]
     fn the_store_listens_on_the_master_address_only() {
         let port = free_port();
         let seen = with_ranks_on(port, 2, move |g| {

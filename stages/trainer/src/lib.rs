@@ -64,6 +64,12 @@ pub struct TrainerSettings {
     /// Bound on the rendezvous and on every collective, in seconds: a peer silent this
     /// long is declared lost. Must cover rank 0's evaluation after each epoch.
     pub timeout_secs: u64,
+    /// The job's rendezvous secret, the same on every rank: the store's keys live under
+    /// it, and the store has no way to list them, so a process that reaches the store
+    /// without it can neither read the job's keys nor take a rank's place. `pcb train`
+    /// draws a new one per job (rank configs are mode 0600); set the same on each rank
+    /// when starting ranks by hand. Empty: none (only the job name separates jobs).
+    pub rendezvous_secret: String,
     /// Folder of job folders (checkpoints and the trained candidate; rank 0 writes);
     /// `pcb train` resolves a relative one under the pipeline's data dir.
     pub out_dir: PathBuf,
@@ -110,6 +116,7 @@ impl Default for TrainerSettings {
             master_addr: "127.0.0.1".into(),
             master_port: 29500,
             timeout_secs: 600,
+            rendezvous_secret: String::new(),
             out_dir: PathBuf::from("jobs"),
             shard_count: pcb_schemas::DEFAULT_SHARD_COUNT,
             snapshot_seq: 0,
@@ -294,6 +301,13 @@ impl Validate for TrainerSettings {
             "trainer.job",
             "must be letters, digits, '-' or '_' (it names a folder and store keys)",
         );
+        p.check(
+            !t.rendezvous_secret
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric()),
+            "trainer.rendezvous_secret",
+            "must be letters and digits (it is part of store keys)",
+        );
         p.not_blank("trainer.model_name", &t.model_name);
         p.at_least("trainer.world_size", t.world_size, 1);
         p.check(
@@ -368,7 +382,11 @@ impl Validate for TrainerSettings {
                 rank: t.rank,
                 world: t.world_size,
                 timeout: Duration::from_secs(t.timeout_secs),
-                job: format!("pcb-train/{}/", t.job),
+                job: if t.rendezvous_secret.is_empty() {
+                    format!("pcb-train/{}/", t.job)
+                } else {
+                    format!("pcb-train/{}/{}/", t.job, t.rendezvous_secret)
+                },
                 // Resolved in `run`, once CUDA is opened, from `backend`.
                 backend: Backend::Gloo,
             },
