@@ -65,13 +65,9 @@ impl Env {
             .expect("connect");
         let js = jetstream::new(client.clone());
         // What `pcb init` does: streams, buckets and every durable consumer.
-        pcb_common::provision(
-            &js,
-            &pcb_common::Topology::default(),
-            &pcb_common::topology::default_consumers(),
-        )
-        .await
-        .expect("streams, buckets and consumers");
+        pcb_common::topology::provision_defaults(&js)
+            .await
+            .expect("streams, buckets and consumers");
         Env {
             server,
             dir,
@@ -291,9 +287,15 @@ pub fn venv_python() -> PathBuf {
 /// Runs `script` (a path under tests/) with `python` and `args`; panics with its stderr
 /// when it fails, and returns its stdout.
 pub fn run_python(python: &Path, script: &str, args: &[&str]) -> String {
+    run_python_in(python, Path::new(env!("CARGO_MANIFEST_DIR")), script, args)
+}
+
+/// [`run_python`] from the folder `cwd` (a relative `script` is in it too).
+pub fn run_python_in(python: &Path, cwd: &Path, script: &str, args: &[&str]) -> String {
     let out = std::process::Command::new(python)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
+        .arg(cwd.join(script))
         .args(args)
+        .current_dir(cwd)
         .output()
         .expect("run python");
     assert!(

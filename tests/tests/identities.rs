@@ -116,13 +116,9 @@ async fn every_identity_publishes_and_reads_what_the_topology_gives_it_and_nothi
     // The admin provisions, as `pcb up` does.
     let (admin, admin_errors) = client_of(&ids, Identity::Admin, &url).await;
     let admin_js = jetstream::new(admin.clone());
-    pcb_common::provision(
-        &admin_js,
-        &pcb_common::Topology::default(),
-        &pcb_common::topology::default_consumers(),
-    )
-    .await
-    .expect("provisioned by admin");
+    pcb_common::topology::provision_defaults(&admin_js)
+        .await
+        .expect("provisioned by admin");
 
     for stage in StageName::ALL {
         let id = Identity::Stage(stage);
@@ -292,6 +288,17 @@ fn pcb(args: &[&str]) -> std::process::Output {
         .expect("run pcb")
 }
 
+/// Runs `pcb` with `args`, asserts it succeeded and printed `needle`; returns its output.
+fn pcb_prints(args: &[&str], needle: &str) -> String {
+    let out = pcb(args);
+    let printed = text(&out);
+    assert!(
+        out.status.success() && printed.contains(needle),
+        "pcb {args:?} failed or printed no {needle:?}:\n{printed}"
+    );
+    printed
+}
+
 fn text(out: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -393,13 +400,7 @@ async fn pcb_up_runs_every_stage_status_models_train_and_the_viewer_under_their_
     .await;
     assert!(counted, "8 boards did not all get detections");
 
-    let status = pcb(&["status", "--pipeline", p]);
-    assert!(status.status.success(), "{}", text(&status));
-    assert!(
-        text(&status).contains("pcb.detections"),
-        "{}",
-        text(&status)
-    );
+    pcb_prints(&["status", "--pipeline", p], "pcb.detections");
     let train = pcb(&["train", "--pipeline", p, "--ranks", "1", "--plain"]);
     assert!(train.status.success(), "{}", text(&train));
     // The rank's config holds the job's rendezvous secret, readable by its owner only.
@@ -617,13 +618,9 @@ async fn the_production_config_serves_the_issued_identities_over_tls() {
         .await
         .expect("admin over TLS");
     let admin_js = jetstream::new(admin);
-    pcb_common::provision(
-        &admin_js,
-        &pcb_common::Topology::default(),
-        &pcb_common::topology::default_consumers(),
-    )
-    .await
-    .expect("provisioned");
+    pcb_common::topology::provision_defaults(&admin_js)
+        .await
+        .expect("provisioned");
     // The encoder publishes its output and opens its durable with its own identity.
     let encoder_nats = ids.connection(Identity::Stage(StageName::Encoder), &base);
     let encoder = pcb_common::nats::connect_now(&encoder_nats, "encoder")
@@ -652,16 +649,8 @@ async fn the_production_config_serves_the_issued_identities_over_tls() {
     )
     .expect("pipeline");
     let p = pipeline.to_str().expect("utf-8");
-    let status = pcb(&["status", "--pipeline", p]);
-    assert!(status.status.success(), "{}", text(&status));
-    assert!(
-        text(&status).contains("pcb.images.encoded"),
-        "{}",
-        text(&status)
-    );
-    let init = pcb(&["init", "--pipeline", p]);
-    assert!(init.status.success(), "{}", text(&init));
-    assert!(text(&init).contains("unchanged"), "{}", text(&init));
+    pcb_prints(&["status", "--pipeline", p], "pcb.images.encoded");
+    pcb_prints(&["init", "--pipeline", p], "unchanged");
 
     // The system account's user reaches the server's own subjects, not the pipeline's.
     let sys_seed = std::fs::read_to_string(etc.join("system.nk")).expect("seed");

@@ -488,17 +488,8 @@ async fn the_readmes_nats_commands_print_what_the_readme_says() {
     std::fs::write(run.join("nats.url"), &url).expect("url file");
     let script = root.join("readme_reader.py");
     std::fs::write(&script, readme_python()).expect("script");
-    let out = Command::new(pcb_tests::venv_python())
-        .arg(&script)
-        .current_dir(&root)
-        .output()
-        .expect("run python");
-    let printed_py = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "the README's Python example failed: {}{printed_py}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let printed_py =
+        pcb_tests::run_python_in(&pcb_tests::venv_python(), &root, "readme_reader.py", &[]);
     let records = printed_py
         .lines()
         .filter(|l| {

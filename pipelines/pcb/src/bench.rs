@@ -250,12 +250,7 @@ async fn piped(
         async move { pcb_common::nats::connect_now(&nats, id.name()).await }
     };
     let admin = async_nats::jetstream::new(connect(Identity::Admin).await?);
-    pcb_common::provision(
-        &admin,
-        &pcb_common::Topology::default(),
-        &pcb_common::topology::default_consumers(),
-    )
-    .await?;
+    pcb_common::topology::provision_defaults(&admin).await?;
     let shutdown = pcb_common::Shutdown::new();
     let config = |id: Identity| -> anyhow::Result<String> {
         let nats = toml::Value::try_from(nats_as(id))?;

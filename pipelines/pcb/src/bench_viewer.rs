@@ -209,12 +209,7 @@ pub async fn run(args: &ViewerBenchArgs) -> anyhow::Result<()> {
     let server = tokio::task::spawn_blocking(move || NatsServer::start(&nats_dir, 0)).await??;
     let client = async_nats::connect(server.url()).await?;
     let js = jetstream::new(client.clone());
-    pcb_common::provision(
-        &js,
-        &pcb_common::Topology::default(),
-        &pcb_common::topology::default_consumers(),
-    )
-    .await?;
+    pcb_common::topology::provision_defaults(&js).await?;
     let boards = publish_boards(&js, &tmp.path().join("boards")).await?;
 
     eprintln!("bench: publishing {} detections", args.detections);

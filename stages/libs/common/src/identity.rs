@@ -587,60 +587,69 @@ mod tests {
                 .any(|p| pcb_schemas::topology::subject_matches(p, subject))
     }
 
+    /// Asserts what `id` may publish and what it may not.
+    fn publishes(id: Identity, allowed: &[&str], denied: &[&str]) {
+        let p = id.permissions();
+        for s in allowed {
+            assert!(allows(&p.publish, s), "{} may not publish {s}", id.name());
+        }
+        for s in denied {
+            assert!(!allows(&p.publish, s), "{} may publish {s}", id.name());
+        }
+    }
+
     #[test]
     fn stages_publish_only_their_declared_outputs() {
-        let d = Identity::Stage(StageName::Detector).permissions();
-        assert!(allows(&d.publish, "pcb.detections"));
-        assert!(allows(&d.publish, "pcb.rejected.detector"));
-        assert!(!allows(&d.publish, "pcb.train.candidates"));
-        assert!(!allows(&d.publish, "pcb.rejected.registry"));
-        assert!(
-            !allows(&d.publish, "$KV.pcb_models.live.x"),
-            "reads the registry only"
+        publishes(
+            Identity::Stage(StageName::Detector),
+            &["pcb.detections", "pcb.rejected.detector"],
+            &[
+                "pcb.train.candidates",
+                "pcb.rejected.registry",
+                // It reads the registry only.
+                "$KV.pcb_models.live.x",
+            ],
         );
-        let r = Identity::Stage(StageName::Router).permissions();
-        assert!(allows(&r.publish, "pcb.shards.3"));
-        assert!(!allows(&r.publish, "pcb.images.raw"));
+        publishes(
+            Identity::Stage(StageName::Router),
+            &["pcb.shards.3"],
+            &["pcb.images.raw"],
+        );
     }
 
     #[test]
     fn a_durable_is_pulled_and_acked_by_its_own_stage_only() {
-        let enc = Identity::Stage(StageName::Encoder).permissions();
-        assert!(allows(
-            &enc.publish,
-            "$JS.API.CONSUMER.MSG.NEXT.PCB_IMAGES.encoder"
-        ));
-        assert!(allows(&enc.publish, "$JS.ACK.PCB_IMAGES.encoder.1.2.3.4.5"));
-        assert!(!allows(
-            &enc.publish,
-            "$JS.API.CONSUMER.MSG.NEXT.PCB_IMAGES.detector"
-        ));
-        assert!(!allows(
-            &enc.publish,
-            "$JS.ACK.PCB_IMAGES.detector.1.2.3.4.5"
-        ));
+        publishes(
+            Identity::Stage(StageName::Encoder),
+            &[
+                "$JS.API.CONSUMER.MSG.NEXT.PCB_IMAGES.encoder",
+                "$JS.ACK.PCB_IMAGES.encoder.1.2.3.4.5",
+            ],
+            &[
+                "$JS.API.CONSUMER.MSG.NEXT.PCB_IMAGES.detector",
+                "$JS.ACK.PCB_IMAGES.detector.1.2.3.4.5",
+            ],
+        );
         // The viewer views PCB_IMAGES but may neither pull from nor redefine a durable.
-        let v = Identity::Stage(StageName::Viewer).permissions();
-        assert!(allows(
-            &v.publish,
-            "$JS.API.CONSUMER.MSG.NEXT.PCB_IMAGES.ephemeral123"
-        ));
-        assert!(allows(&v.publish, "$JS.API.CONSUMER.CREATE.PCB_IMAGES"));
+        let mut denied = vec![
+            "$JS.API.CONSUMER.DELETE.PCB_IMAGES.encoder".to_string(),
+            "$JS.API.STREAM.PURGE.PCB_IMAGES".to_string(),
+        ];
         for durable in ["encoder", "router", "detector"] {
-            assert!(!allows(
-                &v.publish,
-                &format!("$JS.API.CONSUMER.MSG.NEXT.PCB_IMAGES.{durable}")
-            ));
-            assert!(!allows(
-                &v.publish,
-                &format!("$JS.API.CONSUMER.CREATE.PCB_IMAGES.{durable}.pcb.images.raw")
+            denied.push(format!("$JS.API.CONSUMER.MSG.NEXT.PCB_IMAGES.{durable}"));
+            denied.push(format!(
+                "$JS.API.CONSUMER.CREATE.PCB_IMAGES.{durable}.pcb.images.raw"
             ));
         }
-        assert!(!allows(
-            &v.publish,
-            "$JS.API.CONSUMER.DELETE.PCB_IMAGES.encoder"
-        ));
-        assert!(!allows(&v.publish, "$JS.API.STREAM.PURGE.PCB_IMAGES"));
+        let denied: Vec<&str> = denied.iter().map(String::as_str).collect();
+        publishes(
+            Identity::Stage(StageName::Viewer),
+            &[
+                "$JS.API.CONSUMER.MSG.NEXT.PCB_IMAGES.ephemeral123",
+                "$JS.API.CONSUMER.CREATE.PCB_IMAGES",
+            ],
+            &denied,
+        );
     }
 
     #[test]
@@ -650,60 +659,64 @@ mod tests {
             let mine = format!("{}.abc.1", id.inbox_prefix());
             assert!(allows(&p.subscribe, &mine), "{}", id.name());
             if id != Identity::Admin {
-                assert!(!allows(&p.subscribe, "_INBOX.abc.1"), "{}", id.name());
-                assert!(!allows(&p.subscribe, "_INBOX_admin.abc.1"), "{}", id.name());
-                assert!(!allows(&p.subscribe, "pcb.images.raw"), "{}", id.name());
+                for other in ["_INBOX.abc.1", "_INBOX_admin.abc.1", "pcb.images.raw"] {
+                    assert!(!allows(&p.subscribe, other), "{}: {other}", id.name());
+                }
             }
         }
     }
 
     #[test]
     fn the_reader_publishes_nothing_of_the_pipeline() {
+        let subjects: Vec<String> = pcb_schemas::topology::SUBJECTS
+            .iter()
+            .map(|s| s.pattern.replace('*', "x"))
+            .chain([
+                "$KV.pcb_models.live.pcb".to_string(),
+                "$JS.API.STREAM.DELETE.PCB_DETECTIONS".to_string(),
+                "$JS.API.CONSUMER.MSG.NEXT.PCB_TRAINING.registry".to_string(),
+                // No images.
+                "$JS.API.DIRECT.GET.PCB_IMAGES".to_string(),
+            ])
+            .collect();
+        let denied: Vec<&str> = subjects.iter().map(String::as_str).collect();
+        publishes(
+            Identity::Reader,
+            &["$JS.API.STREAM.INFO.PCB_IMAGES"],
+            &denied,
+        );
         let r = Identity::Reader.permissions();
-        for s in pcb_schemas::topology::SUBJECTS {
-            let concrete = s.pattern.replace('*', "x");
-            assert!(!allows(&r.publish, &concrete), "{concrete}");
-        }
-        assert!(!allows(&r.publish, "$KV.pcb_models.live.pcb"));
-        assert!(!allows(&r.publish, "$JS.API.STREAM.DELETE.PCB_DETECTIONS"));
-        assert!(!allows(
-            &r.publish,
-            "$JS.API.CONSUMER.MSG.NEXT.PCB_TRAINING.registry"
-        ));
         assert!(allows(&r.subscribe, "pcb.detections"));
         assert!(!allows(&r.subscribe, "pcb.images.encoded"));
-        assert!(allows(&r.publish, "$JS.API.STREAM.INFO.PCB_IMAGES"));
-        assert!(
-            !allows(&r.publish, "$JS.API.DIRECT.GET.PCB_IMAGES"),
-            "no images"
-        );
     }
 
     #[test]
     fn buckets_follow_their_declared_access() {
-        let reg = Identity::Stage(StageName::Registry).permissions();
-        assert!(allows(&reg.publish, "$KV.pcb_models.live.pcb"));
-        assert!(allows(&reg.publish, "$O.pcb_model_artifacts.C.abc"));
-        assert!(allows(
-            &reg.publish,
-            "$JS.API.STREAM.PURGE.OBJ_pcb_candidates"
-        ));
-        let det = Identity::Stage(StageName::Detector).permissions();
-        assert!(allows(
-            &det.publish,
-            "$JS.API.DIRECT.GET.KV_pcb_models.$KV.pcb_models.live.pcb"
-        ));
-        assert!(allows(&det.publish, "$JS.FC.OBJ_pcb_model_artifacts.x.y"));
-        assert!(!allows(&det.publish, "$O.pcb_model_artifacts.C.abc"));
-        assert!(!allows(
-            &det.publish,
-            "$JS.API.STREAM.INFO.OBJ_pcb_candidates"
-        ));
-        let tr = Identity::Stage(StageName::Trainer).permissions();
-        assert!(allows(&tr.publish, "$O.pcb_candidates.M.abc"));
-        assert!(
-            !allows(&tr.publish, "$O.pcb_model_artifacts.M.abc"),
-            "only the registry registers"
+        publishes(
+            Identity::Stage(StageName::Registry),
+            &[
+                "$KV.pcb_models.live.pcb",
+                "$O.pcb_model_artifacts.C.abc",
+                "$JS.API.STREAM.PURGE.OBJ_pcb_candidates",
+            ],
+            &[],
+        );
+        publishes(
+            Identity::Stage(StageName::Detector),
+            &[
+                "$JS.API.DIRECT.GET.KV_pcb_models.$KV.pcb_models.live.pcb",
+                "$JS.FC.OBJ_pcb_model_artifacts.x.y",
+            ],
+            &[
+                "$O.pcb_model_artifacts.C.abc",
+                "$JS.API.STREAM.INFO.OBJ_pcb_candidates",
+            ],
+        );
+        // Only the registry registers.
+        publishes(
+            Identity::Stage(StageName::Trainer),
+            &["$O.pcb_candidates.M.abc"],
+            &["$O.pcb_model_artifacts.M.abc"],
         );
     }
 

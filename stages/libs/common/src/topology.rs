@@ -230,6 +230,12 @@ pub enum Provisioned {
     Unchanged,
 }
 
+/// [`provision`] with the topology's defaults: every stream with its default limits,
+/// every bucket, every durable consumer (what `pcb init` does with no pipeline file).
+pub async fn provision_defaults(js: &jetstream::Context) -> Result<Provisioning, TopologyError> {
+    provision(js, &Topology::default(), &default_consumers()).await
+}
+
 /// The one admin step: creates every stream that is missing and updates those whose
 /// settings differ from the pipeline file's, creates the buckets, and creates (or updates)
 /// the durable consumer of each spec in `consumers`. Running it twice changes nothing.
