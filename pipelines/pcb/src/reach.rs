@@ -83,7 +83,8 @@ pub fn resolve(w: &Where) -> anyhow::Result<Target> {
     // Named identities serve any server; the private ones only the server `pcb up`
     // started (whose URL it wrote), and only when the file names no credential.
     let named = !pipeline.pipeline.identities_dir.as_os_str().is_empty();
-    let ids_dir = identities_dir(&pipeline, &data_dir);
+    // Absolute: the path goes into the config files of processes started elsewhere.
+    let ids_dir = crate::supervisor::absolute(&identities_dir(&pipeline, &data_dir));
     let private = url == up_url && !pipeline.nats.has_credentials() && ids_dir.is_dir();
     let identities = if named || private {
         Some(IdentityStore::ensure(&ids_dir)?)
@@ -192,6 +193,57 @@ mod tests {
         let t = resolve(&w).expect("resolves");
         assert_eq!(t.nats.url, "nats://flag:3");
         assert_eq!(t.nats.password.as_deref(), Some("pw"));
+    }
+
+    #[test]
+    fn identities_serve_the_private_server_or_the_named_folder_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let p = dir.path().join("p.toml");
+        let write = |extra: &str| {
+            std::fs::write(
+                &p,
+                format!(
+                    "[pipeline]\ndata_dir = {:?}\n{extra}[nats]\nurl = \"nats://file:1\"\n",
+                    data.display().to_string()
+                ),
+            )
+            .expect("write");
+        };
+        write("");
+        let mut w = Where {
+            nats_url: None,
+            pipeline: p.clone(),
+            data_dir: None,
+        };
+        // No `pcb up` here: the pipeline file's server, its (absent) credentials.
+        assert!(resolve(&w).expect("resolves").identities.is_none());
+        // `pcb up` wrote its URL and issued identities: they serve that server only.
+        let run = data.join("run");
+        std::fs::create_dir_all(&run).expect("mkdir");
+        std::fs::write(run.join("nats.url"), "nats://up:2\n").expect("write");
+        IdentityStore::ensure(&data.join("identities")).expect("issue");
+        let t = resolve(&w).expect("resolves");
+        let status = t.nats_as(Identity::Reader);
+        assert!(status
+            .nkey_seed_file
+            .expect("seed")
+            .ends_with("identities/reader.nk"));
+        assert_eq!(status.inbox_prefix.as_deref(), Some("_INBOX_reader"));
+        w.nats_url = Some("nats://elsewhere:3".into());
+        assert!(resolve(&w).expect("resolves").identities.is_none());
+        // A folder named in the pipeline file serves any server.
+        let named = dir.path().join("named");
+        IdentityStore::ensure(&named).expect("issue");
+        write(&format!(
+            "identities_dir = {:?}\n",
+            named.display().to_string()
+        ));
+        let t = resolve(&w).expect("resolves");
+        assert_eq!(
+            t.nats_as(Identity::Admin).nkey_seed_file,
+            Some(named.join("admin.nk"))
+        );
     }
 
     #[test]
