@@ -170,6 +170,15 @@ pub fn decode_image(bytes: &[u8], limits: &Limits, what: &str) -> Result<Decoded
             ),
         ));
     }
+    if format == image::ImageFormat::Jpeg {
+        let channels = decode_jpeg_strict(bytes, limits, what, width, height)?;
+        return Ok(Decoded {
+            width,
+            height,
+            channels,
+            format,
+        });
+    }
     let mut reader = image::ImageReader::new(Cursor::new(bytes));
     reader.set_format(format);
     let mut lim = image::Limits::default();
@@ -197,6 +206,46 @@ pub fn decode_image(bytes: &[u8], limits: &Limits, what: &str) -> Result<Decoded
         channels: img.color().channel_count(),
         format,
     })
+}
+
+/// Decodes a JPEG with zune-jpeg in strict mode, which refuses what a lenient decoder
+/// fills in silently (a bad Huffman code, a segment that ends early, a wrong restart
+/// marker): a board with damaged scan data must not pass as a good image. Returns the
+/// channel count.
+fn decode_jpeg_strict(
+    bytes: &[u8],
+    limits: &Limits,
+    what: &str,
+    width: u32,
+    height: u32,
+) -> Result<u8, Rejection> {
+    // At most 4 bytes a pixel come out (CMYK); refuse before allocating.
+    let out_bytes = u64::from(width) * u64::from(height) * 4;
+    if out_bytes > limits.max_alloc_bytes {
+        return Err(Rejection::new(
+            "too-large",
+            format!(
+                "decoding the {what} ({width}x{height}) would exceed the limits: up to \
+                 {out_bytes} bytes, over max_alloc_bytes ({})",
+                limits.max_alloc_bytes
+            ),
+        ));
+    }
+    let options = zune_core::options::DecoderOptions::default()
+        .set_strict_mode(true)
+        .set_max_width(limits.max_width as usize)
+        .set_max_height(limits.max_height as usize);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(Cursor::new(bytes), options);
+    decoder.decode().map_err(|e| {
+        Rejection::new(
+            "corrupt-image",
+            format!("the {what} (Jpeg, {width}x{height}) has corrupt data: {e}"),
+        )
+    })?;
+    // The file's own components (zune-jpeg outputs grey as RGB).
+    Ok(decoder
+        .input_colorspace()
+        .map_or(3, |c| c.num_components() as u8))
 }
 
 fn has_jpeg_end(bytes: &[u8]) -> bool {
@@ -495,6 +544,40 @@ mod tests {
             assert_eq!(c, code, "{text}");
             assert!(text.contains(needle), "{code}: {text:?} lacks {needle:?}");
         }
+    }
+
+    /// `jpeg` with 16 bytes in the middle of its scan data replaced by runs of 1 bits
+    /// (stuffed 0xFF bytes) longer than any Huffman code of the standard tables.
+    fn corrupt_scan(w: u32, h: u32) -> Vec<u8> {
+        let mut bytes = jpeg(w, h);
+        let sos = bytes
+            .windows(2)
+            .position(|m| m == [0xFF, 0xDA])
+            .expect("a start-of-scan marker");
+        let mid = sos + (bytes.len() - sos) / 2;
+        for (i, b) in bytes[mid..mid + 16].iter_mut().enumerate() {
+            *b = if i % 2 == 0 { 0xFF } else { 0x00 };
+        }
+        bytes
+    }
+
+    #[test]
+    fn damaged_scan_data_is_refused_though_a_lenient_decoder_fills_it_in() {
+        let bytes = corrupt_scan(256, 192);
+        assert!(
+            image::load_from_memory(&bytes).is_ok(),
+            "the image crate decodes it without a word: why the encoder decodes strictly"
+        );
+        let (code, text) = reason(encode_record(&raw(bytes), &Limits::default(), 0));
+        assert_eq!(code, "corrupt-image", "{text}");
+        assert!(text.contains("has corrupt data"), "{text}");
+        // The template too.
+        let mut r = raw(jpeg(256, 192));
+        r.labels = None;
+        r.template = Some(corrupt_scan(256, 192));
+        let (code, text) = reason(encode_record(&r, &Limits::default(), 0));
+        assert_eq!(code, "corrupt-image", "{text}");
+        assert!(text.contains("template"), "{text}");
     }
 
     #[test]
