@@ -233,17 +233,29 @@ async fn every_identity_publishes_and_reads_what_the_topology_gives_it_and_nothi
     // The reader: detections, model events and progress; it publishes nothing.
     let (reader, reader_errors) = client_of(&ids, Identity::Reader, &url).await;
     let mut live = reader.subscribe("pcb.detections").await.expect("subscribe");
-    reader.flush().await.expect("flush");
+    // A request on the same connection: once its answer is back, the server has taken the
+    // subscription too (flush only writes it out).
+    let reader_js = jetstream::new(reader.clone());
+    reader_js
+        .get_stream(pcb_schemas::STREAM_DETECTIONS)
+        .await
+        .expect("the reader looks up detections");
     admin
         .publish("pcb.detections", "line-side".into())
         .await
         .expect("publish");
-    let msg = tokio::time::timeout(Duration::from_secs(5), live.next())
+    admin.flush().await.expect("flush");
+    let msg = tokio::time::timeout(Duration::from_secs(15), live.next())
         .await
-        .expect("in time")
+        .unwrap_or_else(|_| {
+            panic!(
+                "no detection for the reader: {:?} {:?}",
+                no_errors(&reader_errors),
+                no_errors(&admin_errors)
+            )
+        })
         .expect("a detection");
     assert_eq!(&msg.payload[..], b"line-side");
-    let reader_js = jetstream::new(reader.clone());
     let mut detections = reader_js
         .get_stream(pcb_schemas::STREAM_DETECTIONS)
         .await

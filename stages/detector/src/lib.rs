@@ -424,7 +424,7 @@ async fn handle_batch(s: Serving, batch: Vec<Delivery>) -> Vec<Outcome> {
                 for ((i, _, _), result) in ready.iter().zip(published) {
                     outcomes[*i] = Some(match result {
                         Ok(_) => Outcome::Done,
-                        Err(e) => Outcome::Retry(format!("publishing the detection: {e}")),
+                        Err(e) => e.outcome("publishing the detection"),
                     });
                 }
             }

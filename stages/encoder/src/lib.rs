@@ -409,7 +409,7 @@ async fn handle(
     };
     match pcb_common::publish(&js, SUBJECT_ENCODED.into(), &encoded).await {
         Ok(_) => Outcome::Done,
-        Err(e) => Outcome::Retry(e.to_string()),
+        Err(e) => e.outcome("publishing the encoded image"),
     }
 }
 

@@ -601,11 +601,20 @@ impl Ingester {
         };
         let ack = match pcb_common::publish(&self.js, SUBJECT_RAW.into(), &record).await {
             Ok(a) => a,
+            Err(e) if e.is_stream_full() => {
+                // Back-pressure: the file stays in the inbox until the stream has room.
+                self.metrics.set_backpressure(true);
+                if pcb_common::ack::backpressure_log_due() {
+                    tracing::warn!(error = %e, "PCB_IMAGES is full: files stay in the inbox until it has room (raise its limit with `pcb init`, or let the encoder catch up)");
+                }
+                return FileOutcome::Deferred("stream-full".into());
+            }
             Err(e) => {
                 tracing::warn!(file = %unit.rel, error = %e, "not published, will retry");
                 return FileOutcome::Deferred("publish-failed".into());
             }
         };
+        self.metrics.set_backpressure(false);
         if self.move_files {
             let mut files = vec![unit.image.clone()];
             files.extend(unit.companions());

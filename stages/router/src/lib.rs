@@ -139,7 +139,7 @@ async fn handle(js: async_nats::jetstream::Context, a: Assigner, d: Delivery) ->
     };
     match pcb_common::publish(&js, shard_subject(shard.shard), &shard).await {
         Ok(_) => Outcome::Done,
-        Err(e) => Outcome::Retry(e.to_string()),
+        Err(e) => e.outcome("publishing the shard record"),
     }
 }
 

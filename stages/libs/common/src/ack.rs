@@ -76,6 +76,9 @@ pub enum Outcome {
     /// A transient failure (NATS unavailable, ...): nak with a delay, dead letter after the
     /// last allowed delivery.
     Retry(String),
+    /// The output stream is full: nak with a delay and come back when it has room, never a
+    /// dead letter (back-pressure: a full stream refuses new records, it deletes nothing).
+    Backpressure(String),
     /// A poison message: dead letter with the reason, then term.
     Reject(Rejection),
 }
@@ -94,6 +97,35 @@ pub enum PublishError {
         /// What went wrong.
         message: String,
     },
+}
+
+impl PublishError {
+    /// Whether the stream refused the message for being full (its `max_bytes` or
+    /// `max_msgs` reached under `discard: new`).
+    pub fn is_stream_full(&self) -> bool {
+        match self {
+            PublishError::Send { message, .. } => is_full_message(message),
+            PublishError::Encode(_) => false,
+        }
+    }
+
+    /// What a consuming stage does about it: back-pressure for a full stream, a retry for
+    /// anything else.
+    pub fn outcome(self, what: &str) -> Outcome {
+        if self.is_stream_full() {
+            Outcome::Backpressure(format!("{what}: {self}"))
+        } else {
+            Outcome::Retry(format!("{what}: {self}"))
+        }
+    }
+}
+
+/// The server's words for a stream that refuses a message under `discard: new`.
+pub fn is_full_message(text: &str) -> bool {
+    let t = text.to_lowercase();
+    t.contains("maximum bytes exceeded")
+        || t.contains("maximum messages exceeded")
+        || t.contains("maximum messages per subject exceeded")
 }
 
 /// Publishes `msg` with its headers and waits for JetStream's ack; the ack says whether the
@@ -421,11 +453,21 @@ async fn settle(
     let ack = match &outcome {
         Outcome::Done | Outcome::Skipped => {
             metrics.count(outcome_label(&outcome));
+            metrics.set_backpressure(false);
             AckKind::Ack
         }
         Outcome::Retry(error) => {
             tracing::warn!(stage = %spec.stage, seq = stream_seq, delivered, %error, "transient failure, will retry");
             metrics.count("retry");
+            AckKind::Nak(Some(spec.retry_delay))
+        }
+        Outcome::Backpressure(error) => {
+            metrics.count("backpressure");
+            metrics.set_backpressure(true);
+            // Every held message would say the same: once in a while is enough.
+            if backpressure_log_due() {
+                tracing::warn!(stage = %spec.stage, %error, "output stream full: holding messages until it has room (raise its limit with `pcb init`, or let its consumers catch up)");
+            }
             AckKind::Nak(Some(spec.retry_delay))
         }
         Outcome::Reject(r) => {
@@ -460,8 +502,24 @@ fn outcome_label(o: &Outcome) -> &'static str {
         Outcome::Done => "done",
         Outcome::Skipped => "skipped",
         Outcome::Retry(_) => "retry",
+        Outcome::Backpressure(_) => "backpressure",
         Outcome::Reject(_) => "rejected",
     }
+}
+
+/// Whether a back-pressure warning is due: at most one every 10 s per process.
+pub fn backpressure_log_due() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let last = LAST.load(Ordering::Relaxed);
+    now >= last + 10
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 #[cfg(test)]

@@ -52,6 +52,7 @@ pub struct Metrics {
     messages: Family<Labels, Counter>,
     rejected: Family<Labels, Counter>,
     processing: Family<Labels, Histogram>,
+    backpressure: Family<Labels, prometheus_client::metrics::gauge::Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -91,12 +92,19 @@ impl Metrics {
             "Time to handle one message or file",
             processing.clone(),
         );
+        let backpressure = Family::<Labels, prometheus_client::metrics::gauge::Gauge>::default();
+        registry.register(
+            "backpressure",
+            "1 while the stage's output stream is full and it holds its input back",
+            backpressure.clone(),
+        );
         Metrics {
             stage: stage.to_string(),
             registry: Arc::new(Mutex::new(registry)),
             messages,
             rejected,
             processing,
+            backpressure,
         }
     }
 
@@ -119,6 +127,21 @@ impl Metrics {
         self.rejected
             .get_or_create(&self.labels("reason", reason_code))
             .inc();
+    }
+
+    /// Sets the back-pressure gauge: `true` while the output stream refuses records for
+    /// being full, `false` once one is stored again.
+    pub fn set_backpressure(&self, on: bool) {
+        self.backpressure
+            .get_or_create(&vec![("stage".into(), self.stage.clone())])
+            .set(i64::from(on));
+    }
+
+    /// The back-pressure gauge (1 while held back).
+    pub fn backpressure(&self) -> i64 {
+        self.backpressure
+            .get_or_create(&vec![("stage".into(), self.stage.clone())])
+            .get()
     }
 
     /// Records how long one input took.

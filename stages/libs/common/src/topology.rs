@@ -28,6 +28,19 @@ pub struct StreamSettings {
     pub duplicate_window_secs: u64,
     /// `file` or `memory`.
     pub storage: Storage,
+    /// When full: `new` refuses new messages (back-pressure: the stages hold their input,
+    /// the ingester keeps files in the inbox, until it has room), `old` deletes its oldest.
+    pub discard: Discard,
+}
+
+/// What a full stream does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Discard {
+    /// Refuses new messages: nothing stored is ever deleted for room.
+    New,
+    /// Deletes its oldest messages to make room.
+    Old,
 }
 
 /// Where a stream keeps its messages.
@@ -41,7 +54,7 @@ pub enum Storage {
 }
 
 impl StreamSettings {
-    fn with(max_age_days: u64, max_bytes_gib: i64, dup_secs: u64) -> Self {
+    fn with(max_age_days: u64, max_bytes_gib: i64, dup_secs: u64, discard: Discard) -> Self {
         StreamSettings {
             max_age_secs: max_age_days * 86_400,
             max_bytes: max_bytes_gib << 30,
@@ -49,13 +62,14 @@ impl StreamSettings {
             replicas: 1,
             duplicate_window_secs: dup_secs,
             storage: Storage::File,
+            discard,
         }
     }
 }
 
 impl Default for StreamSettings {
     fn default() -> Self {
-        StreamSettings::with(7, 4, 120)
+        StreamSettings::with(7, 4, 120, Discard::New)
     }
 }
 
@@ -79,12 +93,18 @@ impl Default for Topology {
     fn default() -> Self {
         Topology {
             // A day of dedup: the same board dropped again the same day is stored once.
-            images: StreamSettings::with(7, 4, 86_400),
-            // Training data is kept until removed by hand.
-            shards: StreamSettings::with(0, 8, 86_400),
-            detections: StreamSettings::with(7, 2, 3_600),
-            rejected: StreamSettings::with(30, 1, 86_400),
-            training: StreamSettings::with(30, 1, 3_600),
+            // Full, it pushes back: a board not yet encoded, routed and detected is never
+            // deleted for room.
+            images: StreamSettings::with(7, 4, 86_400, Discard::New),
+            // Training data is kept until removed by hand: no age limit, and full, it
+            // pushes back.
+            shards: StreamSettings::with(0, 8, 86_400, Discard::New),
+            // Outputs read as they come (line-side systems, the viewer): the oldest go.
+            detections: StreamSettings::with(7, 2, 3_600, Discard::Old),
+            // Dead letters are records of what was refused: full, it pushes back.
+            rejected: StreamSettings::with(30, 1, 86_400, Discard::New),
+            // Progress, candidates and model events: the oldest go.
+            training: StreamSettings::with(30, 1, 3_600, Discard::Old),
         }
     }
 }
@@ -146,7 +166,10 @@ impl Topology {
                 stream::StorageType::File
             },
             retention: stream::RetentionPolicy::Limits,
-            discard: stream::DiscardPolicy::Old,
+            discard: match s.discard {
+                Discard::New => stream::DiscardPolicy::New,
+                Discard::Old => stream::DiscardPolicy::Old,
+            },
             ..Default::default()
         }
     }
@@ -198,6 +221,18 @@ pub enum TopologyError {
         durable: String,
         /// What the server said.
         message: String,
+    },
+    /// The pipeline file's limit is below what the stream holds.
+    #[error("stream {stream} holds {holds} ({what}), more than the pipeline file's {what} = {want}: lowering it would delete stored messages, so it is left as it is; raise the setting, or remove messages by hand (`nats stream purge`) first")]
+    Shrink {
+        /// Stream name.
+        stream: String,
+        /// `max_bytes` or `max_msgs`.
+        what: &'static str,
+        /// What it holds now.
+        holds: u64,
+        /// The setting.
+        want: i64,
     },
     /// Reading a stream's state failed.
     #[error("reading stream {stream}: {message}")]
@@ -317,7 +352,10 @@ pub fn consumer_config(spec: &crate::ConsumerSpec) -> pull::Config {
         filter_subject: spec.filter_subject.clone(),
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
         ack_wait: spec.ack_wait,
-        max_deliver: spec.max_deliver,
+        // The stage enforces its `max_deliver` itself (a `retries-exhausted` dead letter at
+        // the last delivery). The server's own limit would drop a message for good when
+        // that dead letter could not be stored: unlimited here, it comes back instead.
+        max_deliver: -1,
         max_ack_pending: (spec.concurrency as i64 * 4).max(256),
         ..Default::default()
     }
@@ -460,15 +498,34 @@ pub async fn apply_streams(
         let name = kind.name();
         let outcome = match js.get_stream(name).await {
             Ok(mut existing) => {
-                let have = existing
+                let info = existing
                     .info()
                     .await
                     .map_err(|e| TopologyError::Info {
                         stream: name.into(),
                         message: e.to_string(),
                     })?
-                    .config
                     .clone();
+                let have = info.config.clone();
+                // A limit below what the stream holds would make the server delete stored
+                // messages to fit: refused, never done on the way.
+                let (bytes, msgs) = (info.state.bytes, info.state.messages);
+                if want.max_bytes > 0 && (want.max_bytes as u64) < bytes {
+                    return Err(TopologyError::Shrink {
+                        stream: name.into(),
+                        what: "max_bytes",
+                        holds: bytes,
+                        want: want.max_bytes,
+                    });
+                }
+                if want.max_messages > 0 && (want.max_messages as u64) < msgs {
+                    return Err(TopologyError::Shrink {
+                        stream: name.into(),
+                        what: "max_msgs",
+                        holds: msgs,
+                        want: want.max_messages,
+                    });
+                }
                 if same_settings(&have, &want) {
                     Provisioned::Unchanged
                 } else {
@@ -520,6 +577,7 @@ fn same_settings(have: &stream::Config, want: &stream::Config) -> bool {
         && have.num_replicas == want.num_replicas
         && have.duplicate_window == want.duplicate_window
         && have.storage == want.storage
+        && have.discard == want.discard
 }
 
 #[cfg(test)]

@@ -1,0 +1,92 @@
+//! A full stream pushes back and deletes nothing: with `PCB_IMAGES` capped, the ingester
+//! leaves the boards that do not fit in the inbox (deferred `stream-full`); with
+//! `PCB_SHARDS` capped, the router holds the records it cannot store, longer than its
+//! `max_deliver` retries would last, without a dead letter; once the admin step raises the
+//! limits every board drains through, once. Lowering a limit below what a stream holds is
+//! refused.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use pcb_common::topology::TopologyError;
+use pcb_schemas::{STREAM_IMAGES, STREAM_REJECTED, STREAM_SHARDS};
+use pcb_tests::Env;
+
+/// The default topology with `max_msgs` on images and shards.
+fn limits(images: i64, shards: i64) -> pcb_common::Topology {
+    let mut t = pcb_common::Topology::default();
+    t.images.max_msgs = images;
+    t.shards.max_msgs = shards;
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_stream_holds_back_its_writers_and_everything_drains_once_it_has_room() {
+    let env = Env::start().await;
+    let boards = env.dir.path().join("boards");
+    pcb_tests::synth_sized(&boards, 12, 21, 64, 0.0);
+
+    // PCB_IMAGES takes 8 messages: raw records of 8 boards, or raw and encoded of 4.
+    pcb_common::apply_streams(&env.js, &limits(8, 3))
+        .await
+        .expect("limits applied");
+    let first = env.import(&boards).await;
+    assert_eq!(first.published, 8, "{first}");
+    assert_eq!(first.deferred.get("stream-full"), Some(&4), "{first}");
+    assert_eq!(first.rejected_total(), 0, "{first}");
+
+    // Room for the encoded records: the encoder and router run; PCB_SHARDS takes 3.
+    pcb_common::apply_streams(&env.js, &limits(-1, 3))
+        .await
+        .expect("images raised");
+    let (shutdown, handles) = env.start_encoder_router();
+    assert!(
+        env.wait_count(STREAM_SHARDS, "pcb.shards.", 3, Duration::from_secs(60))
+            .await,
+        "3 shard records"
+    );
+    // Longer than the router's 5 deliveries 2 s apart: back-pressure is not a failure.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    assert_eq!(env.count(STREAM_SHARDS, "pcb.shards.").await, 3);
+    assert_eq!(env.count(STREAM_REJECTED, "pcb.rejected.").await, 0);
+    let images = env.js.get_stream(STREAM_IMAGES).await.expect("images");
+    let router = images.consumer_info("router").await.expect("router");
+    assert!(
+        router.num_ack_pending + router.num_pending as usize >= 5,
+        "the router holds the rest: {router:?}"
+    );
+
+    // The admin step raises the limits; the rest of the inbox and the held records drain.
+    pcb_common::apply_streams(&env.js, &pcb_common::Topology::default())
+        .await
+        .expect("limits raised");
+    let second = env.import(&boards).await;
+    assert_eq!((second.published, second.duplicates), (4, 8), "{second}");
+    assert!(
+        env.wait_count(STREAM_SHARDS, "pcb.shards.", 12, Duration::from_secs(120))
+            .await,
+        "every board routed"
+    );
+    shutdown.trigger();
+    for h in handles {
+        let _ = h.await;
+    }
+    let records = env.read_all(STREAM_SHARDS, "pcb.shards.>").await;
+    let ids: BTreeSet<String> = records
+        .iter()
+        .map(|(_, p)| {
+            let r: pcb_schemas::ShardRecord = pcb_schemas::decode(p, None).expect("record");
+            r.record.image_id
+        })
+        .collect();
+    assert_eq!((records.len(), ids.len()), (12, 12), "each board once");
+    assert_eq!(env.count(STREAM_REJECTED, "pcb.rejected.").await, 0);
+
+    // Lowering a limit below what a stream holds would delete: refused, nothing changes.
+    let err = pcb_common::apply_streams(&env.js, &limits(-1, 5))
+        .await
+        .expect_err("shrinking below the content");
+    assert!(matches!(err, TopologyError::Shrink { .. }), "{err}");
+    assert!(err.to_string().contains("PCB_SHARDS holds 12"), "{err}");
+    assert_eq!(env.count(STREAM_SHARDS, "pcb.shards.").await, 12);
+}
