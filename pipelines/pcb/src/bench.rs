@@ -165,25 +165,39 @@ pub async fn pipeline(count: usize, seed: u64, dir: Option<&Path>) -> anyhow::Re
     // The pipeline on a server without authentication and on one that admits only the
     // identities `pcb up` issues (each stage its own, held to its permissions),
     // alternately, twice each: the best of each pair goes in the table.
-    let mut plain: Option<Row> = None;
-    let mut secured: Option<Row> = None;
+    // and with every write synced to disk before its ack (`sync_interval: always`) against
+    // the server's default (every 2 minutes).
+    let variants = [
+        Variant {
+            auth: false,
+            sync_always: false,
+        },
+        Variant {
+            auth: true,
+            sync_always: false,
+        },
+        Variant {
+            auth: false,
+            sync_always: true,
+        },
+    ];
+    let mut best: Vec<Option<Row>> = vec![None; variants.len()];
     let mut stored = (0u64, 0u64);
     for round in 0..2 {
-        for auth in [false, true] {
+        for (i, v) in variants.iter().enumerate() {
             eprintln!(
-                "bench: pipeline over JetStream, authentication {} (round {})",
-                if auth { "on" } else { "off" },
+                "bench: pipeline over JetStream, {} (round {})",
+                v.label(),
                 round + 1
             );
-            let (row, bytes) = piped(tmp.path(), &sample, files.len(), auth).await?;
+            let (row, bytes) = piped(tmp.path(), &sample, files.len(), *v).await?;
             stored = bytes;
-            let best = if auth { &mut secured } else { &mut plain };
-            if best.as_ref().is_none_or(|b| row.seconds < b.seconds) {
-                *best = Some(row);
+            if best[i].as_ref().is_none_or(|b| row.seconds < b.seconds) {
+                best[i] = Some(row);
             }
         }
     }
-    let (Some(plain), Some(secured)) = (plain, secured) else {
+    let Some(rows) = best.into_iter().collect::<Option<Vec<Row>>>() else {
         bail!("no pipeline run");
     };
 
@@ -211,7 +225,30 @@ pub async fn pipeline(count: usize, seed: u64, dir: Option<&Path>) -> anyhow::Re
         boards: files.len(),
         seconds: bare.seconds + store.seconds,
     };
-    Ok(vec![bare, plain, secured, store, ceiling])
+    let mut out = vec![bare];
+    out.extend(rows);
+    out.extend([store, ceiling]);
+    Ok(out)
+}
+
+/// One way of running the server in the pipeline rows.
+#[derive(Debug, Clone, Copy)]
+struct Variant {
+    /// Authentication on, each stage its own identity.
+    auth: bool,
+    /// `sync_interval: always` instead of the server's default.
+    sync_always: bool,
+}
+
+impl Variant {
+    fn label(self) -> &'static str {
+        match (self.auth, self.sync_always) {
+            (false, false) => "ingester → encoder → router (JetStream)",
+            (true, false) => "the same, authentication on",
+            (false, true) => "the same, sync_interval always",
+            (true, true) => "the same, authentication and sync always",
+        }
+    }
 }
 
 /// One run of ingester → encoder → router over a fresh private server, each stage with a
@@ -221,8 +258,9 @@ async fn piped(
     scratch: &Path,
     sample: &Path,
     boards: usize,
-    auth: bool,
+    variant: Variant,
 ) -> anyhow::Result<(Row, (u64, u64))> {
+    let auth = variant.auth;
     use pcb_common::{Identity, IdentityStore};
     let run = tempfile::tempdir_in(scratch)?;
     let nats_dir = run.path().join("nats");
@@ -232,9 +270,17 @@ async fn piped(
         None
     };
     let for_server = ids.clone();
-    let mut server = tokio::task::spawn_blocking(move || match &for_server {
-        Some(ids) => NatsServer::start_secured(&nats_dir, 0, ids),
-        None => NatsServer::start(&nats_dir, 0),
+    let sync_interval = variant.sync_always.then(|| "always".to_string());
+    let mut server = tokio::task::spawn_blocking(move || {
+        NatsServer::start_opts(
+            &nats_dir,
+            0,
+            &crate::server::ServerOptions {
+                identities: for_server.as_ref(),
+                sync_interval,
+                ..Default::default()
+            },
+        )
     })
     .await??;
     let base = pcb_common::NatsConfig {
@@ -314,11 +360,7 @@ async fn piped(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let row = Row {
-        name: if auth {
-            "the same, authentication on".into()
-        } else {
-            "ingester → encoder → router (JetStream)".into()
-        },
+        name: variant.label().into(),
         boards,
         seconds: started.elapsed().as_secs_f64(),
     };
@@ -405,12 +447,17 @@ pub fn render(rows: &[Row]) -> String {
             100.0 * piped.rate() / ceiling.rate().max(1e-9)
         ));
     }
-    if let (Some(piped), Some(secured)) = (piped, find("the same, authentication on")) {
-        out.push_str(&format!(
-            "authentication on: {:.0}% of the rate without ({:+.1}% time)\n",
-            100.0 * secured.rate() / piped.rate().max(1e-9),
-            100.0 * (secured.seconds / piped.seconds.max(1e-9) - 1.0)
-        ));
+    for (prefix, what) in [
+        ("the same, authentication on", "authentication on"),
+        ("the same, sync_interval always", "sync_interval always"),
+    ] {
+        if let (Some(piped), Some(other)) = (piped, find(prefix)) {
+            out.push_str(&format!(
+                "{what}: {:.0}% of the rate without ({:+.1}% time)\n",
+                100.0 * other.rate() / piped.rate().max(1e-9),
+                100.0 * (other.seconds / piped.seconds.max(1e-9) - 1.0)
+            ));
+        }
     }
     out
 }

@@ -20,12 +20,45 @@ pub struct PipelineFile {
     pub pipeline: PipelineMeta,
     /// NATS connection; an empty `url` starts a private nats-server under `data_dir`.
     pub nats: NatsConfig,
+    /// The private nats-server (not used with a `url` of one's own).
+    pub nats_server: ServerSettings,
     /// The streams' limits (what `pcb init` and `pcb up` apply; stages never change them).
     pub streams: Topology,
     /// Logging of every stage.
     pub log: LogConfig,
     /// The stages.
     pub stages: Stages,
+}
+
+/// The private nats-server that `pcb up` starts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// How often its JetStream store is synced to disk: `always` (every write, before it
+    /// is acked: an acked message survives a power cut) or a duration such as `2m`
+    /// (nats-server's own default: a machine crash can lose the last interval's acked
+    /// writes).
+    pub sync_interval: String,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            sync_interval: DEFAULT_SYNC_INTERVAL.into(),
+        }
+    }
+}
+
+/// The private server's default `sync_interval` (README, "When a stream is full").
+pub const DEFAULT_SYNC_INTERVAL: &str = "always";
+
+/// Whether `s` is `always` or a duration nats-server reads (`500ms`, `30s`, `2m`, `1h`).
+pub fn valid_sync_interval(s: &str) -> bool {
+    if s == "always" {
+        return true;
+    }
+    let digits = s.chars().take_while(|c| c.is_ascii_digit()).count();
+    digits > 0 && matches!(&s[digits..], "ms" | "s" | "m" | "h")
 }
 
 /// Pipeline-wide settings.
@@ -225,6 +258,11 @@ impl PipelineFile {
         if !self.nats.url.is_empty() {
             self.nats.validate("nats", p);
         }
+        p.check(
+            !valid_sync_interval(&self.nats_server.sync_interval),
+            "nats_server.sync_interval",
+            "must be \"always\" or a duration such as 30s, 2m, 500ms",
+        );
         p.check(
             !self.pipeline.identities_dir.as_os_str().is_empty() && self.nats.has_credentials(),
             "pipeline.identities_dir",
@@ -434,6 +472,21 @@ mod tests {
         }
         let want = std::fs::read_to_string(&path).expect("golden pipeline keys");
         assert_eq!(text, want, "the pipeline file's keys changed");
+    }
+
+    #[test]
+    fn sync_intervals_are_always_or_a_duration() {
+        for ok in ["always", "2m", "30s", "500ms", "1h"] {
+            assert!(valid_sync_interval(ok), "{ok}");
+        }
+        for bad in ["", "never", "2", "m", "2 m", "-1s", "2d"] {
+            assert!(!valid_sync_interval(bad), "{bad}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "[nats_server]\nsync_interval = \"sometimes\"\n").expect("write");
+        let text = PipelineFile::load(&path).unwrap_err().to_string();
+        assert!(text.contains("nats_server.sync_interval"), "{text}");
     }
 
     #[test]

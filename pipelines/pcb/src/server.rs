@@ -178,10 +178,22 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// How a private server runs, beyond its folder and port.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions<'a> {
+    /// Admit only these identities, each with its permissions (None: no authentication).
+    pub identities: Option<&'a pcb_common::IdentityStore>,
+    /// JetStream's `sync_interval` (`always`, or a duration such as `2m`); None: the
+    /// server's default (2 minutes).
+    pub sync_interval: Option<String>,
+    /// More lines of server config (accounts, an `authorization` block, ...).
+    pub extra_conf: String,
+}
+
 impl NatsServer {
     /// Starts a server storing under `dir` (created if missing) on `port` (0: a free one).
     pub fn start(dir: &Path, port: u16) -> Result<NatsServer, ServerError> {
-        NatsServer::start_with(dir, port, "")
+        NatsServer::start_opts(dir, port, &ServerOptions::default())
     }
 
     /// [`NatsServer::start`] with authentication on: only the identities of `ids` connect,
@@ -192,36 +204,59 @@ impl NatsServer {
         port: u16,
         ids: &pcb_common::IdentityStore,
     ) -> Result<NatsServer, ServerError> {
-        std::fs::create_dir_all(dir).map_err(|source| ServerError::Prepare {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let users = dir.join("pcb-users.conf");
-        std::fs::write(&users, ids.users_conf()).map_err(|source| ServerError::Prepare {
-            path: users.clone(),
-            source,
-        })?;
-        NatsServer::start_with(
+        NatsServer::start_opts(
             dir,
             port,
-            // An include is resolved beside the config that names it.
-            "include \"pcb-users.conf\"\nauthorization {\n  users: $PCB_USERS\n}\n",
+            &ServerOptions {
+                identities: Some(ids),
+                ..ServerOptions::default()
+            },
         )
     }
 
     /// [`NatsServer::start`] with more lines of server config (an `authorization` block,
     /// accounts, ...).
     pub fn start_with(dir: &Path, port: u16, extra_conf: &str) -> Result<NatsServer, ServerError> {
+        NatsServer::start_opts(
+            dir,
+            port,
+            &ServerOptions {
+                extra_conf: extra_conf.to_string(),
+                ..ServerOptions::default()
+            },
+        )
+    }
+
+    /// Starts a server with `opts`.
+    pub fn start_opts(
+        dir: &Path,
+        port: u16,
+        opts: &ServerOptions,
+    ) -> Result<NatsServer, ServerError> {
+        let prep = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ServerError::Prepare { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(prep(dir))?;
+        let mut extra = opts.extra_conf.clone();
+        if let Some(ids) = opts.identities {
+            let users = dir.join("pcb-users.conf");
+            std::fs::write(&users, ids.users_conf()).map_err(prep(&users))?;
+            // An include is resolved beside the config that names it.
+            extra.push_str(
+                "\ninclude \"pcb-users.conf\"\nauthorization {\n  users: $PCB_USERS\n}\n",
+            );
+        }
+        let sync = match &opts.sync_interval {
+            Some(s) => format!("  sync_interval: {s}\n"),
+            None => String::new(),
+        };
         let bin = find_binary().ok_or(ServerError::NotFound)?;
         check_version(&bin)?;
         let port = if port == 0 {
             free_port().map_err(ServerError::Port)?
         } else {
             port
-        };
-        let prep = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ServerError::Prepare { path, source }
         };
         let store = dir.join("jetstream");
         std::fs::create_dir_all(&store).map_err(prep(&store))?;
@@ -230,7 +265,7 @@ impl NatsServer {
             "# Written by pcb: a private JetStream server for one pipeline.\n\
              listen: 127.0.0.1:{port}\n\
              max_payload: {MAX_PAYLOAD_BYTES}\n\
-             jetstream {{\n  store_dir: {:?}\n}}\n{extra_conf}\n",
+             jetstream {{\n  store_dir: {:?}\n{sync}}}\n{extra}\n",
             store.display().to_string()
         );
         std::fs::write(&conf, text).map_err(prep(&conf))?;

@@ -133,8 +133,17 @@ impl Running {
                 let ids = IdentityStore::ensure(&ids_dir)?;
                 let dir = data_dir.join("nats");
                 let for_server = ids.clone();
+                let sync = pipeline.nats_server.sync_interval.clone();
                 let s = tokio::task::spawn_blocking(move || {
-                    NatsServer::start_secured(&dir, 0, &for_server)
+                    NatsServer::start_opts(
+                        &dir,
+                        0,
+                        &crate::server::ServerOptions {
+                            identities: Some(&for_server),
+                            sync_interval: Some(sync),
+                            ..Default::default()
+                        },
+                    )
                 })
                 .await??;
                 let u = s.url();
