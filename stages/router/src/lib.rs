@@ -144,6 +144,57 @@ async fn handle(js: async_nats::jetstream::Context, a: Assigner, d: Delivery) ->
 }
 
 #[cfg(test)]
+mod props {
+    //! Property tests of the routing: a pure function of the image id (the same id gets
+    //! the same split and shard, whatever else happens), inside the shard range, and
+    //! uniform over shards and splits.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn assigner(shard_count: u32) -> Assigner {
+        Assigner {
+            shard_count,
+            val_fraction: 0.2,
+            use_dataset_split: true,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn an_image_id_always_gets_the_same_split_and_shard(id in "[0-9a-f]{64}", shards in 1u32..64) {
+            let a = assigner(shards);
+            let first = a.assign(&id, None);
+            prop_assert_eq!(first, a.assign(&id, None));
+            prop_assert!(first.1 < shards);
+            // The dataset's split wins when asked, and never moves the shard.
+            let (split, shard) = a.assign(&id, Some(Split::Val));
+            prop_assert_eq!((split, shard), (Split::Val, first.1));
+        }
+    }
+
+    #[test]
+    fn shards_and_splits_are_uniform() {
+        let a = assigner(8);
+        let mut per_shard = [0u32; 8];
+        let mut val = 0u32;
+        let n = 16_000u32;
+        for i in 0..n {
+            let id = hex::encode(Sha256::digest(i.to_le_bytes()));
+            let (split, shard) = a.assign(&id, None);
+            per_shard[shard as usize] += 1;
+            val += u32::from(split == Split::Val);
+        }
+        // 2000 expected per shard; 10% is over 4 standard deviations.
+        for (k, c) in per_shard.iter().enumerate() {
+            assert!((1800..=2200).contains(c), "shard {k}: {c} of {n}");
+        }
+        // 3200 expected in val (0.2); 10% again.
+        assert!((2880..=3520).contains(&val), "val: {val} of {n}");
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use pcb_schemas::image_id;
