@@ -56,10 +56,7 @@ impl Env {
             url: server.url(),
             ..Default::default()
         };
-        let nats = match &identities {
-            Some(ids) => ids.connection(Identity::Admin, &base),
-            None => base,
-        };
+        let nats = IdentityStore::connection_of(identities.as_ref(), Identity::Admin, &base);
         let client = pcb_common::nats::connect_now(&nats, "pcb-tests")
             .await
             .expect("connect");

@@ -287,10 +287,7 @@ async fn piped(
         url: server.url(),
         ..Default::default()
     };
-    let nats_as = |id: Identity| match &ids {
-        Some(ids) => ids.connection(id, &base),
-        None => base.clone(),
-    };
+    let nats_as = |id: Identity| IdentityStore::connection_of(ids.as_ref(), id, &base);
     let connect = |id: Identity| {
         let nats = nats_as(id);
         async move { pcb_common::nats::connect_now(&nats, id.name()).await }

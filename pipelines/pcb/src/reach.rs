@@ -107,10 +107,7 @@ impl Target {
     /// The connection settings of `id`: its own identity on the private server of `pcb
     /// up`, else the pipeline file's credentials and TLS.
     pub fn nats_as(&self, id: Identity) -> NatsConfig {
-        match &self.identities {
-            Some(ids) => ids.connection(id, &self.nats),
-            None => self.nats.clone(),
-        }
+        IdentityStore::connection_of(self.identities.as_ref(), id, &self.nats)
     }
 
     /// Connects as `name` with the admin identity (or the pipeline file's credentials).

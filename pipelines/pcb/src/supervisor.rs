@@ -159,10 +159,7 @@ impl Running {
             url: nats_url.clone(),
             ..pipeline.nats.clone()
         };
-        let nats_as = |id: Identity| match &identities {
-            Some(ids) => ids.connection(id, &base),
-            None => base.clone(),
-        };
+        let nats_as = |id: Identity| IdentityStore::connection_of(identities.as_ref(), id, &base);
         let nats = nats_as(Identity::Admin);
         let client = pcb_common::connect(&nats, "pcb")
             .await
@@ -210,10 +207,7 @@ impl Running {
             url: self.nats_url.clone(),
             ..self.pipeline.nats.clone()
         };
-        let nats = match &self.identities {
-            Some(ids) => ids.connection(Identity::Admin, &base),
-            None => base,
-        };
+        let nats = IdentityStore::connection_of(self.identities.as_ref(), Identity::Admin, &base);
         let client = pcb_common::connect(&nats, name)
             .await
             .with_context(|| format!("connecting to {}", self.nats_url))?;

@@ -369,6 +369,19 @@ impl IdentityStore {
         }
     }
 
+    /// [`IdentityStore::connection`] of `id` when there are identities, else `base`
+    /// itself (a server without them, reached with the pipeline file's credentials).
+    pub fn connection_of(
+        ids: Option<&IdentityStore>,
+        id: Identity,
+        base: &crate::NatsConfig,
+    ) -> crate::NatsConfig {
+        match ids {
+            Some(ids) => ids.connection(id, base),
+            None => base.clone(),
+        }
+    }
+
     /// The nats-server config that defines `PCB_USERS`: one user per identity with its
     /// public key and permissions. The private server puts them in its `authorization`
     /// block; `deploy/nats/nats-server.conf` in an account of its own.

@@ -506,26 +506,22 @@ pub async fn apply_streams(
                         message: e.to_string(),
                     })?
                     .clone();
-                let have = info.config.clone();
                 // A limit below what the stream holds would make the server delete stored
                 // messages to fit: refused, never done on the way.
-                let (bytes, msgs) = (info.state.bytes, info.state.messages);
-                if want.max_bytes > 0 && (want.max_bytes as u64) < bytes {
-                    return Err(TopologyError::Shrink {
-                        stream: name.into(),
-                        what: "max_bytes",
-                        holds: bytes,
-                        want: want.max_bytes,
-                    });
+                for (what, limit, holds) in [
+                    ("max_bytes", want.max_bytes, info.state.bytes),
+                    ("max_msgs", want.max_messages, info.state.messages),
+                ] {
+                    if limit > 0 && (limit as u64) < holds {
+                        return Err(TopologyError::Shrink {
+                            stream: name.into(),
+                            what,
+                            holds,
+                            want: limit,
+                        });
+                    }
                 }
-                if want.max_messages > 0 && (want.max_messages as u64) < msgs {
-                    return Err(TopologyError::Shrink {
-                        stream: name.into(),
-                        what: "max_msgs",
-                        holds: msgs,
-                        want: want.max_messages,
-                    });
-                }
+                let have = info.config;
                 if same_settings(&have, &want) {
                     Provisioned::Unchanged
                 } else {
