@@ -45,6 +45,71 @@ fn write_pipeline(dir: &Path, nats: &str, images_max_bytes: i64) -> std::path::P
     p
 }
 
+/// Streams that reserve more than a disk has: `pcb init` on a server of one's own names
+/// the stream, the total and the key to lower (not the server's bare "insufficient storage
+/// resources"); `pcb up`'s private server is allowed what they reserve and warns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_larger_than_the_disk_are_named_with_the_fix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = bare_server(dir.path(), "");
+    let url = server.url();
+    // 1 PiB of images: more than any test machine's disk.
+    let pipeline = write_pipeline(dir.path(), "url = \"\"", 1 << 50);
+    let p = pipeline.to_str().expect("utf-8");
+    let refused = pcb(&["init", "--nats-url", &url, "--pipeline", p]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    let said = text(&refused);
+    for needle in [
+        "no room for stream PCB_IMAGES",
+        // 1 PiB + the other four streams' 8 + 2 + 1 + 1 GiB.
+        "add up to 1048588.0 GiB",
+        "max_bytes in the pipeline file",
+    ] {
+        assert!(said.contains(needle), "missing {needle:?} in:\n{said}");
+    }
+
+    let mut up = Command::new(bin("pcb"))
+        .args(["up", "--pipeline", p, "--viewer-addr", "127.0.0.1:0"])
+        .env_remove("PCB_PIPELINE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn pcb up");
+    let err = up.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !seen.contains("private nats-server at") && std::time::Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) {
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+    }
+    // The streams exist with their limit: the pipeline runs.
+    let created = pcb_tests::wait_until(Duration::from_secs(60), || async {
+        let status = pcb(&["status", "--pipeline", p]);
+        status.status.success() && text(&status).contains("PCB_IMAGES")
+    })
+    .await;
+    // SAFETY: signalling our own child by its pid.
+    unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
+    let stopped = up.wait().expect("wait");
+    assert!(
+        seen.contains("pcb: warning: the streams may hold up to 1048588.0 GiB"),
+        "{seen}"
+    );
+    assert!(created, "the streams were not created:\n{seen}");
+    assert!(stopped.success(), "pcb up: {stopped}\n{seen}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_whose_stream_is_missing_says_which_and_how_to_create_it() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -83,6 +83,61 @@ pub struct NatsServer {
     child: Child,
     port: u16,
     dir: PathBuf,
+    room: Option<StoreRoom>,
+}
+
+/// The disk under a server's store against what the streams reserve on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreRoom {
+    /// Free bytes on the store's file system when the server started.
+    pub free_bytes: u64,
+    /// What the streams' `max_bytes` add up to.
+    pub reserved_bytes: u64,
+}
+
+impl StoreRoom {
+    /// The `max_file_store` to write: None when nats-server's own default (three quarters
+    /// of the free space) already holds the streams. Otherwise the server would refuse to
+    /// create them ("insufficient storage resources") although they hold nothing yet; it is
+    /// allowed what they reserve, and [`StoreRoom::warning`] says what that risks.
+    pub fn max_file_store(&self) -> Option<u64> {
+        let wanted = self.reserved_bytes + BUCKET_HEADROOM_BYTES;
+        (wanted > self.free_bytes / 4 * 3).then_some(wanted)
+    }
+
+    /// What to tell the operator when the streams may hold more than the disk can take.
+    pub fn warning(&self, store: &Path) -> Option<String> {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        self.max_file_store().map(|_| {
+            format!(
+                "the streams may hold up to {:.1} GiB (the pipeline file's [streams.*] \
+                 max_bytes) but {} has {:.1} GiB free: if the disk fills first, JetStream \
+                 stops taking messages before any stream is full and pushes back; lower \
+                 max_bytes in the pipeline file or free space there",
+                gib(self.reserved_bytes),
+                store.display(),
+                gib(self.free_bytes)
+            )
+        })
+    }
+}
+
+/// Room beyond the streams' reservations for what has no cap: the buckets (models, the
+/// retrain policy's state), which the server still checks against `max_file_store`.
+const BUCKET_HEADROOM_BYTES: u64 = 1 << 30;
+
+/// Free bytes on the file system holding `path` (what an unprivileged writer may use).
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs is plain old data; all zeros is a valid value to be overwritten.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a writable statvfs for the call.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// The nats-server release `deploy/setup.sh` installs (`go install
@@ -188,6 +243,9 @@ pub struct ServerOptions<'a> {
     pub sync_interval: Option<String>,
     /// More lines of server config (accounts, an `authorization` block, ...).
     pub extra_conf: String,
+    /// Bytes the streams will reserve on the store (None: what the default topology's
+    /// do): the server is allowed at least that much, whatever the disk has free.
+    pub reserve_bytes: Option<u64>,
 }
 
 impl NatsServer {
@@ -260,12 +318,29 @@ impl NatsServer {
         };
         let store = dir.join("jetstream");
         std::fs::create_dir_all(&store).map_err(prep(&store))?;
+        let reserved_bytes = opts
+            .reserve_bytes
+            .unwrap_or_else(|| pcb_common::Topology::default().reserved_file_bytes());
+        let room = match free_bytes(&store) {
+            Ok(free_bytes) => Some(StoreRoom {
+                free_bytes,
+                reserved_bytes,
+            }),
+            Err(e) => {
+                tracing::debug!(store = %store.display(), error = %e, "free space unknown");
+                None
+            }
+        };
+        let max_store = match room.and_then(|r| r.max_file_store()) {
+            Some(b) => format!("  max_file_store: {b}\n"),
+            None => String::new(),
+        };
         let conf = dir.join("nats-server.conf");
         let text = format!(
             "# Written by pcb: a private JetStream server for one pipeline.\n\
              listen: 127.0.0.1:{port}\n\
              max_payload: {MAX_PAYLOAD_BYTES}\n\
-             jetstream {{\n  store_dir: {:?}\n{sync}}}\n{extra}\n",
+             jetstream {{\n  store_dir: {:?}\n{sync}{max_store}}}\n{extra}\n",
             store.display().to_string()
         );
         std::fs::write(&conf, text).map_err(prep(&conf))?;
@@ -286,6 +361,7 @@ impl NatsServer {
             child,
             port,
             dir: dir.to_path_buf(),
+            room,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
@@ -317,6 +393,12 @@ impl NatsServer {
     /// Its directory (config, log, store).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The warning when its streams may hold more than its disk has free.
+    pub fn room_warning(&self) -> Option<String> {
+        self.room
+            .and_then(|r| r.warning(&self.dir.join("jetstream")))
     }
 
     /// Stops it gracefully (SIGTERM, then SIGKILL after 5 s).
@@ -367,6 +449,42 @@ mod tests {
         );
         let err = judge_version(bin, "nats-server: development").expect_err("no version");
         assert!(err.to_string().contains("named no version"), "{err}");
+    }
+
+    #[test]
+    fn the_server_is_allowed_what_the_streams_reserve_when_the_disk_is_short() {
+        const GIB: u64 = 1 << 30;
+        // Plenty of room: nats-server's own default (3/4 of the free space) holds 16 GiB.
+        let roomy = StoreRoom {
+            free_bytes: 100 * GIB,
+            reserved_bytes: 16 * GIB,
+        };
+        assert_eq!(roomy.max_file_store(), None);
+        assert_eq!(roomy.warning(Path::new("/s")), None);
+        // 20 GiB free allows 15: the streams would be refused; they get their 16 and 1 for
+        // the buckets, with a warning.
+        let short = StoreRoom {
+            free_bytes: 20 * GIB,
+            reserved_bytes: 16 * GIB,
+        };
+        assert_eq!(short.max_file_store(), Some(17 * GIB));
+        let w = short
+            .warning(Path::new("/data/nats/jetstream"))
+            .expect("warned");
+        for needle in [
+            "16.0 GiB",
+            "/data/nats/jetstream has 20.0 GiB free",
+            "max_bytes",
+        ] {
+            assert!(w.contains(needle), "missing {needle:?} in {w}");
+        }
+    }
+
+    #[test]
+    fn free_space_is_read_from_the_file_system() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(free_bytes(dir.path()).expect("statvfs") > 0);
+        assert!(free_bytes(&dir.path().join("missing")).is_err());
     }
 
     #[test]

@@ -134,6 +134,7 @@ impl Running {
                 let dir = data_dir.join("nats");
                 let for_server = ids.clone();
                 let sync = pipeline.nats_server.sync_interval.clone();
+                let reserve = pipeline.streams.reserved_file_bytes();
                 let s = tokio::task::spawn_blocking(move || {
                     NatsServer::start_opts(
                         &dir,
@@ -141,12 +142,16 @@ impl Running {
                         &crate::server::ServerOptions {
                             identities: Some(&for_server),
                             sync_interval: Some(sync),
+                            reserve_bytes: Some(reserve),
                             ..Default::default()
                         },
                     )
                 })
                 .await??;
                 let u = s.url();
+                if let Some(w) = s.room_warning() {
+                    eprintln!("pcb: warning: {w}");
+                }
                 eprintln!(
                     "pcb: private nats-server at {u} (store {}; one identity per stage in {})",
                     s.dir().display(),

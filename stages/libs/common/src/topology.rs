@@ -149,6 +149,19 @@ impl Topology {
         }
     }
 
+    /// Bytes of disk the server reserves for these streams: the sum of the capped
+    /// `max_bytes` of the file-stored ones. A server whose JetStream may use less
+    /// (`max_file_store`, by default three quarters of the disk's free space at start)
+    /// refuses to create them.
+    pub fn reserved_file_bytes(&self) -> u64 {
+        StreamKind::ALL
+            .into_iter()
+            .map(|k| self.settings(k))
+            .filter(|s| s.storage == Storage::File && s.max_bytes > 0)
+            .map(|s| s.max_bytes as u64)
+            .sum()
+    }
+
     /// The JetStream config of `kind`.
     pub fn stream_config(&self, kind: StreamKind) -> stream::Config {
         let s = self.settings(kind);
@@ -233,6 +246,14 @@ pub enum TopologyError {
         holds: u64,
         /// The setting.
         want: i64,
+    },
+    /// The server cannot reserve the stream's `max_bytes`.
+    #[error("the server has no room for stream {stream}: the streams' max_bytes add up to {:.1} GiB of file storage, more than its JetStream may use (max_file_store; by default three quarters of the disk's free space when it started); lower [streams.<name>] max_bytes in the pipeline file, or give the server more storage", *reserved as f64 / (1u64 << 30) as f64)]
+    NoRoom {
+        /// Stream name.
+        stream: String,
+        /// What all the streams reserve, in bytes.
+        reserved: u64,
     },
     /// Reading a stream's state failed.
     #[error("reading stream {stream}: {message}")]
@@ -525,12 +546,12 @@ pub async fn apply_streams(
                 if same_settings(&have, &want) {
                     Provisioned::Unchanged
                 } else {
-                    js.update_stream(want)
-                        .await
-                        .map_err(|source| TopologyError::Update {
+                    js.update_stream(want).await.map_err(|source| {
+                        no_room(&source, name, topo).unwrap_or(TopologyError::Update {
                             stream: name.into(),
                             source,
-                        })?;
+                        })
+                    })?;
                     Provisioned::Updated
                 }
             }
@@ -538,13 +559,41 @@ pub async fn apply_streams(
             // let the server's answer decide.
             Err(e) => {
                 tracing::debug!(stream = name, error = %e, "stream lookup failed, creating");
-                create(js, name, want).await?
+                create(js, name, want).await.map_err(|e| match e {
+                    TopologyError::Create { source, .. } => {
+                        no_room(&source, name, topo).unwrap_or(TopologyError::Create {
+                            stream: name.into(),
+                            source,
+                        })
+                    }
+                    e => e,
+                })?
             }
         };
         tracing::debug!(stream = name, ?outcome, "stream provisioned");
         done.push((name, outcome));
     }
     Ok(done)
+}
+
+/// The server's "insufficient storage resources" as the limits that caused it.
+fn no_room(
+    e: &async_nats::jetstream::context::CreateStreamError,
+    stream: &str,
+    topo: &Topology,
+) -> Option<TopologyError> {
+    use async_nats::jetstream::{context::CreateStreamErrorKind, ErrorCode};
+    match e.kind() {
+        CreateStreamErrorKind::JetStream(j)
+            if j.error_code() == ErrorCode::STORAGE_RESOURCES_EXCEEDED =>
+        {
+            Some(TopologyError::NoRoom {
+                stream: stream.into(),
+                reserved: topo.reserved_file_bytes(),
+            })
+        }
+        _ => None,
+    }
 }
 
 async fn create(
@@ -585,6 +634,16 @@ mod tests {
         let mut p = Problems::default();
         Topology::default().validate("streams", &mut p);
         assert!(p.0.is_empty(), "{p}");
+    }
+
+    #[test]
+    fn the_reservation_counts_capped_file_streams_only() {
+        let mut t = Topology::default();
+        // 4 + 8 + 2 + 1 + 1 GiB.
+        assert_eq!(t.reserved_file_bytes(), 16 << 30);
+        t.shards.max_bytes = -1;
+        t.detections.storage = Storage::Memory;
+        assert_eq!(t.reserved_file_bytes(), 6 << 30);
     }
 
     #[test]
