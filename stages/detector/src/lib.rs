@@ -159,8 +159,51 @@ enum Job {
 /// Detections for a batch and the version that made them.
 struct Answer {
     model: ModelRef,
-    per_image: Vec<Vec<Defect>>,
+    /// Each image's defects, or why the model failed on it.
+    per_image: Vec<Result<Vec<Defect>, String>>,
     seconds: f64,
+}
+
+/// One forward pass: the defects of each image, or why it failed.
+type Pass = Result<Vec<Vec<Defect>>, String>;
+
+/// Runs `pass` over the batch; when it fails (an error, or a panic inside it) on more
+/// than one image, runs each image alone, so that one image the model cannot take fails
+/// alone and the others get their answers.
+fn isolating(
+    images: &[Tensor],
+    pass: impl Fn(&[Tensor]) -> Pass,
+) -> Vec<Result<Vec<Defect>, String>> {
+    let guarded = |batch: &[Tensor]| -> Pass {
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pass(batch)))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(format!("the model panicked: {what}"))
+            })?;
+        if out.len() == batch.len() {
+            Ok(out)
+        } else {
+            Err(format!("{} answers for {} images", out.len(), batch.len()))
+        }
+    };
+    match guarded(images) {
+        Ok(per_image) => per_image.into_iter().map(Ok).collect(),
+        Err(reason) if images.len() == 1 => vec![Err(reason)],
+        Err(reason) => {
+            tracing::warn!(images = images.len(), %reason, "a batch failed; detecting its images one by one");
+            images
+                .iter()
+                .map(|image| {
+                    guarded(std::slice::from_ref(image))
+                        .and_then(|mut one| one.pop().ok_or_else(|| "no answer".to_string()))
+                })
+                .collect()
+        }
+    }
 }
 
 fn defects_of(d: &pcb_vision::Detections, threshold: f32) -> Result<Vec<Defect>, tch::TchError> {
@@ -196,22 +239,26 @@ fn inference_thread(jobs: std_mpsc::Receiver<Job>, threshold: f32, threads: usiz
                     None => Err("no model loaded".to_string()),
                     Some(m) => {
                         let started = Instant::now();
-                        tch::no_grad(|| m.detector.model.detect(&images))
-                            .map_err(|e| e.to_string())
-                            .and_then(|out| {
-                                out.detections
-                                    .iter()
-                                    .map(|d| defects_of(d, threshold).map_err(|e| e.to_string()))
-                                    .collect::<Result<Vec<_>, _>>()
-                            })
-                            .map(|per_image| Answer {
-                                model: ModelRef {
-                                    name: m.version.name.clone(),
-                                    version: m.version.version,
-                                },
-                                per_image,
-                                seconds: started.elapsed().as_secs_f64(),
-                            })
+                        let per_image = isolating(&images, |batch| {
+                            tch::no_grad(|| m.detector.model.detect(batch))
+                                .map_err(|e| e.to_string())
+                                .and_then(|out| {
+                                    out.detections
+                                        .iter()
+                                        .map(|d| {
+                                            defects_of(d, threshold).map_err(|e| e.to_string())
+                                        })
+                                        .collect::<Result<Vec<_>, _>>()
+                                })
+                        });
+                        Ok(Answer {
+                            model: ModelRef {
+                                name: m.version.name.clone(),
+                                version: m.version.version,
+                            },
+                            per_image,
+                            seconds: started.elapsed().as_secs_f64(),
+                        })
                     }
                 };
                 let _ = reply.send(result);
@@ -406,22 +453,33 @@ async fn handle_batch(s: Serving, batch: Vec<Delivery>) -> Vec<Outcome> {
             }
             Ok(answer) => {
                 let per_image_ms = answer.seconds * 1000.0 / ready.len() as f64;
-                let published = futures::future::join_all(ready.iter().zip(answer.per_image).map(
-                    |((_, record, _), defects)| {
+                let mut detected = Vec::new();
+                for ((i, record, _), defects) in ready.iter().zip(answer.per_image) {
+                    match defects {
+                        Ok(defects) => detected.push((*i, record, defects)),
+                        // The model failed on this image alone: retried, and dead-lettered
+                        // as `retries-exhausted` with this reason at the delivery limit.
+                        Err(reason) => {
+                            outcomes[*i] =
+                                Some(Outcome::Retry(format!("inference failed: {reason}")))
+                        }
+                    }
+                }
+                let published =
+                    futures::future::join_all(detected.iter().map(|(_, record, defects)| {
                         let d = detection_of(
                             record,
                             answer.model.clone(),
-                            defects,
+                            defects.clone(),
                             s.fail_threshold,
                             per_image_ms,
                         );
                         let js = s.js.clone();
                         // An image leaves the consumer only with its answer stored.
                         async move { pcb_common::publish(&js, SUBJECT_DETECTIONS.into(), &d).await }
-                    },
-                ))
-                .await;
-                for ((i, _, _), result) in ready.iter().zip(published) {
+                    }))
+                    .await;
+                for ((i, _, _), result) in detected.iter().zip(published) {
                     outcomes[*i] = Some(match result {
                         Ok(_) => Outcome::Done,
                         Err(e) => e.outcome("publishing the detection"),
@@ -506,6 +564,73 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), DetectorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stand-in model: each image's one defect scores its width; an image 13 wide makes
+    /// the pass fail and one 17 wide makes it panic, whatever else is in the batch.
+    fn pass(batch: &[Tensor]) -> Pass {
+        let widths: Vec<i64> = batch.iter().map(|t| t.size()[2]).collect();
+        if widths.contains(&17) {
+            panic!("index out of range in a kernel");
+        }
+        if widths.contains(&13) {
+            return Err("shape mismatch".into());
+        }
+        Ok(widths
+            .iter()
+            .map(|&w| {
+                vec![Defect {
+                    x1: 0.0,
+                    y1: 0.0,
+                    x2: 1.0,
+                    y2: 1.0,
+                    class_id: 1,
+                    class: "open".into(),
+                    score: w as f32,
+                }]
+            })
+            .collect())
+    }
+
+    fn images(widths: &[i64]) -> Vec<Tensor> {
+        widths
+            .iter()
+            .map(|&w| Tensor::zeros([1, 8, w], (tch::Kind::Float, tch::Device::Cpu)))
+            .collect()
+    }
+
+    fn scores(out: &[Result<Vec<Defect>, String>]) -> Vec<Result<f32, String>> {
+        out.iter()
+            .map(|r| r.as_ref().map(|d| d[0].score).map_err(|e| e.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn a_poison_image_fails_alone_and_its_batch_is_answered() {
+        // A healthy batch is one pass.
+        assert_eq!(
+            scores(&isolating(&images(&[8, 9]), pass)),
+            vec![Ok(8.0), Ok(9.0)]
+        );
+        // An error and a panic in one batch: each image alone, the two fail with why.
+        let out = scores(&isolating(&images(&[8, 13, 9, 17]), pass));
+        assert_eq!(out[0], Ok(8.0));
+        assert_eq!(out[1], Err("shape mismatch".into()));
+        assert_eq!(out[2], Ok(9.0));
+        let panicked = out[3].clone().unwrap_err();
+        assert!(
+            panicked.contains("the model panicked") && panicked.contains("index out of range"),
+            "{panicked}"
+        );
+        // A pass that answers for the wrong number of images is a failure, never a shift.
+        let short = |b: &[Tensor]| {
+            pass(b).map(|mut v| {
+                v.truncate(1);
+                v
+            })
+        };
+        let out = scores(&isolating(&images(&[8, 9]), short));
+        assert_eq!(out, vec![Ok(8.0), Ok(9.0)]);
+    }
 
     #[test]
     fn config_problems_are_reported_together() {
