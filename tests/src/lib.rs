@@ -173,24 +173,12 @@ impl Env {
 
     /// Messages per subject in `stream`.
     pub async fn subject_counts(&self, stream: &str) -> BTreeMap<String, u64> {
-        let s = self.js.get_stream(stream).await.expect("stream");
-        let mut out = BTreeMap::new();
-        let mut subjects = s.info_with_subjects("pcb.>").await.expect("info");
-        while let Some(item) = subjects.next().await {
-            let (k, v) = item.expect("subject");
-            out.insert(k, v as u64);
-        }
-        out
+        subject_counts(&self.js, stream).await
     }
 
     /// Messages on subjects starting with `prefix` in `stream`.
     pub async fn count(&self, stream: &str, prefix: &str) -> u64 {
-        self.subject_counts(stream)
-            .await
-            .iter()
-            .filter(|(k, _)| k.starts_with(prefix))
-            .map(|(_, v)| v)
-            .sum()
+        count(&self.js, stream, prefix).await
     }
 
     /// Waits up to `timeout` until `stream` holds at least `at_least` messages on subjects
@@ -210,31 +198,196 @@ impl Env {
 
     /// Every message on `subject` (from the start), as (subject, payload).
     pub async fn read_all(&self, stream: &str, subject: &str) -> Vec<(String, Vec<u8>)> {
-        let s = self.js.get_stream(stream).await.expect("stream");
-        let consumer = s
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: subject.to_string(),
-                ..Default::default()
-            })
-            .await
-            .expect("ordered consumer");
-        let want = self
-            .count(stream, subject.trim_end_matches(">").trim_end_matches('*'))
-            .await as usize;
-        let mut out = Vec::new();
-        if want == 0 {
-            return out;
+        read_all(&self.js, stream, subject).await
+    }
+}
+
+/// Messages per subject in `stream`.
+pub async fn subject_counts(js: &jetstream::Context, stream: &str) -> BTreeMap<String, u64> {
+    let s = js.get_stream(stream).await.expect("stream");
+    let mut out = BTreeMap::new();
+    let mut subjects = s.info_with_subjects("pcb.>").await.expect("info");
+    while let Some(item) = subjects.next().await {
+        let (k, v) = item.expect("subject");
+        out.insert(k, v as u64);
+    }
+    out
+}
+
+/// Messages on subjects starting with `prefix` in `stream`.
+pub async fn count(js: &jetstream::Context, stream: &str, prefix: &str) -> u64 {
+    subject_counts(js, stream)
+        .await
+        .iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Every message on `subject` in `stream` (from the start), as (subject, payload).
+pub async fn read_all(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+) -> Vec<(String, Vec<u8>)> {
+    let s = js.get_stream(stream).await.expect("stream");
+    let consumer = s
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subject.to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer");
+    let want = count(
+        js,
+        stream,
+        subject.trim_end_matches(">").trim_end_matches('*'),
+    )
+    .await as usize;
+    let mut out = Vec::new();
+    if want == 0 {
+        return out;
+    }
+    let mut msgs = consumer.messages().await.expect("messages");
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), msgs.next()).await {
+        let m = m.expect("message");
+        out.push((m.subject.to_string(), m.payload.to_vec()));
+        if out.len() >= want {
+            break;
         }
-        let mut msgs = consumer.messages().await.expect("messages");
-        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), msgs.next()).await {
-            let m = m.expect("message");
-            out.push((m.subject.to_string(), m.payload.to_vec()));
-            if out.len() >= want {
-                break;
+    }
+    out
+}
+
+/// Boards in against what came out of the pipeline: every board must end with exactly one
+/// detection per model version that answered for it, or with a dead letter.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    /// Boards dropped (their image files' paths in the inbox).
+    pub boards: usize,
+    /// Boards with a detection.
+    pub detected: usize,
+    /// Boards with a dead letter and no detection.
+    pub dead_lettered: usize,
+    /// Boards with neither.
+    pub lost: Vec<String>,
+    /// (board, model version) answered more than once.
+    pub duplicated: Vec<String>,
+    /// Detections and dead letters about no board that was dropped.
+    pub strays: Vec<String>,
+}
+
+impl Ledger {
+    /// Reads `pcb.detections` and `pcb.rejected.>` and settles the account of `boards`
+    /// (paths relative to the watched folder, as the records' `source`).
+    pub async fn read(
+        js: &jetstream::Context,
+        boards: &std::collections::BTreeSet<String>,
+    ) -> Ledger {
+        let mut answers: BTreeMap<(String, u64), usize> = BTreeMap::new();
+        let mut dead = std::collections::BTreeSet::new();
+        let mut strays = Vec::new();
+        for (_, p) in read_all(js, pcb_schemas::STREAM_DETECTIONS, "pcb.detections").await {
+            let d: pcb_schemas::Detection = pcb_schemas::decode(&p, None).expect("detection");
+            if !boards.contains(&d.source) {
+                strays.push(format!("detection of {}", d.source));
+            }
+            *answers.entry((d.source, d.model.version)).or_default() += 1;
+        }
+        for (subject, p) in read_all(js, pcb_schemas::STREAM_REJECTED, "pcb.rejected.>").await {
+            let l: pcb_schemas::DeadLetter = pcb_schemas::decode(&p, None).expect("dead letter");
+            if !boards.contains(&l.source) {
+                strays.push(format!("{subject} {} ({})", l.source, l.reason_code));
+            }
+            dead.insert(l.source);
+        }
+        let detected: std::collections::BTreeSet<&String> =
+            answers.keys().map(|(s, _)| s).collect();
+        Ledger {
+            boards: boards.len(),
+            detected: boards.iter().filter(|b| detected.contains(b)).count(),
+            dead_lettered: boards
+                .iter()
+                .filter(|b| !detected.contains(b) && dead.contains(*b))
+                .count(),
+            lost: boards
+                .iter()
+                .filter(|b| !detected.contains(b) && !dead.contains(*b))
+                .cloned()
+                .collect(),
+            duplicated: answers
+                .iter()
+                .filter(|(_, n)| **n > 1)
+                .map(|((s, v), n)| format!("{s} v{v} x{n}"))
+                .collect(),
+            strays,
+        }
+    }
+
+    /// Every board accounted for, none twice, nothing about boards never dropped.
+    pub fn balanced(&self) -> bool {
+        self.lost.is_empty() && self.duplicated.is_empty() && self.strays.is_empty()
+    }
+}
+
+impl std::fmt::Display for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "boards {}: detected {}, dead-lettered {}, lost {}, duplicated {}",
+            self.boards,
+            self.detected,
+            self.dead_lettered,
+            self.lost.len(),
+            self.duplicated.len()
+        )?;
+        for (what, list) in [
+            ("lost", &self.lost),
+            ("duplicated", &self.duplicated),
+            ("stray", &self.strays),
+        ] {
+            for item in list.iter().take(5) {
+                write!(f, "\n  {what}: {item}")?;
             }
         }
-        out
+        Ok(())
     }
+}
+
+/// The image files (`*_test.jpg`) under `dir`, as paths relative to `root`: the boards a
+/// drop of `dir` into the watched folder `root` brings.
+pub fn board_sources(dir: &Path, root: &Path) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.to_string_lossy().ends_with("_test.jpg") {
+                let rel = p.strip_prefix(root).expect("under root");
+                out.insert(rel.to_string_lossy().into_owned());
+            }
+        }
+    }
+    out
+}
+
+/// Processes whose command line contains `needle` (read from /proc; no procps needed).
+pub fn pids_with_arg(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmd).contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 /// Polls `check` every 100 ms until it holds or `timeout` passes; returns whether it held.

@@ -84,6 +84,32 @@ pub struct NatsServer {
     port: u16,
     dir: PathBuf,
     room: Option<StoreRoom>,
+    bin: PathBuf,
+    conf: PathBuf,
+    log: PathBuf,
+}
+
+/// Starts the binary on its config, its output appended to `log`; tied to this process,
+/// so the private server goes when its pipeline goes, even on SIGKILL.
+fn spawn(bin: &Path, conf: &Path, log: &Path) -> Result<Child, ServerError> {
+    let log_file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(log)
+        .map_err(|source| ServerError::Prepare {
+            path: log.to_path_buf(),
+            source,
+        })?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-c")
+        .arg(conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file);
+    crate::process::spawn_tied(cmd).map_err(|source| ServerError::Spawn {
+        bin: bin.to_path_buf(),
+        source,
+    })
 }
 
 /// The disk under a server's store against what the streams reserve on it.
@@ -345,39 +371,60 @@ impl NatsServer {
         );
         std::fs::write(&conf, text).map_err(prep(&conf))?;
         let log = dir.join("nats-server.log");
-        let log_file = std::fs::File::create(&log).map_err(prep(&log))?;
-        let mut cmd = Command::new(&bin);
-        cmd.arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file);
-        // The private server goes when its pipeline goes, even on SIGKILL.
-        let child = crate::process::spawn_tied(cmd).map_err(|source| ServerError::Spawn {
-            bin: bin.clone(),
-            source,
-        })?;
+        // A fresh log per start; a restart appends to it.
+        std::fs::File::create(&log).map_err(prep(&log))?;
         let mut server = NatsServer {
-            child,
+            child: spawn(&bin, &conf, &log)?,
             port,
             dir: dir.to_path_buf(),
             room,
+            bin,
+            conf,
+            log,
         };
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    /// Waits until it accepts connections (15 s at most).
+    fn wait_ready(&mut self) -> Result<(), ServerError> {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(server);
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
             }
-            if let Ok(Some(_)) = server.child.try_wait() {
+            if let Ok(Some(_)) = self.child.try_wait() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(25));
         }
         Err(ServerError::NotReady {
-            port,
+            port: self.port,
             secs: 15,
-            log,
+            log: self.log.clone(),
         })
+    }
+
+    /// When the server has exited (killed, crashed), starts it again on the same port,
+    /// config and store, so that clients reconnect to what they left, and returns how it
+    /// had exited; None while it runs.
+    pub fn restart_if_exited(&mut self) -> Result<Option<std::process::ExitStatus>, ServerError> {
+        let Ok(Some(status)) = self.child.try_wait() else {
+            return Ok(None);
+        };
+        self.child = spawn(&self.bin, &self.conf, &self.log)?;
+        self.wait_ready()?;
+        Ok(Some(status))
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its log file.
+    pub fn log(&self) -> &Path {
+        &self.log
     }
 
     /// Its URL.

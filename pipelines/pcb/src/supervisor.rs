@@ -46,6 +46,9 @@ struct StageProcess {
 /// A started pipeline.
 pub struct Running {
     server: Option<NatsServer>,
+    /// Restarts of the private server that came soon after its previous start.
+    server_restarts: u32,
+    server_started: Instant,
     stages: Vec<StageProcess>,
     bin_dir: PathBuf,
     /// The NATS URL everything uses.
@@ -180,6 +183,8 @@ impl Running {
         std::fs::create_dir_all(&logs)?;
         let mut running = Running {
             server,
+            server_restarts: 0,
+            server_started: Instant::now(),
             stages: Vec::new(),
             bin_dir,
             nats_url,
@@ -245,9 +250,32 @@ impl Running {
             .collect()
     }
 
-    /// Restarts any stage that exited, with a growing delay; a stage that keeps failing
-    /// right after start is reported as an error.
+    /// Restarts the private server if it exited, and any stage that exited, with a growing
+    /// delay; one that keeps failing right after start is reported as an error.
     pub fn check_children(&mut self) -> anyhow::Result<()> {
+        if let Some(server) = &mut self.server {
+            let quick = self.server_started.elapsed() < Duration::from_secs(5);
+            // Same port, config and store: the stages' clients reconnect on their own and
+            // find their streams and consumers as they were (acknowledged writes are on
+            // disk: `sync_interval`).
+            if let Some(status) = server
+                .restart_if_exited()
+                .context("restarting the private nats-server")?
+            {
+                eprintln!(
+                    "pcb: nats-server exited ({status}); restarted on the same port and store (log {})",
+                    server.log().display()
+                );
+                if quick && self.server_restarts >= 3 {
+                    bail!(
+                        "nats-server keeps exiting ({status}); see {}",
+                        server.log().display()
+                    );
+                }
+                self.server_restarts = if quick { self.server_restarts + 1 } else { 0 };
+                self.server_started = Instant::now();
+            }
+        }
         for s in &mut self.stages {
             if s.given_up {
                 continue;
