@@ -90,3 +90,91 @@ async fn a_full_stream_holds_back_its_writers_and_everything_drains_once_it_has_
     assert!(err.to_string().contains("PCB_SHARDS holds 12"), "{err}");
     assert_eq!(env.count(STREAM_SHARDS, "pcb.shards.").await, 12);
 }
+
+/// Room is made from what every stage has processed, oldest first, and only from that:
+/// past 90% of its limit `PCB_IMAGES` loses its oldest raw records the encoder acknowledged
+/// and its oldest encoded records both the router and the detector acknowledged, down to
+/// 75%; a record one of them has not acknowledged stays, however full the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_is_made_only_from_what_every_consumer_acknowledged() {
+    use async_nats::jetstream::consumer::pull;
+    use futures::StreamExt;
+
+    let env = Env::start().await;
+    let topo = limits(20, -1);
+    pcb_common::apply_streams(&env.js, &topo)
+        .await
+        .expect("limits");
+    let consumers = pcb_common::topology::default_consumers();
+    let publish = |subject: &'static str, n: usize| {
+        let js = env.js.clone();
+        async move {
+            for i in 0..n {
+                js.publish(subject, format!("{subject} {i}").into())
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("stored");
+            }
+        }
+    };
+    // Sequences 1-10 raw, 11-18 encoded: 18 of 20, 90%.
+    publish("pcb.images.raw", 10).await;
+    publish("pcb.images.encoded", 8).await;
+    let stream = env.js.get_stream(STREAM_IMAGES).await.expect("stream");
+    let ack = |durable: &'static str, n: usize| {
+        let stream = stream.clone();
+        async move {
+            let c: async_nats::jetstream::consumer::Consumer<pull::Config> =
+                stream.get_consumer(durable).await.expect("durable");
+            let mut got = c.fetch().max_messages(n).messages().await.expect("fetch");
+            let mut acked = 0;
+            while let Some(m) = got.next().await {
+                m.expect("message").double_ack().await.expect("ack");
+                acked += 1;
+            }
+            assert_eq!(acked, n, "{durable}");
+        }
+    };
+    ack("encoder", 6).await; // raw 1-6
+    ack("router", 8).await; // encoded 11-18
+    ack("detector", 3).await; // encoded 11-13
+
+    let seqs = || async {
+        let mut out = Vec::new();
+        let mut s = env.js.get_stream(STREAM_IMAGES).await.expect("stream");
+        let last = s.info().await.expect("info").state.last_sequence;
+        for seq in 1..=last {
+            if s.get_raw_message(seq).await.is_ok() {
+                out.push(seq);
+            }
+        }
+        out
+    };
+    // 18 - 15 = 3 go: the three oldest, raw 1-3, all acknowledged.
+    let made = pcb_common::make_room(&env.js, &topo, &consumers)
+        .await
+        .expect("room");
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert_eq!(
+        (made[0].subject.as_str(), made[0].removed),
+        ("pcb.images.raw", 3)
+    );
+    assert_eq!(seqs().await, (4..=18).collect::<Vec<u64>>());
+    // Below 90% nothing more goes.
+    assert!(pcb_common::make_room(&env.js, &topo, &consumers)
+        .await
+        .expect("room")
+        .is_empty());
+
+    // Full again (20 of 20): the oldest 5 would bring it to 75%, but raw 7-10 and the
+    // encoded records past the detector's 13 were not processed by everyone: only raw 4-6
+    // go, and the stream keeps pushing back.
+    publish("pcb.images.raw", 5).await; // 19-23
+    let made = pcb_common::make_room(&env.js, &topo, &consumers)
+        .await
+        .expect("room");
+    let removed: u64 = made.iter().map(|t| t.removed).sum();
+    assert_eq!(removed, 3, "{made:?}");
+    assert_eq!(seqs().await, (7..=23).collect::<Vec<u64>>());
+}

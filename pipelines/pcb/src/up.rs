@@ -29,12 +29,20 @@ pub async fn up(opts: UpOptions, shutdown: &pcb_common::Shutdown) -> anyhow::Res
         }
         None => None,
     };
+    // Room in the streams that push back, made from what every stage has processed.
+    let keeper = running.jetstream("pcb-room").await?;
+    let consumers = running.pipeline.consumers();
+    let mut room_checked = std::time::Instant::now();
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 if let Err(e) = running.check_children() {
                     break Err(e);
+                }
+                if room_checked.elapsed() >= ROOM_EVERY {
+                    room_checked = std::time::Instant::now();
+                    make_room(&keeper, &running, &consumers).await;
                 }
                 if let (Some(r), Some(js)) = (retrainer.as_mut(), js.as_ref()) {
                     if let Err(e) = r.poll(js).await {
@@ -50,6 +58,34 @@ pub async fn up(opts: UpOptions, shutdown: &pcb_common::Shutdown) -> anyhow::Res
     eprintln!("pcb: stopping stages");
     tokio::task::spawn_blocking(move || running.stop()).await?;
     result
+}
+
+/// How often `pcb up` makes room in the streams that push back.
+const ROOM_EVERY: Duration = Duration::from_secs(5);
+
+/// One round of [`pcb_common::make_room`]; what it removed is logged, a failure warned
+/// about (the next round tries again).
+async fn make_room(
+    js: &async_nats::jetstream::Context,
+    running: &Running,
+    consumers: &[pcb_common::ConsumerSpec],
+) {
+    let round = pcb_common::make_room(js, &running.pipeline.streams, consumers);
+    match tokio::time::timeout(Duration::from_secs(10), round).await {
+        Ok(Ok(trimmed)) => {
+            for t in trimmed {
+                tracing::info!(
+                    stream = t.stream,
+                    subject = %t.subject,
+                    removed = t.removed,
+                    fill_before_pct = t.fill_before_pct,
+                    "made room: removed messages every consumer had acknowledged"
+                );
+            }
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "making room in the streams"),
+        Err(_) => tracing::warn!("making room in the streams took over 10 s"),
+    }
 }
 
 /// Registers the shipped default model and makes it live when the registry holds no

@@ -5,6 +5,7 @@ pub mod ack;
 pub mod identity;
 pub mod metrics;
 pub mod nats;
+pub mod room;
 pub mod settings;
 pub mod shutdown;
 pub mod stage;
@@ -18,6 +19,7 @@ pub use identity::{Identity, IdentityStore};
 pub use metrics::{Metrics, MetricsConfig};
 pub use nats::{connect, NatsConfig};
 pub use pcb_schemas::StageName;
+pub use room::{make_room, Trimmed};
 pub use settings::{load_config, ConfigError, Problems};
 pub use shutdown::Shutdown;
 pub use stage::{

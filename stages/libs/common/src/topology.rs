@@ -31,6 +31,9 @@ pub struct StreamSettings {
     /// When full: `new` refuses new messages (back-pressure: the stages hold their input,
     /// the ingester keeps files in the inbox, until it has room), `old` deletes its oldest.
     pub discard: Discard,
+    /// Past 90% of a limit, `pcb up` removes the oldest messages that every durable
+    /// consumer reading them has acknowledged, down to 75% (never one not yet processed).
+    pub make_room: bool,
 }
 
 /// What a full stream does.
@@ -63,6 +66,7 @@ impl StreamSettings {
             duplicate_window_secs: dup_secs,
             storage: Storage::File,
             discard,
+            make_room: false,
         }
     }
 }
@@ -95,7 +99,11 @@ impl Default for Topology {
             // A day of dedup: the same board dropped again the same day is stored once.
             // Full, it pushes back: a board not yet encoded, routed and detected is never
             // deleted for room.
-            images: StreamSettings::with(7, 4, 86_400, Discard::New),
+            // Boards every stage has processed make room for new ones (`pcb up`).
+            images: StreamSettings {
+                make_room: true,
+                ..StreamSettings::with(7, 4, 86_400, Discard::New)
+            },
             // Training data is kept until removed by hand: no age limit, and full, it
             // pushes back.
             shards: StreamSettings::with(0, 8, 86_400, Discard::New),
@@ -140,6 +148,11 @@ impl Topology {
                 s.max_msgs == 0 || s.max_msgs < -1,
                 &key("max_msgs"),
                 "must be positive or -1",
+            );
+            p.check(
+                s.make_room && s.discard == Discard::Old,
+                &key("make_room"),
+                "only for discard = \"new\" (a stream that discards its oldest makes its own room)",
             );
             p.check(
                 s.max_age_secs != 0 && s.duplicate_window_secs > s.max_age_secs,
