@@ -152,7 +152,15 @@ mod tests {
     fn headers_name_id_type_and_schema() {
         let msg = raw();
         let h = headers_for(&msg);
-        assert_eq!(h[0], ("Nats-Msg-Id", msg.image_id.clone()));
+        // A labelled record: its image id and its labels' digest.
+        assert_eq!(
+            h[0],
+            (
+                "Nats-Msg-Id",
+                crate::record_id(&msg.image_id, msg.labels.as_deref())
+            )
+        );
+        assert!(h[0].1.starts_with(&format!("{}.l", msg.image_id)));
         assert_eq!(h[1], ("Content-Type", "application/msgpack".to_string()));
         assert_eq!(h[2], ("Pcb-Schema", "pcb.images.raw/v1".to_string()));
     }

@@ -15,6 +15,35 @@ pub fn image_id(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// A record's identity (its `Nats-Msg-Id`): the image id when unlabelled; with labels, the
+/// image id and a digest of the boxes (`<image_id>.l<16 hex>`), so that the same image
+/// dropped again with other labels (a relabel, a correction, labels that came late) is a
+/// new record and not a duplicate. The digest ignores the boxes' order and the class name
+/// spelling (the class id is what trains).
+pub fn record_id(image_id: &str, labels: Option<&[BoxLabel]>) -> String {
+    match labels {
+        None => image_id.to_string(),
+        Some(boxes) => {
+            let mut lines: Vec<String> = boxes
+                .iter()
+                .map(|b| {
+                    format!(
+                        "{} {} {} {} {}",
+                        b.class_id,
+                        b.x1.to_bits(),
+                        b.y1.to_bits(),
+                        b.x2.to_bits(),
+                        b.y2.to_bits()
+                    )
+                })
+                .collect();
+            lines.sort();
+            let digest = Sha256::digest(format!("labels\n{}", lines.join("\n")).as_bytes());
+            format!("{image_id}.l{}", &hex::encode(digest)[..16])
+        }
+    }
+}
+
 /// One labelled defect, in pixels of the image it belongs to (top-left, bottom-right).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BoxLabel {
@@ -148,7 +177,7 @@ wire_enum! {
 /// `pcb.images.raw`: a file as the ingester found it, before any decoding.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RawImage {
-    /// sha256 (hex) of `image`; also the `Nats-Msg-Id`.
+    /// sha256 (hex) of `image`; with the labels, the `Nats-Msg-Id` ([`record_id`]).
     pub image_id: String,
     /// The image file's bytes, untouched.
     #[serde(with = "serde_bytes")]
@@ -440,7 +469,7 @@ impl Envelope for TrainCandidate {
 impl Envelope for RawImage {
     const SCHEMA: &'static str = "pcb.images.raw/v1";
     fn msg_id(&self) -> String {
-        self.image_id.clone()
+        record_id(&self.image_id, self.labels.as_deref())
     }
 }
 
@@ -449,14 +478,17 @@ impl Envelope for EncodedImage {
     // Raw and encoded records share a stream, whose dedup is per stream: the suffix keeps
     // an encoded record from being taken for a duplicate of its raw record.
     fn msg_id(&self) -> String {
-        format!("{}.encoded", self.image_id)
+        format!(
+            "{}.encoded",
+            record_id(&self.image_id, self.labels.as_deref())
+        )
     }
 }
 
 impl Envelope for ShardRecord {
     const SCHEMA: &'static str = "pcb.shards/v1";
     fn msg_id(&self) -> String {
-        self.record.image_id.clone()
+        record_id(&self.record.image_id, self.record.labels.as_deref())
     }
 }
 
@@ -476,6 +508,32 @@ impl Envelope for DeadLetter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_part_of_a_records_identity() {
+        let id = image_id(b"board");
+        let a = BoxLabel::new([1.0, 2.0, 3.0, 4.0], 1, "open");
+        let b = BoxLabel::new([5.0, 6.0, 7.0, 8.0], 2, "short");
+        assert_eq!(record_id(&id, None), id);
+        let ab = record_id(&id, Some(&[a.clone(), b.clone()]));
+        assert!(
+            ab.starts_with(&format!("{id}.l")) && ab.len() == id.len() + 18,
+            "{ab}"
+        );
+        // Order and class spelling do not matter; a box, a coordinate or a class does.
+        let mut a_renamed = a.clone();
+        a_renamed.class = "OPEN".into();
+        assert_eq!(ab, record_id(&id, Some(&[b.clone(), a_renamed])));
+        assert_ne!(ab, record_id(&id, Some(&[a.clone()])));
+        let mut moved = a.clone();
+        moved.x2 = 3.5;
+        assert_ne!(ab, record_id(&id, Some(&[moved, b.clone()])));
+        let mut reclassed = a.clone();
+        reclassed.class_id = 3;
+        assert_ne!(ab, record_id(&id, Some(&[reclassed, b])));
+        // Labelled with no defect is not unlabelled.
+        assert_ne!(record_id(&id, Some(&[])), id);
+    }
 
     #[test]
     fn image_id_is_sha256_hex() {

@@ -279,8 +279,11 @@ pub enum IngesterError {
 pub enum FileOutcome {
     /// Stored in JetStream for the first time.
     Published,
-    /// JetStream already had this image (same sha256).
+    /// JetStream already had this image (same sha256) with the same labels.
     Duplicate,
+    /// Published again with other labels than when it was filed in `processed/` (a
+    /// relabel, a correction, labels that came late): a new record, not a duplicate.
+    Relabelled,
     /// Refused with this reason code; a dead letter was stored.
     Rejected(String),
     /// Left in place to try again later (NATS unavailable, file vanished, ...).
@@ -294,6 +297,8 @@ pub struct Summary {
     pub published: usize,
     /// Images JetStream already had.
     pub duplicates: usize,
+    /// Images published again with new labels.
+    pub relabelled: usize,
     /// Refused files by reason code.
     pub rejected: BTreeMap<String, usize>,
     /// Files left for later, by reason.
@@ -306,6 +311,7 @@ impl Summary {
         match o {
             FileOutcome::Published => self.published += 1,
             FileOutcome::Duplicate => self.duplicates += 1,
+            FileOutcome::Relabelled => self.relabelled += 1,
             FileOutcome::Rejected(r) => *self.rejected.entry(r.clone()).or_default() += 1,
             FileOutcome::Deferred(r) => *self.deferred.entry(r.clone()).or_default() += 1,
         }
@@ -321,6 +327,9 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "published:  {}", self.published)?;
         writeln!(f, "duplicates: {}", self.duplicates)?;
+        if self.relabelled > 0 {
+            writeln!(f, "relabelled: {}", self.relabelled)?;
+        }
         writeln!(f, "rejected:   {}", self.rejected_total())?;
         for (reason, n) in &self.rejected {
             writeln!(f, "  {reason}: {n}")?;
@@ -558,6 +567,7 @@ impl Ingester {
         match &outcome {
             FileOutcome::Published => self.metrics.count("published"),
             FileOutcome::Duplicate => self.metrics.count("duplicate"),
+            FileOutcome::Relabelled => self.metrics.count("relabelled"),
             FileOutcome::Rejected(code) => {
                 self.metrics.count("rejected");
                 self.metrics.count_rejection(code);
@@ -615,6 +625,16 @@ impl Ingester {
             }
         };
         self.metrics.set_backpressure(false);
+        // The same image filed before, and now stored as a new record: its labels changed.
+        let relabelled = !ack.duplicate && record.labels.is_some() && self.move_files && {
+            let filed = self.settings.processed_dir.join(self.rel_path(&unit.image));
+            let id = record.image_id.clone();
+            tokio::task::spawn_blocking(move || {
+                std::fs::read(&filed).is_ok_and(|b| pcb_schemas::image_id(&b) == id)
+            })
+            .await
+            .unwrap_or(false)
+        };
         if self.move_files {
             let mut files = vec![unit.image.clone()];
             files.extend(unit.companions());
@@ -622,6 +642,8 @@ impl Ingester {
         }
         if ack.duplicate {
             FileOutcome::Duplicate
+        } else if relabelled {
+            FileOutcome::Relabelled
         } else {
             FileOutcome::Published
         }
@@ -875,6 +897,8 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), IngesterError> {
         rejected = %s.rejected_dir.display(), "watching for board images");
 
     let mut seen: HashMap<PathBuf, Seen> = HashMap::new();
+    // Label files looked at for a filed board (by modification time).
+    let mut label_files: HashMap<PathBuf, std::time::SystemTime> = HashMap::new();
     let in_flight: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
     let permits = Arc::new(tokio::sync::Semaphore::new(s.file.concurrency));
     let mut tasks = tokio::task::JoinSet::new();
@@ -898,6 +922,30 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), IngesterError> {
                 .await
                 .unwrap_or_default();
             let found: HashSet<PathBuf> = found.into_iter().collect();
+            // Labels that came after their board was filed: the board comes back.
+            let (root, processed, excluded) = (
+                s.file.watch_dir.clone(),
+                s.processed_dir.clone(),
+                ing.excluded(),
+            );
+            let (mut checked, settle) = (std::mem::take(&mut label_files), s.settle);
+            let (late, checked) = tokio::task::spawn_blocking(move || {
+                let late = pairing::late_labels(&root, &processed, &excluded, &mut checked, settle);
+                (late, checked)
+            })
+            .await
+            .unwrap_or_default();
+            label_files = checked;
+            for l in late {
+                tracing::debug!(labels = %l.labels.display(), "labels came after their board; publishing it again");
+                for (from, to) in &l.copies {
+                    if let Err(e) = pairing::copy_in(from, to) {
+                        tracing::warn!(from = %from.display(), to = %to.display(), error = %e,
+                            "could not bring a board back for its late labels");
+                    }
+                }
+                dirty = true;
+            }
             seen.retain(|p, _| found.contains(p));
             for p in found {
                 seen.entry(p).or_insert(Seen {

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-pub use pcb_datasets::pairing::{is_image_name, is_template, pair, LabelSource, Unit};
+pub use pcb_datasets::pairing::{is_image_name, is_template, pair, template_of, LabelSource, Unit};
 pub use pcb_datasets::{list_roots, PairError, SplitLists};
 
 /// Suffixes of files still being written by copy tools and browsers.
@@ -89,6 +89,147 @@ pub fn scan(root: &Path, exclude: &[PathBuf]) -> Vec<PathBuf> {
     }
     images.sort();
     images
+}
+
+/// A board whose labels came after it was published: its image (and template) in
+/// `processed/`, and where to copy them back in the watched tree so that it is published
+/// again, this time with the labels beside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LateLabels {
+    /// The label file that came late.
+    pub labels: PathBuf,
+    /// (from, to): its template when it has one, then the image (last, so that the
+    /// image, once there, finds everything it pairs with).
+    pub copies: Vec<(PathBuf, PathBuf)>,
+}
+
+/// Label files (`.txt`, `.xml`, `.json`) under `root` that pair with no image there but
+/// with an image already filed in `processed` (at the same place relative to the root): the
+/// labels of a board published unlabelled. `checked` remembers the files looked at (by
+/// modification time), so that other text files (split lists, notes) are looked at once;
+/// files modified within `settle` wait. COCO files (many images each) are not matched.
+pub fn late_labels(
+    root: &Path,
+    processed: &Path,
+    exclude: &[PathBuf],
+    checked: &mut std::collections::HashMap<PathBuf, std::time::SystemTime>,
+    settle: std::time::Duration,
+) -> Vec<LateLabels> {
+    let is_label = |name: &str| {
+        let lower = name.to_ascii_lowercase();
+        [".txt", ".xml"].iter().any(|e| lower.ends_with(e)) && !is_temp_name(name)
+    };
+    let mut candidates = Vec::new();
+    for path in walk(root, exclude) {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if !is_label(name) {
+            continue;
+        }
+        let Ok(modified) = std::fs::metadata(&path).and_then(|m| m.modified()) else {
+            continue;
+        };
+        if checked.get(&path) == Some(&modified)
+            || modified.elapsed().map(|age| age < settle).unwrap_or(true)
+        {
+            continue;
+        }
+        checked.insert(path.clone(), modified);
+        candidates.push(path);
+    }
+    checked.retain(|p, _| p.exists());
+    if candidates.is_empty() || !processed.is_dir() {
+        return Vec::new();
+    }
+    // Filed images by the stem their labels carry (`<id>` of DeepPCB's `<id>_test`).
+    let mut by_stem: std::collections::HashMap<String, Vec<PathBuf>> = Default::default();
+    for image in walk(processed, &[]) {
+        let Some(name) = image.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if !is_image_name(name) || is_template(&image) {
+            continue;
+        }
+        let stem = name
+            .rsplit_once('.')
+            .map_or(name, |(s, _)| s)
+            .to_ascii_lowercase();
+        let key = stem.strip_suffix("_test").unwrap_or(&stem).to_string();
+        by_stem.entry(key).or_default().push(image);
+    }
+    let mut found = Vec::new();
+    for labels in candidates {
+        let Some(stem) = labels.file_stem().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(filed) = by_stem.get(&stem.to_ascii_lowercase()) else {
+            continue;
+        };
+        for image in filed {
+            let Ok(rel) = image.strip_prefix(processed) else {
+                continue;
+            };
+            let back = root.join(rel);
+            if back.exists() {
+                continue;
+            }
+            // Would the image, back in the watched tree, pair with these labels?
+            let pairs = pair(&back, root).is_ok_and(|u| u.companions().contains(&labels));
+            if !pairs {
+                continue;
+            }
+            let mut copies = Vec::new();
+            if let Some(t) = template_of(image) {
+                if let Ok(trel) = t.strip_prefix(processed) {
+                    copies.push((t.clone(), root.join(trel)));
+                }
+            }
+            copies.push((image.clone(), back));
+            found.push(LateLabels {
+                labels: labels.clone(),
+                copies,
+            });
+            break;
+        }
+    }
+    found
+}
+
+/// Copies `from` to `to` the way an uploader would: a hidden temporary name beside `to`
+/// (which the scan skips), then a rename, so the image never shows half-written.
+pub fn copy_in(from: &Path, to: &Path) -> std::io::Result<()> {
+    let dir = to.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = to.file_name().and_then(|n| n.to_str()).unwrap_or("board");
+    let tmp = dir.join(format!(".{name}.pcb-late"));
+    std::fs::copy(from, &tmp)?;
+    std::fs::rename(&tmp, to)
+}
+
+/// Every file under `root` (not following folder links, skipping hidden folders and
+/// `exclude`).
+fn walk(root: &Path, exclude: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(ft) = entry.file_type() else { continue };
+            let hidden = entry.file_name().to_string_lossy().starts_with('.');
+            if ft.is_dir() {
+                if !hidden && !exclude.iter().any(|e| *e == path || root.join(e) == path) {
+                    pending.push(path);
+                }
+            } else if ft.is_file() {
+                out.push(path);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

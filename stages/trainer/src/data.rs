@@ -80,6 +80,21 @@ pub struct RankData {
     pub val: Vec<Item>,
     /// Records skipped as unreadable, as dead letters to publish.
     pub rejected: Vec<DeadLetter>,
+    /// Records left out because a later record of the same image (a relabel) replaces them.
+    pub superseded: usize,
+}
+
+/// Keeps one record per image, the latest (highest sequence: a relabel, a correction, labels
+/// that came late), in stream order; returns how many were left out.
+pub fn keep_latest(items: &mut Vec<Item>) -> usize {
+    let mut latest: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for it in items.iter() {
+        let seq = latest.entry(it.image_id.clone()).or_insert(it.seq);
+        *seq = (*seq).max(it.seq);
+    }
+    let before = items.len();
+    items.retain(|it| latest.get(&it.image_id) == Some(&it.seq));
+    before - items.len()
 }
 
 /// The shards rank `rank` of `world` trains on: k with k mod world == rank.
@@ -137,6 +152,7 @@ pub async fn read_snapshot(
         )
         .await?;
     }
+    out.superseded = keep_latest(&mut out.train) + keep_latest(&mut out.val);
     Ok(out)
 }
 
@@ -318,6 +334,29 @@ mod tests {
         let mut sorted = all.clone();
         sorted.sort();
         assert_eq!(sorted, (0..8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_relabelled_image_trains_with_its_latest_labels_only() {
+        let item = |id: &str, seq: u64, class: i64| Item {
+            image_id: id.into(),
+            seq,
+            image: vec![],
+            template: None,
+            boxes: vec![([0., 0., 1., 1.], class)],
+        };
+        let mut items = vec![
+            item("a", 1, 1),
+            item("b", 2, 1),
+            item("a", 5, 3),
+            item("c", 7, 2),
+        ];
+        assert_eq!(keep_latest(&mut items), 1);
+        let kept: Vec<(&str, u64, i64)> = items
+            .iter()
+            .map(|i| (i.image_id.as_str(), i.seq, i.boxes[0].1))
+            .collect();
+        assert_eq!(kept, [("b", 2, 1), ("a", 5, 3), ("c", 7, 2)]);
     }
 
     #[test]

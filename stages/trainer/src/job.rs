@@ -759,6 +759,7 @@ mod tests {
                     train: all.into_iter().skip(g.rank()).step_by(2).collect(),
                     val: Vec::new(),
                     rejected: Vec::new(),
+                    superseded: 0,
                 };
                 let resume = saved_state(&dir).expect("state");
                 let mut digests = Vec::new();

@@ -572,6 +572,12 @@ pub async fn run(
         plan.last_seq,
     )
     .await?;
+    if data.superseded > 0 {
+        tracing::info!(
+            superseded = data.superseded,
+            "left out records replaced by a later one of the same image (relabelled)"
+        );
+    }
     for letter in &data.rejected {
         tracing::warn!(reason = %letter.reason, seq = ?letter.stream_seq, "skipping an unreadable shard record");
         pcb_common::ack::publish_dead_letter(&js, letter)
