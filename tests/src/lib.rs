@@ -204,14 +204,27 @@ impl Env {
 
 /// Messages per subject in `stream`.
 pub async fn subject_counts(js: &jetstream::Context, stream: &str) -> BTreeMap<String, u64> {
-    let s = js.get_stream(stream).await.expect("stream");
+    try_subject_counts(js, stream)
+        .await
+        .expect("subject counts")
+}
+
+/// [`subject_counts`], failing instead of panicking (a cluster electing a leader).
+pub async fn try_subject_counts(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<BTreeMap<String, u64>, String> {
+    let s = js.get_stream(stream).await.map_err(|e| e.to_string())?;
     let mut out = BTreeMap::new();
-    let mut subjects = s.info_with_subjects("pcb.>").await.expect("info");
+    let mut subjects = s
+        .info_with_subjects("pcb.>")
+        .await
+        .map_err(|e| e.to_string())?;
     while let Some(item) = subjects.next().await {
-        let (k, v) = item.expect("subject");
+        let (k, v) = item.map_err(|e| e.to_string())?;
         out.insert(k, v as u64);
     }
-    out
+    Ok(out)
 }
 
 /// Messages on subjects starting with `prefix` in `stream`.
@@ -230,33 +243,45 @@ pub async fn read_all(
     stream: &str,
     subject: &str,
 ) -> Vec<(String, Vec<u8>)> {
-    let s = js.get_stream(stream).await.expect("stream");
+    try_read_all(js, stream, subject)
+        .await
+        .expect("read stream")
+}
+
+/// [`read_all`], failing instead of panicking.
+pub async fn try_read_all(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let s = js.get_stream(stream).await.map_err(|e| e.to_string())?;
     let consumer = s
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
             filter_subject: subject.to_string(),
             ..Default::default()
         })
         .await
-        .expect("ordered consumer");
-    let want = count(
-        js,
-        stream,
-        subject.trim_end_matches(">").trim_end_matches('*'),
-    )
-    .await as usize;
+        .map_err(|e| e.to_string())?;
+    let prefix = subject.trim_end_matches(">").trim_end_matches('*');
+    let want: u64 = try_subject_counts(js, stream)
+        .await?
+        .iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(_, v)| v)
+        .sum();
     let mut out = Vec::new();
     if want == 0 {
-        return out;
+        return Ok(out);
     }
-    let mut msgs = consumer.messages().await.expect("messages");
+    let mut msgs = consumer.messages().await.map_err(|e| e.to_string())?;
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), msgs.next()).await {
-        let m = m.expect("message");
+        let m = m.map_err(|e| e.to_string())?;
         out.push((m.subject.to_string(), m.payload.to_vec()));
-        if out.len() >= want {
+        if out.len() as u64 >= want {
             break;
         }
     }
-    out
+    Ok(out)
 }
 
 /// Boards in against what came out of the pipeline: every board must end with exactly one
@@ -284,17 +309,37 @@ impl Ledger {
         js: &jetstream::Context,
         boards: &std::collections::BTreeSet<String>,
     ) -> Ledger {
+        // A fault may leave the server briefly unable to answer: ask again.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match Ledger::try_read(js, boards).await {
+                Ok(l) => return l,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("ledger: {e}; reading again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("reading the ledger: {e}"),
+            }
+        }
+    }
+
+    /// [`Ledger::read`], once.
+    pub async fn try_read(
+        js: &jetstream::Context,
+        boards: &std::collections::BTreeSet<String>,
+    ) -> Result<Ledger, String> {
         let mut answers: BTreeMap<(String, u64), usize> = BTreeMap::new();
         let mut dead = std::collections::BTreeSet::new();
         let mut strays = Vec::new();
-        for (_, p) in read_all(js, pcb_schemas::STREAM_DETECTIONS, "pcb.detections").await {
+        for (_, p) in try_read_all(js, pcb_schemas::STREAM_DETECTIONS, "pcb.detections").await? {
             let d: pcb_schemas::Detection = pcb_schemas::decode(&p, None).expect("detection");
             if !boards.contains(&d.source) {
                 strays.push(format!("detection of {}", d.source));
             }
             *answers.entry((d.source, d.model.version)).or_default() += 1;
         }
-        for (subject, p) in read_all(js, pcb_schemas::STREAM_REJECTED, "pcb.rejected.>").await {
+        for (subject, p) in try_read_all(js, pcb_schemas::STREAM_REJECTED, "pcb.rejected.>").await?
+        {
             let l: pcb_schemas::DeadLetter = pcb_schemas::decode(&p, None).expect("dead letter");
             if !boards.contains(&l.source) {
                 strays.push(format!("{subject} {} ({})", l.source, l.reason_code));
@@ -303,7 +348,7 @@ impl Ledger {
         }
         let detected: std::collections::BTreeSet<&String> =
             answers.keys().map(|(s, _)| s).collect();
-        Ledger {
+        Ok(Ledger {
             boards: boards.len(),
             detected: boards.iter().filter(|b| detected.contains(b)).count(),
             dead_lettered: boards
@@ -321,7 +366,7 @@ impl Ledger {
                 .map(|((s, v), n)| format!("{s} v{v} x{n}"))
                 .collect(),
             strays,
-        }
+        })
     }
 
     /// Every board accounted for, none twice, nothing about boards never dropped.

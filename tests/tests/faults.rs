@@ -39,107 +39,230 @@ async fn detections(js: &jetstream::Context) -> u64 {
     }
 }
 
+/// `pcb up` on a fresh data dir with `args`; its log, the admin's JetStream and the inbox.
+struct Pipeline {
+    _up: Up,
+    dir: tempfile::TempDir,
+    data: std::path::PathBuf,
+    log: std::path::PathBuf,
+    js: jetstream::Context,
+}
+
+impl Pipeline {
+    async fn up(args: &[&str]) -> Pipeline {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let pipeline = dir.path().join("pipeline.toml");
+        std::fs::write(
+            &pipeline,
+            format!(
+                "[pipeline]\ndata_dir = {:?}\n[nats]\nurl = \"\"\n",
+                data.display().to_string()
+            ),
+        )
+        .expect("pipeline");
+        let p = pipeline.to_str().expect("utf-8");
+        let log = dir.path().join("pcb-up.log");
+        let up = Up(Command::new(bin("pcb"))
+            .args(["up", "--pipeline", p, "--viewer-addr", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("PCB_PIPELINE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("pcb up"));
+        let url_file = data.join("run").join("nats.url");
+        let started = wait_until(Duration::from_secs(90), || {
+            let ready = url_file.exists();
+            async move { ready }
+        })
+        .await;
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(started, "pcb up did not start:\n{said}");
+        let url = std::fs::read_to_string(&url_file).expect("url");
+        let ids = IdentityStore::ensure(&data.join("identities")).expect("identities");
+        let admin = pcb_common::nats::connect_now(
+            &ids.connection(
+                Identity::Admin,
+                &pcb_common::NatsConfig {
+                    url: url.trim().to_string(),
+                    ..Default::default()
+                },
+            ),
+            "faults",
+        )
+        .await
+        .expect("admin");
+        Pipeline {
+            _up: up,
+            js: jetstream::new(admin),
+            dir,
+            data,
+            log,
+        }
+    }
+
+    fn said(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn inbox(&self) -> std::path::PathBuf {
+        self.data.join("inbox")
+    }
+
+    fn wave(&self, wave: &str, count: usize, seed: u64) -> BTreeSet<String> {
+        drop_wave(self.dir.path(), &self.inbox(), wave, count, seed)
+    }
+
+    /// Waits until every board has its detection or dead letter, then for stragglers, and
+    /// returns the ledger.
+    async fn settle(&self, boards: &BTreeSet<String>) -> (bool, Ledger) {
+        let settled = wait_until(Duration::from_secs(300), || async {
+            Ledger::read(&self.js, boards).await.lost.is_empty()
+        })
+        .await;
+        // Late duplicates (a redelivery after the fault) would land within an ack wait.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        (settled, Ledger::read(&self.js, boards).await)
+    }
+}
+
+/// Time until a board of `wave` (dropped after a fault) has its detection.
+async fn first_detection_of(p: &Pipeline, wave: &BTreeSet<String>) -> bool {
+    wait_until(Duration::from_secs(240), || async {
+        Ledger::read(&p.js, wave).await.detected > 0
+    })
+    .await
+}
+
 /// The private server SIGKILLed mid-stream: `pcb up` restarts it on the same port and
 /// store, every stage reconnects, the ingester holds the boards dropped while it was down,
 /// and every board gets its one detection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_killed_mid_stream_is_restarted_and_loses_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    let pipeline = dir.path().join("pipeline.toml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            "[pipeline]\ndata_dir = {:?}\n[nats]\nurl = \"\"\n",
-            data.display().to_string()
-        ),
-    )
-    .expect("pipeline");
-    let p = pipeline.to_str().expect("utf-8");
-    let log = dir.path().join("pcb-up.log");
-    let _up = Up(Command::new(bin("pcb"))
-        .args(["up", "--pipeline", p, "--viewer-addr", "127.0.0.1:0"])
-        .env_remove("PCB_PIPELINE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("pcb up"));
-    let said = || std::fs::read_to_string(&log).unwrap_or_default();
-    let url_file = data.join("run").join("nats.url");
-    assert!(
-        wait_until(Duration::from_secs(60), || {
-            let ready = url_file.exists();
-            async move { ready }
-        })
-        .await,
-        "pcb up did not start:\n{}",
-        said()
-    );
-    let url = std::fs::read_to_string(&url_file).expect("url");
-    let ids = IdentityStore::ensure(&data.join("identities")).expect("identities");
-    let admin = pcb_common::nats::connect_now(
-        &ids.connection(
-            Identity::Admin,
-            &pcb_common::NatsConfig {
-                url: url.trim().to_string(),
-                ..Default::default()
-            },
-        ),
-        "faults",
-    )
-    .await
-    .expect("admin");
-    let js = jetstream::new(admin);
-    let inbox = data.join("inbox");
-
-    let mut boards = drop_wave(dir.path(), &inbox, "wave1", 10, 11);
+    let p = Pipeline::up(&[]).await;
+    let mut boards = p.wave("wave1", 10, 11);
     assert!(
         wait_until(Duration::from_secs(240), || async {
-            detections(&js).await >= 3
+            detections(&p.js).await >= 3
         })
         .await,
         "no detections before the fault:\n{}",
-        said()
+        p.said()
     );
-    let conf = data.join("nats").join("nats-server.conf");
+    let conf = p.data.join("nats").join("nats-server.conf");
     let pids = pids_with_arg(&conf.display().to_string());
     assert_eq!(pids.len(), 1, "one server: {pids:?}");
-    let before = detections(&js).await;
     // SAFETY: kill(2) on the private server's pid, read from /proc just now.
     assert_eq!(unsafe { libc::kill(pids[0], libc::SIGKILL) }, 0);
     let killed = Instant::now();
     // Boards dropped while the server is down wait in the inbox.
-    boards.extend(drop_wave(dir.path(), &inbox, "wave2", 10, 12));
+    let wave2 = p.wave("wave2", 10, 12);
+    boards.extend(wave2.clone());
     let back = wait_until(Duration::from_secs(60), || async {
         let now = pids_with_arg(&conf.display().to_string());
         !now.is_empty() && now != pids
     })
     .await;
-    assert!(back, "the server was not restarted:\n{}", said());
+    assert!(back, "the server was not restarted:\n{}", p.said());
     let restarted_after = killed.elapsed();
-    let resumed = wait_until(Duration::from_secs(240), || async {
-        detections(&js).await > before
-    })
-    .await;
-    assert!(resumed, "no detection after the restart:\n{}", said());
+    assert!(
+        first_detection_of(&p, &wave2).await,
+        "no board dropped after the fault was detected:\n{}",
+        p.said()
+    );
     let resumed_after = killed.elapsed();
-    boards.extend(drop_wave(dir.path(), &inbox, "wave3", 10, 13));
+    boards.extend(p.wave("wave3", 10, 13));
 
-    let settled = wait_until(Duration::from_secs(300), || async {
-        let l = Ledger::read(&js, &boards).await;
-        l.lost.is_empty()
-    })
-    .await;
-    // Late duplicates (a redelivery after the restart) would land within an ack wait.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let ledger = Ledger::read(&js, &boards).await;
+    let (settled, ledger) = p.settle(&boards).await;
     println!(
-        "server SIGKILL: {ledger}; restarted after {:.1} s, first detection after {:.1} s",
+        "server SIGKILL: {ledger}; restarted after {:.1} s, first board dropped after the \
+         kill detected after {:.1} s",
         restarted_after.as_secs_f64(),
         resumed_after.as_secs_f64()
     );
-    assert!(settled && ledger.balanced(), "{ledger}\n{}", said());
+    assert!(settled && ledger.balanced(), "{ledger}\n{}", p.said());
     assert_eq!(ledger.boards, 30);
-    assert!(said().contains("nats-server exited"), "{}", said());
+    assert!(p.said().contains("nats-server nats://"), "{}", p.said());
+    assert!(p.said().contains("exited"), "{}", p.said());
+}
+
+/// A 3-node cluster (`pcb up --cluster 3`, every stream and bucket R3): the node leading
+/// `PCB_IMAGES` is SIGKILLed under load; the others elect new leaders, the stages move to
+/// them, `pcb up` restarts the node, and every board gets its one detection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_loses_its_stream_leader_under_load_and_loses_nothing() {
+    let p = Pipeline::up(&["--cluster", "3"]).await;
+    let mut images =
+        p.js.get_stream(pcb_schemas::STREAM_IMAGES)
+            .await
+            .expect("stream");
+    let info = images.info().await.expect("info").clone();
+    assert_eq!(info.config.num_replicas, 3, "PCB_IMAGES is R3");
+    let kv =
+        p.js.get_stream("KV_pcb_models")
+            .await
+            .expect("registry bucket");
+    assert_eq!(
+        kv.cached_info().config.num_replicas,
+        3,
+        "the registry is R3"
+    );
+
+    let mut boards = p.wave("wave1", 10, 21);
+    assert!(
+        wait_until(Duration::from_secs(240), || async {
+            detections(&p.js).await >= 3
+        })
+        .await,
+        "no detections before the fault:\n{}",
+        p.said()
+    );
+    let leader = images
+        .info()
+        .await
+        .expect("info")
+        .cluster
+        .clone()
+        .and_then(|c| c.leader)
+        .expect("a leader");
+    let node = leader.strip_prefix("pcb-").expect("a pcb node name");
+    let conf = p.data.join("nats").join(node).join("nats-server.conf");
+    let pids = pids_with_arg(&conf.display().to_string());
+    assert_eq!(pids.len(), 1, "{leader}: {pids:?}");
+    // SAFETY: kill(2) on the leader node's pid, read from /proc just now.
+    assert_eq!(unsafe { libc::kill(pids[0], libc::SIGKILL) }, 0);
+    let killed = Instant::now();
+    let wave2 = p.wave("wave2", 10, 22);
+    boards.extend(wave2.clone());
+    assert!(
+        first_detection_of(&p, &wave2).await,
+        "no board dropped after the leader died was detected:\n{}",
+        p.said()
+    );
+    let resumed_after = killed.elapsed();
+    let new_leader = images
+        .info()
+        .await
+        .ok()
+        .and_then(|i| i.cluster.clone())
+        .and_then(|c| c.leader)
+        .unwrap_or_default();
+    let back = wait_until(Duration::from_secs(60), || async {
+        let now = pids_with_arg(&conf.display().to_string());
+        !now.is_empty() && now != pids
+    })
+    .await;
+    assert!(back, "the node was not restarted:\n{}", p.said());
+    boards.extend(p.wave("wave3", 10, 23));
+
+    let (settled, ledger) = p.settle(&boards).await;
+    println!(
+        "cluster leader {leader} SIGKILL: {ledger}; first board dropped after the kill \
+         detected after {:.1} s (new leader {new_leader})",
+        resumed_after.as_secs_f64()
+    );
+    assert!(settled && ledger.balanced(), "{ledger}\n{}", p.said());
+    assert_eq!(ledger.boards, 30);
 }

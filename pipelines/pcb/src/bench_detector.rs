@@ -172,6 +172,7 @@ pub async fn run(args: &DetectorBenchArgs) -> anyhow::Result<()> {
         data_dir: Some(data),
         viewer_addr: Some("127.0.0.1:0".into()),
         default_model: false,
+        cluster: None,
     })
     .await?;
     let js = running.jetstream("pcb-bench").await?;

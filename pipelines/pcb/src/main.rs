@@ -37,6 +37,11 @@ struct Common {
     /// detector's model (the detector then waits for a trained one).
     #[arg(long)]
     no_default_model: bool,
+    /// Run the private server as a cluster of N nodes on this machine (3 or 5), every
+    /// stream and bucket replicated on each (default: the pipeline file's
+    /// nats_server.cluster_nodes, 1).
+    #[arg(long, value_name = "N")]
+    cluster: Option<usize>,
 }
 
 impl Common {
@@ -48,6 +53,7 @@ impl Common {
             data_dir: self.data_dir.clone(),
             viewer_addr: self.viewer_addr.clone(),
             default_model: !self.no_default_model,
+            cluster: self.cluster,
         }
     }
 }

@@ -39,12 +39,16 @@ pub struct ServerSettings {
     /// (nats-server's own default: a machine crash can lose the last interval's acked
     /// writes).
     pub sync_interval: String,
+    /// Nodes of the private server: 1, or 3 or 5 for a cluster on this machine whose
+    /// streams and buckets are replicated on every node (`pcb up --cluster N`).
+    pub cluster_nodes: usize,
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
             sync_interval: DEFAULT_SYNC_INTERVAL.into(),
+            cluster_nodes: 1,
         }
     }
 }
@@ -267,6 +271,11 @@ impl PipelineFile {
             !self.pipeline.identities_dir.as_os_str().is_empty() && self.nats.has_credentials(),
             "pipeline.identities_dir",
             "set either this or a credential in [nats] (user, token, nkey_seed_file, creds_file)",
+        );
+        p.check(
+            ![1, 3, 5].contains(&self.nats_server.cluster_nodes),
+            "nats_server.cluster_nodes",
+            "must be 1, 3 or 5 (a cluster needs a majority to elect leaders)",
         );
         self.streams.validate("streams", p);
         self.log.validate("log", p);

@@ -272,6 +272,110 @@ pub struct ServerOptions<'a> {
     /// Bytes the streams will reserve on the store (None: what the default topology's
     /// do): the server is allowed at least that much, whatever the disk has free.
     pub reserve_bytes: Option<u64>,
+    /// This server as a node of a cluster ([`NatsCluster`]); None: a single server.
+    pub cluster: Option<ClusterNode>,
+}
+
+/// One node of a private cluster on loopback.
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    /// Its server name, unique in the cluster (JetStream's peer name).
+    pub name: String,
+    /// The port its cluster routes listen on.
+    pub route_port: u16,
+    /// The route ports of the other nodes.
+    pub peers: Vec<u16>,
+    /// The secret the nodes' routes authenticate with (the config holding it is 0600).
+    pub secret: String,
+}
+
+impl ClusterNode {
+    fn conf(&self) -> String {
+        let routes: Vec<String> = self
+            .peers
+            .iter()
+            .map(|p| format!("    \"nats-route://route:{}@127.0.0.1:{p}\"", self.secret))
+            .collect();
+        format!(
+            "server_name: {}\ncluster {{\n  name: pcb\n  listen: 127.0.0.1:{}\n  \
+             authorization {{\n    user: route\n    password: \"{}\"\n  }}\n  \
+             routes: [\n{}\n  ]\n}}\n",
+            self.name,
+            self.route_port,
+            self.secret,
+            routes.join("\n")
+        )
+    }
+}
+
+/// Private servers on loopback forming one JetStream cluster: each node with its own
+/// folder (`<dir>/n<i>`: config, log, store), client port and route port; streams and
+/// buckets replicated up to the node count. Clients take [`NatsCluster::url`], the list of
+/// every node's URL, and move to another node when theirs goes.
+pub struct NatsCluster {
+    nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes under `dir` with `opts` (its `cluster` is set per node).
+    pub fn start(dir: &Path, n: usize, opts: &ServerOptions) -> Result<NatsCluster, ServerError> {
+        let ports = (0..n)
+            .map(|_| Ok((free_port()?, free_port()?)))
+            .collect::<std::io::Result<Vec<(u16, u16)>>>()
+            .map_err(ServerError::Port)?;
+        let secret = {
+            use rand::RngCore as _;
+            let mut bytes = [0u8; 16];
+            rand::rngs::OsRng.fill_bytes(&mut bytes);
+            hex::encode(bytes)
+        };
+        let mut nodes = Vec::new();
+        for (i, (port, route_port)) in ports.iter().enumerate() {
+            let node = ClusterNode {
+                name: format!("pcb-n{}", i + 1),
+                route_port: *route_port,
+                peers: ports
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, (_, r))| *r)
+                    .collect(),
+                secret: secret.clone(),
+            };
+            let o = ServerOptions {
+                cluster: Some(node),
+                ..opts.clone()
+            };
+            nodes.push(NatsServer::spawn_opts(
+                &dir.join(format!("n{}", i + 1)),
+                *port,
+                &o,
+            )?);
+        }
+        for node in &mut nodes {
+            node.wait_ready()?;
+        }
+        Ok(NatsCluster { nodes })
+    }
+
+    /// Every node's URL, comma-separated.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Its nodes.
+    pub fn nodes(&self) -> &[NatsServer] {
+        &self.nodes
+    }
+
+    /// Takes the nodes (each stops when dropped).
+    pub fn into_nodes(self) -> Vec<NatsServer> {
+        self.nodes
+    }
 }
 
 impl NatsServer {
@@ -317,6 +421,13 @@ impl NatsServer {
         port: u16,
         opts: &ServerOptions,
     ) -> Result<NatsServer, ServerError> {
+        let mut server = NatsServer::spawn_opts(dir, port, opts)?;
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    /// Writes the config and starts the process, without waiting for it to listen.
+    fn spawn_opts(dir: &Path, port: u16, opts: &ServerOptions) -> Result<NatsServer, ServerError> {
         let prep = |path: &Path| {
             let path = path.to_path_buf();
             move |source| ServerError::Prepare { path, source }
@@ -362,18 +473,24 @@ impl NatsServer {
             None => String::new(),
         };
         let conf = dir.join("nats-server.conf");
+        let cluster = opts
+            .cluster
+            .as_ref()
+            .map(ClusterNode::conf)
+            .unwrap_or_default();
         let text = format!(
             "# Written by pcb: a private JetStream server for one pipeline.\n\
              listen: 127.0.0.1:{port}\n\
              max_payload: {MAX_PAYLOAD_BYTES}\n\
-             jetstream {{\n  store_dir: {:?}\n{sync}{max_store}}}\n{extra}\n",
+             jetstream {{\n  store_dir: {:?}\n{sync}{max_store}}}\n{cluster}{extra}\n",
             store.display().to_string()
         );
-        std::fs::write(&conf, text).map_err(prep(&conf))?;
+        // Readable by its owner only: a cluster's config holds the routes' secret.
+        pcb_common::identity::write_secret(&conf, text.as_bytes()).map_err(prep(&conf))?;
         let log = dir.join("nats-server.log");
         // A fresh log per start; a restart appends to it.
         std::fs::File::create(&log).map_err(prep(&log))?;
-        let mut server = NatsServer {
+        Ok(NatsServer {
             child: spawn(&bin, &conf, &log)?,
             port,
             dir: dir.to_path_buf(),
@@ -381,9 +498,7 @@ impl NatsServer {
             bin,
             conf,
             log,
-        };
-        server.wait_ready()?;
-        Ok(server)
+        })
     }
 
     /// Waits until it accepts connections (15 s at most).
@@ -415,6 +530,11 @@ impl NatsServer {
         self.child = spawn(&self.bin, &self.conf, &self.log)?;
         self.wait_ready()?;
         Ok(Some(status))
+    }
+
+    /// Its config file.
+    pub fn conf(&self) -> &Path {
+        &self.conf
     }
 
     /// Its process id.

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use pcb_schemas::StageName;
 
 use crate::pipeline::{services, PipelineFile};
-use crate::server::NatsServer;
+use crate::server::{NatsCluster, NatsServer};
 
 /// What `up` and `demo` start from.
 #[derive(Debug, Clone)]
@@ -29,6 +29,8 @@ pub struct UpOptions {
     /// Register the shipped default model when the registry has no version of the
     /// detector's model.
     pub default_model: bool,
+    /// Nodes of the private server (overrides `nats_server.cluster_nodes`).
+    pub cluster: Option<usize>,
 }
 
 struct StageProcess {
@@ -45,7 +47,8 @@ struct StageProcess {
 
 /// A started pipeline.
 pub struct Running {
-    server: Option<NatsServer>,
+    /// The private server's nodes (none on a server of one's own).
+    servers: Vec<NatsServer>,
     /// Restarts of the private server that came soon after its previous start.
     server_restarts: u32,
     server_started: Instant,
@@ -126,41 +129,71 @@ impl Running {
             .clone()
             .or_else(|| (!pipeline.nats.url.is_empty()).then(|| pipeline.nats.url.clone()));
         let ids_dir = absolute(&crate::reach::identities_dir(&pipeline, &data_dir));
-        let (server, nats_url, identities) = match url {
+        let (servers, nats_url, identities) = match url {
             // A server of one's own: the identities named in the pipeline file, if any.
-            Some(u) if pipeline.pipeline.identities_dir.as_os_str().is_empty() => (None, u, None),
-            Some(u) => (None, u, Some(IdentityStore::ensure(&ids_dir)?)),
+            Some(u) if pipeline.pipeline.identities_dir.as_os_str().is_empty() => {
+                (Vec::new(), u, None)
+            }
+            Some(u) => (Vec::new(), u, Some(IdentityStore::ensure(&ids_dir)?)),
             None => {
                 // The private server admits only the identities issued in the folder,
                 // each with the permissions the topology gives it.
+                let nodes = opts.cluster.unwrap_or(pipeline.nats_server.cluster_nodes);
+                if ![1, 3, 5].contains(&nodes) {
+                    bail!("--cluster {nodes}: a cluster has 1, 3 or 5 nodes (a majority elects its leaders)");
+                }
+                if nodes > 1 {
+                    pipeline.streams = pipeline.streams.clone().replicated(nodes);
+                }
+                if pipeline.streams.max_replicas() > nodes {
+                    bail!(
+                        "the pipeline file asks for {} replicas but the private server has {nodes} node(s): \
+                         run `pcb up --cluster 3` (or 5), or lower [streams.*] replicas",
+                        pipeline.streams.max_replicas()
+                    );
+                }
                 let ids = IdentityStore::ensure(&ids_dir)?;
                 let dir = data_dir.join("nats");
                 let for_server = ids.clone();
                 let sync = pipeline.nats_server.sync_interval.clone();
                 let reserve = pipeline.streams.reserved_file_bytes();
-                let s = tokio::task::spawn_blocking(move || {
-                    NatsServer::start_opts(
-                        &dir,
-                        0,
-                        &crate::server::ServerOptions {
-                            identities: Some(&for_server),
-                            sync_interval: Some(sync),
-                            reserve_bytes: Some(reserve),
-                            ..Default::default()
-                        },
-                    )
+                let servers = tokio::task::spawn_blocking(move || {
+                    let opts = crate::server::ServerOptions {
+                        identities: Some(&for_server),
+                        sync_interval: Some(sync),
+                        reserve_bytes: Some(reserve),
+                        ..Default::default()
+                    };
+                    if nodes == 1 {
+                        NatsServer::start_opts(&dir, 0, &opts).map(|s| vec![s])
+                    } else {
+                        NatsCluster::start(&dir, nodes, &opts).map(NatsCluster::into_nodes)
+                    }
                 })
                 .await??;
-                let u = s.url();
-                if let Some(w) = s.room_warning() {
+                let u = servers
+                    .iter()
+                    .map(NatsServer::url)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                if let Some(w) = servers[0].room_warning() {
                     eprintln!("pcb: warning: {w}");
                 }
-                eprintln!(
-                    "pcb: private nats-server at {u} (store {}; one identity per stage in {})",
-                    s.dir().display(),
-                    ids.dir().display()
-                );
-                (Some(s), u, Some(ids))
+                if nodes == 1 {
+                    eprintln!(
+                        "pcb: private nats-server at {u} (store {}; one identity per stage in {})",
+                        servers[0].dir().display(),
+                        ids.dir().display()
+                    );
+                } else {
+                    eprintln!(
+                        "pcb: private nats-server cluster of {nodes} nodes at {u} (stores under {}; \
+                         streams and buckets R{nodes}; one identity per stage in {})",
+                        data_dir.join("nats").display(),
+                        ids.dir().display()
+                    );
+                }
+                (servers, u, Some(ids))
             }
         };
         let base = pcb_common::NatsConfig {
@@ -173,7 +206,18 @@ impl Running {
             .await
             .with_context(|| format!("connecting to {nats_url}"))?;
         let js = async_nats::jetstream::new(client.clone());
-        let made = pcb_common::provision(&js, &pipeline.streams, &pipeline.consumers()).await?;
+        // A new cluster takes a moment to elect the leader JetStream's API needs.
+        let deadline = Instant::now() + Duration::from_secs(if servers.len() > 1 { 30 } else { 0 });
+        let made = loop {
+            match pcb_common::provision(&js, &pipeline.streams, &pipeline.consumers()).await {
+                Ok(made) => break made,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "JetStream not ready yet");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         tracing::info!(?made, "streams, buckets and consumers provisioned");
         let run_dir = data_dir.join("run");
         let configs =
@@ -182,7 +226,7 @@ impl Running {
         let logs = data_dir.join("logs");
         std::fs::create_dir_all(&logs)?;
         let mut running = Running {
-            server,
+            servers,
             server_restarts: 0,
             server_started: Instant::now(),
             stages: Vec::new(),
@@ -253,17 +297,18 @@ impl Running {
     /// Restarts the private server if it exited, and any stage that exited, with a growing
     /// delay; one that keeps failing right after start is reported as an error.
     pub fn check_children(&mut self) -> anyhow::Result<()> {
-        if let Some(server) = &mut self.server {
+        for server in &mut self.servers {
             let quick = self.server_started.elapsed() < Duration::from_secs(5);
             // Same port, config and store: the stages' clients reconnect on their own and
             // find their streams and consumers as they were (acknowledged writes are on
-            // disk: `sync_interval`).
+            // disk: `sync_interval`); a cluster's node catches up from its peers.
             if let Some(status) = server
                 .restart_if_exited()
                 .context("restarting the private nats-server")?
             {
                 eprintln!(
-                    "pcb: nats-server exited ({status}); restarted on the same port and store (log {})",
+                    "pcb: nats-server {} exited ({status}); restarted on the same port and store (log {})",
+                    server.url(),
                     server.log().display()
                 );
                 if quick && self.server_restarts >= 3 {
@@ -335,7 +380,7 @@ impl Running {
         for s in self.stages.iter_mut().rev() {
             crate::process::terminate(&mut s.child, Duration::from_secs(15));
         }
-        if let Some(server) = &mut self.server {
+        for server in &mut self.servers {
             server.stop();
         }
     }

@@ -897,6 +897,7 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), IngesterError> {
         rejected = %s.rejected_dir.display(), "watching for board images");
 
     let mut seen: HashMap<PathBuf, Seen> = HashMap::new();
+    let deferred = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Label files looked at for a filed board (by modification time).
     let mut label_files: HashMap<PathBuf, std::time::SystemTime> = HashMap::new();
     let in_flight: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
@@ -913,7 +914,11 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), IngesterError> {
             _ = ticker.tick() => {}
         }
         while tasks.try_join_next().is_some() {}
-        let due = last_scan.is_none_or(|t| t.elapsed() >= s.rescan);
+        // A file left for later (server away, stream full) is looked at again soon, not
+        // only at the next full rescan.
+        let retry = last_scan.is_none_or(|t| t.elapsed() >= RETRY_DEFERRED)
+            && deferred.swap(false, std::sync::atomic::Ordering::Relaxed);
+        let due = retry || last_scan.is_none_or(|t| t.elapsed() >= s.rescan);
         if dirty || due {
             dirty = false;
             last_scan = Some(Instant::now());
@@ -992,11 +997,13 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), IngesterError> {
                 f.insert(path.clone());
             }
             let (ing, in_flight, permits) = (ing.clone(), in_flight.clone(), permits.clone());
+            let deferred = deferred.clone();
             tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await;
                 let outcome = ing.ingest(path.clone()).await;
                 if let FileOutcome::Deferred(why) = &outcome {
                     tracing::debug!(file = %path.display(), %why, "deferred");
+                    deferred.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 if let Ok(mut f) = in_flight.lock() {
                     f.remove(&path);
@@ -1014,6 +1021,9 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), IngesterError> {
     }
     Ok(())
 }
+
+/// How soon files left for later are looked at again.
+const RETRY_DEFERRED: Duration = Duration::from_secs(2);
 
 /// Imports every board under `dir` once and returns the counts; files stay where they are
 /// unless `move_files`. `progress` is called with (done, total).

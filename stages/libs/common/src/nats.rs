@@ -234,7 +234,8 @@ async fn connect_with(
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect();
-    let connect = opts.connect(urls.join(","));
+    // A list, not one string: each URL is tried (a cluster's nodes).
+    let connect = opts.connect(urls);
     // retry_on_initial_connect would wait forever for a wrong URL; bound it.
     match tokio::time::timeout(
         Duration::from_secs(cfg.connect_timeout_secs.max(1)),

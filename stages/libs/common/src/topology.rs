@@ -91,6 +91,23 @@ pub struct Topology {
     pub rejected: StreamSettings,
     /// `PCB_TRAINING`: `pcb.train.progress` and `pcb.train.candidates`.
     pub training: StreamSettings,
+    /// The model registry's key-value and object buckets.
+    pub buckets: BucketSettings,
+}
+
+/// Settings of the pipeline's buckets.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BucketSettings {
+    /// Replicas in a clustered JetStream (1 on a single server); set when a bucket is
+    /// created.
+    pub replicas: usize,
+}
+
+impl Default for BucketSettings {
+    fn default() -> Self {
+        BucketSettings { replicas: 1 }
+    }
 }
 
 impl Default for Topology {
@@ -113,6 +130,7 @@ impl Default for Topology {
             rejected: StreamSettings::with(30, 1, 86_400, Discard::New),
             // Progress, candidates and model events: the oldest go.
             training: StreamSettings::with(30, 1, 3_600, Discard::Old),
+            buckets: BucketSettings::default(),
         }
     }
 }
@@ -129,8 +147,44 @@ impl Topology {
         }
     }
 
+    /// Every stream and bucket left at one replica gets `nodes` (a cluster of that many
+    /// nodes); settings above one are kept.
+    pub fn replicated(mut self, nodes: usize) -> Topology {
+        for kind in StreamKind::ALL {
+            let s = match kind {
+                StreamKind::Images => &mut self.images,
+                StreamKind::Shards => &mut self.shards,
+                StreamKind::Detections => &mut self.detections,
+                StreamKind::Rejected => &mut self.rejected,
+                StreamKind::Training => &mut self.training,
+            };
+            if s.replicas == 1 {
+                s.replicas = nodes;
+            }
+        }
+        if self.buckets.replicas == 1 {
+            self.buckets.replicas = nodes;
+        }
+        self
+    }
+
+    /// The most replicas any stream or bucket asks for.
+    pub fn max_replicas(&self) -> usize {
+        StreamKind::ALL
+            .into_iter()
+            .map(|k| self.settings(k).replicas)
+            .chain([self.buckets.replicas])
+            .max()
+            .unwrap_or(1)
+    }
+
     /// Adds every problem (keys prefixed with `section`) to `p`.
     pub fn validate(&self, section: &str, p: &mut Problems) {
+        p.check(
+            self.buckets.replicas == 0 || self.buckets.replicas > 5,
+            &format!("{section}.buckets.replicas"),
+            "must be between 1 and 5",
+        );
         for kind in StreamKind::ALL {
             let s = self.settings(kind);
             let key = |k: &str| format!("{section}.{}.{k}", kind.key());
@@ -316,7 +370,7 @@ pub async fn provision(
     let streams = apply_streams(js, topo).await?;
     let mut buckets = Vec::new();
     for b in BUCKETS {
-        buckets.push((b.name, create_bucket(js, b).await?));
+        buckets.push((b.name, create_bucket(js, b, topo.buckets.replicas).await?));
     }
     let mut made = Vec::new();
     for spec in consumers {
@@ -343,6 +397,7 @@ pub struct Provisioning {
 async fn create_bucket(
     js: &jetstream::Context,
     b: pcb_schemas::topology::BucketDecl,
+    replicas: usize,
 ) -> Result<Provisioned, TopologyError> {
     use async_nats::jetstream::{kv, object_store};
     let fail = |e: &dyn std::fmt::Display| TopologyError::Bucket {
@@ -358,6 +413,7 @@ async fn create_bucket(
                 bucket: b.name.into(),
                 description: b.description.into(),
                 history: b.history,
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await
@@ -370,6 +426,7 @@ async fn create_bucket(
             js.create_object_store(object_store::Config {
                 bucket: b.name.into(),
                 description: Some(b.description.into()),
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await
