@@ -55,7 +55,54 @@ pub fn spawn_all(state: Arc<State>, shutdown: Shutdown) -> Vec<tokio::task::Join
             on_model_event,
         ),
         follow(STREAM_REJECTED, "pcb.rejected.>", false, true, on_rejected),
+        {
+            let (state, shutdown) = (state.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = evict(&state) => {}
+                }
+            })
+        },
     ]
+}
+
+/// How often the index is brought in step with the streams' retention.
+const EVICT_EVERY: Duration = Duration::from_secs(30);
+
+/// Forgets, every [`EVICT_EVERY`], the boards and images the streams no longer hold (aged
+/// out, or removed for room), so the viewer's memory follows the streams' and stays flat.
+async fn evict(state: &State) {
+    loop {
+        tokio::time::sleep(EVICT_EVERY).await;
+        evict_once(state).await;
+    }
+}
+
+/// One round of [`evict`]; a stream that cannot be read now is tried next round.
+pub async fn evict_once(state: &State) {
+    let first = |stream: &'static str| async move {
+        let mut s = state.js.get_stream(stream).await.ok()?;
+        s.info().await.ok().map(|i| i.state.first_sequence)
+    };
+    if let Some(first) = first(STREAM_DETECTIONS).await {
+        let gone = match state.index.write() {
+            Ok(mut ix) => ix.evict_before(first),
+            Err(_) => 0,
+        };
+        if gone > 0 {
+            tracing::debug!(
+                gone,
+                first,
+                "boards no longer in the detections stream forgotten"
+            );
+        }
+    }
+    if let Some(first) = first(STREAM_IMAGES).await {
+        if let Ok(mut images) = state.images.write() {
+            images.retain(|_, seq| *seq >= first);
+        }
+    }
 }
 
 /// Reads `subject` forever, from the start (or only new messages), restarting after the
@@ -168,7 +215,8 @@ fn on_image(state: &State, m: async_nats::jetstream::Message) {
         .headers
         .as_ref()
         .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-        .map(|v| v.as_str().trim_end_matches(".encoded").to_string());
+        // `<image_id>[.l<labels digest>].encoded`: the image id is what pages ask for.
+        .and_then(|v| v.as_str().split('.').next().map(str::to_string));
     tracing::trace!(seq, ?id, "image record");
     if let (Some(id), Ok(mut images)) = (id, state.images.write()) {
         images.insert(id, seq);

@@ -2,7 +2,7 @@
 //! answer), aggregates per line and 5-minute bucket kept up to date as detections arrive,
 //! so pages read sums of buckets instead of rescanning the stream.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use pcb_schemas::Detection;
 use serde::Serialize;
@@ -212,7 +212,10 @@ pub struct Overview {
 /// The index.
 #[derive(Debug, Default)]
 pub struct Index {
-    entries: Vec<Option<Entry>>,
+    /// Entries in arrival (stream) order; a replaced one leaves `None`. `by_image` holds
+    /// positions counted from the first entry ever added: `base` of them were evicted.
+    entries: VecDeque<Option<Entry>>,
+    base: usize,
     by_image: HashMap<String, usize>,
     buckets: BTreeMap<i64, HashMap<String, Cell>>,
     lines: BTreeMap<String, u64>,
@@ -244,7 +247,7 @@ impl Index {
     pub fn add(&mut self, d: &Detection, seq: u64) -> Option<Summary> {
         let entry = entry_of(d, seq);
         if let Some(&i) = self.by_image.get(&d.image_id) {
-            let newer = match &self.entries[i] {
+            let newer = match &self.entries[i - self.base] {
                 Some(old) => {
                     (old.summary.detected_at, old.seq) <= (entry.summary.detected_at, entry.seq)
                 }
@@ -253,7 +256,7 @@ impl Index {
             if !newer {
                 return None;
             }
-            if let Some(old) = self.entries[i].take() {
+            if let Some(old) = self.entries[i - self.base].take() {
                 self.apply(&old, -1);
                 self.live -= 1;
             }
@@ -261,10 +264,39 @@ impl Index {
         self.apply(&entry, 1);
         let summary = entry.summary.clone();
         self.by_image
-            .insert(summary.image_id.clone(), self.entries.len());
-        self.entries.push(Some(entry));
+            .insert(summary.image_id.clone(), self.base + self.entries.len());
+        self.entries.push_back(Some(entry));
         self.live += 1;
         Some(summary)
+    }
+
+    /// Forgets the boards whose detection message is no longer in its stream (sequence
+    /// below `first_seq`: aged out or dropped for room), so the index holds what the
+    /// stream holds and its memory stays flat; returns how many went.
+    pub fn evict_before(&mut self, first_seq: u64) -> usize {
+        let mut gone = 0;
+        while let Some(front) = self.entries.front() {
+            if front.as_ref().is_some_and(|e| e.seq >= first_seq) {
+                break;
+            }
+            let pos = self.base;
+            self.base += 1;
+            if let Some(Some(e)) = self.entries.pop_front() {
+                self.apply(&e, -1);
+                self.live -= 1;
+                if self.by_image.get(&e.summary.image_id) == Some(&pos) {
+                    self.by_image.remove(&e.summary.image_id);
+                }
+                gone += 1;
+            }
+        }
+        // Sums that reached nothing are dropped with their keys.
+        self.buckets.retain(|_, cells| {
+            cells.retain(|_, c| c.boards > 0);
+            !cells.is_empty()
+        });
+        self.lines.retain(|_, n| *n > 0);
+        gone
     }
 
     fn apply(&mut self, e: &Entry, sign: i64) {
@@ -287,7 +319,9 @@ impl Index {
     /// The board's summary and the sequence of its detection message.
     pub fn board(&self, image_id: &str) -> Option<(Summary, u64)> {
         let i = *self.by_image.get(image_id)?;
-        self.entries[i].as_ref().map(|e| (e.summary.clone(), e.seq))
+        self.entries[i - self.base]
+            .as_ref()
+            .map(|e| (e.summary.clone(), e.seq))
     }
 
     /// One page of the boards matching `f`, newest first.
@@ -545,6 +579,35 @@ mod tests {
             ix.board("a").map(|(s, seq)| (s.model, seq)),
             Some(("m@2".into(), 2))
         );
+    }
+
+    #[test]
+    fn boards_the_stream_no_longer_holds_are_forgotten_with_their_sums() {
+        let mut ix = Index::default();
+        let t = 1_700_000_000_000;
+        ix.add(&det("a", "l1", t, 1, &[(0.9, "short")]), 1);
+        ix.add(&det("b", "l2", t + 1, 1, &[]), 2);
+        ix.add(&det("c", "l1", t + 2, 1, &[(0.8, "open")]), 3);
+        // A's newer answer comes later in the stream: A stays when its first answer goes.
+        ix.add(&det("a", "l1", t + 3, 2, &[]), 4);
+        assert_eq!(
+            ix.evict_before(3),
+            1,
+            "b (seq 2) goes; a's seq 1 was replaced"
+        );
+        assert_eq!(ix.len(), 2);
+        assert!(ix.board("b").is_none());
+        assert_eq!(ix.board("a").map(|(_, seq)| seq), Some(4));
+        assert_eq!(ix.lines(), ["l1"], "a line with no board left is dropped");
+        let o = ix.overview(0, t + 10);
+        assert_eq!((o.inspected, o.failed, o.defects), (2, 1, 1));
+        assert_eq!(ix.evict_before(5), 2);
+        assert!(ix.is_empty() && ix.lines().is_empty());
+        assert_eq!(ix.overview(0, t + 10).inspected, 0);
+        // Positions stay right after eviction.
+        ix.add(&det("d", "l3", t + 4, 1, &[]), 6);
+        assert_eq!(ix.board("d").map(|(_, seq)| seq), Some(6));
+        assert_eq!(ix.evict_before(6), 0);
     }
 
     #[test]
