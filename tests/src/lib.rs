@@ -10,6 +10,9 @@ use futures::StreamExt;
 use pcb::server::NatsServer;
 use pcb_common::{Identity, IdentityStore, Shutdown};
 
+pub mod soak;
+pub mod up;
+
 /// A private server, a temp dir and a client, per test.
 pub struct Env {
     /// The server (stopped on drop).
