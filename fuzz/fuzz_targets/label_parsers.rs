@@ -48,7 +48,10 @@ fn check_box(b: &BoxLabel, classes: &ClassMap) {
 
 fn check_finite(boxes: &[BoxLabel]) {
     for b in boxes {
-        assert!(corners(b).iter().all(|v| v.is_finite()), "not finite: {b:?}");
+        assert!(
+            corners(b).iter().all(|v| v.is_finite()),
+            "not finite: {b:?}"
+        );
     }
 }
 
@@ -158,7 +161,10 @@ fuzz_target!(|data: &[u8]| {
             for name in &names {
                 // An id the map gives names one of its classes.
                 if let Some(id) = map.id_of(name) {
-                    assert!(map.name_of(id).is_some(), "id {id} of {name:?} names nothing");
+                    assert!(
+                        map.name_of(id).is_some(),
+                        "id {id} of {name:?} names nothing"
+                    );
                 }
             }
         }

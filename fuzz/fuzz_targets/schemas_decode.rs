@@ -59,7 +59,12 @@ fn check<T: Envelope + PartialEq + Debug>(payload: &[u8], header_mode: u8) {
         assert_eq!(first, second, "{} changed in a round trip", T::SCHEMA);
     }
     let again = encode(&second).expect("encode the round-tripped message");
-    assert_eq!(bytes, again, "{} encodes differently after a round trip", T::SCHEMA);
+    assert_eq!(
+        bytes,
+        again,
+        "{} encodes differently after a round trip",
+        T::SCHEMA
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
