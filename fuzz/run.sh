@@ -47,7 +47,9 @@ for t in "${targets[@]}"; do
         -print_final_stats=1 >"$log" 2>&1
     rc=$?
     set -e
-    secs=$(($(date +%s) - start))
+    # libFuzzer's own time; the wall time also counts cargo rebuilding what changed.
+    secs=$(grep -o '^Done [0-9]* runs in [0-9]* second' "$log" | tail -n1 | awk '{print $5}' || true)
+    secs=${secs:-$(($(date +%s) - start))}
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | tail -n1 | grep -o '[0-9]*$' || true)
     if [ -z "$execs" ]; then
         execs=$(grep -o '^#[0-9]*' "$log" | tail -n1 | tr -d '#' || true)
