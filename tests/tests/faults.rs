@@ -145,3 +145,60 @@ async fn a_cluster_loses_its_stream_leader_under_load_and_loses_nothing() {
     assert!(settled && ledger.balanced(), "{ledger}\n{}", p.said());
     assert_eq!(ledger.boards, 30);
 }
+
+/// `PCB_IMAGES` capped at 40 messages, 50 boards, its detector paused (no live model yet):
+/// the stream fills with boards the detector has not answered, the ingester holds the rest
+/// in the inbox, nothing is deleted; once a model goes live the detector catches up, `pcb
+/// up` removes what every stage has processed, and every board drains through without the
+/// limit being raised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_filled_while_its_consumer_is_paused_pushes_back_then_drains() {
+    let p = Pipeline::up_with(&["--no-default-model"], "[streams.images]\nmax_msgs = 40\n").await;
+    let boards = p.wave("wave1", 50, 41);
+    // The encoded records of 50 boards alone need 50 messages: the encoder's processed raw
+    // ones make room, the detector's unanswered encoded ones cannot.
+    let full = wait_until(Duration::from_secs(120), || async {
+        let Ok(mut s) = p.js.get_stream(pcb_schemas::STREAM_IMAGES).await else {
+            return false;
+        };
+        s.info()
+            .await
+            .map(|i| i.state.messages >= 36)
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(full, "PCB_IMAGES did not fill:\n{}", p.said());
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut images =
+        p.js.get_stream(pcb_schemas::STREAM_IMAGES)
+            .await
+            .expect("stream");
+    let held = images.info().await.expect("info").state.clone();
+    let waiting = pcb_tests::board_sources(&p.inbox(), &p.inbox())
+        .into_iter()
+        .filter(|s| s.starts_with("wave1/"))
+        .count();
+    assert!(held.messages <= 40, "{held:?}");
+    assert!(
+        waiting > 0,
+        "the ingester should hold boards back: {held:?}"
+    );
+    assert_eq!(detections(&p.js).await, 0);
+    let encoded = pcb_tests::count(&p.js, pcb_schemas::STREAM_IMAGES, "pcb.images.encoded").await;
+
+    // A model goes live: the detector answers, room is made, the rest flows.
+    let v = pcb::default_model::register_if_empty(&p.js, "pcb-defects")
+        .await
+        .expect("register")
+        .expect("a first version");
+    let (settled, ledger) = p.settle(&boards).await;
+    let limit = images.info().await.expect("info").config.max_messages;
+    println!(
+        "paused consumer: PCB_IMAGES held {} of 40 ({encoded} encoded, unanswered), {waiting} \
+         boards waited in the inbox; after v{v} went live: {ledger}",
+        held.messages
+    );
+    assert!(settled && ledger.balanced(), "{ledger}\n{}", p.said());
+    assert_eq!(ledger.detected, 50);
+    assert_eq!(limit, 40, "the limit was not raised");
+}

@@ -17,7 +17,9 @@ use pcb_datasets::{
     read_label_file, ClassMap, CocoIndex, LabelError,
 };
 use pcb_schemas::topology::ReadMode;
-use pcb_schemas::{decode, image_id, DeadLetter, RawImage, CLASS_NAMES, SUBJECT_RAW};
+use pcb_schemas::{
+    decode, image_id, DeadLetter, RawImage, CLASS_NAMES, STREAM_IMAGES, SUBJECT_RAW,
+};
 use serde::{Deserialize, Serialize};
 
 use pairing::{LabelSource, SplitLists, Unit};
@@ -355,6 +357,8 @@ pub struct Ingester {
     move_files: bool,
     lists: Mutex<(Instant, Arc<Vec<(PathBuf, SplitLists)>>)>,
     coco: Mutex<HashMap<PathBuf, (SystemTime, Arc<CocoIndex>)>>,
+    /// When `PCB_IMAGES` was last looked at, and whether it admitted new boards.
+    admit: tokio::sync::Mutex<Option<(Instant, bool)>>,
 }
 
 fn lossy_rel(path: &Path, root: &Path) -> String {
@@ -394,7 +398,38 @@ impl Ingester {
                 Arc::new(Vec::new()),
             )),
             coco: Mutex::new(HashMap::new()),
+            admit: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Whether `PCB_IMAGES` takes new boards: below [`pcb_common::room::ADMIT_FILL`] of its
+    /// limits (looked up at most every 500 ms while it is less than half that full). The rest of the stream is the encoder's,
+    /// which must store its records of the boards already in before they can be freed.
+    async fn admits(&self) -> bool {
+        let mut last = self.admit.lock().await;
+        if let Some((at, ok)) = *last {
+            if at.elapsed() < Duration::from_millis(500) {
+                return ok;
+            }
+        }
+        // A server that does not answer is found out by the publish.
+        let fill = match self.js.get_stream(STREAM_IMAGES).await {
+            Ok(s) => pcb_common::room::fill(s.cached_info()),
+            Err(_) => 0.0,
+        };
+        let ok = fill < pcb_common::room::ADMIT_FILL;
+        // Far from the mark the answer is kept a while; near it every board asks.
+        *last = (fill < pcb_common::room::ADMIT_FILL / 2.0).then(|| (Instant::now(), ok));
+        ok
+    }
+
+    /// A board held back because `PCB_IMAGES` is full: it stays in the inbox.
+    fn held_back(&self, why: &dyn std::fmt::Display) -> FileOutcome {
+        self.metrics.set_backpressure(true);
+        if pcb_common::ack::backpressure_log_due() {
+            tracing::warn!(reason = %why, "PCB_IMAGES is full: files stay in the inbox until it has room (the stages are behind, or its limit is too small: raise it with `pcb init`)");
+        }
+        FileOutcome::Deferred("stream-full".into())
     }
 
     /// The watched root.
@@ -609,16 +644,13 @@ impl Ingester {
             }
             Err(e) => return FileOutcome::Deferred(format!("read task failed: {e}")),
         };
+        if !self.admits().await {
+            return self.held_back(&"above the share kept for the encoder");
+        }
         let ack = match pcb_common::publish(&self.js, SUBJECT_RAW.into(), &record).await {
             Ok(a) => a,
-            Err(e) if e.is_stream_full() => {
-                // Back-pressure: the file stays in the inbox until the stream has room.
-                self.metrics.set_backpressure(true);
-                if pcb_common::ack::backpressure_log_due() {
-                    tracing::warn!(error = %e, "PCB_IMAGES is full: files stay in the inbox until it has room (raise its limit with `pcb init`, or let the encoder catch up)");
-                }
-                return FileOutcome::Deferred("stream-full".into());
-            }
+            // Back-pressure: the file stays in the inbox until the stream has room.
+            Err(e) if e.is_stream_full() => return self.held_back(&e),
             Err(e) => {
                 tracing::warn!(file = %unit.rel, error = %e, "not published, will retry");
                 return FileOutcome::Deferred("publish-failed".into());

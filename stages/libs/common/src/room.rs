@@ -11,10 +11,30 @@ use pcb_schemas::StreamKind;
 use crate::topology::{Topology, TopologyError};
 use crate::ConsumerSpec;
 
-/// Fill (of `max_bytes` or `max_msgs`) above which room is made.
-pub const HIGH_WATER: f64 = 0.9;
+/// Fill (of `max_bytes` or `max_msgs`) above which room is made. Below [`ADMIT_FILL`]: a
+/// stream the ingester no longer writes to always has its processed messages removed.
+pub const HIGH_WATER: f64 = 0.8;
 /// Fill that making room aims for.
-pub const LOW_WATER: f64 = 0.75;
+pub const LOW_WATER: f64 = 0.7;
+/// Fill above which the ingester takes no new board into `PCB_IMAGES`: the rest is the
+/// encoder's, whose records of boards already in go to the same stream. Without it the
+/// stream could fill with raw records the encoder can no longer encode (its output has no
+/// room), which nothing processed would ever free.
+pub const ADMIT_FILL: f64 = 0.85;
+
+/// How full a stream is: the larger share of its byte and message limits (0 when
+/// unlimited).
+pub fn fill(info: &async_nats::jetstream::stream::Info) -> f64 {
+    let share = |have: u64, max: i64| {
+        if max > 0 {
+            have as f64 / max as f64
+        } else {
+            0.0
+        }
+    };
+    share(info.state.bytes, info.config.max_bytes)
+        .max(share(info.state.messages, info.config.max_messages))
+}
 
 /// What [`make_room`] did to one subject of a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,9 +110,6 @@ pub async fn make_room(
         if n == 0 {
             continue;
         }
-        // Messages below `cut` are the oldest `n` (sequences are gapless but for what
-        // was removed already; the cut is then a little short, never too far).
-        let cut = info.state.first_sequence.saturating_add(n);
         let readers: Vec<&ConsumerSpec> = consumers.iter().filter(|c| c.stream == name).collect();
         // Per-subject floors only when no two filters can overlap (no wildcards);
         // otherwise the lowest floor of all, over the whole stream.
@@ -118,27 +135,50 @@ pub async fn make_room(
                 None => floors.push((key, floor)),
             }
         }
-        for (subject, floor) in floors {
-            let Some(floor) = floor else { continue };
-            let below = cut.min(floor + 1);
-            if below <= info.state.first_sequence {
-                continue;
+        let floors: Vec<(String, u64)> = floors
+            .into_iter()
+            .filter_map(|(k, f)| f.map(|f| (k, f)))
+            .collect();
+        let Some(top) = floors.iter().map(|(_, f)| f + 1).max() else {
+            continue;
+        };
+        // The oldest first: messages below a cut that starts at the oldest `n` and moves
+        // on (the oldest may be ones not yet processed) until `n` went or nothing
+        // processed is left.
+        let mut removed: Vec<(String, u64)> = Vec::new();
+        let mut gone = 0u64;
+        let mut cut = info.state.first_sequence.saturating_add(n);
+        loop {
+            for (subject, floor) in &floors {
+                let below = cut.min(floor + 1);
+                let purge = stream.purge().sequence(below);
+                let purged = if subject == ">" {
+                    purge.await
+                } else {
+                    purge.filter(subject.clone()).await
+                }
+                .map_err(|e| info_err(&e))?
+                .purged;
+                if purged > 0 {
+                    gone += purged;
+                    match removed.iter_mut().find(|(s, _)| s == subject) {
+                        Some((_, k)) => *k += purged,
+                        None => removed.push((subject.clone(), purged)),
+                    }
+                }
             }
-            let purge = stream.purge().sequence(below);
-            let purged = if subject == ">" {
-                purge.await
-            } else {
-                purge.filter(subject.clone()).await
+            if gone >= n || cut >= top {
+                break;
             }
-            .map_err(|e| info_err(&e))?;
-            if purged.purged > 0 {
-                done.push(Trimmed {
-                    stream: name,
-                    subject,
-                    removed: purged.purged,
-                    fill_before_pct: (fill * 100.0).round() as u32,
-                });
-            }
+            cut = cut.saturating_add(n - gone).min(top);
+        }
+        for (subject, k) in removed {
+            done.push(Trimmed {
+                stream: name,
+                subject,
+                removed: k,
+                fill_before_pct: (fill * 100.0).round() as u32,
+            });
         }
     }
     Ok(done)
@@ -150,19 +190,19 @@ mod tests {
 
     #[test]
     fn nothing_goes_below_the_high_water_mark() {
-        assert_eq!(to_remove(890, 10, 1000, -1).0, 0);
-        assert_eq!(to_remove(10, 89, -1, 100).0, 0);
+        assert_eq!(to_remove(790, 10, 1000, -1).0, 0);
+        assert_eq!(to_remove(10, 79, -1, 100).0, 0);
         assert_eq!(to_remove(0, 0, 1000, 100).0, 0);
     }
 
     #[test]
     fn the_oldest_go_down_to_the_low_water_mark_of_the_tighter_limit() {
-        // 950 of 1000 bytes in 10 messages of 95: 200 bytes over 75%, 3 messages.
+        // 950 of 1000 bytes in 10 messages of 95: 250 bytes over 70%, 3 messages.
         assert_eq!(to_remove(950, 10, 1000, -1), (3, 0.95));
-        // 18 of 20 messages: 3 over 75%.
-        assert_eq!(to_remove(18, 18, -1, 20).0, 3);
+        // 18 of 20 messages: 4 over 70%.
+        assert_eq!(to_remove(18, 18, -1, 20).0, 4);
         // Both limits: the tighter wins.
         assert_eq!(to_remove(950, 10, 1000, 100).0, 3);
-        assert_eq!(to_remove(100, 95, 10_000, 100).0, 20);
+        assert_eq!(to_remove(100, 95, 10_000, 100).0, 25);
     }
 }

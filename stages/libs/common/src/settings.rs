@@ -117,12 +117,14 @@ fn origin(path: Option<&Path>) -> String {
 /// Loads `T` from an optional TOML file overlaid with `PCB_<SECTION>__<KEY>` environment
 /// variables (e.g. `PCB_NATS__URL`). Unknown keys are refused by `T`'s
 /// `deny_unknown_fields`; the error names the key and the file.
-pub fn load_config<T: DeserializeOwned>(path: Option<&Path>) -> Result<T, ConfigError> {
+pub fn load_config<T: DeserializeOwned + serde::Serialize + Default>(
+    path: Option<&Path>,
+) -> Result<T, ConfigError> {
     load_config_from_env(path, std::env::vars())
 }
 
 /// [`load_config`] with an explicit environment, for tests.
-pub fn load_config_from_env<T: DeserializeOwned>(
+pub fn load_config_from_env<T: DeserializeOwned + serde::Serialize + Default>(
     path: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, ConfigError> {
@@ -153,11 +155,19 @@ pub fn load_config_from_env<T: DeserializeOwned>(
     // Through a JSON value so that serde_path_to_error can name the key of a bad value
     // (`streams.images.storage: unknown variant `tape``), which the config crate's own
     // deserializer does not for enums.
-    let value: serde_json::Value = builder
+    let given: serde_json::Value = builder
         .build()
         .map_err(parse_err)?
         .try_deserialize()
         .map_err(parse_err)?;
+    // Over the type's own defaults, key by key: a section that sets one key keeps the
+    // defaults of its other keys as the whole type declares them (`[streams.images]` with
+    // only `max_msgs` keeps the images stream's own retention, not a generic stream's).
+    let mut value = serde_json::to_value(T::default()).map_err(|e| ConfigError::Parse {
+        origin: origin(path),
+        message: format!("the defaults: {e}"),
+    })?;
+    merge(&mut value, given);
     serde_path_to_error::deserialize(value).map_err(|e| {
         let key = e.path().to_string();
         let inner = e.into_inner();
@@ -170,6 +180,23 @@ pub fn load_config_from_env<T: DeserializeOwned>(
             },
         }
     })
+}
+
+/// Lays `over` on `base`: objects key by key, anything else replaced.
+fn merge(base: &mut serde_json::Value, over: serde_json::Value) {
+    match (base, over) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
 }
 
 #[cfg(test)]
@@ -199,18 +226,72 @@ mod tests {
         );
     }
 
-    #[derive(Debug, Deserialize)]
+    #[derive(Debug, Default, Deserialize, serde::Serialize)]
     #[serde(deny_unknown_fields)]
     struct Cfg {
         nats: Nats,
+        #[serde(default)]
+        pair: Pair,
     }
 
-    #[derive(Debug, Deserialize)]
+    #[derive(Debug, Default, Deserialize, serde::Serialize)]
     #[serde(deny_unknown_fields)]
     struct Nats {
         url: String,
         #[serde(default)]
         connect_timeout_secs: u64,
+    }
+
+    /// A section whose defaults differ per field from its type's generic ones.
+    #[derive(Debug, Deserialize, serde::Serialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct Pair {
+        left: Side,
+        right: Side,
+    }
+
+    #[derive(Debug, Deserialize, serde::Serialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct Side {
+        size: u32,
+        keep: bool,
+    }
+
+    impl Default for Side {
+        fn default() -> Self {
+            Side {
+                size: 1,
+                keep: false,
+            }
+        }
+    }
+
+    impl Default for Pair {
+        fn default() -> Self {
+            Pair {
+                left: Side::default(),
+                right: Side {
+                    size: 2,
+                    keep: true,
+                },
+            }
+        }
+    }
+
+    #[test]
+    fn a_partial_section_keeps_the_rest_of_its_own_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = write(&dir, "[nats]\nurl = \"x\"\n[pair.right]\nsize = 5\n");
+        let c: Cfg = load_config_from_env(Some(&p), vec![]).expect("load");
+        // `keep` is the right side's default (true), not a generic side's (false).
+        assert_eq!(
+            c.pair.right,
+            Side {
+                size: 5,
+                keep: true
+            }
+        );
+        assert_eq!(c.pair.left, Side::default());
     }
 
     fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
@@ -258,7 +339,7 @@ mod tests {
 
     #[test]
     fn a_choice_outside_its_set_names_the_key() {
-        #[derive(Debug, Deserialize)]
+        #[derive(Debug, Default, Deserialize, serde::Serialize)]
         #[serde(deny_unknown_fields)]
         struct Log {
             // Only parsed: the test is about the error.

@@ -31,8 +31,8 @@ pub struct StreamSettings {
     /// When full: `new` refuses new messages (back-pressure: the stages hold their input,
     /// the ingester keeps files in the inbox, until it has room), `old` deletes its oldest.
     pub discard: Discard,
-    /// Past 90% of a limit, `pcb up` removes the oldest messages that every durable
-    /// consumer reading them has acknowledged, down to 75% (never one not yet processed).
+    /// Past 80% of a limit, `pcb up` removes the oldest messages that every durable
+    /// consumer reading them has acknowledged, down to 70% (never one not yet processed).
     pub make_room: bool,
 }
 
