@@ -1,6 +1,6 @@
 //! The pipeline at a steady board rate for a bounded time: once with random faults (the
 //! ledger run), once without (the soak). Each ends with a balanced ledger; the soak also
-//! checks that no stage's open files or memory grow. CI runs each for a minute; the README's
+//! checks that no stage's open files or memory grow. CI runs each for 45 s; the README's
 //! figures come from the same tests with `PCB_LEDGER_SECS=600` and `PCB_SOAK_SECS=1800`.
 
 use std::time::Duration;
@@ -27,7 +27,7 @@ const ACK_WAITS: &str = "[stages.encoder.settings]\nack_wait_secs = 5\n\
 async fn the_ledger_balances_under_random_faults() {
     let p = Pipeline::up_with(&["--cluster", "3"], ACK_WAITS).await;
     let spec = RunSpec {
-        secs: secs("PCB_LEDGER_SECS", 60),
+        secs: secs("PCB_LEDGER_SECS", 45),
         rate: 1.0,
         fault_every: Some(Duration::from_secs(10)),
         stop_for: Duration::from_secs(8),
@@ -61,7 +61,7 @@ async fn the_ledger_balances_under_random_faults() {
 async fn a_steady_rate_soak_keeps_every_process_flat() {
     let p = Pipeline::up(&[]).await;
     let spec = RunSpec {
-        secs: secs("PCB_SOAK_SECS", 60),
+        secs: secs("PCB_SOAK_SECS", 45),
         rate: 2.0,
         fault_every: None,
         stop_for: Duration::ZERO,
