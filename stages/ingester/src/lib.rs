@@ -423,6 +423,17 @@ impl Ingester {
         ok
     }
 
+    /// Whether `processed/` holds, at this image's place, a file with these bytes.
+    async fn filed_same(&self, image: &Path, id: &str) -> bool {
+        let filed = self.settings.processed_dir.join(self.rel_path(image));
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            std::fs::read(&filed).is_ok_and(|b| pcb_schemas::image_id(&b) == id)
+        })
+        .await
+        .unwrap_or(false)
+    }
+
     /// A board held back because `PCB_IMAGES` is full: it stays in the inbox.
     fn held_back(&self, why: &dyn std::fmt::Display) -> FileOutcome {
         self.metrics.set_backpressure(true);
@@ -644,6 +655,16 @@ impl Ingester {
             }
             Err(e) => return FileOutcome::Deferred(format!("read task failed: {e}")),
         };
+        // The same image filed before, dropped again without labels (a batch copied again,
+        // its images before its labels): nothing new to store; labels that come later bring
+        // it back (`late_labels`).
+        let filed_before = self.move_files && self.filed_same(&unit.image, &record.image_id).await;
+        if filed_before && record.labels.is_none() {
+            let mut files = vec![unit.image.clone()];
+            files.extend(unit.companions());
+            self.file_away(&files, &self.settings.processed_dir).await;
+            return FileOutcome::Duplicate;
+        }
         if !self.admits().await {
             return self.held_back(&"above the share kept for the encoder");
         }
@@ -658,15 +679,7 @@ impl Ingester {
         };
         self.metrics.set_backpressure(false);
         // The same image filed before, and now stored as a new record: its labels changed.
-        let relabelled = !ack.duplicate && record.labels.is_some() && self.move_files && {
-            let filed = self.settings.processed_dir.join(self.rel_path(&unit.image));
-            let id = record.image_id.clone();
-            tokio::task::spawn_blocking(move || {
-                std::fs::read(&filed).is_ok_and(|b| pcb_schemas::image_id(&b) == id)
-            })
-            .await
-            .unwrap_or(false)
-        };
+        let relabelled = !ack.duplicate && record.labels.is_some() && filed_before;
         if self.move_files {
             let mut files = vec![unit.image.clone()];
             files.extend(unit.companions());
