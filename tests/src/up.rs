@@ -121,6 +121,18 @@ impl Pipeline {
         }
     }
 
+    /// Waits (4 minutes at most) until `pcb.detections` holds `n` messages.
+    pub async fn wait_detections(&self, n: u64) {
+        assert!(
+            wait_until(Duration::from_secs(240), || async {
+                detections(&self.js).await >= n
+            })
+            .await,
+            "fewer than {n} detections:\n{}",
+            self.said()
+        );
+    }
+
     /// What `pcb up` printed so far.
     pub fn said(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

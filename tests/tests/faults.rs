@@ -22,14 +22,7 @@ async fn first_detection_of(p: &Pipeline, wave: &BTreeSet<String>) -> bool {
 async fn the_server_killed_mid_stream_is_restarted_and_loses_nothing() {
     let p = Pipeline::up(&[]).await;
     let mut boards = p.wave("wave1", 10, 11);
-    assert!(
-        wait_until(Duration::from_secs(240), || async {
-            detections(&p.js).await >= 3
-        })
-        .await,
-        "no detections before the fault:\n{}",
-        p.said()
-    );
+    p.wait_detections(3).await;
     let conf = p.data.join("nats").join("nats-server.conf");
     let pids = pids_with_arg(&conf.display().to_string());
     assert_eq!(pids.len(), 1, "one server: {pids:?}");
@@ -90,14 +83,7 @@ async fn a_cluster_loses_its_stream_leader_under_load_and_loses_nothing() {
     );
 
     let mut boards = p.wave("wave1", 10, 21);
-    assert!(
-        wait_until(Duration::from_secs(240), || async {
-            detections(&p.js).await >= 3
-        })
-        .await,
-        "no detections before the fault:\n{}",
-        p.said()
-    );
+    p.wait_detections(3).await;
     let leader = images
         .info()
         .await

@@ -328,15 +328,7 @@ fn mode(path: &Path) -> u32 {
         & 0o777
 }
 
-struct Up(Child);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on a child we spawned and have not reaped.
-        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
+use pcb_tests::up::Up;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pcb_up_runs_every_stage_status_models_train_and_the_viewer_under_their_identities() {
