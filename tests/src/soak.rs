@@ -96,12 +96,23 @@ impl Rng {
     }
 }
 
-/// The stages `pcb up` runs and the config each replica 0 was started with.
-const STAGES: [&str; 6] = [
-    "ingester", "encoder", "router", "registry", "detector", "viewer",
-];
-/// The stages that consume with a durable and an ack wait.
-const CONSUMERS: [&str; 3] = ["encoder", "router", "detector"];
+/// The stages `pcb up` runs (one replica each here), from the topology.
+fn stages() -> Vec<&'static str> {
+    pcb::pipeline::services().map(|s| s.name()).collect()
+}
+
+/// The stages among them whose durable reads the boards (`PCB_IMAGES`): the ones a SIGSTOP
+/// past their ack wait holds boards from.
+fn consumers() -> Vec<&'static str> {
+    pcb::pipeline::services()
+        .filter(|s| {
+            s.decl()
+                .durable_input()
+                .is_some_and(|(i, _)| i.stream == pcb_schemas::StreamKind::Images)
+        })
+        .map(|s| s.name())
+        .collect()
+}
 
 fn pid_of(needle: &Path) -> Option<i32> {
     pids_with_arg(&needle.display().to_string())
@@ -141,7 +152,7 @@ fn footprint(name: &str, pid: i32) -> Option<Proc> {
 
 async fn sample(p: &Pipeline, spec: &RunSpec, at_secs: f64, dropped: usize) -> Sample {
     let mut procs = Vec::new();
-    for stage in STAGES {
+    for stage in stages() {
         if let Some(f) = pid_of(&stage_config(p, stage)).and_then(|pid| footprint(stage, pid)) {
             procs.push(f);
         }
@@ -258,7 +269,8 @@ pub async fn run(p: &Pipeline, spec: &RunSpec) -> RunReport {
             let kinds = if spec.nodes > 1 { 3 } else { 2 };
             let (what, pid, stop) = match rng.below(kinds) {
                 0 => {
-                    let stage = STAGES[rng.below(STAGES.len())];
+                    let all = stages();
+                    let stage = all[rng.below(all.len())];
                     (
                         format!("kill {stage}"),
                         pid_of(&stage_config(p, stage)),
@@ -266,7 +278,8 @@ pub async fn run(p: &Pipeline, spec: &RunSpec) -> RunReport {
                     )
                 }
                 1 => {
-                    let stage = CONSUMERS[rng.below(CONSUMERS.len())];
+                    let all = consumers();
+                    let stage = all[rng.below(all.len())];
                     (
                         format!("stop {stage} for {}s", spec.stop_for.as_secs()),
                         pid_of(&stage_config(p, stage)),

@@ -7,6 +7,25 @@ use std::time::{Duration, Instant};
 use pcb_tests::up::{detections, Pipeline};
 use pcb_tests::{pids_with_arg, wait_until, Ledger};
 
+/// SIGKILLs the one server running on `conf`; returns its pid.
+fn kill_server(conf: &std::path::Path) -> Vec<i32> {
+    let pids = pids_with_arg(&conf.display().to_string());
+    assert_eq!(pids.len(), 1, "one server on {}: {pids:?}", conf.display());
+    // SAFETY: kill(2) on a server pid read from /proc just now.
+    assert_eq!(unsafe { libc::kill(pids[0], libc::SIGKILL) }, 0);
+    pids
+}
+
+/// Waits until `pcb up` has started a new server on `conf` in place of `old`.
+async fn wait_restarted(p: &Pipeline, conf: &std::path::Path, old: &[i32]) {
+    let back = wait_until(Duration::from_secs(60), || async {
+        let now = pids_with_arg(&conf.display().to_string());
+        !now.is_empty() && now != old
+    })
+    .await;
+    assert!(back, "{} was not restarted:\n{}", conf.display(), p.said());
+}
+
 /// Time until a board of `wave` (dropped after a fault) has its detection.
 async fn first_detection_of(p: &Pipeline, wave: &BTreeSet<String>) -> bool {
     wait_until(Duration::from_secs(240), || async {
@@ -24,20 +43,12 @@ async fn the_server_killed_mid_stream_is_restarted_and_loses_nothing() {
     let mut boards = p.wave("wave1", 10, 11);
     p.wait_detections(3).await;
     let conf = p.data.join("nats").join("nats-server.conf");
-    let pids = pids_with_arg(&conf.display().to_string());
-    assert_eq!(pids.len(), 1, "one server: {pids:?}");
-    // SAFETY: kill(2) on the private server's pid, read from /proc just now.
-    assert_eq!(unsafe { libc::kill(pids[0], libc::SIGKILL) }, 0);
+    let pids = kill_server(&conf);
     let killed = Instant::now();
     // Boards dropped while the server is down wait in the inbox.
     let wave2 = p.wave("wave2", 10, 12);
     boards.extend(wave2.clone());
-    let back = wait_until(Duration::from_secs(60), || async {
-        let now = pids_with_arg(&conf.display().to_string());
-        !now.is_empty() && now != pids
-    })
-    .await;
-    assert!(back, "the server was not restarted:\n{}", p.said());
+    wait_restarted(&p, &conf, &pids).await;
     let restarted_after = killed.elapsed();
     assert!(
         first_detection_of(&p, &wave2).await,
@@ -94,10 +105,7 @@ async fn a_cluster_loses_its_stream_leader_under_load_and_loses_nothing() {
         .expect("a leader");
     let node = leader.strip_prefix("pcb-").expect("a pcb node name");
     let conf = p.data.join("nats").join(node).join("nats-server.conf");
-    let pids = pids_with_arg(&conf.display().to_string());
-    assert_eq!(pids.len(), 1, "{leader}: {pids:?}");
-    // SAFETY: kill(2) on the leader node's pid, read from /proc just now.
-    assert_eq!(unsafe { libc::kill(pids[0], libc::SIGKILL) }, 0);
+    let pids = kill_server(&conf);
     let killed = Instant::now();
     let wave2 = p.wave("wave2", 10, 22);
     boards.extend(wave2.clone());
@@ -114,12 +122,7 @@ async fn a_cluster_loses_its_stream_leader_under_load_and_loses_nothing() {
         .and_then(|i| i.cluster.clone())
         .and_then(|c| c.leader)
         .unwrap_or_default();
-    let back = wait_until(Duration::from_secs(60), || async {
-        let now = pids_with_arg(&conf.display().to_string());
-        !now.is_empty() && now != pids
-    })
-    .await;
-    assert!(back, "the node was not restarted:\n{}", p.said());
+    wait_restarted(&p, &conf, &pids).await;
     boards.extend(p.wave("wave3", 10, 23));
 
     let (settled, ledger) = p.settle(&boards).await;

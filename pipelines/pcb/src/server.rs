@@ -276,6 +276,15 @@ pub struct ServerOptions<'a> {
     pub cluster: Option<ClusterNode>,
 }
 
+/// The URLs of `servers`, comma-separated: what a client is given to reach any of them.
+pub fn urls(servers: &[NatsServer]) -> String {
+    servers
+        .iter()
+        .map(NatsServer::url)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// One node of a private cluster on loopback.
 #[derive(Debug, Clone)]
 pub struct ClusterNode {
@@ -360,11 +369,7 @@ impl NatsCluster {
 
     /// Every node's URL, comma-separated.
     pub fn url(&self) -> String {
-        self.nodes
-            .iter()
-            .map(NatsServer::url)
-            .collect::<Vec<_>>()
-            .join(",")
+        urls(&self.nodes)
     }
 
     /// Its nodes.

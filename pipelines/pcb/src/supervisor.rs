@@ -171,11 +171,7 @@ impl Running {
                     }
                 })
                 .await??;
-                let u = servers
-                    .iter()
-                    .map(NatsServer::url)
-                    .collect::<Vec<_>>()
-                    .join(",");
+                let u = crate::server::urls(&servers);
                 if let Some(w) = servers[0].room_warning() {
                     eprintln!("pcb: warning: {w}");
                 }
