@@ -439,6 +439,83 @@ impl Envelope for Detection {
     }
 }
 
+/// `pcb.verdicts.<line>`: one board's verdict for line-side systems (PLCs, SCADA) reading
+/// over MQTT, which carries no headers: so a small JSON object, not MessagePack. It repeats
+/// what its [`Detection`] says; a redelivered image may repeat it, with the same `image_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LineVerdict {
+    /// The schema and version, in the payload since MQTT has no headers: `pcb.verdicts/v1`.
+    pub schema: String,
+    /// Board identifier.
+    pub board_id: String,
+    /// sha256 (hex) of the image file.
+    pub image_id: String,
+    /// Production line, as the detection names it (the subject holds its token).
+    pub line_id: String,
+    /// `pass` or `fail`.
+    pub verdict: Verdict,
+    /// How many defects were reported.
+    pub defects: usize,
+    /// Their classes, best first, each once.
+    pub classes: Vec<String>,
+    /// The best defect's score (None: no defect).
+    pub top_score: Option<f32>,
+    /// The model version that answered, `name@version`.
+    pub model: String,
+    /// Capture time, milliseconds since the Unix epoch.
+    pub captured_at: i64,
+    /// When the detection was made, milliseconds since the Unix epoch.
+    pub detected_at: i64,
+}
+
+impl LineVerdict {
+    /// Its schema name and version.
+    pub const SCHEMA: &'static str = "pcb.verdicts/v1";
+
+    /// The verdict of `d`.
+    pub fn of(d: &Detection) -> LineVerdict {
+        let mut classes: Vec<String> = Vec::new();
+        for defect in &d.defects {
+            if !classes.contains(&defect.class) {
+                classes.push(defect.class.clone());
+            }
+        }
+        LineVerdict {
+            schema: Self::SCHEMA.into(),
+            board_id: d.board_id.clone(),
+            image_id: d.image_id.clone(),
+            line_id: d.line_id.clone(),
+            verdict: d.verdict,
+            defects: d.defects.len(),
+            classes,
+            top_score: d.defects.iter().map(|x| x.score).reduce(f32::max),
+            model: format!("{}@{}", d.model.name, d.model.version),
+            captured_at: d.captured_at,
+            detected_at: d.detected_at,
+        }
+    }
+
+    /// Its payload: compact JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        // A struct of strings and numbers always serialises.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads a payload, refusing another schema.
+    pub fn from_json(payload: &[u8]) -> Result<LineVerdict, String> {
+        let v: LineVerdict = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+        if v.schema != Self::SCHEMA {
+            return Err(format!(
+                "expected schema {}, payload says {}",
+                Self::SCHEMA,
+                v.schema
+            ));
+        }
+        Ok(v)
+    }
+}
+
 impl Envelope for ModelEvent {
     const SCHEMA: &'static str = "pcb.models.events/v1";
     fn msg_id(&self) -> String {
@@ -533,6 +610,55 @@ mod tests {
         assert_ne!(ab, record_id(&id, Some(&[reclassed, b])));
         // Labelled with no defect is not unlabelled.
         assert_ne!(record_id(&id, Some(&[])), id);
+    }
+
+    #[test]
+    fn a_line_verdict_says_what_its_detection_says_in_json() {
+        let defect = |class: &str, score: f32| Defect {
+            x1: 0.0,
+            y1: 0.0,
+            x2: 1.0,
+            y2: 1.0,
+            class_id: 1,
+            class: class.into(),
+            score,
+        };
+        let d = Detection {
+            image_id: "ab".into(),
+            board_id: "b7".into(),
+            line_id: "line-2".into(),
+            source: "line-2/b7.jpg".into(),
+            captured_at: 1,
+            detected_at: 2,
+            model: ModelRef {
+                name: "pcb".into(),
+                version: 3,
+            },
+            defects: vec![
+                defect("short", 0.9),
+                defect("open", 0.8),
+                defect("short", 0.5),
+            ],
+            verdict: Verdict::Fail,
+            inference_ms: 4.0,
+        };
+        let v = LineVerdict::of(&d);
+        assert_eq!(v.classes, ["short", "open"]);
+        assert_eq!((v.defects, v.top_score), (3, Some(0.9)));
+        assert_eq!(v.model, "pcb@3");
+        let json = String::from_utf8(v.to_json()).expect("utf-8");
+        assert!(json.contains(r#""verdict":"fail""#), "{json}");
+        assert!(json.starts_with(r#"{"schema":"pcb.verdicts/v1""#), "{json}");
+        assert_eq!(LineVerdict::from_json(json.as_bytes()), Ok(v));
+        let other = json.replace("pcb.verdicts/v1", "pcb.verdicts/v2");
+        let e = LineVerdict::from_json(other.as_bytes()).expect_err("another schema");
+        assert!(e.contains("expected schema pcb.verdicts/v1"), "{e}");
+        let none = LineVerdict::of(&Detection {
+            defects: vec![],
+            verdict: Verdict::Pass,
+            ..d
+        });
+        assert_eq!((none.defects, none.top_score), (0, None));
     }
 
     #[test]

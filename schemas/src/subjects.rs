@@ -11,6 +11,10 @@ pub const SUBJECT_REJECTED_PREFIX: &str = "pcb.rejected";
 /// Detections of the online detector (reserved for the detector stage).
 pub const SUBJECT_DETECTIONS: &str = "pcb.detections";
 
+/// Prefix of the line-side verdicts: line `l`'s on `pcb.verdicts.<l>`, which the NATS
+/// server's MQTT listener serves as topic `pcb/verdicts/<l>`.
+pub const SUBJECT_VERDICTS_PREFIX: &str = "pcb.verdicts";
+
 /// Stream holding `pcb.images.raw` and `pcb.images.encoded`.
 pub const STREAM_IMAGES: &str = "PCB_IMAGES";
 /// Stream holding every `pcb.shards.<k>`.
@@ -31,6 +35,31 @@ pub fn shard_subject(k: u32) -> String {
 /// Subject of the dead letters of `stage`.
 pub fn rejected_subject(stage: &str) -> String {
     format!("{SUBJECT_REJECTED_PREFIX}.{stage}")
+}
+
+/// The subject token of a line: its id with every character other than an ASCII letter,
+/// digit, `-` or `_` replaced by `_` (`_` for an empty id). Such a token reads the same as a
+/// NATS subject token and as an MQTT topic level, with no wildcard, separator or `.` (which
+/// the server's MQTT bridge would rewrite).
+pub fn line_token(line_id: &str) -> String {
+    if line_id.is_empty() {
+        return "_".into();
+    }
+    line_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Subject of the verdicts of line `line_id`: `pcb.verdicts.<token>` ([`line_token`]).
+pub fn verdict_subject(line_id: &str) -> String {
+    format!("{SUBJECT_VERDICTS_PREFIX}.{}", line_token(line_id))
 }
 
 /// Per-step progress of training jobs (one message per rank and step).
@@ -126,6 +155,19 @@ mod tests {
             ["pcb.images.raw", "pcb.images.encoded"]
         );
         assert_eq!(StreamKind::Shards.subjects(), ["pcb.shards.*"]);
+    }
+
+    #[test]
+    fn a_line_is_one_token_in_nats_and_in_mqtt() {
+        assert_eq!(verdict_subject("line-1"), "pcb.verdicts.line-1");
+        assert_eq!(
+            verdict_subject("hall 2/east.a"),
+            "pcb.verdicts.hall_2_east_a"
+        );
+        assert_eq!(verdict_subject("*"), "pcb.verdicts._");
+        assert_eq!(verdict_subject(">#+"), "pcb.verdicts.___");
+        assert_eq!(verdict_subject(""), "pcb.verdicts._");
+        assert_eq!(line_token("Ünit_3"), "_nit_3");
     }
 
     #[test]

@@ -358,6 +358,7 @@ pub const STAGES: [StageDecl; 7] = [
             SUBJECT_DETECTIONS,
             SUBJECT_MODEL_EVENTS,
             "pcb.rejected.detector",
+            "pcb.verdicts.*",
         ],
         buckets: &[(KV_MODELS, Access::Read), (OBJECTS_MODELS, Access::Read)],
     },
@@ -398,61 +399,69 @@ pub struct SubjectDecl {
     pub display: &'static str,
     /// Its pattern (with `*` for those tokens).
     pub pattern: &'static str,
-    /// The stream holding it.
-    pub stream: StreamKind,
+    /// The stream holding it (None: delivered live on core NATS, stored nowhere; what it
+    /// says is in a stored subject too).
+    pub stream: Option<StreamKind>,
     /// Its message's schema header.
     pub schema: &'static str,
 }
 
 /// Every subject, in the README's order.
-pub const SUBJECTS: [SubjectDecl; 8] = [
+pub const SUBJECTS: [SubjectDecl; 9] = [
     SubjectDecl {
         display: "pcb.images.raw",
         pattern: SUBJECT_RAW,
-        stream: StreamKind::Images,
+        stream: Some(StreamKind::Images),
         schema: "pcb.images.raw/v1",
     },
     SubjectDecl {
         display: "pcb.images.encoded",
         pattern: SUBJECT_ENCODED,
-        stream: StreamKind::Images,
+        stream: Some(StreamKind::Images),
         schema: "pcb.images.encoded/v1",
     },
     SubjectDecl {
         display: "pcb.shards.<k>",
         pattern: "pcb.shards.*",
-        stream: StreamKind::Shards,
+        stream: Some(StreamKind::Shards),
         schema: "pcb.shards/v1",
     },
     SubjectDecl {
         display: "pcb.rejected.<stage>",
         pattern: "pcb.rejected.*",
-        stream: StreamKind::Rejected,
+        stream: Some(StreamKind::Rejected),
         schema: "pcb.rejected/v1",
     },
     SubjectDecl {
         display: "pcb.train.progress",
         pattern: SUBJECT_TRAIN_PROGRESS,
-        stream: StreamKind::Training,
+        stream: Some(StreamKind::Training),
         schema: "pcb.train.progress/v1",
     },
     SubjectDecl {
         display: "pcb.train.candidates",
         pattern: SUBJECT_TRAIN_CANDIDATES,
-        stream: StreamKind::Training,
+        stream: Some(StreamKind::Training),
         schema: "pcb.train.candidates/v1",
     },
     SubjectDecl {
         display: "pcb.detections",
         pattern: SUBJECT_DETECTIONS,
-        stream: StreamKind::Detections,
+        stream: Some(StreamKind::Detections),
         schema: "pcb.detections/v1",
     },
     SubjectDecl {
         display: "pcb.models.events",
         pattern: SUBJECT_MODEL_EVENTS,
-        stream: StreamKind::Training,
+        stream: Some(StreamKind::Training),
         schema: "pcb.models.events/v1",
+    },
+    // For PLCs over MQTT: at most once, live. The record of each answer is pcb.detections.
+    SubjectDecl {
+        display: "pcb.verdicts.<line>",
+        pattern: "pcb.verdicts.*",
+        stream: None,
+        schema: "pcb.verdicts/v1",
     },
 ];
 
@@ -496,9 +505,10 @@ pub fn subjects_markdown() -> String {
     for s in SUBJECTS {
         let (w, r) = writers_and_readers(s.pattern);
         out.push_str(&format!(
-            "| `{}` | `{}` | `{}` | {} | {} |\n",
+            "| `{}` | {} | `{}` | {} | {} |\n",
             s.display,
-            s.stream.name(),
+            s.stream
+                .map_or("— (live only)".to_string(), |k| format!("`{}`", k.name())),
             s.schema,
             list(w),
             list(r)
@@ -613,21 +623,24 @@ mod tests {
                 );
             }
             for o in s.outputs {
-                assert!(
-                    StreamKind::ALL
-                        .iter()
-                        .any(|k| k.subjects().iter().any(|p| patterns_overlap(p, o))),
-                    "{}: {o} is in no stream",
-                    s.name
-                );
+                let decl = SUBJECTS.iter().find(|d| patterns_overlap(d.pattern, o));
+                let stored = StreamKind::ALL
+                    .iter()
+                    .any(|k| k.subjects().iter().any(|p| patterns_overlap(p, o)));
+                // Declared live-only, or else stored by a stream.
+                match decl.and_then(|d| d.stream) {
+                    None if decl.is_some() => assert!(!stored, "{}: {o} is stored", s.name),
+                    _ => assert!(stored, "{}: {o} is in no stream", s.name),
+                }
             }
         }
         for sub in SUBJECTS {
-            assert!(sub
-                .stream
-                .subjects()
-                .iter()
-                .any(|p| patterns_overlap(p, sub.pattern)));
+            if let Some(stream) = sub.stream {
+                assert!(stream
+                    .subjects()
+                    .iter()
+                    .any(|p| patterns_overlap(p, sub.pattern)));
+            }
         }
     }
 

@@ -151,7 +151,15 @@ fn one_of_each() -> Vec<(&'static str, Vec<u8>, Vec<(String, String)>)> {
         reason: Some("val mAP 97.3% >= live 96.0% - 1.0%".into()),
         at_ms: 1_700_000_003_000,
     };
+    // MQTT carries no headers: the verdict is JSON with its schema inside.
+    let verdict = LineVerdict::of(&detection);
+    let verdict = (
+        LineVerdict::SCHEMA,
+        verdict.to_json(),
+        vec![("Content-Type".to_string(), "application/json".to_string())],
+    );
     vec![
+        verdict,
         e(&raw),
         e(&encoded()),
         e(&shard),

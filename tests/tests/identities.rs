@@ -369,7 +369,7 @@ async fn pcb_up_runs_every_stage_status_models_train_and_the_viewer_under_their_
     let url = std::fs::read_to_string(&url_file).expect("url");
     let ids = IdentityStore::ensure(&data.join("identities")).expect("identities");
     for id in Identity::all() {
-        assert_eq!(mode(&ids.seed_file(id)), 0o600, "{}", id.name());
+        assert_eq!(mode(&ids.secret_file(id)), 0o600, "{}", id.name());
     }
     for entry in std::fs::read_dir(data.join("run"))
         .expect("run dir")
@@ -579,7 +579,11 @@ async fn the_production_config_serves_the_issued_identities_over_tls() {
             "/var/lib/nats/pcb",
             &dir.path().join("store").display().to_string(),
         )
-        .replace("0.0.0.0:4222", &format!("127.0.0.1:{port}"));
+        .replace("0.0.0.0:4222", &format!("127.0.0.1:{port}"))
+        .replace(
+            "0.0.0.0:8883",
+            &format!("127.0.0.1:{}", pcb::server::free_port().expect("port")),
+        );
     let conf = etc.join("nats-server.conf");
     std::fs::write(&conf, conf_text).expect("conf");
     let server_bin = pcb::server::find_binary().expect("nats-server");

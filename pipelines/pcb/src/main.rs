@@ -237,15 +237,16 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Identities { out } => {
             let ids = pcb_common::IdentityStore::ensure(&out)?;
             let conf = out.join("pcb-users.conf");
-            std::fs::write(&conf, ids.server_conf()?)?;
+            // Public keys and the MQTT user's bcrypt hash: its owner's to read.
+            pcb_common::identity::write_secret(&conf, ids.server_conf()?.as_bytes())?;
             println!("{}", conf.display());
             for id in pcb_common::Identity::all() {
-                println!(
-                    "{:<9} {}  {}",
-                    id.name(),
-                    ids.public_key(id),
-                    ids.seed_file(id).display()
-                );
+                let key = if id.uses_nkey() {
+                    ids.public_key(id)
+                } else {
+                    "(MQTT password; the config holds its bcrypt hash)"
+                };
+                println!("{:<9} {key}  {}", id.name(), ids.secret_file(id).display());
             }
             Ok(())
         }

@@ -42,6 +42,10 @@ pub struct ServerSettings {
     /// Nodes of the private server: 1, or 3 or 5 for a cluster on this machine whose
     /// streams and buckets are replicated on every node (`pcb up --cluster N`).
     pub cluster_nodes: usize,
+    /// The port of its MQTT listener on 127.0.0.1, from which PLCs and SCADA read each
+    /// board's verdict on topic `pcb/verdicts/<line>` as user `line-side` (0: no MQTT; in a
+    /// cluster node N listens on this port + N - 1).
+    pub mqtt_port: u16,
 }
 
 impl Default for ServerSettings {
@@ -49,6 +53,7 @@ impl Default for ServerSettings {
         ServerSettings {
             sync_interval: DEFAULT_SYNC_INTERVAL.into(),
             cluster_nodes: 1,
+            mqtt_port: 0,
         }
     }
 }
@@ -276,6 +281,12 @@ impl PipelineFile {
             ![1, 3, 5].contains(&self.nats_server.cluster_nodes),
             "nats_server.cluster_nodes",
             "must be 1, 3 or 5 (a cluster needs a majority to elect leaders)",
+        );
+        p.check(
+            self.nats_server.mqtt_port != 0
+                && u32::from(self.nats_server.mqtt_port) + 4 > u32::from(u16::MAX),
+            "nats_server.mqtt_port",
+            "must leave room for a port per cluster node (at most 65531)",
         );
         self.streams.validate("streams", p);
         self.log.validate("log", p);

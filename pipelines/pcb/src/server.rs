@@ -274,6 +274,8 @@ pub struct ServerOptions<'a> {
     pub reserve_bytes: Option<u64>,
     /// This server as a node of a cluster ([`NatsCluster`]); None: a single server.
     pub cluster: Option<ClusterNode>,
+    /// The port of its MQTT listener on 127.0.0.1, for line-side systems (None: no MQTT).
+    pub mqtt_port: Option<u16>,
 }
 
 /// The URLs of `servers`, comma-separated: what a client is given to reach any of them.
@@ -351,8 +353,10 @@ impl NatsCluster {
                     .collect(),
                 secret: secret.clone(),
             };
+            // Each node has an MQTT listener of its own: a PLC may use any of them.
             let o = ServerOptions {
                 cluster: Some(node),
+                mqtt_port: opts.mqtt_port.map(|p| p + i as u16),
                 ..opts.clone()
             };
             nodes.push(NatsServer::spawn_opts(
@@ -441,7 +445,9 @@ impl NatsServer {
         let mut extra = opts.extra_conf.clone();
         if let Some(ids) = opts.identities {
             let users = dir.join("pcb-users.conf");
-            std::fs::write(&users, ids.users_conf()).map_err(prep(&users))?;
+            // Public keys and one bcrypt hash: still nobody else's to read.
+            pcb_common::identity::write_secret(&users, ids.users_conf().as_bytes())
+                .map_err(prep(&users))?;
             // An include is resolved beside the config that names it.
             extra.push_str(
                 "\ninclude \"pcb-users.conf\"\nauthorization {\n  users: $PCB_USERS\n}\n",
@@ -478,11 +484,18 @@ impl NatsServer {
             None => String::new(),
         };
         let conf = dir.join("nats-server.conf");
-        let cluster = opts
+        let mut cluster = opts
             .cluster
             .as_ref()
             .map(ClusterNode::conf)
             .unwrap_or_default();
+        if let Some(mqtt) = opts.mqtt_port {
+            // MQTT keeps its sessions in JetStream, which wants the server named.
+            if opts.cluster.is_none() {
+                cluster.push_str("server_name: pcb\n");
+            }
+            cluster.push_str(&format!("mqtt {{\n  listen: 127.0.0.1:{mqtt}\n}}\n"));
+        }
         let text = format!(
             "# Written by pcb: a private JetStream server for one pipeline.\n\
              listen: 127.0.0.1:{port}\n\

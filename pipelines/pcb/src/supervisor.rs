@@ -157,11 +157,14 @@ impl Running {
                 let for_server = ids.clone();
                 let sync = pipeline.nats_server.sync_interval.clone();
                 let reserve = pipeline.streams.reserved_file_bytes();
+                let mqtt =
+                    (pipeline.nats_server.mqtt_port != 0).then_some(pipeline.nats_server.mqtt_port);
                 let servers = tokio::task::spawn_blocking(move || {
                     let opts = crate::server::ServerOptions {
                         identities: Some(&for_server),
                         sync_interval: Some(sync),
                         reserve_bytes: Some(reserve),
+                        mqtt_port: mqtt,
                         ..Default::default()
                     };
                     if nodes == 1 {
@@ -187,6 +190,14 @@ impl Running {
                          streams and buckets R{nodes}; one identity per stage in {})",
                         data_dir.join("nats").display(),
                         ids.dir().display()
+                    );
+                }
+                if let Some(port) = mqtt {
+                    eprintln!(
+                        "pcb: MQTT for line-side systems at 127.0.0.1:{port}{}: topics pcb/verdicts/<line>, \
+                         user line-side, password in {}",
+                        if nodes > 1 { " (and the next ports, one per node)" } else { "" },
+                        ids.password_file().display()
                     );
                 }
                 (servers, u, Some(ids))

@@ -14,7 +14,8 @@ use pcb_common::{
 };
 use pcb_model_store::{key_live, publish_event, LiveAlias, ModelVersion, Registry};
 use pcb_schemas::{
-    decode, Defect, Detection, EncodedImage, ModelRef, CLASS_NAMES, SUBJECT_DETECTIONS,
+    decode, verdict_subject, Defect, Detection, EncodedImage, LineVerdict, ModelRef, CLASS_NAMES,
+    SUBJECT_DETECTIONS,
 };
 use pcb_vision::{compose, Bf16, Detector, InferenceOptions, ModelConfig, Sampling};
 use serde::{Deserialize, Serialize};
@@ -475,8 +476,14 @@ async fn handle_batch(s: Serving, batch: Vec<Delivery>) -> Vec<Outcome> {
                             per_image_ms,
                         );
                         let js = s.js.clone();
-                        // An image leaves the consumer only with its answer stored.
-                        async move { pcb_common::publish(&js, SUBJECT_DETECTIONS.into(), &d).await }
+                        // An image leaves the consumer only with its answer stored, and its
+                        // verdict handed to the line-side subscribers.
+                        async move {
+                            let stored =
+                                pcb_common::publish(&js, SUBJECT_DETECTIONS.into(), &d).await?;
+                            publish_verdict(&js.client(), &d).await?;
+                            Ok::<_, pcb_common::ack::PublishError>(stored)
+                        }
                     }))
                     .await;
                 for ((i, _, _), result) in detected.iter().zip(published) {
@@ -492,6 +499,31 @@ async fn handle_batch(s: Serving, batch: Vec<Delivery>) -> Vec<Outcome> {
         .into_iter()
         .map(|o| o.unwrap_or_else(|| Outcome::Retry("no answer for this image".into())))
         .collect()
+}
+
+/// Publishes the verdict of `d` on its line's subject, on core NATS: line-side systems (PLCs
+/// over the server's MQTT listener) get it live, at most once. It is not stored: the stored
+/// record is the detection. A retried image (the client could not send) sends it again,
+/// with the same image id.
+async fn publish_verdict(
+    client: &async_nats::Client,
+    d: &Detection,
+) -> Result<(), pcb_common::ack::PublishError> {
+    let subject = verdict_subject(&d.line_id);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/json");
+    headers.insert(pcb_schemas::SCHEMA_HEADER, LineVerdict::SCHEMA);
+    client
+        .publish_with_headers(
+            subject.clone(),
+            headers,
+            LineVerdict::of(d).to_json().into(),
+        )
+        .await
+        .map_err(|e| pcb_common::ack::PublishError::Send {
+            subject,
+            message: e.to_string(),
+        })
 }
 
 /// Runs the stage until `ctx.shutdown`.

@@ -8,7 +8,10 @@
 //! arrive on the puller's inbox, so a shared `_INBOX.>` would let any identity read them.
 //!
 //! The keys are nkeys: the server's config holds only public keys, and each identity's
-//! seed is a file of mode 0600 in a folder of mode 0700 ([`IdentityStore`]).
+//! seed is a file of mode 0600 in a folder of mode 0700 ([`IdentityStore`]). MQTT clients
+//! cannot sign with an nkey, so `line-side` (PLCs and SCADA on the server's MQTT listener)
+//! has a password instead: in a file of mode 0600 beside the seeds, and only as a bcrypt
+//! hash in the server's config, which admits it over MQTT only.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -26,25 +29,33 @@ pub enum Identity {
     Admin,
     /// Reads detections, model events and training progress; publishes nothing.
     Reader,
+    /// PLCs and SCADA over MQTT: reads the line verdicts, nothing else (a password user).
+    LineSide,
 }
 
 /// The streams the `reader` identity may read, and the pipeline subjects it may subscribe
 /// to: what a line-side system and `pcb status` need, and nothing that carries images.
 const READER_STREAMS: [StreamKind; 2] = [StreamKind::Detections, StreamKind::Training];
-const READER_SUBJECTS: [&str; 3] = [
+const READER_SUBJECTS: [&str; 4] = [
     pcb_schemas::SUBJECT_DETECTIONS,
+    "pcb.verdicts.*",
     pcb_schemas::SUBJECT_MODEL_EVENTS,
     pcb_schemas::SUBJECT_TRAIN_PROGRESS,
 ];
 
 impl Identity {
-    /// Every identity: the stages in the topology's order, then admin and reader.
+    /// Every identity: the stages in the topology's order, then admin, reader, line-side.
     pub fn all() -> Vec<Identity> {
         StageName::ALL
             .into_iter()
             .map(Identity::Stage)
-            .chain([Identity::Admin, Identity::Reader])
+            .chain([Identity::Admin, Identity::Reader, Identity::LineSide])
             .collect()
+    }
+
+    /// Whether it signs in with an nkey (all but `line-side`, an MQTT password user).
+    pub fn uses_nkey(self) -> bool {
+        self != Identity::LineSide
     }
 
     /// Its spelling: the stage's name, `admin` or `reader`.
@@ -53,6 +64,7 @@ impl Identity {
             Identity::Stage(s) => s.name(),
             Identity::Admin => "admin",
             Identity::Reader => "reader",
+            Identity::LineSide => "line-side",
         }
     }
 
@@ -69,6 +81,9 @@ impl Identity {
                 "the launcher, `pcb init`, `pcb models`, `pcb train`'s own client, replays with the `nats` CLI"
             }
             Identity::Reader => "line-side subscribers, `pcb status`, dashboards",
+            Identity::LineSide => {
+                "PLCs and SCADA on the MQTT listener (verdicts on `pcb/verdicts/<line>`), MQTT only"
+            }
         }
     }
 
@@ -76,6 +91,12 @@ impl Identity {
     pub fn permissions(self) -> Permissions {
         let mut g = Grants::new(self);
         match self {
+            // An MQTT client needs no inbox: it subscribes to its topics, and the server
+            // keeps its session on the account's behalf.
+            Identity::LineSide => {
+                g.subscribe.clear();
+                g.subscribe.insert("pcb.verdicts.*".into());
+            }
             Identity::Admin => {
                 g.publish.insert(">".into());
                 g.subscribe.insert(">".into());
@@ -295,6 +316,14 @@ pub enum IdentityError {
         /// What nkeys said.
         message: String,
     },
+    /// The MQTT password file is empty, or could not be hashed.
+    #[error("{path}: {message}; remove it to issue a new password")]
+    BadPassword {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A seed file is readable by others.
     #[error("{path} is readable by group or others (mode {mode:o}); chmod 600 it")]
     Exposed {
@@ -310,6 +339,8 @@ pub enum IdentityError {
 pub struct IdentityStore {
     dir: PathBuf,
     keys: Vec<(Identity, String)>,
+    /// The bcrypt hash of `line-side`'s password.
+    line_side_hash: String,
 }
 
 impl IdentityStore {
@@ -323,17 +354,32 @@ impl IdentityStore {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         set_mode(dir, 0o700).map_err(io(dir))?;
         let mut keys = Vec::new();
-        for id in Identity::all() {
+        for id in Identity::all().into_iter().filter(|id| id.uses_nkey()) {
             let path = seed_path(dir, id);
             if !path.exists() {
                 issue_seed(&path)?;
             }
             keys.push((id, public_key(&path)?));
         }
+        let password = password_path(dir);
+        if !password.exists() {
+            // 32 random hex digits: 128 bits, typed into a PLC's configuration as they are.
+            let secret: [u8; 16] = rand::random();
+            let text: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+            write_secret(&password, format!("{text}\n").as_bytes()).map_err(io(&password))?;
+        }
+        let line_side_hash = password_hash(&password)?;
         Ok(IdentityStore {
             dir: dir.to_path_buf(),
             keys,
+            line_side_hash,
         })
+    }
+
+    /// The file holding `line-side`'s MQTT password (mode 0600): its user name is
+    /// `line-side`.
+    pub fn password_file(&self) -> PathBuf {
+        password_path(&self.dir)
     }
 
     /// The folder.
@@ -341,7 +387,16 @@ impl IdentityStore {
         &self.dir
     }
 
-    /// The seed file of `id`.
+    /// The file of `id`'s secret: its seed, or for `line-side` its password.
+    pub fn secret_file(&self, id: Identity) -> PathBuf {
+        if id.uses_nkey() {
+            self.seed_file(id)
+        } else {
+            self.password_file()
+        }
+    }
+
+    /// The seed file of `id` (none for `line-side`: see [`IdentityStore::password_file`]).
     pub fn seed_file(&self, id: Identity) -> PathBuf {
         seed_path(&self.dir, id)
     }
@@ -389,7 +444,8 @@ impl IdentityStore {
         let mut out = String::from(
             "# Written by pcb from the topology table (schemas/src/topology.rs): one NATS\n\
              # identity per stage, plus admin and reader. Public keys only: each seed is\n\
-             # its identity's own <identity>.nk file (mode 0600), wherever it runs.\n\
+             # its identity's own <identity>.nk file (mode 0600), wherever it runs. The\n\
+             # MQTT user line-side has a password, here as its bcrypt hash only.\n\
              PCB_USERS = [\n",
         );
         for (id, key) in &self.keys {
@@ -401,6 +457,16 @@ impl IdentityStore {
                 id.permissions().to_conf()
             );
         }
+        let id = Identity::LineSide;
+        let _ = writeln!(
+            out,
+            "  # {}: {}\n  {{ user: {:?}, password: {:?}, allowed_connection_types: [\"MQTT\"], permissions: {} }}",
+            id.name(),
+            id.summary(),
+            id.name(),
+            self.line_side_hash,
+            id.permissions().to_conf()
+        );
         out.push_str("]\n");
         out
     }
@@ -436,11 +502,29 @@ fn issue_seed(path: &Path) -> Result<(), IdentityError> {
     })
 }
 
-fn seed_path(dir: &Path, id: Identity) -> PathBuf {
-    dir.join(format!("{}.nk", id.name()))
+fn password_path(dir: &Path) -> PathBuf {
+    dir.join(format!("{}.password", Identity::LineSide.name()))
 }
 
-fn public_key(path: &Path) -> Result<String, IdentityError> {
+/// The bcrypt hash (`$2a$`, which every nats-server reads) of the password in `path`,
+/// refusing a file others can read.
+fn password_hash(path: &Path) -> Result<String, IdentityError> {
+    let password = read_secret(path)?;
+    let bad = |message: String| IdentityError::BadPassword {
+        path: path.to_path_buf(),
+        message,
+    };
+    if password.is_empty() {
+        return Err(bad("the password is empty".into()));
+    }
+    // Cost 10: checked once per MQTT connection, ~0.1 s on one core.
+    bcrypt::hash_with_result(&password, 10)
+        .map(|h| h.format_for_version(bcrypt::Version::TwoA))
+        .map_err(|e| bad(e.to_string()))
+}
+
+/// The trimmed text of a secret file, which must not be readable by group or others.
+fn read_secret(path: &Path) -> Result<String, IdentityError> {
     let meta = std::fs::metadata(path).map_err(|source| IdentityError::Io {
         path: path.to_path_buf(),
         source,
@@ -456,6 +540,15 @@ fn public_key(path: &Path) -> Result<String, IdentityError> {
         path: path.to_path_buf(),
         source,
     })?;
+    Ok(text.trim().to_string())
+}
+
+fn seed_path(dir: &Path, id: Identity) -> PathBuf {
+    dir.join(format!("{}.nk", id.name()))
+}
+
+fn public_key(path: &Path) -> Result<String, IdentityError> {
+    let text = read_secret(path)?;
     let bad = |message: String| IdentityError::BadSeed {
         path: path.to_path_buf(),
         message,
@@ -667,7 +760,7 @@ mod tests {
 
     #[test]
     fn everyone_but_admin_subscribes_to_its_own_inbox_only() {
-        for id in Identity::all() {
+        for id in Identity::all().into_iter().filter(|id| id.uses_nkey()) {
             let p = id.permissions();
             let mine = format!("{}.abc.1", id.inbox_prefix());
             assert!(allows(&p.subscribe, &mine), "{}", id.name());
@@ -739,7 +832,7 @@ mod tests {
         let ids = dir.path().join("identities");
         let a = IdentityStore::ensure(&ids).expect("issued");
         let b = IdentityStore::ensure(&ids).expect("reopened");
-        for id in Identity::all() {
+        for id in Identity::all().into_iter().filter(|id| id.uses_nkey()) {
             assert!(a.public_key(id).starts_with('U'), "{}", id.name());
             assert_eq!(a.public_key(id), b.public_key(id), "kept across starts");
             let meta = std::fs::metadata(a.seed_file(id)).expect("seed");
@@ -748,7 +841,7 @@ mod tests {
         assert_eq!(file_mode(&std::fs::metadata(&ids).expect("dir")), 0o700);
         let conf = a.users_conf();
         assert!(conf.contains(a.public_key(Identity::Stage(StageName::Encoder))));
-        for id in Identity::all() {
+        for id in Identity::all().into_iter().filter(|id| id.uses_nkey()) {
             let seed = std::fs::read_to_string(a.seed_file(id)).expect("seed");
             assert!(seed.starts_with("SU"), "{}", id.name());
             assert!(!conf.contains(seed.trim()), "no seed in the server config");
@@ -760,6 +853,59 @@ mod tests {
         std::fs::write(&seed, "not a seed").expect("write");
         set_mode(&seed, 0o600).expect("chmod");
         let e = IdentityStore::ensure(&ids).expect_err("bad seed");
+        assert!(e.to_string().contains("remove it"), "{e}");
+    }
+
+    #[test]
+    fn line_side_reads_verdicts_over_mqtt_only_with_a_hashed_password() {
+        let p = Identity::LineSide.permissions();
+        assert!(allows(&p.subscribe, "pcb.verdicts.line-1"));
+        for other in [
+            "pcb.detections",
+            "pcb.images.raw",
+            "_INBOX.x",
+            "$JS.API.INFO",
+        ] {
+            assert!(!allows(&p.subscribe, other), "{other}");
+        }
+        assert!(p.publish.allow.is_empty(), "{:?}", p.publish);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ids = dir.path().join("identities");
+        let a = IdentityStore::ensure(&ids).expect("issued");
+        let file = a.password_file();
+        assert_eq!(file_mode(&std::fs::metadata(&file).expect("file")), 0o600);
+        let password = std::fs::read_to_string(&file).expect("password");
+        let password = password.trim();
+        assert_eq!(password.len(), 32);
+        let b = IdentityStore::ensure(&ids).expect("reopened");
+        assert_eq!(
+            std::fs::read_to_string(b.password_file())
+                .expect("kept")
+                .trim(),
+            password
+        );
+        let conf = a.users_conf();
+        assert!(!conf.contains(password), "no password in the server config");
+        let line = conf
+            .lines()
+            .find(|l| l.contains("user: \"line-side\""))
+            .expect("the line-side user");
+        assert!(
+            line.contains("allowed_connection_types: [\"MQTT\"]"),
+            "{line}"
+        );
+        let hash = line
+            .split("password: \"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .expect("a hash");
+        assert!(hash.starts_with("$2a$10$"), "{hash}");
+        assert!(bcrypt::verify(password, hash).expect("verify"));
+        set_mode(&file, 0o640).expect("chmod");
+        let e = IdentityStore::ensure(&ids).expect_err("exposed");
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        write_secret(&file, b"\n").expect("write");
+        let e = IdentityStore::ensure(&ids).expect_err("empty");
         assert!(e.to_string().contains("remove it"), "{e}");
     }
 
