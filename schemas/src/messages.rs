@@ -171,6 +171,10 @@ wire_enum! {
         Loaded = "loaded",
         /// A detector refused it (the reason says why); the old version keeps serving.
         LoadFailed = "load-failed",
+        /// Marked as the shadow version: detectors run it beside the live one.
+        Shadowed = "shadowed",
+        /// No longer the shadow version.
+        Unshadowed = "unshadowed",
     }
 }
 
@@ -418,7 +422,8 @@ pub struct Detection {
 /// `pcb.models.events`: something happened to a model version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelEvent {
-    /// `registered`, `promoted`, `rolled-back`, `not-promoted`, `loaded`, `load-failed`.
+    /// `registered`, `promoted`, `rolled-back`, `not-promoted`, `loaded`, `load-failed`,
+    /// `shadowed`, `unshadowed`.
     pub kind: ModelEventKind,
     /// The version concerned.
     pub model: ModelRef,

@@ -10,6 +10,9 @@ pub const SUBJECT_SHARDS_PREFIX: &str = "pcb.shards";
 pub const SUBJECT_REJECTED_PREFIX: &str = "pcb.rejected";
 /// Detections of the online detector (reserved for the detector stage).
 pub const SUBJECT_DETECTIONS: &str = "pcb.detections";
+/// Answers of a model's shadow version, run beside the live one on the same images: the
+/// same schema as `pcb.detections`, never read by line-side consumers.
+pub const SUBJECT_SHADOW_DETECTIONS: &str = "pcb.shadow.detections";
 
 /// Prefix of the line-side verdicts: line `l`'s on `pcb.verdicts.<l>`, which the NATS
 /// server's MQTT listener serves as topic `pcb/verdicts/<l>`.
@@ -23,6 +26,9 @@ pub const STREAM_SHARDS: &str = "PCB_SHARDS";
 pub const STREAM_DETECTIONS: &str = "PCB_DETECTIONS";
 /// Stream holding every `pcb.rejected.<stage>`.
 pub const STREAM_REJECTED: &str = "PCB_REJECTED";
+/// Stream holding `pcb.shadow.detections` (a stream of its own: what counts or replays
+/// `PCB_DETECTIONS` sees the live answers only).
+pub const STREAM_SHADOW: &str = "PCB_SHADOW";
 
 /// Default number of training shards.
 pub const DEFAULT_SHARD_COUNT: u32 = 8;
@@ -70,7 +76,7 @@ pub const SUBJECT_TRAIN_CANDIDATES: &str = "pcb.train.candidates";
 /// version or refusing it.
 pub const SUBJECT_MODEL_EVENTS: &str = "pcb.models.events";
 /// Key-value bucket of the model registry (JSON values): `model.<name>.latest`,
-/// `model.<name>.v.<version>`, `model.<name>.live`.
+/// `model.<name>.v.<version>`, `model.<name>.live`, `model.<name>.shadow`.
 pub const KV_MODELS: &str = "pcb_models";
 /// Object store bucket of the registry's weights: `<name>/v<version>.safetensors`.
 pub const OBJECTS_MODELS: &str = "pcb_model_artifacts";
@@ -95,16 +101,19 @@ pub enum StreamKind {
     Rejected,
     /// Training progress, candidates and registry events.
     Training,
+    /// Answers of shadow versions.
+    Shadow,
 }
 
 impl StreamKind {
     /// Every stream the pipeline needs.
-    pub const ALL: [StreamKind; 5] = [
+    pub const ALL: [StreamKind; 6] = [
         StreamKind::Images,
         StreamKind::Shards,
         StreamKind::Detections,
         StreamKind::Rejected,
         StreamKind::Training,
+        StreamKind::Shadow,
     ];
 
     /// The JetStream stream name.
@@ -115,6 +124,7 @@ impl StreamKind {
             StreamKind::Detections => STREAM_DETECTIONS,
             StreamKind::Rejected => STREAM_REJECTED,
             StreamKind::Training => STREAM_TRAINING,
+            StreamKind::Shadow => STREAM_SHADOW,
         }
     }
 
@@ -126,6 +136,7 @@ impl StreamKind {
             StreamKind::Detections => "detections",
             StreamKind::Rejected => "rejected",
             StreamKind::Training => "training",
+            StreamKind::Shadow => "shadow",
         }
     }
 
@@ -138,6 +149,7 @@ impl StreamKind {
             StreamKind::Detections => vec![SUBJECT_DETECTIONS.into()],
             StreamKind::Rejected => vec![format!("{SUBJECT_REJECTED_PREFIX}.*")],
             StreamKind::Training => vec!["pcb.train.>".into(), "pcb.models.>".into()],
+            StreamKind::Shadow => vec![SUBJECT_SHADOW_DETECTIONS.into()],
         }
     }
 }

@@ -342,7 +342,7 @@ pub const STAGES: [StageDecl; 7] = [
     StageDecl {
         stage: StageName::Detector,
         name: "detector",
-        summary: "runs the live model on every encoded image",
+        summary: "runs the live model (and a shadow version beside it) on every encoded image",
         process: ProcessKind::Service,
         // Two batches in flight: one decoding while the other is in the model.
         inputs: &[durable(
@@ -359,6 +359,7 @@ pub const STAGES: [StageDecl; 7] = [
             SUBJECT_MODEL_EVENTS,
             "pcb.rejected.detector",
             "pcb.verdicts.*",
+            SUBJECT_SHADOW_DETECTIONS,
         ],
         buckets: &[(KV_MODELS, Access::Read), (OBJECTS_MODELS, Access::Read)],
     },
@@ -373,6 +374,7 @@ pub const STAGES: [StageDecl; 7] = [
             view(StreamKind::Rejected, "pcb.rejected.>"),
             view(StreamKind::Training, "pcb.train.progress"),
             view(StreamKind::Training, SUBJECT_MODEL_EVENTS),
+            view(StreamKind::Shadow, SUBJECT_SHADOW_DETECTIONS),
         ],
         outputs: &[SUBJECT_RAW, SUBJECT_MODEL_EVENTS],
         buckets: &[(KV_MODELS, Access::Write), (OBJECTS_MODELS, Access::Read)],
@@ -407,7 +409,7 @@ pub struct SubjectDecl {
 }
 
 /// Every subject, in the README's order.
-pub const SUBJECTS: [SubjectDecl; 9] = [
+pub const SUBJECTS: [SubjectDecl; 10] = [
     SubjectDecl {
         display: "pcb.images.raw",
         pattern: SUBJECT_RAW,
@@ -455,6 +457,14 @@ pub const SUBJECTS: [SubjectDecl; 9] = [
         pattern: SUBJECT_MODEL_EVENTS,
         stream: Some(StreamKind::Training),
         schema: "pcb.models.events/v1",
+    },
+    // A shadow version's answers: stored apart from pcb.detections, so line-side readers
+    // and whatever counts the live answers never see them.
+    SubjectDecl {
+        display: "pcb.shadow.detections",
+        pattern: SUBJECT_SHADOW_DETECTIONS,
+        stream: Some(StreamKind::Shadow),
+        schema: "pcb.detections/v1",
     },
     // For PLCs over MQTT: at most once, live. The record of each answer is pcb.detections.
     SubjectDecl {

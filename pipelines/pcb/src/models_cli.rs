@@ -1,5 +1,5 @@
-//! `pcb models`: list, show, promote, roll back, import and export (safetensors or ONNX)
-//! registry versions.
+//! `pcb models`: list, show, promote, roll back, shadow, import and export (safetensors or
+//! ONNX) registry versions.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,7 +11,7 @@ use pcb_registry::{parse_ref, publish_event, NewVersion, Registry};
 /// `pcb models` subcommands.
 #[derive(clap::Subcommand, Clone, Debug)]
 pub enum ModelsCmd {
-    /// Every version with its metrics; `*` marks the live one.
+    /// Every version with its metrics; `*` marks the live one, `~` the shadow one.
     List {
         /// Only this model.
         name: Option<String>,
@@ -28,6 +28,17 @@ pub enum ModelsCmd {
     },
     /// Return NAME's live alias to the version before it.
     Rollback {
+        /// The model.
+        name: String,
+    },
+    /// Run NAME@VERSION beside the live version on the same images (detectors publish its
+    /// answers on `pcb.shadow.detections`, never on `pcb.detections` nor to the lines).
+    Shadow {
+        /// The version.
+        reference: String,
+    },
+    /// End NAME's shadow period: detectors stop running its shadow version.
+    Unshadow {
         /// The model.
         name: String,
     },
@@ -177,13 +188,20 @@ pub async fn run(w: &crate::reach::Where, cmd: ModelsCmd) -> anyhow::Result<()> 
             );
             for v in versions {
                 let live = registry.live(&v.name).await?.map(|l| l.version);
+                let shadow = registry.shadow(&v.name).await?.map(|s| s.version);
                 let pct = |x: Option<f64>| {
                     x.map(|m| format!("{:.2}%", m * 100.0))
                         .unwrap_or("-".into())
                 };
                 println!(
                     "{:<2}{:<24}{:>8}  {:<20}{:>10}{:>10}  {:<10}{}",
-                    if live == Some(v.version) { "*" } else { "" },
+                    if live == Some(v.version) {
+                        "*"
+                    } else if shadow == Some(v.version) {
+                        "~"
+                    } else {
+                        ""
+                    },
                     v.name,
                     v.version,
                     humantime::format_rfc3339_seconds(
@@ -204,6 +222,9 @@ pub async fn run(w: &crate::reach::Where, cmd: ModelsCmd) -> anyhow::Result<()> 
             println!("{}", serde_json::to_string_pretty(&v)?);
             if let Some(l) = live {
                 println!("live: {name}@{} (earlier: {:?})", l.version, l.history);
+            }
+            if let Some(s) = registry.shadow(&name).await? {
+                println!("shadow: {name}@{} (set by {})", s.version, s.by);
             }
         }
         ModelsCmd::Promote { reference } => {
@@ -236,6 +257,38 @@ pub async fn run(w: &crate::reach::Where, cmd: ModelsCmd) -> anyhow::Result<()> 
             .await;
             println!("{name}@{} is live again", alias.version);
         }
+        ModelsCmd::Shadow { reference } => {
+            let (name, version) = parse_ref(&reference)?;
+            let version = version.with_context(|| {
+                format!("name the version to shadow: {name}@VERSION (the live one cannot be)")
+            })?;
+            registry.set_shadow(&name, version, "cli").await?;
+            publish_event(
+                &js,
+                pcb_schemas::ModelEventKind::Shadowed,
+                &name,
+                version,
+                "cli",
+                None,
+            )
+            .await;
+            println!("{name}@{version} runs in shadow beside the live version");
+        }
+        ModelsCmd::Unshadow { name } => match registry.clear_shadow(&name).await? {
+            Some(old) => {
+                publish_event(
+                    &js,
+                    pcb_schemas::ModelEventKind::Unshadowed,
+                    &name,
+                    old.version,
+                    "cli",
+                    None,
+                )
+                .await;
+                println!("{name}@{} no longer runs in shadow", old.version);
+            }
+            None => println!("{name} has no shadow version"),
+        },
         ModelsCmd::Import {
             file,
             name,

@@ -10,8 +10,8 @@ use pcb_schemas::{StageName, TrainCandidate};
 use serde::{Deserialize, Serialize};
 
 pub use pcb_model_store::{
-    check_name, key_live, parse_ref, publish_event, LiveAlias, ModelVersion, NewVersion, Registry,
-    RegistryError,
+    check_name, key_live, key_shadow, parse_ref, publish_event, LiveAlias, ModelVersion,
+    NewVersion, Registry, RegistryError, ShadowAlias,
 };
 
 pcb_common::declare_stage!(

@@ -77,7 +77,7 @@ impl Default for StreamSettings {
     }
 }
 
-/// The five streams of the pipeline and the shard count.
+/// The six streams of the pipeline and the shard count.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Topology {
@@ -91,6 +91,8 @@ pub struct Topology {
     pub rejected: StreamSettings,
     /// `PCB_TRAINING`: `pcb.train.progress` and `pcb.train.candidates`.
     pub training: StreamSettings,
+    /// `PCB_SHADOW`: `pcb.shadow.detections`, the answers of shadow versions.
+    pub shadow: StreamSettings,
     /// The model registry's key-value and object buckets.
     pub buckets: BucketSettings,
 }
@@ -130,6 +132,8 @@ impl Default for Topology {
             rejected: StreamSettings::with(30, 1, 86_400, Discard::New),
             // Progress, candidates and model events: the oldest go.
             training: StreamSettings::with(30, 1, 3_600, Discard::Old),
+            // A shadow period's answers, read by the Models page: the oldest go.
+            shadow: StreamSettings::with(7, 1, 3_600, Discard::Old),
             buckets: BucketSettings::default(),
         }
     }
@@ -144,6 +148,7 @@ impl Topology {
             StreamKind::Detections => &self.detections,
             StreamKind::Rejected => &self.rejected,
             StreamKind::Training => &self.training,
+            StreamKind::Shadow => &self.shadow,
         }
     }
 
@@ -157,6 +162,7 @@ impl Topology {
                 StreamKind::Detections => &mut self.detections,
                 StreamKind::Rejected => &mut self.rejected,
                 StreamKind::Training => &mut self.training,
+                StreamKind::Shadow => &mut self.shadow,
             };
             if s.replicas == 1 {
                 s.replicas = nodes;
@@ -709,11 +715,11 @@ mod tests {
     #[test]
     fn the_reservation_counts_capped_file_streams_only() {
         let mut t = Topology::default();
-        // 4 + 8 + 2 + 1 + 1 GiB.
-        assert_eq!(t.reserved_file_bytes(), 16 << 30);
+        // 4 + 8 + 2 + 1 + 1 + 1 GiB.
+        assert_eq!(t.reserved_file_bytes(), 17 << 30);
         t.shards.max_bytes = -1;
         t.detections.storage = Storage::Memory;
-        assert_eq!(t.reserved_file_bytes(), 6 << 30);
+        assert_eq!(t.reserved_file_bytes(), 7 << 30);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The model registry on JetStream: metadata in a key-value bucket, weights in an object
-//! store, monotonic versions per model name, a `live` alias with its history, and the
-//! events on `pcb.models.events`. The registry stage writes it; the detector, the viewer
+//! store, monotonic versions per model name, a `live` alias with its history, an optional
+//! `shadow` alias (a version detectors run beside the live one, answering on
+//! `pcb.shadow.detections` only), and the events on `pcb.models.events`. The registry stage writes it; the detector, the viewer
 //! and `pcb models` read it (the viewer and `pcb models` also promote and roll back).
 
 use std::collections::BTreeMap;
@@ -120,6 +121,19 @@ pub struct LiveAlias {
     pub by: String,
 }
 
+/// The `shadow` alias of a model (the JSON value of `model.<name>.shadow`): a version that
+/// detectors run beside the live one on the same images, whose answers go to
+/// `pcb.shadow.detections` only. Removing the key ends the shadow period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowAlias {
+    /// The shadow version.
+    pub version: u64,
+    /// When it was set, milliseconds since the Unix epoch.
+    pub since_ms: i64,
+    /// Who set it (`cli`, `viewer`, ...).
+    pub by: String,
+}
+
 /// What a caller knows of a new version besides its weights.
 #[derive(Debug, Clone, Default)]
 pub struct NewVersion {
@@ -188,6 +202,11 @@ fn key_version(name: &str, version: u64) -> String {
 /// The key of a model's live alias (what detectors watch).
 pub fn key_live(name: &str) -> String {
     format!("model.{name}.live")
+}
+
+/// The key of a model's shadow alias (what detectors watch beside the live one).
+pub fn key_shadow(name: &str) -> String {
+    format!("model.{name}.shadow")
 }
 
 /// The registry's buckets.
@@ -393,6 +412,51 @@ impl Registry {
         self.get_json(&key_live(name)).await
     }
 
+    /// The shadow alias of `name`, if one is set.
+    pub async fn shadow(&self, name: &str) -> Result<Option<ShadowAlias>, RegistryError> {
+        self.get_json(&key_shadow(name)).await
+    }
+
+    /// Makes `version` the shadow one (replacing any other); the live version cannot be
+    /// its own shadow.
+    pub async fn set_shadow(
+        &self,
+        name: &str,
+        version: u64,
+        by: &str,
+    ) -> Result<ShadowAlias, RegistryError> {
+        self.version(name, version).await?;
+        if self.live(name).await?.map(|l| l.version) == Some(version) {
+            return Err(RegistryError::Invalid {
+                what: "shadow version",
+                message: format!("{name}@{version} is the live version"),
+            });
+        }
+        let alias = ShadowAlias {
+            version,
+            since_ms: pcb_common::now_ms(),
+            by: by.into(),
+        };
+        self.put_json(&key_shadow(name), &alias).await?;
+        Ok(alias)
+    }
+
+    /// Ends the shadow period of `name` (detectors stop running it); returns the alias
+    /// that was set, if any.
+    pub async fn clear_shadow(&self, name: &str) -> Result<Option<ShadowAlias>, RegistryError> {
+        let old = self.shadow(name).await?;
+        if old.is_some() {
+            self.kv
+                .delete(key_shadow(name))
+                .await
+                .map_err(|e| RegistryError::Key {
+                    key: key_shadow(name),
+                    message: e.to_string(),
+                })?;
+        }
+        Ok(old)
+    }
+
     /// Every version of every model (or of `name`), ordered by name and version.
     pub async fn list(&self, name: Option<&str>) -> Result<Vec<ModelVersion>, RegistryError> {
         let err = |m: String| RegistryError::Key {
@@ -420,7 +484,8 @@ impl Registry {
         Ok(out)
     }
 
-    /// Makes `version` the live one; the previous live version goes into the history.
+    /// Makes `version` the live one; the previous live version goes into the history. A
+    /// shadow version promoted ends its shadow period (it would only shadow itself).
     pub async fn promote(
         &self,
         name: &str,
@@ -428,6 +493,19 @@ impl Registry {
         by: &str,
     ) -> Result<LiveAlias, RegistryError> {
         self.version(name, version).await?;
+        let alias = self.promote_alias(name, version, by).await?;
+        if self.shadow(name).await?.map(|s| s.version) == Some(version) {
+            self.clear_shadow(name).await?;
+        }
+        Ok(alias)
+    }
+
+    async fn promote_alias(
+        &self,
+        name: &str,
+        version: u64,
+        by: &str,
+    ) -> Result<LiveAlias, RegistryError> {
         self.update_json(&key_live(name), |old: Option<LiveAlias>| {
             let mut history = Vec::new();
             if let Some(old) = old {
