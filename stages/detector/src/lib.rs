@@ -1,6 +1,8 @@
 //! The online detector stage: serves the registry's `live` model on `pcb.images.encoded`
 //! through one durable consumer shared by every replica, batches dynamically, publishes one
 //! `pcb.detections` message per image, and swaps in a newly promoted model between batches.
+//! When the registry marks a `shadow` version, each batch also goes through it, after the
+//! live answers are handed over, and its answers go to `pcb.shadow.detections` only.
 
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
@@ -12,10 +14,12 @@ use pcb_common::ack::Delivery;
 use pcb_common::{
     Batching, Context, Metrics, NoArgs, Outcome, Problems, Rejection, Shutdown, Stage, Validate,
 };
-use pcb_model_store::{key_live, publish_event, LiveAlias, ModelVersion, Registry};
+use pcb_model_store::{
+    key_live, key_shadow, publish_event, LiveAlias, ModelVersion, Registry, ShadowAlias,
+};
 use pcb_schemas::{
     decode, verdict_subject, Defect, Detection, EncodedImage, LineVerdict, ModelRef, CLASS_NAMES,
-    SUBJECT_DETECTIONS,
+    SUBJECT_DETECTIONS, SUBJECT_SHADOW_DETECTIONS,
 };
 use pcb_vision::{compose, Bf16, Detector, InferenceOptions, ModelConfig, Sampling};
 use serde::{Deserialize, Serialize};
@@ -151,10 +155,24 @@ pub async fn load_version(
 /// What the inference thread is asked.
 enum Job {
     Swap(Box<Loaded>),
+    /// A new shadow version, or none (the shadow period ended).
+    Shadow(Option<Box<Loaded>>),
     Detect {
         images: Vec<Tensor>,
         reply: tokio::sync::oneshot::Sender<Result<Answer, String>>,
+        /// The batch for the shadow version, composed for the input it takes.
+        shadow: Option<ShadowJob>,
     },
+}
+
+/// The shadow half of a batch: answered after the live half, so the live answers never
+/// wait for it.
+struct ShadowJob {
+    /// The version the images were composed for: another one loaded since is not run on
+    /// them.
+    version: u64,
+    images: Vec<Tensor>,
+    reply: tokio::sync::oneshot::Sender<Result<Answer, String>>,
 }
 
 /// Detections for a batch and the version that made them.
@@ -226,43 +244,61 @@ fn defects_of(d: &pcb_vision::Detections, threshold: f32) -> Result<Vec<Defect>,
         .collect())
 }
 
-/// The thread that owns the serving model (tch tensors are not shareable across threads).
+/// Runs `m` over `images`, each image's failure apart.
+fn answer_with(m: &Loaded, images: &[Tensor], threshold: f32) -> Answer {
+    let started = Instant::now();
+    let per_image = isolating(images, |batch| {
+        tch::no_grad(|| m.detector.model.detect(batch))
+            .map_err(|e| e.to_string())
+            .and_then(|out| {
+                out.detections
+                    .iter()
+                    .map(|d| defects_of(d, threshold).map_err(|e| e.to_string()))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+    });
+    Answer {
+        model: ModelRef {
+            name: m.version.name.clone(),
+            version: m.version.version,
+        },
+        per_image,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+/// The thread that owns the serving model and the shadow one (tch tensors are not
+/// shareable across threads).
 fn inference_thread(jobs: std_mpsc::Receiver<Job>, threshold: f32, threads: usize) {
     if threads > 0 {
         tch::set_num_threads(threads as i32);
     }
     let mut current: Option<Box<Loaded>> = None;
+    let mut shadow: Option<Box<Loaded>> = None;
     while let Ok(job) = jobs.recv() {
         match job {
             Job::Swap(next) => current = Some(next),
-            Job::Detect { images, reply } => {
+            Job::Shadow(next) => shadow = next,
+            Job::Detect {
+                images,
+                reply,
+                shadow: shadow_job,
+            } => {
                 let result = match &current {
                     None => Err("no model loaded".to_string()),
-                    Some(m) => {
-                        let started = Instant::now();
-                        let per_image = isolating(&images, |batch| {
-                            tch::no_grad(|| m.detector.model.detect(batch))
-                                .map_err(|e| e.to_string())
-                                .and_then(|out| {
-                                    out.detections
-                                        .iter()
-                                        .map(|d| {
-                                            defects_of(d, threshold).map_err(|e| e.to_string())
-                                        })
-                                        .collect::<Result<Vec<_>, _>>()
-                                })
-                        });
-                        Ok(Answer {
-                            model: ModelRef {
-                                name: m.version.name.clone(),
-                                version: m.version.version,
-                            },
-                            per_image,
-                            seconds: started.elapsed().as_secs_f64(),
-                        })
-                    }
+                    Some(m) => Ok(answer_with(m, &images, threshold)),
                 };
+                // The live answers go out before the shadow pass starts.
                 let _ = reply.send(result);
+                if let Some(job) = shadow_job {
+                    let result = match &shadow {
+                        Some(m) if m.version.version == job.version => {
+                            Ok(answer_with(m, &job.images, threshold))
+                        }
+                        _ => Err(format!("shadow v{} is no longer loaded", job.version)),
+                    };
+                    let _ = job.reply.send(result);
+                }
             }
         }
     }
@@ -276,6 +312,15 @@ fn prepare(
 ) -> Result<(EncodedImage, Tensor), Rejection> {
     let record: EncodedImage =
         decode(payload, schema).map_err(|e| Rejection::new("undecodable", e.to_string()))?;
+    let composed = compose_record(&record, input)?;
+    Ok((record, composed))
+}
+
+/// The network input of a decoded record, for a model taking `input`.
+fn compose_record(
+    record: &EncodedImage,
+    input: pcb_vision::InputMode,
+) -> Result<Tensor, Rejection> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let about = |r: Rejection| r.about(Some(record.image_id.clone()), record.source.clone());
     let bytes = b64
@@ -295,9 +340,8 @@ fn prepare(
         }
         None => None,
     };
-    let composed = compose(input, &image, template.as_ref())
-        .map_err(|e| about(Rejection::new("unusable-input", e.to_string())))?;
-    Ok((record, composed))
+    compose(input, &image, template.as_ref())
+        .map_err(|e| about(Rejection::new("unusable-input", e.to_string())))
 }
 
 /// The detection message for one image.
@@ -409,13 +453,230 @@ async fn watch_live(
     }
 }
 
-/// What a batch handler needs: where to send images and which input the model takes.
+/// The version loaded and the input it takes (None: nothing loaded).
+type LoadedAt = Option<(u64, pcb_vision::InputMode)>;
+
+/// Watches the shadow alias and hands its version to the inference thread (None when the
+/// key is removed: the shadow period ended). A version that does not load is reported
+/// and no shadow runs; the live answers never depend on it.
+#[allow(clippy::too_many_arguments)]
+async fn watch_shadow(
+    registry: Registry,
+    js: jetstream::Context,
+    name: String,
+    by: String,
+    jobs: std_mpsc::Sender<Job>,
+    shadowing: tokio::sync::watch::Sender<LoadedAt>,
+    bf16: Bf16,
+    shutdown: Shutdown,
+) -> Result<(), DetectorError> {
+    let mut watch = registry
+        .kv()
+        .watch_with_history(key_shadow(&name))
+        .await
+        .map_err(|e| DetectorError::Registry(e.to_string()))?;
+    loop {
+        let entry = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            e = watch.next() => e,
+        };
+        let Some(entry) = entry else {
+            return Err(DetectorError::Registry(
+                "the shadow-alias watch ended".into(),
+            ));
+        };
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "shadow-alias watch error");
+                continue;
+            }
+        };
+        let alias: Option<ShadowAlias> = match entry.operation {
+            async_nats::jetstream::kv::Operation::Put => {
+                match serde_json::from_slice(&entry.value) {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "shadow alias is not valid JSON; ignored");
+                        continue;
+                    }
+                }
+            }
+            _ => None,
+        };
+        let Some(alias) = alias else {
+            if shadowing.borrow().is_some() {
+                // Nothing composed for it runs any more: the thread answers such a batch
+                // with an error, which only skips its shadow half.
+                let _ = shadowing.send(None);
+                if jobs.send(Job::Shadow(None)).is_err() {
+                    return Err(DetectorError::Inference);
+                }
+                tracing::info!(model = %name, "shadow period ended");
+            }
+            continue;
+        };
+        if shadowing.borrow().map(|(v, _)| v) == Some(alias.version) {
+            continue;
+        }
+        match load_version(&registry, &name, alias.version, bf16).await {
+            Ok(loaded) => {
+                let input = loaded.detector.model.config.input;
+                if jobs.send(Job::Shadow(Some(Box::new(loaded)))).is_err() {
+                    return Err(DetectorError::Inference);
+                }
+                let _ = shadowing.send(Some((alias.version, input)));
+                tracing::info!(model = %name, version = alias.version, "shadowing");
+                publish_event(
+                    &js,
+                    pcb_schemas::ModelEventKind::Loaded,
+                    &name,
+                    alias.version,
+                    &by,
+                    Some("as the shadow version".into()),
+                )
+                .await;
+            }
+            Err(reason) => {
+                // A version that cannot load runs nowhere: comparing against an older
+                // shadow under the new one's name would mislead.
+                let _ = shadowing.send(None);
+                let _ = jobs.send(Job::Shadow(None));
+                tracing::warn!(model = %name, version = alias.version, %reason, "refused a shadow version");
+                publish_event(
+                    &js,
+                    pcb_schemas::ModelEventKind::LoadFailed,
+                    &name,
+                    alias.version,
+                    &by,
+                    Some(format!("as the shadow version: {reason}; no shadow runs")),
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// What a batch handler needs: where to send images and which input the models take.
 #[derive(Clone)]
 struct Serving {
     js: jetstream::Context,
     jobs: std_mpsc::Sender<Job>,
-    input: tokio::sync::watch::Receiver<Option<(u64, pcb_vision::InputMode)>>,
+    input: tokio::sync::watch::Receiver<LoadedAt>,
+    /// The shadow version, when one is loaded.
+    shadow: tokio::sync::watch::Receiver<LoadedAt>,
     fail_threshold: f32,
+    metrics: Metrics,
+}
+
+/// The shadow half of a batch before it is sent: which of the ready images it holds.
+struct ShadowPlan {
+    job: ShadowJob,
+    /// Positions in the ready list of the images it holds.
+    positions: Vec<usize>,
+    answer: tokio::sync::oneshot::Receiver<Result<Answer, String>>,
+}
+
+/// Composes the shadow half of a batch for the input the shadow version takes: the live
+/// tensors when it takes the same; an image it cannot take is left out of it alone.
+fn plan_shadow(
+    s: &Serving,
+    live_input: pcb_vision::InputMode,
+    ready: &[(usize, EncodedImage, Tensor)],
+) -> Option<ShadowPlan> {
+    let (version, input) = (*s.shadow.borrow())?;
+    let mut images = Vec::with_capacity(ready.len());
+    let mut positions = Vec::with_capacity(ready.len());
+    for (k, (_, record, tensor)) in ready.iter().enumerate() {
+        if input == live_input {
+            images.push(tensor.shallow_clone());
+            positions.push(k);
+            continue;
+        }
+        match compose_record(record, input) {
+            Ok(t) => {
+                images.push(t);
+                positions.push(k);
+            }
+            Err(r) => {
+                s.metrics.count("shadow-failed");
+                tracing::debug!(image = %record.image_id, reason = %r.reason, version, "the shadow version cannot take this image");
+            }
+        }
+    }
+    if images.is_empty() {
+        return None;
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    Some(ShadowPlan {
+        job: ShadowJob {
+            version,
+            images,
+            reply,
+        },
+        positions,
+        answer,
+    })
+}
+
+/// Publishes the shadow answers of the images whose live answer is stored, on
+/// `pcb.shadow.detections` only. Nothing here changes an image's outcome: a shadow that
+/// fails is counted and logged, and the live answer stands.
+async fn publish_shadow(
+    s: &Serving,
+    ready: &[(usize, EncodedImage)],
+    outcomes: &[Option<Outcome>],
+    positions: Vec<usize>,
+    answer: tokio::sync::oneshot::Receiver<Result<Answer, String>>,
+) {
+    let answer = match answer.await {
+        Ok(Ok(a)) => a,
+        Ok(Err(reason)) => {
+            s.metrics.count("shadow-failed");
+            tracing::warn!(%reason, images = positions.len(), "no shadow answers for a batch");
+            return;
+        }
+        Err(_) => {
+            s.metrics.count("shadow-failed");
+            return;
+        }
+    };
+    let per_image_ms = answer.seconds * 1000.0 / positions.len().max(1) as f64;
+    let mut pending = Vec::new();
+    for (k, defects) in positions.into_iter().zip(answer.per_image) {
+        let (i, record) = &ready[k];
+        if !matches!(outcomes[*i], Some(Outcome::Done)) {
+            continue;
+        }
+        match defects {
+            Ok(defects) => pending.push(detection_of(
+                record,
+                answer.model.clone(),
+                defects,
+                s.fail_threshold,
+                per_image_ms,
+            )),
+            Err(reason) => {
+                s.metrics.count("shadow-failed");
+                tracing::warn!(image = %record.image_id, version = answer.model.version, %reason, "the shadow version failed on an image");
+            }
+        }
+    }
+    let results = futures::future::join_all(
+        pending
+            .iter()
+            .map(|d| pcb_common::publish(&s.js, SUBJECT_SHADOW_DETECTIONS.into(), d)),
+    )
+    .await;
+    for (d, r) in pending.iter().zip(results) {
+        match r {
+            Ok(_) => s.metrics.count("shadow-answered"),
+            Err(e) => {
+                s.metrics.count("shadow-failed");
+                tracing::warn!(image = %d.image_id, error = %e, "could not store a shadow answer");
+            }
+        }
+    }
 }
 
 /// Answers one batch: each image that does not decode is rejected alone; the rest go
@@ -434,10 +695,21 @@ async fn handle_batch(s: Serving, batch: Vec<Delivery>) -> Vec<Outcome> {
             Err(rejection) => outcomes[i] = Some(Outcome::Reject(rejection)),
         }
     }
+    let mut shadow_pending = None;
     if !ready.is_empty() {
         let images: Vec<Tensor> = ready.iter().map(|(_, _, t)| t.shallow_clone()).collect();
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let answer = if s.jobs.send(Job::Detect { images, reply }).is_err() {
+        let (shadow, plan) = match plan_shadow(&s, input, &ready) {
+            Some(p) => (Some(p.job), Some((p.positions, p.answer))),
+            None => (None, None),
+        };
+        shadow_pending = plan;
+        let job = Job::Detect {
+            images,
+            reply,
+            shadow,
+        };
+        let answer = if s.jobs.send(job).is_err() {
             Err("the inference thread stopped".to_string())
         } else {
             answer
@@ -495,6 +767,13 @@ async fn handle_batch(s: Serving, batch: Vec<Delivery>) -> Vec<Outcome> {
             }
         }
     }
+    // The images are acked once their shadow answers are stored too (or known failed).
+    if let Some((positions, answer)) = shadow_pending {
+        // Tensors are not `Sync`: only the records are held across the wait.
+        let records: Vec<(usize, EncodedImage)> =
+            ready.into_iter().map(|(i, r, _)| (i, r)).collect();
+        publish_shadow(&s, &records, &outcomes, positions, answer).await;
+    }
     outcomes
         .into_iter()
         .map(|o| o.unwrap_or_else(|| Outcome::Retry("no answer for this image".into())))
@@ -549,6 +828,25 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), DetectorError> {
         .spawn(move || inference_thread(jobs_rx, threshold, threads))
         .map_err(|_| DetectorError::Inference)?;
     let (serving_tx, mut serving) = tokio::sync::watch::channel(None);
+    let (shadow_tx, shadow) = tokio::sync::watch::channel(None);
+    // A shadow watch that fails stops the shadow only: the live answers never wait on it.
+    let shadow_watcher = tokio::spawn({
+        let watching = watch_shadow(
+            registry.clone(),
+            js.clone(),
+            s.model_name.clone(),
+            by.clone(),
+            jobs.clone(),
+            shadow_tx,
+            s.bf16,
+            shutdown.clone(),
+        );
+        async move {
+            if let Err(e) = watching.await {
+                tracing::warn!(error = %e, "shadow versions are not watched any more");
+            }
+        }
+    });
     let watcher = tokio::spawn(watch_live(
         registry.clone(),
         js.clone(),
@@ -580,16 +878,21 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), DetectorError> {
         js: js.clone(),
         jobs,
         input: serving,
+        shadow,
         fail_threshold: s.fail_threshold,
+        metrics: metrics.clone(),
     };
     let batching = Batching {
         max_batch: s.max_batch,
         max_wait: Duration::from_millis(s.max_wait_ms),
     };
-    pcb_common::run_batched_consumer(js, consumer, metrics, shutdown, batching, move |batch| {
-        handle_batch(state.clone(), batch)
-    })
-    .await?;
+    let consumed =
+        pcb_common::run_batched_consumer(js, consumer, metrics, shutdown, batching, move |batch| {
+            handle_batch(state.clone(), batch)
+        })
+        .await;
+    shadow_watcher.abort();
+    consumed?;
     Ok(())
 }
 
