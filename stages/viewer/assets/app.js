@@ -539,13 +539,33 @@ function apBars(per) {
   }).join('') + '</div>';
 }
 
+// The shadow version against the live answers on the boards both answered.
+function shadowHtml(m) {
+  const sh = m.shadow;
+  if (!sh) return '';
+  const c = sh.comparison || { boards: 0, agree: 0, changed: 0, changed_boards: [], classes: [], unmatched: 0 };
+  const verdict = (v) => `<span class="badge ${v === 'fail' ? 'fail' : 'pass'}">${esc(v)}</span>`;
+  const changed = (c.changed_boards || []).map((b) =>
+    `<li><a href="${boardHref(b.image_id)}">${esc(b.board_id)}</a> ${verdict(b.live)} → ${verdict(b.shadow)}</li>`).join('');
+  const classes = (c.classes || []).map((k) =>
+    `<tr><td>${esc(k.class)}</td><td class="num">${esc(k.live)}</td><td class="num">${esc(k.shadow)}</td></tr>`).join('');
+  return `<div class="shadow">
+    <h3>Shadow <b>@${esc(sh.version)}</b> <span class="muted">since ${esc(fmtTime(sh.since))}, set by ${esc(sh.by)}</span></h3>
+    <p>Boards compared <b class="shadow-boards">${esc(c.boards)}</b> · verdict agreement <b class="shadow-agreement">${fmtPct(c.agreement)}</b>
+      · verdict would change on <b class="shadow-changed">${esc(c.changed)}</b>${c.unmatched ? ` · ${esc(c.unmatched)} without a live answer` : ''}</p>
+    ${changed ? `<ul class="shadow-changed-boards">${changed}</ul>` : ''}
+    ${classes ? `<table class="data shadow-classes"><thead><tr><th>Class</th><th>Live defects</th><th>Shadow defects</th></tr></thead><tbody>${classes}</tbody></table>` : ''}
+  </div>`;
+}
+
 function modelHtml(m, first) {
   // Ids (#versions, #live-version, #rollback) go to the first model only, so they stay unique; classes mark every model.
   const id = (name) => (first ? ` id="${name}"` : '');
   const rows = (m.versions || []).map((v) => {
     const live = m.live != null && Number(v.version) === Number(m.live);
+    const shadow = m.shadow != null && Number(v.version) === Number(m.shadow.version);
     return `<tr data-version="${esc(v.version)}"${live ? ' class="live"' : ''}>` +
-      `<td class="num"><b>@${esc(v.version)}</b> ${live ? '<span class="badge live-badge">live</span>' : ''}</td>` +
+      `<td class="num"><b>@${esc(v.version)}</b> ${live ? '<span class="badge live-badge">live</span>' : ''}${shadow ? '<span class="badge shadow-badge">shadow</span>' : ''}</td>` +
       `<td class="num">${esc(fmtTime(v.created_at))}</td><td class="num">${fmtPct(v.map)}</td><td class="num">${fmtPct(v.map50)}</td>` +
       `<td>${apBars(v.per_class_ap)}</td><td>${esc(v.job ?? '–')}</td><td class="num">${v.parent == null ? '–' : '@' + esc(v.parent)}</td>` +
       `<td>${live ? '' : '<button type="button" class="promote">Promote</button>'}</td></tr>`;
@@ -555,7 +575,7 @@ function modelHtml(m, first) {
       <span>live version <span class="live-version"${id('live-version')}>${m.live == null ? '–' : esc(m.live)}</span></span>
       <button type="button" class="rollback"${id('rollback')}${m.live == null ? ' disabled' : ''}>Roll back</button></div>
     <table class="data versions"${id('versions')}><thead><tr><th>Version</th><th>Created</th><th>mAP</th><th>mAP@0.5</th><th>Per-class AP</th><th>Job</th><th>Parent</th><th></th></tr></thead>
-    <tbody>${rows || '<tr class="empty"><td colspan="8">No versions.</td></tr>'}</tbody></table></section>`;
+    <tbody>${rows || '<tr class="empty"><td colspan="8">No versions.</td></tr>'}</tbody></table>${shadowHtml(m)}</section>`;
 }
 
 async function modelsPage() {
@@ -625,6 +645,10 @@ async function modelsPage() {
   }
 
   on('model', throttle(() => loadModels().catch(showError), 500));
+  // A shadow comparison grows with every board: refreshed at most every 5 s while one runs.
+  on('detection', throttle(() => {
+    if ((data.models || []).some((m) => m.shadow)) loadModels().catch(showError);
+  }, 5000));
   // Numbers move at once from the event; the curve needs the job's loss history, so it is refetched at most every 2 s.
   const refetchTraining = throttle(() => loadTraining().catch(showError), 2000);
   on('progress', (p) => {

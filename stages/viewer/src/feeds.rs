@@ -1,5 +1,6 @@
 //! The viewer's readers of the streams: detections into the index, encoded images' stream
-//! sequences (headers only), training progress, registry events and dead letters; each follows its
+//! sequences (headers only), training progress, registry events, dead letters and shadow
+//! versions' answers; each follows its
 //! subject from the first message and resumes after its last one when the server drops it.
 
 use std::sync::Arc;
@@ -10,8 +11,8 @@ use futures::StreamExt;
 use pcb_common::Shutdown;
 use pcb_schemas::{
     decode, DeadLetter, Detection, ModelEvent, TrainProgress, STREAM_DETECTIONS, STREAM_IMAGES,
-    STREAM_REJECTED, STREAM_TRAINING, SUBJECT_DETECTIONS, SUBJECT_ENCODED, SUBJECT_MODEL_EVENTS,
-    SUBJECT_TRAIN_PROGRESS,
+    STREAM_REJECTED, STREAM_SHADOW, STREAM_TRAINING, SUBJECT_DETECTIONS, SUBJECT_ENCODED,
+    SUBJECT_MODEL_EVENTS, SUBJECT_SHADOW_DETECTIONS, SUBJECT_TRAIN_PROGRESS,
 };
 
 use crate::{Event, Job, State};
@@ -55,6 +56,13 @@ pub fn spawn_all(state: Arc<State>, shutdown: Shutdown) -> Vec<tokio::task::Join
             on_model_event,
         ),
         follow(STREAM_REJECTED, "pcb.rejected.>", false, true, on_rejected),
+        follow(
+            STREAM_SHADOW,
+            SUBJECT_SHADOW_DETECTIONS,
+            false,
+            false,
+            on_shadow,
+        ),
         {
             let (state, shutdown) = (state.clone(), shutdown.clone());
             tokio::spawn(async move {
@@ -96,6 +104,11 @@ pub async fn evict_once(state: &State) {
                 first,
                 "boards no longer in the detections stream forgotten"
             );
+        }
+    }
+    if let Some(first) = first(STREAM_SHADOW).await {
+        if let Ok(mut shadow) = state.shadow.write() {
+            shadow.evict_before(first);
         }
     }
     if let Some(first) = first(STREAM_IMAGES).await {
@@ -205,6 +218,22 @@ fn on_detection(state: &State, m: async_nats::jetstream::Message) {
         Err(e) => {
             state.metrics.count_rejection("undecodable");
             tracing::warn!(seq, error = %e, "skipping an undecodable detection");
+        }
+    }
+}
+
+fn on_shadow(state: &State, m: async_nats::jetstream::Message) {
+    let seq = m.info().map(|i| i.stream_sequence).unwrap_or_default();
+    match decode::<Detection>(&m.payload, schema(&m)) {
+        Ok(d) => {
+            if let Ok(mut shadow) = state.shadow.write() {
+                shadow.add(&d, seq);
+            }
+            state.metrics.count("shadow-indexed");
+        }
+        Err(e) => {
+            state.metrics.count_rejection("undecodable");
+            tracing::warn!(seq, error = %e, "skipping an undecodable shadow answer");
         }
     }
 }

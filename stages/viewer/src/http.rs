@@ -433,11 +433,48 @@ async fn models(AxState(s): AxState<Shared>) -> ApiResult<Json<serde_json::Value
             .live(&name)
             .await
             .map_err(|e| ApiError::unavailable(format!("registry: {e}")))?;
-        out.push(json!({"name": name, "live": live.map(|l| l.version), "versions": versions}));
+        let shadow = s
+            .registry
+            .shadow(&name)
+            .await
+            .map_err(|e| ApiError::unavailable(format!("registry: {e}")))?
+            .map(|alias| shadow_comparison(&s, &name, alias));
+        out.push(json!({
+            "name": name,
+            "live": live.map(|l| l.version),
+            "shadow": shadow,
+            "versions": versions,
+        }));
     }
     Ok(Json(
         json!({"token_required": s.config.token.is_some(), "models": out}),
     ))
+}
+
+/// Boards whose verdict would change, listed on the Models page.
+const CHANGED_LISTED: usize = 20;
+
+/// The shadow alias with its comparison against the live answers.
+fn shadow_comparison(
+    s: &State,
+    name: &str,
+    alias: pcb_model_store::ShadowAlias,
+) -> serde_json::Value {
+    let comparison = match (s.shadow.read(), s.index.read()) {
+        (Ok(shadow), Ok(index)) => Some(shadow.compare(
+            name,
+            alias.version,
+            |id| index.verdict_and_classes(id),
+            CHANGED_LISTED,
+        )),
+        _ => None,
+    };
+    json!({
+        "version": alias.version,
+        "since": alias.since_ms,
+        "by": alias.by,
+        "comparison": comparison,
+    })
 }
 
 #[derive(Deserialize, Default)]

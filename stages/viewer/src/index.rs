@@ -324,6 +324,18 @@ impl Index {
             .map(|e| (e.summary.clone(), e.seq))
     }
 
+    /// The board's live verdict and its defects per class (what a shadow version's answer
+    /// is compared with).
+    pub fn verdict_and_classes(
+        &self,
+        image_id: &str,
+    ) -> Option<(pcb_schemas::Verdict, Vec<(String, u32)>)> {
+        let i = *self.by_image.get(image_id)?;
+        self.entries[i - self.base]
+            .as_ref()
+            .map(|e| (e.summary.verdict, e.classes.clone()))
+    }
+
     /// One page of the boards matching `f`, newest first.
     pub fn page(&self, f: &Filter, page: usize, page_size: usize) -> Page {
         let page = page.max(1);

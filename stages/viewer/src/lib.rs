@@ -5,6 +5,7 @@ pub mod feeds;
 mod guard;
 pub mod http;
 pub mod index;
+pub mod shadow;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -180,6 +181,8 @@ pub struct Job {
 pub struct State {
     /// The detections index.
     pub index: RwLock<index::Index>,
+    /// Shadow versions' answers, compared with the live ones on the Models page.
+    pub shadow: RwLock<shadow::ShadowIndex>,
     /// Stream sequence of each image's encoded record.
     pub images: RwLock<std::collections::HashMap<String, u64>>,
     /// Training jobs by name.
@@ -213,6 +216,7 @@ pub async fn run_with(
     let (events, _) = tokio::sync::broadcast::channel(1024);
     let state = Arc::new(State {
         index: RwLock::new(index::Index::default()),
+        shadow: RwLock::new(Default::default()),
         images: RwLock::new(Default::default()),
         jobs: RwLock::new(BTreeMap::new()),
         events,
