@@ -160,7 +160,7 @@ impl ShadowIndex {
                 classes.entry(c.clone()).or_default().1 += u64::from(*n);
             }
         }
-        changed.sort_by(|x, y| y.0.cmp(&x.0));
+        changed.sort_by_key(|c| std::cmp::Reverse(c.0));
         Comparison {
             version,
             boards,
