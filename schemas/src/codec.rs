@@ -101,6 +101,7 @@ mod tests {
             source: "a/b_test.jpg".into(),
             captured_at_ms: 5,
             split_hint: Some(Split::Val),
+            revision: None,
         }
     }
 

@@ -100,7 +100,10 @@ pub async fn evict_once(state: &State) {
     }
     if let Some(first) = first(STREAM_IMAGES).await {
         if let Ok(mut images) = state.images.write() {
-            images.retain(|_, seq| *seq >= first);
+            images.retain(|_, seqs| {
+                seqs.retain(|seq| *seq >= first);
+                !seqs.is_empty()
+            });
         }
     }
 }
@@ -219,7 +222,11 @@ fn on_image(state: &State, m: async_nats::jetstream::Message) {
         .and_then(|v| v.as_str().split('.').next().map(str::to_string));
     tracing::trace!(seq, ?id, "image record");
     if let (Some(id), Ok(mut images)) = (id, state.images.write()) {
-        images.insert(id, seq);
+        let seqs = images.entry(id).or_default();
+        // A consumer resumed after a failure may deliver a record again.
+        if seqs.last().is_none_or(|last| *last < seq) {
+            seqs.push(seq);
+        }
     }
 }
 

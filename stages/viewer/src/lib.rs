@@ -5,6 +5,7 @@ pub mod feeds;
 mod guard;
 pub mod http;
 pub mod index;
+pub mod review;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -180,8 +181,9 @@ pub struct Job {
 pub struct State {
     /// The detections index.
     pub index: RwLock<index::Index>,
-    /// Stream sequence of each image's encoded record.
-    pub images: RwLock<std::collections::HashMap<String, u64>>,
+    /// Stream sequences of each image's encoded records, oldest first: the board as it
+    /// came, then each label revision; the last is the board's labels now.
+    pub images: RwLock<std::collections::HashMap<String, Vec<u64>>>,
     /// Training jobs by name.
     pub jobs: RwLock<BTreeMap<String, Job>>,
     /// Live events for the pages.
