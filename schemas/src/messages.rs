@@ -573,6 +573,28 @@ impl Envelope for RawImage {
     fn msg_id(&self) -> String {
         record_id(&self.image_id, self.labels.as_deref())
     }
+    fn extra_headers(&self) -> Vec<(&'static str, String)> {
+        revision_headers(self.revision.as_ref())
+    }
+}
+
+/// The revision's author as a header value: printable ASCII only (a header cannot hold
+/// line breaks; the record itself has the name as given).
+fn revision_headers(r: Option<&LabelRevision>) -> Vec<(&'static str, String)> {
+    r.map(|r| {
+        let by: String =
+            r.by.chars()
+                .map(|c| {
+                    if c.is_ascii_graphic() || c == ' ' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+        vec![(crate::codec::REVISION_HEADER, by)]
+    })
+    .unwrap_or_default()
 }
 
 impl Envelope for EncodedImage {
@@ -584,6 +606,9 @@ impl Envelope for EncodedImage {
             "{}.encoded",
             record_id(&self.image_id, self.labels.as_deref())
         )
+    }
+    fn extra_headers(&self) -> Vec<(&'static str, String)> {
+        revision_headers(self.revision.as_ref())
     }
 }
 

@@ -153,8 +153,19 @@ async function editBoxes(page) {
   );
 }
 
+// The review queue as the Review page shows it: its counts and the boards listed.
+async function queueOf(page) {
+  await open(page, "/review");
+  return {
+    waiting: Number(await page.getAttribute("#queue-counts", "data-waiting")),
+    corrected: Number(await page.getAttribute("#queue-counts", "data-corrected")),
+    ids: await page.$$eval("#queue tr.queue-row", (rows) => rows.map((r) => r.dataset.id)),
+  };
+}
+
 async function review(page) {
   const out = { shots: [] };
+  out.queue_before = await queueOf(page);
   const board = await open(page, `/boards/${opts.board}`);
   out.load_ms = board.ms;
   out.error = board.error;
@@ -209,6 +220,7 @@ async function review(page) {
   // A reload shows the same history: it is the pipeline's, not the page's.
   await open(page, `/boards/${opts.board}`);
   out.history_after_reload = await page.locator("#history tr.history-row").count();
+  out.queue_after = await queueOf(page);
   return out;
 }
 

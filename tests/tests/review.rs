@@ -101,6 +101,26 @@ async fn an_operators_correction_in_the_viewer_becomes_the_boards_training_label
     assert_eq!(newest[1..4], ["viewer", "ana", &after.len().to_string()]);
     assert_eq!(out["history_after_reload"], 2);
 
+    // The review queue: the corrected board is counted and no longer waits.
+    let (qb, qa) = (&out["queue_before"], &out["queue_after"]);
+    assert_eq!(
+        (qb["corrected"].as_u64(), qa["corrected"].as_u64()),
+        (Some(0), Some(1)),
+        "{out}"
+    );
+    let listed = |q: &serde_json::Value| {
+        q["ids"]
+            .as_array()
+            .is_some_and(|ids| ids.iter().any(|i| i == d.image_id.as_str()))
+    };
+    assert!(!listed(qa), "{out}");
+    let was = u64::from(listed(qb));
+    assert_eq!(
+        qa["waiting"].as_u64(),
+        qb["waiting"].as_u64().map(|w| w - was),
+        "{out}"
+    );
+
     // The revision on the ingester's subject: the board's own image, the corrected labels,
     // who and when, and the answer that was reviewed.
     let expected: Vec<(String, [f32; 4])> = d.defects[1..]

@@ -234,6 +234,8 @@ async function overviewPage() {
       <div class="kpi fail"><div class="kpi-label">Failed</div><span id="failed">–</span></div>
       <div class="kpi"><div class="kpi-label">Defects</div><span id="defects">–</span></div>
       <div class="kpi"><div class="kpi-label">Defects / board</div><span id="defect-rate" data-value="">–</span></div>
+      <div class="kpi"><div class="kpi-label"><a href="/review">To review</a></div><span id="review-waiting">–</span></div>
+      <div class="kpi"><div class="kpi-label">Corrected</div><span id="review-corrected">–</span></div>
     </section>
     <section class="grid2">
       <div class="card"><h2>Defect classes</h2><div id="pareto-box"></div></div>
@@ -260,6 +262,8 @@ async function overviewPage() {
     const dr = $('#defect-rate');
     dr.dataset.value = o.defect_rate == null ? '' : String(o.defect_rate);
     dr.textContent = o.defect_rate == null ? '–' : Number(o.defect_rate).toFixed(2);
+    $('#review-waiting').textContent = String(o.review ? o.review.waiting : '–');
+    $('#review-corrected').textContent = String(o.review ? o.review.corrected : '–');
     $('#range').textContent = Number(o.window_secs) === 0 ? 'all time' : `${fmtTime(o.from_ms)} → ${fmtTime(o.to_ms)}`;
     $('#pareto-box').innerHTML = paretoSvg(o.pareto || []);
     $('#confidence-box').innerHTML = confidenceSvg(o.confidence || []);
@@ -682,6 +686,32 @@ async function boardPage(id) {
   }
 }
 
+// ---------- Review queue ----------
+
+async function reviewPage() {
+  app.innerHTML = `<div class="page-head"><h1>Review</h1><span id="queue-counts" class="muted"></span></div>
+    <p class="muted">Boards whose correction would teach the next model most come first: those whose best score is near the verdict threshold, and the last day's boards of a line whose fail rate moved away from the week before. Open one, correct it, save: it leaves the queue.</p>
+    <p id="drifted" class="note" hidden></p>
+    <table class="data"><thead><tr><th>Board</th><th>Line</th><th>Verdict</th><th>Best</th><th>Usefulness</th><th>Why</th></tr></thead><tbody id="queue"></tbody></table>`;
+  async function load() {
+    const q = await api('/api/review?limit=100');
+    clearError();
+    const counts = $('#queue-counts');
+    counts.dataset.waiting = q.waiting;
+    counts.dataset.corrected = q.corrected;
+    counts.textContent = `${q.waiting} waiting · ${q.corrected} corrected · threshold ${Number(q.threshold).toFixed(2)}`;
+    const d = $('#drifted');
+    d.hidden = !(q.drifted || []).length;
+    d.textContent = (q.drifted || []).map((x) => `Line ${x.line} drifted: ${(x.recent * 100).toFixed(0)}% failed in the last day, ${(x.before * 100).toFixed(0)}% the week before.`).join(' ');
+    $('#queue').innerHTML = (q.items || []).map((i) => `<tr class="queue-row" data-id="${esc(i.summary.image_id)}"><td><a href="${boardHref(i.summary.image_id)}">${esc(i.summary.board_id)}</a></td>
+      <td>${esc(i.summary.line_id)}</td><td>${badge(i.summary.verdict)}</td><td class="num">${fmtScore(i.summary.top_score)}</td>
+      <td class="num">${Number(i.usefulness).toFixed(2)}</td><td class="muted">${i.reasons.map(esc).join('; ')}</td></tr>`).join('') ||
+      '<tr class="empty"><td colspan="6">Nothing waiting for a review.</td></tr>';
+  }
+  on('detection', throttle(() => load().catch(showError), 2000));
+  await load();
+}
+
 // ---------- Models and training ----------
 
 function apBars(per) {
@@ -914,13 +944,14 @@ async function main() {
     a.classList.toggle('active', active);
     if (active) a.setAttribute('aria-current', 'page');
   }
-  const titles = { overview: 'Overview', boards: 'Boards', models: 'Models', upload: 'Upload' };
+  const titles = { overview: 'Overview', boards: 'Boards', review: 'Review', models: 'Models', upload: 'Upload' };
   if (titles[section]) document.title = `${titles[section]} · PCB inspection`;
   try {
     let m;
     if (path === '/') await overviewPage();
     else if (path === '/boards') await boardsPage();
     else if ((m = path.match(/^\/boards\/([^/]+)$/))) await boardPage(decodeURIComponent(m[1]));
+    else if (path === '/review') await reviewPage();
     else if (path === '/models') await modelsPage();
     else if (path === '/upload') await uploadPage();
     else app.innerHTML = `<h1>Not found</h1><p>No page at <code>${esc(path)}</code>. <a href="/">Back to the overview</a>.</p>`;

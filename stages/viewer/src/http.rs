@@ -68,7 +68,7 @@ pub fn router(state: Shared) -> Router {
     let upload_limit = state.config.max_upload_bytes;
     // The front end is one page that finds its view from its own path.
     let mut pages = Router::new();
-    for path in ["/", "/boards", "/models", "/upload"] {
+    for path in ["/", "/boards", "/review", "/models", "/upload"] {
         pages = pages.route(path, get(page));
     }
     pages
@@ -79,6 +79,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/overview", get(overview))
         .route("/api/detections", get(detections))
         .route("/api/lines", get(lines))
+        .route("/api/review", get(review_queue))
         .route("/api/boards/:id", get(board))
         .route("/api/boards/:id/labels", post(save_labels))
         .route("/api/images/:id/:which", get(image))
@@ -201,8 +202,50 @@ async fn overview(
         .index
         .read()
         .map_err(|_| ApiError::unavailable("index poisoned"))?;
-    let o = ix.overview(window, pcb_common::now_ms());
-    Ok(Json(serde_json::to_value(o).unwrap_or_default()))
+    let now = pcb_common::now_ms();
+    let o = ix.overview(window, now);
+    let q = queue_of(&s, &ix, 0, now);
+    let mut v = serde_json::to_value(o).unwrap_or_default();
+    v["review"] = json!({"waiting": q.waiting, "corrected": q.corrected});
+    Ok(Json(v))
+}
+
+/// The review queue over the index, with the boards corrected so far.
+fn queue_of(s: &State, ix: &crate::index::Index, limit: usize, now: i64) -> crate::index::Queue {
+    let corrected = s.corrected.read().map(|c| c.clone()).unwrap_or_default();
+    ix.queue(
+        s.config.fail_threshold,
+        &|id| corrected.contains_key(id),
+        limit,
+        now,
+    )
+}
+
+#[derive(Deserialize, Default)]
+struct QueueQuery {
+    limit: Option<String>,
+}
+
+/// The boards most worth an operator's review, most useful first.
+async fn review_queue(
+    AxState(s): AxState<Shared>,
+    Query(q): Query<QueueQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let limit = number(
+        "limit",
+        q.limit.as_deref(),
+        1,
+        s.config.max_page_size as i64,
+    )?
+    .unwrap_or(50) as usize;
+    let ix = s
+        .index
+        .read()
+        .map_err(|_| ApiError::unavailable("index poisoned"))?;
+    let queue = queue_of(&s, &ix, limit, pcb_common::now_ms());
+    let mut v = serde_json::to_value(queue).unwrap_or_default();
+    v["threshold"] = json!(s.config.fail_threshold);
+    Ok(Json(v))
 }
 
 #[derive(Deserialize, Default)]
