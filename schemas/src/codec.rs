@@ -13,7 +13,16 @@ pub trait Envelope: Serialize + DeserializeOwned {
     const SCHEMA: &'static str;
     /// The `Nats-Msg-Id` used for JetStream deduplication.
     fn msg_id(&self) -> String;
+
+    /// Headers some messages add, so a reader that takes headers only still knows (a label
+    /// revision's author, for the viewer's review queue).
+    fn extra_headers(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
 }
+
+/// Header naming who saved a label revision (records with a `revision` only).
+pub const REVISION_HEADER: &str = "Pcb-Revision-By";
 
 /// Why a message could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -68,13 +77,16 @@ pub fn decode<T: Envelope>(payload: &[u8], schema_header: Option<&str>) -> Resul
     })
 }
 
-/// The headers a message is published with: `Nats-Msg-Id`, `Content-Type` and the schema.
-pub fn headers_for<T: Envelope>(msg: &T) -> [(&'static str, String); 3] {
-    [
+/// The headers a message is published with: `Nats-Msg-Id`, `Content-Type` and the schema,
+/// then its [`Envelope::extra_headers`].
+pub fn headers_for<T: Envelope>(msg: &T) -> Vec<(&'static str, String)> {
+    let mut h = vec![
         ("Nats-Msg-Id", msg.msg_id()),
         ("Content-Type", CONTENT_TYPE.to_string()),
         (SCHEMA_HEADER, T::SCHEMA.to_string()),
-    ]
+    ];
+    h.extend(msg.extra_headers());
+    h
 }
 
 #[cfg(test)]
@@ -101,6 +113,7 @@ mod tests {
             source: "a/b_test.jpg".into(),
             captured_at_ms: 5,
             split_hint: Some(Split::Val),
+            revision: None,
         }
     }
 

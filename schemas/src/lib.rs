@@ -6,7 +6,9 @@ pub mod messages;
 pub mod subjects;
 pub mod topology;
 
-pub use codec::{decode, encode, headers_for, CodecError, Envelope, CONTENT_TYPE, SCHEMA_HEADER};
+pub use codec::{
+    decode, encode, headers_for, CodecError, Envelope, CONTENT_TYPE, REVISION_HEADER, SCHEMA_HEADER,
+};
 pub use messages::*;
 pub use subjects::*;
 pub use topology::{Durable, ProcessKind, ReadMode, StageDecl, StageName, STAGES};

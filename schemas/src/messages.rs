@@ -178,6 +178,25 @@ wire_enum! {
     }
 }
 
+/// Who corrected a board's labels, and when: the mark of a label revision, a record the
+/// viewer publishes (on the ingester's subject) with the board's image and the labels an
+/// operator saved. It flows like any labelled board into the shards, so the next training
+/// snapshot has it; the detector does not answer it again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelRevision {
+    /// Who saved it (the name the operator gave the viewer).
+    pub by: String,
+    /// When, milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    /// The labels' digest it replaces (the `l<16 hex>` of [`record_id`]); None: the board
+    /// had no labels, only the model's answer.
+    pub replaces: Option<String>,
+    /// The model version whose answer the operator reviewed, when there was one.
+    pub reviewed: Option<ModelRef>,
+    /// The operator's note, if any.
+    pub note: Option<String>,
+}
+
 /// `pcb.images.raw`: a file as the ingester found it, before any decoding.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RawImage {
@@ -204,6 +223,9 @@ pub struct RawImage {
     pub captured_at_ms: i64,
     /// Split the dataset itself assigns (e.g. DeepPCB's `trainval.txt`/`test.txt`).
     pub split_hint: Option<Split>,
+    /// Set on a label revision from the viewer (absent on the wire otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<LabelRevision>,
 }
 
 /// `pcb.images.encoded`: a fully decoded and validated image, base64-encoded.
@@ -242,6 +264,9 @@ pub struct EncodedImage {
     pub template_b64: Option<String>,
     /// Split the dataset itself assigns, if any.
     pub split_hint: Option<Split>,
+    /// The raw record's label revision, carried through (absent on the wire otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<LabelRevision>,
 }
 
 /// `pcb.shards.<k>`: a labelled image assigned to a split and a shard.
@@ -553,6 +578,28 @@ impl Envelope for RawImage {
     fn msg_id(&self) -> String {
         record_id(&self.image_id, self.labels.as_deref())
     }
+    fn extra_headers(&self) -> Vec<(&'static str, String)> {
+        revision_headers(self.revision.as_ref())
+    }
+}
+
+/// The revision's author as a header value: printable ASCII only (a header cannot hold
+/// line breaks; the record itself has the name as given).
+fn revision_headers(r: Option<&LabelRevision>) -> Vec<(&'static str, String)> {
+    r.map(|r| {
+        let by: String =
+            r.by.chars()
+                .map(|c| {
+                    if c.is_ascii_graphic() || c == ' ' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+        vec![(crate::codec::REVISION_HEADER, by)]
+    })
+    .unwrap_or_default()
 }
 
 impl Envelope for EncodedImage {
@@ -564,6 +611,9 @@ impl Envelope for EncodedImage {
             "{}.encoded",
             record_id(&self.image_id, self.labels.as_deref())
         )
+    }
+    fn extra_headers(&self) -> Vec<(&'static str, String)> {
+        revision_headers(self.revision.as_ref())
     }
 }
 

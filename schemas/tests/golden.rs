@@ -37,6 +37,7 @@ fn encoded() -> EncodedImage {
         label_format: Some("deeppcb".into()),
         template_b64: Some("dGVtcGw=".into()),
         split_hint: Some(Split::Val),
+        revision: None,
     }
 }
 
@@ -67,6 +68,7 @@ fn one_of_each() -> Vec<(&'static str, Vec<u8>, Vec<(String, String)>)> {
         source: "b1.jpg".into(),
         captured_at_ms: 1_700_000_000_000,
         split_hint: None,
+        revision: None,
     };
     let shard = ShardRecord {
         split: Split::Train,

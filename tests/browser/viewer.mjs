@@ -8,6 +8,9 @@
 //           promote and upload from a page of another origin (their answers' statuses), a
 //           promotion from the Models page; screenshots
 //   timing  {boards: [image ids], repeat}: time from navigation to data-ready per page
+//   review  {board, delete, draw: {x1, y1, x2, y2, class}, by, note}: on a board page, deletes
+//           the review's box number `delete` (0-based), draws a box by dragging over the
+//           image (image pixels), saves, and waits until the history shows the revision
 import { chromium } from "playwright-core";
 import fs from "node:fs";
 import http from "node:http";
@@ -141,6 +144,86 @@ async function crossSite(page, { name, version }) {
   return { from: other, statuses };
 }
 
+async function editBoxes(page) {
+  return page.$$eval("#edit-boxes tr.edit-row", (rows) =>
+    rows.map((r) => ({
+      class: r.querySelector("select.edit-class").value,
+      box: r.children[2].textContent.split(",").map((v) => Number(v.trim())),
+    })),
+  );
+}
+
+// The review queue as the Review page shows it: its counts and the boards listed.
+async function queueOf(page) {
+  await open(page, "/review");
+  return {
+    waiting: Number(await page.getAttribute("#queue-counts", "data-waiting")),
+    corrected: Number(await page.getAttribute("#queue-counts", "data-corrected")),
+    ids: await page.$$eval("#queue tr.queue-row", (rows) => rows.map((r) => r.dataset.id)),
+  };
+}
+
+async function review(page) {
+  const out = { shots: [] };
+  out.queue_before = await queueOf(page);
+  const board = await open(page, `/boards/${opts.board}`);
+  out.load_ms = board.ms;
+  out.error = board.error;
+  out.model_boxes = await page.locator("rect.det").count();
+  out.before = await editBoxes(page);
+  out.versus = (await page.textContent("#versus")).trim();
+  out.shots.push(await shot(page, "review-before.png"));
+  await page.click(`#edit-boxes button.edit-delete[data-i="${opts.delete}"]`);
+  out.after_delete = await editBoxes(page);
+  // Drag over the image as an operator would: image pixels to screen points via the SVG.
+  const d = opts.draw;
+  await page.selectOption("#new-class", d.class);
+  await page.click("#draw-box");
+  // The whole picture in the viewport, so every point of the drag is on screen.
+  await page.$eval("#board", (el) => el.scrollIntoView({ block: "center" }));
+  const pts = await page.$eval(
+    "#board",
+    (svg, d) => {
+      const m = svg.getScreenCTM();
+      const at = (x, y) => {
+        const p = svg.createSVGPoint();
+        p.x = x;
+        p.y = y;
+        const q = p.matrixTransform(m);
+        return [q.x, q.y];
+      };
+      return [at(d.x1, d.y1), at(d.x2, d.y2)];
+    },
+    d,
+  );
+  await page.mouse.move(pts[0][0], pts[0][1]);
+  await page.mouse.down();
+  await page.mouse.move(pts[1][0], pts[1][1], { steps: 8 });
+  await page.mouse.up();
+  out.after_draw = await editBoxes(page);
+  out.drawn_rects = await page.locator("#board rect.edit[data-i]").count();
+  await page.fill("#review-by", opts.by);
+  await page.fill("#review-note", opts.note || "");
+  out.shots.push(await shot(page, "review-edited.png"));
+  await page.click("#save-labels");
+  await page.waitForSelector('#review-status[data-state="stored"]', { timeout: 60000 });
+  out.status = (await page.textContent("#review-status")).trim();
+  out.revision = await page.getAttribute("#review-status", "data-revision");
+  out.history = await page.$$eval("#history tr.history-row", (rows) =>
+    rows.map((r) => ({
+      digest: r.dataset.digest,
+      cells: [...r.children].map((c) => c.textContent.trim()),
+    })),
+  );
+  out.labels_now = await page.locator("rect.gt").count();
+  out.shots.push(await shot(page, "review-saved.png"));
+  // A reload shows the same history: it is the pipeline's, not the page's.
+  await open(page, `/boards/${opts.board}`);
+  out.history_after_reload = await page.locator("#history tr.history-row").count();
+  out.queue_after = await queueOf(page);
+  return out;
+}
+
 async function timing(page) {
   const repeat = opts.repeat || 3;
   const pages = [
@@ -172,7 +255,8 @@ try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   const errors = [];
   page.on("pageerror", (e) => errors.push(String(e)));
-  const out = mode === "timing" ? await timing(page) : await check(page);
+  const out =
+    mode === "timing" ? await timing(page) : mode === "review" ? await review(page) : await check(page);
   out.page_errors = errors;
   console.log(JSON.stringify(out));
 } catch (e) {

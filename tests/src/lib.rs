@@ -504,6 +504,33 @@ pub fn run_python_in(python: &Path, cwd: &Path, script: &str, args: &[&str]) -> 
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs the headless-browser driver `tests/browser/viewer.mjs` in `mode` on the viewer at
+/// `url` with `opts`; panics with its output when it fails, returns what it printed.
+pub fn browser(mode: &str, url: &str, opts: &serde_json::Value) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/viewer.mjs");
+    let modules =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/node_modules/playwright-core");
+    assert!(
+        modules.is_dir() && Path::new("/usr/bin/chromium").is_file(),
+        "headless Chromium and playwright-core are missing: run deploy/setup.sh"
+    );
+    let out = std::process::Command::new("node")
+        .arg(&script)
+        .arg(mode)
+        .arg(url)
+        .arg(opts.to_string())
+        .output()
+        .expect("node runs (deploy/setup.sh installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "viewer.mjs failed:\n{}\n{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).expect("viewer.mjs prints JSON")
+}
+
 /// The `nats` CLI that deploy/setup.sh installs: `$NATS_CLI`, else
 /// `<root>/.tools/bin/nats`, else the first on `PATH`; panics naming where it looked.
 pub fn nats_cli() -> PathBuf {

@@ -308,6 +308,7 @@ async fn publish_undecodable(env: &Env, id: char) {
         label_format: None,
         template_b64: None,
         split_hint: None,
+        revision: None,
     };
     pcb_common::publish(&env.js, SUBJECT_ENCODED.into(), &record)
         .await

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use pcb_registry::Registry;
 use pcb_schemas::{decode, EncodedImage, STREAM_DETECTIONS, STREAM_IMAGES};
-use pcb_tests::{wait_until, Env};
+use pcb_tests::{browser, wait_until, Env};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MODEL: &str = "pcb-view";
@@ -56,32 +56,6 @@ async fn http_json(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, 
 
 fn artifacts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts/viewer")
-}
-
-/// Runs the browser driver; panics with its output when it fails.
-fn browser(mode: &str, url: &str, opts: &serde_json::Value) -> serde_json::Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/viewer.mjs");
-    let modules =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/node_modules/playwright-core");
-    assert!(
-        modules.is_dir() && Path::new("/usr/bin/chromium").is_file(),
-        "headless Chromium and playwright-core are missing: run deploy/setup.sh"
-    );
-    let out = Command::new("node")
-        .arg(&script)
-        .arg(mode)
-        .arg(url)
-        .arg(opts.to_string())
-        .output()
-        .expect("node runs (deploy/setup.sh installs it)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "viewer.mjs failed:\n{}\n{}",
-        stdout,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.trim()).expect("viewer.mjs prints JSON")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

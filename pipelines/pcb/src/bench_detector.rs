@@ -233,6 +233,7 @@ pub async fn run(args: &DetectorBenchArgs) -> anyhow::Result<()> {
             label_format: None,
             template_b64: template.as_ref().map(|t| b64.encode(t)),
             split_hint: None,
+            revision: None,
         })
         .collect();
     let started = Instant::now();

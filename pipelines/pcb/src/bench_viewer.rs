@@ -154,6 +154,7 @@ async fn publish_boards(js: &jetstream::Context, dir: &Path) -> anyhow::Result<V
             label_format: None,
             template_b64: temp.as_deref().map(b64),
             split_hint: None,
+            revision: None,
         };
         pcb_common::publish(js, SUBJECT_ENCODED.into(), &rec).await?;
         ids.push(id);

@@ -115,6 +115,9 @@ impl Running {
         let viewer_url = viewer_url_file(&data_dir);
         let _ = std::fs::remove_file(&viewer_url);
         pipeline.stages.viewer.settings.url_file = viewer_url.display().to_string();
+        // The review queue ranks boards by how near their best score is to the verdict's.
+        pipeline.stages.viewer.settings.fail_threshold =
+            pipeline.stages.detector.settings.fail_threshold;
         let bin_dir = bin_dir()?;
         for stage in services() {
             if !bin_dir.join(stage.name()).is_file() {

@@ -304,16 +304,21 @@ fn inference_thread(jobs: std_mpsc::Receiver<Job>, threshold: f32, threads: usiz
     }
 }
 
-/// Decodes one delivery; a poison message gives its rejection.
+/// Decodes one delivery; a poison message gives its rejection, a label revision None.
 fn prepare(
     payload: &[u8],
     schema: Option<&str>,
     input: pcb_vision::InputMode,
-) -> Result<(EncodedImage, Tensor), Rejection> {
+) -> Result<Option<(EncodedImage, Tensor)>, Rejection> {
     let record: EncodedImage =
         decode(payload, schema).map_err(|e| Rejection::new("undecodable", e.to_string()))?;
+    // A label revision brings an answered image back with corrected labels, for training:
+    // its board already has its detection, and a second would tell the line twice.
+    if record.revision.is_some() {
+        return Ok(None);
+    }
     let composed = compose_record(&record, input)?;
-    Ok((record, composed))
+    Ok(Some((record, composed)))
 }
 
 /// The network input of a decoded record, for a model taking `input`.
@@ -691,7 +696,8 @@ async fn handle_batch(s: Serving, batch: Vec<Delivery>) -> Vec<Outcome> {
     let mut ready = Vec::new();
     for (i, d) in batch.iter().enumerate() {
         match prepare(&d.payload, d.schema(), input) {
-            Ok((record, tensor)) => ready.push((i, record, tensor)),
+            Ok(Some((record, tensor))) => ready.push((i, record, tensor)),
+            Ok(None) => outcomes[i] = Some(Outcome::Done),
             Err(rejection) => outcomes[i] = Some(Outcome::Reject(rejection)),
         }
     }
@@ -1002,6 +1008,7 @@ mod tests {
             label_format: None,
             template_b64: None,
             split_hint: None,
+            revision: None,
         };
         let defect = |score| Defect {
             x1: 0.,
@@ -1043,10 +1050,27 @@ mod tests {
             label_format: None,
             template_b64: None,
             split_hint: None,
+            revision: None,
         };
         let payload = pcb_schemas::encode(&record).unwrap();
         let err = prepare(&payload, None, pcb_vision::InputMode::Image).unwrap_err();
         assert_eq!(err.reason_code, "not-an-image");
         assert!(err.reason.contains("x.jpg"), "{}", err.reason);
+        // A label revision is not answered again (its image is not even decoded).
+        let revision = EncodedImage {
+            revision: Some(pcb_schemas::LabelRevision {
+                by: "ana".into(),
+                at_ms: 1,
+                replaces: None,
+                reviewed: None,
+                note: None,
+            }),
+            ..record
+        };
+        let payload = pcb_schemas::encode(&revision).unwrap();
+        assert!(matches!(
+            prepare(&payload, None, pcb_vision::InputMode::Image),
+            Ok(None)
+        ));
     }
 }

@@ -384,6 +384,7 @@ pub fn encode_record(
         label_format: raw.label_format.clone(),
         template_b64: raw.template.as_ref().map(|t| b64.encode(t)),
         split_hint: raw.split_hint,
+        revision: raw.revision.clone(),
     })
 }
 
@@ -455,6 +456,7 @@ mod tests {
             source: "x/b1_test.jpg".into(),
             captured_at_ms: 1,
             split_hint: None,
+            revision: None,
         }
     }
 

@@ -561,6 +561,7 @@ impl Ingester {
             source: unit.rel.clone(),
             captured_at_ms: mtime_ms(&meta),
             split_hint,
+            revision: None,
         })
     }
 

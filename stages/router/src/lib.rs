@@ -225,6 +225,7 @@ mod tests {
             label_format: None,
             template_b64: None,
             split_hint: hint,
+            revision: None,
         }
     }
 

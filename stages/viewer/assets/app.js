@@ -234,6 +234,8 @@ async function overviewPage() {
       <div class="kpi fail"><div class="kpi-label">Failed</div><span id="failed">–</span></div>
       <div class="kpi"><div class="kpi-label">Defects</div><span id="defects">–</span></div>
       <div class="kpi"><div class="kpi-label">Defects / board</div><span id="defect-rate" data-value="">–</span></div>
+      <div class="kpi"><div class="kpi-label"><a href="/review">To review</a></div><span id="review-waiting">–</span></div>
+      <div class="kpi"><div class="kpi-label">Corrected</div><span id="review-corrected">–</span></div>
     </section>
     <section class="grid2">
       <div class="card"><h2>Defect classes</h2><div id="pareto-box"></div></div>
@@ -260,6 +262,8 @@ async function overviewPage() {
     const dr = $('#defect-rate');
     dr.dataset.value = o.defect_rate == null ? '' : String(o.defect_rate);
     dr.textContent = o.defect_rate == null ? '–' : Number(o.defect_rate).toFixed(2);
+    $('#review-waiting').textContent = String(o.review ? o.review.waiting : '–');
+    $('#review-corrected').textContent = String(o.review ? o.review.corrected : '–');
     $('#range').textContent = Number(o.window_secs) === 0 ? 'all time' : `${fmtTime(o.from_ms)} → ${fmtTime(o.to_ms)}`;
     $('#pareto-box').innerHTML = paretoSvg(o.pareto || []);
     $('#confidence-box').innerHTML = confidenceSvg(o.confidence || []);
@@ -423,6 +427,23 @@ async function boardsPage() {
 
 // ---------- One board ----------
 
+// Boxes greedily paired by class and IoU >= 0.5, best score first: how the model's answer stands against the labels.
+function iou(a, c) {
+  const w = Math.min(a.x2, c.x2) - Math.max(a.x1, c.x1), h = Math.min(a.y2, c.y2) - Math.max(a.y1, c.y1);
+  if (w <= 0 || h <= 0) return 0;
+  const inter = w * h;
+  return inter / ((a.x2 - a.x1) * (a.y2 - a.y1) + (c.x2 - c.x1) * (c.y2 - c.y1) - inter);
+}
+function compareBoxes(model, labels) {
+  const used = new Set();
+  let matched = 0;
+  for (const d of [...model].sort((x, y) => y.score - x.score)) {
+    const j = labels.findIndex((g, k) => !used.has(k) && g.class === d.class && iou(d, g) >= 0.5);
+    if (j >= 0) { used.add(j); matched++; }
+  }
+  return { matched, missed: labels.length - matched, extra: model.length - matched };
+}
+
 function boardSvg(b, W, H, diff) {
   const fs = Math.max(10, Math.round(W / 45)), sw = num(Math.max(1.5, W / 300));
   let out = `<svg id="board" class="board-svg" viewBox="0 0 ${W} ${H}">`;
@@ -440,12 +461,20 @@ function boardSvg(b, W, H, diff) {
     out += `<rect class="det" data-score="${score}" data-class="${esc(d.class)}" x="${num(d.x1)}" y="${num(d.y1)}" width="${num(d.x2 - d.x1)}" height="${num(d.y2 - d.y1)}" stroke="${color}" stroke-width="${sw}"><title>${esc(d.class)} ${fmtScore(d.score)}</title></rect>`;
     out += `<text class="det-label" data-score="${score}" x="${num(d.x1)}" y="${num(ly)}" fill="${color}" font-size="${fs}">${esc(d.class)} ${fmtScore(d.score)}</text>`;
   }
-  return out + '</svg>';
+  (b.edits || []).forEach((e, i) => {
+    out += `<rect class="edit" data-i="${i}" data-class="${esc(e.class)}" x="${num(e.x1)}" y="${num(e.y1)}" width="${num(e.x2 - e.x1)}" height="${num(e.y2 - e.y1)}" stroke="${classColor(e.class)}" stroke-width="${sw}"><title>to save: ${esc(e.class)}</title></rect>`;
+  });
+  return out + '<rect id="drawing" class="edit" x="0" y="0" width="0" height="0" display="none"/></svg>';
 }
 
 async function boardPage(id) {
   app.innerHTML = '<p class="muted">Loading board…</p>';
   let b = null;
+  // The review: the boxes the operator will save, kept across re-renders until saved.
+  let edits = null, drawing = false;
+  const box = (x) => ({ x1: +x.x1, y1: +x.y1, x2: +x.x2, y2: +x.y2, class: x.class });
+  const modelBoxes = () => (b.defects || []).filter((d) => Number(d.score) >= Number($('#min-score')?.value ?? 0)).map(box);
+  const startEdits = () => { edits = b.labels ? b.labels.map(box) : modelBoxes(); };
 
   function applyControls() {
     const min = Number($('#min-score').value);
@@ -463,6 +492,7 @@ async function boardPage(id) {
 
   function drawViews() {
     const W = Number(b.width) || 640, H = Number(b.height) || 640;
+    b.edits = edits;
     const sel = $('#template-view');
     const view = sel ? sel.value : 'none';
     let html = `<figure><figcaption>${view === 'difference' ? 'Inspected − template (difference)' : 'Inspected'}</figcaption>${boardSvg(b, W, H, view === 'difference')}</figure>`;
@@ -471,7 +501,103 @@ async function boardPage(id) {
     }
     $('#views').innerHTML = html;
     $('#views').classList.toggle('two', view === 'side-by-side');
+    $('#board').classList.toggle('drawing', drawing);
     applyControls();
+  }
+
+  function renderEdits() {
+    $('#edit-boxes tbody').innerHTML = edits.map((e, i) => `<tr class="edit-row" data-i="${i}"><td class="num">${i + 1}</td>
+      <td><select class="edit-class" data-i="${i}">${KNOWN_CLASSES.map((c) => `<option${c === e.class ? ' selected' : ''}>${esc(c)}</option>`).join('')}</select></td>
+      <td class="num muted">${[e.x1, e.y1, e.x2, e.y2].map((v) => esc(num(v))).join(', ')}</td>
+      <td><button type="button" class="edit-delete" data-i="${i}">Delete</button></td></tr>`).join('') ||
+      '<tr class="empty"><td colspan="4">No defect: saving says the board is clean.</td></tr>';
+    const labels = b.labels || [];
+    const c = compareBoxes(b.defects || [], labels);
+    $('#versus').textContent = b.labels
+      ? `Model ${(b.summary || {}).model || ''} against the current labels (${labels.length} ${labels.length === 1 ? 'box' : 'boxes'}): ${c.matched} matched, ${c.missed} missed by the model, ${c.extra} not in the labels.`
+      : 'This board has no labels yet: the boxes below start from the model\'s answer.';
+    drawViews();
+  }
+
+  function renderHistory() {
+    const rows = (b.history || []).slice().reverse();
+    $('#history tbody').innerHTML = rows.map((h) => `<tr class="history-row" data-digest="${esc(h.digest || '')}"><td>${esc(fmtTime(h.at_ms))}</td><td>${esc(h.from)}</td><td>${esc(h.by || '–')}</td>
+      <td class="num">${h.labels ? esc(h.labels.length) : 'unlabelled'}</td><td>${esc(h.reviewed || '–')}</td><td>${esc(h.note || '')}</td></tr>`).join('') ||
+      '<tr class="empty"><td colspan="6">No record of this board is left in the stream.</td></tr>';
+  }
+
+  // Client coordinates to the image's pixels (the SVG's viewBox), inside the picture.
+  function toImage(ev) {
+    const svg = $('#board');
+    const pt = svg.createSVGPoint();
+    pt.x = ev.clientX; pt.y = ev.clientY;
+    const p = pt.matrixTransform(svg.getScreenCTM().inverse());
+    const W = Number(b.width) || 640, H = Number(b.height) || 640;
+    return { x: Math.min(W, Math.max(0, p.x)), y: Math.min(H, Math.max(0, p.y)) };
+  }
+
+  function wireDrawing() {
+    let start = null;
+    // On the page's root, which outlives each re-render of the board.
+    app.addEventListener('mousedown', (ev) => {
+      if (!drawing || !ev.target.closest('#board')) return;
+      ev.preventDefault();
+      start = toImage(ev);
+    });
+    window.addEventListener('mousemove', (ev) => {
+      if (!start) return;
+      const p = toImage(ev), r = $('#drawing');
+      r.setAttribute('display', '');
+      r.setAttribute('x', Math.min(start.x, p.x)); r.setAttribute('y', Math.min(start.y, p.y));
+      r.setAttribute('width', Math.abs(p.x - start.x)); r.setAttribute('height', Math.abs(p.y - start.y));
+    });
+    window.addEventListener('mouseup', (ev) => {
+      if (!start) return;
+      const p = toImage(ev);
+      const e = { x1: Math.min(start.x, p.x), y1: Math.min(start.y, p.y), x2: Math.max(start.x, p.x), y2: Math.max(start.y, p.y), class: $('#new-class').value };
+      start = null;
+      drawing = false;
+      $('#draw-box').classList.remove('active');
+      if (e.x2 - e.x1 >= 2 && e.y2 - e.y1 >= 2) edits.push(e);
+      renderEdits();
+    });
+  }
+
+  async function save(boxes) {
+    const by = $('#review-by').value.trim();
+    if (!by) { showError(new Error('Say who you are (Your name) before saving labels.')); return; }
+    localStorage.setItem('pcb-review-by', by);
+    const body = { labels: boxes.map(box), by, note: $('#review-note').value };
+    if (b.token_required) body.token = $('#review-token') ? $('#review-token').value : '';
+    const status = $('#review-status');
+    status.dataset.state = 'saving';
+    status.textContent = 'Saving…';
+    try {
+      const r = await api(`/api/boards/${encodeURIComponent(id)}/labels`, { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body) });
+      clearError();
+      status.dataset.revision = r.revision;
+      const digest = r.revision.split('.')[1];
+      status.dataset.state = r.status;
+      status.textContent = r.status === 'unchanged' ? 'Unchanged: these labels are already saved.' : `Saved ${r.boxes} ${r.boxes === 1 ? 'box' : 'boxes'} as revision ${digest}; waiting for the pipeline to store it…`;
+      // The revision goes through the encoder like any board: shown once it is in the stream.
+      for (let i = 0; i < 30 && r.status !== 'unchanged'; i++) {
+        await new Promise((ok) => setTimeout(ok, 1000));
+        b = await api('/api/boards/' + encodeURIComponent(id));
+        if ((b.history || []).some((h) => h.digest === digest)) {
+          edits = null;
+          render();
+          const st = $('#review-status');
+          st.dataset.state = 'stored';
+          st.dataset.revision = r.revision;
+          st.textContent = `Saved: revision ${digest} is in the history and goes into the next training snapshot.`;
+          return;
+        }
+      }
+    } catch (e) {
+      status.dataset.state = 'failed';
+      status.textContent = '';
+      showError(e);
+    }
   }
 
   function render() {
@@ -502,11 +628,46 @@ async function boardPage(id) {
       <table id="defects" class="data compact"><thead><tr><th>Class</th><th>Score</th><th>Box (x1, y1 – x2, y2)</th></tr></thead><tbody>
         ${dets.map((d) => `<tr data-score="${Number(d.score).toFixed(3)}"><td><i class="swatch" style="background:${classColor(d.class)}"></i>${esc(d.class)}</td><td class="num">${fmtScore(d.score)}</td><td class="num muted">${[d.x1, d.y1, d.x2, d.y2].map((v) => esc(num(v))).join(', ')}</td></tr>`).join('') ||
           '<tr class="empty"><td colspan="3">No defects detected.</td></tr>'}
-      </tbody></table>`;
+      </tbody></table>
+      <section id="review" class="card">
+        <h2>Review</h2>
+        <p id="versus" class="muted"></p>
+        <p class="muted">Delete a false box, change a class, or draw a missed box on the image (dashed boxes are what you will save), then save: the labels become a revision of this board that the next training uses.</p>
+        <table id="edit-boxes" class="data compact"><thead><tr><th>#</th><th>Class</th><th>Box (x1, y1 – x2, y2)</th><th></th></tr></thead><tbody></tbody></table>
+        <div class="controls">
+          <button type="button" id="draw-box">Draw a missed box</button>
+          <label>as <select id="new-class">${KNOWN_CLASSES.map((c) => `<option>${esc(c)}</option>`).join('')}</select></label>
+          <button type="button" id="reset-model">Start again from the model's boxes</button>
+        </div>
+        <div class="controls">
+          <label>Your name <input id="review-by" maxlength="64" value="${esc(localStorage.getItem('pcb-review-by') || '')}"></label>
+          <label>Note <input id="review-note" maxlength="500" size="32"></label>
+          ${b.token_required ? '<label>Token <input id="review-token" type="password"></label>' : ''}
+          <button type="button" id="confirm-model">Confirm the model's answer</button>
+          <button type="button" id="save-labels" class="primary">Save labels</button>
+          <span id="review-status" class="muted" data-state="idle"></span>
+        </div>
+        <h3>Label history</h3>
+        <table id="history" class="data compact"><thead><tr><th>When</th><th>From</th><th>By</th><th>Boxes</th><th>Reviewed</th><th>Note</th></tr></thead><tbody></tbody></table>
+      </section>`;
     $('#min-score').addEventListener('input', applyControls);
     $('#show-gt').addEventListener('change', applyControls);
     if (hasTpl) $('#template-view').addEventListener('change', drawViews);
-    drawViews();
+    if (!edits) startEdits();
+    $('#edit-boxes').addEventListener('change', (ev) => {
+      const sel = ev.target.closest('select.edit-class');
+      if (sel) { edits[Number(sel.dataset.i)].class = sel.value; renderEdits(); }
+    });
+    $('#edit-boxes').addEventListener('click', (ev) => {
+      const del = ev.target.closest('button.edit-delete');
+      if (del) { edits.splice(Number(del.dataset.i), 1); renderEdits(); }
+    });
+    $('#draw-box').addEventListener('click', () => { drawing = !drawing; $('#draw-box').classList.toggle('active', drawing); drawViews(); });
+    $('#reset-model').addEventListener('click', () => { edits = modelBoxes(); renderEdits(); });
+    $('#confirm-model').addEventListener('click', () => save(modelBoxes()));
+    $('#save-labels').addEventListener('click', () => save(edits));
+    renderEdits();
+    renderHistory();
   }
 
   async function load() {
@@ -516,12 +677,39 @@ async function boardPage(id) {
   }
   // The same image inferred again (a newer model went live) replaces what is shown.
   on('detection', (s) => { if (s.image_id === id) load().catch(showError); });
+  wireDrawing();
   try {
     await load();
   } catch (e) {
     app.innerHTML = `<p><a href="/boards">Back to the board list</a></p>`;
     throw e;
   }
+}
+
+// ---------- Review queue ----------
+
+async function reviewPage() {
+  app.innerHTML = `<div class="page-head"><h1>Review</h1><span id="queue-counts" class="muted"></span></div>
+    <p class="muted">Boards whose correction would teach the next model most come first: those whose best score is near the verdict threshold, and the last day's boards of a line whose fail rate moved away from the week before. Open one, correct it, save: it leaves the queue.</p>
+    <p id="drifted" class="note" hidden></p>
+    <table class="data"><thead><tr><th>Board</th><th>Line</th><th>Verdict</th><th>Best</th><th>Usefulness</th><th>Why</th></tr></thead><tbody id="queue"></tbody></table>`;
+  async function load() {
+    const q = await api('/api/review?limit=100');
+    clearError();
+    const counts = $('#queue-counts');
+    counts.dataset.waiting = q.waiting;
+    counts.dataset.corrected = q.corrected;
+    counts.textContent = `${q.waiting} waiting · ${q.corrected} corrected · threshold ${Number(q.threshold).toFixed(2)}`;
+    const d = $('#drifted');
+    d.hidden = !(q.drifted || []).length;
+    d.textContent = (q.drifted || []).map((x) => `Line ${x.line} drifted: ${(x.recent * 100).toFixed(0)}% failed in the last day, ${(x.before * 100).toFixed(0)}% the week before.`).join(' ');
+    $('#queue').innerHTML = (q.items || []).map((i) => `<tr class="queue-row" data-id="${esc(i.summary.image_id)}"><td><a href="${boardHref(i.summary.image_id)}">${esc(i.summary.board_id)}</a></td>
+      <td>${esc(i.summary.line_id)}</td><td>${badge(i.summary.verdict)}</td><td class="num">${fmtScore(i.summary.top_score)}</td>
+      <td class="num">${Number(i.usefulness).toFixed(2)}</td><td class="muted">${i.reasons.map(esc).join('; ')}</td></tr>`).join('') ||
+      '<tr class="empty"><td colspan="6">Nothing waiting for a review.</td></tr>';
+  }
+  on('detection', throttle(() => load().catch(showError), 2000));
+  await load();
 }
 
 // ---------- Models and training ----------
@@ -780,13 +968,14 @@ async function main() {
     a.classList.toggle('active', active);
     if (active) a.setAttribute('aria-current', 'page');
   }
-  const titles = { overview: 'Overview', boards: 'Boards', models: 'Models', upload: 'Upload' };
+  const titles = { overview: 'Overview', boards: 'Boards', review: 'Review', models: 'Models', upload: 'Upload' };
   if (titles[section]) document.title = `${titles[section]} · PCB inspection`;
   try {
     let m;
     if (path === '/') await overviewPage();
     else if (path === '/boards') await boardsPage();
     else if ((m = path.match(/^\/boards\/([^/]+)$/))) await boardPage(decodeURIComponent(m[1]));
+    else if (path === '/review') await reviewPage();
     else if (path === '/models') await modelsPage();
     else if (path === '/upload') await uploadPage();
     else app.innerHTML = `<h1>Not found</h1><p>No page at <code>${esc(path)}</code>. <a href="/">Back to the overview</a>.</p>`;

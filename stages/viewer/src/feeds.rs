@@ -112,8 +112,14 @@ pub async fn evict_once(state: &State) {
         }
     }
     if let Some(first) = first(STREAM_IMAGES).await {
+        if let Ok(mut corrected) = state.corrected.write() {
+            corrected.retain(|_, seq| *seq >= first);
+        }
         if let Ok(mut images) = state.images.write() {
-            images.retain(|_, seq| *seq >= first);
+            images.retain(|_, seqs| {
+                seqs.retain(|seq| *seq >= first);
+                !seqs.is_empty()
+            });
         }
     }
 }
@@ -247,8 +253,19 @@ fn on_image(state: &State, m: async_nats::jetstream::Message) {
         // `<image_id>[.l<labels digest>].encoded`: the image id is what pages ask for.
         .and_then(|v| v.as_str().split('.').next().map(str::to_string));
     tracing::trace!(seq, ?id, "image record");
+    let revision = m
+        .headers
+        .as_ref()
+        .is_some_and(|h| h.get(pcb_schemas::REVISION_HEADER).is_some());
+    if let (Some(id), true, Ok(mut corrected)) = (&id, revision, state.corrected.write()) {
+        corrected.insert(id.clone(), seq);
+    }
     if let (Some(id), Ok(mut images)) = (id, state.images.write()) {
-        images.insert(id, seq);
+        let seqs = images.entry(id).or_default();
+        // A consumer resumed after a failure may deliver a record again.
+        if seqs.last().is_none_or(|last| *last < seq) {
+            seqs.push(seq);
+        }
     }
 }
 

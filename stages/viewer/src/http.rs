@@ -68,7 +68,7 @@ pub fn router(state: Shared) -> Router {
     let upload_limit = state.config.max_upload_bytes;
     // The front end is one page that finds its view from its own path.
     let mut pages = Router::new();
-    for path in ["/", "/boards", "/models", "/upload"] {
+    for path in ["/", "/boards", "/review", "/models", "/upload"] {
         pages = pages.route(path, get(page));
     }
     pages
@@ -79,7 +79,9 @@ pub fn router(state: Shared) -> Router {
         .route("/api/overview", get(overview))
         .route("/api/detections", get(detections))
         .route("/api/lines", get(lines))
+        .route("/api/review", get(review_queue))
         .route("/api/boards/:id", get(board))
+        .route("/api/boards/:id/labels", post(save_labels))
         .route("/api/images/:id/:which", get(image))
         .route("/api/models", get(models))
         .route(
@@ -200,8 +202,50 @@ async fn overview(
         .index
         .read()
         .map_err(|_| ApiError::unavailable("index poisoned"))?;
-    let o = ix.overview(window, pcb_common::now_ms());
-    Ok(Json(serde_json::to_value(o).unwrap_or_default()))
+    let now = pcb_common::now_ms();
+    let o = ix.overview(window, now);
+    let q = queue_of(&s, &ix, 0, now);
+    let mut v = serde_json::to_value(o).unwrap_or_default();
+    v["review"] = json!({"waiting": q.waiting, "corrected": q.corrected});
+    Ok(Json(v))
+}
+
+/// The review queue over the index, with the boards corrected so far.
+fn queue_of(s: &State, ix: &crate::index::Index, limit: usize, now: i64) -> crate::index::Queue {
+    let corrected = s.corrected.read().map(|c| c.clone()).unwrap_or_default();
+    ix.queue(
+        s.config.fail_threshold,
+        &|id| corrected.contains_key(id),
+        limit,
+        now,
+    )
+}
+
+#[derive(Deserialize, Default)]
+struct QueueQuery {
+    limit: Option<String>,
+}
+
+/// The boards most worth an operator's review, most useful first.
+async fn review_queue(
+    AxState(s): AxState<Shared>,
+    Query(q): Query<QueueQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let limit = number(
+        "limit",
+        q.limit.as_deref(),
+        1,
+        s.config.max_page_size as i64,
+    )?
+    .unwrap_or(50) as usize;
+    let ix = s
+        .index
+        .read()
+        .map_err(|_| ApiError::unavailable("index poisoned"))?;
+    let queue = queue_of(&s, &ix, limit, pcb_common::now_ms());
+    let mut v = serde_json::to_value(queue).unwrap_or_default();
+    v["threshold"] = json!(s.config.fail_threshold);
+    Ok(Json(v))
 }
 
 #[derive(Deserialize, Default)]
@@ -285,7 +329,11 @@ async fn lines(AxState(s): AxState<Shared>) -> Json<serde_json::Value> {
 
 /// The encoded record of an image, from its stream sequence.
 async fn encoded(s: &State, id: &str) -> ApiResult<Option<EncodedImage>> {
-    let seq = s.images.read().ok().and_then(|m| m.get(id).copied());
+    let seq = s
+        .images
+        .read()
+        .ok()
+        .and_then(|m| m.get(id).and_then(|v| v.last().copied()));
     let Some(seq) = seq else {
         return Ok(None);
     };
@@ -339,15 +387,120 @@ async fn board(
         ),
         None => (None, None, None, false),
     };
+    let history = history(&s, &id).await;
     Ok(Json(json!({
         "summary": summary,
+        "model": d.model,
         "defects": defects,
         "labels": labels,
+        "history": history,
         "width": width,
         "height": height,
         "has_template": has_template,
+        "token_required": s.config.token.is_some(),
         "image_url": record.as_ref().map(|_| format!("/api/images/{id}/image")),
         "template_url": has_template.then(|| format!("/api/images/{id}/template")),
+    })))
+}
+
+/// Most label history entries a board page shows (the newest).
+const HISTORY_SHOWN: usize = 20;
+
+/// The board's labellings, oldest first: the record it came as, then each revision (those
+/// still in the stream).
+async fn history(s: &State, id: &str) -> Vec<crate::review::HistoryEntry> {
+    let seqs: Vec<u64> = s
+        .images
+        .read()
+        .ok()
+        .and_then(|m| m.get(id).cloned())
+        .unwrap_or_default();
+    let Ok(stream) = s.js.get_stream(STREAM_IMAGES).await else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let skip = seqs.len().saturating_sub(HISTORY_SHOWN);
+    for seq in seqs.into_iter().skip(skip) {
+        let Ok(m) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        if let Ok(r) = decode::<EncodedImage>(&m.payload, None) {
+            out.push(crate::review::HistoryEntry::of(seq, &r));
+        }
+    }
+    out
+}
+
+/// Saves an operator's labels for a board as a label revision on `pcb.images.raw`.
+async fn save_labels(
+    AxState(s): AxState<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    use crate::review::{check_boxes, revision_record, LabelsBody, Reviewer, MAX_NOTE_CHARS};
+    check_image_id(&id)?;
+    let body: LabelsBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad(format!(
+            "body must be JSON {{labels: [{{x1, y1, x2, y2, class}}], by, note}}: {e}"
+        ))
+    })?;
+    authorise(&s, &headers, body.token.clone(), "save labels")?;
+    check_label("by", body.by.trim(), 64)?;
+    let note = body
+        .note
+        .as_deref()
+        .map(str::trim)
+        .filter(|n| !n.is_empty());
+    if let Some(n) = note {
+        if n.chars().count() > MAX_NOTE_CHARS || n.chars().any(char::is_control) {
+            return Err(ApiError::bad(format!(
+                "the note must be one line of at most {MAX_NOTE_CHARS} characters"
+            )));
+        }
+    }
+    let Some(record) = encoded(&s, &id).await? else {
+        return Err(ApiError(
+            StatusCode::GONE,
+            format!("the image of {id} is no longer in {STREAM_IMAGES}: it cannot be relabelled"),
+        ));
+    };
+    let labels = check_boxes(&body.labels, record.width, record.height).map_err(ApiError::bad)?;
+    let reviewed = s
+        .index
+        .read()
+        .ok()
+        .and_then(|ix| ix.board(&id))
+        .and_then(|(summary, _)| {
+            let (name, version) = summary.model.rsplit_once('@')?;
+            Some(pcb_schemas::ModelRef {
+                name: name.to_string(),
+                version: version.parse().ok()?,
+            })
+        });
+    let raw = revision_record(
+        &record,
+        labels,
+        Reviewer {
+            by: body.by.trim(),
+            note,
+            reviewed,
+            at_ms: pcb_common::now_ms(),
+        },
+    )
+    .map_err(ApiError::unavailable)?;
+    let revision = pcb_schemas::record_id(&raw.image_id, raw.labels.as_deref());
+    let ack = pcb_common::publish(&s.js, SUBJECT_RAW.into(), &raw)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("publishing the labels: {e}")))?;
+    s.metrics.count("relabelled");
+    tracing::debug!(image = %id, %revision, by = %body.by, "label revision published");
+    Ok(Json(json!({
+        "image_id": id,
+        "revision": revision,
+        "boxes": raw.labels.as_ref().map_or(0, Vec::len),
+        // The same labels saved again within the dedup window are not stored twice.
+        "status": if ack.duplicate { "unchanged" } else { "queued" },
     })))
 }
 
@@ -713,6 +866,7 @@ async fn upload(
         source: format!("upload/{name}"),
         captured_at_ms: pcb_common::now_ms(),
         split_hint: None,
+        revision: None,
     };
     let ack = pcb_common::publish(&s.js, SUBJECT_RAW.into(), &raw)
         .await

@@ -209,6 +209,50 @@ pub struct Overview {
     pub recent: Vec<Summary>,
 }
 
+/// How far from the verdict threshold a best score still makes the verdict uncertain.
+pub const UNCERTAIN_BAND: f32 = 0.2;
+/// The review queue's look at a line: the last day against the week before it.
+const DAY_MS: i64 = 86_400_000;
+/// A line whose fail rate moved by more than this many standard errors has drifted.
+const DRIFT_Z: f64 = 3.0;
+
+/// One board of the review queue, most useful first.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct QueueItem {
+    /// The board.
+    pub summary: Summary,
+    /// How useful a correction of it would be (higher first).
+    pub usefulness: f64,
+    /// Why it is in the queue.
+    pub reasons: Vec<String>,
+}
+
+/// The review queue.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Queue {
+    /// Boards waiting for a review (uncertain, or of a drifted line; not corrected yet).
+    pub waiting: usize,
+    /// Boards corrected in the viewer, of those indexed.
+    pub corrected: usize,
+    /// The most useful waiting boards, first the most useful.
+    pub items: Vec<QueueItem>,
+    /// Lines whose fail rate in the last day moved away from the week before.
+    pub drifted: Vec<Drift>,
+}
+
+/// A line's fail rate, the last day against the week before.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Drift {
+    /// The line.
+    pub line: String,
+    /// Fail rate over the last day.
+    pub recent: f64,
+    /// Fail rate over the week before.
+    pub before: f64,
+    /// Their difference in standard errors.
+    pub z: f64,
+}
+
 /// The index.
 #[derive(Debug, Default)]
 pub struct Index {
@@ -334,6 +378,109 @@ impl Index {
         self.entries[i - self.base]
             .as_ref()
             .map(|e| (e.summary.verdict, e.classes.clone()))
+    }
+
+    /// Lines whose fail rate over the day before `now_ms` differs from the week before that
+    /// by more than [`DRIFT_Z`] standard errors (two-proportion z; at least 20 boards each).
+    pub fn drifted_lines(&self, now_ms: i64) -> Vec<Drift> {
+        let mut recent: HashMap<&str, (u64, u64)> = HashMap::new();
+        let mut before: HashMap<&str, (u64, u64)> = HashMap::new();
+        for (start, cells) in self.buckets.range(now_ms - 8 * DAY_MS..) {
+            let into = if *start >= now_ms - DAY_MS {
+                &mut recent
+            } else {
+                &mut before
+            };
+            for (line, c) in cells {
+                let e = into.entry(line.as_str()).or_default();
+                e.0 += c.failed;
+                e.1 += c.boards;
+            }
+        }
+        let mut out = Vec::new();
+        for (line, (f1, n1)) in recent {
+            let Some(&(f0, n0)) = before.get(line) else {
+                continue;
+            };
+            if n1 < 20 || n0 < 20 {
+                continue;
+            }
+            let (p1, p0) = (f1 as f64 / n1 as f64, f0 as f64 / n0 as f64);
+            let p = (f1 + f0) as f64 / (n1 + n0) as f64;
+            let se = (p * (1.0 - p) * (1.0 / n1 as f64 + 1.0 / n0 as f64)).sqrt();
+            let z = if se > 0.0 { (p1 - p0).abs() / se } else { 0.0 };
+            if z > DRIFT_Z {
+                out.push(Drift {
+                    line: line.to_string(),
+                    recent: p1,
+                    before: p0,
+                    z,
+                });
+            }
+        }
+        out.sort_by(|a, b| b.z.total_cmp(&a.z));
+        out
+    }
+
+    /// The review queue: boards not yet corrected whose verdict is uncertain (best score
+    /// within [`UNCERTAIN_BAND`] of `threshold`, the nearer the more useful) or whose line
+    /// drifted over the last day; `limit` of them, most useful first, then newest.
+    pub fn queue(
+        &self,
+        threshold: f32,
+        corrected: &dyn Fn(&str) -> bool,
+        limit: usize,
+        now_ms: i64,
+    ) -> Queue {
+        let drifted = self.drifted_lines(now_ms);
+        let mut items = Vec::new();
+        let mut corrected_n = 0;
+        for e in self.entries.iter().rev().flatten() {
+            let s = &e.summary;
+            if corrected(&s.image_id) {
+                corrected_n += 1;
+                continue;
+            }
+            let mut usefulness = 0.0;
+            let mut reasons = Vec::new();
+            if let Some(top) = s.top_score {
+                let gap = (top - threshold).abs();
+                if gap < UNCERTAIN_BAND {
+                    usefulness += f64::from(1.0 - gap / UNCERTAIN_BAND);
+                    reasons.push(format!(
+                        "best score {top:.2} is {gap:.2} from the threshold {threshold:.2}"
+                    ));
+                }
+            }
+            if s.detected_at >= now_ms - DAY_MS {
+                if let Some(d) = drifted.iter().find(|d| d.line == s.line_id) {
+                    usefulness += 0.5;
+                    reasons.push(format!(
+                        "line {} drifted: {:.0}% failed in the last day, {:.0}% the week before",
+                        d.line,
+                        d.recent * 100.0,
+                        d.before * 100.0
+                    ));
+                }
+            }
+            if usefulness > 0.0 {
+                items.push(QueueItem {
+                    summary: s.clone(),
+                    usefulness,
+                    reasons,
+                });
+            }
+        }
+        let waiting = items.len();
+        // Stable: among equals the newest (iteration order) stays first.
+        items.sort_by(|a, b| b.usefulness.total_cmp(&a.usefulness));
+        items.truncate(limit);
+        Queue {
+            waiting,
+            corrected: corrected_n,
+            items,
+            drifted,
+        }
     }
 
     /// One page of the boards matching `f`, newest first.
@@ -550,6 +697,66 @@ mod tests {
             defects,
             inference_ms: 10.0,
         }
+    }
+
+    #[test]
+    fn the_queue_puts_uncertain_boards_first_and_leaves_out_corrected_ones() {
+        let mut ix = Index::default();
+        let t = 1_700_000_000_000;
+        ix.add(&det("sure-fail", "l1", t, 1, &[(0.98, "short")]), 1);
+        ix.add(&det("near", "l1", t + 1, 1, &[(0.52, "open")]), 2);
+        ix.add(&det("nearer", "l1", t + 2, 1, &[(0.49, "spur")]), 3);
+        ix.add(&det("clean", "l1", t + 3, 1, &[]), 4);
+        ix.add(&det("done", "l1", t + 4, 1, &[(0.5, "open")]), 5);
+        let q = ix.queue(0.5, &|id| id == "done", 10, t + 10);
+        let ids: Vec<&str> = q
+            .items
+            .iter()
+            .map(|i| i.summary.image_id.as_str())
+            .collect();
+        assert_eq!(ids, ["nearer", "near"]);
+        assert_eq!((q.waiting, q.corrected), (2, 1));
+        assert!((q.items[0].usefulness - 0.95).abs() < 1e-6, "{q:?}");
+        assert!(q.items[0].reasons[0].contains("0.49 is 0.01 from the threshold 0.50"));
+        assert!(q.drifted.is_empty());
+        let one = ix.queue(0.5, &|_| false, 1, t + 10);
+        assert_eq!((one.items.len(), one.waiting), (1, 3));
+    }
+
+    #[test]
+    fn a_line_whose_fail_rate_jumped_in_the_last_day_has_drifted() {
+        let mut ix = Index::default();
+        let now = 1_700_000_000_000 + 8 * DAY_MS;
+        let mut seq = 0;
+        let mut add = |ix: &mut Index, line: &str, at: i64, fail: bool| {
+            seq += 1;
+            let scores: &[(f32, &str)] = if fail { &[(0.99, "open")] } else { &[] };
+            ix.add(&det(&format!("{line}-{seq}"), line, at, 1, scores), seq);
+        };
+        // The week before: 10% failed on both lines; the last day: l2 jumps to 60%.
+        for i in 0..100 {
+            let at = now - 3 * DAY_MS + i * 60_000;
+            add(&mut ix, "l1", at, i % 10 == 0);
+            add(&mut ix, "l2", at, i % 10 == 0);
+        }
+        for i in 0..50 {
+            let at = now - DAY_MS / 2 + i * 60_000;
+            add(&mut ix, "l1", at, i % 10 == 0);
+            add(&mut ix, "l2", at, i % 10 < 6);
+        }
+        let d = ix.drifted_lines(now);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].line, "l2");
+        assert!((d[0].recent - 0.6).abs() < 1e-9 && (d[0].before - 0.1).abs() < 1e-9);
+        let q = ix.queue(0.5, &|_| false, 500, now);
+        // Only the last day's boards of the drifted line (their scores are far from 0.5).
+        assert_eq!(q.waiting, 50);
+        assert!(q.items.iter().all(|i| i.summary.line_id == "l2"));
+        assert!(
+            q.items[0].reasons[0].contains("line l2 drifted: 60% failed"),
+            "{:?}",
+            q.items[0]
+        );
     }
 
     #[test]

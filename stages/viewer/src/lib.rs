@@ -5,6 +5,7 @@ pub mod feeds;
 mod guard;
 pub mod http;
 pub mod index;
+pub mod review;
 pub mod shadow;
 
 use std::collections::BTreeMap;
@@ -38,6 +39,9 @@ pub struct ViewerSettings {
     /// File the viewer writes its URL to once it listens (empty: none); `pcb up` reads it
     /// to print where the viewer is, port 0 included.
     pub url_file: String,
+    /// The detector's `fail_threshold`: boards whose best score is near it are the first in
+    /// the review queue (`pcb up` sets it from the detector's settings).
+    pub fail_threshold: f32,
 }
 
 impl Default for ViewerSettings {
@@ -49,6 +53,7 @@ impl Default for ViewerSettings {
             max_upload_bytes: 32 << 20,
             loss_points: 2000,
             url_file: String::new(),
+            fail_threshold: 0.5,
         }
     }
 }
@@ -68,6 +73,8 @@ pub struct Options {
     pub loss_points: usize,
     /// Where to write the URL once listening.
     pub url_file: Option<std::path::PathBuf>,
+    /// The detector's verdict threshold, for the review queue.
+    pub fail_threshold: f32,
 }
 
 impl Stage for Viewer {
@@ -111,6 +118,7 @@ impl Validate for ViewerSettings {
         p.between("viewer.max_page_size", v.max_page_size, 1, 10_000);
         p.at_least("viewer.max_upload_bytes", v.max_upload_bytes, 1024);
         p.at_least("viewer.loss_points", v.loss_points, 10);
+        p.between("viewer.fail_threshold", v.fail_threshold, 0.0, 1.0);
         Some(Options {
             addr: addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             token: (!v.token.trim().is_empty()).then(|| v.token.trim().to_string()),
@@ -118,6 +126,7 @@ impl Validate for ViewerSettings {
             max_upload_bytes: v.max_upload_bytes,
             loss_points: v.loss_points,
             url_file: (!v.url_file.is_empty()).then(|| std::path::PathBuf::from(&v.url_file)),
+            fail_threshold: v.fail_threshold,
         })
     }
 }
@@ -183,8 +192,11 @@ pub struct State {
     pub index: RwLock<index::Index>,
     /// Shadow versions' answers, compared with the live ones on the Models page.
     pub shadow: RwLock<shadow::ShadowIndex>,
-    /// Stream sequence of each image's encoded record.
-    pub images: RwLock<std::collections::HashMap<String, u64>>,
+    /// Stream sequences of each image's encoded records, oldest first: the board as it
+    /// came, then each label revision; the last is the board's labels now.
+    pub images: RwLock<std::collections::HashMap<String, Vec<u64>>>,
+    /// Boards corrected in the viewer: image id → sequence of its latest label revision.
+    pub corrected: RwLock<std::collections::HashMap<String, u64>>,
     /// Training jobs by name.
     pub jobs: RwLock<BTreeMap<String, Job>>,
     /// Live events for the pages.
@@ -218,6 +230,7 @@ pub async fn run_with(
         index: RwLock::new(index::Index::default()),
         shadow: RwLock::new(Default::default()),
         images: RwLock::new(Default::default()),
+        corrected: RwLock::new(Default::default()),
         jobs: RwLock::new(BTreeMap::new()),
         events,
         js,
