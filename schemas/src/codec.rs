@@ -23,6 +23,8 @@ pub trait Envelope: Serialize + DeserializeOwned {
 
 /// Header naming who saved a label revision (records with a `revision` only).
 pub const REVISION_HEADER: &str = "Pcb-Revision-By";
+/// Header with the number of boxes a label revision saved (0: the board is clean).
+pub const REVISION_BOXES_HEADER: &str = "Pcb-Revision-Boxes";
 
 /// Why a message could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]

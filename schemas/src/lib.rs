@@ -7,7 +7,8 @@ pub mod subjects;
 pub mod topology;
 
 pub use codec::{
-    decode, encode, headers_for, CodecError, Envelope, CONTENT_TYPE, REVISION_HEADER, SCHEMA_HEADER,
+    decode, encode, headers_for, CodecError, Envelope, CONTENT_TYPE, REVISION_BOXES_HEADER,
+    REVISION_HEADER, SCHEMA_HEADER,
 };
 pub use messages::*;
 pub use subjects::*;

@@ -579,13 +579,16 @@ impl Envelope for RawImage {
         record_id(&self.image_id, self.labels.as_deref())
     }
     fn extra_headers(&self) -> Vec<(&'static str, String)> {
-        revision_headers(self.revision.as_ref())
+        revision_headers(self.revision.as_ref(), self.labels.as_deref())
     }
 }
 
-/// The revision's author as a header value: printable ASCII only (a header cannot hold
+/// The revision's author and box count as header values: printable ASCII only (a header cannot hold
 /// line breaks; the record itself has the name as given).
-fn revision_headers(r: Option<&LabelRevision>) -> Vec<(&'static str, String)> {
+fn revision_headers(
+    r: Option<&LabelRevision>,
+    labels: Option<&[BoxLabel]>,
+) -> Vec<(&'static str, String)> {
     r.map(|r| {
         let by: String =
             r.by.chars()
@@ -597,7 +600,13 @@ fn revision_headers(r: Option<&LabelRevision>) -> Vec<(&'static str, String)> {
                     }
                 })
                 .collect();
-        vec![(crate::codec::REVISION_HEADER, by)]
+        vec![
+            (crate::codec::REVISION_HEADER, by),
+            (
+                crate::codec::REVISION_BOXES_HEADER,
+                labels.map_or(0, <[BoxLabel]>::len).to_string(),
+            ),
+        ]
     })
     .unwrap_or_default()
 }
@@ -613,7 +622,7 @@ impl Envelope for EncodedImage {
         )
     }
     fn extra_headers(&self) -> Vec<(&'static str, String)> {
-        revision_headers(self.revision.as_ref())
+        revision_headers(self.revision.as_ref(), self.labels.as_deref())
     }
 }
 

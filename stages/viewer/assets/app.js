@@ -741,6 +741,11 @@ function shadowHtml(m) {
     <h3>Shadow <b>@${esc(sh.version)}</b> <span class="muted">since ${esc(fmtTime(sh.since))}, set by ${esc(sh.by)}</span></h3>
     <p>Boards compared <b class="shadow-boards">${esc(c.boards)}</b> · verdict agreement <b class="shadow-agreement">${fmtPct(c.agreement)}</b>
       · verdict would change on <b class="shadow-changed">${esc(c.changed)}</b>${c.unmatched ? ` · ${esc(c.unmatched)} without a live answer` : ''}</p>
+    ${(() => {
+      const o = sh.on_corrected;
+      if (!o || !o.boards) return '<p class="muted shadow-corrected">No corrected board answered by both yet: correct boards on the Review page to see who was right.</p>';
+      return `<p class="shadow-corrected">On ${esc(o.boards)} corrected ${o.boards === 1 ? 'board' : 'boards'}, the correction confirms live's verdict on <b>${esc(o.live_right)}</b> and the shadow's on <b>${esc(o.shadow_right)}</b>.</p>`;
+    })()}
     ${changed ? `<ul class="shadow-changed-boards">${changed}</ul>` : ''}
     ${classes ? `<table class="data shadow-classes"><thead><tr><th>Class</th><th>Live defects</th><th>Shadow defects</th></tr></thead><tbody>${classes}</tbody></table>` : ''}
   </div>`;

@@ -113,7 +113,7 @@ pub async fn evict_once(state: &State) {
     }
     if let Some(first) = first(STREAM_IMAGES).await {
         if let Ok(mut corrected) = state.corrected.write() {
-            corrected.retain(|_, seq| *seq >= first);
+            corrected.retain(|_, (seq, _)| *seq >= first);
         }
         if let Ok(mut images) = state.images.write() {
             images.retain(|_, seqs| {
@@ -253,12 +253,16 @@ fn on_image(state: &State, m: async_nats::jetstream::Message) {
         // `<image_id>[.l<labels digest>].encoded`: the image id is what pages ask for.
         .and_then(|v| v.as_str().split('.').next().map(str::to_string));
     tracing::trace!(seq, ?id, "image record");
-    let revision = m
-        .headers
-        .as_ref()
-        .is_some_and(|h| h.get(pcb_schemas::REVISION_HEADER).is_some());
+    let header = |name: &str| {
+        m.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_string())
+    };
+    let revision = header(pcb_schemas::REVISION_HEADER).is_some();
+    let boxes = header(pcb_schemas::REVISION_BOXES_HEADER).and_then(|b| b.parse().ok());
     if let (Some(id), true, Ok(mut corrected)) = (&id, revision, state.corrected.write()) {
-        corrected.insert(id.clone(), seq);
+        corrected.insert(id.clone(), (seq, boxes.unwrap_or(0)));
     }
     if let (Some(id), Ok(mut images)) = (id, state.images.write()) {
         let seqs = images.entry(id).or_default();

@@ -210,12 +210,15 @@ async fn overview(
     Ok(Json(v))
 }
 
-/// The review queue over the index, with the boards corrected so far.
+/// The review queue over the index, with the boards corrected so far and the shadow
+/// versions' answers.
 fn queue_of(s: &State, ix: &crate::index::Index, limit: usize, now: i64) -> crate::index::Queue {
     let corrected = s.corrected.read().map(|c| c.clone()).unwrap_or_default();
+    let shadow = s.shadow.read().ok();
     ix.queue(
         s.config.fail_threshold,
         &|id| corrected.contains_key(id),
+        &|name, id| shadow.as_ref().and_then(|sh| sh.verdict_of(name, id)),
         limit,
         now,
     )
@@ -613,20 +616,38 @@ fn shadow_comparison(
     name: &str,
     alias: pcb_model_store::ShadowAlias,
 ) -> serde_json::Value {
-    let comparison = match (s.shadow.read(), s.index.read()) {
-        (Ok(shadow), Ok(index)) => Some(shadow.compare(
-            name,
-            alias.version,
-            |id| index.verdict_and_classes(id),
-            CHANGED_LISTED,
-        )),
-        _ => None,
+    let corrected = s.corrected.read().map(|c| c.clone()).unwrap_or_default();
+    let (comparison, on_corrected) = match (s.shadow.read(), s.index.read()) {
+        (Ok(shadow), Ok(index)) => (
+            Some(shadow.compare(
+                name,
+                alias.version,
+                |id| index.verdict_and_classes(id),
+                CHANGED_LISTED,
+            )),
+            Some(shadow.on_corrected(
+                name,
+                alias.version,
+                |id| index.verdict_and_classes(id).map(|(v, _)| v),
+                |id| {
+                    corrected.get(id).map(|(_, boxes)| {
+                        if *boxes > 0 {
+                            pcb_schemas::Verdict::Fail
+                        } else {
+                            pcb_schemas::Verdict::Pass
+                        }
+                    })
+                },
+            )),
+        ),
+        _ => (None, None),
     };
     json!({
         "version": alias.version,
         "since": alias.since_ms,
         "by": alias.by,
         "comparison": comparison,
+        "on_corrected": on_corrected,
     })
 }
 

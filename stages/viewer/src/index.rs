@@ -211,6 +211,8 @@ pub struct Overview {
 
 /// How far from the verdict threshold a best score still makes the verdict uncertain.
 pub const UNCERTAIN_BAND: f32 = 0.2;
+/// What a board adds to its usefulness when a shadow version's verdict differs from live's.
+pub const SHADOW_DISAGREES: f64 = 0.75;
 /// The review queue's look at a line: the last day against the week before it.
 const DAY_MS: i64 = 86_400_000;
 /// A line whose fail rate moved by more than this many standard errors has drifted.
@@ -423,12 +425,14 @@ impl Index {
     }
 
     /// The review queue: boards not yet corrected whose verdict is uncertain (best score
-    /// within [`UNCERTAIN_BAND`] of `threshold`, the nearer the more useful) or whose line
+    /// within [`UNCERTAIN_BAND`] of `threshold`, the nearer the more useful), on which a
+    /// shadow version (`shadow(model name, image)`) gives another verdict, or whose line
     /// drifted over the last day; `limit` of them, most useful first, then newest.
     pub fn queue(
         &self,
         threshold: f32,
         corrected: &dyn Fn(&str) -> bool,
+        shadow: &dyn Fn(&str, &str) -> Option<(u64, pcb_schemas::Verdict)>,
         limit: usize,
         now_ms: i64,
     ) -> Queue {
@@ -449,6 +453,19 @@ impl Index {
                     usefulness += f64::from(1.0 - gap / UNCERTAIN_BAND);
                     reasons.push(format!(
                         "best score {top:.2} is {gap:.2} from the threshold {threshold:.2}"
+                    ));
+                }
+            }
+            let name = s
+                .model
+                .rsplit_once('@')
+                .map_or(s.model.as_str(), |(n, _)| n);
+            if let Some((version, verdict)) = shadow(name, &s.image_id) {
+                if verdict != s.verdict {
+                    usefulness += SHADOW_DISAGREES;
+                    reasons.push(format!(
+                        "shadow v{version} says {verdict}, live {} says {}",
+                        s.model, s.verdict
                     ));
                 }
             }
@@ -708,7 +725,8 @@ mod tests {
         ix.add(&det("nearer", "l1", t + 2, 1, &[(0.49, "spur")]), 3);
         ix.add(&det("clean", "l1", t + 3, 1, &[]), 4);
         ix.add(&det("done", "l1", t + 4, 1, &[(0.5, "open")]), 5);
-        let q = ix.queue(0.5, &|id| id == "done", 10, t + 10);
+        let no_shadow = |_: &str, _: &str| None;
+        let q = ix.queue(0.5, &|id| id == "done", &no_shadow, 10, t + 10);
         let ids: Vec<&str> = q
             .items
             .iter()
@@ -719,8 +737,24 @@ mod tests {
         assert!((q.items[0].usefulness - 0.95).abs() < 1e-6, "{q:?}");
         assert!(q.items[0].reasons[0].contains("0.49 is 0.01 from the threshold 0.50"));
         assert!(q.drifted.is_empty());
-        let one = ix.queue(0.5, &|_| false, 1, t + 10);
+        let one = ix.queue(0.5, &|_| false, &no_shadow, 1, t + 10);
         assert_eq!((one.items.len(), one.waiting), (1, 3));
+        // A shadow version that would fail the clean board puts it in (0.75), after the two
+        // near the threshold (0.95, 0.90).
+        let shadow = |name: &str, id: &str| {
+            (name == "m" && id == "clean").then_some((2, pcb_schemas::Verdict::Fail))
+        };
+        let q = ix.queue(0.5, &|id| id == "done", &shadow, 10, t + 10);
+        let ids: Vec<&str> = q
+            .items
+            .iter()
+            .map(|i| i.summary.image_id.as_str())
+            .collect();
+        assert_eq!(ids, ["nearer", "near", "clean"]);
+        assert_eq!(
+            q.items[2].reasons,
+            ["shadow v2 says fail, live m@1 says pass"]
+        );
     }
 
     #[test]
@@ -748,7 +782,7 @@ mod tests {
         assert_eq!(d.len(), 1, "{d:?}");
         assert_eq!(d[0].line, "l2");
         assert!((d[0].recent - 0.6).abs() < 1e-9 && (d[0].before - 0.1).abs() < 1e-9);
-        let q = ix.queue(0.5, &|_| false, 500, now);
+        let q = ix.queue(0.5, &|_| false, &|_, _| None, 500, now);
         // Only the last day's boards of the drifted line (their scores are far from 0.5).
         assert_eq!(q.waiting, 50);
         assert!(q.items.iter().all(|i| i.summary.line_id == "l2"));

@@ -195,8 +195,9 @@ pub struct State {
     /// Stream sequences of each image's encoded records, oldest first: the board as it
     /// came, then each label revision; the last is the board's labels now.
     pub images: RwLock<std::collections::HashMap<String, Vec<u64>>>,
-    /// Boards corrected in the viewer: image id → sequence of its latest label revision.
-    pub corrected: RwLock<std::collections::HashMap<String, u64>>,
+    /// Boards corrected in the viewer: image id → the sequence of its latest label revision
+    /// and the boxes it saved (0: clean).
+    pub corrected: RwLock<std::collections::HashMap<String, (u64, usize)>>,
     /// Training jobs by name.
     pub jobs: RwLock<BTreeMap<String, Job>>,
     /// Live events for the pages.

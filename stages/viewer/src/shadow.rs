@@ -72,6 +72,17 @@ pub struct ClassDiff {
     pub shadow: u64,
 }
 
+/// Live and shadow verdicts against the corrected labels (a box: fail; none: pass).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct OnCorrected {
+    /// Corrected boards both versions answered.
+    pub boards: u64,
+    /// Of those, boards whose live verdict the correction confirms.
+    pub live_right: u64,
+    /// Boards whose shadow verdict it confirms.
+    pub shadow_right: u64,
+}
+
 /// A shadow version against the live answers on the boards both answered.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Comparison {
@@ -116,6 +127,38 @@ impl ShadowIndex {
         }
         self.by_model.retain(|_, a| !a.is_empty());
         gone
+    }
+
+    /// The shadow answer of `name` for `image_id`: its version and verdict.
+    pub fn verdict_of(&self, name: &str, image_id: &str) -> Option<(u64, Verdict)> {
+        self.by_model
+            .get(name)?
+            .get(image_id)
+            .map(|a| (a.version, a.verdict))
+    }
+
+    /// Who was right on the boards an operator corrected: `truth` gives a corrected board's
+    /// verdict (fail when its labels have a box), `live` the live one.
+    pub fn on_corrected(
+        &self,
+        name: &str,
+        version: u64,
+        live: impl Fn(&str) -> Option<Verdict>,
+        truth: impl Fn(&str) -> Option<Verdict>,
+    ) -> OnCorrected {
+        let mut out = OnCorrected::default();
+        for (image_id, a) in self.by_model.get(name).into_iter().flatten() {
+            if a.version != version {
+                continue;
+            }
+            let (Some(t), Some(l)) = (truth(image_id), live(image_id)) else {
+                continue;
+            };
+            out.boards += 1;
+            out.live_right += u64::from(l == t);
+            out.shadow_right += u64::from(a.verdict == t);
+        }
+        out
     }
 
     /// Compares `name`'s shadow `version` with the live answers `live` gives by image id,
@@ -260,6 +303,25 @@ mod tests {
             .map(|d| (d.class.as_str(), d.live, d.shadow))
             .collect();
         assert_eq!(per_class, [("open", 2, 1), ("short", 1, 1), ("spur", 0, 1)]);
+        // Corrected boards: a was corrected to a spur (fail: shadow right, live wrong), c
+        // to clean (pass: both said fail, both wrong); b was not corrected.
+        let truth = |id: &str| match id {
+            "a" => Some(Verdict::Fail),
+            "c" => Some(Verdict::Pass),
+            _ => None,
+        };
+        let live_verdict = |id: &str| lookup(id).map(|(v, _)| v);
+        let on = shadow.on_corrected("m", 2, live_verdict, truth);
+        assert_eq!(
+            on,
+            OnCorrected {
+                boards: 2,
+                live_right: 0,
+                shadow_right: 1
+            }
+        );
+        assert_eq!(shadow.verdict_of("m", "a"), Some((2, Verdict::Fail)));
+        assert_eq!(shadow.verdict_of("m", "zz"), None);
         // Another model's name compares nothing.
         assert_eq!(shadow.compare("other", 2, lookup, 10).agreement, None);
         // Eviction follows the stream: answers below its first sequence go.
