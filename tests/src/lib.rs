@@ -405,16 +405,27 @@ impl std::fmt::Display for Ledger {
 /// The image files (`*_test.jpg`) under `dir`, as paths relative to `root`: the boards a
 /// drop of `dir` into the watched folder `root` brings.
 pub fn board_sources(dir: &Path, root: &Path) -> std::collections::BTreeSet<String> {
-    let mut out = std::collections::BTreeSet::new();
+    files_under(dir)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with("_test.jpg"))
+        .map(|p| {
+            let rel = p.strip_prefix(root).expect("under root");
+            rel.to_string_lossy().into_owned()
+        })
+        .collect()
+}
+
+/// Every file below `dir`, at any depth.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {
         for e in std::fs::read_dir(&d).expect("read dir").flatten() {
             let p = e.path();
             if p.is_dir() {
                 todo.push(p);
-            } else if p.to_string_lossy().ends_with("_test.jpg") {
-                let rel = p.strip_prefix(root).expect("under root");
-                out.insert(rel.to_string_lossy().into_owned());
+            } else {
+                out.push(p);
             }
         }
     }

@@ -12,7 +12,7 @@ use pcb_schemas::{
     STREAM_IMAGES, STREAM_SHARDS,
 };
 use pcb_tests::up::{detections, Pipeline};
-use pcb_tests::{browser, drop_into, read_all, synth_sized, wait_until};
+use pcb_tests::{browser, drop_into, files_under, read_all, synth_sized, wait_until};
 
 /// The box the operator draws (image pixels) and its class.
 const DRAWN: [f32; 4] = [6.0, 70.0, 40.0, 100.0];
@@ -24,7 +24,7 @@ async fn an_operators_correction_in_the_viewer_becomes_the_boards_training_label
     // Boards as a line produces them: images and templates, no labels, no split lists.
     let boards = p.dir.path().join("boards");
     synth_sized(&boards, 3, 41, 128, 0.0);
-    for e in walk(&boards) {
+    for e in files_under(&boards) {
         let name = e.to_string_lossy().into_owned();
         if name.ends_with(".txt") {
             std::fs::remove_file(&e).expect("remove labels");
@@ -220,20 +220,4 @@ async fn shard_records(p: &Pipeline, image_id: &str) -> Vec<ShardRecord> {
         .map(|(_, payload)| decode::<ShardRecord>(payload, None).expect("shard record"))
         .filter(|r| r.record.image_id == image_id)
         .collect()
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).expect("read dir").flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                todo.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }

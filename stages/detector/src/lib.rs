@@ -378,6 +378,38 @@ pub fn detection_of(
     }
 }
 
+/// A watch of an alias key of the registry, from its current value on.
+async fn watch_alias(
+    registry: &Registry,
+    key: String,
+) -> Result<async_nats::jetstream::kv::Watch, DetectorError> {
+    registry
+        .kv()
+        .watch_with_history(key)
+        .await
+        .map_err(|e| DetectorError::Registry(e.to_string()))
+}
+
+/// The next change of the `what` alias: None once the stage stops; a watch error is
+/// logged and the watch read on.
+async fn next_change(
+    watch: &mut async_nats::jetstream::kv::Watch,
+    shutdown: &Shutdown,
+    what: &str,
+) -> Result<Option<async_nats::jetstream::kv::Entry>, DetectorError> {
+    loop {
+        let entry = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            e = watch.next() => e,
+        };
+        match entry {
+            None => return Err(DetectorError::Registry(format!("the {what} watch ended"))),
+            Some(Ok(e)) => return Ok(Some(e)),
+            Some(Err(e)) => tracing::warn!(error = %e, what, "alias watch error"),
+        }
+    }
+}
+
 /// Watches the live alias and hands every version that loads to the inference thread;
 /// one that does not load leaves the serving model in place and says why.
 async fn watch_live(
@@ -390,25 +422,10 @@ async fn watch_live(
     bf16: Bf16,
     shutdown: Shutdown,
 ) -> Result<(), DetectorError> {
-    let mut watch = registry
-        .kv()
-        .watch_with_history(key_live(&name))
-        .await
-        .map_err(|e| DetectorError::Registry(e.to_string()))?;
+    let mut watch = watch_alias(&registry, key_live(&name)).await?;
     loop {
-        let entry = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            e = watch.next() => e,
-        };
-        let Some(entry) = entry else {
-            return Err(DetectorError::Registry("the live-alias watch ended".into()));
-        };
-        let entry = match entry {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!(error = %e, "live-alias watch error");
-                continue;
-            }
+        let Some(entry) = next_change(&mut watch, &shutdown, "live-alias").await? else {
+            return Ok(());
         };
         let alias: LiveAlias = match serde_json::from_slice(&entry.value) {
             Ok(a) => a,
@@ -475,27 +492,10 @@ async fn watch_shadow(
     bf16: Bf16,
     shutdown: Shutdown,
 ) -> Result<(), DetectorError> {
-    let mut watch = registry
-        .kv()
-        .watch_with_history(key_shadow(&name))
-        .await
-        .map_err(|e| DetectorError::Registry(e.to_string()))?;
+    let mut watch = watch_alias(&registry, key_shadow(&name)).await?;
     loop {
-        let entry = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            e = watch.next() => e,
-        };
-        let Some(entry) = entry else {
-            return Err(DetectorError::Registry(
-                "the shadow-alias watch ended".into(),
-            ));
-        };
-        let entry = match entry {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!(error = %e, "shadow-alias watch error");
-                continue;
-            }
+        let Some(entry) = next_change(&mut watch, &shutdown, "shadow-alias").await? else {
+            return Ok(());
         };
         let alias: Option<ShadowAlias> = match entry.operation {
             async_nats::jetstream::kv::Operation::Put => {
