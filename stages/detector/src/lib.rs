@@ -706,6 +706,8 @@ mod tests {
             template_b64: None,
             split_hint: None,
             revision: None,
+            image_ref: None,
+            template_ref: None,
         };
         let defect = |score| Defect {
             x1: 0.,
@@ -748,6 +750,8 @@ mod tests {
             template_b64: None,
             split_hint: None,
             revision: None,
+            image_ref: None,
+            template_ref: None,
         };
         let payload = pcb_schemas::encode(&record).unwrap();
         let err = prepare(&payload, None, pcb_vision::InputMode::Image).unwrap_err();

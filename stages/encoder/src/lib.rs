@@ -385,6 +385,8 @@ pub fn encode_record(
         template_b64: raw.template.as_ref().map(|t| b64.encode(t)),
         split_hint: raw.split_hint,
         revision: raw.revision.clone(),
+        image_ref: None,
+        template_ref: None,
     })
 }
 
@@ -457,6 +459,8 @@ mod tests {
             captured_at_ms: 1,
             split_hint: None,
             revision: None,
+            image_ref: None,
+            template_ref: None,
         }
     }
 

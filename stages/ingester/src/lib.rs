@@ -562,6 +562,8 @@ impl Ingester {
             captured_at_ms: mtime_ms(&meta),
             split_hint,
             revision: None,
+            image_ref: None,
+            template_ref: None,
         })
     }
 

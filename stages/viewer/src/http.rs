@@ -787,6 +787,8 @@ async fn upload(
         captured_at_ms: pcb_common::now_ms(),
         split_hint: None,
         revision: None,
+        image_ref: None,
+        template_ref: None,
     };
     let ack = pcb_common::publish(&s.js, SUBJECT_RAW.into(), &raw)
         .await

@@ -155,6 +155,8 @@ pub fn revision_record(
             reviewed: who.reviewed,
             note: who.note.map(str::to_string),
         }),
+        image_ref: None,
+        template_ref: None,
     })
 }
 
@@ -273,6 +275,8 @@ mod tests {
             template_b64: Some(b64.encode(b"template bytes")),
             split_hint: Some(pcb_schemas::Split::Train),
             revision: None,
+            image_ref: None,
+            template_ref: None,
         }
     }
 
