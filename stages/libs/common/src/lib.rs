@@ -19,7 +19,7 @@ pub use ack::{
 pub use identity::{Identity, IdentityStore};
 pub use metrics::{Metrics, MetricsConfig};
 pub use nats::{connect, NatsConfig};
-pub use objects::{FilesError, ImageFiles};
+pub use objects::{FilesError, ImageFiles, LazyFiles};
 pub use pcb_schemas::StageName;
 pub use room::{make_room, Trimmed};
 pub use settings::{load_config, ConfigError, Problems};

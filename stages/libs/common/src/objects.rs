@@ -197,12 +197,41 @@ pub fn verify(r: &ObjectRef, bytes: &[u8]) -> Result<(), FilesError> {
     Ok(())
 }
 
-/// Reads the file `r` names when it is set, from `files` (None: the stage could not open
-/// the bucket, a retry).
-pub async fn fetch(files: Option<&ImageFiles>, r: &ObjectRef) -> Result<Vec<u8>, FilesError> {
-    match files {
-        Some(f) => f.get(r).await,
-        None => Err(FilesError::Open("not opened at start".into())),
+/// The image files' bucket, opened on first use and shared by a stage's handlers: a stage
+/// that never meets a board too large for one message never opens it.
+#[derive(Clone)]
+pub struct LazyFiles {
+    js: jetstream::Context,
+    cell: std::sync::Arc<tokio::sync::OnceCell<ImageFiles>>,
+}
+
+impl LazyFiles {
+    /// The bucket of the server behind `js`, not yet opened.
+    pub fn new(js: jetstream::Context) -> LazyFiles {
+        LazyFiles {
+            js,
+            cell: Default::default(),
+        }
+    }
+
+    /// The bucket, opened now if it was not.
+    pub async fn files(&self) -> Result<&ImageFiles, FilesError> {
+        self.cell
+            .get_or_try_init(|| ImageFiles::open(&self.js))
+            .await
+    }
+
+    /// Reads the file `r` names, checking its size and sha256.
+    pub async fn get(&self, r: &ObjectRef) -> Result<Vec<u8>, FilesError> {
+        self.files().await?.get(r).await
+    }
+
+    /// Reads the file `r` names when it is set.
+    pub async fn get_opt(&self, r: Option<&ObjectRef>) -> Result<Option<Vec<u8>>, FilesError> {
+        match r {
+            Some(r) => self.get(r).await.map(Some),
+            None => Ok(None),
+        }
     }
 }
 
