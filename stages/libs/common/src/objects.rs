@@ -82,7 +82,12 @@ impl FilesError {
 /// The image files' bucket.
 #[derive(Clone)]
 pub struct ImageFiles {
+    js: jetstream::Context,
     store: ObjectStore,
+    /// One put at a time from this process: two boards sharing a template, read at once,
+    /// would otherwise both find it missing and both store it (the first copy's chunks left
+    /// behind for good); and the room check before a put holds until the put is done.
+    puts: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl ImageFiles {
@@ -90,7 +95,11 @@ impl ImageFiles {
     pub async fn open(js: &jetstream::Context) -> Result<ImageFiles, FilesError> {
         js.get_object_store(OBJECTS_IMAGE_FILES)
             .await
-            .map(|store| ImageFiles { store })
+            .map(|store| ImageFiles {
+                js: js.clone(),
+                store,
+                puts: Default::default(),
+            })
             .map_err(|e| FilesError::Open(e.to_string()))
     }
 
@@ -98,6 +107,7 @@ impl ImageFiles {
     /// there, and returns their reference.
     pub async fn put(&self, bytes: &[u8]) -> Result<ObjectRef, FilesError> {
         let r = ObjectRef::of(bytes);
+        let _one_at_a_time = self.puts.lock().await;
         match self.store.info(&r.name).await {
             Ok(info) if !info.deleted && info.size as u64 == r.size => return Ok(r),
             Ok(_) => {}
@@ -110,6 +120,7 @@ impl ImageFiles {
                 })
             }
         }
+        self.check_room(&r).await?;
         let mut reader = bytes;
         match self.store.put(r.name.as_str(), &mut reader).await {
             Ok(_) => Ok(r),
@@ -122,6 +133,36 @@ impl ImageFiles {
                 message: e.to_string(),
             }),
         }
+    }
+
+    /// Refuses a file the bucket has no room for before any of it is written: a put that
+    /// fails at the limit halfway leaves its chunks behind, taking room for good.
+    async fn check_room(&self, r: &ObjectRef) -> Result<(), FilesError> {
+        let stream = format!("OBJ_{OBJECTS_IMAGE_FILES}");
+        let info = match self.js.get_stream(&stream).await {
+            Ok(mut s) => s.info().await.map(|i| (i.config.max_bytes, i.state.bytes)),
+            Err(e) => {
+                return Err(FilesError::Transient {
+                    what: "looking up room for",
+                    name: r.name.clone(),
+                    message: e.to_string(),
+                })
+            }
+        };
+        let (max_bytes, used) = info.map_err(|e| FilesError::Transient {
+            what: "looking up room for",
+            name: r.name.clone(),
+            message: e.to_string(),
+        })?;
+        // Each 128 KiB chunk is stored with its subject and headers: a little over its size.
+        let needs = r.size + r.size / 64 + 4096;
+        if max_bytes > 0 && used + needs > max_bytes as u64 {
+            return Err(FilesError::Full(format!(
+                "{needs} bytes needed, {} of {max_bytes} free",
+                (max_bytes as u64).saturating_sub(used)
+            )));
+        }
+        Ok(())
     }
 
     /// Reads the file `r` names, checking its size and sha256.
