@@ -116,6 +116,8 @@ mod tests {
             captured_at_ms: 5,
             split_hint: Some(Split::Val),
             revision: None,
+            image_ref: None,
+            template_ref: None,
         }
     }
 
@@ -125,6 +127,21 @@ mod tests {
         let bytes = encode(&msg).expect("encode");
         let back: RawImage = decode(&bytes, Some(RawImage::SCHEMA)).expect("decode");
         assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn file_references_roundtrip_and_are_absent_when_unset() {
+        let mut msg = raw();
+        let plain = encode(&msg).expect("encode");
+        let value: rmpv_like::Value = rmp_serde::from_slice(&plain).expect("generic decode");
+        assert!(!value.keys().contains(&"image_ref".to_string()));
+        msg.image_ref = Some(crate::ObjectRef::of(&msg.image));
+        msg.template_ref = Some(crate::ObjectRef::of(b"template"));
+        msg.image = Vec::new();
+        let bytes = encode(&msg).expect("encode");
+        let back: RawImage = decode(&bytes, Some(RawImage::SCHEMA)).expect("decode");
+        assert_eq!(back, msg);
+        assert!(back.has_template());
     }
 
     #[test]

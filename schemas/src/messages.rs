@@ -197,6 +197,33 @@ pub struct LabelRevision {
     pub note: Option<String>,
 }
 
+/// A file kept in the image files' object bucket ([`crate::OBJECTS_IMAGE_FILES`]) instead of
+/// inline in a record: a board whose image and template would not fit in one message once
+/// base64-encoded. Content-addressed: the object's name is the file's sha256, so the same
+/// file is stored once however often it is dropped, and a reader checks both size and
+/// digest of what it gets back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRef {
+    /// Name of the object in the bucket: the lowercase hex sha256 of the file.
+    pub name: String,
+    /// sha256 (lowercase hex) of the file's bytes.
+    pub sha256: String,
+    /// Size of the file in bytes.
+    pub size: u64,
+}
+
+impl ObjectRef {
+    /// The reference of `bytes`: named by their sha256.
+    pub fn of(bytes: &[u8]) -> ObjectRef {
+        let sha256 = image_id(bytes);
+        ObjectRef {
+            name: sha256.clone(),
+            sha256,
+            size: bytes.len() as u64,
+        }
+    }
+}
+
 /// `pcb.images.raw`: a file as the ingester found it, before any decoding.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RawImage {
@@ -226,6 +253,21 @@ pub struct RawImage {
     /// Set on a label revision from the viewer (absent on the wire otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<LabelRevision>,
+    /// Set when the image file is in the image files' bucket instead of inline (a board too
+    /// large for one message); `image` is then empty. Absent on the wire otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_ref: Option<ObjectRef>,
+    /// Set when the template file is in the image files' bucket; `template` is then None.
+    /// Absent on the wire otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_ref: Option<ObjectRef>,
+}
+
+impl RawImage {
+    /// Whether the board has a template, inline or in the bucket.
+    pub fn has_template(&self) -> bool {
+        self.template.is_some() || self.template_ref.is_some()
+    }
 }
 
 /// `pcb.images.encoded`: a fully decoded and validated image, base64-encoded.
@@ -267,6 +309,21 @@ pub struct EncodedImage {
     /// The raw record's label revision, carried through (absent on the wire otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<LabelRevision>,
+    /// The raw record's image reference, carried through: the image file is in the image
+    /// files' bucket and `image_b64` is empty. Absent on the wire otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_ref: Option<ObjectRef>,
+    /// The raw record's template reference, carried through: `template_b64` is then None.
+    /// Absent on the wire otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_ref: Option<ObjectRef>,
+}
+
+impl EncodedImage {
+    /// Whether the board has a template, inline or in the bucket.
+    pub fn has_template(&self) -> bool {
+        self.template_b64.is_some() || self.template_ref.is_some()
+    }
 }
 
 /// `pcb.shards.<k>`: a labelled image assigned to a split and a shard.

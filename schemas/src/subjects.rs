@@ -85,6 +85,12 @@ pub const OBJECTS_MODELS: &str = "pcb_model_artifacts";
 /// candidate names its object here, never a file: no stage reads a path from a message.
 pub const OBJECTS_CANDIDATES: &str = "pcb_candidates";
 
+/// Object store bucket of image and template files too large to travel inline in a record
+/// (over the server's payload limit once base64-encoded), each named by its sha256
+/// ([`crate::ObjectRef`]): the ingester writes them, the encoder, detector, trainer and
+/// viewer read them.
+pub const OBJECTS_IMAGE_FILES: &str = "pcb_image_files";
+
 /// Stream of `pcb.train.>` (progress, candidates) and `pcb.models.>` (registry events).
 pub const STREAM_TRAINING: &str = "PCB_TRAINING";
 

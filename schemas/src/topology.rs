@@ -167,27 +167,43 @@ pub struct BucketDecl {
     pub description: &'static str,
     /// Values kept per key (key-value buckets).
     pub history: i64,
+    /// Cap on the bucket's size in bytes (-1: none); a full bucket refuses new objects.
+    pub max_bytes: i64,
 }
 
 /// The pipeline's buckets.
-pub const BUCKETS: [BucketDecl; 3] = [
+pub const BUCKETS: [BucketDecl; 4] = [
     BucketDecl {
         name: KV_MODELS,
         kind: BucketKind::KeyValue,
         description: "PCB model registry: versions and live aliases",
         history: 16,
+        max_bytes: -1,
     },
     BucketDecl {
         name: OBJECTS_MODELS,
         kind: BucketKind::Object,
         description: "PCB model registry: weights",
         history: 1,
+        max_bytes: -1,
     },
     BucketDecl {
         name: OBJECTS_CANDIDATES,
         kind: BucketKind::Object,
         description: "training candidates' weights, until the registry takes them",
         history: 1,
+        max_bytes: -1,
+    },
+    // Shard records (training data, kept until removed by hand) refer to these files, so
+    // no age limit: an object must outlive every record naming it. The cap is the shards'
+    // default size; full, the bucket refuses new files and the ingester keeps the boards in
+    // the inbox until there is room (nothing stored is ever deleted for room).
+    BucketDecl {
+        name: OBJECTS_IMAGE_FILES,
+        kind: BucketKind::Object,
+        description: "image and template files too large for one message, by sha256",
+        history: 1,
+        max_bytes: 8 << 30,
     },
 ];
 
@@ -287,7 +303,7 @@ pub const STAGES: [StageDecl; 7] = [
             optional: true,
         }],
         outputs: &[SUBJECT_RAW, "pcb.rejected.ingester"],
-        buckets: &[],
+        buckets: &[(OBJECTS_IMAGE_FILES, Access::Write)],
     },
     StageDecl {
         stage: StageName::Encoder,
@@ -296,7 +312,7 @@ pub const STAGES: [StageDecl; 7] = [
         process: ProcessKind::Service,
         inputs: &[durable(StreamKind::Images, SUBJECT_RAW, common("encoder"))],
         outputs: &[SUBJECT_ENCODED, "pcb.rejected.encoder"],
-        buckets: &[],
+        buckets: &[(OBJECTS_IMAGE_FILES, Access::Read)],
     },
     StageDecl {
         stage: StageName::Router,
@@ -361,7 +377,11 @@ pub const STAGES: [StageDecl; 7] = [
             "pcb.verdicts.*",
             SUBJECT_SHADOW_DETECTIONS,
         ],
-        buckets: &[(KV_MODELS, Access::Read), (OBJECTS_MODELS, Access::Read)],
+        buckets: &[
+            (KV_MODELS, Access::Read),
+            (OBJECTS_MODELS, Access::Read),
+            (OBJECTS_IMAGE_FILES, Access::Read),
+        ],
     },
     StageDecl {
         stage: StageName::Viewer,
@@ -377,7 +397,12 @@ pub const STAGES: [StageDecl; 7] = [
             view(StreamKind::Shadow, SUBJECT_SHADOW_DETECTIONS),
         ],
         outputs: &[SUBJECT_RAW, SUBJECT_MODEL_EVENTS],
-        buckets: &[(KV_MODELS, Access::Write), (OBJECTS_MODELS, Access::Read)],
+        // A label revision names the board's files by reference: read, never re-stored.
+        buckets: &[
+            (KV_MODELS, Access::Write),
+            (OBJECTS_MODELS, Access::Read),
+            (OBJECTS_IMAGE_FILES, Access::Read),
+        ],
     },
     StageDecl {
         stage: StageName::Trainer,
@@ -390,7 +415,10 @@ pub const STAGES: [StageDecl; 7] = [
             SUBJECT_TRAIN_CANDIDATES,
             "pcb.rejected.trainer",
         ],
-        buckets: &[(OBJECTS_CANDIDATES, Access::Write)],
+        buckets: &[
+            (OBJECTS_CANDIDATES, Access::Write),
+            (OBJECTS_IMAGE_FILES, Access::Read),
+        ],
     },
 ];
 

@@ -38,6 +38,8 @@ fn encoded() -> EncodedImage {
         template_b64: Some("dGVtcGw=".into()),
         split_hint: Some(Split::Val),
         revision: None,
+        image_ref: None,
+        template_ref: None,
     }
 }
 
@@ -69,6 +71,8 @@ fn one_of_each() -> Vec<(&'static str, Vec<u8>, Vec<(String, String)>)> {
         captured_at_ms: 1_700_000_000_000,
         split_hint: None,
         revision: None,
+        image_ref: None,
+        template_ref: None,
     };
     let shard = ShardRecord {
         split: Split::Train,

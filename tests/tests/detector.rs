@@ -309,6 +309,8 @@ async fn publish_undecodable(env: &Env, id: char) {
         template_b64: None,
         split_hint: None,
         revision: None,
+        image_ref: None,
+        template_ref: None,
     };
     pcb_common::publish(&env.js, SUBJECT_ENCODED.into(), &record)
         .await

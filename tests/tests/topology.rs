@@ -61,8 +61,8 @@ async fn streams_larger_than_the_disk_are_named_with_the_fix() {
     let said = text(&refused);
     for needle in [
         "no room for stream PCB_IMAGES",
-        // 1 PiB + the other five streams' 8 + 2 + 1 + 1 + 1 GiB.
-        "add up to 1048589.0 GiB",
+        // 1 PiB + the other five streams' 8 + 2 + 1 + 1 + 1 GiB + the image files' 8 GiB.
+        "add up to 1048597.0 GiB",
         "max_bytes in the pipeline file",
     ] {
         assert!(said.contains(needle), "missing {needle:?} in:\n{said}");
@@ -103,7 +103,7 @@ async fn streams_larger_than_the_disk_are_named_with_the_fix() {
     unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
     let stopped = up.wait().expect("wait");
     assert!(
-        seen.contains("pcb: warning: the streams may hold up to 1048589.0 GiB"),
+        seen.contains("pcb: warning: the streams may hold up to 1048597.0 GiB"),
         "{seen}"
     );
     assert!(created, "the streams were not created:\n{seen}");

@@ -234,6 +234,8 @@ pub async fn run(args: &DetectorBenchArgs) -> anyhow::Result<()> {
             template_b64: template.as_ref().map(|t| b64.encode(t)),
             split_hint: None,
             revision: None,
+            image_ref: None,
+            template_ref: None,
         })
         .collect();
     let started = Instant::now();

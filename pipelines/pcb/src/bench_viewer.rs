@@ -155,6 +155,8 @@ async fn publish_boards(js: &jetstream::Context, dir: &Path) -> anyhow::Result<V
             template_b64: temp.as_deref().map(b64),
             split_hint: None,
             revision: None,
+            image_ref: None,
+            template_ref: None,
         };
         pcb_common::publish(js, SUBJECT_ENCODED.into(), &rec).await?;
         ids.push(id);

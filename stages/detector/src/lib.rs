@@ -304,12 +304,9 @@ fn inference_thread(jobs: std_mpsc::Receiver<Job>, threshold: f32, threads: usiz
     }
 }
 
-/// Decodes one delivery; a poison message gives its rejection, a label revision None.
-fn prepare(
-    payload: &[u8],
-    schema: Option<&str>,
-    input: pcb_vision::InputMode,
-) -> Result<Option<(EncodedImage, Tensor)>, Rejection> {
+/// Decodes one delivery's record; a poison message gives its rejection, a label revision
+/// None.
+fn record_of(payload: &[u8], schema: Option<&str>) -> Result<Option<EncodedImage>, Rejection> {
     let record: EncodedImage =
         decode(payload, schema).map_err(|e| Rejection::new("undecodable", e.to_string()))?;
     // A label revision brings an answered image back with corrected labels, for training:
@@ -317,32 +314,103 @@ fn prepare(
     if record.revision.is_some() {
         return Ok(None);
     }
-    let composed = compose_record(&record, input)?;
-    Ok(Some((record, composed)))
+    Ok(Some(record))
 }
 
-/// The network input of a decoded record, for a model taking `input`.
-fn compose_record(
-    record: &EncodedImage,
-    input: pcb_vision::InputMode,
-) -> Result<Tensor, Rejection> {
+/// The image and template files a record carries inline (base64); None when they are in
+/// the image files' bucket ([`files_of`] reads them).
+fn inline_files(record: &EncodedImage) -> Result<Option<(Vec<u8>, Option<Vec<u8>>)>, Rejection> {
+    if record.image_ref.is_some() || record.template_ref.is_some() {
+        return Ok(None);
+    }
     let b64 = base64::engine::general_purpose::STANDARD;
     let about = |r: Rejection| r.about(Some(record.image_id.clone()), record.source.clone());
-    let bytes = b64
+    let image = b64
         .decode(&record.image_b64)
         .map_err(|e| about(Rejection::new("bad-base64", format!("image_b64: {e}"))))?;
-    let image = pcb_vision::data::decode_grey(&bytes, &record.source)
-        .map_err(|e| about(Rejection::new("not-an-image", e.to_string())))?;
     let template = match &record.template_b64 {
-        Some(t) => {
-            let bytes = b64
-                .decode(t)
-                .map_err(|e| about(Rejection::new("bad-base64", format!("template_b64: {e}"))))?;
-            Some(
-                pcb_vision::data::decode_grey(&bytes, &record.source)
-                    .map_err(|e| about(Rejection::new("not-an-image", format!("template: {e}"))))?,
-            )
+        Some(t) => Some(
+            b64.decode(t)
+                .map_err(|e| about(Rejection::new("bad-base64", format!("template_b64: {e}"))))?,
+        ),
+        None => None,
+    };
+    Ok(Some((image, template)))
+}
+
+/// A record's image and template files: inline, or read from the image files' bucket (size
+/// and digest checked). A file that is gone is a dead letter (`image-gone`); a server that
+/// failed, a retry.
+async fn files_of(
+    files: &pcb_common::LazyFiles,
+    record: &EncodedImage,
+) -> Result<(Vec<u8>, Option<Vec<u8>>), Outcome> {
+    let about = |o: Outcome| match o {
+        Outcome::Reject(r) => {
+            Outcome::Reject(r.about(Some(record.image_id.clone()), record.source.clone()))
         }
+        other => other,
+    };
+    if let Some(inline) = inline_files(record).map_err(Outcome::Reject)? {
+        return Ok(inline);
+    }
+    // Each file on its own: inline, or from the bucket (the ingester stores both of a board
+    // that does not fit, but a record may name one and carry the other).
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let inline = |what: &str, text: &str| {
+        b64.decode(text).map_err(|e| {
+            about(Outcome::Reject(Rejection::new(
+                "bad-base64",
+                format!("{what}: {e}"),
+            )))
+        })
+    };
+    let image = match &record.image_ref {
+        Some(r) => files
+            .get(r)
+            .await
+            .map_err(|e| about(e.outcome("reading the image")))?,
+        None => inline("image_b64", &record.image_b64)?,
+    };
+    let template = match (&record.template_ref, &record.template_b64) {
+        (Some(r), _) => Some(
+            files
+                .get(r)
+                .await
+                .map_err(|e| about(e.outcome("reading the template")))?,
+        ),
+        (None, Some(t)) => Some(inline("template_b64", t)?),
+        (None, None) => None,
+    };
+    Ok((image, template))
+}
+
+/// Decodes a record's files into the model's input; a poison image gives its rejection.
+fn prepare(
+    record: EncodedImage,
+    image: &[u8],
+    template: Option<&[u8]>,
+    input: pcb_vision::InputMode,
+) -> Result<(EncodedImage, Tensor), Rejection> {
+    let composed = compose_files(&record, image, template, input)?;
+    Ok((record, composed))
+}
+
+/// The network input of a record's files, for a model taking `input`.
+fn compose_files(
+    record: &EncodedImage,
+    image: &[u8],
+    template: Option<&[u8]>,
+    input: pcb_vision::InputMode,
+) -> Result<Tensor, Rejection> {
+    let about = |r: Rejection| r.about(Some(record.image_id.clone()), record.source.clone());
+    let image = pcb_vision::data::decode_grey(image, &record.source)
+        .map_err(|e| about(Rejection::new("not-an-image", e.to_string())))?;
+    let template = match template {
+        Some(bytes) => Some(
+            pcb_vision::data::decode_grey(bytes, &record.source)
+                .map_err(|e| about(Rejection::new("not-an-image", format!("template: {e}"))))?,
+        ),
         None => None,
     };
     compose(input, &image, template.as_ref())
@@ -572,6 +640,8 @@ struct Serving {
     shadow: tokio::sync::watch::Receiver<LoadedAt>,
     fail_threshold: f32,
     metrics: Metrics,
+    /// Where the files of boards too large for one message are.
+    files: pcb_common::LazyFiles,
 }
 
 /// The shadow half of a batch before it is sent: which of the ready images it holds.
@@ -588,17 +658,22 @@ fn plan_shadow(
     s: &Serving,
     live_input: pcb_vision::InputMode,
     ready: &[(usize, EncodedImage, Tensor)],
+    composed: Vec<Option<Result<Tensor, Rejection>>>,
 ) -> Option<ShadowPlan> {
     let (version, input) = (*s.shadow.borrow())?;
     let mut images = Vec::with_capacity(ready.len());
     let mut positions = Vec::with_capacity(ready.len());
-    for (k, (_, record, tensor)) in ready.iter().enumerate() {
+    for ((k, (_, record, tensor)), own) in ready.iter().enumerate().zip(composed) {
         if input == live_input {
             images.push(tensor.shallow_clone());
             positions.push(k);
             continue;
         }
-        match compose_record(record, input) {
+        // Composed when the batch was decoded, for the shadow version loaded then.
+        let Some(own) = own else {
+            continue;
+        };
+        match own {
             Ok(t) => {
                 images.push(t);
                 positions.push(k);
@@ -692,12 +767,38 @@ async fn handle_batch(s: Serving, batch: Vec<Delivery>) -> Vec<Outcome> {
         .borrow()
         .map(|(_, i)| i)
         .unwrap_or(pcb_vision::InputMode::Image);
+    let shadow_input = s.shadow.borrow().map(|(_, i)| i);
     let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
     let mut ready = Vec::new();
+    let mut shadow_inputs = Vec::new();
     for (i, d) in batch.iter().enumerate() {
-        match prepare(&d.payload, d.schema(), input) {
-            Ok(Some((record, tensor))) => ready.push((i, record, tensor)),
-            Ok(None) => outcomes[i] = Some(Outcome::Done),
+        let record = match record_of(&d.payload, d.schema()) {
+            Ok(Some(record)) => record,
+            Ok(None) => {
+                outcomes[i] = Some(Outcome::Done);
+                continue;
+            }
+            Err(rejection) => {
+                outcomes[i] = Some(Outcome::Reject(rejection));
+                continue;
+            }
+        };
+        let (image, template) = match files_of(&s.files, &record).await {
+            Ok(f) => f,
+            Err(outcome) => {
+                outcomes[i] = Some(outcome);
+                continue;
+            }
+        };
+        // A shadow version that takes another input gets its own composition of the files.
+        let for_shadow = shadow_input
+            .filter(|si| *si != input)
+            .map(|si| compose_files(&record, &image, template.as_deref(), si));
+        match prepare(record, &image, template.as_deref(), input) {
+            Ok((record, tensor)) => {
+                ready.push((i, record, tensor));
+                shadow_inputs.push(for_shadow);
+            }
             Err(rejection) => outcomes[i] = Some(Outcome::Reject(rejection)),
         }
     }
@@ -705,7 +806,7 @@ async fn handle_batch(s: Serving, batch: Vec<Delivery>) -> Vec<Outcome> {
     if !ready.is_empty() {
         let images: Vec<Tensor> = ready.iter().map(|(_, _, t)| t.shallow_clone()).collect();
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let (shadow, plan) = match plan_shadow(&s, input, &ready) {
+        let (shadow, plan) = match plan_shadow(&s, input, &ready, shadow_inputs) {
             Some(p) => (Some(p.job), Some((p.positions, p.answer))),
             None => (None, None),
         };
@@ -887,6 +988,7 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), DetectorError> {
         shadow,
         fail_threshold: s.fail_threshold,
         metrics: metrics.clone(),
+        files: pcb_common::LazyFiles::new(js.clone()),
     };
     let batching = Batching {
         max_batch: s.max_batch,
@@ -1009,6 +1111,8 @@ mod tests {
             template_b64: None,
             split_hint: None,
             revision: None,
+            image_ref: None,
+            template_ref: None,
         };
         let defect = |score| Defect {
             x1: 0.,
@@ -1051,9 +1155,19 @@ mod tests {
             template_b64: None,
             split_hint: None,
             revision: None,
+            image_ref: None,
+            template_ref: None,
         };
         let payload = pcb_schemas::encode(&record).unwrap();
-        let err = prepare(&payload, None, pcb_vision::InputMode::Image).unwrap_err();
+        let decoded = record_of(&payload, None).unwrap().expect("not a revision");
+        let (image, template) = inline_files(&decoded).unwrap().expect("inline");
+        let err = prepare(
+            decoded,
+            &image,
+            template.as_deref(),
+            pcb_vision::InputMode::Image,
+        )
+        .unwrap_err();
         assert_eq!(err.reason_code, "not-an-image");
         assert!(err.reason.contains("x.jpg"), "{}", err.reason);
         // A label revision is not answered again (its image is not even decoded).
@@ -1068,9 +1182,6 @@ mod tests {
             ..record
         };
         let payload = pcb_schemas::encode(&revision).unwrap();
-        assert!(matches!(
-            prepare(&payload, None, pcb_vision::InputMode::Image),
-            Ok(None)
-        ));
+        assert!(matches!(record_of(&payload, None), Ok(None)));
     }
 }

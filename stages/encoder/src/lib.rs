@@ -47,7 +47,8 @@ impl Stage for Encoder {
     async fn run(config: Config, ctx: Context) -> Result<(), EncoderError> {
         let limits = std::sync::Arc::new(config.config.clone());
         pcb_common::stage::consume(&config, ctx, |js| {
-            move |d| handle(js.clone(), limits.clone(), d)
+            let files = pcb_common::LazyFiles::new(js.clone());
+            move |d| handle(js.clone(), files.clone(), limits.clone(), d)
         })
         .await?;
         Ok(())
@@ -322,7 +323,10 @@ pub fn check_labels(
     Ok(())
 }
 
-/// Validates a raw record and builds its encoded record (pure: no I/O, unit tested).
+/// Validates a raw record and builds its encoded record (pure: no I/O, unit tested). A
+/// record whose files are in the image files' bucket comes with them read back into
+/// `image` and `template` (see [`handle`]); its encoded record names them by the same
+/// references instead of carrying them in base64.
 pub fn encode_record(
     raw: &RawImage,
     limits: &Limits,
@@ -367,6 +371,7 @@ pub fn encode_record(
         None => None,
     };
     let b64 = base64::engine::general_purpose::STANDARD;
+    let by_reference = raw.image_ref.is_some();
     Ok(EncodedImage {
         image_id: raw.image_id.clone(),
         board_id: raw.board_id.clone(),
@@ -374,7 +379,11 @@ pub fn encode_record(
         source: raw.source.clone(),
         captured_at_ms: raw.captured_at_ms,
         encoded_at_ms: now_ms,
-        image_b64: b64.encode(&raw.image),
+        image_b64: if by_reference {
+            String::new()
+        } else {
+            b64.encode(&raw.image)
+        },
         width: img.width,
         height: img.height,
         channels: img.channels,
@@ -382,9 +391,14 @@ pub fn encode_record(
         sha256: actual,
         labels,
         label_format: raw.label_format.clone(),
-        template_b64: raw.template.as_ref().map(|t| b64.encode(t)),
+        template_b64: match &raw.template_ref {
+            Some(_) => None,
+            None => raw.template.as_ref().map(|t| b64.encode(t)),
+        },
         split_hint: raw.split_hint,
         revision: raw.revision.clone(),
+        image_ref: raw.image_ref.clone(),
+        template_ref: raw.template_ref.clone(),
     })
 }
 
@@ -399,13 +413,34 @@ pub enum EncoderError {
 /// Handles one delivery: decode the record, validate, publish, decide the ack.
 async fn handle(
     js: async_nats::jetstream::Context,
+    files: pcb_common::LazyFiles,
     limits: std::sync::Arc<Limits>,
     d: Delivery,
 ) -> Outcome {
-    let raw: RawImage = match d.decode() {
+    let mut raw: RawImage = match d.decode() {
         Ok(r) => r,
         Err(r) => return Outcome::Reject(r),
     };
+    // Files kept in the bucket are read back (size and digest checked) and validated like
+    // inline ones; a file that is gone is a dead letter, a server that failed a retry.
+    let about = |o: Outcome, raw: &RawImage| match o {
+        Outcome::Reject(r) => {
+            Outcome::Reject(r.about(Some(raw.image_id.clone()), raw.source.clone()))
+        }
+        other => other,
+    };
+    if let Some(r) = raw.image_ref.clone() {
+        match files.get(&r).await {
+            Ok(bytes) => raw.image = bytes,
+            Err(e) => return about(e.outcome("reading the image"), &raw),
+        }
+    }
+    if let Some(r) = raw.template_ref.clone() {
+        match files.get(&r).await {
+            Ok(bytes) => raw.template = Some(bytes),
+            Err(e) => return about(e.outcome("reading the template"), &raw),
+        }
+    }
     let now = pcb_common::now_ms();
     let encoded = match tokio::task::spawn_blocking(move || encode_record(&raw, &limits, now)).await
     {
@@ -457,6 +492,8 @@ mod tests {
             captured_at_ms: 1,
             split_hint: None,
             revision: None,
+            image_ref: None,
+            template_ref: None,
         }
     }
 
@@ -470,6 +507,30 @@ mod tests {
     fn reason(r: Result<EncodedImage, Rejection>) -> (String, String) {
         let r = r.expect_err("should be rejected");
         (r.reason_code, r.reason)
+    }
+
+    #[test]
+    fn files_by_reference_are_validated_and_named_not_carried() {
+        let mut r = raw(jpeg(64, 48));
+        r.template = Some(jpeg(64, 48));
+        r.image_ref = Some(pcb_schemas::ObjectRef::of(&r.image));
+        r.template_ref = Some(pcb_schemas::ObjectRef::of(
+            r.template.as_deref().unwrap_or_default(),
+        ));
+        let e = encode_record(&r, &Limits::default(), 9).expect("encoded");
+        assert_eq!((e.width, e.height), (64, 48));
+        assert!(e.image_b64.is_empty());
+        assert_eq!(e.template_b64, None);
+        assert_eq!(e.image_ref, r.image_ref);
+        assert_eq!(e.template_ref, r.template_ref);
+        assert!(e.has_template());
+        // The bytes read back are still decoded in full: a bad file is refused as inline.
+        r.image = b"not an image".to_vec();
+        r.image_id = image_id(&r.image);
+        assert_eq!(
+            reason(encode_record(&r, &Limits::default(), 9)).0,
+            "not-an-image"
+        );
     }
 
     #[test]

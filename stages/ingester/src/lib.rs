@@ -359,6 +359,8 @@ pub struct Ingester {
     coco: Mutex<HashMap<PathBuf, (SystemTime, Arc<CocoIndex>)>>,
     /// When `PCB_IMAGES` was last looked at, and whether it admitted new boards.
     admit: tokio::sync::Mutex<Option<(Instant, bool)>>,
+    /// The image files' bucket, opened by the first board too large for one message.
+    files: tokio::sync::OnceCell<pcb_common::ImageFiles>,
 }
 
 fn lossy_rel(path: &Path, root: &Path) -> String {
@@ -399,6 +401,7 @@ impl Ingester {
             )),
             coco: Mutex::new(HashMap::new()),
             admit: tokio::sync::Mutex::new(None),
+            files: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -496,8 +499,9 @@ impl Ingester {
         Ok(idx)
     }
 
-    /// Builds the raw record of `unit`, or the reason it is refused.
-    fn build_record(&self, unit: &Unit) -> Result<RawImage, Rejection> {
+    /// Builds the raw record of `unit` (with its files inline) and whether they must go by
+    /// reference, or the reason it is refused.
+    fn build_record(&self, unit: &Unit) -> Result<(RawImage, bool), Rejection> {
         let meta = std::fs::metadata(&unit.image)
             .map_err(|e| Rejection::new("unreadable", format!("cannot read {}: {e}", unit.rel)))?;
         if meta.len() > self.settings.file.max_image_bytes {
@@ -530,18 +534,9 @@ impl Ingester {
         };
         let (labels, label_format) = self.read_labels(unit, &image).map_err(with_id)?;
         let size = image.len() + template.as_ref().map_or(0, |t| t.len());
-        // The encoded record carries both files in base64 (4/3 larger); refuse here what
-        // could never travel, instead of failing at the encoder.
-        if size * 4 / 3 + 64 * 1024 > self.max_payload {
-            return Err(with_id(Rejection::new(
-                "too-large",
-                format!(
-                    "image and template ({size} bytes) exceed what the NATS server accepts \
-                     once base64-encoded (max_payload {} bytes)",
-                    self.max_payload
-                ),
-            )));
-        }
+        // The encoded record carries both files in base64 (4/3 larger): a board that would
+        // not fit in one message goes through the image files' bucket, by reference.
+        let by_reference = size * 4 / 3 + 64 * 1024 > self.max_payload;
         let line_id = match (self.settings.file.line_from_dir, unit.rel.split_once('/')) {
             (true, Some((first, _))) => first.to_string(),
             _ => self.settings.file.line_id.clone(),
@@ -550,7 +545,7 @@ impl Ingester {
             let rel = unit.image.strip_prefix(dir).ok()?;
             lists.split_of(&rel.to_string_lossy())
         });
-        Ok(RawImage {
+        let record = RawImage {
             image_id: id,
             image,
             template,
@@ -562,7 +557,51 @@ impl Ingester {
             captured_at_ms: mtime_ms(&meta),
             split_hint,
             revision: None,
-        })
+            image_ref: None,
+            template_ref: None,
+        };
+        Ok((record, by_reference))
+    }
+
+    /// Moves the record's files into the image files' bucket (each stored once, by
+    /// sha256) and leaves their references in their place; a full bucket or a server that
+    /// failed leaves the board in the inbox for later.
+    async fn store_files(&self, record: &mut RawImage) -> Result<(), FileOutcome> {
+        let stored = async {
+            let files = self
+                .files
+                .get_or_try_init(|| pcb_common::ImageFiles::open(&self.js))
+                .await?;
+            let image = files.put(&record.image).await?;
+            let template = match &record.template {
+                Some(t) => Some(files.put(t).await?),
+                None => None,
+            };
+            Ok::<_, pcb_common::FilesError>((image, template))
+        }
+        .await;
+        match stored {
+            Ok((image, template)) => {
+                record.image = Vec::new();
+                record.image_ref = Some(image);
+                if template.is_some() {
+                    record.template = None;
+                    record.template_ref = template;
+                }
+                Ok(())
+            }
+            Err(e @ pcb_common::FilesError::Full(_)) => {
+                self.metrics.set_backpressure(true);
+                if pcb_common::ack::backpressure_log_due() {
+                    tracing::warn!(file = %record.source, error = %e, "the image files' bucket is full: large boards stay in the inbox until it has room");
+                }
+                Err(FileOutcome::Deferred("bucket-full".into()))
+            }
+            Err(e) => {
+                tracing::warn!(file = %record.source, error = %e, "files not stored, will retry");
+                Err(FileOutcome::Deferred("store-failed".into()))
+            }
+        }
     }
 
     fn read_labels(
@@ -641,7 +680,7 @@ impl Ingester {
         let me = self.clone();
         let u2 = unit.clone();
         let built = tokio::task::spawn_blocking(move || me.build_record(&u2)).await;
-        let record = match built {
+        let (mut record, by_reference) = match built {
             Ok(Ok(r)) => r,
             Ok(Err(r)) => {
                 let r = if r.source.is_empty() {
@@ -668,6 +707,11 @@ impl Ingester {
         }
         if !self.admits().await {
             return self.held_back(&"above the share kept for the encoder");
+        }
+        if by_reference {
+            if let Err(outcome) = self.store_files(&mut record).await {
+                return outcome;
+            }
         }
         let ack = match pcb_common::publish(&self.js, SUBJECT_RAW.into(), &record).await {
             Ok(a) => a,

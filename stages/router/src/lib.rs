@@ -226,6 +226,8 @@ mod tests {
             template_b64: None,
             split_hint: hint,
             revision: None,
+            image_ref: None,
+            template_ref: None,
         }
     }
 

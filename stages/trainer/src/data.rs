@@ -41,6 +41,16 @@ pub enum DataError {
         /// The job's.
         configured: u32,
     },
+    /// A board's files could not be read from the image files' bucket (the server failed).
+    #[error("reading the files of {subject} sequence {seq}: {message}")]
+    Files {
+        /// The shard subject.
+        subject: String,
+        /// The record's stream sequence.
+        seq: u64,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// One labelled board, still encoded.
@@ -126,6 +136,8 @@ pub async fn read_snapshot(
     last_seq: u64,
 ) -> Result<RankData, DataError> {
     let mut out = RankData::default();
+    // Boards too large for one message name their files in the image files' bucket.
+    let files = pcb_common::LazyFiles::new(js.clone());
     let stream_handle = js.get_stream(stream).await.map_err(|e| DataError::Stream {
         stream: stream.into(),
         message: e.to_string(),
@@ -144,6 +156,7 @@ pub async fn read_snapshot(
             &subject,
             shard_count,
             last_seq,
+            &files,
             |split| match split {
                 Split::Train => train,
                 Split::Val => val,
@@ -161,6 +174,7 @@ async fn read_subject(
     subject: &str,
     shard_count: u32,
     last_seq: u64,
+    files: &pcb_common::LazyFiles,
     want: impl Fn(Split) -> bool,
     out: &mut RankData,
 ) -> Result<(), DataError> {
@@ -222,7 +236,41 @@ async fn read_subject(
                     if !want(rec.split) {
                         continue;
                     }
-                    match item_of(&rec, seq) {
+                    let r = &rec.record;
+                    let fetched = async {
+                        Ok::<_, pcb_common::FilesError>((
+                            files.get_opt(r.image_ref.as_ref()).await?,
+                            files.get_opt(r.template_ref.as_ref()).await?,
+                        ))
+                    }
+                    .await;
+                    let fetched = match fetched {
+                        Ok(f) => f,
+                        // A file gone or not the one named: the record is left out with its
+                        // dead letter, as an unreadable one; a server that failed stops the
+                        // read (the job is run again).
+                        Err(e) => match (e.to_string(), e.outcome("reading the board's files")) {
+                            (_, pcb_common::Outcome::Reject(rej)) => {
+                                out.rejected.push(dead_letter(
+                                    subject,
+                                    seq,
+                                    Some(r.image_id.clone()),
+                                    r.source.clone(),
+                                    &rej.reason_code,
+                                    rej.reason,
+                                ));
+                                continue;
+                            }
+                            (message, _) => {
+                                return Err(DataError::Files {
+                                    subject: subject.into(),
+                                    seq,
+                                    message,
+                                })
+                            }
+                        },
+                    };
+                    match item_of(&rec, seq, fetched) {
                         Ok(item) => match rec.split {
                             Split::Train => out.train.push(item),
                             Split::Val => out.val.push(item),
@@ -256,18 +304,30 @@ async fn read_subject(
     }
 }
 
-fn item_of(rec: &ShardRecord, seq: u64) -> Result<Item, String> {
+/// The item of a shard record; `fetched` holds the files it names by reference (read from
+/// the image files' bucket), the others are inline.
+fn item_of(
+    rec: &ShardRecord,
+    seq: u64,
+    fetched: (Option<Vec<u8>>, Option<Vec<u8>>),
+) -> Result<Item, String> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let r = &rec.record;
-    let image = b64
-        .decode(&r.image_b64)
-        .map_err(|e| format!("image_b64 is not base64: {e}"))?;
-    let template = r
-        .template_b64
-        .as_deref()
-        .map(|t| b64.decode(t))
-        .transpose()
-        .map_err(|e| format!("template_b64 is not base64: {e}"))?;
+    let image = match fetched.0 {
+        Some(bytes) => bytes,
+        None => b64
+            .decode(&r.image_b64)
+            .map_err(|e| format!("image_b64 is not base64: {e}"))?,
+    };
+    let template = match fetched.1 {
+        Some(bytes) => Some(bytes),
+        None => r
+            .template_b64
+            .as_deref()
+            .map(|t| b64.decode(t))
+            .transpose()
+            .map_err(|e| format!("template_b64 is not base64: {e}"))?,
+    };
     let boxes = box_rows(
         r.labels
             .as_ref()

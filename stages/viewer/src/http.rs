@@ -386,7 +386,7 @@ async fn board(
                     .map(|l| json!({"x1": l.x1, "y1": l.y1, "x2": l.x2, "y2": l.y2, "class": l.class}))
                     .collect::<Vec<_>>()
             }),
-            r.template_b64.is_some(),
+            r.has_template(),
         ),
         None => (None, None, None, false),
     };
@@ -523,17 +523,30 @@ async fn image(
             "image {id} is not (or no longer) in {STREAM_IMAGES}"
         )));
     };
-    let b64 = if which == "image" {
-        Some(&r.image_b64)
+    let (b64, file) = if which == "image" {
+        (Some(&r.image_b64), r.image_ref.as_ref())
     } else {
-        r.template_b64.as_ref()
+        (r.template_b64.as_ref(), r.template_ref.as_ref())
     };
-    let Some(b64) = b64 else {
-        return Err(ApiError::not_found(format!("image {id} has no template")));
+    let bytes = match (file, b64) {
+        // A board too large for one message: its file is in the image files' bucket.
+        // Opened per request: one lookup, beside reading megabytes.
+        (Some(file), _) => pcb_common::LazyFiles::new(s.js.clone())
+            .get(file)
+            .await
+            .map_err(|e| match e {
+                pcb_common::FilesError::Gone { .. } => {
+                    ApiError::not_found(format!("image {id}: {e}"))
+                }
+                e => ApiError::unavailable(format!("image {id}: {e}")),
+            })?,
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| ApiError::unavailable(format!("image {id}: bad base64 ({e})")))?,
+        (None, None) => {
+            return Err(ApiError::not_found(format!("image {id} has no template")));
+        }
     };
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .map_err(|e| ApiError::unavailable(format!("image {id}: bad base64 ({e})")))?;
     let (bytes, kind) = browser_image(bytes, &r.format)?;
     Ok((
         [
@@ -888,6 +901,8 @@ async fn upload(
         captured_at_ms: pcb_common::now_ms(),
         split_hint: None,
         revision: None,
+        image_ref: None,
+        template_ref: None,
     };
     let ack = pcb_common::publish(&s.js, SUBJECT_RAW.into(), &raw)
         .await

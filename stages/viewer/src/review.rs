@@ -120,22 +120,28 @@ pub struct Reviewer<'a> {
 }
 
 /// The label revision of the board `record` with `labels`: its own image and template
-/// bytes, the record's metadata, and the revision mark.
+/// bytes (or their references, when they are in the image files' bucket), the record's
+/// metadata, and the revision mark.
 pub fn revision_record(
     record: &EncodedImage,
     labels: Vec<BoxLabel>,
     who: Reviewer<'_>,
 ) -> Result<RawImage, String> {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let image = b64
-        .decode(&record.image_b64)
-        .map_err(|e| format!("the stored image does not decode: {e}"))?;
-    let template = match &record.template_b64 {
-        Some(t) => Some(
+    // A file in the image files' bucket is named by the same reference, not stored again.
+    let image = match &record.image_ref {
+        Some(_) => Vec::new(),
+        None => b64
+            .decode(&record.image_b64)
+            .map_err(|e| format!("the stored image does not decode: {e}"))?,
+    };
+    let template = match (&record.template_ref, &record.template_b64) {
+        (Some(_), _) => None,
+        (None, Some(t)) => Some(
             b64.decode(t)
                 .map_err(|e| format!("the stored template does not decode: {e}"))?,
         ),
-        None => None,
+        (None, None) => None,
     };
     Ok(RawImage {
         image_id: record.image_id.clone(),
@@ -155,6 +161,8 @@ pub fn revision_record(
             reviewed: who.reviewed,
             note: who.note.map(str::to_string),
         }),
+        image_ref: record.image_ref.clone(),
+        template_ref: record.template_ref.clone(),
     })
 }
 
@@ -273,6 +281,8 @@ mod tests {
             template_b64: Some(b64.encode(b"template bytes")),
             split_hint: Some(pcb_schemas::Split::Train),
             revision: None,
+            image_ref: None,
+            template_ref: None,
         }
     }
 
@@ -325,6 +335,28 @@ mod tests {
         )
         .expect("revision");
         assert_eq!(raw.revision.expect("marked").replaces, None);
+        // A board whose files are in the image files' bucket: the revision names them by
+        // the same references (nothing stored again, nothing carried inline).
+        let mut large = record(None);
+        large.image_b64 = String::new();
+        large.template_b64 = None;
+        large.image_ref = Some(pcb_schemas::ObjectRef::of(b"image bytes"));
+        large.template_ref = Some(pcb_schemas::ObjectRef::of(b"template bytes"));
+        let raw = revision_record(
+            &large,
+            vec![],
+            Reviewer {
+                by: "ana",
+                note: None,
+                reviewed: None,
+                at_ms: 1,
+            },
+        )
+        .expect("revision");
+        assert!(raw.image.is_empty());
+        assert_eq!(raw.template, None);
+        assert_eq!(raw.image_ref, large.image_ref);
+        assert_eq!(raw.template_ref, large.template_ref);
         let mut bad = record(None);
         bad.image_b64 = "%%%".into();
         assert!(revision_record(

@@ -824,6 +824,37 @@ mod tests {
             &["$O.pcb_candidates.M.abc"],
             &["$O.pcb_model_artifacts.M.abc"],
         );
+        // Only the ingester stores image files; the stages after it read them.
+        publishes(
+            Identity::Stage(StageName::Ingester),
+            &[
+                "$O.pcb_image_files.C.abc",
+                "$O.pcb_image_files.M.abc",
+                "$JS.API.DIRECT.GET.OBJ_pcb_image_files.$O.pcb_image_files.M.abc",
+            ],
+            &[],
+        );
+        for reader in [
+            StageName::Encoder,
+            StageName::Detector,
+            StageName::Trainer,
+            StageName::Viewer,
+        ] {
+            publishes(
+                Identity::Stage(reader),
+                &[
+                    "$JS.API.DIRECT.GET.OBJ_pcb_image_files.$O.pcb_image_files.M.abc",
+                    "$JS.API.CONSUMER.CREATE.OBJ_pcb_image_files",
+                    "$JS.FC.OBJ_pcb_image_files.x.y",
+                ],
+                &["$O.pcb_image_files.C.abc", "$O.pcb_image_files.M.abc"],
+            );
+        }
+        publishes(
+            Identity::Stage(StageName::Router),
+            &[],
+            &["$JS.API.DIRECT.GET.OBJ_pcb_image_files.$O.pcb_image_files.M.abc"],
+        );
     }
 
     #[test]
@@ -913,7 +944,7 @@ mod tests {
     fn the_table_names_each_identitys_reach() {
         let t = identities_markdown();
         assert!(
-            t.contains("| `encoder` | `pcb.images.encoded`, `pcb.rejected.encoder` | `_INBOX_encoder.>` | `PCB_IMAGES` (durable `encoder`) | — |"),
+            t.contains("| `encoder` | `pcb.images.encoded`, `pcb.rejected.encoder` | `_INBOX_encoder.>` | `PCB_IMAGES` (durable `encoder`) | `pcb_image_files` (read) |"),
             "{t}"
         );
         assert!(t.contains("| `reader` | — |"), "{t}");

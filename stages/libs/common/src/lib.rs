@@ -5,6 +5,7 @@ pub mod ack;
 pub mod identity;
 pub mod metrics;
 pub mod nats;
+pub mod objects;
 pub mod room;
 pub mod settings;
 pub mod shutdown;
@@ -18,6 +19,7 @@ pub use ack::{
 pub use identity::{Identity, IdentityStore};
 pub use metrics::{Metrics, MetricsConfig};
 pub use nats::{connect, NatsConfig};
+pub use objects::{FilesError, ImageFiles, LazyFiles};
 pub use pcb_schemas::StageName;
 pub use room::{make_room, Trimmed};
 pub use settings::{load_config, ConfigError, Problems};

@@ -222,8 +222,8 @@ impl Topology {
         }
     }
 
-    /// Bytes of disk the server reserves for these streams: the sum of the capped
-    /// `max_bytes` of the file-stored ones. A server whose JetStream may use less
+    /// Bytes of disk the server reserves for these streams and the capped buckets: the sum
+    /// of the `max_bytes` of the file-stored ones. A server whose JetStream may use less
     /// (`max_file_store`, by default three quarters of the disk's free space at start)
     /// refuses to create them.
     pub fn reserved_file_bytes(&self) -> u64 {
@@ -232,6 +232,13 @@ impl Topology {
             .map(|k| self.settings(k))
             .filter(|s| s.storage == Storage::File && s.max_bytes > 0)
             .map(|s| s.max_bytes as u64)
+            // A capped bucket (file-stored) reserves its cap as a stream does.
+            .chain(
+                BUCKETS
+                    .iter()
+                    .filter(|b| b.max_bytes > 0)
+                    .map(|b| b.max_bytes as u64),
+            )
             .sum()
     }
 
@@ -432,6 +439,7 @@ async fn create_bucket(
             js.create_object_store(object_store::Config {
                 bucket: b.name.into(),
                 description: Some(b.description.into()),
+                max_bytes: b.max_bytes,
                 num_replicas: replicas,
                 ..Default::default()
             })
@@ -713,13 +721,13 @@ mod tests {
     }
 
     #[test]
-    fn the_reservation_counts_capped_file_streams_only() {
+    fn the_reservation_counts_capped_file_streams_and_buckets_only() {
         let mut t = Topology::default();
-        // 4 + 8 + 2 + 1 + 1 + 1 GiB.
-        assert_eq!(t.reserved_file_bytes(), 17 << 30);
+        // 4 + 8 + 2 + 1 + 1 + 1 GiB of streams, 8 GiB of image files.
+        assert_eq!(t.reserved_file_bytes(), 25 << 30);
         t.shards.max_bytes = -1;
         t.detections.storage = Storage::Memory;
-        assert_eq!(t.reserved_file_bytes(), 7 << 30);
+        assert_eq!(t.reserved_file_bytes(), 15 << 30);
     }
 
     #[test]
