@@ -338,16 +338,28 @@ pub const STAGES: [StageDecl; 7] = [
         name: "registry",
         summary: "registers trained candidates and promotes the better ones",
         process: ProcessKind::Service,
-        // One candidate at a time: versions are numbered in the order they are taken.
-        inputs: &[durable(
-            StreamKind::Training,
-            SUBJECT_TRAIN_CANDIDATES,
-            Durable {
-                name: "registry",
-                concurrency: 1,
-                ..Durable::COMMON
+        // One candidate at a time: versions are numbered in the order they are taken. With
+        // `promote = "after_shadow"` it also replays both versions' answers to judge a
+        // shadow period.
+        inputs: &[
+            durable(
+                StreamKind::Training,
+                SUBJECT_TRAIN_CANDIDATES,
+                Durable {
+                    name: "registry",
+                    concurrency: 1,
+                    ..Durable::COMMON
+                },
+            ),
+            Input {
+                optional: true,
+                ..view(StreamKind::Shadow, SUBJECT_SHADOW_DETECTIONS)
             },
-        )],
+            Input {
+                optional: true,
+                ..view(StreamKind::Detections, SUBJECT_DETECTIONS)
+            },
+        ],
         outputs: &[SUBJECT_MODEL_EVENTS, "pcb.rejected.registry"],
         buckets: &[
             (KV_MODELS, Access::Write),

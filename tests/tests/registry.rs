@@ -348,3 +348,183 @@ async fn a_candidate_can_never_make_the_registry_read_a_local_file() {
     stop.trigger();
     let _ = registry_stage.await;
 }
+
+/// A detection of `image` by `version` of `model` with `verdict`, as a detector stores it.
+fn answer(model: &str, version: u64, image: &str, fail: bool) -> pcb_schemas::Detection {
+    pcb_schemas::Detection {
+        image_id: image.into(),
+        board_id: image.into(),
+        line_id: "line-1".into(),
+        source: format!("{image}.jpg"),
+        captured_at: 1,
+        detected_at: 2,
+        model: pcb_schemas::ModelRef {
+            name: model.into(),
+            version,
+        },
+        defects: vec![],
+        verdict: if fail {
+            pcb_schemas::Verdict::Fail
+        } else {
+            pcb_schemas::Verdict::Pass
+        },
+        inference_ms: 1.0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_shadow_a_candidate_runs_in_shadow_and_goes_live_once_it_agreed_enough() {
+    use pcb_registry::{judge_shadows, take_candidate, Policy, Promotion, ShadowGate};
+    const GATED: &str = "pcb-gated";
+    let env = Env::start().await;
+    let registry = Registry::open(&env.js).await.expect("registry");
+    let (weights, config) = random_weights(env.dir.path()).await;
+    let sha = sha256(&weights);
+    let store = env
+        .js
+        .get_object_store(OBJECTS_CANDIDATES)
+        .await
+        .expect("candidates' store");
+    let gate = ShadowGate {
+        min_boards: 20,
+        min_agreement: 0.9,
+        every: Duration::from_secs(1),
+    };
+    let policy = Policy {
+        promote: Promotion::AfterShadow,
+        tolerance_map: 0.01,
+        max_artifact_bytes: 1 << 30,
+        shadow: gate,
+    };
+    let take = |job: &'static str, map: f64| {
+        let (store, registry, js, weights) = (
+            store.clone(),
+            registry.clone(),
+            env.js.clone(),
+            weights.clone(),
+        );
+        let mut c = candidate(job, &format!("m/{job}/w.safetensors"), &sha, &config);
+        c.model = GATED.into();
+        c.metrics = Some(serde_json::json!({ "map_deeppcb": map }));
+        async move {
+            store
+                .put(c.artifact.as_str(), &mut weights.as_slice())
+                .await
+                .expect("put");
+            take_candidate(&registry, &js, &c, policy)
+                .await
+                .expect("taken")
+                .version
+        }
+    };
+    // The first version of a name has nothing to be compared with: it goes live.
+    let v1 = take("job-1", 0.90).await;
+    assert_eq!(
+        registry.live(GATED).await.expect("live").map(|l| l.version),
+        Some(v1)
+    );
+    assert_eq!(registry.shadow(GATED).await.expect("shadow"), None);
+    // A better one runs in shadow first; a worse one is not even shadowed.
+    let v2 = take("job-2", 0.91).await;
+    let shadow = registry.shadow(GATED).await.expect("shadow").expect("set");
+    assert_eq!((shadow.version, shadow.by.as_str()), (v2, "policy"));
+    assert_eq!(
+        registry.live(GATED).await.expect("live").map(|l| l.version),
+        Some(v1)
+    );
+    let v3 = take("job-3", 0.50).await;
+    assert_eq!(
+        registry
+            .shadow(GATED)
+            .await
+            .expect("shadow")
+            .map(|s| s.version),
+        Some(v2)
+    );
+    assert_ne!(v3, v2);
+
+    // 20 boards answered by both since the shadow period began: they agree on 19.
+    for i in 0..20 {
+        let image = format!("img{i:02}");
+        let live_fail = i % 2 == 0;
+        let shadow_fail = if i == 0 { !live_fail } else { live_fail };
+        pcb_common::publish(
+            &env.js,
+            pcb_schemas::SUBJECT_DETECTIONS.into(),
+            &answer(GATED, v1, &image, live_fail),
+        )
+        .await
+        .expect("live answer");
+        pcb_common::publish(
+            &env.js,
+            pcb_schemas::SUBJECT_SHADOW_DETECTIONS.into(),
+            &answer(GATED, v2, &image, shadow_fail),
+        )
+        .await
+        .expect("shadow answer");
+    }
+    let judged = |g: ShadowGate| {
+        let (registry, js) = (registry.clone(), env.js.clone());
+        async move { judge_shadows(&registry, &js, g).await.expect("judged") }
+    };
+    let wait = judged(ShadowGate {
+        min_boards: 25,
+        ..gate
+    })
+    .await;
+    assert_eq!(wait.len(), 1);
+    assert!(!wait[0].1);
+    assert!(
+        wait[0]
+            .2
+            .contains("agreed with live v1 on 19 of 20 boards (95.0%); waiting for 25 boards"),
+        "{wait:?}"
+    );
+    let below = judged(ShadowGate {
+        min_agreement: 0.96,
+        ..gate
+    })
+    .await;
+    assert!(!below[0].1 && below[0].2.ends_with("< 96.0%"), "{below:?}");
+    assert_eq!(
+        registry.live(GATED).await.expect("live").map(|l| l.version),
+        Some(v1)
+    );
+    let pass = judged(gate).await;
+    assert!(pass[0].1, "{pass:?}");
+    eprintln!("{}", pass[0].2);
+    // Told on pcb.models.events, with the figures.
+    let events: Vec<pcb_schemas::ModelEvent> =
+        pcb_tests::read_all(&env.js, pcb_schemas::STREAM_TRAINING, "pcb.models.events")
+            .await
+            .iter()
+            .map(|(_, p)| decode(p, None).expect("event"))
+            .collect();
+    let kinds: Vec<(pcb_schemas::ModelEventKind, u64)> = events
+        .iter()
+        .filter(|e| e.model.name == GATED && e.kind != pcb_schemas::ModelEventKind::Registered)
+        .map(|e| (e.kind, e.model.version))
+        .collect();
+    use pcb_schemas::ModelEventKind::{NotPromoted, Promoted, Shadowed};
+    assert_eq!(
+        kinds,
+        [
+            (Promoted, v1),
+            (Shadowed, v2),
+            (NotPromoted, v3),
+            (Promoted, v2)
+        ]
+    );
+    assert_eq!(
+        events.last().and_then(|e| e.reason.as_deref()),
+        Some(pass[0].2.as_str())
+    );
+    assert_eq!(
+        registry.live(GATED).await.expect("live").map(|l| l.version),
+        Some(v2)
+    );
+    assert_eq!(registry.shadow(GATED).await.expect("shadow"), None);
+    // A shadow a person set is theirs to end: the policy leaves it.
+    registry.set_shadow(GATED, v3, "cli").await.expect("shadow");
+    assert!(judged(gate).await.is_empty());
+}

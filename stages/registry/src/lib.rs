@@ -30,18 +30,29 @@ pub enum Promotion {
     /// When its val mAP is at least the live model's minus `tolerance` (the first model of
     /// a name always).
     IfNotWorse,
+    /// As `IfNotWorse`, but through a shadow period: a candidate that passes runs as the
+    /// shadow version, and is promoted once its verdicts agreed with the live ones on
+    /// enough boards (`shadow_min_boards`, `shadow_min_agreement`).
+    AfterShadow,
 }
 
 /// Settings of the registry writer (the `[registry]` section, beside its consumer keys).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistrySettings {
-    /// Promotion policy: `never`, `always` or `if_not_worse`.
+    /// Promotion policy: `never`, `always`, `if_not_worse` or `after_shadow`.
     pub promote: Promotion,
-    /// For `if_not_worse`: how much lower (absolute, 0..1) a candidate's mAP may be.
+    /// For `if_not_worse` and `after_shadow`: how much lower (absolute, 0..1) a
+    /// candidate's mAP may be.
     pub tolerance_map: f64,
     /// Largest candidate weights object taken, in MiB (a ResNet-50 FPN is about 160).
     pub max_artifact_mib: u64,
+    /// For `after_shadow`: boards both versions must have answered before promotion.
+    pub shadow_min_boards: u64,
+    /// For `after_shadow`: the share of those boards (0..1) on which the verdicts agree.
+    pub shadow_min_agreement: f64,
+    /// For `after_shadow`: how often the shadow period is judged, in seconds.
+    pub shadow_check_secs: u64,
 }
 
 impl Default for RegistrySettings {
@@ -50,6 +61,9 @@ impl Default for RegistrySettings {
             promote: Promotion::IfNotWorse,
             tolerance_map: 0.01,
             max_artifact_mib: 1024,
+            shadow_min_boards: 200,
+            shadow_min_agreement: 0.95,
+            shadow_check_secs: 30,
         }
     }
 }
@@ -63,6 +77,19 @@ impl Stage for RegistryStage {
         // The buckets first: without them no candidate could be taken.
         let registry = Registry::open(&async_nats::jetstream::new(ctx.client.clone())).await?;
         let policy = config.config;
+        if policy.promote == Promotion::AfterShadow {
+            let (registry, js) = (
+                registry.clone(),
+                async_nats::jetstream::new(ctx.client.clone()),
+            );
+            let shutdown = ctx.shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = judge_shadows_forever(&registry, &js, policy) => {}
+                }
+            });
+        }
         pcb_common::stage::consume(&config, ctx, |js| {
             move |d| handle(registry.clone(), js.clone(), policy, d)
         })
@@ -81,10 +108,22 @@ impl Validate for RegistrySettings {
             "must be between 0 and 1 (mAP is a fraction)",
         );
         p.at_least("registry.max_artifact_mib", self.max_artifact_mib, 1);
+        p.at_least("registry.shadow_min_boards", self.shadow_min_boards, 1);
+        p.check(
+            !(0.0..=1.0).contains(&self.shadow_min_agreement),
+            "registry.shadow_min_agreement",
+            "must be between 0 and 1 (a share of boards)",
+        );
+        p.at_least("registry.shadow_check_secs", self.shadow_check_secs, 1);
         Some(Policy {
             promote: self.promote,
             tolerance_map: self.tolerance_map,
             max_artifact_bytes: self.max_artifact_mib << 20,
+            shadow: ShadowGate {
+                min_boards: self.shadow_min_boards,
+                min_agreement: self.shadow_min_agreement,
+                every: std::time::Duration::from_secs(self.shadow_check_secs),
+            },
         })
     }
 }
@@ -98,6 +137,54 @@ pub struct Policy {
     pub tolerance_map: f64,
     /// Largest weights object taken.
     pub max_artifact_bytes: u64,
+    /// For `after_shadow`: when a shadow period ends in a promotion.
+    pub shadow: ShadowGate,
+}
+
+/// What a shadow period must show before the policy promotes its version.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShadowGate {
+    /// Boards both versions answered.
+    pub min_boards: u64,
+    /// Share of them with the same verdict.
+    pub min_agreement: f64,
+    /// How often it is judged.
+    pub every: std::time::Duration,
+}
+
+impl ShadowGate {
+    /// Whether `agree` of `boards` passes, and why.
+    pub fn judge(&self, version: u64, live: u64, boards: u64, agree: u64) -> (bool, String) {
+        let share = if boards == 0 {
+            0.0
+        } else {
+            agree as f64 / boards as f64
+        };
+        let what = format!(
+            "shadow v{version} agreed with live v{live} on {agree} of {boards} boards ({:.1}%)",
+            share * 100.0
+        );
+        if boards < self.min_boards {
+            (
+                false,
+                format!("{what}; waiting for {} boards", self.min_boards),
+            )
+        } else if share < self.min_agreement {
+            (
+                false,
+                format!("{what} < {:.1}%", self.min_agreement * 100.0),
+            )
+        } else {
+            (
+                true,
+                format!(
+                    "policy: {what} ≥ {:.1}% on ≥ {} boards",
+                    self.min_agreement * 100.0,
+                    self.min_boards
+                ),
+            )
+        }
+    }
 }
 
 /// Whether the policy promotes `candidate` over `live`.
@@ -108,6 +195,10 @@ pub fn should_promote(
     live: Option<&ModelVersion>,
 ) -> (bool, String) {
     match (policy, live) {
+        // The same bar as `if_not_worse`, to enter the shadow period.
+        (Promotion::AfterShadow, _) => {
+            should_promote(Promotion::IfNotWorse, tolerance, candidate, live)
+        }
         (Promotion::Never, _) => (false, "policy: promote by hand".into()),
         (Promotion::Always, _) => (true, "policy: always".into()),
         (Promotion::IfNotWorse, None) => (true, "the first live version of this model".into()),
@@ -329,6 +420,32 @@ pub async fn take_candidate(
         _ => None,
     };
     let (promote, why) = should_promote(policy.promote, policy.tolerance_map, &v, live.as_ref());
+    // After a shadow period: a candidate that passes the bar runs as the shadow version
+    // first (the first version of a name has nothing to be compared with: it goes live).
+    if promote && policy.promote == Promotion::AfterShadow {
+        if let Some(live) = &live {
+            registry
+                .set_shadow(&v.name, v.version, "policy")
+                .await
+                .map_err(|e| Rejection::new("promote", e.to_string()))?;
+            let why = format!(
+                "{why}; shadow period beside live v{} before promotion",
+                live.version
+            );
+            publish_event(
+                js,
+                pcb_schemas::ModelEventKind::Shadowed,
+                &v.name,
+                v.version,
+                STAGE.name(),
+                Some(why.clone()),
+            )
+            .await;
+            tracing::info!(name = %v.name, version = v.version, why = %why, "candidate registered as the shadow version");
+            remove_candidate_object(js, c).await;
+            return Ok(v);
+        }
+    }
     if promote {
         registry
             .promote(&v.name, v.version, "policy")
@@ -350,13 +467,153 @@ pub async fn take_candidate(
     )
     .await;
     tracing::info!(name = %v.name, version = v.version, promote, why = %why, "candidate registered");
-    // Registered under its version: the candidate's copy is no longer needed.
+    remove_candidate_object(js, c).await;
+    Ok(v)
+}
+
+/// Registered under its version: the candidate's copy is no longer needed.
+async fn remove_candidate_object(js: &jetstream::Context, c: &TrainCandidate) {
     if let Ok(store) = js.get_object_store(pcb_schemas::OBJECTS_CANDIDATES).await {
         if let Err(e) = store.delete(&c.artifact).await {
             tracing::warn!(object = %c.artifact, error = %e, "candidate object not removed");
         }
     }
-    Ok(v)
+}
+
+/// Judges every policy-set shadow period every `policy.shadow.every`, until cancelled.
+async fn judge_shadows_forever(registry: &Registry, js: &jetstream::Context, policy: Policy) {
+    loop {
+        tokio::time::sleep(policy.shadow.every).await;
+        if let Err(e) = judge_shadows(registry, js, policy.shadow).await {
+            tracing::warn!(error = %e, "shadow periods not judged this round");
+        }
+    }
+}
+
+/// Judges the shadow periods the policy started (a shadow set by a person is theirs to
+/// end): a version whose verdicts agreed with the live ones on enough of the boards both
+/// answered since it was set is promoted. Returns what was decided, per model.
+pub async fn judge_shadows(
+    registry: &Registry,
+    js: &jetstream::Context,
+    gate: ShadowGate,
+) -> Result<Vec<(String, bool, String)>, String> {
+    let mut names: Vec<String> = registry
+        .list(None)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    names.dedup();
+    let mut out = Vec::new();
+    for name in names {
+        let Some(shadow) = registry.shadow(&name).await.map_err(|e| e.to_string())? else {
+            continue;
+        };
+        let Some(live) = registry.live(&name).await.map_err(|e| e.to_string())? else {
+            continue;
+        };
+        if shadow.by != "policy" {
+            continue;
+        }
+        let since = shadow.since_ms;
+        let shadow_answers = verdicts_since(
+            js,
+            pcb_schemas::STREAM_SHADOW,
+            pcb_schemas::SUBJECT_SHADOW_DETECTIONS,
+            since,
+            &name,
+            shadow.version,
+        )
+        .await?;
+        let live_answers = verdicts_since(
+            js,
+            pcb_schemas::STREAM_DETECTIONS,
+            pcb_schemas::SUBJECT_DETECTIONS,
+            since,
+            &name,
+            live.version,
+        )
+        .await?;
+        let (mut boards, mut agree) = (0u64, 0u64);
+        for (image, v) in &shadow_answers {
+            if let Some(l) = live_answers.get(image) {
+                boards += 1;
+                agree += u64::from(l == v);
+            }
+        }
+        let (promote, why) = gate.judge(shadow.version, live.version, boards, agree);
+        if promote {
+            registry
+                .promote(&name, shadow.version, "policy")
+                .await
+                .map_err(|e| e.to_string())?;
+            publish_event(
+                js,
+                pcb_schemas::ModelEventKind::Promoted,
+                &name,
+                shadow.version,
+                STAGE.name(),
+                Some(why.clone()),
+            )
+            .await;
+            tracing::info!(%name, version = shadow.version, why = %why, "shadow version promoted");
+        } else {
+            tracing::debug!(%name, version = shadow.version, why = %why, "shadow period goes on");
+        }
+        out.push((name, promote, why));
+    }
+    Ok(out)
+}
+
+/// The verdicts `name`@`version` gave on `subject` since `since_ms`, by image id (a
+/// replay from that time; the shadow period bounds it).
+async fn verdicts_since(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+    since_ms: i64,
+    name: &str,
+    version: u64,
+) -> Result<std::collections::HashMap<String, pcb_schemas::Verdict>, String> {
+    use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+    use futures::StreamExt;
+    let err = |e: &dyn std::fmt::Display| format!("reading {subject}: {e}");
+    let mut s = js.get_stream(stream).await.map_err(|e| err(&e))?;
+    let last = s.info().await.map_err(|e| err(&e))?.state.last_sequence;
+    let mut out = std::collections::HashMap::new();
+    if last == 0 {
+        return Ok(out);
+    }
+    let start = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(since_ms) * 1_000_000)
+        .map_err(|e| err(&e))?;
+    let consumer = s
+        .create_consumer(OrderedConfig {
+            filter_subject: subject.to_string(),
+            deliver_policy: DeliverPolicy::ByStartTime { start_time: start },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err(&e))?;
+    let mut messages = consumer.messages().await.map_err(|e| err(&e))?;
+    loop {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(2), messages.next()).await;
+        let Ok(Some(Ok(m))) = next else {
+            break;
+        };
+        let info = m.info().map_err(|e| err(&e))?;
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        if let Ok(d) = pcb_schemas::decode::<pcb_schemas::Detection>(&m.payload, None) {
+            if d.model.name == name && d.model.version == version {
+                out.insert(d.image_id, d.verdict);
+            }
+        }
+        if pending == 0 || seq >= last {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 /// Why the stage stopped.
@@ -433,6 +690,52 @@ mod tests {
         assert!(!should_promote(p, 0.01, &version(2, None), Some(&live)).0);
         assert!(!should_promote(Promotion::Never, 0.0, &version(2, Some(1.0)), Some(&live)).0);
         assert!(should_promote(Promotion::Always, 0.0, &version(2, Some(0.0)), Some(&live)).0);
+    }
+
+    #[test]
+    fn a_shadow_period_passes_on_enough_boards_with_enough_agreement() {
+        let gate = ShadowGate {
+            min_boards: 100,
+            min_agreement: 0.95,
+            every: std::time::Duration::from_secs(30),
+        };
+        let (ok, why) = gate.judge(3, 2, 99, 99);
+        assert!(!ok && why.ends_with("waiting for 100 boards"), "{why}");
+        let (ok, why) = gate.judge(3, 2, 100, 94);
+        assert!(
+            !ok && why.contains("94 of 100 boards (94.0%) < 95.0%"),
+            "{why}"
+        );
+        let (ok, why) = gate.judge(3, 2, 100, 95);
+        assert!(
+            ok && why.starts_with("policy: shadow v3 agreed with live v2"),
+            "{why}"
+        );
+        // Entering the shadow period takes the same bar as `if_not_worse`.
+        let live = version(1, Some(0.9));
+        assert_eq!(
+            should_promote(
+                Promotion::AfterShadow,
+                0.01,
+                &version(2, Some(0.85)),
+                Some(&live)
+            ),
+            should_promote(
+                Promotion::IfNotWorse,
+                0.01,
+                &version(2, Some(0.85)),
+                Some(&live)
+            )
+        );
+        assert!(
+            should_promote(
+                Promotion::AfterShadow,
+                0.01,
+                &version(2, Some(0.9)),
+                Some(&live)
+            )
+            .0
+        );
     }
 
     #[test]
