@@ -245,6 +245,10 @@ pub struct EvalArgs {
     /// Use only the first N boards of the list (0: all).
     #[arg(long, default_value_t = 0)]
     pub limit: usize,
+    /// Also write each board's ground truth and detections, one JSON object a line (what a
+    /// review queue ranks by); none when empty.
+    #[arg(long, default_value = "")]
+    pub per_image: PathBuf,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -444,10 +448,20 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     eprintln!("inference in {}", if speed.bf16 { "bf16" } else { "f32" });
     det.model.prepare_inference(speed);
     let pb = bar(files.len() as u64, "eval [{bar:30}] {pos}/{len} eta {eta}");
-    let (report, _) = pcb_vision::evaluate::evaluate(&det, &files, &DEEPPCB_CLASSES, |n| {
-        pb.set_position(n as u64)
-    })?;
+    let (report, per_image) =
+        pcb_vision::evaluate::evaluate(&det, &files, &DEEPPCB_CLASSES, |n| {
+            pb.set_position(n as u64)
+        })?;
     pb.finish_and_clear();
+    if !args.per_image.as_os_str().is_empty() {
+        let mut lines = String::new();
+        for r in &per_image {
+            lines.push_str(&serde_json::to_string(r)?);
+            lines.push('\n');
+        }
+        std::fs::write(&args.per_image, lines)
+            .with_context(|| format!("writing {}", args.per_image.display()))?;
+    }
     std::fs::write(&args.report, report.to_json()?)
         .with_context(|| format!("writing {}", args.report.display()))?;
     pcb_evaluation::plot_pr_curves(&report, &args.plot)?;
