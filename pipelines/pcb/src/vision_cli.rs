@@ -246,9 +246,9 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 0)]
     pub limit: usize,
     /// Also write each board's ground truth and detections, one JSON object a line (what a
-    /// review queue ranks by); none when empty.
-    #[arg(long, default_value = "")]
-    pub per_image: PathBuf,
+    /// review queue ranks by).
+    #[arg(long)]
+    pub per_image: Option<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -453,14 +453,13 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
             pb.set_position(n as u64)
         })?;
     pb.finish_and_clear();
-    if !args.per_image.as_os_str().is_empty() {
+    if let Some(path) = &args.per_image {
         let mut lines = String::new();
         for r in &per_image {
             lines.push_str(&serde_json::to_string(r)?);
             lines.push('\n');
         }
-        std::fs::write(&args.per_image, lines)
-            .with_context(|| format!("writing {}", args.per_image.display()))?;
+        std::fs::write(path, lines).with_context(|| format!("writing {}", path.display()))?;
     }
     std::fs::write(&args.report, report.to_json()?)
         .with_context(|| format!("writing {}", args.report.display()))?;
@@ -472,4 +471,78 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
         args.plot.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Eval {
+        #[command(flatten)]
+        args: EvalArgs,
+    }
+
+    #[test]
+    fn eval_writes_a_report_and_on_request_each_boards_detections() {
+        // Parsing: without --per-image nothing is asked of it (an empty default would make
+        // clap refuse every plain `pcb eval`).
+        let plain = Eval::try_parse_from(["eval", "--weights", "w.safetensors"]).expect("parses");
+        assert_eq!(plain.args.per_image, None);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("boards");
+        pcb_synth::generate(
+            &pcb_synth::SynthOptions {
+                count: 2,
+                seed: 5,
+                size: 128,
+                val_fraction: 0.0,
+            },
+            &data,
+            &mut |_, _| {},
+        )
+        .expect("synth");
+        let weights = dir.path().join("model.safetensors");
+        std::fs::write(&weights, crate::default_model::WEIGHTS).expect("weights");
+        std::fs::write(
+            dir.path().join("model.json"),
+            serde_json::to_string(&crate::default_model::config().expect("config")).expect("json"),
+        )
+        .expect("model.json");
+        let out = |name: &str| dir.path().join(name).display().to_string();
+        let data_s = data.display().to_string();
+        let weights_s = weights.display().to_string();
+        let (report, plot, per) = (out("eval.json"), out("pr.png"), out("per.jsonl"));
+        let mut argv = vec![
+            "eval",
+            "--data",
+            &data_s,
+            "--list",
+            "trainval.txt",
+            "--weights",
+            &weights_s,
+            "--report",
+            &report,
+            "--plot",
+            &plot,
+            "--bf16",
+            "off",
+        ];
+        eval(&Eval::try_parse_from(argv.clone()).expect("parses").args).expect("plain eval");
+        assert!(std::path::Path::new(&report).is_file());
+        assert!(!std::path::Path::new(&per).exists());
+        argv.extend(["--per-image", &per]);
+        eval(&Eval::try_parse_from(argv).expect("parses").args).expect("eval");
+        let lines: Vec<pcb_evaluation::ImageResult> = std::fs::read_to_string(&per)
+            .expect("per-image file")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("an image result"))
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert!(
+            lines.iter().all(|r| !r.ground_truth.is_empty()),
+            "{lines:?}"
+        );
+    }
 }
