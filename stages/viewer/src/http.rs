@@ -213,11 +213,12 @@ async fn overview(
 /// The review queue over the index, with the boards corrected so far and the shadow
 /// versions' answers.
 fn queue_of(s: &State, ix: &crate::index::Index, limit: usize, now: i64) -> crate::index::Queue {
-    let corrected = s.corrected.read().map(|c| c.clone()).unwrap_or_default();
+    // Read under the lock, not copied: the map holds every corrected board.
+    let corrected = s.corrected.read().ok();
     let shadow = s.shadow.read().ok();
     ix.queue(
         s.config.fail_threshold,
-        &|id| corrected.contains_key(id),
+        &|id| corrected.as_ref().is_some_and(|c| c.contains_key(id)),
         &|name, id| shadow.as_ref().and_then(|sh| sh.verdict_of(name, id)),
         limit,
         now,
@@ -629,7 +630,7 @@ fn shadow_comparison(
     name: &str,
     alias: pcb_model_store::ShadowAlias,
 ) -> serde_json::Value {
-    let corrected = s.corrected.read().map(|c| c.clone()).unwrap_or_default();
+    let corrected = s.corrected.read().ok();
     let (comparison, on_corrected) = match (s.shadow.read(), s.index.read()) {
         (Ok(shadow), Ok(index)) => (
             Some(shadow.compare(
@@ -643,7 +644,7 @@ fn shadow_comparison(
                 alias.version,
                 |id| index.verdict_and_classes(id).map(|(v, _)| v),
                 |id| {
-                    corrected.get(id).map(|(_, boxes)| {
+                    corrected.as_ref()?.get(id).map(|(_, boxes)| {
                         if *boxes > 0 {
                             pcb_schemas::Verdict::Fail
                         } else {
