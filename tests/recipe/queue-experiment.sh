@@ -1,28 +1,40 @@
 #!/usr/bin/env bash
 # Does the review queue pick the boards worth correcting? On DeepPCB (issue 17): a model
-# trained on one half of trainval.txt ranks the other half as the viewer's queue does (the
-# best score's distance from the verdict threshold, nearest first); "correcting" a board
-# means training on its true labels. The 100 top-ranked boards and 100 random ones are each
-# added to the first half, the model is fine-tuned from the same weights on each, and all
-# three are evaluated on val.txt. Prints one table. Resumable: each step is skipped when its
-# output exists under WORK.
+# trained on one half of trainval.txt ranks the other half as the viewer's queue does;
+# "correcting" a board means training on its true labels. From the same weights, the model
+# is fine-tuned on the first half plus, in turn:
+#   - the 100 boards the queue ranks first (corrected),
+#   - 100 random boards of the other half (corrected),
+#   - 100 boards of the first half again (the control: as many steps, nothing new),
+# once per seed in SEEDS (the fine-tuning's seed and the random draw), and every model is
+# evaluated on val.txt. Prints one table with each seed and the queue's gain over random,
+# seed by seed. Resumable: each step is skipped when its output exists under WORK.
 #
 #   tests/recipe/queue-experiment.sh                      # debug build, defaults below
-#   WORK=/tmp/q BIN=target/release/pcb EPOCHS=6 TUNE_EPOCHS=2 SEED=1 tests/recipe/queue-experiment.sh
+#   WORK=/tmp/q BIN=target/release/pcb SEEDS="1 2 3" RANK=stratified tests/recipe/queue-experiment.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)"
 cd "$ROOT"
 DATA=${DATA:-../shared/datasets/deeppcb}
 WORK=${WORK:-$HOME/.cache/pcb-queue-experiment}
 BIN=${BIN:-target/debug/pcb}
+# The seed of the first model, and the seeds of the fine-tuning runs and random draws.
 SEED=${SEED:-1}
+SEEDS=${SEEDS:-1 2 3}
 EPOCHS=${EPOCHS:-6}
 TUNE_EPOCHS=${TUNE_EPOCHS:-2}
 PICK=${PICK:-100}
 THRESHOLD=${THRESHOLD:-0.5}
-# How the queue ranks: `verdict` (the best score's distance from the threshold, nearest
-# first) or `boxes` (how many boxes score within 0.2 of it, most first: uncertainty per box).
-RANK=${RANK:-verdict}
+# The detector's report_threshold: the viewer sees only boxes scoring at least this.
+REPORT=${REPORT:-0.3}
+# How the queue ranks:
+#   stratified (the viewer's queue): each board's boxes' uncertainty summed (a box scoring s
+#     counts 1 - |2s - 1|: 1 at 0.5, 0 at 0 or 1); boards ranked within their line, and the
+#     lines interleaved by that rank's share of the line, so the top of the queue holds each
+#     line in proportion to its waiting boards, its most uncertain ones first;
+#   verdict: the best score's distance from the threshold, nearest first (stop 22's queue);
+#   boxes: how many boxes score within 0.2 of the threshold, most first.
+RANK=${RANK:-stratified}
 # The compact recipe's network (README, "The compact model"), on a shorter schedule.
 NET="--backbone r18 --backbone-width 16 --fpn-channels 64 --representation-size 256 \
 --test-proposals 300 --norm batch --min-size 0"
@@ -38,12 +50,12 @@ DATA_ABS="$(cd "$DATA" && pwd -P)"
 awk 'NR % 2 == 1' "$DATA_ABS/trainval.txt" >"$WORK/half-a.txt"
 awk 'NR % 2 == 0' "$DATA_ABS/trainval.txt" >"$WORK/half-b.txt"
 
-train() { # out list epochs [weights]
-    local out=$1 list=$2 epochs=$3 weights=${4:-}
+train() { # out list epochs [weights [seed]]
+    local out=$1 list=$2 epochs=$3 weights=${4:-} seed=${5:-$SEED}
     [ -f "$out/model.safetensors" ] && [ -f "$out/done" ] && return 0
     mkdir -p "$out"
     echo "== training $out on $(wc -l <"$list") boards, $epochs epochs ($(date -u +%FT%TZ))"
-    "$BIN" train --data "$DATA_ABS" --list "$list" $NET $TRAIN --seed "$SEED" \
+    "$BIN" train --data "$DATA_ABS" --list "$list" $NET $TRAIN --seed "$seed" \
         --epochs "$epochs" --lr-step-epochs "$epochs" --lr "${LR:-1e-3}" \
         ${weights:+--weights "$weights"} --out "$out" 2>&1 | tail -4 | tee "$out/train.tail"
     touch "$out/done"
@@ -62,57 +74,74 @@ train "$WORK/a" "$WORK/half-a.txt" "$EPOCHS"
 evaluate "$WORK/a/model.safetensors" "$DATA_ABS/val.txt" "$WORK/a/val.json"
 evaluate "$WORK/a/model.safetensors" "$WORK/half-b.txt" "$WORK/a/half-b.json" "$WORK/a/half-b.jsonl"
 
-# The queue's order over half B, and a random draw of the same size.
-python3 - "$WORK" "$PICK" "$THRESHOLD" "$SEED" "$RANK" <<'PY'
-import json, random, sys
-work, pick, t, seed, rank = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+# The queue's order over half B (from model A's answers, the same for every seed).
+python3 - "$WORK" "$PICK" "$THRESHOLD" "$RANK" "$REPORT" <<'PY'
+import collections, json, sys
+work, pick, t, rank, report = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], float(sys.argv[5])
 lines = [l for l in open(f"{work}/half-b.txt") if l.strip()]
 by_image = {l.split()[0]: l for l in lines}
-ranked = []
-for row in open(f"{work}/a/half-b.jsonl"):
-    r = json.loads(row)
+rows = [json.loads(row) for row in open(f"{work}/a/half-b.jsonl")]
+for r in rows:
+    r["detections"] = [d for d in r["detections"] if d["score"] >= report]
+def uncertainty(r):
+    return sum(1 - abs(2 * d["score"] - 1) for d in r["detections"])
+key = {}
+if rank == "stratified":
+    # DeepPCB's groups stand for the lines (the group is the board design).
+    by_line = collections.defaultdict(list)
+    for r in rows:
+        by_line[r["image"].split("/")[0]].append(r)
+    for members in by_line.values():
+        members.sort(key=lambda r: -uncertainty(r))
+        for k, r in enumerate(members):
+            key[r["image"]] = ((k + 0.5) / len(members), -uncertainty(r))
+for r in rows:
     scores = [d["score"] for d in r["detections"]]
-    top = max(scores) if scores else None
-    # The viewer's queue: nearest the threshold first; a board without a box has no best
-    # score and comes last (the queue leaves it out).
-    gap = abs(top - t) if top is not None else float("inf")
-    if rank == "boxes":
-        # Most uncertain boxes first; the key stays "smaller first".
-        gap = -sum(1 for s in scores if abs(s - t) < 0.2)
-    ranked.append((gap, r["image"]))
-ranked.sort()
-top = [by_image[i] for _, i in ranked[:pick]]
-rng = random.Random(seed)
-rand = rng.sample(lines, pick)
-a = open(f"{work}/half-a.txt").read()
-open(f"{work}/a-plus-queue-{rank}.txt", "w").write(a + "".join(top))
-open(f"{work}/a-plus-random.txt", "w").write(a + "".join(rand))
-gaps = [g for g, _ in ranked[:pick]]
-what = (f"best scores lie within {max(gaps):.3f} of {t}" if rank == "verdict"
-        else f"boards hold {-max(gaps)} to {-min(gaps)} boxes each within 0.2 of {t}")
-print(f"queue ({rank}): of the {pick} top-ranked boards, the {what}; "
-      f"{sum(1 for g, _ in ranked if g == float('inf'))} of {len(ranked)} boards had no box; "
-      f"{len(set(top) & set(rand))} boards are in both picks")
+    if rank == "verdict":
+        # Nearest the threshold first; a board without a box comes last.
+        key[r["image"]] = (abs(max(scores) - t) if scores else float("inf"),)
+    elif rank == "boxes":
+        key[r["image"]] = (-sum(1 for s in scores if abs(s - t) < 0.2),)
+ranked = sorted(key, key=lambda i: key[i])
+open(f"{work}/queue-{rank}.txt", "w").write("".join(by_image[i] for i in ranked[:pick]))
+groups = collections.Counter(i.split("/")[0] for i in ranked[:pick])
+print(f"queue ({rank}): the top {pick} by group: " + ", ".join(f"{g} {n}" for g, n in sorted(groups.items())))
 PY
 
-train "$WORK/queue-$RANK" "$WORK/a-plus-queue-$RANK.txt" "$TUNE_EPOCHS" "$WORK/a/model.safetensors"
-train "$WORK/random" "$WORK/a-plus-random.txt" "$TUNE_EPOCHS" "$WORK/a/model.safetensors"
-evaluate "$WORK/queue-$RANK/model.safetensors" "$DATA_ABS/val.txt" "$WORK/queue-$RANK/val.json"
-evaluate "$WORK/random/model.safetensors" "$DATA_ABS/val.txt" "$WORK/random/val.json"
+for s in $SEEDS; do
+    python3 - "$WORK" "$PICK" "$s" "$RANK" <<'PY'
+import random, sys
+work, pick, seed, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+a = open(f"{work}/half-a.txt").read()
+b = [l for l in open(f"{work}/half-b.txt") if l.strip()]
+rng = random.Random(seed)
+open(f"{work}/list-random-s{seed}.txt", "w").write(a + "".join(rng.sample(b, pick)))
+# The control repeats boards the model has already seen: as many steps, nothing new.
+a_lines = [l for l in a.splitlines(keepends=True) if l.strip()]
+open(f"{work}/list-control-s{seed}.txt", "w").write(a + "".join(rng.sample(a_lines, pick)))
+open(f"{work}/list-queue-{rank}-s{seed}.txt", "w").write(a + open(f"{work}/queue-{rank}.txt").read())
+PY
+    for arm in "queue-$RANK" random control; do
+        train "$WORK/$arm-s$s" "$WORK/list-$arm-s$s.txt" "$TUNE_EPOCHS" "$WORK/a/model.safetensors" "$s"
+        evaluate "$WORK/$arm-s$s/model.safetensors" "$DATA_ABS/val.txt" "$WORK/$arm-s$s/val.json"
+    done
+done
 
-python3 - "$WORK" "$PICK" <<'PY'
-import json, os, sys
-work, pick = sys.argv[1], sys.argv[2]
-rows = [("trained on half A (500 boards)", "a")]
-for rank, how in [("verdict", "best score nearest the threshold"), ("boxes", "most boxes near the threshold")]:
-    if os.path.exists(f"{work}/queue-{rank}/val.json"):
-        rows.append((f"+ {pick} boards the queue ranked first ({how}), corrected", f"queue-{rank}"))
-rows.append((f"+ {pick} random boards, corrected", "random"))
-print("| model | val mAP % | pooled AP % | F % |")
-print("| --- | --- | --- | --- |")
-for name, d in rows:
-    r = json.load(open(f"{work}/{d}/val.json"))
-    o, b = r.get("official_all") or {}, r.get("official_at_best") or {}
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"
-    print(f"| {name} | {pct(r.get('map_deeppcb'))} | {pct(o.get('ap'))} | {pct(b.get('f_score'))} |")
+python3 - "$WORK" "$PICK" "$RANK" "$SEEDS" <<'PY'
+import json, statistics, sys
+work, pick, rank, seeds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split()
+def val(d):
+    return 100 * json.load(open(f"{work}/{d}/val.json"))["map_deeppcb"]
+print(f"model A, trained on half A (500 boards): val mAP {val('a'):.2f}%")
+arms = [(f"queue-{rank}", f"+ the queue's top {pick} ({rank}), corrected"),
+        ("random", f"+ {pick} random boards, corrected"),
+        ("control", f"+ {pick} boards of half A again (control)")]
+print("| fine-tuned from A on half A | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |")
+print("| --- |" + " --- |" * (len(seeds) + 1))
+got = {}
+for arm, name in arms:
+    got[arm] = [val(f"{arm}-s{s}") for s in seeds]
+    print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in got[arm]) + f" | {statistics.mean(got[arm]):.2f} |")
+gain = [q - r for q, r in zip(got[f"queue-{rank}"], got["random"])]
+print(f"| queue − random, points | " + " | ".join(f"{g:+.2f}" for g in gain) + f" | {statistics.mean(gain):+.2f} |")
 PY

@@ -115,9 +115,6 @@ impl Running {
         let viewer_url = viewer_url_file(&data_dir);
         let _ = std::fs::remove_file(&viewer_url);
         pipeline.stages.viewer.settings.url_file = viewer_url.display().to_string();
-        // The review queue ranks boards by how near their best score is to the verdict's.
-        pipeline.stages.viewer.settings.fail_threshold =
-            pipeline.stages.detector.settings.fail_threshold;
         let bin_dir = bin_dir()?;
         for stage in services() {
             if !bin_dir.join(stage.name()).is_file() {
@@ -294,6 +291,14 @@ impl Running {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The process id of each running stage process, by stage name.
+    pub fn stage_pids(&self) -> Vec<(StageName, u32)> {
+        self.stages
+            .iter()
+            .map(|s| (s.stage, s.child.id()))
+            .collect()
     }
 
     /// Log files of the stages.

@@ -690,7 +690,7 @@ async function boardPage(id) {
 
 async function reviewPage() {
   app.innerHTML = `<div class="page-head"><h1>Review</h1><span id="queue-counts" class="muted"></span></div>
-    <p class="muted">Boards whose correction would teach the next model most come first: those whose best score is near the verdict threshold, and the last day's boards of a line whose fail rate moved away from the week before. Open one, correct it, save: it leaves the queue.</p>
+    <p class="muted">Boards whose correction would teach the next model most come first: those with boxes the model is torn on (scores near 0.5, summed over the board), taken from every line in proportion to its boards; boards a shadow version gives another verdict; and the last day's boards of a line whose fail rate moved away from the week before. Open one, correct it, save: it leaves the queue.</p>
     <p id="drifted" class="note" hidden></p>
     <table class="data"><thead><tr><th>Board</th><th>Line</th><th>Verdict</th><th>Best</th><th>Usefulness</th><th>Why</th></tr></thead><tbody id="queue"></tbody></table>`;
   async function load() {
@@ -699,7 +699,7 @@ async function reviewPage() {
     const counts = $('#queue-counts');
     counts.dataset.waiting = q.waiting;
     counts.dataset.corrected = q.corrected;
-    counts.textContent = `${q.waiting} waiting · ${q.corrected} corrected · threshold ${Number(q.threshold).toFixed(2)}`;
+    counts.textContent = `${q.waiting} waiting · ${q.corrected} corrected`;
     const d = $('#drifted');
     d.hidden = !(q.drifted || []).length;
     d.textContent = (q.drifted || []).map((x) => `Line ${x.line} drifted: ${(x.recent * 100).toFixed(0)}% failed in the last day, ${(x.before * 100).toFixed(0)}% the week before.`).join(' ');

@@ -217,7 +217,6 @@ fn queue_of(s: &State, ix: &crate::index::Index, limit: usize, now: i64) -> crat
     let corrected = s.corrected.read().ok();
     let shadow = s.shadow.read().ok();
     ix.queue(
-        s.config.fail_threshold,
         &|id| corrected.as_ref().is_some_and(|c| c.contains_key(id)),
         &|name, id| shadow.as_ref().and_then(|sh| sh.verdict_of(name, id)),
         limit,
@@ -247,9 +246,7 @@ async fn review_queue(
         .read()
         .map_err(|_| ApiError::unavailable("index poisoned"))?;
     let queue = queue_of(&s, &ix, limit, pcb_common::now_ms());
-    let mut v = serde_json::to_value(queue).unwrap_or_default();
-    v["threshold"] = json!(s.config.fail_threshold);
-    Ok(Json(v))
+    Ok(Json(serde_json::to_value(queue).unwrap_or_default()))
 }
 
 #[derive(Deserialize, Default)]

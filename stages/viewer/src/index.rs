@@ -41,6 +41,10 @@ pub struct Summary {
     pub top_score: Option<f32>,
     /// Model milliseconds for the image.
     pub inference_ms: f64,
+    /// How unsure the model is of this board: its boxes' uncertainty summed, a box scoring
+    /// s counting 1 − |2s − 1| (1 at 0.5, 0 at 0 or 1). More boxes the model is torn on,
+    /// more to learn from a correction.
+    pub uncertainty: f32,
 }
 
 /// One board's entry: its summary and what its aggregates counted, so a newer answer for
@@ -209,8 +213,9 @@ pub struct Overview {
     pub recent: Vec<Summary>,
 }
 
-/// How far from the verdict threshold a best score still makes the verdict uncertain.
-pub const UNCERTAIN_BAND: f32 = 0.2;
+/// A board whose boxes' summed uncertainty is below this is not waiting for its
+/// uncertainty (one box at 0.75 or 0.25 makes 0.5).
+pub const MIN_UNCERTAINTY: f32 = 0.5;
 /// What a board adds to its usefulness when a shadow version's verdict differs from live's.
 pub const SHADOW_DISAGREES: f64 = 0.75;
 /// The review queue's look at a line: the last day against the week before it.
@@ -424,13 +429,21 @@ impl Index {
         out
     }
 
-    /// The review queue: boards not yet corrected whose verdict is uncertain (best score
-    /// within [`UNCERTAIN_BAND`] of `threshold`, the nearer the more useful), on which a
-    /// shadow version (`shadow(model name, image)`) gives another verdict, or whose line
-    /// drifted over the last day; `limit` of them, most useful first, then newest.
+    /// The review queue: `limit` of the boards not yet corrected, most useful first (then
+    /// newest), each with why.
+    ///
+    /// - Uncertain boards, stratified by line: within each line the waiting boards are
+    ///   ranked by their [`Summary::uncertainty`], and a board counts 1 − (rank + ½) / (the
+    ///   line's boards), so the top of the queue holds every line in proportion to its
+    ///   boards, the most uncertain of each first (a board under [`MIN_UNCERTAINTY`] counts
+    ///   nothing). Measured on DeepPCB (`tests/recipe/queue-experiment.sh`): ranking by
+    ///   uncertainty alone crowded one board design into the top; the lines' proportions
+    ///   keep the picks as varied as the boards.
+    /// - A shadow version (`shadow(model name, image)`) giving another verdict adds
+    ///   [`SHADOW_DISAGREES`].
+    /// - A board of the last day from a drifted line adds 0.5.
     pub fn queue(
         &self,
-        threshold: f32,
         corrected: &dyn Fn(&str) -> bool,
         shadow: &dyn Fn(&str, &str) -> Option<(u64, pcb_schemas::Verdict)>,
         limit: usize,
@@ -447,15 +460,6 @@ impl Index {
             }
             let mut usefulness = 0.0;
             let mut reasons = Vec::new();
-            if let Some(top) = s.top_score {
-                let gap = (top - threshold).abs();
-                if gap < UNCERTAIN_BAND {
-                    usefulness += f64::from(1.0 - gap / UNCERTAIN_BAND);
-                    reasons.push(format!(
-                        "best score {top:.2} is {gap:.2} from the threshold {threshold:.2}"
-                    ));
-                }
-            }
             let name = s
                 .model
                 .rsplit_once('@')
@@ -480,17 +484,57 @@ impl Index {
                     ));
                 }
             }
-            if usefulness > 0.0 {
-                items.push(QueueItem {
-                    summary: s.clone(),
-                    usefulness,
-                    reasons,
-                });
+            items.push(QueueItem {
+                summary: s.clone(),
+                usefulness,
+                reasons,
+            });
+        }
+        // Each line's boards by uncertainty, most first; ties keep the newest first.
+        let mut by_line: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, item) in items.iter().enumerate() {
+            by_line
+                .entry(item.summary.line_id.as_str())
+                .or_default()
+                .push(i);
+        }
+        let mut share = vec![0.0f64; items.len()];
+        let mut rank = vec![(0usize, 0usize); items.len()];
+        for members in by_line.values_mut() {
+            members.sort_by(|&a, &b| {
+                items[b]
+                    .summary
+                    .uncertainty
+                    .total_cmp(&items[a].summary.uncertainty)
+            });
+            let n = members.len();
+            for (k, &i) in members.iter().enumerate() {
+                share[i] = (k as f64 + 0.5) / n as f64;
+                rank[i] = (k + 1, n);
             }
         }
+        for (i, item) in items.iter_mut().enumerate() {
+            let u = item.summary.uncertainty;
+            if u >= MIN_UNCERTAINTY {
+                item.usefulness += 1.0 - share[i];
+                let (k, n) = rank[i];
+                item.reasons.insert(
+                    0,
+                    format!(
+                        "uncertain: {u:.2} summed over its boxes, {k} of the {n} boards of line {} waiting",
+                        item.summary.line_id
+                    ),
+                );
+            }
+        }
+        items.retain(|i| i.usefulness > 0.0);
         let waiting = items.len();
-        // Stable: among equals the newest (iteration order) stays first.
-        items.sort_by(|a, b| b.usefulness.total_cmp(&a.usefulness));
+        // Stable: among equals the more uncertain, then the newest (iteration order), first.
+        items.sort_by(|a, b| {
+            b.usefulness
+                .total_cmp(&a.usefulness)
+                .then(b.summary.uncertainty.total_cmp(&a.summary.uncertainty))
+        });
         items.truncate(limit);
         Queue {
             waiting,
@@ -670,6 +714,11 @@ fn entry_of(d: &Detection, seq: u64) -> Entry {
             top_class: top.map(|t| t.class.clone()),
             top_score: top.map(|t| t.score),
             inference_ms: d.inference_ms,
+            uncertainty: d
+                .defects
+                .iter()
+                .map(|x| 1.0 - (2.0 * x.score.clamp(0.0, 1.0) - 1.0).abs())
+                .sum(),
         },
         seq,
         classes,
@@ -722,39 +771,74 @@ mod tests {
         let t = 1_700_000_000_000;
         ix.add(&det("sure-fail", "l1", t, 1, &[(0.98, "short")]), 1);
         ix.add(&det("near", "l1", t + 1, 1, &[(0.52, "open")]), 2);
-        ix.add(&det("nearer", "l1", t + 2, 1, &[(0.49, "spur")]), 3);
+        // Two boxes the model is torn on weigh more than one.
+        ix.add(
+            &det("torn", "l1", t + 2, 1, &[(0.6, "spur"), (0.7, "open")]),
+            3,
+        );
         ix.add(&det("clean", "l1", t + 3, 1, &[]), 4);
         ix.add(&det("done", "l1", t + 4, 1, &[(0.5, "open")]), 5);
         let no_shadow = |_: &str, _: &str| None;
-        let q = ix.queue(0.5, &|id| id == "done", &no_shadow, 10, t + 10);
+        let q = ix.queue(&|id| id == "done", &no_shadow, 10, t + 10);
         let ids: Vec<&str> = q
             .items
             .iter()
             .map(|i| i.summary.image_id.as_str())
             .collect();
-        assert_eq!(ids, ["nearer", "near"]);
+        assert_eq!(ids, ["torn", "near"]);
         assert_eq!((q.waiting, q.corrected), (2, 1));
-        assert!((q.items[0].usefulness - 0.95).abs() < 1e-6, "{q:?}");
-        assert!(q.items[0].reasons[0].contains("0.49 is 0.01 from the threshold 0.50"));
-        assert!(q.drifted.is_empty());
-        let one = ix.queue(0.5, &|_| false, &no_shadow, 1, t + 10);
+        // 0.8 + 0.6 summed; first of the line's 4 waiting boards: 1 − 0.5 / 4.
+        assert!((q.items[0].summary.uncertainty - 1.4).abs() < 1e-5, "{q:?}");
+        assert!((q.items[0].usefulness - 0.875).abs() < 1e-9, "{q:?}");
+        assert_eq!(
+            q.items[0].reasons,
+            ["uncertain: 1.40 summed over its boxes, 1 of the 4 boards of line l1 waiting"]
+        );
+        let one = ix.queue(&|_| false, &no_shadow, 1, t + 10);
         assert_eq!((one.items.len(), one.waiting), (1, 3));
-        // A shadow version that would fail the clean board puts it in (0.75), after the two
-        // near the threshold (0.95, 0.90).
+        // A shadow version that would fail the clean board puts it in (0.75), between the
+        // two uncertain ones (0.875 and 0.625).
         let shadow = |name: &str, id: &str| {
             (name == "m" && id == "clean").then_some((2, pcb_schemas::Verdict::Fail))
         };
-        let q = ix.queue(0.5, &|id| id == "done", &shadow, 10, t + 10);
+        let q = ix.queue(&|id| id == "done", &shadow, 10, t + 10);
         let ids: Vec<&str> = q
             .items
             .iter()
             .map(|i| i.summary.image_id.as_str())
             .collect();
-        assert_eq!(ids, ["nearer", "near", "clean"]);
+        assert_eq!(ids, ["torn", "clean", "near"]);
         assert_eq!(
-            q.items[2].reasons,
+            q.items[1].reasons,
             ["shadow v2 says fail, live m@1 says pass"]
         );
+    }
+
+    #[test]
+    fn the_queue_takes_every_line_in_proportion_to_its_boards() {
+        let mut ix = Index::default();
+        let t = 1_700_000_000_000;
+        // Line l1: 8 boards, each more uncertain than any of line l2's 2 boards.
+        for i in 0..8u64 {
+            let s = 0.5 + 0.02 * i as f32;
+            let id = format!("l1-{i}");
+            ix.add(
+                &det(&id, "l1", t + i as i64, 1, &[(s, "open"), (s, "short")]),
+                i + 1,
+            );
+        }
+        ix.add(&det("l2-a", "l2", t + 10, 1, &[(0.6, "spur")]), 20);
+        ix.add(&det("l2-b", "l2", t + 11, 1, &[(0.2, "spur")]), 21);
+        let q = ix.queue(&|_| false, &|_, _| None, 5, t + 20);
+        let ids: Vec<&str> = q
+            .items
+            .iter()
+            .map(|i| i.summary.image_id.as_str())
+            .collect();
+        // l1's shares 1/16, 3/16, 5/16 … and l2's 1/4: l2's best comes third, not tenth.
+        assert_eq!(ids, ["l1-0", "l1-1", "l2-a", "l1-2", "l1-3"]);
+        // l2-b (0.4) is under the minimum: not waiting.
+        assert_eq!(q.waiting, 9);
     }
 
     #[test]
@@ -782,7 +866,7 @@ mod tests {
         assert_eq!(d.len(), 1, "{d:?}");
         assert_eq!(d[0].line, "l2");
         assert!((d[0].recent - 0.6).abs() < 1e-9 && (d[0].before - 0.1).abs() < 1e-9);
-        let q = ix.queue(0.5, &|_| false, &|_, _| None, 500, now);
+        let q = ix.queue(&|_| false, &|_, _| None, 500, now);
         // Only the last day's boards of the drifted line (their scores are far from 0.5).
         assert_eq!(q.waiting, 50);
         assert!(q.items.iter().all(|i| i.summary.line_id == "l2"));

@@ -39,9 +39,6 @@ pub struct ViewerSettings {
     /// File the viewer writes its URL to once it listens (empty: none); `pcb up` reads it
     /// to print where the viewer is, port 0 included.
     pub url_file: String,
-    /// The detector's `fail_threshold`: boards whose best score is near it are the first in
-    /// the review queue (`pcb up` sets it from the detector's settings).
-    pub fail_threshold: f32,
 }
 
 impl Default for ViewerSettings {
@@ -53,7 +50,6 @@ impl Default for ViewerSettings {
             max_upload_bytes: 32 << 20,
             loss_points: 2000,
             url_file: String::new(),
-            fail_threshold: 0.5,
         }
     }
 }
@@ -73,8 +69,6 @@ pub struct Options {
     pub loss_points: usize,
     /// Where to write the URL once listening.
     pub url_file: Option<std::path::PathBuf>,
-    /// The detector's verdict threshold, for the review queue.
-    pub fail_threshold: f32,
 }
 
 impl Stage for Viewer {
@@ -118,7 +112,6 @@ impl Validate for ViewerSettings {
         p.between("viewer.max_page_size", v.max_page_size, 1, 10_000);
         p.at_least("viewer.max_upload_bytes", v.max_upload_bytes, 1024);
         p.at_least("viewer.loss_points", v.loss_points, 10);
-        p.between("viewer.fail_threshold", v.fail_threshold, 0.0, 1.0);
         Some(Options {
             addr: addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             token: (!v.token.trim().is_empty()).then(|| v.token.trim().to_string()),
@@ -126,7 +119,6 @@ impl Validate for ViewerSettings {
             max_upload_bytes: v.max_upload_bytes,
             loss_points: v.loss_points,
             url_file: (!v.url_file.is_empty()).then(|| std::path::PathBuf::from(&v.url_file)),
-            fail_threshold: v.fail_threshold,
         })
     }
 }
