@@ -70,6 +70,85 @@ async fn wait_for(
     Ok(())
 }
 
+/// This process's CPU time (user + system, every thread), in seconds.
+fn own_cpu_secs() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return f64::NAN;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// Another process's CPU time (user + system) from `/proc/PID/stat`, in seconds.
+fn proc_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: the fields that follow it start after its ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks / hz as f64)
+}
+
+/// The detector's own model time over the first `n` detections, read back from their
+/// `inference_ms` (each batch's time shared among its images, so a batch is the images
+/// with the same value).
+struct ModelTime {
+    total_secs: f64,
+    first_batch_secs: f64,
+    median_batch_secs: f64,
+    batches: usize,
+    /// How many batches had each size, e.g. "4×12".
+    sizes: String,
+}
+
+async fn model_time(js: &async_nats::jetstream::Context, n: usize) -> anyhow::Result<ModelTime> {
+    let consumer = js
+        .get_stream(STREAM_DETECTIONS)
+        .await?
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await?;
+    let mut messages = consumer.messages().await?;
+    // Batches in the order their first answer was stored.
+    let mut batches: Vec<(u64, usize)> = Vec::new();
+    for _ in 0..n {
+        let Some(m) = futures::StreamExt::next(&mut messages).await else {
+            break;
+        };
+        let d: pcb_schemas::Detection = pcb_schemas::decode(&m?.payload, None)?;
+        let key = d.inference_ms.to_bits();
+        match batches.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, count)) => *count += 1,
+            None => batches.push((key, 1)),
+        }
+    }
+    let secs: Vec<f64> = batches
+        .iter()
+        .map(|(k, count)| f64::from_bits(*k) * *count as f64 / 1000.0)
+        .collect();
+    let mut sorted = secs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let mut by_size = std::collections::BTreeMap::new();
+    for (_, count) in &batches {
+        *by_size.entry(*count).or_insert(0) += 1;
+    }
+    Ok(ModelTime {
+        total_secs: secs.iter().sum(),
+        first_batch_secs: secs.first().copied().unwrap_or(f64::NAN),
+        median_batch_secs: pct(&sorted, 0.5),
+        batches: batches.len(),
+        sizes: by_size
+            .iter()
+            .map(|(size, k)| format!("{size}×{k}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    })
+}
+
 /// Runs the benchmark and prints its table.
 pub async fn run(args: &DetectorBenchArgs) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -114,13 +193,13 @@ pub async fn run(args: &DetectorBenchArgs) -> anyhow::Result<()> {
     let config = pipeline.stages.trainer.settings.model.clone();
     let weights = tmp.path().join("weights.safetensors");
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let (bare_rate, batch_secs) = {
+    let (bare_rate, batch_secs, bare_cpu) = {
         let (config, weights, batch) = (config.clone(), weights.clone(), args.batch);
         let inputs: Vec<(Vec<u8>, Option<Vec<u8>>)> = boards[..args.count]
             .iter()
             .map(|(_, i, t)| (i.clone(), t.clone()))
             .collect();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<(f64, f64)> {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(f64, f64, f64)> {
             tch::manual_seed(5);
             let mut det = Detector::new(config.clone(), tch::Device::Cpu, Sampling::Random);
             det.save(&weights)?;
@@ -141,13 +220,19 @@ pub async fn run(args: &DetectorBenchArgs) -> anyhow::Result<()> {
             // Warm-up, then the timed pass over every board in batches.
             tch::no_grad(|| det.model.detect(&tensors[..batch.min(tensors.len())]))?;
             let started = Instant::now();
+            let cpu_before = own_cpu_secs();
             let mut batches = 0;
             for chunk in tensors.chunks(batch) {
                 tch::no_grad(|| det.model.detect(chunk))?;
                 batches += 1;
             }
             let secs = started.elapsed().as_secs_f64();
-            Ok((tensors.len() as f64 / secs, secs / batches as f64))
+            let cpu = own_cpu_secs() - cpu_before;
+            Ok((
+                tensors.len() as f64 / secs,
+                secs / batches as f64,
+                cpu / tensors.len() as f64,
+            ))
         })
         .await??
     };
@@ -238,6 +323,12 @@ pub async fn run(args: &DetectorBenchArgs) -> anyhow::Result<()> {
             template_ref: None,
         })
         .collect();
+    let detector_pid = running
+        .stage_pids()
+        .into_iter()
+        .find(|(stage, _)| *stage == pcb_schemas::StageName::Detector)
+        .map(|(_, pid)| pid);
+    let detector_cpu_before = detector_pid.and_then(proc_cpu_secs);
     let started = Instant::now();
     for r in &records {
         pcb_common::publish(&js, SUBJECT_ENCODED.into(), r)
@@ -251,7 +342,13 @@ pub async fn run(args: &DetectorBenchArgs) -> anyhow::Result<()> {
         Duration::from_secs(3600),
     )
     .await?;
-    let through = args.count as f64 / started.elapsed().as_secs_f64();
+    let wall = started.elapsed().as_secs_f64();
+    let through = args.count as f64 / wall;
+    let detector_cpu = match (detector_pid.and_then(proc_cpu_secs), detector_cpu_before) {
+        (Some(after), Some(before)) => Some((after - before) / args.count as f64),
+        _ => None,
+    };
+    let busy = model_time(&js, args.count).await?;
 
     // Latency: boards landing one by one in the watched folder, spaced so that each finds
     // the detector idle (the latency of one board, not of a queue).
@@ -320,6 +417,32 @@ pub async fn run(args: &DetectorBenchArgs) -> anyhow::Result<()> {
         100.0 * through / bare_rate
     );
     println!("{:<46} {:>12.3}", "model time for one batch, s", batch_secs);
+    println!(
+        "{:<46} {:>12.3}",
+        "  in the detector, median batch, s", busy.median_batch_secs
+    );
+    println!(
+        "{:<46} {:>12.3}",
+        "  in the detector, first batch, s", busy.first_batch_secs
+    );
+    println!(
+        "{:<46} {:>12}",
+        "  in the detector, batches (sizes)",
+        format!("{} ({})", busy.batches, busy.sizes)
+    );
+    println!(
+        "{:<46} {:>11.0}%",
+        "  detector's model busy / wall",
+        100.0 * busy.total_secs / wall
+    );
+    println!(
+        "{:<46} {:>12}",
+        "CPU s per image: bare / detector process",
+        format!(
+            "{bare_cpu:.2} / {}",
+            detector_cpu.map_or("?".to_string(), |c| format!("{c:.2}"))
+        )
+    );
     println!(
         "{:<46} {:>12.3}",
         "latency file landed → detection p50, s", p50
