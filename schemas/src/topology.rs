@@ -415,11 +415,12 @@ pub const STAGES: [StageDecl; 7] = [
             view(StreamKind::Shadow, SUBJECT_SHADOW_DETECTIONS),
         ],
         outputs: &[SUBJECT_RAW, SUBJECT_MODEL_EVENTS],
-        // A label revision names the board's files by reference: read, never re-stored.
+        // An upload too large for one message stores its files, as the ingester does; a
+        // label revision names the board's files by reference, never storing them again.
         buckets: &[
             (KV_MODELS, Access::Write),
             (OBJECTS_MODELS, Access::Read),
-            (OBJECTS_IMAGE_FILES, Access::Read),
+            (OBJECTS_IMAGE_FILES, Access::Write),
         ],
     },
     StageDecl {
