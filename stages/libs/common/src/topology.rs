@@ -254,7 +254,7 @@ impl Topology {
         p.check(
             f.cleanup_grace_secs < MIN_CLEANUP_GRACE_SECS,
             &format!("{section}.image_files.cleanup_grace_secs"),
-            &format!("must be at least {MIN_CLEANUP_GRACE_SECS} (a board's files are stored before its record is published)"),
+            format!("must be at least {MIN_CLEANUP_GRACE_SECS} (a board's files are stored before its record is published)"),
         );
         p.check(
             f.cleanup_every_secs == 0 || f.cleanup_every_secs > 86_400,
