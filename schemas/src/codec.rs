@@ -145,6 +145,50 @@ mod tests {
     }
 
     #[test]
+    fn file_references_are_read_from_raw_encoded_and_shard_records() {
+        let mut msg = raw();
+        assert!(FileRefs::decode(&encode(&msg).expect("encode"))
+            .expect("refs")
+            .is_empty());
+        let (img, tpl) = (ObjectRef::of(b"img"), ObjectRef::of(b"tpl"));
+        msg.image_ref = Some(img.clone());
+        msg.template_ref = Some(tpl.clone());
+        let refs = FileRefs::decode(&encode(&msg).expect("encode")).expect("refs");
+        assert_eq!(refs, [img.clone(), tpl.clone()]);
+        let shard = ShardRecord {
+            split: Split::Train,
+            shard: 1,
+            shard_count: 2,
+            routed_at_ms: 3,
+            record: EncodedImage {
+                image_id: msg.image_id.clone(),
+                board_id: "b".into(),
+                line_id: "l".into(),
+                source: "s".into(),
+                captured_at_ms: 1,
+                encoded_at_ms: 2,
+                image_b64: String::new(),
+                width: 1,
+                height: 1,
+                channels: 3,
+                format: "tiff".into(),
+                sha256: msg.image_id.clone(),
+                labels: None,
+                label_format: None,
+                template_b64: None,
+                split_hint: None,
+                revision: None,
+                image_ref: Some(img.clone()),
+                template_ref: None,
+            },
+        };
+        let refs = FileRefs::decode(&encode(&shard).expect("encode")).expect("refs");
+        assert_eq!(refs, [img.clone()]);
+        let refs = FileRefs::decode(&encode(&shard.record).expect("encode")).expect("refs");
+        assert_eq!(refs, [img]);
+    }
+
+    #[test]
     fn encoding_is_a_map_with_named_fields() {
         let bytes = encode(&raw()).expect("encode");
         // A generic MessagePack reader (as another language would use) sees field names.

@@ -224,6 +224,37 @@ impl ObjectRef {
     }
 }
 
+/// The file references of a raw, encoded or shard record ([`crate::topology::FILE_REF_SCHEMAS`]),
+/// read without the rest: every other field is skipped, so the housekeeping's scan of the
+/// streams allocates nothing for the inline images' bytes.
+#[derive(Debug, Default, Deserialize)]
+pub struct FileRefs {
+    /// The record's `image_ref`, when set.
+    #[serde(default)]
+    pub image_ref: Option<ObjectRef>,
+    /// The record's `template_ref`, when set.
+    #[serde(default)]
+    pub template_ref: Option<ObjectRef>,
+    /// A shard record's encoded record, which carries the references.
+    #[serde(default)]
+    record: Option<Box<FileRefs>>,
+}
+
+impl FileRefs {
+    /// The references in a MessagePack record of one of the [`crate::topology::FILE_REF_SCHEMAS`].
+    pub fn decode(payload: &[u8]) -> Result<Vec<ObjectRef>, rmp_serde::decode::Error> {
+        let mut refs: FileRefs = rmp_serde::from_slice(payload)?;
+        let mut out = Vec::new();
+        if let Some(inner) = refs.record.take() {
+            out.extend(inner.image_ref);
+            out.extend(inner.template_ref);
+        }
+        out.extend(refs.image_ref);
+        out.extend(refs.template_ref);
+        Ok(out)
+    }
+}
+
 /// `pcb.images.raw`: a file as the ingester found it, before any decoding.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RawImage {

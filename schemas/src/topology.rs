@@ -145,6 +145,9 @@ pub enum Access {
     Read,
     /// Reads and writes.
     Write,
+    /// Reads, and deletes objects (publishes their metadata, never their bytes): the
+    /// housekeeping's access to the files no record names any more.
+    Delete,
 }
 
 /// A key-value or object bucket of the pipeline.
@@ -167,7 +170,9 @@ pub struct BucketDecl {
     pub description: &'static str,
     /// Values kept per key (key-value buckets).
     pub history: i64,
-    /// Cap on the bucket's size in bytes (-1: none); a full bucket refuses new objects.
+    /// Cap on the bucket's size in bytes (-1: none); a full bucket refuses new objects. For
+    /// the image files' bucket this is the default of the pipeline file's
+    /// `[streams.image_files] max_bytes`, which sets it.
     pub max_bytes: i64,
 }
 
@@ -194,10 +199,11 @@ pub const BUCKETS: [BucketDecl; 4] = [
         history: 1,
         max_bytes: -1,
     },
-    // Shard records (training data, kept until removed by hand) refer to these files, so
-    // no age limit: an object must outlive every record naming it. The cap is the shards'
-    // default size; full, the bucket refuses new files and the ingester keeps the boards in
-    // the inbox until there is room (nothing stored is ever deleted for room).
+    // Records in the streams of [`KEEPER`]'s `file_refs` refer to these files, so no age
+    // limit: an object must outlive every record naming it, and the housekeeping deletes
+    // only those no record names any more. The default cap is the shards' default size;
+    // full, the bucket refuses new files and the ingester keeps the boards in the inbox
+    // until there is room (nothing still named is ever deleted for room).
     BucketDecl {
         name: OBJECTS_IMAGE_FILES,
         kind: BucketKind::Object,
@@ -409,11 +415,12 @@ pub const STAGES: [StageDecl; 7] = [
             view(StreamKind::Shadow, SUBJECT_SHADOW_DETECTIONS),
         ],
         outputs: &[SUBJECT_RAW, SUBJECT_MODEL_EVENTS],
-        // A label revision names the board's files by reference: read, never re-stored.
+        // An upload too large for one message stores its files, as the ingester does; a
+        // label revision names the board's files by reference, never storing them again.
         buckets: &[
             (KV_MODELS, Access::Write),
             (OBJECTS_MODELS, Access::Read),
-            (OBJECTS_IMAGE_FILES, Access::Read),
+            (OBJECTS_IMAGE_FILES, Access::Write),
         ],
     },
     StageDecl {
@@ -432,6 +439,37 @@ pub const STAGES: [StageDecl; 7] = [
             (OBJECTS_IMAGE_FILES, Access::Read),
         ],
     },
+];
+
+/// The launcher's housekeeping (`pcb up`, as the `keeper` identity): what it may trim and
+/// read, and the bucket it cleans. Not a stage: it runs inside the launcher, but with an
+/// identity of its own, derived from this declaration like a stage's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeeperDecl {
+    /// Streams whose `make_room` setting it may apply: it purges their oldest messages that
+    /// every durable reading them has acknowledged (and reads those durables' floors).
+    pub trims: &'static [StreamKind],
+    /// Streams whose records may name a file in a bucket ([`crate::ObjectRef`]): read to
+    /// find the files still named.
+    pub file_refs: &'static [StreamKind],
+    /// The buckets whose files no record names any more it deletes.
+    pub buckets: &'static [(&'static str, Access)],
+}
+
+/// The housekeeping's declaration. `file_refs` holds every stream with a subject whose
+/// message can carry `image_ref`/`template_ref` (raw, encoded and shard records; dead
+/// letters name a record by sequence, never a file): checked by a test.
+pub const KEEPER: KeeperDecl = KeeperDecl {
+    trims: &[StreamKind::Images, StreamKind::Shards, StreamKind::Rejected],
+    file_refs: &[StreamKind::Images, StreamKind::Shards],
+    buckets: &[(OBJECTS_IMAGE_FILES, Access::Delete)],
+};
+
+/// The schemas whose messages can name a file in the image files' bucket.
+pub const FILE_REF_SCHEMAS: [&str; 3] = [
+    "pcb.images.raw/v1",
+    "pcb.images.encoded/v1",
+    "pcb.shards/v1",
 ];
 
 /// One subject of the pipeline: its stream and message.
@@ -599,6 +637,7 @@ pub fn stages_markdown() -> String {
                 let a = match a {
                     Access::Read => "read",
                     Access::Write => "write",
+                    Access::Delete => "delete",
                 };
                 format!("`{b}` ({a})")
             })
@@ -708,6 +747,25 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), n);
+    }
+
+    #[test]
+    fn every_stream_holding_file_references_is_read_by_the_keeper() {
+        for sub in SUBJECTS {
+            if let Some(stream) = sub.stream {
+                let refs = FILE_REF_SCHEMAS.contains(&sub.schema);
+                assert!(
+                    !refs || KEEPER.file_refs.contains(&stream),
+                    "{} carries file references but the keeper does not read {}",
+                    sub.display,
+                    stream.name()
+                );
+            }
+        }
+        // And every schema named there is one the pipeline has.
+        for schema in FILE_REF_SCHEMAS {
+            assert!(SUBJECTS.iter().any(|s| s.schema == schema), "{schema}");
+        }
     }
 
     #[test]

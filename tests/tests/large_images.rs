@@ -3,13 +3,16 @@
 //! once base64-encoded, go through `pcb up` to one detection each. Their files travel
 //! through the `pcb_image_files` object bucket: the raw and encoded records name them by
 //! sha256 and carry no bytes, a template shared by two boards is stored once, the viewer
-//! serves a referenced image, and a record naming a file the bucket does not have is a
-//! dead letter (`image-gone`), not a crash.
+//! serves a referenced image, a record naming a file the bucket does not have is a
+//! dead letter (`image-gone`), not a crash, and an upload in the viewer over the limit is
+//! stored by reference too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+use base64::Engine;
 
 use futures::StreamExt;
 use pcb_schemas::{
@@ -320,4 +323,81 @@ async fn a_6000x4000_scan_and_a_tiff_pair_go_through_the_object_store_to_detecti
     assert_eq!(l.reason_code, "image-gone", "{}", l.reason);
     assert!(l.reason.contains(OBJECTS_IMAGE_FILES), "{}", l.reason);
     assert_eq!(l.source, "ghost_test.jpg");
+
+    // An upload in the viewer over the payload limit is stored by reference too, not
+    // refused: the raw record names the file, and the board is detected.
+    // As JSON with its template (which the default model compares against): both under the
+    // viewer's 32 MiB body limit, each over the payload limit once base64-encoded.
+    let big = tiff(&board(1600, 1600, 6, true));
+    let big_temp = tiff(&board(1600, 1600, 7, false));
+    assert!(big.len() * 4 / 3 > MAX_PAYLOAD, "{}", big.len());
+    let json = format!(
+        "{{\"image_b64\":\"{}\",\"template_b64\":\"{}\"}}",
+        base64::engine::general_purpose::STANDARD.encode(&big),
+        base64::engine::general_purpose::STANDARD.encode(&big_temp)
+    );
+    let (status, body) = post(
+        &addr,
+        "/api/upload?name=big_upload.tif&line=upload",
+        json.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let big_id = image_id(&big);
+    let uploaded = || async {
+        read_all(&p.js, STREAM_IMAGES, SUBJECT_RAW)
+            .await
+            .into_iter()
+            .filter_map(|(_, b)| decode::<RawImage>(&b, None).ok())
+            .find(|r| r.image_id == big_id)
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            uploaded().await.is_some()
+        })
+        .await,
+        "no raw record for the upload"
+    );
+    let r = uploaded().await.expect("raw");
+    assert_eq!(r.source, "upload/big_upload.tif");
+    assert!(r.image.is_empty());
+    assert_eq!(r.image_ref, Some(ObjectRef::of(&big)));
+    assert!(r.template.is_none());
+    assert_eq!(r.template_ref, Some(ObjectRef::of(&big_temp)));
+    let detected = || async {
+        read_all(&p.js, STREAM_DETECTIONS, "pcb.detections")
+            .await
+            .into_iter()
+            .filter_map(|(_, b)| decode::<Detection>(&b, None).ok())
+            .any(|d| d.image_id == big_id)
+    };
+    assert!(
+        wait_until(Duration::from_secs(180), || async { detected().await }).await,
+        "the uploaded board was not detected:\n{}",
+        p.said()
+    );
+}
+
+/// POSTs `body` (JSON) to the viewer at `path`: status and body.
+async fn post(addr: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    s.write_all(body).await.expect("write body");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    (status, raw[split + 4..].to_vec())
 }

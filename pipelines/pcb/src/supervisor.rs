@@ -264,11 +264,21 @@ impl Running {
     /// A JetStream context on the pipeline's server as `name`, with the pipeline file's
     /// credentials and TLS.
     pub async fn jetstream(&self, name: &str) -> anyhow::Result<async_nats::jetstream::Context> {
+        self.jetstream_as(Identity::Admin, name).await
+    }
+
+    /// [`Running::jetstream`] as identity `id` (on a server of one's own without
+    /// identities: the pipeline file's credentials).
+    pub async fn jetstream_as(
+        &self,
+        id: Identity,
+        name: &str,
+    ) -> anyhow::Result<async_nats::jetstream::Context> {
         let base = pcb_common::NatsConfig {
             url: self.nats_url.clone(),
             ..self.pipeline.nats.clone()
         };
-        let nats = IdentityStore::connection_of(self.identities.as_ref(), Identity::Admin, &base);
+        let nats = IdentityStore::connection_of(self.identities.as_ref(), id, &base);
         let client = pcb_common::connect(&nats, name)
             .await
             .with_context(|| format!("connecting to {}", self.nats_url))?;

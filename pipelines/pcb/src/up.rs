@@ -29,10 +29,16 @@ pub async fn up(opts: UpOptions, shutdown: &pcb_common::Shutdown) -> anyhow::Res
         }
         None => None,
     };
-    // Room in the streams that push back, made from what every stage has processed.
-    let keeper = running.jetstream("pcb-room").await?;
+    // Room in the streams that push back, made from what every stage has processed; and
+    // the image files no record names any more. The housekeeping's own identity.
+    let keeper = running
+        .jetstream_as(pcb_common::Identity::Keeper, "pcb-keeper")
+        .await?;
     let consumers = running.pipeline.consumers();
     let mut room_checked = std::time::Instant::now();
+    let files = running.pipeline.streams.image_files.clone();
+    let mut sweep: Option<tokio::task::JoinHandle<()>> = None;
+    let mut swept_at = std::time::Instant::now();
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
@@ -44,6 +50,16 @@ pub async fn up(opts: UpOptions, shutdown: &pcb_common::Shutdown) -> anyhow::Res
                     room_checked = std::time::Instant::now();
                     make_room(&keeper, &running, &consumers).await;
                 }
+                // A sweep reads whole streams: it runs beside the supervision, one at a time.
+                let idle = sweep.as_ref().is_none_or(|h| h.is_finished());
+                if files.cleanup
+                    && idle
+                    && swept_at.elapsed() >= Duration::from_secs(files.cleanup_every_secs)
+                {
+                    swept_at = std::time::Instant::now();
+                    let grace = Duration::from_secs(files.cleanup_grace_secs);
+                    sweep = Some(tokio::spawn(sweep_files(keeper.clone(), grace)));
+                }
                 if let (Some(r), Some(js)) = (retrainer.as_mut(), js.as_ref()) {
                     if let Err(e) = r.poll(js).await {
                         eprintln!("pcb: retraining policy: {e:#}");
@@ -52,6 +68,9 @@ pub async fn up(opts: UpOptions, shutdown: &pcb_common::Shutdown) -> anyhow::Res
             }
         }
     };
+    if let Some(h) = sweep {
+        h.abort();
+    }
     if let Some(r) = retrainer.as_mut() {
         r.stop();
     }
@@ -85,6 +104,29 @@ async fn make_room(
         }
         Ok(Err(e)) => tracing::warn!(error = %e, "making room in the streams"),
         Err(_) => tracing::warn!("making room in the streams took over 10 s"),
+    }
+}
+
+/// One sweep of the image files' bucket ([`pcb_common::sweep_image_files`]): a summary at
+/// info when it deleted something, a warning when it failed (the next one tries again).
+async fn sweep_files(js: async_nats::jetstream::Context, grace: Duration) {
+    let started = std::time::Instant::now();
+    match pcb_common::sweep_image_files(&js, grace).await {
+        Ok(s) if s.deleted > 0 => tracing::info!(
+            deleted = s.deleted,
+            deleted_bytes = s.deleted_bytes,
+            files = s.files,
+            records_read = s.records_read,
+            secs = started.elapsed().as_secs_f64(),
+            "deleted image files no record names any more"
+        ),
+        Ok(s) => tracing::debug!(
+            files = s.files,
+            old = s.old,
+            records_read = s.records_read,
+            "image files: none to delete"
+        ),
+        Err(e) => tracing::warn!(error = %e, "sweeping the image files' bucket"),
     }
 }
 

@@ -887,7 +887,7 @@ async fn upload(
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "upload".into());
-    let raw = RawImage {
+    let mut raw = RawImage {
         image_id: pcb_schemas::image_id(&image),
         image,
         template,
@@ -902,6 +902,12 @@ async fn upload(
         image_ref: None,
         template_ref: None,
     };
+    // Too large for one message once base64-encoded (the ingester's rule): the files go to
+    // the image files' bucket and the record names them, as the ingester does.
+    let size = raw.image.len() + raw.template.as_ref().map_or(0, Vec::len);
+    if size * 4 / 3 + 64 * 1024 > s.js.client().server_info().max_payload {
+        store_by_reference(&s, &mut raw).await?;
+    }
     let ack = pcb_common::publish(&s.js, SUBJECT_RAW.into(), &raw)
         .await
         .map_err(|e| ApiError::unavailable(format!("publishing the upload: {e}")))?;
@@ -911,6 +917,27 @@ async fn upload(
         "board_id": stem,
         "status": if ack.duplicate { "duplicate" } else { "queued" },
     })))
+}
+
+/// Stores an upload's files in the image files' bucket (each once, by sha256) and leaves
+/// their references in the record in their place.
+async fn store_by_reference(s: &Shared, raw: &mut RawImage) -> ApiResult<()> {
+    let failed = |e: pcb_common::FilesError| {
+        ApiError::unavailable(format!("storing the upload's files in the bucket: {e}"))
+    };
+    let files = pcb_common::ImageFiles::open(&s.js).await.map_err(failed)?;
+    let image = files.put(&raw.image).await.map_err(failed)?;
+    let template = match &raw.template {
+        Some(t) => Some(files.put(t).await.map_err(failed)?),
+        None => None,
+    };
+    raw.image = Vec::new();
+    raw.image_ref = Some(image);
+    if template.is_some() {
+        raw.template = None;
+        raw.template_ref = template;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

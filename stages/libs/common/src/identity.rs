@@ -1,5 +1,6 @@
 //! Least-privilege NATS identities, derived from the topology table: one per stage, an
-//! `admin` (the launcher, `pcb init`, `pcb models`, replays with the `nats` CLI) and a
+//! `admin` (the launcher, `pcb init`, `pcb models`, replays with the `nats` CLI), a
+//! `keeper` (the launcher's housekeeping, from the topology's `KEEPER` declaration) and a
 //! read-only `reader` (line-side subscribers, `pcb status`). Each identity's publish and
 //! subscribe allow-lists hold exactly the pipeline subjects, JetStream API calls and bucket
 //! subjects its declaration names, so changing a stage's wiring in
@@ -27,6 +28,9 @@ pub enum Identity {
     Stage(StageName),
     /// Everything: provisioning, the registry commands, replays.
     Admin,
+    /// The launcher's housekeeping: room in the streams that push back, and the image
+    /// files no record names (what the topology's `KEEPER` declares).
+    Keeper,
     /// Reads detections, model events and training progress; publishes nothing.
     Reader,
     /// PLCs and SCADA over MQTT: reads the line verdicts, nothing else (a password user).
@@ -44,12 +48,18 @@ const READER_SUBJECTS: [&str; 4] = [
 ];
 
 impl Identity {
-    /// Every identity: the stages in the topology's order, then admin, reader, line-side.
+    /// Every identity: the stages in the topology's order, then admin, keeper, reader,
+    /// line-side.
     pub fn all() -> Vec<Identity> {
         StageName::ALL
             .into_iter()
             .map(Identity::Stage)
-            .chain([Identity::Admin, Identity::Reader, Identity::LineSide])
+            .chain([
+                Identity::Admin,
+                Identity::Keeper,
+                Identity::Reader,
+                Identity::LineSide,
+            ])
             .collect()
     }
 
@@ -63,6 +73,7 @@ impl Identity {
         match self {
             Identity::Stage(s) => s.name(),
             Identity::Admin => "admin",
+            Identity::Keeper => "keeper",
             Identity::Reader => "reader",
             Identity::LineSide => "line-side",
         }
@@ -79,6 +90,9 @@ impl Identity {
             Identity::Stage(s) => s.decl().summary,
             Identity::Admin => {
                 "the launcher, `pcb init`, `pcb models`, `pcb train`'s own client, replays with the `nats` CLI"
+            }
+            Identity::Keeper => {
+                "`pcb up`'s housekeeping: room in the streams that push back, image files no record names"
             }
             Identity::Reader => "line-side subscribers, `pcb status`, dashboards",
             Identity::LineSide => {
@@ -100,6 +114,22 @@ impl Identity {
             Identity::Admin => {
                 g.publish.insert(">".into());
                 g.subscribe.insert(">".into());
+            }
+            Identity::Keeper => {
+                let decl = pcb_schemas::topology::KEEPER;
+                // make_room: each stream's state, its durables' ack floors, and purges.
+                for kind in decl.trims {
+                    let stream = kind.name();
+                    g.api(&format!("STREAM.INFO.{stream}"));
+                    g.api(&format!("CONSUMER.INFO.{stream}.*"));
+                    g.api(&format!("STREAM.PURGE.{stream}"));
+                }
+                for kind in decl.file_refs {
+                    g.view(kind.name());
+                }
+                for (bucket, access) in decl.buckets {
+                    g.bucket(bucket, *access);
+                }
             }
             Identity::Reader => {
                 for api in [
@@ -138,24 +168,7 @@ impl Identity {
                     }
                 }
                 for (bucket, access) in decl.buckets {
-                    let object = BUCKETS
-                        .iter()
-                        .any(|b| b.name == *bucket && b.kind == BucketKind::Object);
-                    let stream = if object {
-                        format!("OBJ_{bucket}")
-                    } else {
-                        kv_stream(bucket)
-                    };
-                    g.view(&stream);
-                    if *access == Access::Write {
-                        if object {
-                            // A put replaces the object's earlier chunks with a purge.
-                            g.publish.insert(format!("$O.{bucket}.>"));
-                            g.api(&format!("STREAM.PURGE.{stream}"));
-                        } else {
-                            g.publish.insert(format!("$KV.{bucket}.>"));
-                        }
-                    }
+                    g.bucket(bucket, *access);
                 }
             }
         }
@@ -276,6 +289,36 @@ impl Grants {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// `access` to `bucket`: a view of its stream, and for a writer its subjects; a
+    /// deleter (of objects) publishes their metadata only, never their chunks.
+    fn bucket(&mut self, bucket: &str, access: Access) {
+        let object = BUCKETS
+            .iter()
+            .any(|b| b.name == bucket && b.kind == BucketKind::Object);
+        let stream = if object {
+            format!("OBJ_{bucket}")
+        } else {
+            kv_stream(bucket)
+        };
+        self.view(&stream);
+        match (access, object) {
+            (Access::Read, _) => {}
+            // A put replaces the object's earlier chunks with a purge.
+            (Access::Write, true) => {
+                self.publish.insert(format!("$O.{bucket}.>"));
+                self.api(&format!("STREAM.PURGE.{stream}"));
+            }
+            // A deletion marks the metadata deleted, then purges the chunks.
+            (Access::Delete, true) => {
+                self.publish.insert(format!("$O.{bucket}.M.>"));
+                self.api(&format!("STREAM.PURGE.{stream}"));
+            }
+            (Access::Write | Access::Delete, false) => {
+                self.publish.insert(format!("$KV.{bucket}.>"));
             }
         }
     }
@@ -623,12 +666,15 @@ pub fn identities_markdown() -> String {
                     continue;
                 }
                 if let Some(b) = rest.strip_prefix("KV_").or(rest.strip_prefix("OBJ_")) {
-                    let write = p
-                        .publish
-                        .allow
-                        .iter()
-                        .any(|a| a == &format!("$KV.{b}.>") || a == &format!("$O.{b}.>"));
-                    buckets.push(format!("`{b}` ({})", if write { "write" } else { "read" }));
+                    let has = |s: String| p.publish.allow.contains(&s);
+                    let access = if has(format!("$KV.{b}.>")) || has(format!("$O.{b}.>")) {
+                        "write"
+                    } else if has(format!("$O.{b}.M.>")) {
+                        "delete"
+                    } else {
+                        "read"
+                    };
+                    buckets.push(format!("`{b}` ({access})"));
                 } else {
                     streams.push(format!("`{rest}` (view)"));
                 }
@@ -720,6 +766,42 @@ mod tests {
             Identity::Stage(StageName::Router),
             &["pcb.shards.3"],
             &["pcb.images.raw"],
+        );
+    }
+
+    #[test]
+    fn the_keeper_trims_reads_and_deletes_files_and_nothing_more() {
+        publishes(
+            Identity::Keeper,
+            &[
+                // make_room on PCB_IMAGES: state, the durables' floors, the purge.
+                "$JS.API.STREAM.INFO.PCB_IMAGES",
+                "$JS.API.CONSUMER.INFO.PCB_IMAGES.encoder",
+                "$JS.API.STREAM.PURGE.PCB_IMAGES",
+                // The sweep: a private view of the streams naming files.
+                "$JS.API.CONSUMER.CREATE.PCB_SHARDS.abc.pcb.shards.>",
+                "$JS.API.CONSUMER.MSG.NEXT.PCB_IMAGES.abc",
+                // A deletion: the metadata, then a purge of the chunks.
+                "$O.pcb_image_files.M.YWJj",
+                "$JS.API.STREAM.PURGE.OBJ_pcb_image_files",
+            ],
+            &[
+                // It writes no file and no record, and takes no stage's messages.
+                "$O.pcb_image_files.C.abc",
+                "pcb.images.raw",
+                "pcb.rejected.keeper",
+                "$JS.API.CONSUMER.MSG.NEXT.PCB_IMAGES.encoder",
+                "$JS.ACK.PCB_IMAGES.encoder.1.2.3.4.5",
+                "$JS.API.STREAM.DELETE.PCB_IMAGES",
+                "$JS.API.STREAM.PURGE.PCB_DETECTIONS",
+                "$O.pcb_model_artifacts.M.YWJj",
+                "$KV.pcb_models.live.x",
+            ],
+        );
+        let t = identities_markdown();
+        assert!(
+            t.contains("| `keeper` | — | `_INBOX_keeper.>` | `PCB_IMAGES` (view), `PCB_SHARDS` (view) | `pcb_image_files` (delete) |"),
+            "{t}"
         );
     }
 

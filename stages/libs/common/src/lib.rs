@@ -7,9 +7,11 @@ pub mod metrics;
 pub mod nats;
 pub mod objects;
 pub mod room;
+pub mod scan;
 pub mod settings;
 pub mod shutdown;
 pub mod stage;
+pub mod sweep;
 pub mod telemetry;
 pub mod topology;
 
@@ -27,6 +29,7 @@ pub use shutdown::Shutdown;
 pub use stage::{
     ConfigOf, ConsumerSettings, Context, NoArgs, Stage, StageFile, Validate, Validated,
 };
+pub use sweep::{sweep_image_files, Swept};
 pub use telemetry::{init_tracing, LogConfig};
 pub use topology::{apply_streams, provision, require, StreamSettings, Topology};
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, stream};
 use pcb_schemas::topology::{BucketKind, StageName, BUCKETS};
-use pcb_schemas::StreamKind;
+use pcb_schemas::{StreamKind, OBJECTS_IMAGE_FILES};
 use serde::{Deserialize, Serialize};
 
 use crate::settings::Problems;
@@ -95,7 +95,48 @@ pub struct Topology {
     pub shadow: StreamSettings,
     /// The model registry's key-value and object buckets.
     pub buckets: BucketSettings,
+    /// `pcb_image_files`: the files of boards too large for one message.
+    pub image_files: ImageFilesSettings,
 }
+
+/// The image files' object bucket (`pcb_image_files`): its size, and the housekeeping
+/// that deletes the files no record names any more.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImageFilesSettings {
+    /// Cap on the bucket's size in bytes (-1: no cap). The server reserves it on disk like
+    /// a stream's `max_bytes`; full, the bucket takes no new file and the ingester leaves
+    /// large boards in the inbox until there is room. `pcb init` resizes an existing
+    /// bucket, never below what it holds.
+    pub max_bytes: i64,
+    /// Whether `pcb up` deletes the files no record in `PCB_IMAGES` or `PCB_SHARDS` names
+    /// any more.
+    pub cleanup: bool,
+    /// A file is deleted only once it has gone unchanged this many seconds (at least 60):
+    /// the ingester stores a board's files before it publishes the record naming them.
+    pub cleanup_grace_secs: u64,
+    /// Seconds between two looks for such files; each look reads both streams when the
+    /// bucket holds a file older than the grace.
+    pub cleanup_every_secs: u64,
+}
+
+impl Default for ImageFilesSettings {
+    fn default() -> Self {
+        ImageFilesSettings {
+            max_bytes: BUCKETS
+                .iter()
+                .find(|b| b.name == OBJECTS_IMAGE_FILES)
+                .map_or(-1, |b| b.max_bytes),
+            cleanup: true,
+            cleanup_grace_secs: 600,
+            cleanup_every_secs: 300,
+        }
+    }
+}
+
+/// The least `cleanup_grace_secs`: far longer than the ingester takes between storing a
+/// board's files and publishing its record.
+pub const MIN_CLEANUP_GRACE_SECS: u64 = 60;
 
 /// Settings of the pipeline's buckets.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -135,6 +176,7 @@ impl Default for Topology {
             // A shadow period's answers, read by the Models page: the oldest go.
             shadow: StreamSettings::with(7, 1, 3_600, Discard::Old),
             buckets: BucketSettings::default(),
+            image_files: ImageFilesSettings::default(),
         }
     }
 }
@@ -184,12 +226,40 @@ impl Topology {
             .unwrap_or(1)
     }
 
+    /// The cap of bucket `name`: the pipeline file's for the image files, else the
+    /// topology's.
+    pub fn bucket_max_bytes(&self, name: &str) -> i64 {
+        if name == OBJECTS_IMAGE_FILES {
+            return self.image_files.max_bytes;
+        }
+        BUCKETS
+            .iter()
+            .find(|b| b.name == name)
+            .map_or(-1, |b| b.max_bytes)
+    }
+
     /// Adds every problem (keys prefixed with `section`) to `p`.
     pub fn validate(&self, section: &str, p: &mut Problems) {
         p.check(
             self.buckets.replicas == 0 || self.buckets.replicas > 5,
             &format!("{section}.buckets.replicas"),
             "must be between 1 and 5",
+        );
+        let f = &self.image_files;
+        p.check(
+            f.max_bytes == 0 || f.max_bytes < -1,
+            &format!("{section}.image_files.max_bytes"),
+            "must be positive or -1",
+        );
+        p.check(
+            f.cleanup_grace_secs < MIN_CLEANUP_GRACE_SECS,
+            &format!("{section}.image_files.cleanup_grace_secs"),
+            format!("must be at least {MIN_CLEANUP_GRACE_SECS} (a board's files are stored before its record is published)"),
+        );
+        p.check(
+            f.cleanup_every_secs == 0 || f.cleanup_every_secs > 86_400,
+            &format!("{section}.image_files.cleanup_every_secs"),
+            "must be between 1 and 86400",
         );
         for kind in StreamKind::ALL {
             let s = self.settings(kind);
@@ -215,6 +285,11 @@ impl Topology {
                 "only for discard = \"new\" (a stream that discards its oldest makes its own room)",
             );
             p.check(
+                s.make_room && !pcb_schemas::topology::KEEPER.trims.contains(&kind),
+                &key("make_room"),
+                "only for the streams the housekeeping may trim (PCB_IMAGES, PCB_SHARDS, PCB_REJECTED)",
+            );
+            p.check(
                 s.max_age_secs != 0 && s.duplicate_window_secs > s.max_age_secs,
                 &key("duplicate_window_secs"),
                 "cannot exceed max_age_secs",
@@ -236,8 +311,9 @@ impl Topology {
             .chain(
                 BUCKETS
                     .iter()
-                    .filter(|b| b.max_bytes > 0)
-                    .map(|b| b.max_bytes as u64),
+                    .map(|b| self.bucket_max_bytes(b.name))
+                    .filter(|&m| m > 0)
+                    .map(|m| m as u64),
             )
             .sum()
     }
@@ -383,7 +459,7 @@ pub async fn provision(
     let streams = apply_streams(js, topo).await?;
     let mut buckets = Vec::new();
     for b in BUCKETS {
-        buckets.push((b.name, create_bucket(js, b, topo.buckets.replicas).await?));
+        buckets.push((b.name, create_bucket(js, b, topo).await?));
     }
     let mut made = Vec::new();
     for spec in consumers {
@@ -410,9 +486,11 @@ pub struct Provisioning {
 async fn create_bucket(
     js: &jetstream::Context,
     b: pcb_schemas::topology::BucketDecl,
-    replicas: usize,
+    topo: &Topology,
 ) -> Result<Provisioned, TopologyError> {
     use async_nats::jetstream::{kv, object_store};
+    let replicas = topo.buckets.replicas;
+    let max_bytes = topo.bucket_max_bytes(b.name);
     let fail = |e: &dyn std::fmt::Display| TopologyError::Bucket {
         bucket: b.name,
         message: e.to_string(),
@@ -434,12 +512,12 @@ async fn create_bucket(
         }
         BucketKind::Object => {
             if js.get_object_store(b.name).await.is_ok() {
-                return Ok(Provisioned::Unchanged);
+                return resize_bucket(js, b.name, max_bytes, topo).await;
             }
             js.create_object_store(object_store::Config {
                 bucket: b.name.into(),
                 description: Some(b.description.into()),
-                max_bytes: b.max_bytes,
+                max_bytes,
                 num_replicas: replicas,
                 ..Default::default()
             })
@@ -448,6 +526,46 @@ async fn create_bucket(
         }
     }
     Ok(Provisioned::Created)
+}
+
+/// Brings an existing object bucket's cap to `max_bytes`: its stream (`OBJ_<bucket>`) is
+/// updated like a stream of the pipeline, and never below what it holds (that would make
+/// the server delete stored chunks, breaking files).
+async fn resize_bucket(
+    js: &jetstream::Context,
+    bucket: &'static str,
+    max_bytes: i64,
+    topo: &Topology,
+) -> Result<Provisioned, TopologyError> {
+    let name = format!("OBJ_{bucket}");
+    let info_err = |e: &dyn std::fmt::Display| TopologyError::Info {
+        stream: name.clone(),
+        message: e.to_string(),
+    };
+    let mut stream = js.get_stream(&name).await.map_err(|e| info_err(&e))?;
+    let info = stream.info().await.map_err(|e| info_err(&e))?.clone();
+    // The server keeps "no cap" as -1 whatever was asked.
+    let cap = |n: i64| if n > 0 { n } else { -1 };
+    if cap(info.config.max_bytes) == cap(max_bytes) {
+        return Ok(Provisioned::Unchanged);
+    }
+    if max_bytes > 0 && (max_bytes as u64) < info.state.bytes {
+        return Err(TopologyError::Shrink {
+            stream: name,
+            what: "max_bytes",
+            holds: info.state.bytes,
+            want: max_bytes,
+        });
+    }
+    let mut want = info.config;
+    want.max_bytes = cap(max_bytes);
+    js.update_stream(want).await.map_err(|source| {
+        no_room(&source, &name, topo).unwrap_or(TopologyError::Update {
+            stream: name.clone(),
+            source,
+        })
+    })?;
+    Ok(Provisioned::Updated)
 }
 
 /// The server-side config of a durable consumer.
@@ -728,6 +846,46 @@ mod tests {
         t.shards.max_bytes = -1;
         t.detections.storage = Storage::Memory;
         assert_eq!(t.reserved_file_bytes(), 15 << 30);
+    }
+
+    #[test]
+    fn the_image_files_cap_is_a_setting_counted_in_the_reservation() {
+        let mut t = Topology::default();
+        assert_eq!(t.bucket_max_bytes(OBJECTS_IMAGE_FILES), 8 << 30);
+        t.image_files.max_bytes = 2 << 30;
+        assert_eq!(t.bucket_max_bytes(OBJECTS_IMAGE_FILES), 2 << 30);
+        assert_eq!(t.reserved_file_bytes(), 19 << 30);
+        t.image_files.max_bytes = -1;
+        assert_eq!(t.reserved_file_bytes(), 17 << 30);
+        let parsed: Topology =
+            toml::from_str("[image_files]\nmax_bytes = 1073741824\ncleanup_grace_secs = 900\n")
+                .expect("parses");
+        assert_eq!(parsed.image_files.max_bytes, 1 << 30);
+        assert_eq!(parsed.image_files.cleanup_grace_secs, 900);
+        assert!(parsed.image_files.cleanup);
+        let e = toml::from_str::<Topology>("[image_files]\nmax_byte = 1\n").unwrap_err();
+        assert!(e.to_string().contains("max_byte"), "{e}");
+    }
+
+    #[test]
+    fn bad_image_file_settings_are_all_reported() {
+        let mut t = Topology::default();
+        t.image_files.max_bytes = 0;
+        t.image_files.cleanup_grace_secs = 5;
+        t.image_files.cleanup_every_secs = 0;
+        t.detections.discard = Discard::New;
+        t.detections.make_room = true;
+        let mut p = Problems::default();
+        t.validate("streams", &mut p);
+        let text = p.to_string();
+        for key in [
+            "streams.image_files.max_bytes",
+            "streams.image_files.cleanup_grace_secs",
+            "streams.image_files.cleanup_every_secs",
+            "streams.detections.make_room",
+        ] {
+            assert!(text.contains(key), "{key}: {text}");
+        }
     }
 
     #[test]
