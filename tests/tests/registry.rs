@@ -652,7 +652,7 @@ async fn after_shadow_the_corrected_boards_must_find_the_shadow_right_often_enou
 
     // 20 boards both answered; they disagree on img00 and img01 (90% agreement).
     let verdicts = |i: usize| {
-        let live_fail = i % 2 == 0;
+        let live_fail = i.is_multiple_of(2);
         let shadow_fail = if i < 2 { !live_fail } else { live_fail };
         (live_fail, shadow_fail)
     };

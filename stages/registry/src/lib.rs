@@ -10,8 +10,9 @@ use pcb_schemas::{StageName, TrainCandidate};
 use serde::{Deserialize, Serialize};
 
 pub use pcb_model_store::{
-    check_name, key_live, key_shadow, parse_ref, publish_event, LiveAlias, ModelVersion,
-    NewVersion, Registry, RegistryError, ShadowAlias,
+    board_unit, check_name, key_canary, key_live, key_shadow, parse_ref, publish_event,
+    CanaryAlias, CanaryRule, LiveAlias, ModelVersion, NewVersion, Registry, RegistryError,
+    ShadowAlias,
 };
 
 pcb_common::declare_stage!(
