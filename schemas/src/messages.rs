@@ -175,6 +175,11 @@ wire_enum! {
         Shadowed = "shadowed",
         /// No longer the shadow version.
         Unshadowed = "unshadowed",
+        /// Marked as the canary version: detectors answer the boards its rule selects with
+        /// it, for real.
+        Canaried = "canaried",
+        /// No longer the canary version: its boards go back to the live one.
+        Uncanaried = "uncanaried",
     }
 }
 

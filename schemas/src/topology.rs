@@ -346,7 +346,8 @@ pub const STAGES: [StageDecl; 7] = [
         process: ProcessKind::Service,
         // One candidate at a time: versions are numbered in the order they are taken. With
         // `promote = "after_shadow"` it also replays both versions' answers to judge a
-        // shadow period.
+        // shadow period, and, with `shadow_min_corrected`, the label revisions' headers
+        // (who was right on the corrected boards).
         inputs: &[
             durable(
                 StreamKind::Training,
@@ -364,6 +365,10 @@ pub const STAGES: [StageDecl; 7] = [
             Input {
                 optional: true,
                 ..view(StreamKind::Detections, SUBJECT_DETECTIONS)
+            },
+            Input {
+                optional: true,
+                ..view(StreamKind::Images, SUBJECT_RAW)
             },
         ],
         outputs: &[SUBJECT_MODEL_EVENTS, "pcb.rejected.registry"],

@@ -389,6 +389,7 @@ async fn after_shadow_a_candidate_runs_in_shadow_and_goes_live_once_it_agreed_en
         min_boards: 20,
         min_agreement: 0.9,
         every: Duration::from_secs(1),
+        ..ShadowGate::default()
     };
     let policy = Policy {
         promote: Promotion::AfterShadow,
@@ -465,7 +466,12 @@ async fn after_shadow_a_candidate_runs_in_shadow_and_goes_live_once_it_agreed_en
     }
     let judged = |g: ShadowGate| {
         let (registry, js) = (registry.clone(), env.js.clone());
-        async move { judge_shadows(&registry, &js, g).await.expect("judged") }
+        async move {
+            let mut corrections = pcb_registry::Corrections::default();
+            judge_shadows(&registry, &js, g, &mut corrections)
+                .await
+                .expect("judged")
+        }
     };
     let wait = judged(ShadowGate {
         min_boards: 25,
@@ -527,4 +533,237 @@ async fn after_shadow_a_candidate_runs_in_shadow_and_goes_live_once_it_agreed_en
     // A shadow a person set is theirs to end: the policy leaves it.
     registry.set_shadow(GATED, v3, "cli").await.expect("shadow");
     assert!(judged(gate).await.is_empty());
+}
+
+/// One round of the shadow judge on the one model under test: promoted, and why (printed).
+async fn judge(
+    registry: &Registry,
+    js: &async_nats::jetstream::Context,
+    gate: pcb_registry::ShadowGate,
+    corrections: &mut pcb_registry::Corrections,
+) -> (bool, String) {
+    let mut out = pcb_registry::judge_shadows(registry, js, gate, corrections)
+        .await
+        .expect("judged");
+    assert_eq!(out.len(), 1, "{out:?}");
+    let (_, promoted, why) = out.remove(0);
+    eprintln!("{}: {why}", if promoted { "promoted" } else { "waits" });
+    (promoted, why)
+}
+
+/// A label revision of `image` as the viewer publishes it on `pcb.images.raw`: `fail` saves
+/// one box, `pass` none.
+fn revision(image: &str, fail: bool, by: &str) -> pcb_schemas::RawImage {
+    let mut r = plain_record(image);
+    r.labels = Some(if fail {
+        vec![pcb_schemas::BoxLabel::new([1.0, 1.0, 5.0, 5.0], 1, "open")]
+    } else {
+        vec![]
+    });
+    r.revision = Some(pcb_schemas::LabelRevision {
+        by: by.into(),
+        at_ms: 1,
+        replaces: None,
+        reviewed: None,
+        note: None,
+    });
+    r
+}
+
+/// A board as the ingester publishes it (no revision).
+fn plain_record(image: &str) -> pcb_schemas::RawImage {
+    pcb_schemas::RawImage {
+        image_id: image.into(),
+        image: b"not decoded by the registry".to_vec(),
+        template: None,
+        labels: None,
+        label_format: None,
+        board_id: image.into(),
+        line_id: "line-1".into(),
+        source: format!("{image}.jpg"),
+        captured_at_ms: 1,
+        split_hint: None,
+        revision: None,
+        image_ref: None,
+        template_ref: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_shadow_the_corrected_boards_must_find_the_shadow_right_often_enough() {
+    use pcb_common::{Identity, IdentityStore};
+    use pcb_registry::{CorrectedRule, Corrections, NewVersion, ShadowGate};
+    use pcb_schemas::{StageName, SUBJECT_DETECTIONS, SUBJECT_RAW, SUBJECT_SHADOW_DETECTIONS};
+    const CORRECTED: &str = "pcb-corrected";
+    // A secured server: the registry reads the label revisions as its own identity, with
+    // the permissions the topology gives it.
+    let env = Env::start_secured().await;
+    let base = pcb_common::NatsConfig {
+        url: env.server.url(),
+        ..Default::default()
+    };
+    let nats = IdentityStore::connection_of(
+        env.identities.as_ref(),
+        Identity::Stage(StageName::Registry),
+        &base,
+    );
+    let client = pcb_common::nats::connect_now(&nats, "registry-under-test")
+        .await
+        .expect("the registry connects");
+    let js = async_nats::jetstream::new(client);
+    let registry = Registry::open(&js).await.expect("registry");
+    // An identity the topology gives no view of the images (the trainer's) cannot read
+    // them: the registry's reading rests on its declared input.
+    let trainer = IdentityStore::connection_of(
+        env.identities.as_ref(),
+        Identity::Stage(StageName::Trainer),
+        &base,
+    );
+    let trainer = pcb_common::nats::connect_now(&trainer, "trainer-under-test")
+        .await
+        .expect("the trainer connects");
+    let refused = Corrections::default()
+        .update(&async_nats::jetstream::new(trainer))
+        .await
+        .expect_err("the trainer may not read pcb.images.raw");
+    eprintln!("as the trainer: {refused}");
+    let meta = || NewVersion {
+        origin: "import".into(),
+        ..Default::default()
+    };
+    let v1 = registry
+        .register(CORRECTED, b"weights of v1", meta())
+        .await
+        .expect("v1")
+        .version;
+    let v2 = registry
+        .register(CORRECTED, b"weights of v2", meta())
+        .await
+        .expect("v2")
+        .version;
+    registry
+        .promote(CORRECTED, v1, "policy")
+        .await
+        .expect("live");
+    registry
+        .set_shadow(CORRECTED, v2, "policy")
+        .await
+        .expect("shadow");
+
+    // 20 boards both answered; they disagree on img00 and img01 (90% agreement).
+    let verdicts = |i: usize| {
+        let live_fail = i.is_multiple_of(2);
+        let shadow_fail = if i < 2 { !live_fail } else { live_fail };
+        (live_fail, shadow_fail)
+    };
+    for i in 0..20 {
+        let image = format!("img{i:02}");
+        let (live_fail, shadow_fail) = verdicts(i);
+        pcb_common::publish(
+            &env.js,
+            SUBJECT_DETECTIONS.into(),
+            &answer(CORRECTED, v1, &image, live_fail),
+        )
+        .await
+        .expect("live answer");
+        pcb_common::publish(
+            &env.js,
+            SUBJECT_SHADOW_DETECTIONS.into(),
+            &answer(CORRECTED, v2, &image, shadow_fail),
+        )
+        .await
+        .expect("shadow answer");
+    }
+    // Corrections: the label revisions of some boards, among boards as the ingester sends
+    // them (no revision: not a correction) and a revision of a board neither answered.
+    let correct = |image: String, fail: bool| {
+        let js = env.js.clone();
+        async move {
+            pcb_common::publish(&js, SUBJECT_RAW.into(), &revision(&image, fail, "ana"))
+                .await
+                .expect("revision stored");
+        }
+    };
+    for i in 0..20 {
+        pcb_common::publish(
+            &env.js,
+            SUBJECT_RAW.into(),
+            &plain_record(&format!("img{i:02}")),
+        )
+        .await
+        .expect("board stored");
+    }
+    correct("img99".into(), true).await;
+    // img00 and img01 corrected to the live verdict, img02..img04 to the one both gave.
+    for i in 0..5 {
+        correct(format!("img{i:02}"), verdicts(i).0).await;
+    }
+    let gate = ShadowGate {
+        min_boards: 20,
+        min_agreement: 0.9,
+        min_corrected: 8,
+        ..ShadowGate::default()
+    };
+    let mut corrections = Corrections::default();
+    let (promoted, why) = judge(&registry, &js, gate, &mut corrections).await;
+    assert!(!promoted);
+    assert!(
+        why.contains("on 5 corrected boards shadow right on 3 (60.0%), live on 5 (100.0%); waiting for 8 corrected boards"),
+        "{why}"
+    );
+    // Three more, to the verdict both gave: 8 corrected boards; the live one right on all
+    // 8, the shadow on 6.
+    for i in 5..8 {
+        correct(format!("img{i:02}"), verdicts(i).0).await;
+    }
+    let (promoted, why) = judge(&registry, &js, gate, &mut corrections).await;
+    assert!(!promoted);
+    assert!(
+        why.contains("on 8 corrected boards shadow right on 6 (75.0%), live on 8 (100.0%): the shadow version is right less often"),
+        "{why}"
+    );
+    let (promoted, why) = judge(
+        &registry,
+        &js,
+        ShadowGate {
+            corrected_rule: CorrectedRule::MinAccuracy,
+            min_corrected_accuracy: 0.8,
+            ..gate
+        },
+        &mut corrections,
+    )
+    .await;
+    assert!(
+        !promoted && why.ends_with("(75.0%), live on 8 (100.0%) < 80.0%"),
+        "{why}"
+    );
+    assert_eq!(
+        registry
+            .live(CORRECTED)
+            .await
+            .expect("live")
+            .map(|l| l.version),
+        Some(v1)
+    );
+    // A second look at img00 and img01: the shadow version was right. The latest revision
+    // of a board is its truth.
+    for i in 0..2 {
+        correct(format!("img{i:02}"), verdicts(i).1).await;
+    }
+    let (promoted, why) = judge(&registry, &js, gate, &mut corrections).await;
+    assert!(promoted, "{why}");
+    assert!(
+        why.contains("on 8 corrected boards shadow right on 8 (100.0%), live on 6 (75.0%): not worse than live on ≥ 8 corrected boards"),
+        "{why}"
+    );
+    assert_eq!(corrections.len(), 9, "img00..img07 and img99");
+    assert_eq!(
+        registry
+            .live(CORRECTED)
+            .await
+            .expect("live")
+            .map(|l| l.version),
+        Some(v2)
+    );
+    assert_eq!(registry.shadow(CORRECTED).await.expect("shadow"), None);
 }

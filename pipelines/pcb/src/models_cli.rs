@@ -1,4 +1,4 @@
-//! `pcb models`: list, show, promote, roll back, shadow, import and export (safetensors or
+//! `pcb models`: list, show, promote, roll back, shadow, canary, import and export (safetensors or
 //! ONNX) registry versions.
 
 use std::path::{Path, PathBuf};
@@ -11,7 +11,8 @@ use pcb_registry::{parse_ref, publish_event, NewVersion, Registry};
 /// `pcb models` subcommands.
 #[derive(clap::Subcommand, Clone, Debug)]
 pub enum ModelsCmd {
-    /// Every version with its metrics; `*` marks the live one, `~` the shadow one.
+    /// Every version with its metrics; `*` marks the live one, `~` the shadow one, `+` the
+    /// canary.
     List {
         /// Only this model.
         name: Option<String>,
@@ -39,6 +40,24 @@ pub enum ModelsCmd {
     },
     /// End NAME's shadow period: detectors stop running its shadow version.
     Unshadow {
+        /// The model.
+        name: String,
+    },
+    /// Let NAME@VERSION answer a share of the boards (by a hash of the board id, so a board
+    /// always goes to the same version) or one line's, in place of the live version: its
+    /// answers are real (on `pcb.detections`, verdicts to the line).
+    Canary {
+        /// The version.
+        reference: String,
+        /// The share of boards it answers (above 0, at most 1).
+        #[arg(long, conflicts_with = "line", required_unless_present = "line")]
+        share: Option<f64>,
+        /// The line whose boards it answers.
+        #[arg(long)]
+        line: Option<String>,
+    },
+    /// End NAME's canary: its boards go back to the live version.
+    Uncanary {
         /// The model.
         name: String,
     },
@@ -189,6 +208,7 @@ pub async fn run(w: &crate::reach::Where, cmd: ModelsCmd) -> anyhow::Result<()> 
             for v in versions {
                 let live = registry.live(&v.name).await?.map(|l| l.version);
                 let shadow = registry.shadow(&v.name).await?.map(|s| s.version);
+                let canary = registry.canary(&v.name).await?.map(|c| c.version);
                 let pct = |x: Option<f64>| {
                     x.map(|m| format!("{:.2}%", m * 100.0))
                         .unwrap_or("-".into())
@@ -199,6 +219,8 @@ pub async fn run(w: &crate::reach::Where, cmd: ModelsCmd) -> anyhow::Result<()> 
                         "*"
                     } else if shadow == Some(v.version) {
                         "~"
+                    } else if canary == Some(v.version) {
+                        "+"
                     } else {
                         ""
                     },
@@ -225,6 +247,12 @@ pub async fn run(w: &crate::reach::Where, cmd: ModelsCmd) -> anyhow::Result<()> 
             }
             if let Some(s) = registry.shadow(&name).await? {
                 println!("shadow: {name}@{} (set by {})", s.version, s.by);
+            }
+            if let Some(c) = registry.canary(&name).await? {
+                println!(
+                    "canary: {name}@{} for {} (set by {})",
+                    c.version, c.rule, c.by
+                );
             }
         }
         ModelsCmd::Promote { reference } => {
@@ -288,6 +316,53 @@ pub async fn run(w: &crate::reach::Where, cmd: ModelsCmd) -> anyhow::Result<()> 
                 println!("{name}@{} no longer runs in shadow", old.version);
             }
             None => println!("{name} has no shadow version"),
+        },
+        ModelsCmd::Canary {
+            reference,
+            share,
+            line,
+        } => {
+            let (name, version) = parse_ref(&reference)?;
+            let version = version.with_context(|| {
+                format!("name the canary version: {name}@VERSION (the live one cannot be)")
+            })?;
+            let rule = match (share, line) {
+                (Some(share), None) => pcb_registry::CanaryRule::Share { share },
+                (None, Some(line)) => pcb_registry::CanaryRule::Line { line },
+                _ => bail!("give either --share or --line"),
+            };
+            let alias = registry.set_canary(&name, version, rule, "cli").await?;
+            publish_event(
+                &js,
+                pcb_schemas::ModelEventKind::Canaried,
+                &name,
+                version,
+                "cli",
+                Some(format!("for {}", alias.rule)),
+            )
+            .await;
+            println!(
+                "{name}@{version} answers {} in place of the live version",
+                alias.rule
+            );
+        }
+        ModelsCmd::Uncanary { name } => match registry.clear_canary(&name).await? {
+            Some(old) => {
+                publish_event(
+                    &js,
+                    pcb_schemas::ModelEventKind::Uncanaried,
+                    &name,
+                    old.version,
+                    "cli",
+                    None,
+                )
+                .await;
+                println!(
+                    "{name}@{} no longer answers as a canary: its boards go to the live version",
+                    old.version
+                );
+            }
+            None => println!("{name} has no canary version"),
         },
         ModelsCmd::Import {
             file,

@@ -2,7 +2,10 @@
 //! through one durable consumer shared by every replica, batches dynamically, publishes one
 //! `pcb.detections` message per image, and swaps in a newly promoted model between batches.
 //! When the registry marks a `shadow` version, each batch also goes through it, after the
-//! live answers are handed over, and its answers go to `pcb.shadow.detections` only.
+//! live answers are handed over, and its answers go to `pcb.shadow.detections` only. When it
+//! marks a `canary` version, the boards its rule selects (a hash of the board id, or one
+//! line) are answered by the canary instead, for real; a canary that is not loaded, or
+//! fails on an image, leaves that image to the live version.
 
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
@@ -15,7 +18,8 @@ use pcb_common::{
     Batching, Context, Metrics, NoArgs, Outcome, Problems, Rejection, Shutdown, Stage, Validate,
 };
 use pcb_model_store::{
-    key_live, key_shadow, publish_event, LiveAlias, ModelVersion, Registry, ShadowAlias,
+    key_canary, key_live, key_shadow, publish_event, CanaryAlias, CanaryRule, LiveAlias,
+    ModelVersion, Registry, ShadowAlias,
 };
 use pcb_schemas::{
     decode, verdict_subject, Defect, Detection, EncodedImage, LineVerdict, ModelRef, CLASS_NAMES,
@@ -157,12 +161,39 @@ enum Job {
     Swap(Box<Loaded>),
     /// A new shadow version, or none (the shadow period ended).
     Shadow(Option<Box<Loaded>>),
+    /// A new canary version, or none (the canary ended, or its version did not load).
+    Canary(Option<Box<Loaded>>),
     Detect {
+        /// Every image of the batch, composed for the live version.
         images: Vec<Tensor>,
-        reply: tokio::sync::oneshot::Sender<Result<Answer, String>>,
+        reply: tokio::sync::oneshot::Sender<Result<Served, String>>,
         /// The batch for the shadow version, composed for the input it takes.
         shadow: Option<ShadowJob>,
+        /// The images the canary answers, composed for the input it takes.
+        canary: Option<CanaryJob>,
     },
+}
+
+/// The canary's part of a batch: answered by the canary version in place of the live one.
+struct CanaryJob {
+    /// The version the images were composed for: another one loaded since is not run on
+    /// them (the live version answers them).
+    version: u64,
+    /// Positions in the batch.
+    positions: Vec<usize>,
+    images: Vec<Tensor>,
+}
+
+/// One image's defects (or why the model failed on it), and the version answering.
+type ImageAnswer = (ModelRef, Result<Vec<Defect>, String>);
+
+/// The answers to a batch: each image's, by the version that gave it.
+struct Served {
+    /// Each image's answer.
+    per_image: Vec<ImageAnswer>,
+    /// Images the canary was to answer that the live version answered, and why.
+    fallbacks: Vec<(usize, String)>,
+    seconds: f64,
 }
 
 /// The shadow half of a batch: answered after the live half, so the live answers never
@@ -267,26 +298,92 @@ fn answer_with(m: &Loaded, images: &[Tensor], threshold: f32) -> Answer {
     }
 }
 
-/// The thread that owns the serving model and the shadow one (tch tensors are not
-/// shareable across threads).
+/// Answers a batch with the live version, and the canary's images with the canary (any it
+/// fails on, or all of them when it is not the version they were composed for, with the
+/// live version after all).
+fn serve(
+    live: &Loaded,
+    canary: Option<&Loaded>,
+    images: &[Tensor],
+    job: Option<CanaryJob>,
+    threshold: f32,
+) -> Served {
+    let Some(job) = job else {
+        // No canary: one pass, as before canaries existed.
+        let a = answer_with(live, images, threshold);
+        return Served {
+            per_image: a
+                .per_image
+                .into_iter()
+                .map(|r| (a.model.clone(), r))
+                .collect(),
+            fallbacks: Vec::new(),
+            seconds: a.seconds,
+        };
+    };
+    let started = Instant::now();
+    let mut out: Vec<Option<ImageAnswer>> = (0..images.len()).map(|_| None).collect();
+    let mut fallbacks = Vec::new();
+    match canary.filter(|c| c.version.version == job.version) {
+        Some(c) => {
+            let a = answer_with(c, &job.images, threshold);
+            for (k, r) in job.positions.into_iter().zip(a.per_image) {
+                match r {
+                    Ok(defects) => out[k] = Some((a.model.clone(), Ok(defects))),
+                    Err(reason) => fallbacks.push((k, reason)),
+                }
+            }
+        }
+        None => {
+            let why = format!("canary v{} is not loaded", job.version);
+            fallbacks.extend(job.positions.into_iter().map(|k| (k, why.clone())));
+        }
+    }
+    let rest: Vec<usize> = (0..images.len()).filter(|k| out[*k].is_none()).collect();
+    if !rest.is_empty() {
+        let batch: Vec<Tensor> = rest.iter().map(|k| images[*k].shallow_clone()).collect();
+        let a = answer_with(live, &batch, threshold);
+        for (k, r) in rest.into_iter().zip(a.per_image) {
+            out[k] = Some((a.model.clone(), r));
+        }
+    }
+    let live_ref = ModelRef {
+        name: live.version.name.clone(),
+        version: live.version.version,
+    };
+    Served {
+        per_image: out
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| (live_ref.clone(), Err("no answer".into()))))
+            .collect(),
+        fallbacks,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+/// The thread that owns the serving model, the shadow one and the canary (tch tensors are
+/// not shareable across threads).
 fn inference_thread(jobs: std_mpsc::Receiver<Job>, threshold: f32, threads: usize) {
     if threads > 0 {
         tch::set_num_threads(threads as i32);
     }
     let mut current: Option<Box<Loaded>> = None;
     let mut shadow: Option<Box<Loaded>> = None;
+    let mut canary: Option<Box<Loaded>> = None;
     while let Ok(job) = jobs.recv() {
         match job {
             Job::Swap(next) => current = Some(next),
             Job::Shadow(next) => shadow = next,
+            Job::Canary(next) => canary = next,
             Job::Detect {
                 images,
                 reply,
                 shadow: shadow_job,
+                canary: canary_job,
             } => {
                 let result = match &current {
                     None => Err("no model loaded".to_string()),
-                    Some(m) => Ok(answer_with(m, &images, threshold)),
+                    Some(m) => Ok(serve(m, canary.as_deref(), &images, canary_job, threshold)),
                 };
                 // The live answers go out before the shadow pass starts.
                 let _ = reply.send(result);
@@ -630,6 +727,118 @@ async fn watch_shadow(
     }
 }
 
+/// The canary as the batch handler sees it: which boards go to it, and the input it takes
+/// (None: its version did not load, and its boards go to the live one).
+#[derive(Debug, Clone, PartialEq)]
+struct CanaryAt {
+    version: u64,
+    rule: CanaryRule,
+    input: Option<pcb_vision::InputMode>,
+}
+
+/// Watches the canary alias and hands its version to the inference thread (None when the
+/// key is removed: the canary ended). A version that does not load is reported, and the
+/// boards its rule selects go to the live version (each counted as `canary-fallback`).
+#[allow(clippy::too_many_arguments)]
+async fn watch_canary(
+    registry: Registry,
+    js: jetstream::Context,
+    name: String,
+    by: String,
+    jobs: std_mpsc::Sender<Job>,
+    canarying: tokio::sync::watch::Sender<Option<CanaryAt>>,
+    bf16: Bf16,
+    shutdown: Shutdown,
+) -> Result<(), DetectorError> {
+    let mut watch = watch_alias(&registry, key_canary(&name)).await?;
+    loop {
+        let Some(entry) = next_change(&mut watch, &shutdown, "canary-alias").await? else {
+            return Ok(());
+        };
+        let alias: Option<CanaryAlias> = match entry.operation {
+            async_nats::jetstream::kv::Operation::Put => {
+                match serde_json::from_slice(&entry.value) {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "canary alias is not valid JSON; ignored");
+                        continue;
+                    }
+                }
+            }
+            _ => None,
+        };
+        let Some(alias) = alias else {
+            if canarying.borrow().is_some() {
+                let _ = canarying.send(None);
+                if jobs.send(Job::Canary(None)).is_err() {
+                    return Err(DetectorError::Inference);
+                }
+                tracing::info!(model = %name, "canary ended");
+            }
+            continue;
+        };
+        // The same version with another rule: no reload.
+        let loaded = canarying
+            .borrow()
+            .as_ref()
+            .filter(|c| c.version == alias.version)
+            .and_then(|c| c.input);
+        if let Some(input) = loaded {
+            tracing::info!(model = %name, version = alias.version, rule = %alias.rule, "canary rule changed");
+            let _ = canarying.send(Some(CanaryAt {
+                version: alias.version,
+                rule: alias.rule,
+                input: Some(input),
+            }));
+            continue;
+        }
+        match load_version(&registry, &name, alias.version, bf16).await {
+            Ok(loaded) => {
+                let input = loaded.detector.model.config.input;
+                if jobs.send(Job::Canary(Some(Box::new(loaded)))).is_err() {
+                    return Err(DetectorError::Inference);
+                }
+                tracing::info!(model = %name, version = alias.version, rule = %alias.rule, "canary serving");
+                let rule = alias.rule.to_string();
+                let _ = canarying.send(Some(CanaryAt {
+                    version: alias.version,
+                    rule: alias.rule,
+                    input: Some(input),
+                }));
+                publish_event(
+                    &js,
+                    pcb_schemas::ModelEventKind::Loaded,
+                    &name,
+                    alias.version,
+                    &by,
+                    Some(format!("as the canary version, for {rule}")),
+                )
+                .await;
+            }
+            Err(reason) => {
+                let _ = jobs.send(Job::Canary(None));
+                tracing::warn!(model = %name, version = alias.version, %reason, "refused a canary version; its boards go to the live one");
+                let _ = canarying.send(Some(CanaryAt {
+                    version: alias.version,
+                    rule: alias.rule,
+                    input: None,
+                }));
+                publish_event(
+                    &js,
+                    pcb_schemas::ModelEventKind::LoadFailed,
+                    &name,
+                    alias.version,
+                    &by,
+                    Some(format!(
+                        "as the canary version: {reason}; the live version answers its boards"
+                    )),
+                )
+                .await;
+            }
+        }
+    }
+}
+
 /// What a batch handler needs: where to send images and which input the models take.
 #[derive(Clone)]
 struct Serving {
@@ -638,6 +847,8 @@ struct Serving {
     input: tokio::sync::watch::Receiver<LoadedAt>,
     /// The shadow version, when one is loaded.
     shadow: tokio::sync::watch::Receiver<LoadedAt>,
+    /// The canary, when one is set.
+    canary: tokio::sync::watch::Receiver<Option<CanaryAt>>,
     fail_threshold: f32,
     metrics: Metrics,
     /// Where the files of boards too large for one message are.
@@ -768,9 +979,13 @@ async fn handle_batch(s: Serving, batch: Vec<Delivery>) -> Vec<Outcome> {
         .map(|(_, i)| i)
         .unwrap_or(pcb_vision::InputMode::Image);
     let shadow_input = s.shadow.borrow().map(|(_, i)| i);
+    let canary = s.canary.borrow().clone();
     let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
     let mut ready = Vec::new();
     let mut shadow_inputs = Vec::new();
+    // Per ready image: the canary's own composition when it takes another input than the
+    // live version (None: the live tensor serves both).
+    let mut canary_plan: Vec<(usize, Option<Tensor>)> = Vec::new();
     for (i, d) in batch.iter().enumerate() {
         let record = match record_of(&d.payload, d.schema()) {
             Ok(Some(record)) => record,
@@ -794,8 +1009,32 @@ async fn handle_batch(s: Serving, batch: Vec<Delivery>) -> Vec<Outcome> {
         let for_shadow = shadow_input
             .filter(|si| *si != input)
             .map(|si| compose_files(&record, &image, template.as_deref(), si));
+        // The canary's boards: a hash of the board id (or its line), never a call.
+        let mut for_canary = None;
+        if let Some(c) = canary
+            .as_ref()
+            .filter(|c| c.rule.selects(&record.board_id, &record.line_id))
+        {
+            match c.input {
+                None => {
+                    s.metrics.count("canary-fallback");
+                    tracing::debug!(image = %record.image_id, version = c.version, "the canary is not loaded; the live version answers");
+                }
+                Some(ci) if ci == input => for_canary = Some(None),
+                Some(ci) => match compose_files(&record, &image, template.as_deref(), ci) {
+                    Ok(t) => for_canary = Some(Some(t)),
+                    Err(r) => {
+                        s.metrics.count("canary-fallback");
+                        tracing::warn!(image = %record.image_id, version = c.version, reason = %r.reason, "the canary cannot take this image; the live version answers");
+                    }
+                },
+            }
+        }
         match prepare(record, &image, template.as_deref(), input) {
             Ok((record, tensor)) => {
+                if let Some(own) = for_canary {
+                    canary_plan.push((ready.len(), own));
+                }
                 ready.push((i, record, tensor));
                 shadow_inputs.push(for_shadow);
             }
@@ -811,10 +1050,28 @@ async fn handle_batch(s: Serving, batch: Vec<Delivery>) -> Vec<Outcome> {
             None => (None, None),
         };
         shadow_pending = plan;
+        let canary_job = match (&canary, canary_plan.is_empty()) {
+            (Some(c), false) => {
+                let (positions, own): (Vec<usize>, Vec<Option<Tensor>>) =
+                    canary_plan.into_iter().unzip();
+                let images = positions
+                    .iter()
+                    .zip(own)
+                    .map(|(k, t)| t.unwrap_or_else(|| ready[*k].2.shallow_clone()))
+                    .collect();
+                Some(CanaryJob {
+                    version: c.version,
+                    positions,
+                    images,
+                })
+            }
+            _ => None,
+        };
         let job = Job::Detect {
             images,
             reply,
             shadow,
+            canary: canary_job,
         };
         let answer = if s.jobs.send(job).is_err() {
             Err("the inference thread stopped".to_string())
@@ -833,10 +1090,17 @@ async fn handle_batch(s: Serving, batch: Vec<Delivery>) -> Vec<Outcome> {
             }
             Ok(answer) => {
                 let per_image_ms = answer.seconds * 1000.0 / ready.len() as f64;
+                for (k, reason) in &answer.fallbacks {
+                    s.metrics.count("canary-fallback");
+                    if let Some((_, record, _)) = ready.get(*k) {
+                        tracing::warn!(image = %record.image_id, %reason, "the canary did not answer; the live version did");
+                    }
+                }
+                let canary_version = canary.as_ref().map(|c| c.version);
                 let mut detected = Vec::new();
-                for ((i, record, _), defects) in ready.iter().zip(answer.per_image) {
+                for ((i, record, _), (model, defects)) in ready.iter().zip(answer.per_image) {
                     match defects {
-                        Ok(defects) => detected.push((*i, record, defects)),
+                        Ok(defects) => detected.push((*i, record, model, defects)),
                         // The model failed on this image alone: retried, and dead-lettered
                         // as `retries-exhausted` with this reason at the delivery limit.
                         Err(reason) => {
@@ -845,11 +1109,11 @@ async fn handle_batch(s: Serving, batch: Vec<Delivery>) -> Vec<Outcome> {
                         }
                     }
                 }
-                let published =
-                    futures::future::join_all(detected.iter().map(|(_, record, defects)| {
+                let published = futures::future::join_all(detected.iter().map(
+                    |(_, record, model, defects)| {
                         let d = detection_of(
                             record,
-                            answer.model.clone(),
+                            model.clone(),
                             defects.clone(),
                             s.fail_threshold,
                             per_image_ms,
@@ -863,11 +1127,17 @@ async fn handle_batch(s: Serving, batch: Vec<Delivery>) -> Vec<Outcome> {
                             publish_verdict(&js.client(), &d).await?;
                             Ok::<_, pcb_common::ack::PublishError>(stored)
                         }
-                    }))
-                    .await;
-                for ((i, _, _), result) in detected.iter().zip(published) {
+                    },
+                ))
+                .await;
+                for ((i, _, model, _), result) in detected.iter().zip(published) {
                     outcomes[*i] = Some(match result {
-                        Ok(_) => Outcome::Done,
+                        Ok(_) => {
+                            if Some(model.version) == canary_version {
+                                s.metrics.count("canary-answered");
+                            }
+                            Outcome::Done
+                        }
                         Err(e) => e.outcome("publishing the detection"),
                     });
                 }
@@ -936,6 +1206,25 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), DetectorError> {
         .map_err(|_| DetectorError::Inference)?;
     let (serving_tx, mut serving) = tokio::sync::watch::channel(None);
     let (shadow_tx, shadow) = tokio::sync::watch::channel(None);
+    let (canary_tx, canary) = tokio::sync::watch::channel(None);
+    // Likewise a canary watch that fails: its boards go back to the live version.
+    let canary_watcher = tokio::spawn({
+        let watching = watch_canary(
+            registry.clone(),
+            js.clone(),
+            s.model_name.clone(),
+            by.clone(),
+            jobs.clone(),
+            canary_tx,
+            s.bf16,
+            shutdown.clone(),
+        );
+        async move {
+            if let Err(e) = watching.await {
+                tracing::warn!(error = %e, "canary versions are not watched any more");
+            }
+        }
+    });
     // A shadow watch that fails stops the shadow only: the live answers never wait on it.
     let shadow_watcher = tokio::spawn({
         let watching = watch_shadow(
@@ -986,6 +1275,7 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), DetectorError> {
         jobs,
         input: serving,
         shadow,
+        canary,
         fail_threshold: s.fail_threshold,
         metrics: metrics.clone(),
         files: pcb_common::LazyFiles::new(js.clone()),
@@ -1000,6 +1290,7 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), DetectorError> {
         })
         .await;
     shadow_watcher.abort();
+    canary_watcher.abort();
     consumed?;
     Ok(())
 }

@@ -10,8 +10,9 @@ use pcb_schemas::{StageName, TrainCandidate};
 use serde::{Deserialize, Serialize};
 
 pub use pcb_model_store::{
-    check_name, key_live, key_shadow, parse_ref, publish_event, LiveAlias, ModelVersion,
-    NewVersion, Registry, RegistryError, ShadowAlias,
+    board_unit, check_name, key_canary, key_live, key_shadow, parse_ref, publish_event,
+    CanaryAlias, CanaryRule, LiveAlias, ModelVersion, NewVersion, Registry, RegistryError,
+    ShadowAlias,
 };
 
 pcb_common::declare_stage!(
@@ -53,6 +54,28 @@ pub struct RegistrySettings {
     pub shadow_min_agreement: f64,
     /// For `after_shadow`: how often the shadow period is judged, in seconds.
     pub shadow_check_secs: u64,
+    /// For `after_shadow`: corrected boards (label revisions saved in the viewer) both
+    /// versions must have answered in the shadow period before promotion, judged by
+    /// `shadow_corrected_rule`; 0: corrections are not required.
+    pub shadow_min_corrected: u64,
+    /// For `after_shadow` with `shadow_min_corrected` above 0: `not_worse_than_live` (the
+    /// shadow version's verdict is confirmed by the correction on at least as many of those
+    /// boards as the live one's) or `min_accuracy` (on at least
+    /// `shadow_min_corrected_accuracy` of them).
+    pub shadow_corrected_rule: CorrectedRule,
+    /// For `shadow_corrected_rule = "min_accuracy"`: the share of the corrected boards
+    /// (0..1) on which the shadow version's verdict must be the corrected one.
+    pub shadow_min_corrected_accuracy: f64,
+}
+
+/// What the shadow version must show on the boards an operator corrected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CorrectedRule {
+    /// Right at least as often as the live version.
+    NotWorseThanLive,
+    /// Right on at least `shadow_min_corrected_accuracy` of them.
+    MinAccuracy,
 }
 
 impl Default for RegistrySettings {
@@ -64,6 +87,9 @@ impl Default for RegistrySettings {
             shadow_min_boards: 200,
             shadow_min_agreement: 0.95,
             shadow_check_secs: 30,
+            shadow_min_corrected: 0,
+            shadow_corrected_rule: CorrectedRule::NotWorseThanLive,
+            shadow_min_corrected_accuracy: 0.9,
         }
     }
 }
@@ -115,6 +141,11 @@ impl Validate for RegistrySettings {
             "must be between 0 and 1 (a share of boards)",
         );
         p.at_least("registry.shadow_check_secs", self.shadow_check_secs, 1);
+        p.check(
+            !(0.0..=1.0).contains(&self.shadow_min_corrected_accuracy),
+            "registry.shadow_min_corrected_accuracy",
+            "must be between 0 and 1 (a share of boards)",
+        );
         Some(Policy {
             promote: self.promote,
             tolerance_map: self.tolerance_map,
@@ -123,6 +154,9 @@ impl Validate for RegistrySettings {
                 min_boards: self.shadow_min_boards,
                 min_agreement: self.shadow_min_agreement,
                 every: std::time::Duration::from_secs(self.shadow_check_secs),
+                min_corrected: self.shadow_min_corrected,
+                corrected_rule: self.shadow_corrected_rule,
+                min_corrected_accuracy: self.shadow_min_corrected_accuracy,
             },
         })
     }
@@ -150,39 +184,139 @@ pub struct ShadowGate {
     pub min_agreement: f64,
     /// How often it is judged.
     pub every: std::time::Duration,
+    /// Corrected boards both versions answered (0: corrections are not required).
+    pub min_corrected: u64,
+    /// What the shadow version must show on them.
+    pub corrected_rule: CorrectedRule,
+    /// For [`CorrectedRule::MinAccuracy`]: its share of right verdicts on them.
+    pub min_corrected_accuracy: f64,
+}
+
+impl Default for ShadowGate {
+    /// The gate of the default settings.
+    fn default() -> Self {
+        let d = RegistrySettings::default();
+        ShadowGate {
+            min_boards: d.shadow_min_boards,
+            min_agreement: d.shadow_min_agreement,
+            every: std::time::Duration::from_secs(d.shadow_check_secs),
+            min_corrected: d.shadow_min_corrected,
+            corrected_rule: d.shadow_corrected_rule,
+            min_corrected_accuracy: d.shadow_min_corrected_accuracy,
+        }
+    }
+}
+
+/// Both versions' verdicts on the corrected boards they both answered, against the
+/// corrected labels (a box: `fail`; none: `pass`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OnCorrected {
+    /// Corrected boards both versions answered.
+    pub boards: u64,
+    /// Of them, those on which the shadow version's verdict was the corrected one.
+    pub shadow_right: u64,
+    /// Of them, those on which the live version's verdict was the corrected one.
+    pub live_right: u64,
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
 }
 
 impl ShadowGate {
-    /// Whether `agree` of `boards` passes, and why.
-    pub fn judge(&self, version: u64, live: u64, boards: u64, agree: u64) -> (bool, String) {
-        let share = if boards == 0 {
-            0.0
-        } else {
-            agree as f64 / boards as f64
-        };
+    /// Whether `agree` of `boards`, and the verdicts on the corrected boards, pass, and why.
+    pub fn judge(
+        &self,
+        version: u64,
+        live: u64,
+        boards: u64,
+        agree: u64,
+        corrected: OnCorrected,
+    ) -> (bool, String) {
         let what = format!(
             "shadow v{version} agreed with live v{live} on {agree} of {boards} boards ({:.1}%)",
-            share * 100.0
+            percent(agree, boards)
         );
-        if boards < self.min_boards {
-            (
-                false,
-                format!("{what}; waiting for {} boards", self.min_boards),
-            )
-        } else if share < self.min_agreement {
-            (
-                false,
-                format!("{what} < {:.1}%", self.min_agreement * 100.0),
-            )
+        // Without the corrections' gate the reasons read as they always did.
+        let gated = self.min_corrected > 0;
+        let on = corrected;
+        let cwhat = format!(
+            "on {} corrected boards shadow right on {} ({:.1}%), live on {} ({:.1}%)",
+            on.boards,
+            on.shadow_right,
+            percent(on.shadow_right, on.boards),
+            on.live_right,
+            percent(on.live_right, on.boards)
+        );
+        let also = if gated {
+            format!("; {cwhat}")
         } else {
-            (
+            String::new()
+        };
+        if boards < self.min_boards {
+            return (
+                false,
+                format!("{what}; waiting for {} boards{also}", self.min_boards),
+            );
+        }
+        if boards == 0 || (agree as f64 / boards as f64) < self.min_agreement {
+            return (
+                false,
+                format!("{what} < {:.1}%{also}", self.min_agreement * 100.0),
+            );
+        }
+        let agreed = format!(
+            "{what} ≥ {:.1}% on ≥ {} boards",
+            self.min_agreement * 100.0,
+            self.min_boards
+        );
+        if !gated {
+            return (true, format!("policy: {agreed}"));
+        }
+        if on.boards < self.min_corrected {
+            return (
+                false,
+                format!(
+                    "{agreed}; {cwhat}; waiting for {} corrected boards",
+                    self.min_corrected
+                ),
+            );
+        }
+        match self.corrected_rule {
+            CorrectedRule::NotWorseThanLive if on.shadow_right < on.live_right => (
+                false,
+                format!("{agreed}; {cwhat}: the shadow version is right less often"),
+            ),
+            CorrectedRule::NotWorseThanLive => (
                 true,
                 format!(
-                    "policy: {what} ≥ {:.1}% on ≥ {} boards",
-                    self.min_agreement * 100.0,
-                    self.min_boards
+                    "policy: {agreed}; {cwhat}: not worse than live on ≥ {} corrected boards",
+                    self.min_corrected
                 ),
-            )
+            ),
+            CorrectedRule::MinAccuracy
+                if (on.shadow_right as f64) < self.min_corrected_accuracy * on.boards as f64 =>
+            {
+                (
+                    false,
+                    format!(
+                        "{agreed}; {cwhat} < {:.1}%",
+                        self.min_corrected_accuracy * 100.0
+                    ),
+                )
+            }
+            CorrectedRule::MinAccuracy => (
+                true,
+                format!(
+                    "policy: {agreed}; {cwhat} ≥ {:.1}% on ≥ {} corrected boards",
+                    self.min_corrected_accuracy * 100.0,
+                    self.min_corrected
+                ),
+            ),
         }
     }
 }
@@ -482,9 +616,11 @@ async fn remove_candidate_object(js: &jetstream::Context, c: &TrainCandidate) {
 
 /// Judges every policy-set shadow period every `policy.shadow.every`, until cancelled.
 async fn judge_shadows_forever(registry: &Registry, js: &jetstream::Context, policy: Policy) {
+    // Kept across rounds: each round reads only the label revisions stored since the last.
+    let mut corrections = Corrections::default();
     loop {
         tokio::time::sleep(policy.shadow.every).await;
-        if let Err(e) = judge_shadows(registry, js, policy.shadow).await {
+        if let Err(e) = judge_shadows(registry, js, policy.shadow, &mut corrections).await {
             tracing::warn!(error = %e, "shadow periods not judged this round");
         }
     }
@@ -492,12 +628,18 @@ async fn judge_shadows_forever(registry: &Registry, js: &jetstream::Context, pol
 
 /// Judges the shadow periods the policy started (a shadow set by a person is theirs to
 /// end): a version whose verdicts agreed with the live ones on enough of the boards both
-/// answered since it was set is promoted. Returns what was decided, per model.
+/// answered since it was set (and, when the gate asks, was right often enough on the
+/// corrected ones among them) is promoted. `corrections` is brought up to date first, only
+/// when the gate asks for them. Returns what was decided, per model.
 pub async fn judge_shadows(
     registry: &Registry,
     js: &jetstream::Context,
     gate: ShadowGate,
+    corrections: &mut Corrections,
 ) -> Result<Vec<(String, bool, String)>, String> {
+    if gate.min_corrected > 0 {
+        corrections.update(js).await?;
+    }
     let mut names: Vec<String> = registry
         .list(None)
         .await
@@ -543,7 +685,12 @@ pub async fn judge_shadows(
                 agree += u64::from(l == v);
             }
         }
-        let (promote, why) = gate.judge(shadow.version, live.version, boards, agree);
+        let on = if gate.min_corrected > 0 {
+            corrections.tally(&shadow_answers, &live_answers)
+        } else {
+            OnCorrected::default()
+        };
+        let (promote, why) = gate.judge(shadow.version, live.version, boards, agree, on);
         if promote {
             registry
                 .promote(&name, shadow.version, "policy")
@@ -565,6 +712,123 @@ pub async fn judge_shadows(
         out.push((name, promote, why));
     }
     Ok(out)
+}
+
+/// The boards an operator corrected in the viewer: each image's latest label revision on
+/// `pcb.images.raw`, read from its headers only (who saved it, how many boxes), never its
+/// image. Kept between rounds and read on from the last sequence seen.
+#[derive(Debug, Clone, Default)]
+pub struct Corrections {
+    /// The next stream sequence to read.
+    next_seq: u64,
+    /// Image id → boxes of its latest revision (0: the board is clean).
+    boxes: std::collections::HashMap<String, u64>,
+}
+
+impl Corrections {
+    /// Corrected boards known.
+    pub fn len(&self) -> usize {
+        self.boxes.len()
+    }
+
+    /// Whether no board is known corrected.
+    pub fn is_empty(&self) -> bool {
+        self.boxes.is_empty()
+    }
+
+    /// The truth of a corrected board: `fail` when its corrected labels have a box.
+    pub fn truth(&self, image_id: &str) -> Option<pcb_schemas::Verdict> {
+        self.boxes.get(image_id).map(|&b| {
+            if b > 0 {
+                pcb_schemas::Verdict::Fail
+            } else {
+                pcb_schemas::Verdict::Pass
+            }
+        })
+    }
+
+    /// Both versions' verdicts against the corrections, on the corrected boards both
+    /// answered.
+    pub fn tally(
+        &self,
+        shadow: &std::collections::HashMap<String, pcb_schemas::Verdict>,
+        live: &std::collections::HashMap<String, pcb_schemas::Verdict>,
+    ) -> OnCorrected {
+        let mut on = OnCorrected::default();
+        for image in self.boxes.keys() {
+            let (Some(s), Some(l), Some(truth)) =
+                (shadow.get(image), live.get(image), self.truth(image))
+            else {
+                continue;
+            };
+            on.boards += 1;
+            on.shadow_right += u64::from(*s == truth);
+            on.live_right += u64::from(*l == truth);
+        }
+        on
+    }
+
+    /// Reads the label revisions stored since the last call (headers only).
+    pub async fn update(&mut self, js: &jetstream::Context) -> Result<(), String> {
+        use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+        use futures::StreamExt;
+        let subject = pcb_schemas::SUBJECT_RAW;
+        let err = |e: &dyn std::fmt::Display| format!("reading {subject}: {e}");
+        let mut s = js
+            .get_stream(pcb_schemas::STREAM_IMAGES)
+            .await
+            .map_err(|e| err(&e))?;
+        let state = s.info().await.map_err(|e| err(&e))?.state.clone();
+        if state.last_sequence < self.next_seq.max(1) {
+            return Ok(());
+        }
+        let consumer = s
+            .create_consumer(OrderedConfig {
+                filter_subject: subject.to_string(),
+                headers_only: true,
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: self.next_seq.max(state.first_sequence).max(1),
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(&e))?;
+        // No raw record since the last round: nothing to wait for.
+        if consumer.cached_info().num_pending == 0 {
+            self.next_seq = state.last_sequence + 1;
+            return Ok(());
+        }
+        let mut messages = consumer.messages().await.map_err(|e| err(&e))?;
+        loop {
+            let next =
+                tokio::time::timeout(std::time::Duration::from_secs(2), messages.next()).await;
+            let Ok(Some(Ok(m))) = next else {
+                break;
+            };
+            let info = m.info().map_err(|e| err(&e))?;
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            let header = |name: &str| {
+                m.headers
+                    .as_ref()
+                    .and_then(|h| h.get(name))
+                    .map(|v| v.as_str().to_string())
+            };
+            // `<image_id>[.l<labels digest>]`: the image id is what detections name.
+            let id = header(async_nats::header::NATS_MESSAGE_ID.as_ref())
+                .and_then(|v| v.split('.').next().map(str::to_string));
+            if let (Some(id), Some(_)) = (id, header(pcb_schemas::REVISION_HEADER)) {
+                let boxes = header(pcb_schemas::REVISION_BOXES_HEADER)
+                    .and_then(|b| b.parse().ok())
+                    .unwrap_or(0);
+                self.boxes.insert(id, boxes);
+            }
+            self.next_seq = seq + 1;
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The verdicts `name`@`version` gave on `subject` since `since_ms`, by image id (a
@@ -697,16 +961,17 @@ mod tests {
         let gate = ShadowGate {
             min_boards: 100,
             min_agreement: 0.95,
-            every: std::time::Duration::from_secs(30),
+            ..ShadowGate::default()
         };
-        let (ok, why) = gate.judge(3, 2, 99, 99);
+        let none = OnCorrected::default();
+        let (ok, why) = gate.judge(3, 2, 99, 99, none);
         assert!(!ok && why.ends_with("waiting for 100 boards"), "{why}");
-        let (ok, why) = gate.judge(3, 2, 100, 94);
+        let (ok, why) = gate.judge(3, 2, 100, 94, none);
         assert!(
             !ok && why.contains("94 of 100 boards (94.0%) < 95.0%"),
             "{why}"
         );
-        let (ok, why) = gate.judge(3, 2, 100, 95);
+        let (ok, why) = gate.judge(3, 2, 100, 95, none);
         assert!(
             ok && why.starts_with("policy: shadow v3 agreed with live v2"),
             "{why}"
@@ -739,15 +1004,79 @@ mod tests {
     }
 
     #[test]
+    fn the_corrected_boards_gate_waits_then_compares_with_live_or_a_share() {
+        let gate = ShadowGate {
+            min_boards: 10,
+            min_agreement: 0.5,
+            min_corrected: 4,
+            ..ShadowGate::default()
+        };
+        let on = |boards, shadow_right, live_right| OnCorrected {
+            boards,
+            shadow_right,
+            live_right,
+        };
+        let (ok, why) = gate.judge(3, 2, 10, 10, on(3, 3, 0));
+        assert!(
+            !ok && why.ends_with("waiting for 4 corrected boards"),
+            "{why}"
+        );
+        let (ok, why) = gate.judge(3, 2, 10, 10, on(4, 2, 3));
+        assert!(
+            !ok && why
+                .contains("on 4 corrected boards shadow right on 2 (50.0%), live on 3 (75.0%)")
+                && why.ends_with("right less often"),
+            "{why}"
+        );
+        let (ok, why) = gate.judge(3, 2, 10, 10, on(4, 3, 3));
+        assert!(ok && why.starts_with("policy: "), "{why}");
+        // Agreement comes first: the corrections do not make up for it.
+        let (ok, why) = gate.judge(3, 2, 10, 4, on(4, 4, 0));
+        assert!(!ok && why.contains("< 50.0%"), "{why}");
+        let share = ShadowGate {
+            corrected_rule: CorrectedRule::MinAccuracy,
+            min_corrected_accuracy: 0.75,
+            ..gate
+        };
+        let (ok, why) = share.judge(3, 2, 10, 10, on(4, 2, 0));
+        assert!(!ok && why.ends_with("< 75.0%"), "{why}");
+        let (ok, why) = share.judge(3, 2, 10, 10, on(4, 3, 4));
+        assert!(
+            ok && why.ends_with("≥ 75.0% on ≥ 4 corrected boards"),
+            "{why}"
+        );
+        // The truth of a corrected board: a box fails it.
+        let mut c = Corrections::default();
+        c.boxes.insert("a".into(), 2);
+        c.boxes.insert("b".into(), 0);
+        c.boxes.insert("c".into(), 1);
+        use pcb_schemas::Verdict::{Fail, Pass};
+        let shadow = [("a", Fail), ("b", Pass), ("c", Pass)]
+            .map(|(k, v)| (k.to_string(), v))
+            .into_iter()
+            .collect();
+        let live = [("a", Pass), ("b", Pass)]
+            .map(|(k, v)| (k.to_string(), v))
+            .into_iter()
+            .collect();
+        assert_eq!(c.tally(&shadow, &live), on(2, 2, 1));
+    }
+
+    #[test]
     fn config_problems_are_reported_together() {
         let mut f = FileConfig::default();
         f.stage.settings.tolerance_map = 2.0;
+        f.stage.settings.shadow_min_corrected_accuracy = -0.5;
         if let Some(c) = f.stage.consumer.as_mut() {
             c.max_deliver = 0;
         }
         assert_eq!(
             f.validate().unwrap_err().keys(),
-            ["registry.max_deliver", "registry.tolerance_map"]
+            [
+                "registry.max_deliver",
+                "registry.tolerance_map",
+                "registry.shadow_min_corrected_accuracy"
+            ]
         );
     }
 }

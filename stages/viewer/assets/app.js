@@ -751,14 +751,32 @@ function shadowHtml(m) {
   </div>`;
 }
 
+// The canary: the boards it answered for real since it was set, beside the live version's over the same period.
+function canaryHtml(m) {
+  const ca = m.canary;
+  if (!ca) return '';
+  const row = (who, t) => {
+    if (!t) return '';
+    const acc = t.corrected ? `${fmtPct(t.accuracy)} <span class="muted">(${esc(t.right)} of ${esc(t.corrected)})</span>` : '–';
+    return `<tr class="canary-${who}"><td>${who === 'canary' ? 'Canary' : 'Live'} <b>@${esc(t.version)}</b></td><td class="num canary-boards">${esc(t.boards)}</td>` +
+      `<td class="num canary-fail-rate">${fmtPct(t.fail_rate)}</td><td class="num canary-accuracy">${acc}</td></tr>`;
+  };
+  return `<div class="canary">
+    <h3>Canary <b>@${esc(ca.version)}</b> for ${esc(ca.rule_text)} <span class="muted">since ${esc(fmtTime(ca.since))}, set by ${esc(ca.by)}</span></h3>
+    <table class="data canary-figures"><thead><tr><th>Version</th><th>Boards answered</th><th>Fail rate</th><th>Right on corrected boards</th></tr></thead>
+    <tbody>${row('canary', ca.canary)}${row('live', ca.live)}</tbody></table>
+  </div>`;
+}
+
 function modelHtml(m, first) {
   // Ids (#versions, #live-version, #rollback) go to the first model only, so they stay unique; classes mark every model.
   const id = (name) => (first ? ` id="${name}"` : '');
   const rows = (m.versions || []).map((v) => {
     const live = m.live != null && Number(v.version) === Number(m.live);
     const shadow = m.shadow != null && Number(v.version) === Number(m.shadow.version);
+    const canary = m.canary != null && Number(v.version) === Number(m.canary.version);
     return `<tr data-version="${esc(v.version)}"${live ? ' class="live"' : ''}>` +
-      `<td class="num"><b>@${esc(v.version)}</b> ${live ? '<span class="badge live-badge">live</span>' : ''}${shadow ? '<span class="badge shadow-badge">shadow</span>' : ''}</td>` +
+      `<td class="num"><b>@${esc(v.version)}</b> ${live ? '<span class="badge live-badge">live</span>' : ''}${shadow ? '<span class="badge shadow-badge">shadow</span>' : ''}${canary ? '<span class="badge canary-badge">canary</span>' : ''}</td>` +
       `<td class="num">${esc(fmtTime(v.created_at))}</td><td class="num">${fmtPct(v.map)}</td><td class="num">${fmtPct(v.map50)}</td>` +
       `<td>${apBars(v.per_class_ap)}</td><td>${esc(v.job ?? '–')}</td><td class="num">${v.parent == null ? '–' : '@' + esc(v.parent)}</td>` +
       `<td>${live ? '' : '<button type="button" class="promote">Promote</button>'}</td></tr>`;
@@ -768,7 +786,7 @@ function modelHtml(m, first) {
       <span>live version <span class="live-version"${id('live-version')}>${m.live == null ? '–' : esc(m.live)}</span></span>
       <button type="button" class="rollback"${id('rollback')}${m.live == null ? ' disabled' : ''}>Roll back</button></div>
     <table class="data versions"${id('versions')}><thead><tr><th>Version</th><th>Created</th><th>mAP</th><th>mAP@0.5</th><th>Per-class AP</th><th>Job</th><th>Parent</th><th></th></tr></thead>
-    <tbody>${rows || '<tr class="empty"><td colspan="8">No versions.</td></tr>'}</tbody></table>${shadowHtml(m)}</section>`;
+    <tbody>${rows || '<tr class="empty"><td colspan="8">No versions.</td></tr>'}</tbody></table>${shadowHtml(m)}${canaryHtml(m)}</section>`;
 }
 
 async function modelsPage() {
@@ -838,9 +856,9 @@ async function modelsPage() {
   }
 
   on('model', throttle(() => loadModels().catch(showError), 500));
-  // A shadow comparison grows with every board: refreshed at most every 5 s while one runs.
+  // A shadow comparison and a canary's figures grow with every board: refreshed at most every 5 s while one runs.
   on('detection', throttle(() => {
-    if ((data.models || []).some((m) => m.shadow)) loadModels().catch(showError);
+    if ((data.models || []).some((m) => m.shadow || m.canary)) loadModels().catch(showError);
   }, 5000));
   // Numbers move at once from the event; the curve needs the job's loss history, so it is refetched at most every 2 s.
   const refetchTraining = throttle(() => loadTraining().catch(showError), 2000);

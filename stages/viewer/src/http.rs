@@ -606,10 +606,17 @@ async fn models(AxState(s): AxState<Shared>) -> ApiResult<Json<serde_json::Value
             .await
             .map_err(|e| ApiError::unavailable(format!("registry: {e}")))?
             .map(|alias| shadow_comparison(&s, &name, alias));
+        let canary = s
+            .registry
+            .canary(&name)
+            .await
+            .map_err(|e| ApiError::unavailable(format!("registry: {e}")))?
+            .map(|alias| canary_figures(&s, &name, live.as_ref().map(|l| l.version), alias));
         out.push(json!({
             "name": name,
             "live": live.map(|l| l.version),
             "shadow": shadow,
+            "canary": canary,
             "versions": versions,
         }));
     }
@@ -659,6 +666,43 @@ fn shadow_comparison(
         "by": alias.by,
         "comparison": comparison,
         "on_corrected": on_corrected,
+    })
+}
+
+/// The canary alias with what it answered since it was set, beside the live version over
+/// the same period: boards, fail rate, and accuracy on the corrected boards.
+fn canary_figures(
+    s: &State,
+    name: &str,
+    live: Option<u64>,
+    alias: pcb_model_store::CanaryAlias,
+) -> serde_json::Value {
+    let corrected = s.corrected.read().ok();
+    let versions: Vec<u64> = std::iter::once(alias.version).chain(live).collect();
+    let tallies = s.index.read().ok().map(|index| {
+        index.versions_since(name, &versions, alias.since_ms, |id| {
+            corrected.as_ref()?.get(id).map(|(_, boxes)| {
+                if *boxes > 0 {
+                    pcb_schemas::Verdict::Fail
+                } else {
+                    pcb_schemas::Verdict::Pass
+                }
+            })
+        })
+    });
+    let (canary, live) = match tallies.as_deref() {
+        Some([c, l]) => (Some(c.clone()), Some(l.clone())),
+        Some([c]) => (Some(c.clone()), None),
+        _ => (None, None),
+    };
+    json!({
+        "version": alias.version,
+        "rule": alias.rule,
+        "rule_text": alias.rule.to_string(),
+        "since": alias.since_ms,
+        "by": alias.by,
+        "canary": canary,
+        "live": live,
     })
 }
 

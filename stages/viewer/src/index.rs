@@ -260,6 +260,25 @@ pub struct Drift {
     pub z: f64,
 }
 
+/// One version's answers over a period (a canary beside the live version).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct VersionTally {
+    /// The version.
+    pub version: u64,
+    /// Boards whose answer (the latest) it gave in the period.
+    pub boards: u64,
+    /// Of them, boards it failed.
+    pub failed: u64,
+    /// `failed / boards` (None: no board).
+    pub fail_rate: Option<f64>,
+    /// Of them, boards an operator corrected.
+    pub corrected: u64,
+    /// Of those, boards whose verdict the correction confirms.
+    pub right: u64,
+    /// `right / corrected` (None: no corrected board).
+    pub accuracy: Option<f64>,
+}
+
 /// The index.
 #[derive(Debug, Default)]
 pub struct Index {
@@ -385,6 +404,53 @@ impl Index {
         self.entries[i - self.base]
             .as_ref()
             .map(|e| (e.summary.verdict, e.classes.clone()))
+    }
+
+    /// What each of `versions` of model `name` answered among the boards detected at or
+    /// after `since_ms`: boards, failed, and right on the corrected ones (`truth` gives a
+    /// corrected board's verdict). One pass over the boards indexed.
+    pub fn versions_since(
+        &self,
+        name: &str,
+        versions: &[u64],
+        since_ms: i64,
+        truth: impl Fn(&str) -> Option<pcb_schemas::Verdict>,
+    ) -> Vec<VersionTally> {
+        let mut out: Vec<VersionTally> = versions
+            .iter()
+            .map(|&version| VersionTally {
+                version,
+                ..VersionTally::default()
+            })
+            .collect();
+        for e in self.entries.iter().flatten() {
+            let s = &e.summary;
+            if s.detected_at < since_ms {
+                continue;
+            }
+            let Some(version) = s
+                .model
+                .strip_prefix(name)
+                .and_then(|v| v.strip_prefix('@'))
+                .and_then(|v| v.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let Some(t) = out.iter_mut().find(|t| t.version == version) else {
+                continue;
+            };
+            t.boards += 1;
+            t.failed += u64::from(s.verdict == pcb_schemas::Verdict::Fail);
+            if let Some(truth) = truth(&s.image_id) {
+                t.corrected += 1;
+                t.right += u64::from(s.verdict == truth);
+            }
+        }
+        for t in &mut out {
+            t.fail_rate = (t.boards > 0).then(|| t.failed as f64 / t.boards as f64);
+            t.accuracy = (t.corrected > 0).then(|| t.right as f64 / t.corrected as f64);
+        }
+        out
     }
 
     /// Lines whose fail rate over the day before `now_ms` differs from the week before that
@@ -763,6 +829,35 @@ mod tests {
             defects,
             inference_ms: 10.0,
         }
+    }
+
+    #[test]
+    fn a_canary_is_counted_beside_live_over_its_period() {
+        let mut ix = Index::default();
+        let t = 1_700_000_000_000;
+        // Before the canary: not counted.
+        ix.add(&det("old", "l1", t - 1, 1, &[(0.9, "open")]), 1);
+        ix.add(&det("a", "l1", t, 1, &[(0.9, "open")]), 2);
+        ix.add(&det("b", "l1", t + 1, 1, &[]), 3);
+        ix.add(&det("c", "l1", t + 2, 2, &[(0.9, "open")]), 4);
+        ix.add(&det("d", "l1", t + 3, 2, &[(0.9, "open")]), 5);
+        ix.add(&det("e", "l1", t + 4, 2, &[]), 6);
+        // Another model's version 2 is not this one's.
+        let mut other = det("f", "l1", t + 5, 2, &[]);
+        other.model.name = "m2".into();
+        ix.add(&other, 7);
+        let truth = |id: &str| match id {
+            "a" | "c" => Some(pcb_schemas::Verdict::Pass),
+            "b" => Some(pcb_schemas::Verdict::Pass),
+            _ => None,
+        };
+        let t2 = ix.versions_since("m", &[2, 1], t, truth);
+        assert_eq!((t2[0].version, t2[0].boards, t2[0].failed), (2, 3, 2));
+        assert_eq!((t2[0].corrected, t2[0].right), (1, 0));
+        assert_eq!(t2[0].accuracy, Some(0.0));
+        assert_eq!((t2[1].version, t2[1].boards, t2[1].failed), (1, 2, 1));
+        assert_eq!((t2[1].corrected, t2[1].right), (2, 1));
+        assert_eq!(t2[1].fail_rate, Some(0.5));
     }
 
     #[test]

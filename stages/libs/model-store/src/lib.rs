@@ -1,7 +1,8 @@
 //! The model registry on JetStream: metadata in a key-value bucket, weights in an object
 //! store, monotonic versions per model name, a `live` alias with its history, an optional
 //! `shadow` alias (a version detectors run beside the live one, answering on
-//! `pcb.shadow.detections` only), and the events on `pcb.models.events`. The registry stage writes it; the detector, the viewer
+//! `pcb.shadow.detections` only), an optional `canary` alias (a version that answers a
+//! share of the boards, or one line's, for real), and the events on `pcb.models.events`. The registry stage writes it; the detector, the viewer
 //! and `pcb models` read it (the viewer and `pcb models` also promote and roll back).
 
 use std::collections::BTreeMap;
@@ -134,6 +135,85 @@ pub struct ShadowAlias {
     pub by: String,
 }
 
+/// Which boards a canary version answers instead of the live one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CanaryRule {
+    /// A share of the boards (above 0, at most 1), chosen by [`board_unit`]: a board always
+    /// goes to the same version, whichever detector replica answers it.
+    Share {
+        /// The share, 0..=1.
+        share: f64,
+    },
+    /// Every board of one line.
+    Line {
+        /// The line id, as the boards carry it.
+        line: String,
+    },
+}
+
+impl CanaryRule {
+    /// Whether the canary answers the board `board_id` of line `line_id`: a hash, no call.
+    pub fn selects(&self, board_id: &str, line_id: &str) -> bool {
+        match self {
+            CanaryRule::Share { share } => board_unit(board_id) < *share,
+            CanaryRule::Line { line } => line == line_id,
+        }
+    }
+
+    /// Why the rule cannot be used, if it cannot.
+    pub fn check(&self) -> Result<(), RegistryError> {
+        let bad = |message: String| {
+            Err(RegistryError::Invalid {
+                what: "canary rule",
+                message,
+            })
+        };
+        match self {
+            CanaryRule::Share { share } if !(*share > 0.0 && *share <= 1.0) => {
+                bad(format!("share {share} is not above 0 and at most 1"))
+            }
+            CanaryRule::Line { line } if line.is_empty() => bad("an empty line id".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Display for CanaryRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CanaryRule::Share { share } => write!(f, "{:.1}% of the boards", share * 100.0),
+            CanaryRule::Line { line } => write!(f, "line {line}"),
+        }
+    }
+}
+
+/// Where a board falls in 0..1 for a canary's share: the first 8 bytes of the sha256 of its
+/// id as a big-endian integer, its top 53 bits over 2^53 (exact in an f64). The same in any
+/// language: the viewer, the tests and a line-side system can tell which boards a canary
+/// answers.
+pub fn board_unit(board_id: &str) -> f64 {
+    let digest = Sha256::digest(board_id.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    (u64::from_be_bytes(first) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The `canary` alias of a model (the JSON value of `model.<name>.canary`): a version that
+/// answers the boards its rule selects in place of the live one, for real (on
+/// `pcb.detections` and to the lines). Removing the key ends the canary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CanaryAlias {
+    /// The canary version.
+    pub version: u64,
+    /// The boards it answers.
+    pub rule: CanaryRule,
+    /// When it was set, milliseconds since the Unix epoch.
+    pub since_ms: i64,
+    /// Who set it (`cli`, `viewer`, ...).
+    pub by: String,
+}
+
 /// What a caller knows of a new version besides its weights.
 #[derive(Debug, Clone, Default)]
 pub struct NewVersion {
@@ -207,6 +287,11 @@ pub fn key_live(name: &str) -> String {
 /// The key of a model's shadow alias (what detectors watch beside the live one).
 pub fn key_shadow(name: &str) -> String {
     format!("model.{name}.shadow")
+}
+
+/// The key of a model's canary alias (what detectors watch beside the live one).
+pub fn key_canary(name: &str) -> String {
+    format!("model.{name}.canary")
 }
 
 /// The registry's buckets.
@@ -457,6 +542,54 @@ impl Registry {
         Ok(old)
     }
 
+    /// The canary alias of `name`, if one is set.
+    pub async fn canary(&self, name: &str) -> Result<Option<CanaryAlias>, RegistryError> {
+        self.get_json(&key_canary(name)).await
+    }
+
+    /// Makes `version` the canary answering the boards `rule` selects (replacing any other
+    /// canary); the live version cannot be its own canary.
+    pub async fn set_canary(
+        &self,
+        name: &str,
+        version: u64,
+        rule: CanaryRule,
+        by: &str,
+    ) -> Result<CanaryAlias, RegistryError> {
+        rule.check()?;
+        self.version(name, version).await?;
+        if self.live(name).await?.map(|l| l.version) == Some(version) {
+            return Err(RegistryError::Invalid {
+                what: "canary version",
+                message: format!("{name}@{version} is the live version"),
+            });
+        }
+        let alias = CanaryAlias {
+            version,
+            rule,
+            since_ms: pcb_common::now_ms(),
+            by: by.into(),
+        };
+        self.put_json(&key_canary(name), &alias).await?;
+        Ok(alias)
+    }
+
+    /// Ends the canary of `name` (its boards go back to the live version); returns the alias
+    /// that was set, if any.
+    pub async fn clear_canary(&self, name: &str) -> Result<Option<CanaryAlias>, RegistryError> {
+        let old = self.canary(name).await?;
+        if old.is_some() {
+            self.kv
+                .delete(key_canary(name))
+                .await
+                .map_err(|e| RegistryError::Key {
+                    key: key_canary(name),
+                    message: e.to_string(),
+                })?;
+        }
+        Ok(old)
+    }
+
     /// Every version of every model (or of `name`), ordered by name and version.
     pub async fn list(&self, name: Option<&str>) -> Result<Vec<ModelVersion>, RegistryError> {
         let err = |m: String| RegistryError::Key {
@@ -485,7 +618,8 @@ impl Registry {
     }
 
     /// Makes `version` the live one; the previous live version goes into the history. A
-    /// shadow version promoted ends its shadow period (it would only shadow itself).
+    /// shadow version promoted ends its shadow period (it would only shadow itself), and a
+    /// canary version promoted ends the canary (every board is now its).
     pub async fn promote(
         &self,
         name: &str,
@@ -496,6 +630,9 @@ impl Registry {
         let alias = self.promote_alias(name, version, by).await?;
         if self.shadow(name).await?.map(|s| s.version) == Some(version) {
             self.clear_shadow(name).await?;
+        }
+        if self.canary(name).await?.map(|c| c.version) == Some(version) {
+            self.clear_canary(name).await?;
         }
         Ok(alias)
     }
@@ -629,5 +766,29 @@ mod tests {
         assert!(parse_ref("a.b@1").is_err(), "dots would break the keys");
         assert!(check_name("").is_err());
         assert!(check_name(&"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn a_canary_share_is_a_hash_of_the_board_id() {
+        // sha256("board-0") starts 0x7b987e48f60a2360: 0.4828; the same board always lands
+        // the same.
+        let u = board_unit("board-0");
+        assert!((u - 0.482_795_613_110_319_7).abs() < 1e-15, "{u}");
+        let share = CanaryRule::Share { share: 0.25 };
+        let picked = (0..10_000)
+            .filter(|i| share.selects(&format!("b{i}"), "any"))
+            .count();
+        assert!((2300..2700).contains(&picked), "{picked} of 10000");
+        assert!(CanaryRule::Share { share: 1.0 }.selects("x", "l"));
+        let line = CanaryRule::Line {
+            line: "line-b".into(),
+        };
+        assert!(line.selects("x", "line-b") && !line.selects("x", "line-a"));
+        assert!(CanaryRule::Share { share: 0.0 }.check().is_err());
+        assert!(CanaryRule::Share { share: 1.5 }.check().is_err());
+        assert!(CanaryRule::Share { share: f64::NAN }.check().is_err());
+        assert!(CanaryRule::Line { line: "".into() }.check().is_err());
+        let json = serde_json::to_string(&share).unwrap();
+        assert_eq!(json, r#"{"kind":"share","share":0.25}"#);
     }
 }
