@@ -906,22 +906,20 @@ mod tests {
             &["$O.pcb_candidates.M.abc"],
             &["$O.pcb_model_artifacts.M.abc"],
         );
-        // Only the ingester stores image files; the stages after it read them.
-        publishes(
-            Identity::Stage(StageName::Ingester),
-            &[
-                "$O.pcb_image_files.C.abc",
-                "$O.pcb_image_files.M.abc",
-                "$JS.API.DIRECT.GET.OBJ_pcb_image_files.$O.pcb_image_files.M.abc",
-            ],
-            &[],
-        );
-        for reader in [
-            StageName::Encoder,
-            StageName::Detector,
-            StageName::Trainer,
-            StageName::Viewer,
-        ] {
+        // Only the ingester and the viewer (uploads) store image files; the stages after
+        // them read them.
+        for writer in [StageName::Ingester, StageName::Viewer] {
+            publishes(
+                Identity::Stage(writer),
+                &[
+                    "$O.pcb_image_files.C.abc",
+                    "$O.pcb_image_files.M.abc",
+                    "$JS.API.DIRECT.GET.OBJ_pcb_image_files.$O.pcb_image_files.M.abc",
+                ],
+                &[],
+            );
+        }
+        for reader in [StageName::Encoder, StageName::Detector, StageName::Trainer] {
             publishes(
                 Identity::Stage(reader),
                 &[
