@@ -33,7 +33,10 @@ REPORT=${REPORT:-0.3}
 #     lines interleaved by that rank's share of the line, so the top of the queue holds each
 #     line in proportion to its waiting boards, its most uncertain ones first;
 #   verdict: the best score's distance from the threshold, nearest first (stop 22's queue);
-#   boxes: how many boxes score within 0.2 of the threshold, most first.
+#   boxes: how many boxes score within 0.2 of the threshold, most first;
+#   oracle: for analysis only, not a queue (it reads the labels a queue never has): the
+#     boards on which model A makes the most mistakes at the threshold first (boxes that
+#     match no label of their class at IoU 0.5, and labels no box matches).
 RANK=${RANK:-stratified}
 # The compact recipe's network (README, "The compact model"), on a shorter schedule.
 NET="--backbone r18 --backbone-width 16 --fpn-channels 64 --representation-size 256 \
@@ -102,6 +105,23 @@ for r in rows:
         key[r["image"]] = (abs(max(scores) - t) if scores else float("inf"),)
     elif rank == "boxes":
         key[r["image"]] = (-sum(1 for s in scores if abs(s - t) < 0.2),)
+    elif rank == "oracle":
+        def iou(a, b):
+            w = min(a["x2"], b["x2"]) - max(a["x1"], b["x1"])
+            h = min(a["y2"], b["y2"]) - max(a["y1"], b["y1"])
+            inter = max(0, w) * max(0, h)
+            union = ((a["x2"] - a["x1"]) * (a["y2"] - a["y1"])
+                     + (b["x2"] - b["x1"]) * (b["y2"] - b["y1"]) - inter)
+            return inter / union if union > 0 else 0
+        boxes = sorted((d for d in r["detections"] if d["score"] >= t), key=lambda d: -d["score"])
+        used, hits = set(), 0
+        for d in boxes:
+            match = max(((iou(d, g), j) for j, g in enumerate(r["ground_truth"])
+                         if j not in used and g["class_id"] == d["class_id"]), default=(0, None))
+            if match[0] >= 0.5:
+                used.add(match[1])
+                hits += 1
+        key[r["image"]] = (-(len(boxes) - hits + len(r["ground_truth"]) - hits),)
 ranked = sorted(key, key=lambda i: key[i])
 open(f"{work}/queue-{rank}.txt", "w").write("".join(by_image[i] for i in ranked[:pick]))
 groups = collections.Counter(i.split("/")[0] for i in ranked[:pick])
@@ -133,7 +153,7 @@ work, pick, rank, seeds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].spl
 def val(d):
     return 100 * json.load(open(f"{work}/{d}/val.json"))["map_deeppcb"]
 print(f"model A, trained on half A (500 boards): val mAP {val('a'):.2f}%")
-arms = [(f"queue-{rank}", f"+ the queue's top {pick} ({rank}), corrected"),
+arms = [(f"queue-{rank}", f"+ the top {pick} by the {rank} rule, corrected"),
         ("random", f"+ {pick} random boards, corrected"),
         ("control", f"+ {pick} boards of half A again (control)")]
 print("| fine-tuned from A on half A | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |")

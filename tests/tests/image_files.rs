@@ -260,7 +260,8 @@ async fn files_no_record_names_are_deleted_once_past_the_grace_period() {
     // Stored just now, its record not yet published: young.
     let young = ingester.put(&bytes[5]).await.expect("put");
 
-    let swept = pcb_common::sweep_image_files(&keeper, grace)
+    let mut memory = pcb_common::SweepMemory::default();
+    let swept = pcb_common::sweep_image_files(&keeper, grace, &mut memory)
         .await
         .expect("sweep as the keeper");
     assert_eq!(swept.files, 6, "{swept:?}");
@@ -291,10 +292,24 @@ async fn files_no_record_names_are_deleted_once_past_the_grace_period() {
         bucket_state(&env.js).await.2,
         expected_messages(&ingester).await
     );
-    let again = pcb_common::sweep_image_files(&keeper, grace)
+    // The raw record naming named_raw and the shard record (the removed one is gone).
+    assert_eq!(swept.records_read, 2, "{swept:?}");
+    let again = pcb_common::sweep_image_files(&keeper, grace, &mut memory)
         .await
         .expect("sweep");
     assert_eq!(again.deleted, 0, "{again:?}");
+    // The records were read once: the next sweep reads only what came since (nothing).
+    assert_eq!(again.records_read, 0, "{again:?}");
+    // A record stored after a sweep, naming a file that is old by then, is read by the
+    // next sweep (and only it): the file stays.
+    let mut late = shard.clone();
+    late.record.image_ref = Some(refreshed.clone());
+    late.record.template_ref = None;
+    // Its own record (the stream would take the same id for a duplicate).
+    late.record.image_id = refreshed.sha256.clone();
+    late.record.sha256 = refreshed.sha256.clone();
+    let late_seq = publish(&env.js, "pcb.shards.1", &late).await;
+    assert_eq!(late_seq, 2, "the late shard record is stored");
 
     // A deletion loses to a put that refreshed the file after the sweep listed it.
     let listed = ingester
@@ -338,16 +353,19 @@ async fn files_no_record_names_are_deleted_once_past_the_grace_period() {
         .await
         .expect("purged");
     tokio::time::sleep(grace + Duration::from_millis(500)).await;
-    let last = pcb_common::sweep_image_files(&keeper, grace)
+    let last = pcb_common::sweep_image_files(&keeper, grace, &mut memory)
         .await
         .expect("sweep");
-    // named_raw is still named by the shard's encoded record (its image): kept; the
-    // refreshed file and the one stored again are named by nothing: deleted.
-    assert_eq!(last.deleted, 2, "{last:?}");
+    // named_raw is still named by the shard's encoded record (its image): kept; so is the
+    // refreshed file, named by the late shard record; the one stored again is named by
+    // nothing: deleted. Only the late record was read.
+    assert_eq!(last.deleted, 1, "{last:?}");
+    assert_eq!(last.records_read, 1, "{last:?}");
     assert!(ingester.get(&named_raw).await.is_ok());
     assert!(ingester.get(&named_shard).await.is_ok());
+    assert!(ingester.get(&refreshed).await.is_ok());
     assert!(matches!(
-        ingester.get(&refreshed).await,
+        ingester.get(&young).await,
         Err(FilesError::Gone { .. })
     ));
     assert_eq!(

@@ -38,6 +38,8 @@ pub async fn up(opts: UpOptions, shutdown: &pcb_common::Shutdown) -> anyhow::Res
     let mut room_checked = std::time::Instant::now();
     let files = running.pipeline.streams.image_files.clone();
     let mut sweep: Option<tokio::task::JoinHandle<()>> = None;
+    // What the sweeps have read: each reads only the records stored since the last.
+    let memory = std::sync::Arc::new(tokio::sync::Mutex::new(pcb_common::SweepMemory::default()));
     let mut swept_at = std::time::Instant::now();
     let result = loop {
         tokio::select! {
@@ -58,7 +60,7 @@ pub async fn up(opts: UpOptions, shutdown: &pcb_common::Shutdown) -> anyhow::Res
                 {
                     swept_at = std::time::Instant::now();
                     let grace = Duration::from_secs(files.cleanup_grace_secs);
-                    sweep = Some(tokio::spawn(sweep_files(keeper.clone(), grace)));
+                    sweep = Some(tokio::spawn(sweep_files(keeper.clone(), grace, memory.clone())));
                 }
                 if let (Some(r), Some(js)) = (retrainer.as_mut(), js.as_ref()) {
                     if let Err(e) = r.poll(js).await {
@@ -109,9 +111,14 @@ async fn make_room(
 
 /// One sweep of the image files' bucket ([`pcb_common::sweep_image_files`]): a summary at
 /// info when it deleted something, a warning when it failed (the next one tries again).
-async fn sweep_files(js: async_nats::jetstream::Context, grace: Duration) {
+async fn sweep_files(
+    js: async_nats::jetstream::Context,
+    grace: Duration,
+    memory: std::sync::Arc<tokio::sync::Mutex<pcb_common::SweepMemory>>,
+) {
     let started = std::time::Instant::now();
-    match pcb_common::sweep_image_files(&js, grace).await {
+    let mut memory = memory.lock().await;
+    match pcb_common::sweep_image_files(&js, grace, &mut memory).await {
         Ok(s) if s.deleted > 0 => tracing::info!(
             deleted = s.deleted,
             deleted_bytes = s.deleted_bytes,

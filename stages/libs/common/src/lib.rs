@@ -29,7 +29,7 @@ pub use shutdown::Shutdown;
 pub use stage::{
     ConfigOf, ConsumerSettings, Context, NoArgs, Stage, StageFile, Validate, Validated,
 };
-pub use sweep::{sweep_image_files, Swept};
+pub use sweep::{sweep_image_files, SweepMemory, Swept};
 pub use telemetry::{init_tracing, LogConfig};
 pub use topology::{apply_streams, provision, require, StreamSettings, Topology};
 
