@@ -643,6 +643,24 @@ async fn watch_live(
 /// The version loaded and the input it takes (None: nothing loaded).
 type LoadedAt = Option<(u64, pcb_vision::InputMode)>;
 
+/// What a change of an alias key says: `Some(Some(alias))` set, `Some(None)` removed, and
+/// None for a value that is not valid JSON (logged and ignored: the alias stays as it was).
+fn alias_change<T: serde::de::DeserializeOwned>(
+    entry: &async_nats::jetstream::kv::Entry,
+    what: &str,
+) -> Option<Option<T>> {
+    match entry.operation {
+        async_nats::jetstream::kv::Operation::Put => match serde_json::from_slice(&entry.value) {
+            Ok(a) => Some(Some(a)),
+            Err(e) => {
+                tracing::warn!(error = %e, alias = what, "alias is not valid JSON; ignored");
+                None
+            }
+        },
+        _ => Some(None),
+    }
+}
+
 /// Watches the shadow alias and hands its version to the inference thread (None when the
 /// key is removed: the shadow period ended). A version that does not load is reported
 /// and no shadow runs; the live answers never depend on it.
@@ -662,17 +680,8 @@ async fn watch_shadow(
         let Some(entry) = next_change(&mut watch, &shutdown, "shadow-alias").await? else {
             return Ok(());
         };
-        let alias: Option<ShadowAlias> = match entry.operation {
-            async_nats::jetstream::kv::Operation::Put => {
-                match serde_json::from_slice(&entry.value) {
-                    Ok(a) => Some(a),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "shadow alias is not valid JSON; ignored");
-                        continue;
-                    }
-                }
-            }
-            _ => None,
+        let Some(alias) = alias_change::<ShadowAlias>(&entry, "shadow") else {
+            continue;
         };
         let Some(alias) = alias else {
             if shadowing.borrow().is_some() {
@@ -755,17 +764,8 @@ async fn watch_canary(
         let Some(entry) = next_change(&mut watch, &shutdown, "canary-alias").await? else {
             return Ok(());
         };
-        let alias: Option<CanaryAlias> = match entry.operation {
-            async_nats::jetstream::kv::Operation::Put => {
-                match serde_json::from_slice(&entry.value) {
-                    Ok(a) => Some(a),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "canary alias is not valid JSON; ignored");
-                        continue;
-                    }
-                }
-            }
-            _ => None,
+        let Some(alias) = alias_change::<CanaryAlias>(&entry, "canary") else {
+            continue;
         };
         let Some(alias) = alias else {
             if canarying.borrow().is_some() {
