@@ -23,6 +23,9 @@ SEED=${SEED:-1}
 SEEDS=${SEEDS:-1 2 3}
 EPOCHS=${EPOCHS:-6}
 TUNE_EPOCHS=${TUNE_EPOCHS:-2}
+# The fine-tuning's learning rate drops tenfold after this many epochs (its default, the
+# last epoch, keeps it constant).
+TUNE_STEP=${TUNE_STEP:-$TUNE_EPOCHS}
 PICK=${PICK:-100}
 THRESHOLD=${THRESHOLD:-0.5}
 # The detector's report_threshold: the viewer sees only boxes scoring at least this.
@@ -53,13 +56,13 @@ DATA_ABS="$(cd "$DATA" && pwd -P)"
 awk 'NR % 2 == 1' "$DATA_ABS/trainval.txt" >"$WORK/half-a.txt"
 awk 'NR % 2 == 0' "$DATA_ABS/trainval.txt" >"$WORK/half-b.txt"
 
-train() { # out list epochs [weights [seed]]
-    local out=$1 list=$2 epochs=$3 weights=${4:-} seed=${5:-$SEED}
+train() { # out list epochs [weights [seed [lr step epochs]]]
+    local out=$1 list=$2 epochs=$3 weights=${4:-} seed=${5:-$SEED} step=${6:-$3}
     [ -f "$out/model.safetensors" ] && [ -f "$out/done" ] && return 0
     mkdir -p "$out"
     echo "== training $out on $(wc -l <"$list") boards, $epochs epochs ($(date -u +%FT%TZ))"
     "$BIN" train --data "$DATA_ABS" --list "$list" $NET $TRAIN --seed "$seed" \
-        --epochs "$epochs" --lr-step-epochs "$epochs" --lr "${LR:-1e-3}" \
+        --epochs "$epochs" --lr-step-epochs "$step" --lr "${LR:-1e-3}" \
         ${weights:+--weights "$weights"} --out "$out" 2>&1 | tail -4 | tee "$out/train.tail"
     touch "$out/done"
 }
@@ -142,7 +145,7 @@ open(f"{work}/list-control-s{seed}.txt", "w").write(a + "".join(rng.sample(a_lin
 open(f"{work}/list-queue-{rank}-s{seed}.txt", "w").write(a + open(f"{work}/queue-{rank}.txt").read())
 PY
     for arm in "queue-$RANK" random control; do
-        train "$WORK/$arm-s$s" "$WORK/list-$arm-s$s.txt" "$TUNE_EPOCHS" "$WORK/a/model.safetensors" "$s"
+        train "$WORK/$arm-s$s" "$WORK/list-$arm-s$s.txt" "$TUNE_EPOCHS" "$WORK/a/model.safetensors" "$s" "$TUNE_STEP"
         evaluate "$WORK/$arm-s$s/model.safetensors" "$DATA_ABS/val.txt" "$WORK/$arm-s$s/val.json"
     done
 done
