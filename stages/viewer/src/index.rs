@@ -564,7 +564,7 @@ impl Index {
                 .or_default()
                 .push(i);
         }
-        let mut share = vec![0.0f64; items.len()];
+        // Each board's place in its line (1-based) and the line's waiting boards.
         let mut rank = vec![(0usize, 0usize); items.len()];
         for members in by_line.values_mut() {
             members.sort_by(|&a, &b| {
@@ -575,15 +575,14 @@ impl Index {
             });
             let n = members.len();
             for (k, &i) in members.iter().enumerate() {
-                share[i] = (k as f64 + 0.5) / n as f64;
                 rank[i] = (k + 1, n);
             }
         }
         for (i, item) in items.iter_mut().enumerate() {
             let u = item.summary.uncertainty;
             if u >= MIN_UNCERTAINTY {
-                item.usefulness += 1.0 - share[i];
                 let (k, n) = rank[i];
+                item.usefulness += 1.0 - (k as f64 - 0.5) / n as f64;
                 item.reasons.insert(
                     0,
                     format!(

@@ -344,6 +344,39 @@ impl Registry {
         }
     }
 
+    /// Removes `key` and returns what it held (None, and nothing removed, when unset).
+    async fn take_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, RegistryError> {
+        let old = self.get_json(key).await?;
+        if old.is_some() {
+            self.kv.delete(key).await.map_err(|e| RegistryError::Key {
+                key: key.into(),
+                message: e.to_string(),
+            })?;
+        }
+        Ok(old)
+    }
+
+    /// Refuses `version` of `name` as an alias (`what`) when it does not exist or is the
+    /// live version.
+    async fn not_live(
+        &self,
+        name: &str,
+        version: u64,
+        what: &'static str,
+    ) -> Result<(), RegistryError> {
+        self.version(name, version).await?;
+        if self.live(name).await?.map(|l| l.version) == Some(version) {
+            return Err(RegistryError::Invalid {
+                what,
+                message: format!("{name}@{version} is the live version"),
+            });
+        }
+        Ok(())
+    }
+
     async fn put_json<T: Serialize>(&self, key: &str, v: &T) -> Result<(), RegistryError> {
         let bytes = serde_json::to_vec_pretty(v).map_err(|e| RegistryError::Key {
             key: key.into(),
@@ -510,13 +543,7 @@ impl Registry {
         version: u64,
         by: &str,
     ) -> Result<ShadowAlias, RegistryError> {
-        self.version(name, version).await?;
-        if self.live(name).await?.map(|l| l.version) == Some(version) {
-            return Err(RegistryError::Invalid {
-                what: "shadow version",
-                message: format!("{name}@{version} is the live version"),
-            });
-        }
+        self.not_live(name, version, "shadow version").await?;
         let alias = ShadowAlias {
             version,
             since_ms: pcb_common::now_ms(),
@@ -529,17 +556,7 @@ impl Registry {
     /// Ends the shadow period of `name` (detectors stop running it); returns the alias
     /// that was set, if any.
     pub async fn clear_shadow(&self, name: &str) -> Result<Option<ShadowAlias>, RegistryError> {
-        let old = self.shadow(name).await?;
-        if old.is_some() {
-            self.kv
-                .delete(key_shadow(name))
-                .await
-                .map_err(|e| RegistryError::Key {
-                    key: key_shadow(name),
-                    message: e.to_string(),
-                })?;
-        }
-        Ok(old)
+        self.take_json(&key_shadow(name)).await
     }
 
     /// The canary alias of `name`, if one is set.
@@ -557,13 +574,7 @@ impl Registry {
         by: &str,
     ) -> Result<CanaryAlias, RegistryError> {
         rule.check()?;
-        self.version(name, version).await?;
-        if self.live(name).await?.map(|l| l.version) == Some(version) {
-            return Err(RegistryError::Invalid {
-                what: "canary version",
-                message: format!("{name}@{version} is the live version"),
-            });
-        }
+        self.not_live(name, version, "canary version").await?;
         let alias = CanaryAlias {
             version,
             rule,
@@ -577,17 +588,7 @@ impl Registry {
     /// Ends the canary of `name` (its boards go back to the live version); returns the alias
     /// that was set, if any.
     pub async fn clear_canary(&self, name: &str) -> Result<Option<CanaryAlias>, RegistryError> {
-        let old = self.canary(name).await?;
-        if old.is_some() {
-            self.kv
-                .delete(key_canary(name))
-                .await
-                .map_err(|e| RegistryError::Key {
-                    key: key_canary(name),
-                    message: e.to_string(),
-                })?;
-        }
-        Ok(old)
+        self.take_json(&key_canary(name)).await
     }
 
     /// Every version of every model (or of `name`), ordered by name and version.
