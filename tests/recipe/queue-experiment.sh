@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Does the review queue pick the boards worth correcting? On DeepPCB (issue 17): a model
-# trained on one half of trainval.txt ranks the other half as the viewer's queue does;
-# "correcting" a board means training on its true labels. From the same weights, the model
-# is fine-tuned on the first half plus, in turn:
+# trained on one half of trainval.txt (or START of its boards) ranks the other half as the
+# viewer's queue does; "correcting" a board means training on its true labels. From the same
+# weights, the model is fine-tuned on its own boards plus, in turn:
 #   - the 100 boards the queue ranks first (corrected),
 #   - 100 random boards of the other half (corrected),
-#   - 100 boards of the first half again (the control: as many steps, nothing new),
+#   - 100 of its own boards again (the control: as many steps, nothing new),
 # once per seed in SEEDS (the fine-tuning's seed and the random draw), and every model is
 # evaluated on val.txt. Prints one table with each seed and the queue's gain over random,
 # seed by seed. Resumable: each step is skipped when its output exists under WORK.
@@ -27,6 +27,9 @@ TUNE_EPOCHS=${TUNE_EPOCHS:-2}
 # last epoch, keeps it constant).
 TUNE_STEP=${TUNE_STEP:-$TUNE_EPOCHS}
 PICK=${PICK:-100}
+# How many boards of half A model A is trained on (a divisor of 500): with all 500, 100 more
+# are a fifth more data; with 100, they double it.
+START=${START:-500}
 THRESHOLD=${THRESHOLD:-0.5}
 # The detector's report_threshold: the viewer sees only boxes scoring at least this.
 REPORT=${REPORT:-0.3}
@@ -47,6 +50,7 @@ NET="--backbone r18 --backbone-width 16 --fpn-channels 64 --representation-size 
 TRAIN="--crop 320 --batch-size 4 --box-batch-size 128 --warmup-steps 100 --clip-grad-norm 10 \
 --spike-factor 1.5"
 
+[ $((500 % START)) -eq 0 ] || { echo "START=$START does not divide 500" >&2; exit 2; }
 [ -x "$BIN" ] || { echo "no $BIN: cargo build -p pcb first" >&2; exit 2; }
 [ -f "$DATA/trainval.txt" ] || { echo "no dataset at $DATA (see README, Data)" >&2; exit 2; }
 mkdir -p "$WORK"
@@ -54,6 +58,9 @@ DATA_ABS="$(cd "$DATA" && pwd -P)"
 
 # The halves: every other board of trainval.txt, so both halves span every group.
 awk 'NR % 2 == 1' "$DATA_ABS/trainval.txt" >"$WORK/half-a.txt"
+# Model A's boards: START of half A's 500, evenly spaced (every 500/START-th), so a small
+# start still spans every group.
+awk -v k=$((500 / START)) '(NR - 1) % k == 0' "$WORK/half-a.txt" | head -n "$START" >"$WORK/start.txt"
 awk 'NR % 2 == 0' "$DATA_ABS/trainval.txt" >"$WORK/half-b.txt"
 
 train() { # out list epochs [weights [seed [lr step epochs]]]
@@ -76,7 +83,7 @@ evaluate() { # weights list report [per-image]
     mv "$report.tmp" "$report"
 }
 
-train "$WORK/a" "$WORK/half-a.txt" "$EPOCHS"
+train "$WORK/a" "$WORK/start.txt" "$EPOCHS"
 evaluate "$WORK/a/model.safetensors" "$DATA_ABS/val.txt" "$WORK/a/val.json"
 evaluate "$WORK/a/model.safetensors" "$WORK/half-b.txt" "$WORK/a/half-b.json" "$WORK/a/half-b.jsonl"
 
@@ -135,7 +142,7 @@ for s in $SEEDS; do
     python3 - "$WORK" "$PICK" "$s" "$RANK" <<'PY'
 import random, sys
 work, pick, seed, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-a = open(f"{work}/half-a.txt").read()
+a = open(f"{work}/start.txt").read()
 b = [l for l in open(f"{work}/half-b.txt") if l.strip()]
 rng = random.Random(seed)
 open(f"{work}/list-random-s{seed}.txt", "w").write(a + "".join(rng.sample(b, pick)))
@@ -155,11 +162,12 @@ import json, statistics, sys
 work, pick, rank, seeds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split()
 def val(d):
     return 100 * json.load(open(f"{work}/{d}/val.json"))["map_deeppcb"]
-print(f"model A, trained on half A (500 boards): val mAP {val('a'):.2f}%")
+start = sum(1 for l in open(f"{work}/start.txt") if l.strip())
+print(f"model A, trained on {start} boards of half A: val mAP {val('a'):.2f}%")
 arms = [(f"queue-{rank}", f"+ the top {pick} by the {rank} rule, corrected"),
         ("random", f"+ {pick} random boards, corrected"),
-        ("control", f"+ {pick} boards of half A again (control)")]
-print("| fine-tuned from A on half A | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |")
+        ("control", f"+ {pick} of its boards again (control)")]
+print(f"| fine-tuned from A on its {start} boards | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |")
 print("| --- |" + " --- |" * (len(seeds) + 1))
 got = {}
 for arm, name in arms:
@@ -167,4 +175,11 @@ for arm, name in arms:
     print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in got[arm]) + f" | {statistics.mean(got[arm]):.2f} |")
 gain = [q - r for q, r in zip(got[f"queue-{rank}"], got["random"])]
 print(f"| queue − random, points | " + " | ".join(f"{g:+.2f}" for g in gain) + f" | {statistics.mean(gain):+.2f} |")
+if len(gain) > 1:
+    # The paired differences' spread: a gain is told apart from noise only when it is
+    # several standard errors from 0.
+    se = statistics.stdev(gain) / len(gain) ** 0.5
+    ahead = sum(1 for g in gain if g > 0)
+    print(f"queue − random over {len(gain)} seeds: {statistics.mean(gain):+.2f} ± {se:.2f} points "
+          f"(mean ± standard error), queue ahead on {ahead} of {len(gain)}")
 PY
