@@ -275,11 +275,25 @@ fn defects_of(d: &pcb_vision::Detections, threshold: f32) -> Result<Vec<Defect>,
         .collect())
 }
 
-/// Runs `m` over `images`, each image's failure apart.
-fn answer_with(m: &Loaded, images: &[Tensor], threshold: f32) -> Answer {
-    let started = Instant::now();
-    let per_image = isolating(images, |batch| {
-        tch::no_grad(|| m.detector.model.detect(batch))
+/// A version that answers images: the loaded network, or a stand-in in the unit tests (so
+/// the canary's fallbacks are tested without weights).
+trait Answering {
+    /// The version, as answers name it.
+    fn model(&self) -> ModelRef;
+    /// One forward pass over a batch, boxes from `threshold` up.
+    fn pass(&self, batch: &[Tensor], threshold: f32) -> Pass;
+}
+
+impl Answering for Loaded {
+    fn model(&self) -> ModelRef {
+        ModelRef {
+            name: self.version.name.clone(),
+            version: self.version.version,
+        }
+    }
+
+    fn pass(&self, batch: &[Tensor], threshold: f32) -> Pass {
+        tch::no_grad(|| self.detector.model.detect(batch))
             .map_err(|e| e.to_string())
             .and_then(|out| {
                 out.detections
@@ -287,12 +301,15 @@ fn answer_with(m: &Loaded, images: &[Tensor], threshold: f32) -> Answer {
                     .map(|d| defects_of(d, threshold).map_err(|e| e.to_string()))
                     .collect::<Result<Vec<_>, _>>()
             })
-    });
+    }
+}
+
+/// Runs `m` over `images`, each image's failure apart.
+fn answer_with(m: &impl Answering, images: &[Tensor], threshold: f32) -> Answer {
+    let started = Instant::now();
+    let per_image = isolating(images, |batch| m.pass(batch, threshold));
     Answer {
-        model: ModelRef {
-            name: m.version.name.clone(),
-            version: m.version.version,
-        },
+        model: m.model(),
         per_image,
         seconds: started.elapsed().as_secs_f64(),
     }
@@ -301,9 +318,9 @@ fn answer_with(m: &Loaded, images: &[Tensor], threshold: f32) -> Answer {
 /// Answers a batch with the live version, and the canary's images with the canary (any it
 /// fails on, or all of them when it is not the version they were composed for, with the
 /// live version after all).
-fn serve(
-    live: &Loaded,
-    canary: Option<&Loaded>,
+fn serve<M: Answering>(
+    live: &M,
+    canary: Option<&M>,
     images: &[Tensor],
     job: Option<CanaryJob>,
     threshold: f32,
@@ -324,7 +341,7 @@ fn serve(
     let started = Instant::now();
     let mut out: Vec<Option<ImageAnswer>> = (0..images.len()).map(|_| None).collect();
     let mut fallbacks = Vec::new();
-    match canary.filter(|c| c.version.version == job.version) {
+    match canary.filter(|c| c.model().version == job.version) {
         Some(c) => {
             let a = answer_with(c, &job.images, threshold);
             for (k, r) in job.positions.into_iter().zip(a.per_image) {
@@ -347,10 +364,7 @@ fn serve(
             out[k] = Some((a.model.clone(), r));
         }
     }
-    let live_ref = ModelRef {
-        name: live.version.name.clone(),
-        version: live.version.version,
-    };
+    let live_ref = live.model();
     Served {
         per_image: out
             .into_iter()
@@ -383,14 +397,20 @@ fn inference_thread(jobs: std_mpsc::Receiver<Job>, threshold: f32, threads: usiz
             } => {
                 let result = match &current {
                     None => Err("no model loaded".to_string()),
-                    Some(m) => Ok(serve(m, canary.as_deref(), &images, canary_job, threshold)),
+                    Some(m) => Ok(serve(
+                        &**m,
+                        canary.as_deref(),
+                        &images,
+                        canary_job,
+                        threshold,
+                    )),
                 };
                 // The live answers go out before the shadow pass starts.
                 let _ = reply.send(result);
                 if let Some(job) = shadow_job {
                     let result = match &shadow {
                         Some(m) if m.version.version == job.version => {
-                            Ok(answer_with(m, &job.images, threshold))
+                            Ok(answer_with(&**m, &job.images, threshold))
                         }
                         _ => Err(format!("shadow v{} is no longer loaded", job.version)),
                     };
@@ -1364,6 +1384,96 @@ mod tests {
         };
         let out = scores(&isolating(&images(&[8, 9]), short));
         assert_eq!(out, vec![Ok(8.0), Ok(9.0)]);
+    }
+
+    /// A stand-in version: answers as [`pass`] does, and fails on images `refuses` wide.
+    struct Stub {
+        version: u64,
+        refuses: i64,
+    }
+
+    impl Answering for Stub {
+        fn model(&self) -> ModelRef {
+            ModelRef {
+                name: "m".into(),
+                version: self.version,
+            }
+        }
+
+        fn pass(&self, batch: &[Tensor], _threshold: f32) -> Pass {
+            if batch.iter().any(|t| t.size()[2] == self.refuses) {
+                return Err(format!(
+                    "v{} cannot take width {}",
+                    self.version, self.refuses
+                ));
+            }
+            pass(batch)
+        }
+    }
+
+    /// Each image's (answering version, score or error).
+    fn answered(s: &Served) -> Vec<(u64, Result<f32, String>)> {
+        s.per_image
+            .iter()
+            .map(|(m, r)| {
+                let r = r.as_ref().map(|d| d[0].score).map_err(|e| e.clone());
+                (m.version, r)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_canary_answers_its_boards_and_the_live_version_any_it_fails_on() {
+        let live = Stub {
+            version: 1,
+            refuses: 0,
+        };
+        let canary = Stub {
+            version: 2,
+            refuses: 11,
+        };
+        let batch = images(&[8, 9, 11, 10, 13]);
+        // Boards 1 and 2 are the canary's; it cannot take board 2, so live answers it.
+        let job = |version| CanaryJob {
+            version,
+            positions: vec![1, 2],
+            images: vec![batch[1].shallow_clone(), batch[2].shallow_clone()],
+        };
+        let s = serve(&live, Some(&canary), &batch, Some(job(2)), 0.5);
+        assert_eq!(
+            answered(&s),
+            vec![
+                (1, Ok(8.0)),
+                (2, Ok(9.0)),
+                (1, Ok(11.0)),
+                (1, Ok(10.0)),
+                // Live's own failure stays a failure, named by live.
+                (1, Err("shape mismatch".into())),
+            ]
+        );
+        assert_eq!(
+            s.fallbacks,
+            vec![(2, "v2 cannot take width 11".to_string())]
+        );
+        // Composed for v2 while v3 is loaded (or none is): live answers both, with why.
+        let v3 = Stub {
+            version: 3,
+            refuses: 0,
+        };
+        for loaded in [Some(&v3), None] {
+            let s = serve(&live, loaded, &batch, Some(job(2)), 0.5);
+            assert!(
+                answered(&s).iter().all(|(v, _)| *v == 1),
+                "{:?}",
+                answered(&s)
+            );
+            let why = "canary v2 is not loaded".to_string();
+            assert_eq!(s.fallbacks, vec![(1, why.clone()), (2, why)]);
+        }
+        // No canary job: live answers all in one pass.
+        let s = serve(&live, Some(&canary), &batch[..2], None, 0.5);
+        assert_eq!(answered(&s), vec![(1, Ok(8.0)), (1, Ok(9.0))]);
+        assert!(s.fallbacks.is_empty());
     }
 
     #[test]
