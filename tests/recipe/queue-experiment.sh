@@ -22,6 +22,11 @@ BIN=${BIN:-target/debug/pcb}
 SEED=${SEED:-1}
 SEEDS=${SEEDS:-1 2 3}
 EPOCHS=${EPOCHS:-6}
+# Model A's learning rate drops tenfold after this many epochs (default: never).
+A_STEP=${A_STEP:-$EPOCHS}
+# The learning rates: model A's, and the fine-tuning's.
+LR=${LR:-1e-3}
+TUNE_LR=${TUNE_LR:-$LR}
 TUNE_EPOCHS=${TUNE_EPOCHS:-2}
 # The fine-tuning's learning rate drops tenfold after this many epochs (its default, the
 # last epoch, keeps it constant).
@@ -63,13 +68,13 @@ awk 'NR % 2 == 1' "$DATA_ABS/trainval.txt" >"$WORK/half-a.txt"
 awk -v k=$((500 / START)) '(NR - 1) % k == 0' "$WORK/half-a.txt" | head -n "$START" >"$WORK/start.txt"
 awk 'NR % 2 == 0' "$DATA_ABS/trainval.txt" >"$WORK/half-b.txt"
 
-train() { # out list epochs [weights [seed [lr step epochs]]]
-    local out=$1 list=$2 epochs=$3 weights=${4:-} seed=${5:-$SEED} step=${6:-$3}
+train() { # out list epochs [weights [seed [lr step epochs [lr]]]]
+    local out=$1 list=$2 epochs=$3 weights=${4:-} seed=${5:-$SEED} step=${6:-$3} lr=${7:-$LR}
     [ -f "$out/model.safetensors" ] && [ -f "$out/done" ] && return 0
     mkdir -p "$out"
     echo "== training $out on $(wc -l <"$list") boards, $epochs epochs ($(date -u +%FT%TZ))"
     "$BIN" train --data "$DATA_ABS" --list "$list" $NET $TRAIN --seed "$seed" \
-        --epochs "$epochs" --lr-step-epochs "$step" --lr "${LR:-1e-3}" \
+        --epochs "$epochs" --lr-step-epochs "$step" --lr "$lr" \
         ${weights:+--weights "$weights"} --out "$out" 2>&1 | tail -4 | tee "$out/train.tail"
     touch "$out/done"
 }
@@ -83,7 +88,7 @@ evaluate() { # weights list report [per-image]
     mv "$report.tmp" "$report"
 }
 
-train "$WORK/a" "$WORK/start.txt" "$EPOCHS"
+train "$WORK/a" "$WORK/start.txt" "$EPOCHS" "" "$SEED" "$A_STEP"
 evaluate "$WORK/a/model.safetensors" "$DATA_ABS/val.txt" "$WORK/a/val.json"
 evaluate "$WORK/a/model.safetensors" "$WORK/half-b.txt" "$WORK/a/half-b.json" "$WORK/a/half-b.jsonl"
 
@@ -152,7 +157,7 @@ open(f"{work}/list-control-s{seed}.txt", "w").write(a + "".join(rng.sample(a_lin
 open(f"{work}/list-queue-{rank}-s{seed}.txt", "w").write(a + open(f"{work}/queue-{rank}.txt").read())
 PY
     for arm in "queue-$RANK" random control; do
-        train "$WORK/$arm-s$s" "$WORK/list-$arm-s$s.txt" "$TUNE_EPOCHS" "$WORK/a/model.safetensors" "$s" "$TUNE_STEP"
+        train "$WORK/$arm-s$s" "$WORK/list-$arm-s$s.txt" "$TUNE_EPOCHS" "$WORK/a/model.safetensors" "$s" "$TUNE_STEP" "$TUNE_LR"
         evaluate "$WORK/$arm-s$s/model.safetensors" "$DATA_ABS/val.txt" "$WORK/$arm-s$s/val.json"
     done
 done
