@@ -84,6 +84,11 @@ impl Env {
 
     /// [`Env::base_config`] connecting as `id` when the server is secured.
     pub fn base_config_as(&self, id: Identity, extra: &str) -> String {
+        self.base_config_serving(id, "", extra)
+    }
+
+    /// [`Env::base_config_as`] serving `/metrics` on `metrics_addr` (empty: not served).
+    pub fn base_config_serving(&self, id: Identity, metrics_addr: &str, extra: &str) -> String {
         let login = match &self.identities {
             Some(ids) => format!(
                 "nkey_seed_file = {:?}\ninbox_prefix = {:?}\n",
@@ -93,7 +98,7 @@ impl Env {
             None => String::new(),
         };
         format!(
-            "[nats]\nurl = {:?}\n{login}[metrics]\naddr = \"\"\n{extra}",
+            "[nats]\nurl = {:?}\n{login}[metrics]\naddr = {metrics_addr:?}\n{extra}",
             self.server.url()
         )
     }
@@ -684,9 +689,20 @@ pub fn spawn_detector_with(
 
 /// A `detector` process with exactly these `[detector]` lines; returns it with its log.
 pub fn spawn_detector_lines(env: &Env, name: &str, lines: &str) -> (std::process::Child, PathBuf) {
+    spawn_detector_serving(env, name, lines, "")
+}
+
+/// [`spawn_detector_lines`] serving `/metrics` on `metrics_addr`.
+pub fn spawn_detector_serving(
+    env: &Env,
+    name: &str,
+    lines: &str,
+    metrics_addr: &str,
+) -> (std::process::Child, PathBuf) {
     let config = env.dir.path().join(format!("{name}.toml"));
-    let text = env.base_config_as(
+    let text = env.base_config_serving(
         Identity::Stage(pcb_schemas::StageName::Detector),
+        metrics_addr,
         &format!("[detector]\n{lines}"),
     );
     std::fs::write(&config, text).expect("write config");

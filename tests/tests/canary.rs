@@ -164,8 +164,17 @@ async fn a_canary_answers_its_share_of_boards_for_real_and_the_live_version_the_
         }
     });
 
-    let (mut det, det_log) =
-        pcb_tests::spawn_detector_with(&env, "det", MODEL, "fail_threshold = 0.95\n");
+    let metrics_port = pcb::server::free_port().expect("port");
+    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], metrics_port).into();
+    let (mut det, det_log) = pcb_tests::spawn_detector_serving(
+        &env,
+        "det",
+        &format!(
+            "model_name = {MODEL:?}\nmax_batch = 8\nmax_wait_ms = 20\nthreads = 1\n\
+             ack_wait_secs = 10\nreport_threshold = 0.0\nfail_threshold = 0.95\n"
+        ),
+        &metrics.to_string(),
+    );
     let log = || std::fs::read_to_string(&det_log).unwrap_or_default();
     let loaded = wait_until(Duration::from_secs(120), || async {
         let e = events(&env).await;
@@ -410,6 +419,21 @@ async fn a_canary_answers_its_share_of_boards_for_real_and_the_live_version_the_
         last, [v2; 5],
         "the live version answers the canary's boards"
     );
+
+    // The detector's counters: every board the canary answered (its share, then line-b's
+    // 10), and the 5 the live version answered in its place.
+    let (status, text) = get(metrics, "/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    let metric = |outcome: &str| {
+        let key = format!("pcb_messages_total{{stage=\"detector\",outcome=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let (answered, fallback) = (metric("canary-answered"), metric("canary-fallback"));
+    println!("/metrics: canary-answered {answered:?}, canary-fallback {fallback:?}");
+    assert_eq!(answered, Some(canary_n + 10), "{text}");
+    assert_eq!(fallback, Some(5), "{text}");
 
     stop.trigger();
     let _ = enc.await;
