@@ -183,7 +183,7 @@ mod tests {
             },
         };
         let refs = FileRefs::decode(&encode(&shard).expect("encode")).expect("refs");
-        assert_eq!(refs, [img.clone()]);
+        assert_eq!(refs, std::slice::from_ref(&img));
         let refs = FileRefs::decode(&encode(&shard.record).expect("encode")).expect("refs");
         assert_eq!(refs, [img]);
     }

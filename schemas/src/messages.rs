@@ -758,7 +758,7 @@ mod tests {
         let mut a_renamed = a.clone();
         a_renamed.class = "OPEN".into();
         assert_eq!(ab, record_id(&id, Some(&[b.clone(), a_renamed])));
-        assert_ne!(ab, record_id(&id, Some(&[a.clone()])));
+        assert_ne!(ab, record_id(&id, Some(std::slice::from_ref(&a))));
         let mut moved = a.clone();
         moved.x2 = 3.5;
         assert_ne!(ab, record_id(&id, Some(&[moved, b.clone()])));

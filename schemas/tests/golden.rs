@@ -50,8 +50,11 @@ fn model() -> ModelRef {
     }
 }
 
-fn one_of_each() -> Vec<(&'static str, Vec<u8>, Vec<(String, String)>)> {
-    fn e<T: Envelope>(m: &T) -> (&'static str, Vec<u8>, Vec<(String, String)>) {
+/// A message type's name, its encoding and its headers.
+type Encoded = (&'static str, Vec<u8>, Vec<(String, String)>);
+
+fn one_of_each() -> Vec<Encoded> {
+    fn e<T: Envelope>(m: &T) -> Encoded {
         let bytes = encode(m).expect("encodes");
         let headers = headers_for(m)
             .into_iter()

@@ -27,7 +27,7 @@ fn variant() -> u32 {
 fn jpeg(w: u32, h: u32) -> Vec<u8> {
     let v = variant();
     let g = image::GrayImage::from_fn(w, h, |x, y| {
-        image::Luma([if ((x + v) / 8 + y / 8) % 2 == 0 {
+        image::Luma([if ((x + v) / 8 + y / 8).is_multiple_of(2) {
             0
         } else {
             255
@@ -189,7 +189,7 @@ async fn bad_inputs_are_dead_lettered_and_filed_while_good_ones_pass() {
     // Good boards in the same batch.
     synth(&s.join("good"), 10, 3);
     put_voc(s, "g01", "spur", [5, 5, 20, 20]);
-    let good = 11;
+    let good: u64 = 11;
 
     let extra = format!(
         "[ingester]\nwatch_dir = {:?}\nsettle_ms = 200\nrescan_secs = 2\nmax_image_bytes = 100000\n",
@@ -262,12 +262,12 @@ async fn bad_inputs_are_dead_lettered_and_filed_while_good_ones_pass() {
     );
     let images = env.subject_counts(STREAM_IMAGES).await;
     let encoder_rejects = expect.iter().filter(|e| e.1 == "encoder").count() as u64;
-    assert_eq!(images.get("pcb.images.encoded"), Some(&(good as u64)));
+    assert_eq!(images.get("pcb.images.encoded"), Some(&good));
     assert_eq!(
         images.get("pcb.images.raw"),
-        Some(&(good as u64 + encoder_rejects))
+        Some(&(good + encoder_rejects))
     );
-    assert_eq!(env.count(STREAM_SHARDS, "pcb.shards.").await, good as u64);
+    assert_eq!(env.count(STREAM_SHARDS, "pcb.shards.").await, good);
     for h in &handles {
         assert!(!h.is_finished(), "a stage exited on bad input");
     }

@@ -262,10 +262,12 @@ async fn run_demo(
     );
     println!("\n{}", crate::status::render(&streams));
     let encoded = c("pcb.images.encoded");
-    let detected = detect_step(
-        running, opts, demo, &js, encoded, deadline, &truth, shutdown,
-    )
-    .await?;
+    let until = Awaited {
+        encoded,
+        deadline,
+        truth: &truth,
+    };
+    let detected = detect_step(running, opts, demo, &js, until, shutdown).await?;
     println!("{:<34} {:>8}", "pcb.detections", detected);
     if let Some(url) = running.viewer_url(Duration::from_secs(5)) {
         if demo.keep_running {
@@ -286,6 +288,14 @@ async fn run_demo(
     Ok(())
 }
 
+/// What the demo's second half waits for: an answer to every encoded image before the
+/// deadline, checked against the boards' ground truth.
+struct Awaited<'a> {
+    encoded: u64,
+    deadline: Instant,
+    truth: &'a Truth,
+}
+
 /// The demo's second half: train a small model on the shards (unless one is live), let
 /// the registry promote it, and wait until the detector answered every encoded image;
 /// prints a table of detections and returns how many there are.
@@ -294,11 +304,14 @@ async fn detect_step(
     opts: &UpOptions,
     demo: &DemoOptions,
     js: &async_nats::jetstream::Context,
-    encoded: u64,
-    deadline: Instant,
-    truth: &Truth,
+    until: Awaited<'_>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<u64> {
+    let Awaited {
+        encoded,
+        deadline,
+        truth,
+    } = until;
     let registry = pcb_registry::Registry::open(js).await?;
     let name = running.pipeline.stages.detector.settings.model_name.clone();
     let live = registry.live(&name).await?;

@@ -202,8 +202,8 @@ pub async fn run(w: &crate::reach::Where, cmd: ModelsCmd) -> anyhow::Result<()> 
                 return Ok(());
             }
             println!(
-                "{:<2}{:<24}{:>8}  {:<20}{:>10}{:>10}  {:<10}{}",
-                "", "model", "version", "created", "mAP", "mAP@0.5", "origin", "job"
+                "{:<2}{:<24}{:>8}  {:<20}{:>10}{:>10}  {:<10}job",
+                "", "model", "version", "created", "mAP", "mAP@0.5", "origin"
             );
             for v in versions {
                 let live = registry.live(&v.name).await?.map(|l| l.version);

@@ -434,9 +434,12 @@ fn record_of(payload: &[u8], schema: Option<&str>) -> Result<Option<EncodedImage
     Ok(Some(record))
 }
 
+/// An image file and its template's, if any.
+type ImageFiles = (Vec<u8>, Option<Vec<u8>>);
+
 /// The image and template files a record carries inline (base64); None when they are in
 /// the image files' bucket ([`files_of`] reads them).
-fn inline_files(record: &EncodedImage) -> Result<Option<(Vec<u8>, Option<Vec<u8>>)>, Rejection> {
+fn inline_files(record: &EncodedImage) -> Result<Option<ImageFiles>, Rejection> {
     if record.image_ref.is_some() || record.template_ref.is_some() {
         return Ok(None);
     }
@@ -595,18 +598,37 @@ async fn next_change(
     }
 }
 
+/// What the three alias watchers (live, shadow, canary) share: where versions come from,
+/// whom they are loaded for, and where loaded ones go.
+#[derive(Clone)]
+struct Watching {
+    registry: Registry,
+    js: jetstream::Context,
+    /// The model's name.
+    name: String,
+    /// This detector, as its events name it.
+    by: String,
+    /// The inference thread's queue.
+    jobs: std_mpsc::Sender<Job>,
+    bf16: Bf16,
+    shutdown: Shutdown,
+}
+
 /// Watches the live alias and hands every version that loads to the inference thread;
 /// one that does not load leaves the serving model in place and says why.
 async fn watch_live(
-    registry: Registry,
-    js: jetstream::Context,
-    name: String,
-    by: String,
-    jobs: std_mpsc::Sender<Job>,
+    w: Watching,
     serving: tokio::sync::watch::Sender<Option<(u64, pcb_vision::InputMode)>>,
-    bf16: Bf16,
-    shutdown: Shutdown,
 ) -> Result<(), DetectorError> {
+    let Watching {
+        registry,
+        js,
+        name,
+        by,
+        jobs,
+        bf16,
+        shutdown,
+    } = w;
     let mut watch = watch_alias(&registry, key_live(&name)).await?;
     loop {
         let Some(entry) = next_change(&mut watch, &shutdown, "live-alias").await? else {
@@ -684,17 +706,19 @@ fn alias_change<T: serde::de::DeserializeOwned>(
 /// Watches the shadow alias and hands its version to the inference thread (None when the
 /// key is removed: the shadow period ended). A version that does not load is reported
 /// and no shadow runs; the live answers never depend on it.
-#[allow(clippy::too_many_arguments)]
 async fn watch_shadow(
-    registry: Registry,
-    js: jetstream::Context,
-    name: String,
-    by: String,
-    jobs: std_mpsc::Sender<Job>,
+    w: Watching,
     shadowing: tokio::sync::watch::Sender<LoadedAt>,
-    bf16: Bf16,
-    shutdown: Shutdown,
 ) -> Result<(), DetectorError> {
+    let Watching {
+        registry,
+        js,
+        name,
+        by,
+        jobs,
+        bf16,
+        shutdown,
+    } = w;
     let mut watch = watch_alias(&registry, key_shadow(&name)).await?;
     loop {
         let Some(entry) = next_change(&mut watch, &shutdown, "shadow-alias").await? else {
@@ -768,17 +792,19 @@ struct CanaryAt {
 /// Watches the canary alias and hands its version to the inference thread (None when the
 /// key is removed: the canary ended). A version that does not load is reported, and the
 /// boards its rule selects go to the live version (each counted as `canary-fallback`).
-#[allow(clippy::too_many_arguments)]
 async fn watch_canary(
-    registry: Registry,
-    js: jetstream::Context,
-    name: String,
-    by: String,
-    jobs: std_mpsc::Sender<Job>,
+    w: Watching,
     canarying: tokio::sync::watch::Sender<Option<CanaryAt>>,
-    bf16: Bf16,
-    shutdown: Shutdown,
 ) -> Result<(), DetectorError> {
+    let Watching {
+        registry,
+        js,
+        name,
+        by,
+        jobs,
+        bf16,
+        shutdown,
+    } = w;
     let mut watch = watch_alias(&registry, key_canary(&name)).await?;
     loop {
         let Some(entry) = next_change(&mut watch, &shutdown, "canary-alias").await? else {
@@ -1227,18 +1253,18 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), DetectorError> {
     let (serving_tx, mut serving) = tokio::sync::watch::channel(None);
     let (shadow_tx, shadow) = tokio::sync::watch::channel(None);
     let (canary_tx, canary) = tokio::sync::watch::channel(None);
+    let watching = Watching {
+        registry: registry.clone(),
+        js: js.clone(),
+        name: s.model_name.clone(),
+        by,
+        jobs: jobs.clone(),
+        bf16: s.bf16,
+        shutdown: shutdown.clone(),
+    };
     // Likewise a canary watch that fails: its boards go back to the live version.
     let canary_watcher = tokio::spawn({
-        let watching = watch_canary(
-            registry.clone(),
-            js.clone(),
-            s.model_name.clone(),
-            by.clone(),
-            jobs.clone(),
-            canary_tx,
-            s.bf16,
-            shutdown.clone(),
-        );
+        let watching = watch_canary(watching.clone(), canary_tx);
         async move {
             if let Err(e) = watching.await {
                 tracing::warn!(error = %e, "canary versions are not watched any more");
@@ -1247,32 +1273,14 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), DetectorError> {
     });
     // A shadow watch that fails stops the shadow only: the live answers never wait on it.
     let shadow_watcher = tokio::spawn({
-        let watching = watch_shadow(
-            registry.clone(),
-            js.clone(),
-            s.model_name.clone(),
-            by.clone(),
-            jobs.clone(),
-            shadow_tx,
-            s.bf16,
-            shutdown.clone(),
-        );
+        let watching = watch_shadow(watching.clone(), shadow_tx);
         async move {
             if let Err(e) = watching.await {
                 tracing::warn!(error = %e, "shadow versions are not watched any more");
             }
         }
     });
-    let watcher = tokio::spawn(watch_live(
-        registry.clone(),
-        js.clone(),
-        s.model_name.clone(),
-        by.clone(),
-        jobs.clone(),
-        serving_tx,
-        s.bf16,
-        shutdown.clone(),
-    ));
+    let watcher = tokio::spawn(watch_live(watching, serving_tx));
     tracing::info!(bf16 = s.bf16.enabled(), setting = ?s.bf16, "inference precision");
     // Nothing is taken from the stream before a model can answer it.
     tracing::info!(model = %s.model_name, "waiting for a live version");

@@ -242,7 +242,7 @@ fn decode_jpeg_strict(
             format!("the {what} (Jpeg, {width}x{height}) has corrupt data: {e}"),
         )
     };
-    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(Cursor::new(bytes), options.clone());
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(Cursor::new(bytes), options);
     decoder.decode_headers().map_err(corrupt)?;
     // Out in the file's own colour space: checking needs no conversion to RGB (a third of
     // the work, and three times the memory, for a grey board).

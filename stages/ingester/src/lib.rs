@@ -347,6 +347,9 @@ impl std::fmt::Display for Summary {
     }
 }
 
+/// Each data root's split lists, as last read.
+type ListsByRoot = Vec<(PathBuf, SplitLists)>;
+
 /// Reads, pairs, publishes and files away board images.
 pub struct Ingester {
     js: jetstream::Context,
@@ -355,7 +358,7 @@ pub struct Ingester {
     metrics: Metrics,
     max_payload: usize,
     move_files: bool,
-    lists: Mutex<(Instant, Arc<Vec<(PathBuf, SplitLists)>>)>,
+    lists: Mutex<(Instant, Arc<ListsByRoot>)>,
     coco: Mutex<HashMap<PathBuf, (SystemTime, Arc<CocoIndex>)>>,
     /// When `PCB_IMAGES` was last looked at, and whether it admitted new boards.
     admit: tokio::sync::Mutex<Option<(Instant, bool)>>,
@@ -459,7 +462,7 @@ impl Ingester {
         ]
     }
 
-    fn split_lists(&self) -> Arc<Vec<(PathBuf, SplitLists)>> {
+    fn split_lists(&self) -> Arc<ListsByRoot> {
         let mut guard = match self.lists.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -1104,9 +1107,9 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), IngesterError> {
     while tasks.join_next().await.is_some() {}
     drop(watcher);
     if let Some(f) = follower {
-        match f.await {
-            Ok(Err(e)) => return Err(e.into()),
-            Ok(Ok(())) | Err(_) => {}
+        // A follower that panicked or was cancelled has nothing more to report.
+        if let Ok(Err(e)) = f.await {
+            return Err(e.into());
         }
     }
     Ok(())

@@ -497,6 +497,9 @@ fn shares_gpu(dist: &DistConfig, device: tch::Device) -> bool {
     local > pcb_vision::cuda::device_count()
 }
 
+/// A call on the process group, run on a blocking thread (the store's calls block).
+type GroupCall = Box<dyn FnOnce(&ProcessGroup) -> Result<Vec<u8>, DistError> + Send>;
+
 /// Runs this rank of the job to its end. Rank 0 then offers the model on
 /// `pcb.train.candidates` and returns the candidate.
 pub async fn run(
@@ -526,7 +529,7 @@ pub async fn run(
             .await
             .map_err(|_| TrainerError::Task("rendezvous"))??,
     );
-    let blocking = |f: Box<dyn FnOnce(&ProcessGroup) -> Result<Vec<u8>, DistError> + Send>| {
+    let blocking = |f: GroupCall| {
         let g = group.clone();
         async move {
             tokio::task::spawn_blocking(move || f(&g))

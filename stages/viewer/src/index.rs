@@ -223,6 +223,10 @@ const DAY_MS: i64 = 86_400_000;
 /// A line whose fail rate moved by more than this many standard errors has drifted.
 const DRIFT_Z: f64 = 3.0;
 
+/// A shadow version's verdict on a board, by model name and image id: the shadow's version
+/// and its verdict, or None when it has not answered that board.
+pub type ShadowVerdict<'a> = dyn Fn(&str, &str) -> Option<(u64, pcb_schemas::Verdict)> + 'a;
+
 /// One board of the review queue, most useful first.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct QueueItem {
@@ -511,7 +515,7 @@ impl Index {
     pub fn queue(
         &self,
         corrected: &dyn Fn(&str) -> bool,
-        shadow: &dyn Fn(&str, &str) -> Option<(u64, pcb_schemas::Verdict)>,
+        shadow: &ShadowVerdict<'_>,
         limit: usize,
         now_ms: i64,
     ) -> Queue {
