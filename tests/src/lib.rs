@@ -10,6 +10,7 @@ use futures::StreamExt;
 use pcb::server::NatsServer;
 use pcb_common::{Identity, IdentityStore, Shutdown};
 
+pub mod models;
 pub mod soak;
 pub mod up;
 
@@ -25,6 +26,22 @@ pub struct Env {
     pub js: jetstream::Context,
     /// The identities of a secured server ([`Env::start_secured`]).
     pub identities: Option<IdentityStore>,
+}
+
+/// A viewer started by [`Env::start_viewer`].
+pub struct Viewer {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    stop: Shutdown,
+    handle: tokio::task::JoinHandle<Result<(), pcb_viewer::ViewerError>>,
+}
+
+impl Viewer {
+    /// Shuts it down and waits for it.
+    pub async fn stop(self) {
+        self.stop.trigger();
+        let _ = self.handle.await;
+    }
 }
 
 impl Env {
@@ -129,6 +146,23 @@ impl Env {
                 .await
                 .map_err(|e| e.to_string())
         })
+    }
+
+    /// Starts a viewer in-process as the viewer's identity, on a free loopback port, with
+    /// these extra `[viewer]` lines; returns once it listens.
+    pub async fn start_viewer(&self, extra: &str) -> Viewer {
+        let cfg: pcb_viewer::FileConfig = toml::from_str(&self.base_config_as(
+            Identity::Stage(pcb_schemas::StageName::Viewer),
+            &format!("[viewer]\naddr = \"127.0.0.1:0\"\n{extra}"),
+        ))
+        .expect("viewer config");
+        let cfg = cfg.validate().expect("valid viewer config");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let stop = Shutdown::new();
+        let (c, s) = (self.client.clone(), stop.clone());
+        let handle = tokio::spawn(async move { pcb_viewer::run_with(cfg, c, s, Some(tx)).await });
+        let addr = rx.await.expect("the viewer listens");
+        Viewer { addr, stop, handle }
     }
 
     /// Starts encoder and router in-process; returns their shutdown and handles.

@@ -5,78 +5,21 @@
 //! API counts what each answered; promoting the canary ends it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use pcb_common::Identity;
 use pcb_registry::{board_unit, Registry};
-use pcb_schemas::{
-    decode, Detection, ModelEvent, ModelEventKind, StageName, Verdict, STREAM_DETECTIONS,
-    STREAM_TRAINING, SUBJECT_DETECTIONS,
+use pcb_schemas::{Detection, ModelEventKind, Verdict, STREAM_DETECTIONS, SUBJECT_DETECTIONS};
+use pcb_tests::models::{
+    admin_pipeline, detections_of, http_get, model_events, models_entry, pcb_models, pcb_models_try,
 };
-use pcb_tests::{bin, wait_until, Env};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use pcb_tests::{wait_until, Env};
 
 const MODEL: &str = "pcb-canary";
 const BOARDS: u64 = 80;
 const SHARE: f64 = 0.25;
-
-/// `GET path` on the viewer; the status and the body.
-async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(head.as_bytes()).await.expect("write");
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.expect("read");
-    pcb::bench_viewer::parse_response(&raw)
-}
-
-/// `pcb models ARGS` as the admin identity: success and its output.
-fn pcb_models_try(pipeline: &std::path::Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(bin("pcb"))
-        .arg("models")
-        .args(args)
-        .arg("--pipeline")
-        .arg(pipeline)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run pcb");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-/// `pcb models ARGS`, asserted successful.
-fn pcb_models(pipeline: &std::path::Path, args: &[&str]) -> String {
-    let (ok, text) = pcb_models_try(pipeline, args);
-    assert!(ok, "pcb models {args:?}:\n{text}");
-    text
-}
-
-async fn events(env: &Env) -> Vec<ModelEvent> {
-    env.read_all(STREAM_TRAINING, "pcb.models.events")
-        .await
-        .into_iter()
-        .map(|(_, p)| decode::<ModelEvent>(&p, None).expect("event"))
-        .collect()
-}
-
-/// The `MODEL` entry of the viewer's Models API.
-async fn model_json(addr: std::net::SocketAddr) -> serde_json::Value {
-    let (status, body) = get(addr, "/api/models").await;
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-    v["models"]
-        .as_array()
-        .and_then(|m| m.iter().find(|m| m["name"] == MODEL).cloned())
-        .unwrap_or_default()
-}
 
 /// Imports `dir` once with the in-process ingester, every board on `line`.
 async fn import_on(env: &Env, dir: &std::path::Path, line: &str) {
@@ -94,13 +37,6 @@ async fn import_on(env: &Env, dir: &std::path::Path, line: &str) {
     .await;
 }
 
-fn detections(env_all: Vec<(String, Vec<u8>)>) -> Vec<Detection> {
-    env_all
-        .into_iter()
-        .map(|(_, p)| decode::<Detection>(&p, None).expect("detection"))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_canary_answers_its_share_of_boards_for_real_and_the_live_version_the_rest() {
     let env = Env::start_secured().await;
@@ -109,23 +45,7 @@ async fn a_canary_answers_its_share_of_boards_for_real_and_the_live_version_the_
     let v2 = pcb_tests::register_random_model(&registry, MODEL, env.dir.path(), 2).await;
     registry.promote(MODEL, v1, "test").await.expect("promote");
 
-    let ids = env.identities.as_ref().expect("secured");
-    let ids_dir = ids
-        .seed_file(Identity::Admin)
-        .parent()
-        .expect("folder")
-        .to_path_buf();
-    let pipeline = env.dir.path().join("pipeline.toml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            "[pipeline]\ndata_dir = {:?}\nidentities_dir = {:?}\n[nats]\nurl = {:?}\n",
-            env.dir.path().join("data").display().to_string(),
-            ids_dir.display().to_string(),
-            env.server.url()
-        ),
-    )
-    .expect("write pipeline");
+    let pipeline = admin_pipeline(&env);
     let (ok, said) = pcb_models_try(
         &pipeline,
         &["canary", &format!("{MODEL}@{v1}"), "--share", "0.25"],
@@ -177,7 +97,7 @@ async fn a_canary_answers_its_share_of_boards_for_real_and_the_live_version_the_
     );
     let log = || std::fs::read_to_string(&det_log).unwrap_or_default();
     let loaded = wait_until(Duration::from_secs(120), || async {
-        let e = events(&env).await;
+        let e = model_events(&env).await;
         let live = e.iter().any(|e| {
             e.kind == ModelEventKind::Loaded && e.model.version == v1 && e.reason.is_none()
         });
@@ -194,21 +114,11 @@ async fn a_canary_answers_its_share_of_boards_for_real_and_the_live_version_the_
         "the detector did not load both versions:\n{}",
         log()
     );
-    let kinds: Vec<ModelEventKind> = events(&env).await.iter().map(|e| e.kind).collect();
+    let kinds: Vec<ModelEventKind> = model_events(&env).await.iter().map(|e| e.kind).collect();
     assert!(kinds.contains(&ModelEventKind::Canaried), "{kinds:?}");
 
-    let viewer_cfg: pcb_viewer::FileConfig = toml::from_str(&env.base_config_as(
-        Identity::Stage(StageName::Viewer),
-        "[viewer]\naddr = \"127.0.0.1:0\"\n",
-    ))
-    .expect("toml");
-    let viewer_cfg = viewer_cfg.validate().expect("valid");
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let viewer_stop = pcb_common::Shutdown::new();
-    let (c, s) = (env.client.clone(), viewer_stop.clone());
-    let viewer =
-        tokio::spawn(async move { pcb_viewer::run_with(viewer_cfg, c, s, Some(tx)).await });
-    let addr = rx.await.expect("the viewer listens");
+    let viewer = env.start_viewer("").await;
+    let addr = viewer.addr;
 
     let stop = pcb_common::Shutdown::new();
     let enc = env.spawn_stage::<pcb_encoder::Encoder>("", &stop);
@@ -224,7 +134,7 @@ async fn a_canary_answers_its_share_of_boards_for_real_and_the_live_version_the_
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Every board exactly once, by the version the hash rule names.
-    let all = detections(env.read_all(STREAM_DETECTIONS, SUBJECT_DETECTIONS).await);
+    let all = detections_of(env.read_all(STREAM_DETECTIONS, SUBJECT_DETECTIONS).await);
     let ids: BTreeSet<&str> = all.iter().map(|d| d.image_id.as_str()).collect();
     assert_eq!(
         (all.len(), ids.len()),
@@ -277,11 +187,11 @@ async fn a_canary_answers_its_share_of_boards_for_real_and_the_live_version_the_
 
     // The Models page: what each answered since the canary was set.
     let counted = wait_until(Duration::from_secs(60), || async {
-        let m = model_json(addr).await;
+        let m = models_entry(addr, MODEL).await;
         m["canary"]["canary"]["boards"] == canary_n && m["canary"]["live"]["boards"] == live_n
     })
     .await;
-    let m = model_json(addr).await;
+    let m = models_entry(addr, MODEL).await;
     assert!(counted, "the viewer did not count {BOARDS} boards: {m}");
     let ca = &m["canary"];
     assert_eq!(ca["version"], v2);
@@ -325,7 +235,7 @@ async fn a_canary_answers_its_share_of_boards_for_real_and_the_live_version_the_
         .await;
     assert!(answered, "20 more boards not answered:\n{}", log());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let all = detections(env.read_all(STREAM_DETECTIONS, SUBJECT_DETECTIONS).await);
+    let all = detections_of(env.read_all(STREAM_DETECTIONS, SUBJECT_DETECTIONS).await);
     let later = &all[BOARDS as usize..];
     assert_eq!(later.len(), 20, "one answer per board");
     let by_line: BTreeMap<(String, u64), usize> = later.iter().fold(BTreeMap::new(), |mut m, d| {
@@ -354,7 +264,7 @@ async fn a_canary_answers_its_share_of_boards_for_real_and_the_live_version_the_
         }
     };
     assert!(ended(1).await, "the detector kept the canary:\n{}", log());
-    let kinds: Vec<ModelEventKind> = events(&env).await.iter().map(|e| e.kind).collect();
+    let kinds: Vec<ModelEventKind> = model_events(&env).await.iter().map(|e| e.kind).collect();
     assert!(kinds.contains(&ModelEventKind::Uncanaried), "{kinds:?}");
     // Promoting the canary version ends its canary.
     pcb_models(
@@ -383,7 +293,7 @@ async fn a_canary_answers_its_share_of_boards_for_real_and_the_live_version_the_
         &["canary", &format!("{MODEL}@{v3}"), "--share", "1"],
     );
     let refused = wait_until(Duration::from_secs(60), || async {
-        events(&env).await.iter().any(|e| {
+        model_events(&env).await.iter().any(|e| {
             e.kind == ModelEventKind::LoadFailed
                 && e.model.version == v3
                 && e.reason.as_deref().is_some_and(|r| {
@@ -410,7 +320,7 @@ async fn a_canary_answers_its_share_of_boards_for_real_and_the_live_version_the_
         )
         .await;
     assert!(answered, "5 more boards not answered:\n{}", log());
-    let all = detections(env.read_all(STREAM_DETECTIONS, SUBJECT_DETECTIONS).await);
+    let all = detections_of(env.read_all(STREAM_DETECTIONS, SUBJECT_DETECTIONS).await);
     let last: Vec<u64> = all[BOARDS as usize + 20..]
         .iter()
         .map(|d| d.model.version)
@@ -422,7 +332,7 @@ async fn a_canary_answers_its_share_of_boards_for_real_and_the_live_version_the_
 
     // The detector's counters: every board the canary answered (its share, then line-b's
     // 10), and the 5 the live version answered in its place.
-    let (status, text) = get(metrics, "/metrics").await;
+    let (status, text) = http_get(metrics, "/metrics").await;
     assert_eq!(status, 200, "{text}");
     let metric = |outcome: &str| {
         let key = format!("pcb_messages_total{{stage=\"detector\",outcome=\"{outcome}\"}} ");
@@ -437,8 +347,7 @@ async fn a_canary_answers_its_share_of_boards_for_real_and_the_live_version_the_
 
     stop.trigger();
     let _ = enc.await;
-    viewer_stop.trigger();
-    let _ = viewer.await;
+    viewer.stop().await;
     counter.abort();
     let _ = det.kill();
     let _ = det.wait();

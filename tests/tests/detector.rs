@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use pcb_registry::Registry;
 use pcb_schemas::{
-    decode, DeadLetter, Detection, EncodedImage, ModelEvent, STREAM_DETECTIONS, STREAM_IMAGES,
-    STREAM_REJECTED, STREAM_TRAINING, SUBJECT_ENCODED,
+    decode, DeadLetter, Detection, EncodedImage, STREAM_DETECTIONS, STREAM_IMAGES, STREAM_REJECTED,
+    SUBJECT_ENCODED,
 };
+use pcb_tests::models::model_events;
 use pcb_tests::{wait_until, Env};
 
 const MODEL: &str = "pcb-test";
@@ -96,14 +97,6 @@ fn start_encoder(
     let shutdown = pcb_common::Shutdown::new();
     let h = env.spawn_stage::<pcb_encoder::Encoder>("", &shutdown);
     (shutdown, h)
-}
-
-async fn events(env: &Env) -> Vec<ModelEvent> {
-    env.read_all(STREAM_TRAINING, "pcb.models.events")
-        .await
-        .into_iter()
-        .map(|(_, p)| decode::<ModelEvent>(&p, None).expect("event"))
-        .collect()
 }
 
 fn log_of(path: &Path) -> String {
@@ -211,7 +204,7 @@ async fn a_promotion_under_load_answers_every_image_once_and_a_corrupt_version_i
         .await
         .expect("promote v3");
     let refused = wait_until(Duration::from_secs(60), || async {
-        events(&env)
+        model_events(&env)
             .await
             .iter()
             .filter(|e| e.kind == "load-failed" && e.model.version == v3)
@@ -224,7 +217,7 @@ async fn a_promotion_under_load_answers_every_image_once_and_a_corrupt_version_i
         "both replicas should refuse v3:\n{}",
         log_of(&log_a)
     );
-    let why = events(&env)
+    let why = model_events(&env)
         .await
         .into_iter()
         .find(|e| e.kind == "load-failed")
@@ -365,7 +358,7 @@ async fn an_image_that_runs_out_of_deliveries_becomes_one_retries_exhausted_dead
         "max_batch = 1\nmax_deliver = 2\nretry_delay_ms = 100\n",
     );
     let serving = wait_until(Duration::from_secs(60), || async {
-        events(&env).await.iter().any(|e| e.kind == "loaded")
+        model_events(&env).await.iter().any(|e| e.kind == "loaded")
     })
     .await;
     assert!(serving, "detector log:\n{}", log_of(&log));

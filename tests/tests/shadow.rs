@@ -5,77 +5,23 @@
 //! unshadow` ends the shadow period.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use pcb_common::Identity;
 use pcb_registry::Registry;
 use pcb_schemas::{
-    decode, Detection, ModelEvent, ModelEventKind, StageName, Verdict, STREAM_DETECTIONS,
-    STREAM_SHADOW, STREAM_TRAINING, SUBJECT_DETECTIONS, SUBJECT_SHADOW_DETECTIONS,
+    Detection, ModelEventKind, Verdict, STREAM_DETECTIONS, STREAM_SHADOW, SUBJECT_DETECTIONS,
+    SUBJECT_SHADOW_DETECTIONS,
 };
-use pcb_tests::{bin, wait_until, Env};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use pcb_tests::models::{
+    admin_pipeline, detections_of, model_events, models_entry, pcb_models, pcb_models_try,
+};
+use pcb_tests::{wait_until, Env};
 
 const MODEL: &str = "pcb-shadow";
 const BOARDS: u64 = 100;
-
-/// `GET path` on the viewer; the status and the body.
-async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(head.as_bytes()).await.expect("write");
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.expect("read");
-    pcb::bench_viewer::parse_response(&raw)
-}
-
-/// `pcb models ARGS` as the admin identity; its output, asserted successful.
-fn pcb_models(pipeline: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new(bin("pcb"))
-        .arg("models")
-        .args(args)
-        .arg("--pipeline")
-        .arg(pipeline)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run pcb");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "pcb models {args:?}:\n{text}");
-    text
-}
-
-fn answers(all: Vec<(String, Vec<u8>)>) -> Vec<Detection> {
-    all.into_iter()
-        .map(|(_, p)| decode::<Detection>(&p, None).expect("detection"))
-        .collect()
-}
-
-async fn events(env: &Env) -> Vec<ModelEvent> {
-    env.read_all(STREAM_TRAINING, "pcb.models.events")
-        .await
-        .into_iter()
-        .map(|(_, p)| decode::<ModelEvent>(&p, None).expect("event"))
-        .collect()
-}
-
-/// The `MODEL` entry of the viewer's Models API.
-async fn model_json(addr: std::net::SocketAddr) -> serde_json::Value {
-    let (status, body) = get(addr, "/api/models").await;
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-    v["models"]
-        .as_array()
-        .and_then(|m| m.iter().find(|m| m["name"] == MODEL).cloned())
-        .unwrap_or_default()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_shadow_version_answers_every_board_on_its_own_subject_and_the_models_page_compares() {
@@ -87,32 +33,11 @@ async fn a_shadow_version_answers_every_board_on_its_own_subject_and_the_models_
     registry.promote(MODEL, v1, "test").await.expect("promote");
 
     // `pcb models` as the admin identity, from a pipeline file naming the identities.
-    let ids = env.identities.as_ref().expect("secured");
-    let ids_dir = ids
-        .seed_file(Identity::Admin)
-        .parent()
-        .expect("folder")
-        .to_path_buf();
-    let pipeline = env.dir.path().join("pipeline.toml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            "[pipeline]\ndata_dir = {:?}\nidentities_dir = {:?}\n[nats]\nurl = {:?}\n",
-            env.dir.path().join("data").display().to_string(),
-            ids_dir.display().to_string(),
-            env.server.url()
-        ),
-    )
-    .expect("write pipeline");
-    let refused = Command::new(bin("pcb"))
-        .args(["models", "shadow", &format!("{MODEL}@{v1}"), "--pipeline"])
-        .arg(&pipeline)
-        .output()
-        .expect("run pcb");
+    let pipeline = admin_pipeline(&env);
+    let (ok, said) = pcb_models_try(&pipeline, &["shadow", &format!("{MODEL}@{v1}")]);
     assert!(
-        !refused.status.success()
-            && String::from_utf8_lossy(&refused.stderr).contains("is the live version"),
-        "the live version cannot be its own shadow"
+        !ok && said.contains("is the live version"),
+        "the live version cannot be its own shadow: {said}"
     );
     let said = pcb_models(&pipeline, &["shadow", &format!("{MODEL}@{v2}")]);
     assert!(said.contains("runs in shadow"), "{said}");
@@ -143,7 +68,7 @@ async fn a_shadow_version_answers_every_board_on_its_own_subject_and_the_models_
     let log = || std::fs::read_to_string(&det_log).unwrap_or_default();
     // The shadow must be loaded before the first board, or that board has no shadow answer.
     let loaded = wait_until(Duration::from_secs(120), || async {
-        let e = events(&env).await;
+        let e = model_events(&env).await;
         let has = |v: u64, shadow: bool| {
             e.iter().any(|e| {
                 e.kind == ModelEventKind::Loaded
@@ -159,21 +84,11 @@ async fn a_shadow_version_answers_every_board_on_its_own_subject_and_the_models_
         "the detector did not load both versions:\n{}",
         log()
     );
-    let kinds: Vec<ModelEventKind> = events(&env).await.iter().map(|e| e.kind).collect();
+    let kinds: Vec<ModelEventKind> = model_events(&env).await.iter().map(|e| e.kind).collect();
     assert!(kinds.contains(&ModelEventKind::Shadowed), "{kinds:?}");
 
-    let viewer_cfg: pcb_viewer::FileConfig = toml::from_str(&env.base_config_as(
-        Identity::Stage(StageName::Viewer),
-        "[viewer]\naddr = \"127.0.0.1:0\"\n",
-    ))
-    .expect("toml");
-    let viewer_cfg = viewer_cfg.validate().expect("valid");
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let viewer_stop = pcb_common::Shutdown::new();
-    let (c, s) = (env.client.clone(), viewer_stop.clone());
-    let viewer =
-        tokio::spawn(async move { pcb_viewer::run_with(viewer_cfg, c, s, Some(tx)).await });
-    let addr = rx.await.expect("the viewer listens");
+    let viewer = env.start_viewer("").await;
+    let addr = viewer.addr;
 
     let stop = pcb_common::Shutdown::new();
     let enc = env.spawn_stage::<pcb_encoder::Encoder>("", &stop);
@@ -190,8 +105,8 @@ async fn a_shadow_version_answers_every_board_on_its_own_subject_and_the_models_
     // Anything extra would have arrived by now.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let live = answers(env.read_all(STREAM_DETECTIONS, SUBJECT_DETECTIONS).await);
-    let shadow = answers(env.read_all(STREAM_SHADOW, SUBJECT_SHADOW_DETECTIONS).await);
+    let live = detections_of(env.read_all(STREAM_DETECTIONS, SUBJECT_DETECTIONS).await);
+    let shadow = detections_of(env.read_all(STREAM_SHADOW, SUBJECT_SHADOW_DETECTIONS).await);
     let live_ids: BTreeSet<&str> = live.iter().map(|d| d.image_id.as_str()).collect();
     let shadow_ids: BTreeSet<&str> = shadow.iter().map(|d| d.image_id.as_str()).collect();
     assert_eq!(
@@ -238,10 +153,10 @@ async fn a_shadow_version_answers_every_board_on_its_own_subject_and_the_models_
     }
 
     let compared = wait_until(Duration::from_secs(60), || async {
-        model_json(addr).await["shadow"]["comparison"]["boards"] == BOARDS
+        models_entry(addr, MODEL).await["shadow"]["comparison"]["boards"] == BOARDS
     })
     .await;
-    let m = model_json(addr).await;
+    let m = models_entry(addr, MODEL).await;
     assert!(compared, "the viewer did not compare {BOARDS} boards: {m}");
     let c = &m["shadow"]["comparison"];
     assert_eq!(m["live"], v1);
@@ -311,12 +226,11 @@ async fn a_shadow_version_answers_every_board_on_its_own_subject_and_the_models_
         BOARDS,
         "no shadow answers once unshadowed"
     );
-    assert!(model_json(addr).await["shadow"].is_null());
+    assert!(models_entry(addr, MODEL).await["shadow"].is_null());
 
     stop.trigger();
     let _ = enc.await;
-    viewer_stop.trigger();
-    let _ = viewer.await;
+    viewer.stop().await;
     counter.abort();
     let _ = det.kill();
     let _ = det.wait();

@@ -69,14 +69,8 @@ async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
         pcb_tests::spawn_detector_with(&env, "det", MODEL, "fail_threshold = 0.95\n");
     let (stop, stages) = env.start_encoder_router();
 
-    let cfg: pcb_viewer::FileConfig =
-        toml::from_str(&env.base_config("[viewer]\naddr = \"127.0.0.1:0\"\n")).expect("toml");
-    let cfg = cfg.validate().expect("valid");
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let viewer_stop = pcb_common::Shutdown::new();
-    let (c, s) = (env.client.clone(), viewer_stop.clone());
-    let viewer = tokio::spawn(async move { pcb_viewer::run_with(cfg, c, s, Some(tx)).await });
-    let addr = rx.await.expect("the viewer listens");
+    let viewer = env.start_viewer("").await;
+    let addr = viewer.addr;
     let url = format!("http://{addr}/");
 
     let boards = env.dir.path().join("boards");
@@ -394,14 +388,8 @@ async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
     assert_eq!(status, 400, "{body}");
 
     // A viewer with a token (as one beyond loopback must have) refuses changes without it.
-    let cfg: pcb_viewer::FileConfig =
-        toml::from_str(&env.base_config("[viewer]\naddr = \"127.0.0.1:0\"\ntoken = \"s3cret\"\n"))
-            .expect("toml");
-    let cfg = cfg.validate().expect("valid");
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (c, s) = (env.client.clone(), viewer_stop.clone());
-    let guarded = tokio::spawn(async move { pcb_viewer::run_with(cfg, c, s, Some(tx)).await });
-    let addr2 = rx.await.expect("the second viewer listens");
+    let guarded = env.start_viewer("token = \"s3cret\"\n").await;
+    let addr2 = guarded.addr;
     let promote = format!("/api/models/{MODEL}/promote");
     let (status, body) = http_json(addr2, &promote, &v1_body).await;
     assert_eq!(status, 401, "{body}");
@@ -438,9 +426,8 @@ async fn chromium_sees_the_boxes_the_slider_the_yield_and_a_promotion() {
     .await;
     assert_eq!(status, 401, "{body}");
 
-    viewer_stop.trigger();
-    let _ = viewer.await;
-    let _ = guarded.await;
+    viewer.stop().await;
+    guarded.stop().await;
     stop.trigger();
     for h in stages {
         let _ = h.await;
