@@ -614,24 +614,22 @@ struct Watching {
     shutdown: Shutdown,
 }
 
+impl Watching {
+    /// Publishes a model event about `version` of this model, as this detector.
+    async fn tell(&self, kind: pcb_schemas::ModelEventKind, version: u64, reason: Option<String>) {
+        publish_event(&self.js, kind, &self.name, version, &self.by, reason).await;
+    }
+}
+
 /// Watches the live alias and hands every version that loads to the inference thread;
 /// one that does not load leaves the serving model in place and says why.
 async fn watch_live(
     w: Watching,
     serving: tokio::sync::watch::Sender<Option<(u64, pcb_vision::InputMode)>>,
 ) -> Result<(), DetectorError> {
-    let Watching {
-        registry,
-        js,
-        name,
-        by,
-        jobs,
-        bf16,
-        shutdown,
-    } = w;
-    let mut watch = watch_alias(&registry, key_live(&name)).await?;
+    let mut watch = watch_alias(&w.registry, key_live(&w.name)).await?;
     loop {
-        let Some(entry) = next_change(&mut watch, &shutdown, "live-alias").await? else {
+        let Some(entry) = next_change(&mut watch, &w.shutdown, "live-alias").await? else {
             return Ok(());
         };
         let alias: LiveAlias = match serde_json::from_slice(&entry.value) {
@@ -644,33 +642,23 @@ async fn watch_live(
         if serving.borrow().map(|(v, _)| v) == Some(alias.version) {
             continue;
         }
-        match load_version(&registry, &name, alias.version, bf16).await {
+        match load_version(&w.registry, &w.name, alias.version, w.bf16).await {
             Ok(loaded) => {
                 let input = loaded.detector.model.config.input;
-                if jobs.send(Job::Swap(Box::new(loaded))).is_err() {
+                if w.jobs.send(Job::Swap(Box::new(loaded))).is_err() {
                     return Err(DetectorError::Inference);
                 }
                 let _ = serving.send(Some((alias.version, input)));
-                tracing::info!(model = %name, version = alias.version, "serving");
-                publish_event(
-                    &js,
-                    pcb_schemas::ModelEventKind::Loaded,
-                    &name,
-                    alias.version,
-                    &by,
-                    None,
-                )
-                .await;
+                tracing::info!(model = %w.name, version = alias.version, "serving");
+                w.tell(pcb_schemas::ModelEventKind::Loaded, alias.version, None)
+                    .await;
             }
             Err(reason) => {
                 let old = serving.borrow().map(|(v, _)| v);
-                tracing::warn!(model = %name, version = alias.version, serving = ?old, %reason, "refused a live version");
-                publish_event(
-                    &js,
+                tracing::warn!(model = %w.name, version = alias.version, serving = ?old, %reason, "refused a live version");
+                w.tell(
                     pcb_schemas::ModelEventKind::LoadFailed,
-                    &name,
                     alias.version,
-                    &by,
                     Some(match old {
                         Some(v) => format!("{reason}; v{v} keeps serving"),
                         None => format!("{reason}; nothing serving yet"),
@@ -710,18 +698,9 @@ async fn watch_shadow(
     w: Watching,
     shadowing: tokio::sync::watch::Sender<LoadedAt>,
 ) -> Result<(), DetectorError> {
-    let Watching {
-        registry,
-        js,
-        name,
-        by,
-        jobs,
-        bf16,
-        shutdown,
-    } = w;
-    let mut watch = watch_alias(&registry, key_shadow(&name)).await?;
+    let mut watch = watch_alias(&w.registry, key_shadow(&w.name)).await?;
     loop {
-        let Some(entry) = next_change(&mut watch, &shutdown, "shadow-alias").await? else {
+        let Some(entry) = next_change(&mut watch, &w.shutdown, "shadow-alias").await? else {
             return Ok(());
         };
         let Some(alias) = alias_change::<ShadowAlias>(&entry, "shadow") else {
@@ -732,30 +711,27 @@ async fn watch_shadow(
                 // Nothing composed for it runs any more: the thread answers such a batch
                 // with an error, which only skips its shadow half.
                 let _ = shadowing.send(None);
-                if jobs.send(Job::Shadow(None)).is_err() {
+                if w.jobs.send(Job::Shadow(None)).is_err() {
                     return Err(DetectorError::Inference);
                 }
-                tracing::info!(model = %name, "shadow period ended");
+                tracing::info!(model = %w.name, "shadow period ended");
             }
             continue;
         };
         if shadowing.borrow().map(|(v, _)| v) == Some(alias.version) {
             continue;
         }
-        match load_version(&registry, &name, alias.version, bf16).await {
+        match load_version(&w.registry, &w.name, alias.version, w.bf16).await {
             Ok(loaded) => {
                 let input = loaded.detector.model.config.input;
-                if jobs.send(Job::Shadow(Some(Box::new(loaded)))).is_err() {
+                if w.jobs.send(Job::Shadow(Some(Box::new(loaded)))).is_err() {
                     return Err(DetectorError::Inference);
                 }
                 let _ = shadowing.send(Some((alias.version, input)));
-                tracing::info!(model = %name, version = alias.version, "shadowing");
-                publish_event(
-                    &js,
+                tracing::info!(model = %w.name, version = alias.version, "shadowing");
+                w.tell(
                     pcb_schemas::ModelEventKind::Loaded,
-                    &name,
                     alias.version,
-                    &by,
                     Some("as the shadow version".into()),
                 )
                 .await;
@@ -764,14 +740,11 @@ async fn watch_shadow(
                 // A version that cannot load runs nowhere: comparing against an older
                 // shadow under the new one's name would mislead.
                 let _ = shadowing.send(None);
-                let _ = jobs.send(Job::Shadow(None));
-                tracing::warn!(model = %name, version = alias.version, %reason, "refused a shadow version");
-                publish_event(
-                    &js,
+                let _ = w.jobs.send(Job::Shadow(None));
+                tracing::warn!(model = %w.name, version = alias.version, %reason, "refused a shadow version");
+                w.tell(
                     pcb_schemas::ModelEventKind::LoadFailed,
-                    &name,
                     alias.version,
-                    &by,
                     Some(format!("as the shadow version: {reason}; no shadow runs")),
                 )
                 .await;
@@ -796,18 +769,9 @@ async fn watch_canary(
     w: Watching,
     canarying: tokio::sync::watch::Sender<Option<CanaryAt>>,
 ) -> Result<(), DetectorError> {
-    let Watching {
-        registry,
-        js,
-        name,
-        by,
-        jobs,
-        bf16,
-        shutdown,
-    } = w;
-    let mut watch = watch_alias(&registry, key_canary(&name)).await?;
+    let mut watch = watch_alias(&w.registry, key_canary(&w.name)).await?;
     loop {
-        let Some(entry) = next_change(&mut watch, &shutdown, "canary-alias").await? else {
+        let Some(entry) = next_change(&mut watch, &w.shutdown, "canary-alias").await? else {
             return Ok(());
         };
         let Some(alias) = alias_change::<CanaryAlias>(&entry, "canary") else {
@@ -816,10 +780,10 @@ async fn watch_canary(
         let Some(alias) = alias else {
             if canarying.borrow().is_some() {
                 let _ = canarying.send(None);
-                if jobs.send(Job::Canary(None)).is_err() {
+                if w.jobs.send(Job::Canary(None)).is_err() {
                     return Err(DetectorError::Inference);
                 }
-                tracing::info!(model = %name, "canary ended");
+                tracing::info!(model = %w.name, "canary ended");
             }
             continue;
         };
@@ -830,7 +794,7 @@ async fn watch_canary(
             .filter(|c| c.version == alias.version)
             .and_then(|c| c.input);
         if let Some(input) = loaded {
-            tracing::info!(model = %name, version = alias.version, rule = %alias.rule, "canary rule changed");
+            tracing::info!(model = %w.name, version = alias.version, rule = %alias.rule, "canary rule changed");
             let _ = canarying.send(Some(CanaryAt {
                 version: alias.version,
                 rule: alias.rule,
@@ -838,43 +802,37 @@ async fn watch_canary(
             }));
             continue;
         }
-        match load_version(&registry, &name, alias.version, bf16).await {
+        match load_version(&w.registry, &w.name, alias.version, w.bf16).await {
             Ok(loaded) => {
                 let input = loaded.detector.model.config.input;
-                if jobs.send(Job::Canary(Some(Box::new(loaded)))).is_err() {
+                if w.jobs.send(Job::Canary(Some(Box::new(loaded)))).is_err() {
                     return Err(DetectorError::Inference);
                 }
-                tracing::info!(model = %name, version = alias.version, rule = %alias.rule, "canary serving");
+                tracing::info!(model = %w.name, version = alias.version, rule = %alias.rule, "canary serving");
                 let rule = alias.rule.to_string();
                 let _ = canarying.send(Some(CanaryAt {
                     version: alias.version,
                     rule: alias.rule,
                     input: Some(input),
                 }));
-                publish_event(
-                    &js,
+                w.tell(
                     pcb_schemas::ModelEventKind::Loaded,
-                    &name,
                     alias.version,
-                    &by,
                     Some(format!("as the canary version, for {rule}")),
                 )
                 .await;
             }
             Err(reason) => {
-                let _ = jobs.send(Job::Canary(None));
-                tracing::warn!(model = %name, version = alias.version, %reason, "refused a canary version; its boards go to the live one");
+                let _ = w.jobs.send(Job::Canary(None));
+                tracing::warn!(model = %w.name, version = alias.version, %reason, "refused a canary version; its boards go to the live one");
                 let _ = canarying.send(Some(CanaryAt {
                     version: alias.version,
                     rule: alias.rule,
                     input: None,
                 }));
-                publish_event(
-                    &js,
+                w.tell(
                     pcb_schemas::ModelEventKind::LoadFailed,
-                    &name,
                     alias.version,
-                    &by,
                     Some(format!(
                         "as the canary version: {reason}; the live version answers its boards"
                     )),
