@@ -11,6 +11,8 @@
 //   review  {board, delete, draw: {x1, y1, x2, y2, class}, by, note}: on a board page, deletes
 //           the review's box number `delete` (0-based), draws a box by dragging over the
 //           image (image pixels), saves, and waits until the history shows the revision
+//   models  {}: the Models page's canary: its heading, each row of its figures (version,
+//           boards answered, fail rate, right on corrected boards) and the canary badges
 import { chromium } from "playwright-core";
 import fs from "node:fs";
 import http from "node:http";
@@ -224,6 +226,23 @@ async function review(page) {
   return out;
 }
 
+async function models(page) {
+  const r = await open(page, "/models");
+  await page.waitForSelector("table.canary-figures", { timeout: 30000 });
+  const rows = await page.$$eval("table.canary-figures tbody tr", (trs) =>
+    trs.map((tr) => ({
+      who: tr.className.replace(/^canary-/, ""),
+      version: tr.querySelector("td b").textContent.trim(),
+      boards: tr.querySelector(".canary-boards").textContent.trim(),
+      fail_rate: tr.querySelector(".canary-fail-rate").textContent.trim(),
+      accuracy: tr.querySelector(".canary-accuracy").textContent.trim(),
+    })),
+  );
+  const heading = (await page.textContent("div.canary h3")).replace(/\s+/g, " ").trim();
+  const badges = await page.$$eval(".canary-badge", (bs) => bs.length);
+  return { load_ms: r.ms, error: r.error, heading, rows, badges };
+}
+
 async function timing(page) {
   const repeat = opts.repeat || 3;
   const pages = [
@@ -256,7 +275,13 @@ try {
   const errors = [];
   page.on("pageerror", (e) => errors.push(String(e)));
   const out =
-    mode === "timing" ? await timing(page) : mode === "review" ? await review(page) : await check(page);
+    mode === "timing"
+      ? await timing(page)
+      : mode === "review"
+        ? await review(page)
+        : mode === "models"
+          ? await models(page)
+          : await check(page);
   out.page_errors = errors;
   console.log(JSON.stringify(out));
 } catch (e) {

@@ -202,6 +202,54 @@ async fn a_canary_answers_its_share_of_boards_for_real_and_the_live_version_the_
         ca["canary"]["accuracy"].is_null(),
         "no corrected board: {ca}"
     );
+    // The same figures on the Models page, in headless Chromium.
+    let page = pcb_tests::browser("models", &format!("http://{addr}/"), &serde_json::json!({}));
+    let pct = |failed: u64, n: u64| format!("{:.1}%", failed as f64 * 100.0 / n as f64);
+    let row = |who: &str| {
+        page["rows"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["who"] == who).cloned())
+            .unwrap_or_default()
+    };
+    let (c_row, l_row) = (row("canary"), row("live"));
+    println!(
+        "Models page: {}; canary row {c_row}; live row {l_row}",
+        page["heading"]
+    );
+    assert_eq!(page["error"], "", "{page}");
+    assert_eq!(page["page_errors"], serde_json::json!([]), "{page}");
+    assert!(
+        page["heading"]
+            .as_str()
+            .is_some_and(|h| h.starts_with(&format!("Canary @{v2} for"))),
+        "{page}"
+    );
+    assert_eq!(
+        page["badges"], 1,
+        "the canary version is marked once: {page}"
+    );
+    assert_eq!(
+        (&c_row["version"], &c_row["boards"], &c_row["fail_rate"]),
+        (
+            &serde_json::json!(format!("@{v2}")),
+            &serde_json::json!(canary_n.to_string()),
+            &serde_json::json!(pct(fails(v2), canary_n))
+        ),
+        "{page}"
+    );
+    assert_eq!(
+        (&l_row["version"], &l_row["boards"], &l_row["fail_rate"]),
+        (
+            &serde_json::json!(format!("@{v1}")),
+            &serde_json::json!(live_n.to_string()),
+            &serde_json::json!(pct(fails(v1), live_n))
+        ),
+        "{page}"
+    );
+    assert_eq!(
+        (&c_row["accuracy"], &l_row["accuracy"]),
+        (&serde_json::json!("–"), &serde_json::json!("–"))
+    );
     println!(
         "{BOARDS} boards at share {SHARE}: canary v{v2} answered {canary_n} ({:.1}%, fail rate {:.1}%), live v{v1} {live_n} (fail rate {:.1}%); all {BOARDS} match the hash rule",
         share * 100.0,
