@@ -10,15 +10,15 @@
 # evaluated on val.txt. Prints one table with each seed and the queue's gain over random,
 # seed by seed. Resumable: each step is skipped when its output exists under WORK.
 #
-#   tests/recipe/queue-experiment.sh                      # debug build, defaults below
-#   WORK=/tmp/q BIN=target/release/pcb SEEDS="1 2 3" RANK=stratified tests/recipe/queue-experiment.sh
+#   tests/recipe/queue-experiment.sh          # release build, defaults below (about an hour on 2 cores)
+#   WORK=/tmp/q SEEDS="1 2 3" RANK=oracle tests/recipe/queue-experiment.sh
 #   EPOCHS=6 A_STEP=6 TUNE_LR=1e-3 TUNE_EPOCHS=2 SEEDS="1 2 3" ...    # the first protocol
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)"
 cd "$ROOT"
 DATA=${DATA:-../shared/datasets/deeppcb}
 WORK=${WORK:-$HOME/.cache/pcb-queue-experiment}
-BIN=${BIN:-target/debug/pcb}
+BIN=${BIN:-target/release/pcb}
 # The seed of the first model, and the seeds of the fine-tuning runs and random draws.
 SEED=${SEED:-1}
 SEEDS=${SEEDS:-1 2 3 4 5}
@@ -60,7 +60,7 @@ TRAIN="--crop 320 --batch-size 4 --box-batch-size 128 --warmup-steps 100 --clip-
 --spike-factor 1.5"
 
 [ $((500 % START)) -eq 0 ] || { echo "START=$START does not divide 500" >&2; exit 2; }
-[ -x "$BIN" ] || { echo "no $BIN: cargo build -p pcb first" >&2; exit 2; }
+[ -x "$BIN" ] || { echo "no $BIN: cargo build --release -p pcb first" >&2; exit 2; }
 [ -f "$DATA/trainval.txt" ] || { echo "no dataset at $DATA (see README, Data)" >&2; exit 2; }
 mkdir -p "$WORK"
 DATA_ABS="$(cd "$DATA" && pwd -P)"
