@@ -176,28 +176,112 @@ pub fn roi_align(
     sampling_ratio: i64,
     aligned: bool,
 ) -> Tensor {
-    let (n, c, h, w) = input.size4().unwrap_or((0, 0, 0, 0));
+    let levels = Tensor::zeros([rois.size()[0]], (Kind::Int64, rois.device()));
+    multi_level_roi_align(
+        std::slice::from_ref(input),
+        &[spatial_scale],
+        &levels,
+        rois,
+        output_size,
+        sampling_ratio,
+        aligned,
+    )
+    .contiguous()
+}
+
+/// RoI align over several maps at once (a feature pyramid): RoI `i` pools from
+/// `features[levels[i]]` at `scales[levels[i]]`, as [`roi_align`] would on that map alone.
+///
+/// One `embedding_bag` over the pixels of every level (their rows stacked in one table), so
+/// the pooled rows come out in the RoIs' own order: no per-level result to scatter back.
+/// The result is `[K, C, ph, pw]` laid out bins-outside, channels-inside (a permuted view of
+/// a contiguous `[K, ph, pw, C]`), the bag's own order; a consumer that flattens it in
+/// torchvision's `(C, ph, pw)` order pays one copy, one that permutes its weights instead
+/// (the box head at inference, [`crate::roi_heads::TwoMlpHead`]) pays none. Every level
+/// must have the same channels; a RoI whose level has no pixels pools zeros.
+pub fn multi_level_roi_align(
+    features: &[Tensor],
+    scales: &[f64],
+    levels: &Tensor,
+    rois: &Tensor,
+    output_size: (i64, i64),
+    sampling_ratio: i64,
+    aligned: bool,
+) -> Tensor {
     let (ph, pw) = output_size;
     let k = rois.size()[0];
-    let device = input.device();
-    if k == 0 || n == 0 || h == 0 || w == 0 {
-        return Tensor::zeros([k, c, ph, pw], (input.kind(), device));
+    let device = rois.device();
+    let Some(first) = features.first() else {
+        return Tensor::zeros([k, 0, ph, pw], (Kind::Float, device));
+    };
+    let c = first.size().get(1).copied().unwrap_or(0);
+    let dims: Vec<(i64, i64, i64)> = features
+        .iter()
+        .map(|f| match f.size4() {
+            Ok((n, _, h, w)) => (n, h, w),
+            Err(_) => (0, 0, 0),
+        })
+        .collect();
+    let rows: Vec<i64> = dims.iter().map(|&(n, h, w)| n * h * w).collect();
+    let total: i64 = rows.iter().sum();
+    if k == 0 || total == 0 || c == 0 {
+        return Tensor::zeros([k, c, ph, pw], (first.kind(), device));
     }
     // bf16 and f16 maps pool in f32 (the bag's weights need the table's type), then go back.
-    let table_kind = match input.kind() {
+    let table_kind = match first.kind() {
         Kind::Double => Kind::Double,
         _ => Kind::Float,
     };
+    // One row per pixel, level after level. The bag kernel's fast (vectorised, threaded)
+    // path needs unit-stride rows; a plain NCHW map's permuted reshape is a strided view
+    // that falls to a serial loop 40x slower. Without gradients the rows are written in
+    // place, cast and transposed in one pass.
+    let as_rows = |f: &Tensor, r: i64| f.permute([0, 2, 3, 1]).reshape([r, c]);
+    let table = if features.len() == 1 {
+        as_rows(&first.to_kind(table_kind), total).contiguous()
+    } else if features.iter().any(Tensor::requires_grad) {
+        let parts: Vec<Tensor> = features
+            .iter()
+            .zip(&rows)
+            .map(|(f, &r)| as_rows(&f.to_kind(table_kind), r))
+            .collect();
+        Tensor::cat(&parts, 0)
+    } else {
+        let table = Tensor::empty([total, c], (table_kind, device));
+        let mut offset = 0;
+        for (f, (&(n, h, w), &r)) in features.iter().zip(dims.iter().zip(&rows)) {
+            if r > 0 {
+                table
+                    .narrow(0, offset, r)
+                    .view([n, h, w, c])
+                    .copy_(&f.permute([0, 2, 3, 1]));
+            }
+            offset += r;
+        }
+        table
+    };
+    // Each RoI's level: its scale, map size, batch size and first row in the table.
+    let per_level = |values: Vec<f64>, kind: Kind| {
+        Tensor::from_slice(&values)
+            .to_kind(kind)
+            .to_device(device)
+            .index_select(0, levels)
+    };
+    let mut starts = Vec::with_capacity(rows.len());
+    let mut at = 0;
+    for &r in &rows {
+        starts.push(at as f64);
+        at += r;
+    }
+    let geometry = LevelGeometry {
+        scale: per_level(scales.to_vec(), Kind::Float),
+        h: per_level(dims.iter().map(|d| d.1 as f64).collect(), Kind::Int64),
+        w: per_level(dims.iter().map(|d| d.2 as f64).collect(), Kind::Int64),
+        n: per_level(dims.iter().map(|d| d.0 as f64).collect(), Kind::Int64),
+        start: per_level(starts, Kind::Int64),
+    };
     let sr = sampling_ratio.max(1);
-    let (index, weight) = bilinear_taps(rois, (n, h, w), output_size, spatial_scale, sr, aligned);
-    // One row per pixel: a free view of a channels-last map, a copy of any other. The bag
-    // kernel's fast (vectorised, threaded) path needs unit-stride rows; a plain NCHW map's
-    // permuted reshape is a strided view that falls to a serial loop 40x slower.
-    let table = input
-        .to_kind(table_kind)
-        .permute([0, 2, 3, 1])
-        .reshape([n * h * w, c])
-        .contiguous();
+    let (index, weight) = bilinear_taps(rois, &geometry, output_size, sr, aligned);
     let taps = 4 * sr * sr;
     let offsets = Tensor::arange_start_step(0, k * ph * pw * taps, taps, (Kind::Int64, device));
     let (pooled, _, _, _) = Tensor::embedding_bag(
@@ -213,19 +297,27 @@ pub fn roi_align(
     pooled
         .view([k, ph, pw, c])
         .permute([0, 3, 1, 2])
-        .to_kind(input.kind())
-        .contiguous()
+        .to_kind(first.kind())
+}
+
+/// Per RoI (`[K]` each): the spatial scale, height, width and batch size of its map, and the
+/// table row of that map's first pixel.
+struct LevelGeometry {
+    scale: Tensor,
+    h: Tensor,
+    w: Tensor,
+    n: Tensor,
+    start: Tensor,
 }
 
 /// The bilinear taps of RoI align's samples: for every bin (RoI-major, then bin row and
-/// column) 4·`sr`² (pixel row index into the `[N·H·W]` table, weight) pairs, the weights
-/// already divided by the `sr`² samples they average. Positions follow torchvision's kernel
-/// operation for operation, so the results agree to rounding.
+/// column) 4·`sr`² (table row, weight) pairs, the weights already divided by the `sr`²
+/// samples they average. Positions follow torchvision's kernel operation for operation, so
+/// the results agree to rounding.
 fn bilinear_taps(
     rois: &Tensor,
-    (n, h, w): (i64, i64, i64),
+    g: &LevelGeometry,
     (ph, pw): (i64, i64),
-    spatial_scale: f64,
     sr: i64,
     aligned: bool,
 ) -> (Tensor, Tensor) {
@@ -234,25 +326,27 @@ fn bilinear_taps(
     let f = (Kind::Float, device);
     let rois = rois.to_kind(Kind::Float);
     let offset = if aligned { 0.5 } else { 0.0 };
-    let start_x = rois.select(1, 1) * spatial_scale - offset;
-    let start_y = rois.select(1, 2) * spatial_scale - offset;
-    let mut roi_w = rois.select(1, 3) * spatial_scale - offset - &start_x;
-    let mut roi_h = rois.select(1, 4) * spatial_scale - offset - &start_y;
+    let start_x = rois.select(1, 1) * &g.scale - offset;
+    let start_y = rois.select(1, 2) * &g.scale - offset;
+    let mut roi_w = rois.select(1, 3) * &g.scale - offset - &start_x;
+    let mut roi_h = rois.select(1, 4) * &g.scale - offset - &start_y;
     if !aligned {
         roi_w = roi_w.clamp_min(1.0);
         roi_h = roi_h.clamp_min(1.0);
     }
     // One axis: sample positions [K, bins, sr] -> (low, high) pixel and weight, [K, bins, sr, 2].
-    let axis = |start: &Tensor, extent: &Tensor, bins: i64, size: i64| {
+    let axis = |start: &Tensor, extent: &Tensor, bins: i64, size: &Tensor| {
+        let size = size.to_kind(Kind::Float).view([k, 1, 1]);
+        let last = &size - 1.0;
         let bin = (extent / bins as f64).view([k, 1, 1]);
         let p = Tensor::arange(bins, f).view([1, bins, 1]);
         let i = (Tensor::arange(sr, f) + 0.5).view([1, 1, sr]);
         let pos = start.view([k, 1, 1]) + p * &bin + i * &bin / sr as f64;
-        let inside = pos.ge(-1.0).logical_and(&pos.le(size as f64));
+        let inside = pos.ge(-1.0).logical_and(&pos.le_tensor(&size));
         let pos = pos.clamp_min(0.0);
         let low = pos.floor();
-        let interior = low.lt((size - 1) as f64);
-        let low = low.clamp_max((size - 1) as f64);
+        let interior = low.lt_tensor(&last);
+        let low = low.minimum(&last);
         let pos = pos.where_self(&interior, &low);
         let high = (&low + 1.0).where_self(&interior, &low);
         let frac = &pos - &low;
@@ -261,20 +355,24 @@ fn bilinear_taps(
         let pixels = Tensor::stack(&[low, high], 3).to_kind(Kind::Int64);
         (pixels, weights)
     };
-    let (ys, wy) = axis(&start_y, &roi_h, ph, h);
-    let (xs, wx) = axis(&start_x, &roi_w, pw, w);
+    let (ys, wy) = axis(&start_y, &roi_h, ph, &g.h);
+    let (xs, wx) = axis(&start_x, &roi_w, pw, &g.w);
     let image = rois.select(1, 0).to_kind(Kind::Int64);
-    let in_batch = image.ge(0).logical_and(&image.lt(n));
-    let image = image.clamp(0, n - 1).view(&[k, 1, 1, 1, 1, 1, 1][..]);
+    // A RoI naming an image outside the batch (or on an empty map) pools zeros.
+    let valid = image
+        .ge(0)
+        .logical_and(&image.lt_tensor(&g.n))
+        .logical_and(&(&g.h * &g.w).gt(0));
+    let image = image.minimum(&(&g.n - 1)).clamp_min(0);
+    let shape = [k, 1, 1, 1, 1, 1, 1];
+    let base = (&g.start + image * &g.h * &g.w).view(&shape[..]);
     // [K, ph, pw, sr_y, sr_x, corner_y, corner_x]
     let ys = ys.view(&[k, ph, 1, sr, 1, 2, 1][..]);
     let xs = xs.view(&[k, 1, pw, 1, sr, 1, 2][..]);
-    let index = (image * (h * w) + ys * w + xs).reshape([-1]);
+    let index = (base + ys * g.w.view(&shape[..]) + xs).reshape([-1]);
     let weight = (wy.view(&[k, ph, 1, sr, 1, 2, 1][..]) * wx.view(&[k, 1, pw, 1, sr, 1, 2][..])
         / (sr * sr) as f64)
-        * in_batch
-            .to_kind(Kind::Float)
-            .view(&[k, 1, 1, 1, 1, 1, 1][..]);
+        * valid.to_kind(Kind::Float).view(&shape[..]);
     (index, weight.reshape([-1]))
 }
 
@@ -353,6 +451,62 @@ mod tests {
             Vec::<f32>::try_from(&out.sum_dim_intlist(&[1i64, 2, 3][..], false, Kind::Float))
                 .unwrap();
         assert_eq!(sums, vec![4.0, 0.0]);
+    }
+
+    /// Two pyramid levels, each RoI pooled from its own: the one-bag result equals
+    /// [`roi_align`] on that level alone, row for row, with and without gradients; a RoI on
+    /// an image outside the batch pools zeros.
+    #[test]
+    fn multi_level_pooling_matches_each_level_alone() {
+        let cpu = (Kind::Float, tch::Device::Cpu);
+        let fine = Tensor::arange(2 * 3 * 8 * 8, cpu).view([2, 3, 8, 8]).sin();
+        let coarse = Tensor::arange(2 * 3 * 4 * 4, cpu).view([2, 3, 4, 4]).cos();
+        let scales = [1.0, 0.5];
+        let rois = t(
+            &[
+                0., 1., 1., 6., 5., //
+                1., 0., 2., 7., 7., //
+                1., 2., 0., 5., 3., //
+                0., 0.5, 0.5, 7.5, 6., //
+                5., 1., 1., 4., 4., //
+                0., -2., -2., 3., 9., //
+            ],
+            6,
+        );
+        let levels = Tensor::from_slice(&[0i64, 1, 0, 1, 1, 0]);
+        let maps = [fine, coarse];
+        for grad in [false, true] {
+            let maps: Vec<Tensor> = maps
+                .iter()
+                .map(|m| m.detach().set_requires_grad(grad))
+                .collect();
+            let both = multi_level_roi_align(&maps, &scales, &levels, &rois, (3, 2), 2, false);
+            assert_eq!(both.size(), vec![6, 3, 3, 2]);
+            // Bins outside, channels inside.
+            assert_eq!(both.stride(), vec![18, 1, 6, 3]);
+            for i in 0..6i64 {
+                let level = levels.int64_value(&[i]) as usize;
+                let alone = roi_align(
+                    &maps[level],
+                    &rois.narrow(0, i, 1),
+                    (3, 2),
+                    scales[level],
+                    2,
+                    false,
+                );
+                let diff = (both.narrow(0, i, 1) - &alone)
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                assert!(diff < 1e-6, "RoI {i} (grad {grad}): {diff}");
+            }
+            let outside = both
+                .narrow(0, 4, 1)
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[]);
+            assert_eq!(outside, 0.0, "the RoI on image 5 of 2");
+        }
     }
 
     #[test]

@@ -41,7 +41,6 @@ impl MultiScaleRoIAlign {
         let k_min = -scales[0].log2();
         let k_max = -scales[scales.len() - 1].log2();
         let device = features[0].device();
-        let kind = features[0].kind();
         let rois = Tensor::cat(
             &boxes
                 .iter()
@@ -53,44 +52,29 @@ impl MultiScaleRoIAlign {
                 .collect::<Vec<_>>(),
             0,
         );
-        let channels = features[0].size()[1];
-        let n = rois.size()[0];
         let o = self.output_size;
-        if features.len() == 1 {
-            return ops::roi_align(
-                &features[0],
-                &rois,
-                (o, o),
-                scales[0],
-                self.sampling_ratio,
-                false,
-            );
-        }
         // LevelMapper: canonical size 224 on level 4, eps 1e-6.
-        let all_boxes = Tensor::cat(boxes, 0);
-        let s = ops::box_area(&all_boxes).sqrt();
-        let levels = ((s / 224.0).log2() + 4.0 + 1e-6)
-            .floor()
-            .clamp(k_min, k_max)
-            - k_min;
-        let levels = levels.to_kind(Kind::Int64);
-        let mut result = Tensor::zeros([n, channels, o, o], (kind, device));
-        for (level, (f, &scale)) in features.iter().zip(&scales).enumerate() {
-            let idx = levels.eq(level as i64).nonzero().squeeze_dim(1);
-            if idx.size()[0] == 0 {
-                continue;
-            }
-            let pooled = ops::roi_align(
-                f,
-                &rois.index_select(0, &idx),
-                (o, o),
-                scale,
-                self.sampling_ratio,
-                false,
-            );
-            result = result.index_put(&[Some(idx)], &pooled, false);
-        }
-        result
+        let levels = if features.len() == 1 {
+            Tensor::zeros([rois.size()[0]], (Kind::Int64, device))
+        } else {
+            let all_boxes = Tensor::cat(boxes, 0);
+            let s = ops::box_area(&all_boxes).sqrt();
+            ((s / 224.0).log2() + 4.0 + 1e-6)
+                .floor()
+                .clamp(k_min, k_max)
+                - k_min
+        };
+        // One pass over every level: the rows come out in the RoIs' order, bins outside
+        // and channels inside (see `TwoMlpHead::forward_t`, which takes them as they are).
+        ops::multi_level_roi_align(
+            features,
+            &scales,
+            &levels.to_kind(Kind::Int64),
+            &rois,
+            (o, o),
+            self.sampling_ratio,
+            false,
+        )
     }
 }
 
@@ -105,6 +89,34 @@ pub struct TwoMlpHead {
     half: Vec<crate::lowp::Half>,
     /// Training runs `fc6` and `fc7` in bf16 (weights cast on the fly).
     pub train_bf16: bool,
+    /// For inference: `fc6` with its input columns in the pooled rows' own order (see
+    /// [`TwoMlpHead::set_bins_last`]).
+    bins_last: Option<BinsLast>,
+}
+
+/// A copy of `fc6` whose input columns run bin by bin, channels inside, the order in which
+/// RoI align's bag writes its rows (torchvision's weights run channel by channel).
+#[derive(Debug)]
+struct BinsLast {
+    /// `[representation, bins * C]`, f32 or bf16 as inference runs.
+    w: Tensor,
+    /// Bias in the same kind.
+    b: Option<Tensor>,
+    /// Bins per RoI (49).
+    bins: i64,
+}
+
+/// `xs` (`[K, C, ph, pw]`) as `[K, ph * pw * C]` rows without a copy, when it is laid out
+/// bins outside and channels inside, as [`ops::multi_level_roi_align`] returns it.
+fn bins_last_rows(xs: &Tensor, bins: i64) -> Option<Tensor> {
+    let size = xs.size();
+    let &[k, c, h, w] = size.as_slice() else {
+        return None;
+    };
+    if k < 1 || h * w != bins || xs.stride() != [h * w * c, 1, w * c, c] {
+        return None;
+    }
+    Some(xs.permute([0, 2, 3, 1]).reshape([k, h * w * c]))
 }
 
 impl TwoMlpHead {
@@ -120,7 +132,37 @@ impl TwoMlpHead {
             ),
             half: Vec::new(),
             train_bf16: false,
+            bins_last: None,
         }
+    }
+
+    /// Makes (or drops) the inference copy of `fc6` that takes pooled rows bins outside,
+    /// channels inside (`bins` per RoI), in bf16 when `bf16`: the pooled features then go
+    /// into `fc6` as the bag wrote them, with no transposing copy (for R50-FPN, 1000 RoIs,
+    /// a 50 MB copy per board). Call again after the weights change.
+    pub fn set_bins_last(&mut self, on: bool, bins: i64, bf16: bool) {
+        self.bins_last = None;
+        let size = self.fc6.ws.size();
+        if !on || bins < 1 || size.len() != 2 || size[1] % bins != 0 {
+            return;
+        }
+        let (r, c) = (size[0], size[1] / bins);
+        let kind = if bf16 { Kind::BFloat16 } else { Kind::Float };
+        self.bins_last = tch::no_grad(|| {
+            Some(BinsLast {
+                w: self
+                    .fc6
+                    .ws
+                    .detach()
+                    .view([r, c, bins])
+                    .permute([0, 2, 1])
+                    .reshape([r, bins * c])
+                    .to_kind(kind)
+                    .contiguous(),
+                b: self.fc6.bs.as_ref().map(|b| b.detach().to_kind(kind)),
+                bins,
+            })
+        });
     }
 
     /// Makes (or drops) the bf16 copies that inference runs through.
@@ -138,6 +180,22 @@ impl TwoMlpHead {
     /// `fc6` and `fc7` in bf16 (the result in f32) when inference has bf16 copies or
     /// training has `train_bf16`; in f32 otherwise.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        if !train {
+            if let Some((p, rows)) = self
+                .bins_last
+                .as_ref()
+                .and_then(|p| bins_last_rows(xs, p.bins).map(|rows| (p, rows)))
+            {
+                let x = rows.to_kind(p.w.kind()).linear(&p.w, p.b.as_ref()).relu();
+                return if p.w.kind() == Kind::BFloat16 {
+                    crate::lowp::linear_bf16(&x, &self.fc7, self.half.get(1), false)
+                        .relu()
+                        .to_kind(Kind::Float)
+                } else {
+                    x.apply(&self.fc7).relu()
+                };
+            }
+        }
         let bf16 = if train {
             self.train_bf16
         } else {
@@ -468,5 +526,42 @@ impl RoiHeads {
             });
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The inference copy of `fc6` that takes the bag's rows as they are gives the same
+    /// output as torchvision's order through a transposing copy, in f32 and (to bf16's
+    /// rounding) in bf16; training, or rows in torchvision's order, keep the plain path.
+    #[test]
+    fn the_bins_last_head_matches_torchvision_order() {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let mut head = TwoMlpHead::new(&(vs.root() / "box_head"), 4 * 9, 8);
+        // Pooled rows as the bag writes them: [K, 3, 3, C] viewed as [K, C, 3, 3].
+        let rows = Tensor::randn([5, 3, 3, 4], (Kind::Float, tch::Device::Cpu));
+        let pooled = rows.permute([0, 3, 1, 2]);
+        assert!(bins_last_rows(&pooled, 9).is_some());
+        assert!(bins_last_rows(&pooled.contiguous(), 9).is_none());
+        let plain = tch::no_grad(|| head.forward(&pooled.contiguous()));
+        for bf16 in [false, true] {
+            head.set_bf16(bf16);
+            head.set_bins_last(true, 9, bf16);
+            let fast = tch::no_grad(|| head.forward_t(&pooled, false));
+            let tol = if bf16 { 5e-2 } else { 1e-6 };
+            let diff = (&fast - &plain).abs().max().double_value(&[]);
+            assert!(diff < tol, "bf16 {bf16}: {diff}");
+            assert_eq!(fast.kind(), Kind::Float);
+        }
+        head.set_bf16(false);
+        head.set_bins_last(true, 9, false);
+        let trained = head.forward_t(&pooled, true);
+        let diff = (&trained - &plain).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "training path: {diff}");
+        head.set_bins_last(false, 9, false);
+        assert!(head.bins_last.is_none());
     }
 }
