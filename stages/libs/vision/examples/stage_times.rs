@@ -76,10 +76,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .rpn
                 .forward((s[2], s[3]), &batch.sizes, &features, None, false);
             lap(3, &mut t);
-            let features: Vec<_> = features
-                .iter()
-                .map(|f| f.to_kind(tch::Kind::Float))
-                .collect();
             let pooled = m
                 .roi_heads
                 .pool

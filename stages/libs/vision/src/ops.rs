@@ -227,9 +227,16 @@ pub fn multi_level_roi_align(
     if k == 0 || total == 0 || c == 0 {
         return Tensor::zeros([k, c, ph, pw], (first.kind(), device));
     }
-    // bf16 and f16 maps pool in f32 (the bag's weights need the table's type), then go back.
+    // The bag's weights take the table's type. f16 maps, and bf16 ones that need gradients
+    // (mixed-precision training), pool in f32 and go back; bf16 maps at inference pool in
+    // bf16 (the kernel sums in f32; the taps' weights round to bf16's 8 bits, as the maps'
+    // values already have), which halves the bag's reads and skips two casts.
+    let grad = features.iter().any(Tensor::requires_grad);
     let table_kind = match first.kind() {
         Kind::Double => Kind::Double,
+        Kind::BFloat16 if !grad && features.iter().all(|f| f.kind() == Kind::BFloat16) => {
+            Kind::BFloat16
+        }
         _ => Kind::Float,
     };
     // One row per pixel, level after level. The bag kernel's fast (vectorised, threaded)
@@ -239,7 +246,7 @@ pub fn multi_level_roi_align(
     let as_rows = |f: &Tensor, r: i64| f.permute([0, 2, 3, 1]).reshape([r, c]);
     let table = if features.len() == 1 {
         as_rows(&first.to_kind(table_kind), total).contiguous()
-    } else if features.iter().any(Tensor::requires_grad) {
+    } else if grad {
         let parts: Vec<Tensor> = features
             .iter()
             .zip(&rows)
