@@ -49,11 +49,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let img = testing::image("bench", size, size);
     let m = &det.model;
-    let mut t = [0f64; 8];
+    let mut t = [0f64; 9];
     for i in 0..=iters {
         tch::no_grad(|| -> Result<(), Box<dyn std::error::Error>> {
             let mut clock = Instant::now();
-            let mut lap = |k: usize, t: &mut [f64; 8]| {
+            let mut lap = |k: usize, t: &mut [f64; 9]| {
                 if i > 0 {
                     t[k] += clock.elapsed().as_secs_f64();
                 }
@@ -71,6 +71,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             lap(1, &mut t);
             let features = m.fpn.forward_t(&c, false);
             lap(2, &mut t);
+            std::hint::black_box(m.rpn.head.forward_t(&features, false));
+            lap(8, &mut t);
             let s = batch.images.size();
             let rpn = m
                 .rpn
@@ -103,8 +105,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "fc6+fc7",
         "predictor",
         "postprocess",
+        "(rpn head)",
     ];
-    let total: f64 = t.iter().sum::<f64>() / iters as f64;
+    let total: f64 = t[..8].iter().sum::<f64>() / iters as f64;
     for (n, v) in names.iter().zip(t) {
         println!(
             "{model} {} {n:12} {:.4}",
