@@ -215,7 +215,13 @@ pub struct Rpn {
     pub coder: BoxCoder,
     /// How loss anchors are sampled.
     pub sampler: BalancedSampler,
+    /// The anchors of the last padded batch size and level sizes: the same for every board
+    /// of a line, so they are built once, not per board.
+    anchor_cache: std::sync::Mutex<Option<(AnchorKey, Tensor)>>,
 }
+
+/// What a batch's anchors depend on: the padded size, each level's size and the device.
+type AnchorKey = ((i64, i64), Vec<(i64, i64)>, tch::Device);
 
 impl Rpn {
     /// The RPN under `p` (torchvision: `rpn`).
@@ -237,6 +243,7 @@ impl Rpn {
                 positive_fraction: settings.positive_fraction,
                 sampling: sampler,
             },
+            anchor_cache: std::sync::Mutex::new(None),
         }
     }
 
@@ -251,7 +258,7 @@ impl Rpn {
         train: bool,
     ) -> RpnOutput {
         let (objectness, deltas) = self.head.forward_t(features, train);
-        let anchors = self.anchors.anchors(batch_size, features);
+        let anchors = self.cached_anchors(batch_size, features);
         let num_images = image_sizes.len() as i64;
         let per_level: Vec<i64> = objectness
             .iter()
@@ -276,12 +283,14 @@ impl Rpn {
             1,
         )
         .reshape([-1, 4]);
-        let all_anchors = anchors.repeat([num_images, 1]);
-        let proposals = self
-            .coder
-            .decode(&deltas_flat.detach(), &all_anchors)
-            .view([num_images, -1, 4]);
-        let (boxes, scores) = self.filter(&proposals, &obj_flat, image_sizes, &per_level, train);
+        let (boxes, scores) = self.filter(
+            &deltas_flat.detach().view([num_images, -1, 4]),
+            &anchors,
+            &obj_flat,
+            image_sizes,
+            &per_level,
+            train,
+        );
         let losses = targets.map(|t| self.losses(&anchors, t, &obj_flat, &deltas_flat));
         RpnOutput {
             proposals: boxes,
@@ -291,16 +300,48 @@ impl Rpn {
         }
     }
 
+    /// The batch's anchors, from the cache when the sizes are those of the last batch.
+    fn cached_anchors(&self, batch_size: (i64, i64), features: &[Tensor]) -> Tensor {
+        let key: AnchorKey = (
+            batch_size,
+            features
+                .iter()
+                .map(|f| {
+                    let s = f.size();
+                    (s[2], s[3])
+                })
+                .collect(),
+            features.first().map_or(tch::Device::Cpu, Tensor::device),
+        );
+        // A poisoned lock only means another thread panicked mid-update: rebuild.
+        let mut cache = match self.anchor_cache.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some((k, anchors)) = cache.as_ref() {
+            if *k == key {
+                return anchors.shallow_clone();
+            }
+        }
+        let anchors = self.anchors.anchors(batch_size, features);
+        *cache = Some((key, anchors.shallow_clone()));
+        anchors
+    }
+
+    /// The proposals kept per image: the top anchors of each level by objectness, decoded
+    /// (only those: decoding is per box, so decoding the chosen few gives the same boxes as
+    /// torchvision's decoding of all), clipped, filtered and NMS'd per level.
     fn filter(
         &self,
-        proposals: &Tensor,
+        deltas: &Tensor,
+        anchors: &Tensor,
         objectness: &Tensor,
         image_sizes: &[(i64, i64)],
         per_level: &[i64],
         train: bool,
     ) -> (Vec<Tensor>, Vec<Tensor>) {
         let num_images = image_sizes.len() as i64;
-        let device = proposals.device();
+        let device = deltas.device();
         let objectness = objectness.detach().reshape([num_images, -1]);
         let levels = Tensor::cat(
             &per_level
@@ -339,7 +380,14 @@ impl Rpn {
         let index = [Some(rows.shallow_clone()), Some(top.shallow_clone())];
         let objectness = objectness.index(&index);
         let levels = levels.index(&index);
-        let proposals = proposals.index(&index);
+        let k = top.size()[1];
+        let proposals = self
+            .coder
+            .decode(
+                &deltas.index(&index).reshape([-1, 4]),
+                &anchors.index_select(0, &top.reshape([-1])),
+            )
+            .view([num_images, k, 4]);
         let prob = objectness.sigmoid();
         let mut out_boxes = Vec::new();
         let mut out_scores = Vec::new();
@@ -428,5 +476,43 @@ impl Rpn {
                 tch::Reduction::Mean,
             );
         (obj_loss, box_loss)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The anchors of a batch size are built once and handed out again while the sizes
+    /// hold; another size gets its own, equal to a fresh build.
+    #[test]
+    fn anchors_are_cached_per_batch_and_level_size() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let rpn = Rpn::new(
+            &(vs.root() / "rpn"),
+            4,
+            RpnSettings::default(),
+            crate::boxes::Sampling::Random,
+        );
+        let maps = |side: i64| -> Vec<Tensor> {
+            (0..5)
+                .map(|l| {
+                    Tensor::zeros(
+                        [1, 4, side >> l, side >> l],
+                        (Kind::Float, tch::Device::Cpu),
+                    )
+                })
+                .collect()
+        };
+        let small = maps(16);
+        let first = rpn.cached_anchors((64, 64), &small);
+        let again = rpn.cached_anchors((64, 64), &small);
+        // The same tensor, not a rebuilt one.
+        assert_eq!(first.data_ptr(), again.data_ptr());
+        assert!(first.equal(&rpn.anchors.anchors((64, 64), &small)));
+        let large = maps(32);
+        let other = rpn.cached_anchors((128, 128), &large);
+        assert_ne!(other.size(), first.size());
+        assert!(other.equal(&rpn.anchors.anchors((128, 128), &large)));
     }
 }
