@@ -320,16 +320,21 @@ impl FasterRcnn {
 
     /// Pyramid features of a padded batch (bf16 in inference with `bf16` on).
     pub fn features(&self, images: &Tensor, train: bool) -> Vec<Tensor> {
-        let x = if self.inference.channels_last {
-            crate::resnet::to_channels_last(images)
-        } else {
-            images.shallow_clone()
+        let bf16 = (self.inference.bf16 && !train) || (self.inference.bf16_train && train);
+        let x = match (self.inference.channels_last, bf16) {
+            // Layout and type in one pass over the batch.
+            (true, true) if images.dim() == 4 => {
+                let s = images.size();
+                let mut x =
+                    Tensor::empty([s[0], s[2], s[3], s[1]], (Kind::BFloat16, images.device()))
+                        .permute([0, 3, 1, 2]);
+                tch::no_grad(|| x.copy_(images));
+                x
+            }
+            (true, _) => crate::resnet::to_channels_last(images),
+            (false, _) => images.shallow_clone(),
         };
-        let x = if (self.inference.bf16 && !train) || (self.inference.bf16_train && train) {
-            x.to_kind(Kind::BFloat16)
-        } else {
-            x
-        };
+        let x = if bf16 { x.to_kind(Kind::BFloat16) } else { x };
         self.fpn.forward_t(&self.body.forward_t(&x, train), train)
     }
 }

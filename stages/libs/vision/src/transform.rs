@@ -140,7 +140,9 @@ impl Transform {
                 .view([3, 1, 1]);
             let norm = (img - mean) / std;
             let (nh, nw) = self.resized_size(h, w);
-            let resized = if (nh, nw) == (h, w) && self.min_size <= 0 {
+            // At its own size a bilinear resize samples every pixel at its centre with
+            // weights 1 and 0, so skipping it changes nothing (torchvision runs it anyway).
+            let resized = if (nh, nw) == (h, w) {
                 norm
             } else {
                 norm.unsqueeze(0)
@@ -158,6 +160,15 @@ impl Transform {
         let max_w = sizes.iter().map(|s| s.1).max().unwrap_or(0);
         let (ph, pw) = ((max_h + 31) / 32 * 32, (max_w + 31) / 32 * 32);
         let first = &out[0];
+        if out.len() == 1 && sizes[0] == (ph, pw) {
+            // One board already a multiple of 32: nothing to pad, no copy.
+            return Ok(Batch {
+                images: first.unsqueeze(0),
+                sizes,
+                original,
+                boxes: boxes.map(|_| new_boxes),
+            });
+        }
         let batched = Tensor::zeros(
             [out.len() as i64, 3, ph, pw],
             (first.kind(), first.device()),
@@ -210,6 +221,31 @@ mod tests {
             ..Transform::default()
         };
         assert_eq!(t.resized_size(320, 640), (320, 640));
+    }
+
+    /// A board already at the target size and a multiple of 32 is only normalised: the
+    /// same values as torchvision's resize to its own size (skipped here) and padding.
+    #[test]
+    fn a_board_at_its_own_size_is_not_resized_or_copied() {
+        let t = Transform {
+            min_size: 64,
+            max_size: 64,
+            ..Transform::default()
+        };
+        let img = Tensor::rand([3, 64, 64], (Kind::Float, tch::Device::Cpu));
+        let batch = t.apply(&[img.copy()], None).unwrap();
+        let mean = Tensor::from_slice(&t.mean)
+            .to_kind(Kind::Float)
+            .view([3, 1, 1]);
+        let std = Tensor::from_slice(&t.std)
+            .to_kind(Kind::Float)
+            .view([3, 1, 1]);
+        let norm = (img - mean) / std;
+        let resized = norm
+            .unsqueeze(0)
+            .upsample_bilinear2d([64, 64], false, None, None);
+        assert!(batch.images.equal(&resized), "bit for bit");
+        assert_eq!(batch.sizes, vec![(64, 64)]);
     }
 
     #[test]
