@@ -8,10 +8,7 @@ use std::time::Instant;
 
 use anyhow::bail;
 use pcb_vision::train::{Optimizer, OptimizerKind, TrainConfig};
-use pcb_vision::{
-    testing, Depth, Detections, Detector, InferenceOptions, InputMode, ModelConfig, Sampling,
-    Target, Transform,
-};
+use pcb_vision::{testing, Detections, Detector, InferenceOptions, ModelConfig, Sampling, Target};
 use tch::{Kind, Tensor};
 
 /// Flags of `pcb bench vision`.
@@ -100,34 +97,12 @@ impl Model {
     }
 
     fn config(self, size: i64) -> ModelConfig {
-        // torchvision's R50-FPN (the defaults) on plain images of one size.
-        let base = ModelConfig {
-            input: InputMode::Image,
-            transform: Transform {
-                min_size: size,
-                max_size: size,
-                ..Transform::default()
-            },
-            ..ModelConfig::default()
+        let shape = match self {
+            Model::R50 => testing::BenchModel::R50,
+            Model::R18 => testing::BenchModel::R18,
+            Model::Compact => testing::BenchModel::Compact,
         };
-        match self {
-            Model::R50 => base,
-            Model::R18 => ModelConfig {
-                backbone: Depth::R18,
-                ..base
-            },
-            // pipelines/models/deeppcb-compact/model.json's shape; its box_batch_size_per_image
-            // (128) stays at torchvision's 512 on both sides, so the training rows compare
-            // like with like.
-            Model::Compact => ModelConfig {
-                backbone: Depth::R18,
-                backbone_width: 16,
-                fpn_channels: 64,
-                representation_size: 256,
-                test_proposals: 300,
-                ..base
-            },
-        }
+        shape.config(size)
     }
 }
 

@@ -3,9 +3,7 @@
 //!
 //! `cargo run --release -p pcb-vision --example stage_times -- r50 bf16 5`
 
-use pcb_vision::{
-    testing, Depth, Detector, InferenceOptions, InputMode, ModelConfig, Sampling, Transform,
-};
+use pcb_vision::{testing, Detector, InferenceOptions, Sampling};
 use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -15,30 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let iters: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
     tch::set_num_threads(2);
     let size = 640;
-    let base = ModelConfig {
-        input: InputMode::Image,
-        transform: Transform {
-            min_size: size,
-            max_size: size,
-            ..Transform::default()
-        },
-        ..ModelConfig::default()
-    };
-    let config = match model {
-        "r50" => base,
-        "r18" => ModelConfig {
-            backbone: Depth::R18,
-            ..base
-        },
-        _ => ModelConfig {
-            backbone: Depth::R18,
-            backbone_width: 16,
-            fpn_channels: 64,
-            representation_size: 256,
-            test_proposals: 300,
-            ..base
-        },
-    };
+    let shape = testing::BenchModel::parse(model).ok_or("model: r50, r18 or compact")?;
+    let config = shape.config(size);
     let mut det = Detector::new(config, tch::Device::Cpu, Sampling::Random);
     testing::fill(&mut det)?;
     det.model.prepare_inference(InferenceOptions {

@@ -25,6 +25,60 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// A network `pcb bench vision` times (and `bench_reference.py` builds under the same tag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchModel {
+    /// torchvision's R50-FPN.
+    R50,
+    /// The same with a ResNet-18.
+    R18,
+    /// The shape of the shipped compact model (pipelines/models/deeppcb-compact/model.json).
+    Compact,
+}
+
+impl BenchModel {
+    /// From its tag: `r50`, `r18` or `compact`.
+    pub fn parse(tag: &str) -> Option<BenchModel> {
+        match tag {
+            "r50" => Some(BenchModel::R50),
+            "r18" => Some(BenchModel::R18),
+            "compact" => Some(BenchModel::Compact),
+            _ => None,
+        }
+    }
+
+    /// Its configuration on plain images of one `size`. The compact model's
+    /// `box_batch_size_per_image` (128) stays at torchvision's 512, so that training rows
+    /// compare like with like.
+    pub fn config(self, size: i64) -> crate::ModelConfig {
+        use crate::{Depth, InputMode, ModelConfig, Transform};
+        let base = ModelConfig {
+            input: InputMode::Image,
+            transform: Transform {
+                min_size: size,
+                max_size: size,
+                ..Transform::default()
+            },
+            ..ModelConfig::default()
+        };
+        match self {
+            BenchModel::R50 => base,
+            BenchModel::R18 => ModelConfig {
+                backbone: Depth::R18,
+                ..base
+            },
+            BenchModel::Compact => ModelConfig {
+                backbone: Depth::R18,
+                backbone_width: 16,
+                fpn_channels: 64,
+                representation_size: 256,
+                test_proposals: 300,
+                ..base
+            },
+        }
+    }
+}
+
 /// `n` values uniform in [-1, 1) for `name`.
 pub fn uniform(name: &str, n: usize) -> Vec<f64> {
     let seed = fnv1a64(name);
