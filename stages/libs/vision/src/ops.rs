@@ -366,13 +366,14 @@ fn bilinear_taps(
     let (xs, wx) = axis(&start_x, &roi_w, pw, &g.w);
     let image = rois.select(1, 0).to_kind(Kind::Int64);
     // A RoI naming an image outside the batch (or on an empty map) pools zeros.
+    let pixels = &g.h * &g.w;
     let valid = image
         .ge(0)
         .logical_and(&image.lt_tensor(&g.n))
-        .logical_and(&(&g.h * &g.w).gt(0));
+        .logical_and(&pixels.gt(0));
     let image = image.minimum(&(&g.n - 1)).clamp_min(0);
     let shape = [k, 1, 1, 1, 1, 1, 1];
-    let base = (&g.start + image * &g.h * &g.w).view(&shape[..]);
+    let base = (&g.start + image * pixels).view(&shape[..]);
     // [K, ph, pw, sr_y, sr_x, corner_y, corner_x]
     let ys = ys.view(&[k, ph, 1, sr, 1, 2, 1][..]);
     let xs = xs.view(&[k, 1, pw, 1, sr, 1, 2][..]);

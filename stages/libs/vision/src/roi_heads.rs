@@ -86,12 +86,22 @@ pub struct TwoMlpHead {
     /// `fc7`.
     pub fc7: nn::Linear,
     /// bf16 copies of `fc6` and `fc7` for inference (empty when off).
-    half: Vec<crate::lowp::Half>,
+    half: Option<HeadHalf>,
     /// Training runs `fc6` and `fc7` in bf16 (weights cast on the fly).
     pub train_bf16: bool,
     /// For inference: `fc6` with its input columns in the pooled rows' own order (see
     /// [`TwoMlpHead::set_bins_last`]).
     bins_last: Option<BinsLast>,
+}
+
+/// The bf16 inference copies of the box head.
+#[derive(Debug)]
+struct HeadHalf {
+    /// `fc6` for rows in torchvision's order; none once [`BinsLast`] holds `fc6` in bf16
+    /// (such rows then cast `fc6` on the fly).
+    fc6: Option<crate::lowp::Half>,
+    /// `fc7`.
+    fc7: crate::lowp::Half,
 }
 
 /// A copy of `fc6` whose input columns run bin by bin, channels inside, the order in which
@@ -130,7 +140,7 @@ impl TwoMlpHead {
                 representation,
                 Default::default(),
             ),
-            half: Vec::new(),
+            half: None,
             train_bf16: false,
             bins_last: None,
         }
@@ -139,7 +149,9 @@ impl TwoMlpHead {
     /// Makes (or drops) the inference copy of `fc6` that takes pooled rows bins outside,
     /// channels inside (`bins` per RoI), in bf16 when `bf16`: the pooled features then go
     /// into `fc6` as the bag wrote them, with no transposing copy (for R50-FPN, 1000 RoIs,
-    /// a 50 MB copy per board). Call again after the weights change.
+    /// a 50 MB copy per board). In bf16 it takes the place of [`TwoMlpHead::set_bf16`]'s
+    /// copy of `fc6`, which is dropped (so call it after that). Call again after the
+    /// weights change.
     pub fn set_bins_last(&mut self, on: bool, bins: i64, bf16: bool) {
         self.bins_last = None;
         let size = self.fc6.ws.size();
@@ -163,18 +175,17 @@ impl TwoMlpHead {
                 bins,
             })
         });
+        if let (true, Some(h)) = (bf16, self.half.as_mut()) {
+            h.fc6 = None;
+        }
     }
 
     /// Makes (or drops) the bf16 copies that inference runs through.
     pub fn set_bf16(&mut self, on: bool) {
-        self.half = if on {
-            vec![
-                crate::lowp::Half::linear(&self.fc6),
-                crate::lowp::Half::linear(&self.fc7),
-            ]
-        } else {
-            Vec::new()
-        };
+        self.half = on.then(|| HeadHalf {
+            fc6: Some(crate::lowp::Half::linear(&self.fc6)),
+            fc7: crate::lowp::Half::linear(&self.fc7),
+        });
     }
 
     /// `fc6` and `fc7` in bf16 (the result in f32) when inference has bf16 copies or
@@ -188,9 +199,14 @@ impl TwoMlpHead {
             {
                 let x = rows.to_kind(p.w.kind()).linear(&p.w, p.b.as_ref()).relu();
                 return if p.w.kind() == Kind::BFloat16 {
-                    crate::lowp::linear_bf16(&x, &self.fc7, self.half.get(1), false)
-                        .relu()
-                        .to_kind(Kind::Float)
+                    crate::lowp::linear_bf16(
+                        &x,
+                        &self.fc7,
+                        self.half.as_ref().map(|h| &h.fc7),
+                        false,
+                    )
+                    .relu()
+                    .to_kind(Kind::Float)
                 } else {
                     x.apply(&self.fc7).relu()
                 };
@@ -199,15 +215,16 @@ impl TwoMlpHead {
         let bf16 = if train {
             self.train_bf16
         } else {
-            !self.half.is_empty()
+            self.half.is_some()
         };
         if !bf16 {
             return self.forward(xs);
         }
         use crate::lowp::linear_bf16;
         let x = xs.flatten(1, -1).to_kind(Kind::BFloat16);
-        let x = linear_bf16(&x, &self.fc6, self.half.first(), train).relu();
-        linear_bf16(&x, &self.fc7, self.half.get(1), train)
+        let half = self.half.as_ref();
+        let x = linear_bf16(&x, &self.fc6, half.and_then(|h| h.fc6.as_ref()), train).relu();
+        linear_bf16(&x, &self.fc7, half.map(|h| &h.fc7), train)
             .relu()
             .to_kind(Kind::Float)
     }
@@ -555,7 +572,15 @@ mod tests {
             let diff = (&fast - &plain).abs().max().double_value(&[]);
             assert!(diff < tol, "bf16 {bf16}: {diff}");
             assert_eq!(fast.kind(), Kind::Float);
+            // Rows in torchvision's order still run (fc6 cast on the fly in bf16).
+            let ordered = tch::no_grad(|| head.forward_t(&pooled.contiguous(), false));
+            let diff = (&ordered - &plain).abs().max().double_value(&[]);
+            assert!(diff < tol, "bf16 {bf16}, torchvision order: {diff}");
         }
+        assert!(
+            head.half.as_ref().is_some_and(|h| h.fc6.is_none()),
+            "the bf16 bins-last copy replaces the bf16 copy of fc6"
+        );
         head.set_bf16(false);
         head.set_bins_last(true, 9, false);
         let trained = head.forward_t(&pooled, true);
