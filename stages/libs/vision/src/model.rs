@@ -309,10 +309,10 @@ impl FasterRcnn {
         self.body
             .fold(options.fold_bn || bf16, options.channels_last, bf16);
         self.fpn.set_bf16(bf16);
-        self.rpn.head.set_bf16(bf16);
+        let fast = options.fold_bn || options.channels_last || bf16;
+        self.rpn.head.prepare(fast, bf16);
         self.roi_heads.head.set_bf16(bf16);
         let o = self.roi_heads.pool.output_size;
-        let fast = options.fold_bn || options.channels_last || bf16;
         self.roi_heads.head.set_bins_last(fast, o * o, bf16);
         self.roi_heads.head.train_bf16 = options.bf16_train;
         self.inference = options;

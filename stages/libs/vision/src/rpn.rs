@@ -74,9 +74,22 @@ pub struct RpnHead {
     pub cls_logits: nn::Conv2D,
     /// `bbox_pred`.
     pub bbox_pred: nn::Conv2D,
-    /// bf16 copies of `conv`, `cls_logits`, `bbox_pred`, used on bf16 features (empty when
-    /// off).
-    half: Vec<crate::lowp::Half>,
+    /// Inference copies (none until [`RpnHead::prepare`]).
+    inference: Option<HeadInference>,
+}
+
+/// What [`RpnHead`] runs at inference: `conv` in bf16 when bf16 runs, and `cls_logits` and
+/// `bbox_pred` as one 1x1 convolution (objectness channels first) in the features' kind,
+/// one pass over each level's activations instead of two. Detached copies: prepare again
+/// after the weights change.
+#[derive(Debug)]
+struct HeadInference {
+    /// `conv` in bf16, for bf16 features.
+    conv: Option<crate::lowp::Half>,
+    /// `[cls_logits; bbox_pred]`, weight and bias.
+    both: crate::lowp::Half,
+    /// Anchors per position (the objectness channels).
+    anchors: i64,
 }
 
 impl RpnHead {
@@ -95,22 +108,35 @@ impl RpnHead {
             conv: nn::conv2d(p / "conv" / 0 / 0, channels, channels, 3, cfg(1)),
             cls_logits: nn::conv2d(p / "cls_logits", channels, anchors, 1, cfg(0)),
             bbox_pred: nn::conv2d(p / "bbox_pred", channels, anchors * 4, 1, cfg(0)),
-            half: Vec::new(),
+            inference: None,
         }
     }
 
-    /// Makes (or drops) the bf16 copies that bf16 features run through.
-    pub fn set_bf16(&mut self, on: bool) {
+    /// Makes the inference copies (see [`HeadInference`]), for bf16 features when `bf16`;
+    /// `on == false` drops them (torchvision's two convolutions, cast on the fly for bf16
+    /// features).
+    pub fn prepare(&mut self, on: bool, bf16: bool) {
         use crate::lowp::Half;
-        self.half = if on {
-            vec![
-                Half::conv(&self.conv),
-                Half::conv(&self.cls_logits),
-                Half::conv(&self.bbox_pred),
-            ]
-        } else {
-            Vec::new()
-        };
+        if !on {
+            self.inference = None;
+            return;
+        }
+        let inference = tch::no_grad(|| {
+            let kind = if bf16 { Kind::BFloat16 } else { Kind::Float };
+            let cat = |a: &Tensor, b: &Tensor| Tensor::cat(&[a.detach(), b.detach()], 0);
+            let w = cat(&self.cls_logits.ws, &self.bbox_pred.ws);
+            let w = crate::resnet::to_channels_last(&w).to_kind(kind);
+            let b = match (&self.cls_logits.bs, &self.bbox_pred.bs) {
+                (Some(a), Some(b)) => Some(cat(a, b).to_kind(kind)),
+                _ => None,
+            };
+            HeadInference {
+                conv: bf16.then(|| Half::conv(&self.conv)),
+                both: Half { w, b },
+                anchors: self.cls_logits.ws.size()[0],
+            }
+        });
+        self.inference = Some(inference);
     }
 
     /// Objectness `[N, A, H, W]` and deltas `[N, 4A, H, W]` per level, in f32 whatever
@@ -122,16 +148,37 @@ impl RpnHead {
     /// As [`RpnHead::forward`]; in training bf16 features go through the weights cast on
     /// the fly, never the inference copies (which would neither learn nor follow updates).
     pub fn forward_t(&self, features: &[Tensor], train: bool) -> (Vec<Tensor>, Vec<Tensor>) {
+        let inference = self.inference.as_ref().filter(|i| {
+            !train && (i.both.w.kind() == Kind::BFloat16) == features.iter().any(is_bf16)
+        });
+        if let Some(i) = inference {
+            return features
+                .iter()
+                .map(|f| {
+                    let t = match &i.conv {
+                        Some(h) => h.conv2d(f, 1),
+                        None => f.apply(&self.conv),
+                    }
+                    .relu();
+                    // Cast whole, then split: a cast of each (strided) part takes a slow
+                    // path.
+                    let both = i.both.conv2d(&t, 0).to_kind(Kind::Float);
+                    let a = i.anchors;
+                    (both.narrow(1, 0, a), both.narrow(1, a, 4 * a))
+                })
+                .unzip();
+        }
         features
             .iter()
             .map(|f| {
-                if f.kind() == Kind::BFloat16 {
-                    use crate::lowp::conv2d_bf16;
-                    let h = |i: usize| self.half.get(i);
-                    let t = conv2d_bf16(f, &self.conv, h(0), train, 1).relu();
+                if is_bf16(f) {
+                    use crate::lowp::conv2d_cast;
+                    let c =
+                        |x: &Tensor, l: &nn::Conv2D, p| conv2d_cast(x, &l.ws, l.bs.as_ref(), 1, p);
+                    let t = c(f, &self.conv, 1).relu();
                     (
-                        conv2d_bf16(&t, &self.cls_logits, h(1), train, 0).to_kind(Kind::Float),
-                        conv2d_bf16(&t, &self.bbox_pred, h(2), train, 0).to_kind(Kind::Float),
+                        c(&t, &self.cls_logits, 0).to_kind(Kind::Float),
+                        c(&t, &self.bbox_pred, 0).to_kind(Kind::Float),
                     )
                 } else {
                     let t = f.apply(&self.conv).relu();
@@ -140,6 +187,10 @@ impl RpnHead {
             })
             .unzip()
     }
+}
+
+fn is_bf16(t: &Tensor) -> bool {
+    t.kind() == Kind::BFloat16
 }
 
 /// `[N, A*C, H, W]` -> `[N, H*W*A, C]`, torchvision's `permute_and_flatten`.
@@ -482,6 +533,60 @@ impl Rpn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The prepared head (one 1x1 convolution for objectness and deltas) gives the two
+    /// convolutions' outputs, in f32 and bf16, on channels-last and plain maps; unprepared
+    /// and in training it runs them as torchvision does.
+    #[test]
+    fn the_prepared_head_matches_the_two_convolutions() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let mut head = RpnHead::new(&(vs.root() / "head"), 8, 3);
+        tch::manual_seed(3);
+        tch::no_grad(|| {
+            for (_, mut v) in vs.variables() {
+                v.copy_(&(Tensor::randn_like(&v) * 0.3));
+            }
+        });
+        let maps: Vec<Tensor> = [12i64, 6, 3]
+            .iter()
+            .map(|&side| Tensor::randn([2, 8, side, side], (Kind::Float, tch::Device::Cpu)))
+            .collect();
+        let (obj, deltas) = tch::no_grad(|| head.forward(&maps));
+        for bf16 in [false, true] {
+            head.prepare(true, bf16);
+            for channels_last in [false, true] {
+                let input: Vec<Tensor> = maps
+                    .iter()
+                    .map(|m| {
+                        let m = if channels_last {
+                            crate::resnet::to_channels_last(m)
+                        } else {
+                            m.shallow_clone()
+                        };
+                        if bf16 {
+                            m.to_kind(Kind::BFloat16)
+                        } else {
+                            m
+                        }
+                    })
+                    .collect();
+                let (o, d) = tch::no_grad(|| head.forward(&input));
+                let tolerance = if bf16 { 0.1 } else { 1e-5 };
+                for (got, want) in o.iter().zip(&obj).chain(d.iter().zip(&deltas)) {
+                    assert_eq!(got.size(), want.size());
+                    assert_eq!(got.kind(), Kind::Float);
+                    let diff = (got - want).abs().max().double_value(&[]);
+                    assert!(diff < tolerance, "bf16 {bf16}: differs by {diff}");
+                }
+                let flat = permute_and_flatten(&d[0], 4);
+                let want = permute_and_flatten(&deltas[0], 4);
+                assert!((flat - want).abs().max().double_value(&[]) < tolerance);
+            }
+        }
+        head.prepare(false, false);
+        let (o, _) = tch::no_grad(|| head.forward(&maps));
+        assert!(o[0].equal(&obj[0]));
+    }
 
     /// The anchors of a batch size are built once and handed out again while the sizes
     /// hold; another size gets its own, equal to a fresh build.
