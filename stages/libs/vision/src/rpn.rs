@@ -189,6 +189,50 @@ impl RpnHead {
     }
 }
 
+/// The `k` best anchors of each level of each image (`objectness` `[N, A]`, levels of
+/// `per_level` anchors one after the other), best first, as `[N, sum(min(k, n))]` indices
+/// into `A`: what `topk` per level gives, by selection instead of a heap (libtorch's
+/// partial sort took 0.7 of the compact model's 17 ms). Ties go to the lower index; NaN
+/// counts as the largest value, as in `topk`. `None` when the scores cannot be read back.
+fn host_top_k(objectness: &Tensor, per_level: &[i64], k: i64) -> Option<Tensor> {
+    let size = objectness.size();
+    let (n, a) = (*size.first()?, *size.get(1)?);
+    let scores =
+        Vec::<f32>::try_from(objectness.to_kind(Kind::Float).contiguous().view([-1])).ok()?;
+    let (nu, au) = (usize::try_from(n).ok()?, usize::try_from(a).ok()?);
+    if scores.len() != nu * au || per_level.iter().sum::<i64>() != a {
+        return None;
+    }
+    let best_first = |x: &(f32, i64), y: &(f32, i64)| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1));
+    let mut out = Vec::new();
+    let mut kept = 0;
+    let mut pairs = Vec::new();
+    for image in scores.chunks(au) {
+        let mut offset = 0usize;
+        kept = 0;
+        for &count in per_level {
+            let count = usize::try_from(count).ok()?;
+            let take = usize::try_from(k).ok()?.min(count);
+            pairs.clear();
+            pairs.extend(
+                image[offset..offset + count]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| (v, (offset + i) as i64)),
+            );
+            if take > 0 && take < count {
+                pairs.select_nth_unstable_by(take - 1, best_first);
+            }
+            pairs.truncate(take);
+            pairs.sort_unstable_by(best_first);
+            out.extend(pairs.iter().map(|p| p.1));
+            kept += take;
+            offset += count;
+        }
+    }
+    Some(Tensor::from_slice(&out).view([n, kept as i64]))
+}
+
 fn is_bf16(t: &Tensor) -> bool {
     t.kind() == Kind::BFloat16
 }
@@ -414,19 +458,27 @@ impl Rpn {
         } else {
             self.settings.post_nms_top_n.1
         };
-        let mut top = Vec::new();
-        let mut offset = 0;
-        for (ob, &n) in objectness
-            .split_with_sizes(per_level, 1)
-            .iter()
-            .zip(per_level)
+        let top = match (device == tch::Device::Cpu)
+            .then(|| host_top_k(&objectness, per_level, pre_nms))
+            .flatten()
         {
-            let k = pre_nms.min(n);
-            let (_, idx) = ob.topk(k, 1, true, true);
-            top.push(idx + offset);
-            offset += n;
-        }
-        let top = Tensor::cat(&top, 1);
+            Some(top) => top,
+            None => {
+                let mut top = Vec::new();
+                let mut offset = 0;
+                for (ob, &n) in objectness
+                    .split_with_sizes(per_level, 1)
+                    .iter()
+                    .zip(per_level)
+                {
+                    let k = pre_nms.min(n);
+                    let (_, idx) = ob.topk(k, 1, true, true);
+                    top.push(idx + offset);
+                    offset += n;
+                }
+                Tensor::cat(&top, 1)
+            }
+        };
         let rows = Tensor::arange(num_images, (Kind::Int64, device)).unsqueeze(1);
         let index = [Some(rows.shallow_clone()), Some(top.shallow_clone())];
         let objectness = objectness.index(&index);
@@ -533,6 +585,32 @@ impl Rpn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The host selection gives `topk`'s indices per level and image on distinct scores,
+    /// every index once on ties (lower first), and a level smaller than k whole.
+    #[test]
+    fn host_top_k_matches_topk_per_level() {
+        tch::manual_seed(5);
+        let per_level = [40i64, 12, 3];
+        let scores = Tensor::randn([2, 55], (Kind::Float, tch::Device::Cpu));
+        let got = host_top_k(&scores, &per_level, 5).unwrap();
+        let mut want = Vec::new();
+        let mut offset = 0;
+        for (level, &n) in scores
+            .split_with_sizes(&per_level[..], 1)
+            .iter()
+            .zip(&per_level)
+        {
+            want.push(level.topk(5.min(n), 1, true, true).1 + offset);
+            offset += n;
+        }
+        let want = Tensor::cat(&want, 1);
+        assert_eq!(got.size(), vec![2, 13]);
+        assert!(got.equal(&want), "{got:?} vs {want:?}");
+        let ties = Tensor::from_slice(&[1f32, 3., 3., 2., 3., f32::NAN]).view([1, 6]);
+        let got = Vec::<i64>::try_from(host_top_k(&ties, &[6], 4).unwrap().view([-1])).unwrap();
+        assert_eq!(got, vec![5, 1, 2, 4]);
+    }
 
     /// The prepared head (one 1x1 convolution for objectness and deltas) gives the two
     /// convolutions' outputs, in f32 and bf16, on channels-last and plain maps; unprepared
