@@ -191,16 +191,17 @@ impl RpnHead {
 
 /// The `k` best anchors of each level of each image (`objectness` `[N, A]`, levels of
 /// `per_level` anchors one after the other), best first, as `[N, sum(min(k, n))]` indices
-/// into `A`: what `topk` per level gives, by selection instead of a heap (libtorch's
-/// partial sort took 0.7 of the compact model's 17 ms). Ties go to the lower index; NaN
-/// counts as the largest value, as in `topk`. `None` when the scores cannot be read back.
+/// into `A`: what `topk` per level gives, by selection instead of a heap (on the compact
+/// model the RPN took 0.2 ms less than with libtorch's `topk` per level, its split and its
+/// concatenation). Ties go to the lower index; NaN counts as the largest value, as in
+/// `topk`. `None` when the scores cannot be read back or there are none.
 fn host_top_k(objectness: &Tensor, per_level: &[i64], k: i64) -> Option<Tensor> {
     let size = objectness.size();
     let (n, a) = (*size.first()?, *size.get(1)?);
     let scores =
         Vec::<f32>::try_from(objectness.to_kind(Kind::Float).contiguous().view([-1])).ok()?;
     let (nu, au) = (usize::try_from(n).ok()?, usize::try_from(a).ok()?);
-    if scores.len() != nu * au || per_level.iter().sum::<i64>() != a {
+    if au == 0 || scores.len() != nu * au || per_level.iter().sum::<i64>() != a {
         return None;
     }
     let best_first = |x: &(f32, i64), y: &(f32, i64)| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1));
