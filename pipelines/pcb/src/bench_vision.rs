@@ -359,6 +359,12 @@ fn table(
         args.size,
         args.iters,
     );
+    // Set at start by main; called again (idempotent) to say what ours ran with: the
+    // reference rows run in their own Python process with glibc's defaults.
+    println!(
+        "ours: {}; torch, OpenVINO: their own process, glibc's default heap",
+        pcb_vision::heap::keep_freed_buffers()
+    );
     if models.iter().any(|(_, m)| *m == Model::Compact) {
         println!("compact: ResNet-18 FPN, 16-wide stem, 64 FPN channels, 256-wide box head, 300 proposals at inference");
     }

@@ -198,6 +198,10 @@ enum BenchCmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Before any model runs: every subcommand that runs one (train, eval, bench, demo) keeps
+    // freed tensor memory for its next pass (pcb_vision::heap).
+    let heap = pcb_vision::heap::keep_freed_buffers();
+    tracing::debug!(%heap, "allocator");
     pcb_common::init_tracing(&pcb_common::LogConfig {
         filter: "warn".into(),
         ..Default::default()

@@ -381,6 +381,8 @@ fn inference_thread(jobs: std_mpsc::Receiver<Job>, threshold: f32, threads: usiz
     if threads > 0 {
         tch::set_num_threads(threads as i32);
     }
+    let heap = pcb_vision::heap::keep_freed_buffers();
+    tracing::info!(%heap, "allocator");
     let mut current: Option<Box<Loaded>> = None;
     let mut shadow: Option<Box<Loaded>> = None;
     let mut canary: Option<Box<Loaded>> = None;

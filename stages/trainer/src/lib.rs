@@ -520,6 +520,8 @@ pub async fn run(
     if config.threads > 0 {
         tch::set_num_threads(config.threads as i32);
     }
+    let heap = pcb_vision::heap::keep_freed_buffers();
+    tracing::info!(%heap, "allocator");
     let (rank, world) = (config.dist.rank, config.dist.world);
     let mut dist = config.dist.clone();
     dist.backend = Backend::resolve(&config.backend, device, shares_gpu(&dist, device))?;

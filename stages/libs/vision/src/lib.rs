@@ -6,6 +6,7 @@ pub mod cuda;
 pub mod data;
 pub mod evaluate;
 pub mod fpn;
+pub mod heap;
 pub mod lowp;
 pub mod model;
 pub mod ops;
