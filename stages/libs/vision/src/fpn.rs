@@ -109,7 +109,13 @@ impl Fpn {
             let lateral = self.lateral(idx, &xs[idx], train);
             let size = lateral.size();
             let top_down = last_inner.upsample_nearest2d([size[2], size[3]], None, None);
-            last_inner = lateral + top_down;
+            last_inner = if train {
+                lateral + top_down
+            } else {
+                // At inference the sum goes into the lateral's fresh output.
+                let mut lateral = lateral;
+                lateral.g_add_(&top_down)
+            };
             results.insert(0, self.output(idx, &last_inner, train));
         }
         let pool = results[n - 1].max_pool2d([1, 1], [2, 2], [0, 0], [1, 1], false);

@@ -256,19 +256,29 @@ impl Block {
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        // At inference the ReLUs and the residual sum write into the convolution's fresh
+        // output instead of allocating another activation (autograd needs the copies only
+        // when it records).
+        let in_place = !train && !xs.requires_grad();
         let mut y = xs.shallow_clone();
         let last = self.convs.len() - 1;
         for (i, c) in self.convs.iter().enumerate() {
             y = c.forward_t(&y, train);
             if i < last {
-                y = y.relu();
+                y = if in_place { y.relu_() } else { y.relu() };
             }
         }
         let identity = match &self.downsample {
             Some(d) => d.forward_t(xs, train),
             None => xs.shallow_clone(),
         };
-        (y + identity).relu()
+        if in_place {
+            let mut y = y;
+            let _ = y.g_add_(&identity);
+            y.relu_()
+        } else {
+            (y + identity).relu()
+        }
     }
 }
 
@@ -352,11 +362,14 @@ impl ResNet {
 
     /// The outputs of layer1..layer4.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Vec<Tensor> {
-        let mut x =
-            self.stem
-                .forward_t(xs, train)
-                .relu()
-                .max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        let mut stem = self.stem.forward_t(xs, train);
+        // In place at inference, as in the blocks.
+        let stem = if !train && !xs.requires_grad() {
+            stem.relu_()
+        } else {
+            stem.relu()
+        };
+        let mut x = stem.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         let mut outs = Vec::with_capacity(4);
         for layer in &self.layers {
             for block in layer {

@@ -197,7 +197,8 @@ impl TwoMlpHead {
                 .as_ref()
                 .and_then(|p| bins_last_rows(xs, p.bins).map(|rows| (p, rows)))
             {
-                let x = rows.to_kind(p.w.kind()).linear(&p.w, p.b.as_ref()).relu();
+                // In place: each layer's output is fresh (see resnet's blocks).
+                let x = rows.to_kind(p.w.kind()).linear(&p.w, p.b.as_ref()).relu_();
                 return if p.w.kind() == Kind::BFloat16 {
                     crate::lowp::linear_bf16(
                         &x,
@@ -205,10 +206,10 @@ impl TwoMlpHead {
                         self.half.as_ref().map(|h| &h.fc7),
                         false,
                     )
-                    .relu()
+                    .relu_()
                     .to_kind(Kind::Float)
                 } else {
-                    x.apply(&self.fc7).relu()
+                    x.apply(&self.fc7).relu_()
                 };
             }
         }

@@ -155,11 +155,12 @@ impl RpnHead {
             return features
                 .iter()
                 .map(|f| {
+                    // In place: the convolution's output is fresh (see resnet's blocks).
                     let t = match &i.conv {
                         Some(h) => h.conv2d(f, 1),
                         None => f.apply(&self.conv),
                     }
-                    .relu();
+                    .relu_();
                     // Cast whole, then split: a cast of each (strided) part takes a slow
                     // path.
                     let both = i.both.conv2d(&t, 0).to_kind(Kind::Float);
