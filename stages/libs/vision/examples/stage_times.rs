@@ -12,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let bf16 = args.get(2).map(String::as_str) == Some("bf16");
     let iters: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
     tch::set_num_threads(2);
+    // As pcb, the detector and the trainer run.
+    eprintln!("{}", pcb_vision::heap::keep_freed_buffers());
     let size = 640;
     let shape = testing::BenchModel::parse(model).ok_or("model: r50, r18 or compact")?;
     let config = shape.config(size);
