@@ -420,6 +420,14 @@ pub async fn run(args: &DetectorBenchArgs) -> anyhow::Result<()> {
         let d: pcb_schemas::Detection = pcb_schemas::decode(&m?.payload, None)?;
         latencies.push((d.detected_at - landed_ms) as f64 / 1000.0);
     }
+    // Our connection closes before the server stops: otherwise its reconnect attempts log
+    // errors under the table.
+    drop((messages, stream, registry));
+    let client = js.client();
+    drop(js);
+    if let Err(e) = client.drain().await {
+        tracing::debug!(error = %e, "draining the bench's connection");
+    }
     tokio::task::spawn_blocking(move || running.stop()).await?;
     // The bare model again: a machine whose speed drifted during the run shows here, and
     // the detector is compared with the mean of both passes.
