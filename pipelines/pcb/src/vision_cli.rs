@@ -298,6 +298,14 @@ fn boards(
 pub fn train(args: &TrainArgs, data: &Path) -> anyhow::Result<()> {
     // First of all libtorch work (the seed included): it fixes whether CUDA exists.
     let device = args.model.device()?;
+    if args.model.bf16_train && device == tch::Device::Cpu && !pcb_vision::lowp::cpu_has_bf16() {
+        // Not refused (the result is the same), but a user following the bf16 recipe on
+        // such a CPU should know why it crawls.
+        eprintln!(
+            "warning: --bf16-train on a CPU without native bf16 (AVX-512 BF16 or AMX): \
+             libtorch emulates it, slower than f32 here; drop the flag"
+        );
+    }
     threads(args.model.threads);
     let files = boards(data, &args.list, args.limit)?;
     // The same seed gives the same initial weights, as the trainer ranks do.
