@@ -24,9 +24,11 @@ SEEDS=${SEEDS:-1 2 3}
 NICE=${NICE:-0}
 EXTRA=${EXTRA:-}
 # The compact CPU recipe (README, "The compact model and the shipped default"): keep the
-# two in step. The ResNet-18 FPN-128 recipe of earlier sessions, for comparison:
+# two in step. The ResNet-18 FPN-128 recipe trained in bf16 (README, the same section; for
+# CPUs with native bf16), with WORK=~/.cache/pcb-recipe-r18bf16:
 #   RECIPE="--backbone r18 --norm batch --min-size 0 --crop 320 --fpn-channels 128
-#   --batch-size 4 --box-batch-size 128 --lr 1e-3 --epochs 26 --lr-step-epochs 18"
+#   --batch-size 4 --box-batch-size 128 --lr 1e-3 --epochs 26 --lr-step-epochs 18
+#   --warmup-steps 250 --clip-grad-norm 10 --spike-factor 1.5 --bf16-train"
 RECIPE=${RECIPE:---backbone r18 --backbone-width 16 --fpn-channels 64 --representation-size 256 \
 --test-proposals 300 --norm batch --min-size 0 --crop 320 --batch-size 4 --box-batch-size 128 \
 --lr 1e-3 --epochs 24 --lr-step-epochs 18 --warmup-steps 250 --clip-grad-norm 10 --spike-factor 1.5}
