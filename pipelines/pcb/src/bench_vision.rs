@@ -359,8 +359,8 @@ fn table(
         args.size,
         args.iters,
     );
-    // Set at start by main; called again (idempotent) to say what ours ran with: the
-    // reference rows run in their own Python process with glibc's defaults.
+    // Set at start by main; this call reports what that did. The reference rows run in
+    // their own Python process with glibc's defaults.
     println!(
         "ours: {}; torch, OpenVINO: their own process, glibc's default heap",
         pcb_vision::heap::keep_freed_buffers()

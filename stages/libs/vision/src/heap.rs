@@ -50,22 +50,24 @@ impl std::fmt::Display for HeapTuning {
     }
 }
 
-/// Whether a `GLIBC_TUNABLES` value sets any malloc parameter.
-fn sets_malloc(tunables: &str) -> bool {
+/// Whether a `GLIBC_TUNABLES` value sets any malloc parameter (then
+/// [`keep_freed_buffers`] leaves the heap to it).
+pub fn sets_malloc(tunables: &str) -> bool {
     tunables
         .split(':')
         .any(|t| t.trim_start().starts_with("glibc.malloc."))
 }
 
 /// Keeps freed tensor memory in the process's heap for the next pass (see the module's
-/// text); call once at start, before the first model runs. Safe to call again.
+/// text); call at start, before the first model runs. The first call decides; later calls
+/// return what it did (for a report such as the bench's header).
 pub fn keep_freed_buffers() -> HeapTuning {
-    if let Ok(t) = std::env::var("GLIBC_TUNABLES") {
-        if sets_malloc(&t) {
-            return HeapTuning::LeftToUser(t);
-        }
-    }
-    set_thresholds()
+    static DONE: std::sync::OnceLock<HeapTuning> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| match std::env::var("GLIBC_TUNABLES") {
+        Ok(t) if sets_malloc(&t) => HeapTuning::LeftToUser(t),
+        _ => set_thresholds(),
+    })
+    .clone()
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

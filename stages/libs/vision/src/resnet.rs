@@ -223,6 +223,13 @@ fn downsample(p: &nn::Path, cin: i64, cout: i64, stride: i64, norm: Norm) -> Con
     ConvNorm::new(&d / 0, &d / 1, (cin, cout), 1, stride, norm)
 }
 
+/// Whether ReLUs and sums may write into a convolution's fresh output instead of
+/// allocating another activation: at inference, where autograd records nothing that needs
+/// the copies.
+fn in_place(xs: &Tensor, train: bool) -> bool {
+    !train && !xs.requires_grad()
+}
+
 /// A residual block, basic (two 3x3) or bottleneck (1x1, 3x3 with the stride, 1x1).
 #[derive(Debug)]
 pub struct Block {
@@ -256,10 +263,7 @@ impl Block {
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        // At inference the ReLUs and the residual sum write into the convolution's fresh
-        // output instead of allocating another activation (autograd needs the copies only
-        // when it records).
-        let in_place = !train && !xs.requires_grad();
+        let in_place = in_place(xs, train);
         let mut y = xs.shallow_clone();
         let last = self.convs.len() - 1;
         for (i, c) in self.convs.iter().enumerate() {
@@ -363,8 +367,7 @@ impl ResNet {
     /// The outputs of layer1..layer4.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Vec<Tensor> {
         let mut stem = self.stem.forward_t(xs, train);
-        // In place at inference, as in the blocks.
-        let stem = if !train && !xs.requires_grad() {
+        let stem = if in_place(xs, train) {
             stem.relu_()
         } else {
             stem.relu()
