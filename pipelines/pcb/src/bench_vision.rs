@@ -143,6 +143,11 @@ fn ours(model: Model, size: i64, iters: usize, bf16: bool) -> anyhow::Result<Vec
         channels_last: true,
         ..InferenceOptions::default()
     };
+    // What `pcb eval` and the detector run: oneDNN's fused kernels on packed weights.
+    let fused = InferenceOptions {
+        fused: true,
+        ..fast
+    };
     // (path, inference options, training options where the path trains): bf16 inference
     // pairs with bf16 mixed-precision training, folded BN alone has no training row.
     let mut variants = vec![
@@ -153,6 +158,7 @@ fn ours(model: Model, size: i64, iters: usize, bf16: bool) -> anyhow::Result<Vec
         ),
         ("ours, folded BN", folded, None),
         ("ours, folded BN + channels-last", fast, Some(fast)),
+        ("ours, folded BN + channels-last + fused", fused, None),
     ];
     if bf16 {
         variants.push((
@@ -162,6 +168,14 @@ fn ours(model: Model, size: i64, iters: usize, bf16: bool) -> anyhow::Result<Vec
                 bf16_train: true,
                 ..fast
             }),
+        ));
+        variants.push((
+            "ours, folded BN + channels-last + fused + bf16",
+            InferenceOptions {
+                bf16: true,
+                ..fused
+            },
+            None,
         ));
     }
     let mut rows = Vec::new();
@@ -260,7 +274,7 @@ fn line(model: &str, path: &str, infer: f64, train: Option<f64>, base: (f64, f64
         None => (String::new(), String::new()),
     };
     println!(
-        "{model:<8} {path:<44} {infer:>9.3} {:>14} {train_s:>9} {train_ratio:>14}",
+        "{model:<8} {path:<46} {infer:>9.3} {:>14} {train_s:>9} {train_ratio:>14}",
         ratio(infer, base.0)
     );
 }
@@ -369,7 +383,7 @@ fn table(
         println!("compact: ResNet-18 FPN, 16-wide stem, 64 FPN channels, 256-wide box head, 300 proposals at inference");
     }
     println!(
-        "{:<8} {:<44} {:>9} {:>14} {:>9} {:>14}",
+        "{:<8} {:<46} {:>9} {:>14} {:>9} {:>14}",
         "model", "path", "infer s", "vs torchvision", "train s", "vs torchvision"
     );
     for (tag, model) in models {

@@ -170,6 +170,7 @@ const SPEED: InferenceOptions = InferenceOptions {
     channels_last: true,
     bf16: false,
     bf16_train: false,
+    fused: false,
 };
 
 /// One batch for one step: this rank's share, possibly empty.

@@ -1,7 +1,8 @@
 //! Seconds per stage of one inference (transform, body, FPN, RPN, box head, post-processing)
 //! on the bench's deterministic weights: where the time of `pcb bench vision`'s rows goes.
 //!
-//! `cargo run --release -p pcb-vision --example stage_times -- r50 bf16 5`
+//! `cargo run --release -p pcb-vision --example stage_times -- r50 bf16 5 [plain]`
+//! (`plain`: libtorch's own convolutions instead of oneDNN's fused kernels, for an A/B).
 
 use pcb_vision::{testing, Detector, InferenceOptions, Sampling};
 use std::time::Instant;
@@ -11,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let model = args.get(1).map(String::as_str).unwrap_or("r50");
     let bf16 = args.get(2).map(String::as_str) == Some("bf16");
     let iters: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let fused = args.get(4).map(String::as_str) != Some("plain");
     tch::set_num_threads(2);
     // As pcb, the detector and the trainer run.
     eprintln!("{}", pcb_vision::heap::keep_freed_buffers());
@@ -24,6 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         channels_last: true,
         bf16,
         bf16_train: false,
+        fused,
     });
     let img = testing::image("bench", size, size);
     let m = &det.model;

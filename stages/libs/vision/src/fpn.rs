@@ -6,6 +6,7 @@ use tch::nn;
 use tch::{Kind, Tensor};
 
 use crate::lowp::Half;
+use crate::onednn::{FusedConv, Post};
 
 fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, padding: i64) -> nn::Conv2D {
     nn::conv2d(
@@ -37,6 +38,9 @@ pub struct Fpn {
     /// bf16 copies of `inner` then `layer` for inference on bf16 inputs (empty when off;
     /// training on bf16 inputs casts the weights on the fly).
     half: Vec<Half>,
+    /// For inference on the CPU: `inner` then `layer` in oneDNN's fused kernels on packed
+    /// weights (empty when off), in the kind inference runs in.
+    fused: Vec<FusedConv>,
 }
 
 impl Fpn {
@@ -54,7 +58,30 @@ impl Fpn {
             inner,
             layer,
             half: Vec::new(),
+            fused: Vec::new(),
         }
+    }
+
+    /// Makes (or drops) the fused inference copies, in bf16 when `bf16` (after
+    /// [`Fpn::set_bf16`]).
+    pub fn set_fused(&mut self, on: bool, bf16: bool) {
+        self.fused = Vec::new();
+        if !on {
+            return;
+        }
+        let convs = self.inner.iter().chain(&self.layer);
+        let fused: Option<Vec<FusedConv>> = convs
+            .enumerate()
+            .map(|(i, c)| {
+                let padding = if i < self.inner.len() { 0 } else { 1 };
+                let (w, b) = match (bf16, self.half.get(i)) {
+                    (true, Some(h)) => (h.w.shallow_clone(), h.b.as_ref()?.shallow_clone()),
+                    _ => (c.ws.shallow_clone(), c.bs.as_ref()?.shallow_clone()),
+                };
+                FusedConv::new(&w, &b, 1, padding)
+            })
+            .collect();
+        self.fused = fused.unwrap_or_default();
     }
 
     /// Makes (or drops) the bf16 copies that bf16 inputs run through.
@@ -80,11 +107,26 @@ impl Fpn {
         }
     }
 
+    /// Convolution `i` (`inner` then `layer`) through the fused kernels, at inference
+    /// where it has them.
+    fn fused(&self, i: usize, x: &Tensor, train: bool) -> Option<Tensor> {
+        let f = self.fused.get(i).filter(|f| !train && f.accepts(x))?;
+        f.forward(x, Post::None)
+            .map_err(|e| crate::resnet::fused_failed(&e))
+            .ok()
+    }
+
     fn lateral(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
+        if let Some(y) = self.fused(i, x, train) {
+            return y;
+        }
         Self::conv(&self.inner[i], self.half.get(i), x, train, 0)
     }
 
     fn output(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
+        if let Some(y) = self.fused(self.inner.len() + i, x, train) {
+            return y;
+        }
         Self::conv(
             &self.layer[i],
             self.half.get(self.inner.len() + i),

@@ -9,6 +9,7 @@ pub mod fpn;
 pub mod heap;
 pub mod lowp;
 pub mod model;
+pub mod onednn;
 pub mod ops;
 pub mod resnet;
 pub mod roi_heads;

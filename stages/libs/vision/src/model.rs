@@ -146,6 +146,10 @@ pub struct InferenceOptions {
     /// the box head's products in bf16 on f32 master weights; losses, RoI sampling and the
     /// optimiser in f32).
     pub bf16_train: bool,
+    /// Inference on the CPU (with folded norms): the backbone's convolutions through
+    /// oneDNN's fused kernels, ReLUs and residual sums inside the convolution, on weights
+    /// packed once (`crate::onednn`). Changes results by rounding only.
+    pub fused: bool,
 }
 
 impl InferenceOptions {
@@ -157,6 +161,7 @@ impl InferenceOptions {
             channels_last: true,
             bf16: bf16.enabled(),
             bf16_train: false,
+            fused: true,
         }
     }
 }
@@ -306,11 +311,16 @@ impl FasterRcnn {
     /// folded weights are copies.
     pub fn prepare_inference(&mut self, options: InferenceOptions) {
         let bf16 = options.bf16;
-        self.body
-            .fold(options.fold_bn || bf16, options.channels_last, bf16);
+        self.body.fold(
+            options.fold_bn || bf16,
+            options.channels_last,
+            bf16,
+            options.fused,
+        );
         self.fpn.set_bf16(bf16);
+        self.fpn.set_fused(options.fused, bf16);
         let fast = options.fold_bn || options.channels_last || bf16;
-        self.rpn.head.prepare(fast, bf16);
+        self.rpn.head.prepare(fast, bf16, options.fused);
         self.roi_heads.head.set_bf16(bf16);
         let o = self.roi_heads.pool.output_size;
         self.roi_heads.head.set_bins_last(fast, o * o, bf16);
@@ -686,6 +696,7 @@ mod tests {
             channels_last: true,
             bf16: false,
             bf16_train: false,
+            fused: false,
         });
         assert!(d.model.body.stem.folded.is_some());
         let folded = features(&d);
@@ -696,12 +707,28 @@ mod tests {
             channels_last: true,
             bf16: true,
             bf16_train: false,
+            fused: false,
         });
         let half = features(&d);
         assert_eq!(half[0].kind(), Kind::BFloat16);
         let err = max_rel(&half, &plain);
         // bf16 keeps 8 significant bits; through 20-odd layers the error stays a few %.
         assert!(err < 5e-2, "bf16 features: {err}");
+        // oneDNN's fused kernels: rounding apart, the same features, in f32 and bf16.
+        for bf16 in [false, true] {
+            d.model.prepare_inference(InferenceOptions {
+                fold_bn: true,
+                channels_last: true,
+                bf16,
+                bf16_train: false,
+                fused: true,
+            });
+            assert!(d.model.body.stem.fused.is_some(), "fused copies made");
+            let fused = features(&d);
+            let err = max_rel(&fused, &plain);
+            let tolerance = if bf16 { 5e-2 } else { 1e-5 };
+            assert!(err < tolerance, "fused features, bf16 {bf16}: {err}");
+        }
         let out = tch::no_grad(|| d.model.detect(&[img.copy()])).unwrap();
         assert_eq!(out.features[0].kind(), Kind::BFloat16);
         assert_eq!(out.objectness[0].kind(), Kind::Float);
@@ -715,6 +742,7 @@ mod tests {
             channels_last: false,
             bf16: true,
             bf16_train: false,
+            fused: false,
         });
         tch::manual_seed(9);
         let b = d.model.losses(&[img.copy()], &[t()]).unwrap().total();
@@ -749,6 +777,7 @@ mod tests {
                     channels_last: true,
                     bf16: bf16_train,
                     bf16_train,
+                    fused: true,
                 });
                 crate::train::Optimizer::zero_grad(&params);
                 tch::manual_seed(5);

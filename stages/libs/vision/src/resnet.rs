@@ -4,6 +4,8 @@
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
+use crate::onednn::{FusedConv, Post};
+
 /// How the backbone normalises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -127,6 +129,9 @@ pub struct ConvNorm {
     /// For inference: the norm folded into the convolution (weight, bias), in bf16 when
     /// asked.
     pub folded: Option<(Tensor, Tensor)>,
+    /// For inference on the CPU: the folded convolution in oneDNN's fused kernels (see
+    /// [`crate::onednn`]), when asked and available.
+    pub fused: Option<FusedConv>,
     /// The convolution's stride and padding (tch keeps its own private).
     geometry: (i64, i64),
 }
@@ -147,6 +152,7 @@ impl ConvNorm {
             conv: conv(conv_path, cin, cout, k, stride, padding),
             norm: NormLayer::new(norm_path, cout, norm),
             folded: None,
+            fused: None,
             geometry: (stride, padding),
         }
     }
@@ -182,10 +188,23 @@ impl ConvNorm {
         self.norm.forward_t(&xs.apply(&self.conv), train)
     }
 
+    /// Inference through the fused kernels: `None` when this convolution has none, or when
+    /// the call failed (logged once; the plain path then runs).
+    fn fused(&self, xs: &Tensor, post: Post) -> Option<Tensor> {
+        match self.fused.as_ref()?.forward(xs, post) {
+            Ok(y) => Some(y),
+            Err(e) => {
+                fused_failed(&e);
+                None
+            }
+        }
+    }
+
     /// Folds the norm into the convolution's weights for inference (a trainable batch norm
-    /// with its running statistics), in channels-last layout and bf16 when asked; `on ==
-    /// false` undoes it. Training steps keep using the layers themselves.
-    fn fold(&mut self, on: bool, channels_last: bool, bf16: bool) {
+    /// with its running statistics), in channels-last layout and bf16 when asked, and with
+    /// oneDNN's fused kernels when `fused`; `on == false` undoes it. Training steps keep
+    /// using the layers themselves.
+    fn fold(&mut self, on: bool, channels_last: bool, bf16: bool, fused: bool) {
         self.folded = match (on, self.norm.eval_affine()) {
             (true, Some((scale, shift))) => tch::no_grad(|| {
                 let w = self.conv.ws.detach() * scale.reshape([-1, 1, 1, 1]);
@@ -205,7 +224,20 @@ impl ConvNorm {
             }),
             _ => None,
         };
+        let (s, p) = self.geometry;
+        self.fused = match &self.folded {
+            Some((w, b)) if fused => FusedConv::new(w, b, s, p),
+            _ => None,
+        };
     }
+}
+
+/// Logs the first failed fused call of the process (each falls back to the plain path).
+pub(crate) fn fused_failed(e: &crate::onednn::Error) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        tracing::warn!(error = %e, "a fused oneDNN convolution failed; such calls run on libtorch's plain convolution");
+    });
 }
 
 /// The same values with NHWC strides (libtorch's channels-last), which oneDNN's CPU
@@ -260,6 +292,30 @@ impl Block {
         let downsample =
             (stride != 1 || cin != out).then(|| downsample(&p, cin, out, stride, norm));
         Block { convs, downsample }
+    }
+
+    /// Inference through oneDNN's fused kernels (each ReLU and the residual sum inside a
+    /// convolution): `None` when a convolution has none or a call failed, for the plain
+    /// path to run. Without a shortcut projection the sum goes into the input's storage
+    /// when `reuse_input` (the caller reads the input no more), else into a copy.
+    fn forward_fused(&self, xs: &Tensor, reuse_input: bool) -> Option<Tensor> {
+        let (last, inner) = self.convs.split_last()?;
+        let mut y = xs.shallow_clone();
+        for c in inner {
+            y = c.fused(&y, Post::Relu)?;
+        }
+        let mut sum = match &self.downsample {
+            Some(d) => d.fused(xs, Post::None)?,
+            None if reuse_input => xs.shallow_clone(),
+            None => xs.copy(),
+        };
+        match last.fused.as_ref()?.forward_add_relu_(&y, &mut sum) {
+            Ok(()) => Some(sum),
+            Err(e) => {
+                fused_failed(&e);
+                None
+            }
+        }
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
@@ -352,31 +408,38 @@ impl ResNet {
     /// Folds the norms into the convolutions for inference (see [`ConvNorm`]), as bf16
     /// copies when `bf16` (the body's input must then be bf16); call again after loading
     /// new weights or training.
-    pub fn fold(&mut self, on: bool, channels_last: bool, bf16: bool) {
-        self.stem.fold(on, channels_last, bf16);
+    pub fn fold(&mut self, on: bool, channels_last: bool, bf16: bool, fused: bool) {
+        self.stem.fold(on, channels_last, bf16, fused);
         for block in self.layers.iter_mut().flatten() {
             for c in block.convs.iter_mut() {
-                c.fold(on, channels_last, bf16);
+                c.fold(on, channels_last, bf16, fused);
             }
             if let Some(d) = block.downsample.as_mut() {
-                d.fold(on, channels_last, bf16);
+                d.fold(on, channels_last, bf16, fused);
             }
         }
     }
 
     /// The outputs of layer1..layer4.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Vec<Tensor> {
-        let mut stem = self.stem.forward_t(xs, train);
-        let stem = if in_place(xs, train) {
-            stem.relu_()
-        } else {
-            stem.relu()
+        let in_place = in_place(xs, train);
+        let stem = match in_place.then(|| self.stem.fused(xs, Post::Relu)).flatten() {
+            Some(stem) => stem,
+            None if in_place => self.stem.forward_t(xs, train).relu_(),
+            None => self.stem.forward_t(xs, train).relu(),
         };
         let mut x = stem.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         let mut outs = Vec::with_capacity(4);
-        for layer in &self.layers {
-            for block in layer {
-                x = block.forward_t(&x, train);
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (b, block) in layer.iter().enumerate() {
+                // A block's input is read afterwards only when it is a layer's output
+                // (kept in `outs`): the input of a later layer's first block.
+                let reuse_input = b > 0 || l == 0;
+                let fused = in_place.then(|| block.forward_fused(&x, reuse_input));
+                x = match fused.flatten() {
+                    Some(y) => y,
+                    None => block.forward_t(&x, train),
+                };
             }
             outs.push(x.shallow_clone());
         }

@@ -90,6 +90,9 @@ struct HeadInference {
     both: crate::lowp::Half,
     /// Anchors per position (the objectness channels).
     anchors: i64,
+    /// `conv` with its ReLU, then `both`, in oneDNN's fused kernels on packed weights
+    /// (CPU inference, when asked).
+    fused: Option<(crate::onednn::FusedConv, crate::onednn::FusedConv)>,
 }
 
 impl RpnHead {
@@ -115,7 +118,7 @@ impl RpnHead {
     /// Makes the inference copies (see [`HeadInference`]), for bf16 features when `bf16`;
     /// `on == false` drops them (torchvision's two convolutions, cast on the fly for bf16
     /// features).
-    pub fn prepare(&mut self, on: bool, bf16: bool) {
+    pub fn prepare(&mut self, on: bool, bf16: bool, fused: bool) {
         use crate::lowp::Half;
         if !on {
             self.inference = None;
@@ -130,10 +133,21 @@ impl RpnHead {
                 (Some(a), Some(b)) => Some(cat(a, b).to_kind(kind)),
                 _ => None,
             };
+            let conv = bf16.then(|| Half::conv(&self.conv));
+            let fused = fused.then(|| {
+                use crate::onednn::FusedConv;
+                let (cw, cb) = match &conv {
+                    Some(h) => (h.w.shallow_clone(), h.b.as_ref()?.shallow_clone()),
+                    None => (self.conv.ws.detach(), self.conv.bs.as_ref()?.detach()),
+                };
+                let first = FusedConv::new(&cw, &cb, 1, 1)?;
+                Some((first, FusedConv::new(&w, b.as_ref()?, 1, 0)?))
+            });
             HeadInference {
-                conv: bf16.then(|| Half::conv(&self.conv)),
+                conv,
                 both: Half { w, b },
                 anchors: self.cls_logits.ws.size()[0],
+                fused: fused.flatten(),
             }
         });
         self.inference = Some(inference);
@@ -155,6 +169,21 @@ impl RpnHead {
             return features
                 .iter()
                 .map(|f| {
+                    let a = i.anchors;
+                    let fused =
+                        i.fused
+                            .as_ref()
+                            .filter(|(c, _)| c.accepts(f))
+                            .and_then(|(c, both)| {
+                                let t = c.forward(f, crate::onednn::Post::Relu);
+                                t.and_then(|t| both.forward(&t, crate::onednn::Post::None))
+                                    .map_err(|e| crate::resnet::fused_failed(&e))
+                                    .ok()
+                            });
+                    if let Some(both) = fused {
+                        let both = both.to_kind(Kind::Float);
+                        return (both.narrow(1, 0, a), both.narrow(1, a, 4 * a));
+                    }
                     // In place: the convolution's output is fresh (see resnet's blocks).
                     let t = match &i.conv {
                         Some(h) => h.conv2d(f, 1),
@@ -614,8 +643,9 @@ mod tests {
         assert_eq!(got, vec![5, 1, 2, 4]);
     }
 
-    /// The prepared head (one 1x1 convolution for objectness and deltas) gives the two
-    /// convolutions' outputs, in f32 and bf16, on channels-last and plain maps; unprepared
+    /// The prepared head (one 1x1 convolution for objectness and deltas, plain or in
+    /// oneDNN's fused kernels) gives the two convolutions' outputs, in f32 and bf16, on
+    /// channels-last and plain maps; unprepared
     /// and in training it runs them as torchvision does.
     #[test]
     fn the_prepared_head_matches_the_two_convolutions() {
@@ -632,8 +662,14 @@ mod tests {
             .map(|&side| Tensor::randn([2, 8, side, side], (Kind::Float, tch::Device::Cpu)))
             .collect();
         let (obj, deltas) = tch::no_grad(|| head.forward(&maps));
-        for bf16 in [false, true] {
-            head.prepare(true, bf16);
+        for (bf16, fused) in [(false, false), (true, false), (false, true), (true, true)] {
+            head.prepare(true, bf16, fused);
+            let prepared = head.inference.as_ref().expect("prepared");
+            assert_eq!(
+                prepared.fused.is_some(),
+                fused,
+                "fused copies made when asked"
+            );
             for channels_last in [false, true] {
                 let input: Vec<Tensor> = maps
                     .iter()
@@ -656,14 +692,17 @@ mod tests {
                     assert_eq!(got.size(), want.size());
                     assert_eq!(got.kind(), Kind::Float);
                     let diff = (got - want).abs().max().double_value(&[]);
-                    assert!(diff < tolerance, "bf16 {bf16}: differs by {diff}");
+                    assert!(
+                        diff < tolerance,
+                        "bf16 {bf16}, fused {fused}: differs by {diff}"
+                    );
                 }
                 let flat = permute_and_flatten(&d[0], 4);
                 let want = permute_and_flatten(&deltas[0], 4);
                 assert!((flat - want).abs().max().double_value(&[]) < tolerance);
             }
         }
-        head.prepare(false, false);
+        head.prepare(false, false, false);
         let (o, _) = tch::no_grad(|| head.forward(&maps));
         assert!(o[0].equal(&obj[0]));
     }

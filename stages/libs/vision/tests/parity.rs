@@ -253,11 +253,24 @@ const FOLDED_CHANNELS_LAST: InferenceOptions = InferenceOptions {
     channels_last: true,
     bf16: false,
     bf16_train: false,
+    fused: false,
 };
 
 #[test]
 fn r50_with_folded_norms_and_channels_last_still_matches() {
     eval_parity(Depth::R50, "r50", FOLDED_CHANNELS_LAST);
+}
+
+/// oneDNN's fused kernels on packed weights (what `pcb eval` and the detector run), in f32:
+/// rounding alone again.
+#[test]
+fn r50_and_r18_through_the_fused_kernels_still_match() {
+    let fused = InferenceOptions {
+        fused: true,
+        ..FOLDED_CHANNELS_LAST
+    };
+    eval_parity(Depth::R50, "r50", fused);
+    eval_parity(Depth::R18, "r18", fused);
 }
 
 #[test]

@@ -1,0 +1,115 @@
+// C ABI over libtorch's fused oneDNN convolutions (the `mkldnn::_convolution_pointwise`
+// operators that torch.compile's CPU backend emits): a convolution with its ReLU, or with a
+// residual sum and ReLU, in one oneDNN primitive, on a weight packed once into oneDNN's own
+// layout. tch binds only the ATen namespace, so these go through the dispatcher, boxed (the
+// cost is nothing beside a convolution, and a boxed call does not depend on how this libtorch
+// spells the C++ types of the schema). Every entry point catches every C++ exception and hands
+// its text back through `err` (malloc'd; the caller frees it with pcb_onednn_free_string),
+// because an exception crossing into Rust would abort the process.
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
+namespace {
+
+char* copy_string(const std::string& s) {
+  char* out = static_cast<char*>(std::malloc(s.size() + 1));
+  if (out != nullptr) std::memcpy(out, s.c_str(), s.size() + 1);
+  return out;
+}
+
+template <typename F>
+int guarded(char** err, F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    if (err != nullptr) *err = copy_string(e.what());
+  } catch (...) {
+    if (err != nullptr) *err = copy_string("unknown C++ exception");
+  }
+  return -1;
+}
+
+std::vector<int64_t> ints(const int64_t* p) { return {p[0], p[1]}; }
+
+c10::IValue optional_tensor(const at::Tensor* t) {
+  return t == nullptr ? c10::IValue() : c10::IValue(*t);
+}
+
+// The arguments both overloads share after their tensors: bias, geometry, groups.
+void push_geometry(torch::jit::Stack& s, const at::Tensor* b, const int64_t* padding,
+                   const int64_t* stride, const int64_t* dilation, int64_t groups) {
+  s.emplace_back(optional_tensor(b));
+  s.emplace_back(ints(padding));
+  s.emplace_back(ints(stride));
+  s.emplace_back(ints(dilation));
+  s.emplace_back(groups);
+}
+
+}  // namespace
+
+extern "C" {
+
+void pcb_onednn_free_string(char* s) { std::free(s); }
+
+// 1 when this libtorch has the fused operators (built with oneDNN), else 0 and `err` says
+// why.
+int pcb_onednn_available(char** err) {
+  int rc = guarded(err, [&] {
+    if (!at::hasMKLDNN()) throw std::runtime_error("this libtorch was built without oneDNN");
+    c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "");
+    c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise_", "binary");
+  });
+  return rc == 0 ? 1 : 0;
+}
+
+// out = attr(conv(x, w) + b), attr "none" or "relu". `w` dense or packed
+// (aten::mkldnn_reorder_conv2d_weight); padding, stride, dilation: two each.
+int pcb_onednn_conv(at::Tensor** out, const at::Tensor* x, const at::Tensor* w,
+                    const at::Tensor* b, const int64_t* padding, const int64_t* stride,
+                    const int64_t* dilation, int64_t groups, const char* attr, char** err) {
+  return guarded(err, [&] {
+    static const c10::OperatorHandle handle =
+        c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "");
+    torch::jit::Stack s;
+    s.emplace_back(*x);
+    s.emplace_back(*w);
+    push_geometry(s, b, padding, stride, dilation, groups);
+    s.emplace_back(std::string(attr));
+    s.emplace_back(c10::List<std::optional<at::Scalar>>());
+    s.emplace_back(c10::IValue());
+    handle.callBoxed(&s);
+    *out = new at::Tensor(s.at(0).toTensor());
+  });
+}
+
+// other = relu(conv(x, w) + b + other), in place: the residual sum of a ResNet block.
+int pcb_onednn_conv_add_relu_(at::Tensor* other, const at::Tensor* x, const at::Tensor* w,
+                              const at::Tensor* b, const int64_t* padding,
+                              const int64_t* stride, const int64_t* dilation, int64_t groups,
+                              char** err) {
+  return guarded(err, [&] {
+    static const c10::OperatorHandle handle = c10::Dispatcher::singleton().findSchemaOrThrow(
+        "mkldnn::_convolution_pointwise_", "binary");
+    torch::jit::Stack s;
+    s.emplace_back(*other);
+    s.emplace_back(*x);
+    s.emplace_back(*w);
+    push_geometry(s, b, padding, stride, dilation, groups);
+    s.emplace_back(std::string("add"));
+    s.emplace_back(at::Scalar(1.0));
+    s.emplace_back(std::string("relu"));
+    s.emplace_back(c10::List<std::optional<at::Scalar>>());
+    s.emplace_back(c10::IValue());
+    handle.callBoxed(&s);
+  });
+}
+
+}  // extern "C"
