@@ -19,9 +19,13 @@ pub struct VisionBenchArgs {
     /// Threads for every framework (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
-    /// Timed repetitions after one warm-up.
+    /// Timed repetitions after one warm-up (at least).
     #[arg(long, default_value_t = 3)]
     pub iters: usize,
+    /// Each timing repeats until it has run at least this long, on both sides: a few
+    /// calls of a 15 ms model are at the mercy of one scheduler hiccup.
+    #[arg(long, default_value_t = 1.0)]
+    pub min_seconds: f64,
     /// Image side.
     #[arg(long, default_value_t = 640)]
     pub size: i64,
@@ -106,13 +110,21 @@ impl Model {
     }
 }
 
-fn timed(iters: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+/// Seconds per call of `f` after one warm-up: the mean of at least `iters` calls and at
+/// least `min_s` seconds (bench_reference.py's rule).
+fn timed(
+    iters: usize,
+    min_s: f64,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
     f()?;
     let t = Instant::now();
-    for _ in 0..iters {
+    let mut n = 0usize;
+    while n < iters.max(1) || t.elapsed().as_secs_f64() < min_s {
         f()?;
+        n += 1;
     }
-    Ok(t.elapsed().as_secs_f64() / iters.max(1) as f64)
+    Ok(t.elapsed().as_secs_f64() / n as f64)
 }
 
 fn detector(model: Model, size: i64) -> anyhow::Result<Detector> {
@@ -131,7 +143,12 @@ struct OurRow {
 }
 
 /// Our timings for one model.
-fn ours(model: Model, size: i64, iters: usize, bf16: bool) -> anyhow::Result<Vec<OurRow>> {
+fn ours(
+    model: Model,
+    size: i64,
+    (iters, min_s): (usize, f64),
+    bf16: bool,
+) -> anyhow::Result<Vec<OurRow>> {
     let mut det = detector(model, size)?;
     let img = testing::image("bench", size, size);
     let folded = InferenceOptions {
@@ -184,7 +201,7 @@ fn ours(model: Model, size: i64, iters: usize, bf16: bool) -> anyhow::Result<Vec
     for (path, options, _) in &variants {
         det.model.prepare_inference(*options);
         let mut last = None;
-        let infer_s = timed(iters, || {
+        let infer_s = timed(iters, min_s, || {
             let out = tch::no_grad(|| det.model.detect(std::slice::from_ref(&img)))?;
             last = out.detections.into_iter().next();
             Ok(())
@@ -211,7 +228,7 @@ fn ours(model: Model, size: i64, iters: usize, bf16: bool) -> anyhow::Result<Vec
     for (row, (_, _, train)) in rows.iter_mut().zip(&variants) {
         let Some(options) = train else { continue };
         det.model.prepare_inference(*options);
-        row.train_s = Some(timed(iters, || {
+        row.train_s = Some(timed(iters, min_s, || {
             Optimizer::zero_grad(&params);
             let l = det.model.losses(std::slice::from_ref(&img), &[target()])?;
             l.total().backward();
@@ -252,6 +269,7 @@ fn reference(args: &VisionBenchArgs, script: &Path) -> anyhow::Result<serde_json
         &[
             ("--threads", args.threads.to_string()),
             ("--iters", args.iters.to_string()),
+            ("--min-seconds", args.min_seconds.to_string()),
             ("--size", args.size.to_string()),
             ("--models", args.models.clone()),
             ("--bf16", args.bf16.as_str().to_string()),
@@ -367,11 +385,12 @@ fn table(
         v => v.to_string(),
     };
     println!(
-        "threads: {} (ours), {threads} (torch, OpenVINO); {}x{} input, 7 classes, frozen BN, deterministic weights; mean of {} after a warm-up; native bf16: {native_bf16}",
+        "threads: {} (ours), {threads} (torch, OpenVINO); {}x{} input, 7 classes, frozen BN, deterministic weights; mean of at least {} runs and {} s after a warm-up; native bf16: {native_bf16}",
         tch::get_num_threads(),
         args.size,
         args.size,
         args.iters,
+        args.min_seconds,
     );
     // Set at start by main; this call reports what that did. The reference rows run in
     // their own Python process with glibc's defaults.
@@ -407,7 +426,7 @@ fn table(
             }
         }
         let mut mismatch = false;
-        for r in ours(*model, args.size, args.iters, args.bf16.run())? {
+        for r in ours(*model, args.size, (args.iters, args.min_seconds), args.bf16.run())? {
             line(label, r.path, r.infer_s, r.train_s, base);
             if let (Some(d), false) = (&r.detections, args.ours_only) {
                 let (text, ok) = agreement(d, &row["detections"])?;

@@ -99,14 +99,22 @@ def build(depth, size):
     return mg.build(depth)
 
 
+# Each timing runs at least this long (--min-seconds; the same rule as ours): a few
+# calls of a 15 ms model are at the mercy of one scheduler hiccup.
+MIN_SECONDS = 0.0
+
+
 def timed(fn, iters):
-    """Seconds per call after a warm-up, and the last call's result (the detections to
-    compare: another call just for them would cost minutes where bf16 is emulated)."""
+    """Seconds per call after a warm-up (the mean of at least `iters` calls and at least
+    MIN_SECONDS), and the last call's result (the detections to compare: another call just
+    for them would cost minutes where bf16 is emulated)."""
     out = fn()  # warm-up: allocator, oneDNN kernel selection
     t = time.perf_counter()
-    for _ in range(iters):
+    n = 0
+    while n < max(iters, 1) or time.perf_counter() - t < MIN_SECONDS:
         out = fn()
-    return (time.perf_counter() - t) / iters, out
+        n += 1
+    return (time.perf_counter() - t) / n, out
 
 
 def targets(size):
@@ -195,12 +203,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--min-seconds", type=float, default=0.0)
     ap.add_argument("--size", type=int, default=640)
     ap.add_argument("--models", default="r50,r18")
     # auto: the bf16 rows only where the CPU has native bf16 (emulated autocast takes
     # minutes per image); on: always; off: never.
     ap.add_argument("--bf16", choices=("auto", "on", "off"), default="auto")
     args = ap.parse_args()
+    global MIN_SECONDS
+    MIN_SECONDS = args.min_seconds
     bf16 = args.bf16 == "on" or (args.bf16 == "auto" and native_bf16())
     if args.threads > 0:
         torch.set_num_threads(args.threads)
