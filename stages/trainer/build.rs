@@ -23,6 +23,7 @@ fn main() {
         }
     }
     println!("cargo:rerun-if-changed=csrc/dist_shim.cpp");
+    println!("cargo:rerun-if-changed=../libs/vision/csrc/ffi_guard.h");
     println!("cargo:rerun-if-env-changed=PCB_GLOO_INCLUDE");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         panic!("LIBTORCH is not set: run ./deploy/setup.sh (it unpacks libtorch into .libtorch, which .cargo/config.toml names)");

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 fn main() {
     rpath::emit();
     println!("cargo:rerun-if-changed=csrc/onednn_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/ffi_guard.h");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         panic!("LIBTORCH is not set: run ./deploy/setup.sh (it unpacks libtorch into .libtorch, which .cargo/config.toml names)");
     };

@@ -2,9 +2,10 @@
 // the collectives. Compiled twice from this one source: with Gloo into the trainer itself
 // (entry points pcb_dist_*), and with PCB_BACKEND_NCCL into libpcb_nccl.so (pcb_nccl_*),
 // which links libtorch_cuda.so and is opened at run time only on GPUs, so the trainer
-// binary still starts where there is no CUDA. Every entry point catches every C++
-// exception and hands its text back through `err` (malloc'd; the caller frees it with
-// pcb_dist_free_string), because an exception crossing into Rust would abort the process.
+// binary still starts where there is no CUDA. Every entry point runs through `guarded`
+// (stages/libs/vision/csrc/ffi_guard.h): a C++ exception comes back as text in `err`
+// (malloc'd; the caller frees it with pcb_dist_free_string), since one crossing into Rust
+// would abort the process.
 
 #include <chrono>
 #include <cstdlib>
@@ -28,6 +29,9 @@
 #define PCB_FN(name) pcb_dist_##name
 #endif
 
+// Quoted and relative, so that deploy/build-nccl-shim.sh needs no include flag for it.
+#include "../../libs/vision/csrc/ffi_guard.h"
+
 namespace {
 
 struct Group {
@@ -36,26 +40,8 @@ struct Group {
   std::chrono::milliseconds timeout;
 };
 
-char* copy_string(const std::string& s) {
-  char* out = static_cast<char*>(std::malloc(s.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, s.c_str(), s.size() + 1);
-  }
-  return out;
-}
-
-template <typename F>
-int guarded(char** err, F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    if (err != nullptr) *err = copy_string(e.what());
-  } catch (...) {
-    if (err != nullptr) *err = copy_string("unknown C++ exception");
-  }
-  return -1;
-}
+using pcb_ffi::copy_string;
+using pcb_ffi::guarded;
 
 std::vector<at::Tensor> tensors_of(at::Tensor** ptrs, int n) {
   std::vector<at::Tensor> out;

@@ -3,9 +3,9 @@
 // residual sum and ReLU, in one oneDNN primitive, on a weight packed once into oneDNN's own
 // layout. tch binds only the ATen namespace, so these go through the dispatcher, boxed (the
 // cost is nothing beside a convolution, and a boxed call does not depend on how this libtorch
-// spells the C++ types of the schema). Every entry point catches every C++ exception and hands
-// its text back through `err` (malloc'd; the caller frees it with pcb_onednn_free_string),
-// because an exception crossing into Rust would abort the process.
+// spells the C++ types of the schema). Every entry point runs through `guarded` (ffi_guard.h):
+// a C++ exception comes back as text in `err` (the caller frees it with
+// pcb_onednn_free_string).
 
 #include <cstdlib>
 #include <cstring>
@@ -16,26 +16,11 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 
+#include "ffi_guard.h"
+
 namespace {
 
-char* copy_string(const std::string& s) {
-  char* out = static_cast<char*>(std::malloc(s.size() + 1));
-  if (out != nullptr) std::memcpy(out, s.c_str(), s.size() + 1);
-  return out;
-}
-
-template <typename F>
-int guarded(char** err, F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    if (err != nullptr) *err = copy_string(e.what());
-  } catch (...) {
-    if (err != nullptr) *err = copy_string("unknown C++ exception");
-  }
-  return -1;
-}
+using pcb_ffi::guarded;
 
 std::vector<int64_t> ints(const int64_t* p) { return {p[0], p[1]}; }
 
