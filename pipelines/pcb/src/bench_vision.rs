@@ -426,7 +426,12 @@ fn table(
             }
         }
         let mut mismatch = false;
-        for r in ours(*model, args.size, (args.iters, args.min_seconds), args.bf16.run())? {
+        for r in ours(
+            *model,
+            args.size,
+            (args.iters, args.min_seconds),
+            args.bf16.run(),
+        )? {
             line(label, r.path, r.infer_s, r.train_s, base);
             if let (Some(d), false) = (&r.detections, args.ours_only) {
                 let (text, ok) = agreement(d, &row["detections"])?;
