@@ -3,11 +3,12 @@
 //! primitive, on a weight packed once into oneDNN's blocked layout.
 //!
 //! Why: libtorch's plain `conv2d` reorders the weight into that layout on every call and
-//! writes each activation once more for its ReLU and again for the sum. On the AMX Xeon the
-//! ResNet-50 body in bf16 ran in 0.045 s instead of 0.093 s this way (torch 2.11 in Python,
-//! the same operators: `~/.cache/fuse`-style check in the README's bench section), in f32 0.23
-//! instead of 0.25. Results change by rounding only (bf16: the sum is added before the
-//! output is rounded, once instead of twice).
+//! writes each activation once more for its ReLU and again for the sum. On the README's AMX
+//! Xeon the ResNet-50 body in bf16 runs in 0.045 s instead of 0.085 this way (`stage_times`;
+//! README, "oneDNN's fused kernels"), in f32 0.23 instead of 0.26. Results change by rounding
+//! only (bf16: the sum is added before the output is rounded, once instead of twice). Where
+//! libtorch's oneDNN refuses a kind (bf16 without AVX-512), [`runs`] says so once and the
+//! plain convolutions serve.
 
 use std::cell::OnceCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
