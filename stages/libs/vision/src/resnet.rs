@@ -188,10 +188,11 @@ impl ConvNorm {
         self.norm.forward_t(&xs.apply(&self.conv), train)
     }
 
-    /// Inference through the fused kernels: `None` when this convolution has none, or when
-    /// the call failed (logged once; the plain path then runs).
+    /// Inference through the fused kernels: `None` when this convolution has none or not
+    /// for `xs`'s kind, or when the call failed (logged once; the plain path then runs).
     fn fused(&self, xs: &Tensor, post: Post) -> Option<Tensor> {
-        match self.fused.as_ref()?.forward(xs, post) {
+        let fused = self.fused.as_ref().filter(|f| f.accepts(xs))?;
+        match fused.forward(xs, post) {
             Ok(y) => Some(y),
             Err(e) => {
                 fused_failed(&e);
