@@ -55,45 +55,33 @@ int pcb_onednn_available(char** err) {
   return rc == 0 ? 1 : 0;
 }
 
-// out = attr(conv(x, w) + b), attr "none" or "relu". `w` dense or packed
-// (aten::mkldnn_reorder_conv2d_weight); padding, stride, dilation: two each.
-int pcb_onednn_conv(at::Tensor** out, const at::Tensor* x, const at::Tensor* w,
-                    const at::Tensor* b, const int64_t* padding, const int64_t* stride,
-                    const int64_t* dilation, int64_t groups, const char* attr, char** err) {
+// out = attr(conv(x, w) + b), attr "none" or "relu"; with `sum` (else null), in place:
+// *sum = attr(conv(x, w) + b + *sum), the residual sum of a ResNet block, and `out` the same
+// tensor. `w` dense or packed (aten::mkldnn_reorder_conv2d_weight); padding, stride,
+// dilation: two each.
+int pcb_onednn_conv(at::Tensor** out, at::Tensor* sum, const at::Tensor* x,
+                    const at::Tensor* w, const at::Tensor* b, const int64_t* padding,
+                    const int64_t* stride, const int64_t* dilation, int64_t groups,
+                    const char* attr, char** err) {
   return guarded(err, [&] {
-    static const c10::OperatorHandle handle =
+    static const c10::OperatorHandle plain =
         c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "");
+    static const c10::OperatorHandle binary = c10::Dispatcher::singleton().findSchemaOrThrow(
+        "mkldnn::_convolution_pointwise_", "binary");
     torch::jit::Stack s;
+    if (sum != nullptr) s.emplace_back(*sum);
     s.emplace_back(*x);
     s.emplace_back(*w);
     push_geometry(s, b, padding, stride, dilation, groups);
+    if (sum != nullptr) {
+      s.emplace_back(std::string("add"));
+      s.emplace_back(at::Scalar(1.0));
+    }
     s.emplace_back(std::string(attr));
     s.emplace_back(c10::List<std::optional<at::Scalar>>());
     s.emplace_back(c10::IValue());
-    handle.callBoxed(&s);
+    (sum != nullptr ? binary : plain).callBoxed(&s);
     *out = new at::Tensor(s.at(0).toTensor());
-  });
-}
-
-// other = relu(conv(x, w) + b + other), in place: the residual sum of a ResNet block.
-int pcb_onednn_conv_add_relu_(at::Tensor* other, const at::Tensor* x, const at::Tensor* w,
-                              const at::Tensor* b, const int64_t* padding,
-                              const int64_t* stride, const int64_t* dilation, int64_t groups,
-                              char** err) {
-  return guarded(err, [&] {
-    static const c10::OperatorHandle handle = c10::Dispatcher::singleton().findSchemaOrThrow(
-        "mkldnn::_convolution_pointwise_", "binary");
-    torch::jit::Stack s;
-    s.emplace_back(*other);
-    s.emplace_back(*x);
-    s.emplace_back(*w);
-    push_geometry(s, b, padding, stride, dilation, groups);
-    s.emplace_back(std::string("add"));
-    s.emplace_back(at::Scalar(1.0));
-    s.emplace_back(std::string("relu"));
-    s.emplace_back(c10::List<std::optional<at::Scalar>>());
-    s.emplace_back(c10::IValue());
-    handle.callBoxed(&s);
   });
 }
 

@@ -20,6 +20,7 @@ extern "C" {
     fn pcb_onednn_available(err: *mut *mut c_char) -> c_int;
     fn pcb_onednn_conv(
         out: *mut *mut c_void,
+        sum: *mut c_void,
         x: *const c_void,
         w: *const c_void,
         b: *const c_void,
@@ -28,17 +29,6 @@ extern "C" {
         dilation: *const i64,
         groups: i64,
         attr: *const c_char,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn pcb_onednn_conv_add_relu_(
-        other: *mut c_void,
-        x: *const c_void,
-        w: *const c_void,
-        b: *const c_void,
-        padding: *const i64,
-        stride: *const i64,
-        dilation: *const i64,
-        groups: i64,
         err: *mut *mut c_char,
     ) -> c_int;
     fn pcb_onednn_free_string(s: *mut c_char);
@@ -197,20 +187,34 @@ impl FusedConv {
 
     /// `post(conv(x) + b)` in one primitive.
     pub fn forward(&self, x: &Tensor, post: Post) -> Result<Tensor, Error> {
+        self.call(x, None, post)
+    }
+
+    /// `other = relu(conv(x) + b + other)`, in place: `other` must be a tensor no one
+    /// else reads afterwards (a fresh shortcut output), of the output's shape and kind.
+    pub fn forward_add_relu_(&self, x: &Tensor, other: &mut Tensor) -> Result<(), Error> {
+        self.call(x, Some(other), Post::Relu).map(drop)
+    }
+
+    /// One call into the shim: plain, or with `sum` added in place before `post`.
+    fn call(&self, x: &Tensor, sum: Option<&mut Tensor>, post: Post) -> Result<Tensor, Error> {
         let w = self.weight(x);
         let [stride, padding, dilation] = self.geometry;
         let attr: &CStr = match post {
             Post::None => c"none",
             Post::Relu => c"relu",
         };
+        let sum = sum.map_or(std::ptr::null_mut(), |t| t.as_mut_ptr().cast());
         let mut out = std::ptr::null_mut();
         let mut err = std::ptr::null_mut();
-        // SAFETY: every tensor pointer is a live tch tensor borrowed for the call; the
-        // arrays hold two values each, as the shim reads; on success `out` is a fresh
-        // `at::Tensor*` whose ownership passes to the returned Tensor.
+        // SAFETY: every tensor pointer is a live tch tensor borrowed for the call (`sum`
+        // mutably, for the in-place write); the arrays hold two values each, as the shim
+        // reads; on success `out` is a fresh `at::Tensor*` whose ownership passes to the
+        // returned Tensor.
         let rc = unsafe {
             pcb_onednn_conv(
                 &mut out,
+                sum,
                 x.as_ptr().cast(),
                 w.as_ptr().cast(),
                 self.b.as_ptr().cast(),
@@ -225,29 +229,6 @@ impl FusedConv {
         check(rc, err)?;
         // SAFETY: see above; non-null on success.
         Ok(unsafe { Tensor::from_ptr(out.cast()) })
-    }
-
-    /// `other = relu(conv(x) + b + other)`, in place: `other` must be a tensor no one
-    /// else reads afterwards (a fresh shortcut output), of the output's shape and kind.
-    pub fn forward_add_relu_(&self, x: &Tensor, other: &mut Tensor) -> Result<(), Error> {
-        let w = self.weight(x);
-        let [stride, padding, dilation] = self.geometry;
-        let mut err = std::ptr::null_mut();
-        // SAFETY: as in `forward`; `other` is borrowed mutably for the in-place write.
-        let rc = unsafe {
-            pcb_onednn_conv_add_relu_(
-                other.as_mut_ptr().cast(),
-                x.as_ptr().cast(),
-                w.as_ptr().cast(),
-                self.b.as_ptr().cast(),
-                padding.as_ptr(),
-                stride.as_ptr(),
-                dilation.as_ptr(),
-                1,
-                &mut err,
-            )
-        };
-        check(rc, err)
     }
 }
 
