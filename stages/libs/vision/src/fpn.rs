@@ -110,10 +110,10 @@ impl Fpn {
     /// Convolution `i` (`inner` then `layer`) through the fused kernels, at inference
     /// where it has them.
     fn fused(&self, i: usize, x: &Tensor, train: bool) -> Option<Tensor> {
-        let f = self.fused.get(i).filter(|f| !train && f.accepts(x))?;
-        f.forward(x, Post::None)
-            .map_err(|e| crate::resnet::fused_failed(&e))
-            .ok()
+        self.fused
+            .get(i)
+            .filter(|_| !train)?
+            .try_forward(x, Post::None)
     }
 
     fn lateral(&self, i: usize, x: &Tensor, train: bool) -> Tensor {

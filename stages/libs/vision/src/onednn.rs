@@ -107,6 +107,14 @@ pub fn runs(kind: Kind) -> bool {
     })
 }
 
+/// Logs the first failed fused call of the process (each falls back to the plain path).
+fn log_failure(e: &Error) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        tracing::warn!(error = %e, "a fused oneDNN convolution failed; such calls run on libtorch's plain convolution");
+    });
+}
+
 /// What follows the convolution inside the primitive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Post {
@@ -194,6 +202,26 @@ impl FusedConv {
     /// else reads afterwards (a fresh shortcut output), of the output's shape and kind.
     pub fn forward_add_relu_(&self, x: &Tensor, other: &mut Tensor) -> Result<(), Error> {
         self.call(x, Some(other), Post::Relu).map(drop)
+    }
+
+    /// [`FusedConv::forward`] where the caller has the plain convolution to fall back on:
+    /// `None` when `x` is not of this convolution's kind, or when the call failed (the
+    /// process's first failure logged).
+    pub fn try_forward(&self, x: &Tensor, post: Post) -> Option<Tensor> {
+        if !self.accepts(x) {
+            return None;
+        }
+        self.forward(x, post).map_err(|e| log_failure(&e)).ok()
+    }
+
+    /// [`FusedConv::forward_add_relu_`] as [`FusedConv::try_forward`] does it.
+    pub fn try_add_relu_(&self, x: &Tensor, other: &mut Tensor) -> Option<()> {
+        if !self.accepts(x) {
+            return None;
+        }
+        self.forward_add_relu_(x, other)
+            .map_err(|e| log_failure(&e))
+            .ok()
     }
 
     /// One call into the shim: plain, or with `sum` added in place before `post`.

@@ -191,14 +191,7 @@ impl ConvNorm {
     /// Inference through the fused kernels: `None` when this convolution has none or not
     /// for `xs`'s kind, or when the call failed (logged once; the plain path then runs).
     fn fused(&self, xs: &Tensor, post: Post) -> Option<Tensor> {
-        let fused = self.fused.as_ref().filter(|f| f.accepts(xs))?;
-        match fused.forward(xs, post) {
-            Ok(y) => Some(y),
-            Err(e) => {
-                fused_failed(&e);
-                None
-            }
-        }
+        self.fused.as_ref()?.try_forward(xs, post)
     }
 
     /// Folds the norm into the convolution's weights for inference (a trainable batch norm
@@ -231,14 +224,6 @@ impl ConvNorm {
             _ => None,
         };
     }
-}
-
-/// Logs the first failed fused call of the process (each falls back to the plain path).
-pub(crate) fn fused_failed(e: &crate::onednn::Error) {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        tracing::warn!(error = %e, "a fused oneDNN convolution failed; such calls run on libtorch's plain convolution");
-    });
 }
 
 /// The same values with NHWC strides (libtorch's channels-last), which oneDNN's CPU
@@ -310,13 +295,8 @@ impl Block {
             None if reuse_input => xs.shallow_clone(),
             None => xs.copy(),
         };
-        match last.fused.as_ref()?.forward_add_relu_(&y, &mut sum) {
-            Ok(()) => Some(sum),
-            Err(e) => {
-                fused_failed(&e);
-                None
-            }
-        }
+        last.fused.as_ref()?.try_add_relu_(&y, &mut sum)?;
+        Some(sum)
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {

@@ -170,16 +170,10 @@ impl RpnHead {
                 .iter()
                 .map(|f| {
                     let a = i.anchors;
-                    let fused =
-                        i.fused
-                            .as_ref()
-                            .filter(|(c, _)| c.accepts(f))
-                            .and_then(|(c, both)| {
-                                let t = c.forward(f, crate::onednn::Post::Relu);
-                                t.and_then(|t| both.forward(&t, crate::onednn::Post::None))
-                                    .map_err(|e| crate::resnet::fused_failed(&e))
-                                    .ok()
-                            });
+                    let fused = i.fused.as_ref().and_then(|(c, both)| {
+                        let t = c.try_forward(f, crate::onednn::Post::Relu)?;
+                        both.try_forward(&t, crate::onednn::Post::None)
+                    });
                     if let Some(both) = fused {
                         let both = both.to_kind(Kind::Float);
                         return (both.narrow(1, 0, a), both.narrow(1, a, 4 * a));
