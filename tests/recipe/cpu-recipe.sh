@@ -10,7 +10,7 @@
 #   tests/recipe/cpu-recipe.sh                     # seeds 1 2 3, one after the other
 #   SEEDS="2" tests/recipe/cpu-recipe.sh           # one seed
 #   REPORT_ONLY=1 tests/recipe/cpu-recipe.sh       # the table of what is there, no training
-#   PRESET=r18-bf16 tests/recipe/cpu-recipe.sh     # another recipe (below)
+#   PRESET=compact tests/recipe/cpu-recipe.sh      # another recipe (below)
 #
 # Knobs: DATA (the DeepPCB folder), PRESET (the recipe by name, below), WORK (checkpoints
 # and reports; the preset's folder), BIN (the pcb binary), NICE (niceness of the training,
@@ -25,11 +25,11 @@ DATA=${DATA:-../shared/datasets/deeppcb}
 #   compact  the shipped default's network on 24 epochs, in f32 (97.31%, 97.69% and 97.82%
 #            with seeds 1 to 3); checkpoints in ~/.cache/pcb-recipe
 #   r18-bf16 ResNet-18 FPN-128 on 36 epochs, trained in bf16 (for CPUs with native bf16;
-#            98.84% and 98.73% with seeds 1 and 2); checkpoints in
+#            98.84%, 98.73% and 98.55% with seeds 1 to 3: the CPU recipe, the default); checkpoints in
 #            ~/.cache/pcb-recipe-r18bf16-36
 # RECIPE, when set, replaces the preset's flags (its 26-epoch forerunner, 98.61% and 98.46%:
 # RECIPE="<r18-bf16's flags with --epochs 26 --lr-step-epochs 18>" WORK=~/.cache/pcb-recipe-r18bf16).
-PRESET=${PRESET:-compact}
+PRESET=${PRESET:-r18-bf16}
 case "$PRESET" in
 compact)
     PRESET_WORK=$HOME/.cache/pcb-recipe
