@@ -200,6 +200,11 @@ pub struct LabelRevision {
     pub reviewed: Option<ModelRef>,
     /// The operator's note, if any.
     pub note: Option<String>,
+    /// The reviewed answer's boxes the operator deleted (none of the saved labels of its
+    /// class covers one at IoU 0.5): places known to hold no defect, which training uses
+    /// as hard negatives. Absent in older records.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleted: Vec<BoxLabel>,
 }
 
 /// A file kept in the image files' object bucket ([`crate::OBJECTS_IMAGE_FILES`]) instead of

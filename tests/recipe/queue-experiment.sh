@@ -13,6 +13,7 @@
 #   tests/recipe/queue-experiment.sh          # release build, defaults below (about an hour on 2 cores)
 #   WORK=/tmp/q SEEDS="1 2 3" RANK=oracle tests/recipe/queue-experiment.sh
 #   EPOCHS=6 A_STEP=6 TUNE_LR=1e-3 TUNE_EPOCHS=2 SEEDS="1 2 3" ...    # the first protocol
+#   NEGATIVES=1 WORK=/tmp/qn ...      # corrections delete model A's false boxes too
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)"
 cd "$ROOT"
@@ -53,6 +54,12 @@ REPORT=${REPORT:-0.3}
 #     boards on which model A makes the most mistakes at the threshold first (boxes that
 #     match no label of their class at IoU 0.5, and labels no box matches).
 RANK=${RANK:-stratified}
+# What a correction gives the next model: 0, the board's true labels (the boxes the model
+# missed drawn, its false ones gone); 1, those labels plus each false box model A reported
+# (from REPORT up, matching no label of its class at IoU 0.5) as a hard negative, as an
+# operator's deletion (`pcb train --negatives`), for the picked boards of every arm but the
+# control (whose boards model A was trained on).
+NEGATIVES=${NEGATIVES:-0}
 # The compact recipe's network (README, "The compact model"), on a shorter schedule.
 NET="--backbone r18 --backbone-width 16 --fpn-channels 64 --representation-size 256 \
 --test-proposals 300 --norm batch --min-size 0"
@@ -72,14 +79,14 @@ awk 'NR % 2 == 1' "$DATA_ABS/trainval.txt" >"$WORK/half-a.txt"
 awk -v k=$((500 / START)) '(NR - 1) % k == 0' "$WORK/half-a.txt" | head -n "$START" >"$WORK/start.txt"
 awk 'NR % 2 == 0' "$DATA_ABS/trainval.txt" >"$WORK/half-b.txt"
 
-train() { # out list epochs [weights [seed [lr step epochs [lr]]]]
-    local out=$1 list=$2 epochs=$3 weights=${4:-} seed=${5:-$SEED} step=${6:-$3} lr=${7:-$LR}
+train() { # out list epochs [weights [seed [lr step epochs [lr [negatives file]]]]]
+    local out=$1 list=$2 epochs=$3 weights=${4:-} seed=${5:-$SEED} step=${6:-$3} lr=${7:-$LR} neg=${8:-}
     [ -f "$out/model.safetensors" ] && [ -f "$out/done" ] && return 0
     mkdir -p "$out"
     echo "== training $out on $(wc -l <"$list") boards, $epochs epochs ($(date -u +%FT%TZ))"
     "$BIN" train --data "$DATA_ABS" --list "$list" $NET $TRAIN --seed "$seed" \
         --epochs "$epochs" --lr-step-epochs "$step" --lr "$lr" \
-        ${weights:+--weights "$weights"} --out "$out" 2>&1 | tail -4 | tee "$out/train.tail"
+        ${weights:+--weights "$weights"} ${neg:+--negatives "$neg"} --out "$out" 2>&1 | tail -5 | tee "$out/train.tail"
     touch "$out/done"
 }
 
@@ -160,8 +167,36 @@ a_lines = [l for l in a.splitlines(keepends=True) if l.strip()]
 open(f"{work}/list-control-s{seed}.txt", "w").write(a + "".join(rng.sample(a_lines, pick)))
 open(f"{work}/list-queue-{rank}-s{seed}.txt", "w").write(a + open(f"{work}/queue-{rank}.txt").read())
 PY
+    if [ "$NEGATIVES" = 1 ]; then
+        python3 - "$WORK" "$PICK" "$s" "$RANK" "$REPORT" <<'PY'
+import json, sys
+work, pick, seed, rank, report = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5])
+rows = {json.loads(l)["image"]: json.loads(l) for l in open(f"{work}/a/half-b.jsonl")}
+def iou(a, b):
+    w = min(a["x2"], b["x2"]) - max(a["x1"], b["x1"])
+    h = min(a["y2"], b["y2"]) - max(a["y1"], b["y1"])
+    inter = max(0, w) * max(0, h)
+    union = ((a["x2"] - a["x1"]) * (a["y2"] - a["y1"])
+             + (b["x2"] - b["x1"]) * (b["y2"] - b["y1"]) - inter)
+    return inter / union if union > 0 else 0
+for arm in (f"queue-{rank}", "random"):
+    picked = [l.split()[0] for l in open(f"{work}/list-{arm}-s{seed}.txt") if l.strip()][-pick:]
+    out = []
+    for image in picked:
+        r = rows[image]
+        for d in r["detections"]:
+            # What the operator deletes: a reported box that is none of the board's defects.
+            if d["score"] >= report and not any(
+                    g["class_id"] == d["class_id"] and iou(d, g) >= 0.5 for g in r["ground_truth"]):
+                out.append(f"{image} {d['x1']:.1f} {d['y1']:.1f} {d['x2']:.1f} {d['y2']:.1f}\n")
+    open(f"{work}/negatives-{arm}-s{seed}.txt", "w").write("".join(out))
+    print(f"seed {seed}, {arm}: {len(out)} false boxes deleted on its {len(picked)} boards")
+PY
+    fi
     for arm in "queue-$RANK" random control; do
-        train "$WORK/$arm-s$s" "$WORK/list-$arm-s$s.txt" "$TUNE_EPOCHS" "$WORK/a/model.safetensors" "$s" "$TUNE_STEP" "$TUNE_LR"
+        neg=""
+        [ "$NEGATIVES" = 1 ] && [ "$arm" != control ] && neg="$WORK/negatives-$arm-s$s.txt"
+        train "$WORK/$arm-s$s" "$WORK/list-$arm-s$s.txt" "$TUNE_EPOCHS" "$WORK/a/model.safetensors" "$s" "$TUNE_STEP" "$TUNE_LR" "$neg"
         evaluate "$WORK/$arm-s$s/model.safetensors" "$DATA_ABS/val.txt" "$WORK/$arm-s$s/val.json"
     done
 done

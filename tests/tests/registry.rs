@@ -566,6 +566,7 @@ fn revision(image: &str, fail: bool, by: &str) -> pcb_schemas::RawImage {
         replaces: None,
         reviewed: None,
         note: None,
+        deleted: Vec::new(),
     });
     r
 }

@@ -152,6 +152,29 @@ async fn an_operators_correction_in_the_viewer_becomes_the_boards_training_label
     assert_eq!(mark.replaces, None, "the board had no labels");
     assert_eq!(mark.reviewed.as_ref(), Some(&d.model));
     assert!(same(r.labels.as_deref().expect("labels")), "{:?}", r.labels);
+    // The deleted box is recorded as the model gave it, unless a kept box of its class
+    // covers it (then it was not deleted but kept).
+    let first = &d.defects[0];
+    let covered = d.defects[1..]
+        .iter()
+        .any(|x| x.class == first.class && iou(x, first) >= 0.5);
+    let deleted: Vec<(&str, [f32; 4])> = mark
+        .deleted
+        .iter()
+        .map(|b| (b.class.as_str(), [b.x1, b.y1, b.x2, b.y2]))
+        .collect();
+    eprintln!("deleted {deleted:?}; covered by a kept box: {covered}");
+    if covered {
+        assert!(deleted.is_empty(), "{deleted:?}");
+    } else {
+        assert_eq!(
+            deleted,
+            [(
+                first.class.as_str(),
+                [first.x1, first.y1, first.x2, first.y2]
+            )]
+        );
+    }
     assert_eq!(
         out["revision"],
         pcb_schemas::record_id(&r.image_id, r.labels.as_deref())
@@ -191,6 +214,7 @@ async fn an_operators_correction_in_the_viewer_becomes_the_boards_training_label
         .find(|it| it.image_id == d.image_id)
         .expect("the corrected board is in the snapshot");
     let classes: Vec<i64> = item.boxes.iter().map(|(_, c)| *c).collect();
+    // The corrected labels, then the deleted box as a hard negative.
     let want: Vec<i64> = expected
         .iter()
         .map(|(c, _)| {
@@ -200,8 +224,16 @@ async fn an_operators_correction_in_the_viewer_becomes_the_boards_training_label
                 .expect("class") as i64
                 + 1
         })
+        .chain(
+            mark.deleted
+                .iter()
+                .map(|_| pcb_vision::model::HARD_NEGATIVE),
+        )
         .collect();
     assert_eq!(classes, want);
+    if let Some(((b, _), del)) = item.boxes.last().zip(mark.deleted.first()) {
+        assert_eq!(*b, [del.x1, del.y1, del.x2, del.y2]);
+    }
     assert_eq!(
         snapshot.train.len() + snapshot.val.len(),
         1,
@@ -220,4 +252,15 @@ async fn shard_records(p: &Pipeline, image_id: &str) -> Vec<ShardRecord> {
         .map(|(_, payload)| decode::<ShardRecord>(payload, None).expect("shard record"))
         .filter(|r| r.record.image_id == image_id)
         .collect()
+}
+
+fn iou(a: &pcb_schemas::Defect, b: &pcb_schemas::Defect) -> f32 {
+    let w = (a.x2.min(b.x2) - a.x1.max(b.x1)).max(0.0);
+    let h = (a.y2.min(b.y2) - a.y1.max(b.y1)).max(0.0);
+    let union = (a.x2 - a.x1) * (a.y2 - a.y1) + (b.x2 - b.x1) * (b.y2 - b.y1) - w * h;
+    if union > 0.0 {
+        w * h / union
+    } else {
+        0.0
+    }
 }

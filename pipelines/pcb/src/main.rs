@@ -289,6 +289,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Train(args) => match &args.data {
             Some(dir) => pcb::vision_cli::train(&args, dir),
+            None if args.negatives.is_some() => Err(anyhow::anyhow!(
+                "--negatives is for folder runs (--data DIR); over the streams the boards carry their own labels"
+            )),
             None => pcb::train_job::run(args.job_options(), &pcb_common::Shutdown::on_signals())
                 .await
                 .map(|_| ()),

@@ -169,6 +169,11 @@ pub struct TrainArgs {
     /// the boards keep their scale, so a model trained on crops detects on whole boards.
     #[arg(long, default_value_t = 0)]
     pub crop: i64,
+    /// Folder runs: a file of hard negatives, one `<image> x1 y1 x2 y2` line per box known
+    /// to hold no defect (a box an operator deleted; `<image>` as the list names it): the
+    /// box stage always trains on them as background.
+    #[arg(long, value_name = "FILE")]
+    pub negatives: Option<PathBuf>,
     /// Seed of the initial weights, the board order of each epoch and the RoI sampling.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -307,7 +312,11 @@ pub fn train(args: &TrainArgs, data: &Path) -> anyhow::Result<()> {
         );
     }
     threads(args.model.threads);
-    let files = boards(data, &args.list, args.limit)?;
+    let mut files = boards(data, &args.list, args.limit)?;
+    if let Some(path) = &args.negatives {
+        let n = pcb_vision::data::add_negatives(&mut files, path)?;
+        eprintln!("hard negatives: {n} boxes from {}", path.display());
+    }
     // The same seed gives the same initial weights, as the trainer ranks do.
     tch::manual_seed(args.seed as i64);
     let mut det = Detector::new(args.model.config(), device, Sampling::Random);

@@ -1547,6 +1547,7 @@ mod tests {
                 replaces: None,
                 reviewed: None,
                 note: None,
+                deleted: Vec::new(),
             }),
             ..record
         };

@@ -328,11 +328,19 @@ fn item_of(
             .transpose()
             .map_err(|e| format!("template_b64 is not base64: {e}"))?,
     };
-    let boxes = box_rows(
+    let mut boxes = box_rows(
         r.labels
             .as_ref()
             .ok_or_else(|| "a shard record without labels".to_string())?,
     );
+    // The boxes an operator deleted from the model's answer train as hard negatives.
+    if let Some(rev) = &r.revision {
+        boxes.extend(
+            rev.deleted
+                .iter()
+                .map(|b| ([b.x1, b.y1, b.x2, b.y2], pcb_vision::model::HARD_NEGATIVE)),
+        );
+    }
     Ok(Item {
         image_id: r.image_id.clone(),
         seq,
@@ -363,12 +371,17 @@ fn dead_letter(
     }
 }
 
-/// Boxes per class name among `items`.
+/// Boxes per class name among `items`; the hard negatives (boxes operators deleted) as
+/// `hard-negative`.
 pub fn boxes_per_class(items: &[Item]) -> BTreeMap<String, u64> {
     let classes = ClassMap::default();
     let mut out = BTreeMap::new();
     for it in items {
         for (_, c) in &it.boxes {
+            if *c == pcb_vision::model::HARD_NEGATIVE {
+                *out.entry("hard-negative".to_string()).or_insert(0) += 1;
+                continue;
+            }
             let name = u16::try_from(*c)
                 .ok()
                 .and_then(|id| classes.name_of(id))
@@ -428,7 +441,8 @@ mod tests {
             template: None,
             boxes: classes.iter().map(|c| ([0., 0., 1., 1.], *c)).collect(),
         };
-        let counts = boxes_per_class(&[item(&[1, 2, 2]), item(&[6, 9])]);
+        let counts = boxes_per_class(&[item(&[1, 2, 2]), item(&[6, 9, 0])]);
+        assert_eq!(counts["hard-negative"], 1);
         assert_eq!(counts["open"], 1);
         assert_eq!(counts["short"], 2);
         assert_eq!(counts["pin-hole"], 1);

@@ -467,18 +467,21 @@ async fn save_labels(
         ));
     };
     let labels = check_boxes(&body.labels, record.width, record.height).map_err(ApiError::bad)?;
-    let reviewed = s
-        .index
-        .read()
-        .ok()
-        .and_then(|ix| ix.board(&id))
-        .and_then(|(summary, _)| {
-            let (name, version) = summary.model.rsplit_once('@')?;
-            Some(pcb_schemas::ModelRef {
-                name: name.to_string(),
-                version: version.parse().ok()?,
-            })
-        });
+    let found = s.index.read().ok().and_then(|ix| ix.board(&id));
+    let reviewed = found.as_ref().and_then(|(summary, _)| {
+        let (name, version) = summary.model.rsplit_once('@')?;
+        Some(pcb_schemas::ModelRef {
+            name: name.to_string(),
+            version: version.parse().ok()?,
+        })
+    });
+    // The answer on the page, whose boxes the labels keep or delete (the deleted ones
+    // train the next model as hard negatives). An answer aged out of its stream deletes
+    // nothing: the labels are saved all the same.
+    let answer = match &found {
+        Some((_, seq)) => answer_boxes(&s, *seq).await,
+        None => Vec::new(),
+    };
     let raw = revision_record(
         &record,
         labels,
@@ -487,6 +490,7 @@ async fn save_labels(
             note,
             reviewed,
             at_ms: pcb_common::now_ms(),
+            answer: &answer,
         },
     )
     .map_err(ApiError::unavailable)?;
@@ -503,6 +507,35 @@ async fn save_labels(
         // The same labels saved again within the dedup window are not stored twice.
         "status": if ack.duplicate { "unchanged" } else { "queued" },
     })))
+}
+
+/// The defects of the detection at `seq` as boxes; none (with a warning) when it cannot
+/// be read, as when it has aged out of its stream.
+async fn answer_boxes(s: &Shared, seq: u64) -> Vec<pcb_schemas::BoxLabel> {
+    let got = async {
+        let stream =
+            s.js.get_stream(STREAM_DETECTIONS)
+                .await
+                .map_err(|e| e.to_string())?;
+        let msg = stream
+            .get_raw_message(seq)
+            .await
+            .map_err(|e| e.to_string())?;
+        decode::<Detection>(&msg.payload, None).map_err(|e| e.to_string())
+    };
+    match got.await {
+        Ok(d) => d
+            .defects
+            .iter()
+            .map(|x| {
+                pcb_schemas::BoxLabel::new([x.x1, x.y1, x.x2, x.y2], x.class_id, x.class.clone())
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(seq, error = %e, "the reviewed answer could not be read: no deleted boxes recorded");
+            Vec::new()
+        }
+    }
 }
 
 async fn image(

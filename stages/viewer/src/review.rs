@@ -117,11 +117,41 @@ pub struct Reviewer<'a> {
     pub reviewed: Option<ModelRef>,
     /// Now, ms since the Unix epoch.
     pub at_ms: i64,
+    /// The boxes of the answer on the page (the reviewed version's defects).
+    pub answer: &'a [BoxLabel],
+}
+
+/// The boxes of `answer` that `saved` does not keep: for each, no saved box of its class
+/// at IoU 0.5 or more. A box moved a little or kept as it was is kept; a box whose class
+/// was changed counts as deleted, which training reads as "not this class here" (the
+/// saved box of the new class over it still makes it a defect there).
+pub fn deleted_boxes(answer: &[BoxLabel], saved: &[BoxLabel]) -> Vec<BoxLabel> {
+    answer
+        .iter()
+        .filter(|a| {
+            !saved
+                .iter()
+                .any(|s| s.class_id == a.class_id && iou(a, s) >= 0.5)
+        })
+        .cloned()
+        .collect()
+}
+
+fn iou(a: &BoxLabel, b: &BoxLabel) -> f32 {
+    let w = (a.x2.min(b.x2) - a.x1.max(b.x1)).max(0.0);
+    let h = (a.y2.min(b.y2) - a.y1.max(b.y1)).max(0.0);
+    let inter = w * h;
+    let union = (a.x2 - a.x1) * (a.y2 - a.y1) + (b.x2 - b.x1) * (b.y2 - b.y1) - inter;
+    if union > 0.0 {
+        inter / union
+    } else {
+        0.0
+    }
 }
 
 /// The label revision of the board `record` with `labels`: its own image and template
 /// bytes (or their references, when they are in the image files' bucket), the record's
-/// metadata, and the revision mark.
+/// metadata, and the revision mark with the answer's boxes the labels delete.
 pub fn revision_record(
     record: &EncodedImage,
     labels: Vec<BoxLabel>,
@@ -143,6 +173,7 @@ pub fn revision_record(
         ),
         (None, None) => None,
     };
+    let deleted = deleted_boxes(who.answer, &labels);
     Ok(RawImage {
         image_id: record.image_id.clone(),
         image,
@@ -160,6 +191,7 @@ pub fn revision_record(
             replaces: labels_digest(&record.image_id, record.labels.as_deref()),
             reviewed: who.reviewed,
             note: who.note.map(str::to_string),
+            deleted,
         }),
         image_ref: record.image_ref.clone(),
         template_ref: record.template_ref.clone(),
@@ -291,6 +323,18 @@ mod tests {
         let old = check_boxes(&[bx(1.0, 1.0, 9.0, 9.0, "open")], 64, 64).expect("old");
         let new = check_boxes(&[bx(2.0, 2.0, 20.0, 20.0, "spur")], 64, 64).expect("new");
         let r = record(Some(old.clone()));
+        // The answer on the page: the spur kept (moved by a pixel), a false open deleted,
+        // and a short where the spur is, whose class the operator changed.
+        let answer = check_boxes(
+            &[
+                bx(2.0, 2.0, 20.0, 21.0, "spur"),
+                bx(40.0, 40.0, 50.0, 50.0, "open"),
+                bx(2.0, 2.0, 20.0, 20.0, "short"),
+            ],
+            64,
+            64,
+        )
+        .expect("answer");
         let raw = revision_record(
             &r,
             new.clone(),
@@ -302,9 +346,11 @@ mod tests {
                     version: 2,
                 }),
                 at_ms: 99,
+                answer: &answer,
             },
         )
         .expect("revision");
+        assert_eq!(raw.revision.as_ref().expect("marked").deleted, answer[1..]);
         assert_eq!(raw.image, b"image bytes");
         assert_eq!(raw.template.as_deref(), Some(&b"template bytes"[..]));
         assert_eq!(raw.labels.as_deref(), Some(&new[..]));
@@ -331,10 +377,13 @@ mod tests {
                 note: None,
                 reviewed: None,
                 at_ms: 1,
+                answer: &[],
             },
         )
         .expect("revision");
-        assert_eq!(raw.revision.expect("marked").replaces, None);
+        let mark = raw.revision.expect("marked");
+        assert_eq!(mark.replaces, None);
+        assert!(mark.deleted.is_empty(), "no answer, nothing deleted");
         // A board whose files are in the image files' bucket: the revision names them by
         // the same references (nothing stored again, nothing carried inline).
         let mut large = record(None);
@@ -350,6 +399,7 @@ mod tests {
                 note: None,
                 reviewed: None,
                 at_ms: 1,
+                answer: &[],
             },
         )
         .expect("revision");
@@ -366,7 +416,8 @@ mod tests {
                 by: "a",
                 note: None,
                 reviewed: None,
-                at_ms: 1
+                at_ms: 1,
+                answer: &[],
             }
         )
         .is_err());
@@ -389,6 +440,7 @@ mod tests {
                 version: 2,
             }),
             note: Some("no defect".into()),
+            deleted: Vec::new(),
         });
         let e = HistoryEntry::of(7, &r);
         assert_eq!(e.from, "viewer");

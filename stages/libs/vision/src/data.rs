@@ -80,6 +80,61 @@ pub fn read_list(root: &Path, list: &Path) -> Result<Vec<BoardFile>, VisionError
         .collect()
 }
 
+/// Adds hard negatives to listed boards: `path` holds one `<image> x1 y1 x2 y2` line per
+/// box that is known to hold no defect (a box an operator deleted), `<image>` as the list
+/// names the board; blank lines and `#` comments are skipped. The boxes join the board's
+/// with the label [`crate::model::HARD_NEGATIVE`]. Returns how many were added; a line
+/// that does not parse, an empty or inverted box or a board not in the list is an error
+/// naming the file and line.
+pub fn add_negatives(files: &mut [BoardFile], path: &Path) -> Result<usize, VisionError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| VisionError::Data(format!("reading {}: {e}", path.display())))?;
+    let index: std::collections::HashMap<String, usize> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.name.clone(), i))
+        .collect();
+    let mut added = 0;
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim_start_matches('\u{feff}').trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at =
+            |why: String| VisionError::Data(format!("{} line {}: {why}", path.display(), n + 1));
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [image, coords @ ..] = fields.as_slice() else {
+            continue;
+        };
+        if coords.len() != 4 {
+            return Err(at(format!(
+                "expected \"<image> x1 y1 x2 y2\", found {} fields",
+                fields.len()
+            )));
+        }
+        let mut b = [0f32; 4];
+        for (v, c) in b.iter_mut().zip(coords) {
+            *v = c
+                .parse::<f32>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| at(format!("\"{c}\" is not a number")))?;
+        }
+        if !(b[0] < b[2] && b[1] < b[3]) {
+            return Err(at(format!(
+                "box ({}, {}, {}, {}) is empty or inverted (needs x1 < x2 and y1 < y2)",
+                b[0], b[1], b[2], b[3]
+            )));
+        }
+        let &i = index
+            .get(*image)
+            .ok_or_else(|| at(format!("board \"{image}\" is not in the list")))?;
+        files[i].boxes.push((b, crate::model::HARD_NEGATIVE));
+        added += 1;
+    }
+    Ok(added)
+}
+
 /// Decodes an image file to a `[1, H, W]` grey tensor in 0..1.
 pub fn load_grey(path: &Path) -> Result<Tensor, VisionError> {
     let img = image::open(path)
@@ -267,6 +322,54 @@ mod tests {
             e.contains("box 1 (1, 2, 3, 4) of class 7 has no DeepPCB class"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn negatives_join_their_boards_as_hard_negatives_and_bad_lines_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("g/1_not")).unwrap();
+        let list = root.join("list.txt");
+        std::fs::write(&list, "g/1/7.jpg g/1_not/7.txt\ng/1/8.jpg g/1_not/8.txt\n").unwrap();
+        std::fs::write(root.join("g/1_not/7.txt"), "10 20 30 40 1\n").unwrap();
+        std::fs::write(root.join("g/1_not/8.txt"), "").unwrap();
+        let neg = root.join("negatives.txt");
+        std::fs::write(
+            &neg,
+            "# deleted boxes\ng/1/8.jpg 1 2 3.5 4\n\ng/1/7.jpg 50 50 60 70\n",
+        )
+        .unwrap();
+        let mut files = read_list(root, &list).unwrap();
+        assert_eq!(add_negatives(&mut files, &neg).unwrap(), 2);
+        let hard = crate::model::HARD_NEGATIVE;
+        assert_eq!(
+            files[0].boxes,
+            vec![([10., 20., 30., 40.], 1), ([50., 50., 60., 70.], hard)]
+        );
+        assert_eq!(files[1].boxes, vec![([1., 2., 3.5, 4.], hard)]);
+        for (text, want) in [
+            (
+                "g/1/9.jpg 1 2 3 4\n",
+                "line 1: board \"g/1/9.jpg\" is not in the list",
+            ),
+            (
+                "\ng/1/7.jpg 1 2 3\n",
+                "line 2: expected \"<image> x1 y1 x2 y2\", found 4 fields",
+            ),
+            ("g/1/7.jpg 1 2 x 4\n", "line 1: \"x\" is not a number"),
+            (
+                "g/1/7.jpg 5 2 3 4\n",
+                "line 1: box (5, 2, 3, 4) is empty or inverted",
+            ),
+        ] {
+            std::fs::write(&neg, text).unwrap();
+            let e = add_negatives(&mut files, &neg).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+        let e = add_negatives(&mut files, &root.join("none.txt"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("none.txt"), "{e}");
     }
 
     #[test]

@@ -125,9 +125,17 @@ impl Losses {
 pub struct Target {
     /// Boxes.
     pub boxes: Tensor,
-    /// Classes 1..num_classes-1.
+    /// Classes 1..num_classes-1, or [`HARD_NEGATIVE`] for a box that is known not to be a
+    /// defect.
     pub labels: Tensor,
 }
+
+/// The label of a hard negative: a place an operator said holds no defect (a box they
+/// deleted). The box stage always trains on it as background; the RPN never sees it.
+/// A deleted box is most often one the model was sure of, and a random sample of
+/// background proposals would rarely pick it (one in tens of the image's negatives), so
+/// without this the correction would barely reach the model.
+pub const HARD_NEGATIVE: i64 = 0;
 
 /// CPU speed tricks, for inference and training alike (they change results only by
 /// rounding: f32's, or bf16's where asked).
@@ -281,8 +289,17 @@ impl FasterRcnn {
             }
         }
         let batch = self.config.transform.apply(images, Some(&boxes))?;
-        let gt_boxes = batch.boxes.unwrap_or_default();
-        let gt_labels: Vec<Tensor> = targets.iter().map(|t| t.labels.shallow_clone()).collect();
+        // Defects and hard negatives part after the resize, which moved both alike.
+        let mut gt_boxes = Vec::with_capacity(targets.len());
+        let mut gt_labels = Vec::with_capacity(targets.len());
+        let mut negatives = Vec::with_capacity(targets.len());
+        for (b, t) in batch.boxes.unwrap_or_default().iter().zip(targets) {
+            let defect = t.labels.ne(HARD_NEGATIVE).nonzero().squeeze_dim(1);
+            let negative = t.labels.eq(HARD_NEGATIVE).nonzero().squeeze_dim(1);
+            gt_boxes.push(b.index_select(0, &defect));
+            gt_labels.push(t.labels.index_select(0, &defect));
+            negatives.push(b.index_select(0, &negative));
+        }
         let features = self.features(&batch.images, true);
         let s = batch.images.size();
         let rpn = self
@@ -298,6 +315,7 @@ impl FasterRcnn {
             &batch.sizes,
             &gt_boxes,
             &gt_labels,
+            &negatives,
         );
         Ok(Losses {
             classifier,
@@ -848,5 +866,48 @@ mod tests {
         assert!(total.is_finite() && total > 0.0, "{total}");
         assert_eq!(l.box_reg.double_value(&[]), 0.0);
         assert_eq!(l.rpn_box_reg.double_value(&[]), 0.0);
+    }
+
+    /// A box marked [`HARD_NEGATIVE`] reaches the box stage only, as background: the RPN's
+    /// losses are those of the image without it, the box classifier's are not, and an image
+    /// with nothing but a hard negative trains as one without defects plus that box.
+    #[test]
+    fn a_hard_negative_trains_the_box_stage_as_background() {
+        let d = small();
+        let img = Tensor::rand([3, 48, 64], (Kind::Float, Device::Cpu));
+        let target = |rows: &[([f32; 4], i64)]| {
+            let flat: Vec<f32> = rows.iter().flat_map(|(b, _)| *b).collect();
+            let labels: Vec<i64> = rows.iter().map(|(_, c)| *c).collect();
+            Target {
+                boxes: Tensor::from_slice(&flat).view([-1, 4]),
+                labels: Tensor::from_slice(&labels),
+            }
+        };
+        let defect = ([4.0, 4.0, 20.0, 18.0], 1);
+        let negative = ([30.0, 20.0, 50.0, 40.0], HARD_NEGATIVE);
+        let losses = |rows: &[([f32; 4], i64)]| {
+            tch::manual_seed(11);
+            d.model.losses(&[img.copy()], &[target(rows)]).unwrap()
+        };
+        let v = |t: &Tensor| t.double_value(&[]);
+        let plain = losses(&[defect]);
+        let hard = losses(&[defect, negative]);
+        assert_eq!(v(&plain.objectness), v(&hard.objectness));
+        assert_eq!(v(&plain.rpn_box_reg), v(&hard.rpn_box_reg));
+        assert_ne!(v(&plain.classifier), v(&hard.classifier));
+        // One more (background) row in the sample: the same regression sum over more rows.
+        assert!(
+            v(&hard.box_reg) < v(&plain.box_reg),
+            "{} vs {}",
+            v(&hard.box_reg),
+            v(&plain.box_reg)
+        );
+        let empty = losses(&[]);
+        let only = losses(&[negative]);
+        assert_eq!(v(&empty.objectness), v(&only.objectness));
+        assert_eq!(v(&only.rpn_box_reg), 0.0);
+        assert_eq!(v(&only.box_reg), 0.0);
+        assert_ne!(v(&empty.classifier), v(&only.classifier));
+        assert!(v(&only.classifier).is_finite());
     }
 }

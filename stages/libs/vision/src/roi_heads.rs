@@ -423,7 +423,9 @@ impl RoiHeads {
     }
 
     /// Training: the sampled proposals with their labels and regression targets, then
-    /// `loss_classifier` and `loss_box_reg`.
+    /// `loss_classifier` and `loss_box_reg`. Each image's `negatives` (`[H, 4]`, boxes known
+    /// to hold no defect) join its proposals and, unless a defect's box covers one at the
+    /// foreground IoU, are always in its sample as background, on top of the sampled ones.
     pub fn losses(
         &self,
         features: &[Tensor],
@@ -431,6 +433,7 @@ impl RoiHeads {
         image_sizes: &[(i64, i64)],
         gt_boxes: &[Tensor],
         gt_labels: &[Tensor],
+        negatives: &[Tensor],
     ) -> (Tensor, Tensor) {
         let matcher = Matcher {
             high: self.settings.fg_iou_thresh,
@@ -440,8 +443,13 @@ impl RoiHeads {
         let mut sampled_props = Vec::new();
         let mut labels = Vec::new();
         let mut targets = Vec::new();
-        for ((props, gt), gl) in proposals.iter().zip(gt_boxes).zip(gt_labels) {
-            let props = Tensor::cat(&[props.detach(), gt.to_kind(props.kind())], 0);
+        for (k, ((props, gt), gl)) in proposals.iter().zip(gt_boxes).zip(gt_labels).enumerate() {
+            let hard = negatives.get(k).map_or(0, |n| n.size()[0]);
+            let mut parts = vec![props.detach(), gt.to_kind(props.kind())];
+            if hard > 0 {
+                parts.push(negatives[k].to_kind(props.kind()));
+            }
+            let props = Tensor::cat(&parts, 0);
             let (matched_idx, lab) = if gt.size()[0] == 0 {
                 let n = props.size()[0];
                 (
@@ -458,7 +466,7 @@ impl RoiHeads {
                     .masked_fill(&m.eq(BETWEEN_THRESHOLDS), -1);
                 (clamped, lab)
             };
-            let (pos, neg) = self.sampler.sample(&lab);
+            let (pos, neg) = self.sample(&lab, hard);
             let keep = pos.logical_or(&neg).nonzero().squeeze_dim(1);
             let props = props.index_select(0, &keep);
             let lab = lab.index_select(0, &keep);
@@ -488,6 +496,19 @@ impl RoiHeads {
             1.0 / 9.0,
         ) / labels.numel().max(1) as f64;
         (cls_loss, box_loss)
+    }
+
+    /// The sampler's positive and negative masks over one image's `labels`, whose last
+    /// `hard` rows are hard negatives: each of those labelled background is in the sample
+    /// whatever the sampler drew (one a defect's box covers keeps its defect's label).
+    fn sample(&self, labels: &Tensor, hard: i64) -> (Tensor, Tensor) {
+        let (pos, neg) = self.sampler.sample(labels);
+        if hard <= 0 {
+            return (pos, neg);
+        }
+        let n = labels.size()[0];
+        let last = Tensor::arange(n, (Kind::Int64, labels.device())).ge(n - hard);
+        (pos, neg.logical_or(&last.logical_and(&labels.eq(0))))
     }
 
     /// Detections per image from the predictions over `proposals`.
@@ -550,6 +571,33 @@ impl RoiHeads {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hard negatives are always in the sample as background, beyond the sampler's draw;
+    /// one labelled a defect (a defect's box covers it) stays a positive candidate only.
+    #[test]
+    fn hard_negatives_are_always_sampled_as_background() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let settings = BoxSettings {
+            batch_size_per_image: 4,
+            ..BoxSettings::default()
+        };
+        let heads = RoiHeads::new(&vs.root(), 4, 8, 3, settings, Sampling::First);
+        // Proposals: a positive, five negatives; then two hard rows, one background and one
+        // that the matcher labelled class 2.
+        let labels = Tensor::from_slice(&[1i64, 0, 0, 0, 0, 0, 0, 2]);
+        let mask = |t: &Tensor| Vec::<bool>::try_from(t).unwrap();
+        let (pos, neg) = heads.sample(&labels, 0);
+        assert_eq!(
+            mask(&neg),
+            [false, true, true, true, false, false, false, false]
+        );
+        let (pos_h, neg_h) = heads.sample(&labels, 2);
+        assert_eq!(mask(&pos_h), mask(&pos));
+        assert_eq!(
+            mask(&neg_h),
+            [false, true, true, true, false, false, true, false]
+        );
+    }
 
     /// The inference copy of `fc6` that takes the bag's rows as they are gives the same
     /// output as torchvision's order through a transposing copy, in f32 and (to bf16's
