@@ -112,6 +112,20 @@ by_image = {l.split()[0]: l for l in lines}
 rows = [json.loads(row) for row in open(f"{work}/a/half-b.jsonl")]
 for r in rows:
     r["detections"] = [d for d in r["detections"] if d["score"] >= report]
+def iou(a, b):
+    w = min(a["x2"], b["x2"]) - max(a["x1"], b["x1"])
+    h = min(a["y2"], b["y2"]) - max(a["y1"], b["y1"])
+    inter = max(0, w) * max(0, h)
+    union = ((a["x2"] - a["x1"]) * (a["y2"] - a["y1"])
+             + (b["x2"] - b["x1"]) * (b["y2"] - b["y1"]) - inter)
+    return inter / union if union > 0 else 0
+# What an operator deletes on each board (NEGATIVES=1): a reported box that is none of the
+# board's defects (no label of its class at IoU 0.5).
+with open(f"{work}/false-boxes.txt", "w") as out:
+    for r in rows:
+        for d in r["detections"]:
+            if not any(g["class_id"] == d["class_id"] and iou(d, g) >= 0.5 for g in r["ground_truth"]):
+                out.write(f"{r['image']} {d['x1']:.1f} {d['y1']:.1f} {d['x2']:.1f} {d['y2']:.1f}\n")
 def uncertainty(r):
     return sum(1 - abs(2 * d["score"] - 1) for d in r["detections"])
 key = {}
@@ -132,13 +146,6 @@ for r in rows:
     elif rank == "boxes":
         key[r["image"]] = (-sum(1 for s in scores if abs(s - t) < 0.2),)
     elif rank == "oracle":
-        def iou(a, b):
-            w = min(a["x2"], b["x2"]) - max(a["x1"], b["x1"])
-            h = min(a["y2"], b["y2"]) - max(a["y1"], b["y1"])
-            inter = max(0, w) * max(0, h)
-            union = ((a["x2"] - a["x1"]) * (a["y2"] - a["y1"])
-                     + (b["x2"] - b["x1"]) * (b["y2"] - b["y1"]) - inter)
-            return inter / union if union > 0 else 0
         boxes = sorted((d for d in r["detections"] if d["score"] >= t), key=lambda d: -d["score"])
         used, hits = set(), 0
         for d in boxes:
@@ -168,30 +175,13 @@ open(f"{work}/list-control-s{seed}.txt", "w").write(a + "".join(rng.sample(a_lin
 open(f"{work}/list-queue-{rank}-s{seed}.txt", "w").write(a + open(f"{work}/queue-{rank}.txt").read())
 PY
     if [ "$NEGATIVES" = 1 ]; then
-        python3 - "$WORK" "$PICK" "$s" "$RANK" "$REPORT" <<'PY'
-import json, sys
-work, pick, seed, rank, report = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5])
-rows = {json.loads(l)["image"]: json.loads(l) for l in open(f"{work}/a/half-b.jsonl")}
-def iou(a, b):
-    w = min(a["x2"], b["x2"]) - max(a["x1"], b["x1"])
-    h = min(a["y2"], b["y2"]) - max(a["y1"], b["y1"])
-    inter = max(0, w) * max(0, h)
-    union = ((a["x2"] - a["x1"]) * (a["y2"] - a["y1"])
-             + (b["x2"] - b["x1"]) * (b["y2"] - b["y1"]) - inter)
-    return inter / union if union > 0 else 0
-for arm in (f"queue-{rank}", "random"):
-    picked = [l.split()[0] for l in open(f"{work}/list-{arm}-s{seed}.txt") if l.strip()][-pick:]
-    out = []
-    for image in picked:
-        r = rows[image]
-        for d in r["detections"]:
-            # What the operator deletes: a reported box that is none of the board's defects.
-            if d["score"] >= report and not any(
-                    g["class_id"] == d["class_id"] and iou(d, g) >= 0.5 for g in r["ground_truth"]):
-                out.append(f"{image} {d['x1']:.1f} {d['y1']:.1f} {d['x2']:.1f} {d['y2']:.1f}\n")
-    open(f"{work}/negatives-{arm}-s{seed}.txt", "w").write("".join(out))
-    print(f"seed {seed}, {arm}: {len(out)} false boxes deleted on its {len(picked)} boards")
-PY
+        for arm in "queue-$RANK" random; do
+            # The false boxes of the picked boards (the list's last PICK lines).
+            awk 'NR == FNR { picked[$1] = 1; next } $1 in picked' \
+                <(tail -n "$PICK" "$WORK/list-$arm-s$s.txt") "$WORK/false-boxes.txt" \
+                >"$WORK/negatives-$arm-s$s.txt"
+            echo "seed $s, $arm: $(wc -l <"$WORK/negatives-$arm-s$s.txt") false boxes deleted on its $PICK boards"
+        done
     fi
     for arm in "queue-$RANK" random control; do
         neg=""
