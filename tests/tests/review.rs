@@ -155,9 +155,13 @@ async fn an_operators_correction_in_the_viewer_becomes_the_boards_training_label
     // The deleted box is recorded as the model gave it, unless a kept box of its class
     // covers it (then it was not deleted but kept).
     let first = &d.defects[0];
-    let covered = d.defects[1..]
-        .iter()
-        .any(|x| x.class == first.class && iou(x, first) >= 0.5);
+    let covered = d.defects[1..].iter().any(|x| {
+        x.class == first.class
+            && pcb_evaluation::iou(
+                [x.x1, x.y1, x.x2, x.y2],
+                [first.x1, first.y1, first.x2, first.y2],
+            ) >= 0.5
+    });
     let deleted: Vec<(&str, [f32; 4])> = mark
         .deleted
         .iter()
@@ -252,15 +256,4 @@ async fn shard_records(p: &Pipeline, image_id: &str) -> Vec<ShardRecord> {
         .map(|(_, payload)| decode::<ShardRecord>(payload, None).expect("shard record"))
         .filter(|r| r.record.image_id == image_id)
         .collect()
-}
-
-fn iou(a: &pcb_schemas::Defect, b: &pcb_schemas::Defect) -> f32 {
-    let w = (a.x2.min(b.x2) - a.x1.max(b.x1)).max(0.0);
-    let h = (a.y2.min(b.y2) - a.y1.max(b.y1)).max(0.0);
-    let union = (a.x2 - a.x1) * (a.y2 - a.y1) + (b.x2 - b.x1) * (b.y2 - b.y1) - w * h;
-    if union > 0.0 {
-        w * h / union
-    } else {
-        0.0
-    }
 }

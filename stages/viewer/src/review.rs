@@ -129,24 +129,16 @@ pub fn deleted_boxes(answer: &[BoxLabel], saved: &[BoxLabel]) -> Vec<BoxLabel> {
     answer
         .iter()
         .filter(|a| {
-            !saved
-                .iter()
-                .any(|s| s.class_id == a.class_id && iou(a, s) >= 0.5)
+            !saved.iter().any(|s| {
+                s.class_id == a.class_id && pcb_evaluation::iou(corners(a), corners(s)) >= 0.5
+            })
         })
         .cloned()
         .collect()
 }
 
-fn iou(a: &BoxLabel, b: &BoxLabel) -> f32 {
-    let w = (a.x2.min(b.x2) - a.x1.max(b.x1)).max(0.0);
-    let h = (a.y2.min(b.y2) - a.y1.max(b.y1)).max(0.0);
-    let inter = w * h;
-    let union = (a.x2 - a.x1) * (a.y2 - a.y1) + (b.x2 - b.x1) * (b.y2 - b.y1) - inter;
-    if union > 0.0 {
-        inter / union
-    } else {
-        0.0
-    }
+fn corners(b: &BoxLabel) -> [f32; 4] {
+    [b.x1, b.y1, b.x2, b.y2]
 }
 
 /// The label revision of the board `record` with `labels`: its own image and template
